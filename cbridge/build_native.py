@@ -1,0 +1,66 @@
+"""cffi build script: compiles csrc/ into the extension module ``cquant._native``.
+
+Out-of-line API mode. The ``cdef`` is produced by running the C preprocessor over the public header
+(``csrc/include/cquant.h`` with ``CQ_CDEF`` defined, which drops the system includes), so prototypes
+are never copied by hand; integer ``#define`` constants are carried over by a small parser.
+Used by setup.py (``cffi_modules``) and runnable on its own: ``python cbridge/build_native.py``.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import subprocess
+import sys
+import sysconfig
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+# setuptools wants source paths relative to the project root (where setup.py runs).
+_REL = os.path.relpath(ROOT) if os.path.abspath(os.getcwd()) == ROOT else ROOT
+CSRC = os.path.join(_REL, "csrc")
+HEADER = os.path.join(ROOT, "csrc", "include", "cquant.h")
+SOURCES = sorted(
+    os.path.join(CSRC, f) for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".c")
+)
+
+
+def _preprocessor() -> list[str]:
+    cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
+    return shlex.split(cc)[:1] + ["-E", "-P", "-DCQ_CDEF"]
+
+
+def int_defines(text: str) -> list[str]:
+    """``#define NAME <integer>`` lines of a header, as cffi ``cdef`` lines (pure; unit-tested)."""
+    return [
+        f"#define {m.group(1)} {m.group(2)}"
+        for m in re.finditer(r"^#define\s+(CQ_\w+)\s+(-?\d+)\s*$", text, re.M)
+    ]
+
+
+def make_cdef(header: str = HEADER) -> str:
+    out = subprocess.run(_preprocessor() + [header], check=True, capture_output=True, text=True).stdout
+    with open(header, encoding="utf-8") as f:
+        defines = int_defines(f.read())
+    return out + "\n" + "\n".join(defines) + "\n"
+
+
+ffibuilder = FFI()
+ffibuilder.cdef(make_cdef())
+ffibuilder.set_source(
+    "cquant._native",
+    '#include "cquant.h"',
+    sources=SOURCES,
+    include_dirs=[os.path.join(CSRC, "include"), CSRC],
+    # -O3 but never -ffast-math (the numerics contract needs IEEE division and rounding) and
+    # never -march=native: ISA-specific code is selected at run time (csrc/cq_dispatch.c).
+    extra_compile_args=["-O3", "-std=c99", "-D_GNU_SOURCE", "-fno-strict-aliasing"]
+    + shlex.split(os.environ.get("CQUANT_CFLAGS", "")),
+    extra_link_args=shlex.split(os.environ.get("CQUANT_LDFLAGS", "")),
+    libraries=["m", "pthread"] if sys.platform != "win32" else [],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=os.path.join(ROOT, "build", "cffi"), verbose=True)

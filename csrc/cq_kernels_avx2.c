@@ -1,0 +1,224 @@
+/* cq_kernels_avx2.c - AVX2 + FMA kernels. Compiled with a target pragma (no -m flags for the whole
+ * build), so the package still runs on an x86-64 without AVX2: dispatch never calls these there.
+ *
+ * int8 x int8 without saturation: vpmaddubsw multiplies u8 x s8 pairs and saturates their int16
+ * sum. With |a| as the u8 operand (vpabsb) and b carrying a's sign (vpsignb), each pair is at most
+ * 2 * 127 * 127 = 32258 < 32767 since codes are in [-127, 127] (-128 is refused when packing), so
+ * it never saturates; vpmaddwd with ones then widens pairs to int32 (exact). */
+#include "cq_internal.h"
+
+#if defined(CQ_X86) && (defined(__GNUC__) || defined(__clang__)) && \
+    (defined(__clang__) || __GNUC__ >= 5)
+#define CQ_BUILD_AVX2 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+#define ALWAYS_INLINE static inline __attribute__((always_inline))
+
+int cq_absmax_avx2(const float *x, int64_t n, float *amax)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(3.402823466e38f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+        __m256 a1 = _mm256_and_ps(_mm256_loadu_ps(x + i + 8), absmask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, big, _CMP_NLE_UQ));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a1, big, _CMP_NLE_UQ));
+        m0 = _mm256_max_ps(m0, a0);
+        m1 = _mm256_max_ps(m1, a1);
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float tmp[8];
+    _mm256_storeu_ps(tmp, m0);
+    float m = 0.0f;
+    for (int j = 0; j < 8; j++) m = tmp[j] > m ? tmp[j] : m;
+    int finite = _mm256_movemask_ps(bad) == 0;
+    for (; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= 3.402823466e38f)) finite = 0;
+        else if (a > m) m = a;
+    }
+    *amax = m;
+    return finite;
+}
+
+ALWAYS_INLINE __m256i q8(const float *x, __m256 s, __m256 lo, __m256 hi)
+{
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x), s); /* a true division, as the contract says */
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    return _mm256_cvtps_epi32(v);
+}
+
+void cq_quantize_avx2(const float *x, int64_t n, float scale, int8_t *q)
+{
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i a = q8(x + i, s, lo, hi), b = q8(x + i + 8, s, lo, hi);
+        __m256i c = q8(x + i + 16, s, lo, hi), d = q8(x + i + 24, s, lo, hi);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_permutevar8x32_epi32(p, order));
+    }
+    for (; i < n; i++) {
+        float r = nearbyintf(x[i] / scale);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (int8_t)r;
+    }
+}
+
+ALWAYS_INLINE int32_t load4(const int8_t *p)
+{
+    int32_t v;
+    memcpy(&v, p, 4);
+    return v;
+}
+
+ALWAYS_INLINE void s8_tile_mr(const int MR, int64_t nk4, const int8_t *a, int64_t lda,
+                              const int8_t *b, int32_t *acc, float *facc, const float *ws)
+{
+    __m256i c0[CQ_MR_S8], c1[CQ_MR_S8];
+    const __m256i ones = _mm256_set1_epi16(1);
+    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm256_setzero_si256();
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP));
+        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP + 32));
+        for (int r = 0; r < MR; r++) {
+            const __m256i xb = _mm256_set1_epi32(load4(a + r * lda + 4 * t));
+            const __m256i ax = _mm256_abs_epi8(xb);
+            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, xb)), ones));
+            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, xb)), ones));
+        }
+    }
+    /* each int32 lane of c0[r] / c1[r] is one column's sum (maddubs adds k pairs, madd the pairs) */
+    if (facc) {
+        const __m256 w0 = _mm256_loadu_ps(ws), w1 = _mm256_loadu_ps(ws + 8);
+        for (int r = 0; r < MR; r++) {
+            float *f = facc + r * CQ_NR;
+            _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0[r]), w0, _mm256_loadu_ps(f)));
+            _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1[r]), w1, _mm256_loadu_ps(f + 8)));
+        }
+    } else {
+        for (int r = 0; r < MR; r++) {
+            _mm256_storeu_si256((__m256i *)(acc + r * CQ_NR), c0[r]);
+            _mm256_storeu_si256((__m256i *)(acc + r * CQ_NR + 8), c1[r]);
+        }
+    }
+}
+
+void cq_s8_tile_avx2(int mr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                     int32_t *acc, float *facc, const float *ws)
+{
+    switch (mr) {
+    case 1: s8_tile_mr(1, nk4, a, lda, b, acc, facc, ws); break;
+    case 2: s8_tile_mr(2, nk4, a, lda, b, acc, facc, ws); break;
+    case 3: s8_tile_mr(3, nk4, a, lda, b, acc, facc, ws); break;
+    default: s8_tile_mr(4, nk4, a, lda, b, acc, facc, ws); break;
+    }
+}
+
+/* Sum the four k-lanes of each column. acc[c] holds columns (2c, 2c+1) x 4 k, for c < 4. */
+ALWAYS_INLINE __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
+{
+    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    /* h = [c0 c2 c4 c6 | c1 c3 c5 c7] */
+    return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+}
+
+void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y)
+{
+    __m256 acc[8];
+    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256 xv = _mm256_broadcast_ps((const __m128 *)(x + 4 * t));
+        const int8_t *bp = b + t * CQ_PANEL_STEP;
+        for (int c = 0; c < 8; c++) {
+            __m256i wi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bp + 8 * c)));
+            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wi), xv, acc[c]);
+        }
+    }
+    __m256 lo = reduce8(acc[0], acc[1], acc[2], acc[3]);
+    __m256 hi = reduce8(acc[4], acc[5], acc[6], acc[7]);
+    _mm256_storeu_ps(y, _mm256_fmadd_ps(lo, _mm256_loadu_ps(ws), _mm256_loadu_ps(y)));
+    _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(hi, _mm256_loadu_ps(ws + 8), _mm256_loadu_ps(y + 8)));
+}
+
+void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out)
+{
+    const __m256 w0 = _mm256_loadu_ps(ws), w1 = _mm256_loadu_ps(ws + 8);
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP + 32));
+        float *o = out + 4 * t * CQ_NR;
+        /* each int32 lane of v0 holds the 4 codes (k = 4t..4t+3) of one column: byte i is k 4t+i */
+#define CQ_DQ_ROW(I)                                                                              \
+        _mm256_storeu_ps(o + (I) * CQ_NR, _mm256_mul_ps(_mm256_cvtepi32_ps(                        \
+            _mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), w0));                     \
+        _mm256_storeu_ps(o + (I) * CQ_NR + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(                    \
+            _mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), w1));
+        CQ_DQ_ROW(0)
+        CQ_DQ_ROW(1)
+        CQ_DQ_ROW(2)
+        CQ_DQ_ROW(3)
+#undef CQ_DQ_ROW
+    }
+}
+
+ALWAYS_INLINE void f32_tile_mr(const int MR, int64_t kc, const float *a, int64_t lda,
+                               const float *bb, float *c)
+{
+    __m256 c0[CQ_MR_F32], c1[CQ_MR_F32];
+    for (int r = 0; r < MR; r++) {
+        c0[r] = _mm256_loadu_ps(c + r * CQ_NR);
+        c1[r] = _mm256_loadu_ps(c + r * CQ_NR + 8);
+    }
+    for (int64_t kk = 0; kk < kc; kk++) {
+        const __m256 b0 = _mm256_load_ps(bb + kk * CQ_NR), b1 = _mm256_load_ps(bb + kk * CQ_NR + 8);
+        for (int r = 0; r < MR; r++) {
+            const __m256 av = _mm256_broadcast_ss(a + r * lda + kk);
+            c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
+            c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
+        }
+    }
+    for (int r = 0; r < MR; r++) {
+        _mm256_storeu_ps(c + r * CQ_NR, c0[r]);
+        _mm256_storeu_ps(c + r * CQ_NR + 8, c1[r]);
+    }
+}
+
+void cq_f32_tile_avx2(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c)
+{
+    switch (mr) {
+    case 1: f32_tile_mr(1, kc, a, lda, bb, c); break;
+    case 2: f32_tile_mr(2, kc, a, lda, bb, c); break;
+    case 3: f32_tile_mr(3, kc, a, lda, bb, c); break;
+    case 4: f32_tile_mr(4, kc, a, lda, bb, c); break;
+    case 5: f32_tile_mr(5, kc, a, lda, bb, c); break;
+    default: f32_tile_mr(6, kc, a, lda, bb, c); break;
+    }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+const cq_kernels cq_kernels_avx2 = {
+    CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
+    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2,
+};
+#elif defined(CQ_X86)
+/* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0};
+#endif

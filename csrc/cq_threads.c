@@ -1,0 +1,204 @@
+/* cq_threads.c - a small persistent pthread pool.
+ *
+ * Why not OpenMP: libgomp's pool is not usable in a fork()ed child (multiprocessing's default on
+ * Linux), its spin/sleep policy is global to the process (and shared with numpy's BLAS), and
+ * concurrent callers from several Python threads would each start a team. This pool is ~150
+ * lines: workers spin briefly after a job (a (768x768) GEMV takes ~20 us, a futex wake-up costs
+ * about as much) and then sleep on a condition variable; one job runs at a time and a caller that
+ * finds the pool busy runs its units itself, so concurrent callers never wait on each other.
+ * A pthread_atfork handler resets the pool in a forked child (its workers do not exist there). */
+#include <pthread.h>
+#include <sched.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include "cq_internal.h"
+
+#define CQ_MAX_THREADS 256
+#define SPIN_ITERS 20000
+
+#if defined(__x86_64__) || defined(__i386__)
+#define cpu_relax() __builtin_ia32_pause()
+#else
+#define cpu_relax() ((void)0)
+#endif
+
+typedef struct {
+    pthread_mutex_t job_lock;  /* held by the caller that owns the pool for one job */
+    pthread_mutex_t mu;        /* guards sleeping */
+    pthread_cond_t cv;
+    int nworkers;              /* worker threads started */
+    unsigned generation;       /* bumped to publish a job (atomic) */
+    int sleepers;
+    /* the job */
+    cq_unit_fn fn;
+    void *ctx;
+    int64_t nunits;
+    int participants;          /* workers with id < participants take units */
+    int64_t next;              /* next unit (atomic) */
+    int pending;               /* workers not yet done with this generation (atomic) */
+} pool_t;
+
+static pool_t g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
+                        PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0};
+static int g_num_threads = 0; /* 0 = not yet read from the environment (atomic) */
+static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
+static unsigned g_start_gen[CQ_MAX_THREADS];
+
+static void run_units(pool_t *p)
+{
+    int64_t u;
+    while ((u = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED)) < p->nunits) p->fn(p->ctx, u);
+}
+
+static void *worker_main(void *arg)
+{
+    pool_t *p = &g_pool;
+    int id = (int)(intptr_t)arg;
+    /* The generation current when this worker was created (under job_lock, before the job that
+     * created it was published): reading p->generation here could already see that job. */
+    unsigned seen = g_start_gen[id];
+    for (;;) {
+        unsigned g;
+        int spins = 0;
+        while ((g = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE)) == seen && spins < SPIN_ITERS) {
+            cpu_relax();
+            spins++;
+        }
+        if (g == seen) {
+            pthread_mutex_lock(&p->mu);
+            p->sleepers++;
+            while ((g = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE)) == seen)
+                pthread_cond_wait(&p->cv, &p->mu);
+            p->sleepers--;
+            pthread_mutex_unlock(&p->mu);
+        }
+        seen = g;
+        if (id < p->participants) run_units(p);
+        __atomic_fetch_sub(&p->pending, 1, __ATOMIC_ACQ_REL);
+    }
+    return NULL;
+}
+
+static void atfork_prepare(void) { pthread_mutex_lock(&g_pool.job_lock); }
+static void atfork_parent(void) { pthread_mutex_unlock(&g_pool.job_lock); }
+static void atfork_child(void)
+{
+    /* Only the forking thread exists in the child: forget the workers, re-create the locks. */
+    pthread_mutex_t m1 = PTHREAD_MUTEX_INITIALIZER, m2 = PTHREAD_MUTEX_INITIALIZER;
+    pthread_cond_t c = PTHREAD_COND_INITIALIZER;
+    g_pool.job_lock = m1;
+    g_pool.mu = m2;
+    g_pool.cv = c;
+    g_pool.nworkers = 0;
+    g_pool.sleepers = 0;
+    g_pool.pending = 0;
+}
+static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+/* Start workers up to `want` (job_lock held). Returns how many exist. */
+static int grow(pool_t *p, int want)
+{
+    if (want > CQ_MAX_THREADS - 1) want = CQ_MAX_THREADS - 1;
+    if (p->nworkers >= want) return p->nworkers;
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old); /* workers never take the process's signals */
+    while (p->nworkers < want) {
+        pthread_t th;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        g_start_gen[p->nworkers] = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE);
+        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)p->nworkers);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) break; /* run with fewer threads */
+        p->nworkers++;
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return p->nworkers;
+}
+
+void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx)
+{
+    if (nunits <= 0) return;
+    if (threads > nunits) threads = (int)nunits;
+    pool_t *p = &g_pool;
+    if (threads <= 1 || pthread_mutex_trylock(&p->job_lock) != 0) {
+        for (int64_t u = 0; u < nunits; u++) fn(ctx, u);
+        return;
+    }
+    pthread_once(&g_atfork_once, install_atfork);
+    int workers = grow(p, threads - 1);
+    if (workers == 0) {
+        pthread_mutex_unlock(&p->job_lock);
+        for (int64_t u = 0; u < nunits; u++) fn(ctx, u);
+        return;
+    }
+    p->fn = fn;
+    p->ctx = ctx;
+    p->nunits = nunits;
+    p->participants = threads - 1;
+    __atomic_store_n(&p->next, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&p->pending, workers, __ATOMIC_RELAXED);
+    pthread_mutex_lock(&p->mu);
+    __atomic_fetch_add(&p->generation, 1, __ATOMIC_ACQ_REL);
+    if (p->sleepers) pthread_cond_broadcast(&p->cv);
+    pthread_mutex_unlock(&p->mu);
+    run_units(p);
+    int spins = 0;
+    while (__atomic_load_n(&p->pending, __ATOMIC_ACQUIRE) != 0) {
+        if (++spins < SPIN_ITERS) cpu_relax();
+        else sched_yield();
+    }
+    pthread_mutex_unlock(&p->job_lock);
+}
+
+static int default_threads(void)
+{
+    const char *env = getenv("CQUANT_NUM_THREADS");
+    if (env && *env) {
+        char *end;
+        long v = strtol(env, &end, 10);
+        if (*end == '\0' && v >= 1 && v <= CQ_MAX_THREADS) return (int)v;
+    }
+#ifdef CPU_COUNT
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int c = CPU_COUNT(&set);
+        if (c >= 1) return c > CQ_MAX_THREADS ? CQ_MAX_THREADS : c;
+    }
+#endif
+    long c = sysconf(_SC_NPROCESSORS_ONLN);
+    return c < 1 ? 1 : (c > CQ_MAX_THREADS ? CQ_MAX_THREADS : (int)c);
+}
+
+int cq_get_num_threads(void)
+{
+    int n = __atomic_load_n(&g_num_threads, __ATOMIC_ACQUIRE);
+    if (n == 0) {
+        n = default_threads();
+        int expected = 0;
+        __atomic_compare_exchange_n(&g_num_threads, &expected, n, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+        n = __atomic_load_n(&g_num_threads, __ATOMIC_ACQUIRE);
+    }
+    return n;
+}
+
+int cq_set_num_threads(int n)
+{
+    if (n < 1 || n > CQ_MAX_THREADS) return CQ_ERR_ARG;
+    __atomic_store_n(&g_num_threads, n, __ATOMIC_RELEASE);
+    return CQ_OK;
+}
+
+/* How many threads a job of `work` multiply-adds split in `nunits` units deserves: a thread costs
+ * a few microseconds to engage, so small jobs stay on the caller. */
+int cq_threads_for(double work, int64_t nunits)
+{
+    int t = cq_get_num_threads();
+    if (work < 2.0e5) return 1;
+    if (t > nunits) t = (int)nunits;
+    return t < 1 ? 1 : t;
+}
