@@ -70,6 +70,11 @@ CONTENDER_KEYS = [k for k, _ in CONTENDERS]
 LABELS = dict(CONTENDERS)
 
 THREAD_ENV_VARS = ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CQUANT_NUM_THREADS")
+# Idle thread pools that busy-wait steal cores from the contender that runs next (see the docstring).
+# OPENBLAS_THREAD_TIMEOUT=n makes OpenBLAS workers spin 2**n cycles (clamped to 4..30; default 28,
+# about 0.1 s) before sleeping; OMP_WAIT_POLICY=PASSIVE makes libgomp workers (torch) sleep at once.
+SPIN_ENV_DEFAULTS = {"OPENBLAS_THREAD_TIMEOUT": "4", "OMP_WAIT_POLICY": "PASSIVE"}
+SPIN_ENV_VARS = tuple(SPIN_ENV_DEFAULTS)
 
 # Timing policy.
 TARGET_S = 0.3      # aim for this much run time per contender and measurement
@@ -152,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"seconds of run time to aim for per contender and measurement (default {TARGET_S})")
     p.add_argument("--min-reps", type=int, default=None, help=f"minimum repetitions (default {MIN_REPS})")
     p.add_argument("--seed", type=int, default=0, help="random seed for weights and activations")
+    p.add_argument("--allow-spin", action="store_true",
+                   help="keep the libraries' default busy-waiting thread pools (OpenBLAS, OpenMP, "
+                        "onnxruntime); by default spinning is turned off, see the module docstring")
     # internal: run as the measuring child for one thread count, print JSON on stdout
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--child-threads", type=int, default=1, help=argparse.SUPPRESS)
@@ -343,7 +351,7 @@ class _OrtModel:
         self.path = q_path
         self.op_types = [n.op_type for n in onnx.load(q_path, load_external_data=False).graph.node]
 
-    def session(self, threads: int):
+    def session(self, threads: int, allow_spin: bool = False):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
@@ -352,7 +360,8 @@ class _OrtModel:
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ORT's intra-op workers spin after each run by default; with contenders interleaved on a small
         # machine that spinning would steal cores from whoever runs next, so turn it off.
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if not allow_spin:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sess = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
 
         def run(x):
@@ -501,7 +510,8 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
     _hide_modules_for_tests()
     import numpy as np
     logging.getLogger().setLevel(logging.ERROR)
-    meta: Dict[str, Any] = {"threads": threads, "env": {v: os.environ.get(v) for v in THREAD_ENV_VARS}}
+    meta: Dict[str, Any] = {"threads": threads,
+                            "env": {v: os.environ.get(v) for v in THREAD_ENV_VARS + SPIN_ENV_VARS}}
     seen: Dict[str, Any] = {"openblas": _openblas_threads()}
     try:
         cquant, _ = _import_cquant_ops()
@@ -552,7 +562,7 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
                     elif key == "ort_pc":
                         ortm = _OrtModel(W, b, tmpdir)
                         extra["ort_ops"] = ortm.op_types
-                        fns[key] = ortm.session(threads)
+                        fns[key] = ortm.session(threads, args.allow_spin)
                 except Unavailable as exc:
                     status[key] = str(exc)
                 except Exception as exc:
@@ -613,10 +623,13 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
 # parent: spawn children, compose tables
 # ----------------------------------------------------------------------------------------------------
 
-def _child_env(threads: int) -> Dict[str, str]:
+def _child_env(threads: int, allow_spin: bool = False) -> Dict[str, str]:
     env = dict(os.environ)
     for var in THREAD_ENV_VARS:
         env[var] = str(threads)
+    if not allow_spin:  # a value the user set explicitly wins
+        for var, val in SPIN_ENV_DEFAULTS.items():
+            env.setdefault(var, val)
     # make sure the child imports this same cquant package
     pkg_parent = str(Path(__file__).resolve().parent.parent)
     old = env.get("PYTHONPATH")
@@ -634,6 +647,8 @@ def _child_argv(args: argparse.Namespace, threads: int, quant_time: bool, linear
             "--seed", str(args.seed)]
     if args.no_accuracy:
         argv.append("--no-accuracy")
+    if args.allow_spin:
+        argv.append("--allow-spin")
     if quant_time:
         argv.append("--child-quant-time")
     if not linear:
@@ -647,7 +662,8 @@ _JSON_END = "@@CQUANT-BENCH-JSON-END@@"
 
 def _run_child_process(args: argparse.Namespace, threads: int, quant_time: bool,
                        linear: bool = True) -> Dict[str, Any]:
-    proc = subprocess.run(_child_argv(args, threads, quant_time, linear), env=_child_env(threads),
+    proc = subprocess.run(_child_argv(args, threads, quant_time, linear),
+                          env=_child_env(threads, args.allow_spin),
                           stdout=subprocess.PIPE, stderr=None, text=True)
     out = proc.stdout
     if proc.returncode != 0 or _JSON_BEGIN not in out:
@@ -820,7 +836,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     report = {
         "meta": meta,
         "config": {"threads": args.threads, "shapes": [list(s) for s in args.shapes], "M": args.M,
-                   "quick": args.quick, "target_time_s": args.target_time, "min_reps": args.min_reps,
+                   "quick": args.quick, "allow_spin": args.allow_spin, "target_time_s": args.target_time, "min_reps": args.min_reps,
                    "seed": args.seed},
         "contenders": args.contenders,
         "labels": {k: LABELS[k] for k in args.contenders},
