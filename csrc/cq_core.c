@@ -55,7 +55,7 @@ static int bytes_ok(int64_t a, int64_t b, int64_t elt)
     return mul_ok(a, b, &t) && mul_ok(t, elt, &t);
 }
 
-static int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+static int64_t ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); } /* no overflow */
 
 int64_t cq_num_scales(int scheme, int64_t n, int64_t k, int64_t group_size)
 {

@@ -119,7 +119,8 @@ def _float_array(a, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         raise errors.TypeError(
             f"{name} must be a floating-point array (float32, float64 or float16), got dtype {arr.dtype}")
-    return np.ascontiguousarray(arr, dtype=np.float32)
+    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: refused later as non-finite
+        return np.ascontiguousarray(arr, dtype=np.float32)
 
 
 def _ptr(ctype: str, arr: np.ndarray):
