@@ -1,0 +1,184 @@
+"""``python -m cquant.demo`` (``make demo``): quantize the bundled model and compare it with float32.
+
+Builds :func:`cquant.models.build_default_model` (~13M parameters), quantizes copies of it in both modes
+(``weight_only`` and ``dynamic``; per-channel unless told otherwise) and prints one table:
+
+- parameters, and bytes held by the model (measured by walking its arrays, not computed from shapes);
+- output error against float32 over all tokens: relative error of each token's logit vector
+  ``||y - y_ref|| / ||y_ref||`` (max and mean) and cosine similarity (min and mean);
+- latency of a forward pass, median of ``--repeats`` timed runs after one warm-up, with the number of
+  threads cquant's kernels use (``cquant.get_num_threads()``; numpy's BLAS threads the float32 path).
+
+Options: ``--batch``, ``--seq``, ``--repeats``, ``--seed``, ``--granularity``, ``--group-size``,
+``--small`` (a tiny model, for tests).
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+import cquant
+
+from . import models
+from .quantization import GRANULARITIES, Quantizer, model_nbytes, report
+
+try:  # optional progress bar
+    from tqdm import tqdm as _tqdm
+except ImportError:  # pragma: no cover - depends on the environment
+    _tqdm = None
+
+__all__ = ["main", "run", "compare_outputs", "time_forward"]
+
+
+def compare_outputs(y: np.ndarray, y_ref: np.ndarray) -> Dict[str, float]:
+    """Per-row (token) relative L2 error and cosine similarity of ``y`` against ``y_ref``.
+
+    Rows are the last axis; returns ``max_rel``, ``mean_rel``, ``min_cos``, ``mean_cos``. Computed in
+    float64 so the metric adds no error of its own.
+    """
+    a = np.asarray(y, np.float64).reshape(-1, y.shape[-1])
+    b = np.asarray(y_ref, np.float64).reshape(-1, y_ref.shape[-1])
+    nb = np.linalg.norm(b, axis=1)
+    na = np.linalg.norm(a, axis=1)
+    rel = np.linalg.norm(a - b, axis=1) / np.maximum(nb, np.finfo(np.float64).tiny)
+    cos = np.sum(a * b, axis=1) / np.maximum(na * nb, np.finfo(np.float64).tiny)
+    return {"max_rel": float(rel.max()), "mean_rel": float(rel.mean()),
+            "min_cos": float(cos.min()), "mean_cos": float(cos.mean())}
+
+
+def time_forward(fn: Callable[[], Any], repeats: int) -> float:
+    """Median wall time in seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(max(1, repeats)):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _fmt_bytes(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+    rows = [list(header)] + [list(r) for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granularity: str = "per_channel",
+        group_size: Optional[int] = None, small: bool = False, progress: bool = True,
+        out: Any = None) -> Dict[str, Dict[str, float]]:
+    """Run the demo, print the table to ``out`` (default stdout) and return the numbers by variant."""
+    out = out or sys.stdout
+    config = models.ModelConfig.small() if small else models.ModelConfig()
+    seq = min(seq, config.max_seq)
+    steps = ["build float32 model", "quantize weight_only", "quantize dynamic",
+             "run float32", "run int8 weight_only", "run int8 dynamic"]
+    bar = _tqdm(total=len(steps), desc="cquant demo", file=sys.stderr, leave=False) \
+        if (progress and _tqdm is not None) else None
+
+    def step(i: int) -> None:
+        if bar is not None:
+            bar.set_postfix_str(steps[i])
+            if i:
+                bar.update(1)
+        elif progress:
+            print(f"[{i + 1}/{len(steps)}] {steps[i]} ...", file=sys.stderr, flush=True)
+
+    step(0)
+    model = models.build_default_model(seed, config)
+    tokens = models.sample_inputs(batch, seq, seed + 1, config=config)
+    variants: List[Tuple[str, Any]] = [("float32", model)]
+    for i, mode in enumerate(("weight_only", "dynamic")):
+        step(1 + i)
+        q = Quantizer(mode=mode, granularity=granularity, group_size=group_size)
+        variants.append((f"int8 {mode}", q.quantize(model, inplace=False)))
+
+    results: Dict[str, Dict[str, float]] = {}
+    y_ref = None
+    for i, (name, m) in enumerate(variants):
+        step(3 + i)
+        y = m(tokens)
+        if y_ref is None:
+            y_ref = y
+        r: Dict[str, float] = dict(compare_outputs(y, y_ref))
+        r["bytes"] = model_nbytes(m)
+        r["linear_bytes"] = _linear_bytes(m)
+        r["latency_s"] = time_forward(lambda m=m: m(tokens), repeats)
+        results[name] = r
+    if bar is not None:
+        bar.update(1)
+        bar.close()
+
+    scheme = granularity + (f" (group {group_size})" if group_size else "")
+    rows = []
+    base = results["float32"]
+    for name, r in results.items():
+        rows.append([name, _fmt_bytes(int(r["bytes"])), f"{r['bytes'] / base['bytes']:.3f}",
+                     _fmt_bytes(int(r["linear_bytes"])), f"{r['linear_bytes'] / base['linear_bytes']:.3f}",
+                     f"{r['max_rel']:.2e}", f"{r['mean_rel']:.2e}", f"{r['min_cos']:.6f}",
+                     f"{r['mean_cos']:.6f}", f"{r['latency_s'] * 1e3:.1f}",
+                     f"{base['latency_s'] / r['latency_s']:.2f}x"])
+    header = ["model", "model bytes", "vs fp32", "Linear bytes", "vs fp32", "max rel err", "mean rel err", "min cos", "mean cos",
+              "latency ms", "speedup"]
+    print(f"cquant demo: {model.num_parameters():,} parameters "
+          f"({sum(1 for _ in _linear_layers(model))} Linear layers quantized, {scheme}); "
+          f"input {batch} x {seq} tokens; ISA {cquant.isa()}, {cquant.get_num_threads()} thread(s); "
+          f"latency = median of {repeats} runs", file=out)
+    print(_table(header, rows), file=out)
+    print("model bytes: every array the model holds (embeddings and LayerNorms stay float32); Linear bytes:\n"
+          "weights + scales + biases of the Linear layers; rel err / cos: per token logit vector vs float32",
+          file=out)
+    return results
+
+
+def _linear_bytes(model: Any) -> int:
+    """Bytes held by the Linear layers: measured arrays (float weights+biases, or report() rows)."""
+    from . import nn
+    rows = report(model)
+    if rows:
+        return sum(r.bytes_after for r in rows)
+    seen: Dict[int, int] = {}
+    for m in _linear_layers(model):
+        for a in (m.weight, m.bias):
+            if a is not None:
+                seen[id(a)] = a.nbytes
+    return sum(seen.values())
+
+
+def _linear_layers(model: Any) -> Iterable[Any]:
+    from . import nn
+    return (m for _, m in model.named_modules() if isinstance(m, nn.Linear))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m cquant.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--seq", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--granularity", choices=GRANULARITIES, default="per_channel")
+    p.add_argument("--group-size", type=int, default=None)
+    p.add_argument("--small", action="store_true", help="tiny model (for tests)")
+    p.add_argument("--no-progress", action="store_true")
+    a = p.parse_args(argv)
+    if a.granularity == "per_group" and a.group_size is None:
+        a.group_size = 64
+    run(a.batch, a.seq, a.repeats, a.seed, a.granularity, a.group_size, a.small, not a.no_progress)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,813 @@
+"""Post-training dynamic / weight-only int8 quantization of the Linear layers of a model.
+
+Entry points::
+
+    from cquant import Quantizer
+    qmodel = Quantizer.quantize_dynamic(model, mode="dynamic", granularity="per_channel")
+
+    q = Quantizer(mode="weight_only", granularity="per_group", group_size=64, exclude=["head"])
+    qmodel = q.quantize(model, inplace=False)
+    for rec in q.summary: ...                 # one LayerRecord per layer-like object seen
+    print(format_report(report(qmodel)))      # what the quantized model holds, measured
+
+What is walked
+--------------
+``model`` may be a :mod:`cquant.nn` module tree or a duck-typed tree of plain Python objects. The
+walk follows registered sub-modules and the other attributes of :class:`cquant.nn.Module` objects,
+the attributes of plain objects (``vars()``, and ``__slots__``), and the items of lists, tuples and
+dicts. Each object is visited once (cycles and shared sub-trees are safe: objects are tracked by
+``id``). Layer paths are dotted: attribute names, list indices and dict keys, e.g.
+``encoder.layer.0.attention.query``.
+
+Which layers are quantized (the recognition rule)
+-------------------------------------------------
+An object is a Linear layer when
+
+1. it is a :class:`cquant.nn.Linear`, **or** its class name ends in ``"Linear"``, **or** it has both
+   ``in_features`` and ``out_features`` attributes; and
+2. it has a ``weight`` that is a 2-D floating-point numpy array, of shape
+   ``(out_features, in_features)`` when those attributes exist (``y = x @ weight.T + bias``); and
+3. it has a ``forward`` method or is callable; ``bias``, if present and not None, is a 1-D array of
+   ``out_features`` values.
+
+Never quantized, whatever ``include`` says: objects whose class name names an embedding, a
+convolution or a normalization (``Embedding``, ``Conv*``/``Convolution``, ``*Norm``, e.g.
+``LayerNorm``, ``RMSNorm``, GPT-2's transposed ``Conv1D``), and weights that are not 2-D.
+
+``include`` / ``exclude`` are layer names or :func:`fnmatch.fnmatchcase` glob patterns matched
+against the full dotted path (``"encoder.layer.0.attention.query"``, ``"*.query"``, ``"encoder.*"``;
+``*`` also matches dots). When ``include`` is given, only layers matching it are quantized, and a
+layer it names that the rule misses is taken if it has a 2-D floating ``weight`` and a ``forward``
+(or ``__call__``); its layout is assumed to be ``(out, in)``. ``exclude`` wins over ``include``.
+
+What quantizing a layer does
+----------------------------
+- All selected layers are checked first (finite weights and biases, then every weight quantized);
+  a NaN/Inf weight raises :class:`cquant.errors.NonFiniteError` naming the layer and a bad
+  ``group_size`` for a layer raises ``ValueError`` naming it — in both cases before the model is
+  touched. Only then are layers replaced; should a replacement fail (say, a class whose
+  ``__setattr__`` refuses), the changes already made are undone before the error propagates. Peak
+  memory is therefore the float model plus its int8 copy.
+- A :class:`cquant.nn.Linear` is replaced in its parent by a :class:`QuantizedLinear` module (same
+  name, ``in_features``/``out_features``, ``bias``, ``qweight``). Any other layer (duck-typed, or a
+  ``cquant.nn.Linear`` with no parent or held in a tuple) is converted in place:
+  ``obj.forward = QuantizedLinearForward(...)``, ``obj.weight = None`` (the float32 array is
+  released), and if its class defines ``__call__`` the object is given a subclass whose ``__call__``
+  is ``self.forward`` (pickling and deep copies still rebuild it from the original class).
+- Weights shared by several layers (the same ndarray object) are quantized once and the
+  :class:`~cquant.ops.QuantizedWeight` is shared.
+- A layer that is already quantized is skipped, so quantizing twice is harmless.
+- ``inplace=False`` deep-copies the model first and leaves the original untouched.
+
+Every layer-like object seen (anything with a ``weight``, or a Linear by name) gets a
+:class:`LayerRecord` in ``Quantizer.summary`` saying whether it was quantized or why it was skipped;
+a one-line summary (and the skips, grouped by reason) goes to the ``"cquant"`` logger at INFO level.
+"""
+from __future__ import annotations
+
+import copy
+import fnmatch
+import logging
+import re
+import types
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import errors, nn, ops
+
+__all__ = [
+    "Quantizer", "QuantizedLinear", "QuantizedLinearForward", "LayerRecord", "ReportRow",
+    "report", "format_report", "model_nbytes", "MODES", "GRANULARITIES",
+]
+
+logger = logging.getLogger("cquant")
+
+MODES = ("dynamic", "weight_only")
+GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+
+Patterns = Union[None, str, Iterable[str]]
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantized layers
+# --------------------------------------------------------------------------------------------------
+
+def _check_mode(mode: Any) -> str:
+    if mode not in MODES:
+        raise errors.ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return mode
+
+
+def _check_bias(bias: Optional[np.ndarray], out_features: int) -> Optional[np.ndarray]:
+    if bias is None:
+        return None
+    b = np.asarray(bias)
+    if b.dtype.kind != "f":
+        raise errors.TypeError(f"bias must be floating-point, got dtype {b.dtype}")
+    if b.shape != (out_features,):
+        raise errors.ShapeError(f"bias shape {b.shape} is not (out_features,) = ({out_features},)")
+    return np.ascontiguousarray(b, dtype=np.float32)
+
+
+def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
+    s = f"int8 {mode} {qweight.granularity}"
+    if qweight.granularity == "per_group":
+        s += f"(g={qweight.group_size})"
+    return s
+
+
+class QuantizedLinearForward:
+    """The forward of a quantized Linear: ``x: (..., in_features) -> (..., out_features)`` float32 via
+    :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias), so it
+    pickles and deep-copies."""
+
+    def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
+                 mode: str = "dynamic"):
+        self.qweight = qweight
+        self.mode = _check_mode(mode)
+        self.bias = _check_bias(bias, qweight.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.qweight.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.qweight.shape[0])
+
+    @property
+    def scheme(self) -> str:
+        return _scheme(self.mode, self.qweight)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: packed codes + scales + bias."""
+        return int(self.qweight.nbytes + (self.bias.nbytes if self.bias is not None else 0))
+
+    def __call__(self, x: Any) -> np.ndarray:
+        return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+
+    def __repr__(self) -> str:
+        return (f"QuantizedLinearForward(in_features={self.in_features}, out_features={self.out_features}, "
+                f"{self.scheme}, bias={self.bias is not None})")
+
+
+class QuantizedLinear(nn.Module):
+    """A :class:`cquant.nn.Linear` whose weight is int8: ``forward(x) = ops.linear(x, qweight, bias, mode)``.
+
+    Attributes: ``in_features``, ``out_features``, ``qweight`` (:class:`cquant.ops.QuantizedWeight`),
+    ``bias`` (float32 parameter or None), ``mode``. ``state_dict()`` stores the weight as
+    ``<name>.weight_q`` (canonical (N, K) int8 codes) and ``<name>.weight_scale``.
+    """
+
+    def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
+                 mode: str = "dynamic"):
+        super().__init__()
+        self.in_features = int(qweight.shape[1])
+        self.out_features = int(qweight.shape[0])
+        self.mode = _check_mode(mode)
+        self.qweight = qweight
+        self.bias = _check_bias(bias, self.out_features)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str = "dynamic", granularity: str = "per_channel",
+                    group_size: Optional[int] = None) -> "QuantizedLinear":
+        """Quantize one Linear (the Linear itself is not modified)."""
+        qw = ops.quantize_weight(linear.weight, granularity=granularity, group_size=group_size)
+        return cls(qw, linear.bias, mode)
+
+    @property
+    def scheme(self) -> str:
+        return _scheme(self.mode, self.qweight)
+
+    def forward(self, x: Any) -> np.ndarray:
+        """x: (..., in_features) float -> (..., out_features) float32."""
+        return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+
+    def dequantized_weight(self) -> np.ndarray:
+        """The (out, in) float32 weight the layer effectively uses (a new array)."""
+        return ops.dequantize(self.qweight)
+
+    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str) -> None:
+        super()._save_to_state_dict(dest, prefix)
+        dest[prefix + "weight_q"] = self.qweight.q
+        dest[prefix + "weight_scale"] = self.qweight.scale
+
+    def _load_plan(self, state: Mapping[str, Any], prefix: str, plan: List[Callable[[], None]],
+                   used: set, missing: List[str], mismatched: list) -> None:
+        super()._load_plan(state, prefix, plan, used, missing, mismatched)
+        kq, ks = prefix + "weight_q", prefix + "weight_scale"
+        absent = [k for k in (kq, ks) if k not in state]
+        missing.extend(absent)
+        used.update(k for k in (kq, ks) if k in state)
+        if absent:
+            return
+        q, s = np.asarray(state[kq]), np.asarray(state[ks])
+        bad = False
+        if q.shape != tuple(self.qweight.shape):
+            mismatched.append((kq, tuple(self.qweight.shape), q.shape))
+            bad = True
+        if s.shape != self.qweight.scale.shape:
+            mismatched.append((ks, self.qweight.scale.shape, s.shape))
+            bad = True
+        if bad:
+            return
+        new = ops.QuantizedWeight.from_codes(q, s, self.qweight.granularity, self.qweight.group_size)
+        plan.append(lambda: setattr(self, "qweight", new))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, {self.scheme}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Duck-typed objects whose class defines __call__: give them a __call__ that goes to self.forward
+# --------------------------------------------------------------------------------------------------
+
+_CALL_SUBCLASSES: Dict[type, type] = {}
+
+
+def _call_forward(self: Any, *args: Any, **kwargs: Any) -> Any:
+    return self.forward(*args, **kwargs)
+
+
+def _new_call_subclass_instance(base: type) -> Any:
+    return object.__new__(_call_subclass(base))
+
+
+def _reduce_call_subclass(self: Any, protocol: int) -> Any:
+    # Rebuild from the original (importable) class; state applied after the object is memoized, so
+    # reference cycles through the object survive pickling and deepcopy.
+    return (_new_call_subclass_instance, (type(self)._cquant_base,), dict(self.__dict__))
+
+
+def _call_subclass(base: type) -> type:
+    sub = _CALL_SUBCLASSES.get(base)
+    if sub is None:
+        sub = type(base.__name__, (base,), {
+            "__slots__": (), "__call__": _call_forward, "__reduce_ex__": _reduce_call_subclass,
+            "_cquant_base": base, "__module__": base.__module__, "__qualname__": base.__qualname__,
+            "__doc__": base.__doc__,
+        })
+        _CALL_SUBCLASSES[base] = sub
+    return sub
+
+
+# --------------------------------------------------------------------------------------------------
+# Walking models
+# --------------------------------------------------------------------------------------------------
+
+_LEAF_TYPES = (np.ndarray, np.generic, str, bytes, bytearray, int, float, complex, bool, type(None),
+               type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
+               property, staticmethod, classmethod, range, slice, memoryview, set, frozenset)
+# Objects from these modules are never layers and can be large or cyclic (loggers, locks, ...).
+_SKIP_MODULES = ("builtins", "logging", "threading", "_thread", "numpy", "io", "_io", "re", "random",
+                 "functools", "collections", "typing", "types", "abc", "weakref", "enum", "pathlib")
+
+
+def _descendable(obj: Any) -> bool:
+    if isinstance(obj, (list, tuple, dict, nn.Module)):
+        return True
+    if isinstance(obj, _LEAF_TYPES) or isinstance(obj, (ops.QuantizedWeight, QuantizedLinearForward)):
+        return False
+    mod = (type(obj).__module__ or "").split(".")[0]
+    if mod in _SKIP_MODULES:
+        return False
+    return hasattr(obj, "__dict__") or hasattr(type(obj), "__slots__")
+
+
+def _slot_names(cls: type) -> Iterator[str]:
+    for klass in cls.__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        if isinstance(slots, str):
+            slots = (slots,)
+        for s in slots:
+            if s not in ("__dict__", "__weakref__"):
+                yield s
+
+
+@dataclass
+class _Site:
+    """Where an object is held: ``kind`` is "module" (Module child), "attr", "item" or "tuple"."""
+    container: Any
+    key: Any
+    kind: str
+
+
+def _children(obj: Any) -> List[Tuple[str, Any, _Site]]:
+    out: List[Tuple[str, Any, _Site]] = []
+    if isinstance(obj, nn.Module):
+        for name, m in obj._modules.items():
+            if m is not None:
+                out.append((name, m, _Site(obj, name, "module")))
+        for name, v in vars(obj).items():
+            if name not in ("_parameters", "_modules", "training"):
+                out.append((name, v, _Site(obj, name, "attr")))
+    elif isinstance(obj, list):
+        out = [(str(i), v, _Site(obj, i, "item")) for i, v in enumerate(obj)]
+    elif isinstance(obj, tuple):
+        out = [(str(i), v, _Site(obj, i, "tuple")) for i, v in enumerate(obj)]
+    elif isinstance(obj, dict):
+        out = [(str(k), v, _Site(obj, k, "item")) for k, v in list(obj.items())]
+    else:
+        d = getattr(obj, "__dict__", None)
+        if isinstance(d, dict):
+            out = [(k, v, _Site(obj, k, "attr")) for k, v in list(d.items())]
+        for s in _slot_names(type(obj)):
+            if hasattr(obj, s):
+                out.append((s, getattr(obj, s), _Site(obj, s, "attr")))
+    return out
+
+
+def _walk(root: Any, stop: Callable[[Any], bool], descend: Callable[[Any], bool] = _descendable
+          ) -> Iterator[Tuple[str, Any, Optional[_Site], bool]]:
+    """Pre-order walk: yields ``(path, obj, site, revisit)`` for every descendable object.
+
+    An object met again (same id) is yielded with ``revisit=True`` and not descended into; objects for
+    which ``stop(obj)`` is true are yielded but not descended into either.
+    """
+    seen: set = set()
+    stack: List[Tuple[str, Any, Optional[_Site]]] = [("", root, None)]
+    while stack:
+        path, obj, site = stack.pop()
+        if not descend(obj):
+            continue
+        revisit = id(obj) in seen
+        yield path, obj, site, revisit
+        if revisit:
+            continue
+        seen.add(id(obj))
+        if stop(obj):
+            continue
+        kids = _children(obj)
+        for name, child, csite in reversed(kids):
+            stack.append((f"{path}.{name}" if path else name, child, csite))
+
+
+def _quantized_forward_of(obj: Any) -> Optional[Union[QuantizedLinear, QuantizedLinearForward]]:
+    """The quantized forward carried by ``obj`` (a QuantizedLinear, or a converted duck layer)."""
+    if isinstance(obj, QuantizedLinear):
+        return obj
+    d = getattr(obj, "__dict__", None)
+    if isinstance(d, dict) and isinstance(d.get("forward"), QuantizedLinearForward):
+        return d["forward"]
+    return None
+
+
+_NEVER_RE = re.compile(r"(Embedding|Convolution|Conv|Norm)(?![a-z])")
+
+
+def _never_reason(obj: Any) -> Optional[str]:
+    m = _NEVER_RE.search(type(obj).__name__)
+    if not m:
+        return None
+    kind = {"Embedding": "embedding", "Norm": "normalization layer"}.get(m.group(1), "convolution")
+    return f"{kind} ({type(obj).__name__}): never quantized"
+
+
+def _get(obj: Any, name: str) -> Any:
+    try:
+        return getattr(obj, name)
+    except Exception:  # noqa: BLE001 - a broken property is just "absent" for recognition
+        return None
+
+
+def _has_forward(obj: Any) -> bool:
+    return callable(_get(obj, "forward")) or callable(obj)
+
+
+def _looks_like_layer(obj: Any) -> bool:
+    """Worth a line in the summary: named like a Linear, sized like one, or holding a weight array."""
+    return (isinstance(obj, nn.Linear) or type(obj).__name__.endswith("Linear")
+            or (hasattr(obj, "in_features") and hasattr(obj, "out_features"))
+            or isinstance(_get(obj, "weight"), np.ndarray))
+
+
+def _check_layer(obj: Any, relaxed: bool) -> Tuple[bool, str]:
+    """Apply the recognition rule (``relaxed``: named in include). Returns (ok, reason if not ok)."""
+    never = _never_reason(obj)
+    if never:
+        return False, never
+    w = _get(obj, "weight")
+    if not relaxed:
+        by_rule = (isinstance(obj, nn.Linear) or type(obj).__name__.endswith("Linear")
+                   or (hasattr(obj, "in_features") and hasattr(obj, "out_features")))
+        if not by_rule:
+            return False, "not a Linear by the recognition rule (name it in include= to force)"
+    if not isinstance(w, np.ndarray):
+        return False, f"weight is {type(w).__name__}, not a numpy array"
+    if w.ndim != 2:
+        return False, f"weight is {w.ndim}-D, not 2-D"
+    if w.dtype.kind != "f":
+        return False, f"weight dtype {w.dtype} is not floating-point"
+    if w.size == 0:
+        return False, "weight is empty"
+    if not relaxed and hasattr(obj, "in_features") and hasattr(obj, "out_features"):
+        expect = (_get(obj, "out_features"), _get(obj, "in_features"))
+        if tuple(w.shape) != expect:
+            return False, f"weight shape {tuple(w.shape)} != (out_features, in_features) = {expect}"
+    if not _has_forward(obj):
+        return False, "no forward() and not callable"
+    b = _get(obj, "bias")
+    if b is not None and not (isinstance(b, np.ndarray) and b.dtype.kind == "f" and b.shape == (w.shape[0],)):
+        desc = f"shape {b.shape} dtype {b.dtype}" if isinstance(b, np.ndarray) else type(b).__name__
+        return False, f"bias ({desc}) is not a float array of out_features={w.shape[0]} values"
+    if not isinstance(obj, nn.Module) and not isinstance(getattr(obj, "__dict__", None), dict):
+        return False, "object has no __dict__: cannot install a quantized forward on it"
+    return True, ""
+
+
+def _as_patterns(p: Patterns, what: str) -> Tuple[str, ...]:
+    if p is None:
+        return ()
+    if isinstance(p, str):
+        return (p,)
+    try:
+        pats = tuple(p)
+    except TypeError:
+        raise errors.TypeError(f"{what} must be a string or a list of strings, got {type(p).__name__}") from None
+    for s in pats:
+        if not isinstance(s, str):
+            raise errors.TypeError(f"{what} patterns must be strings, got {type(s).__name__}: {s!r}")
+    return pats
+
+
+def _match(path: str, patterns: Sequence[str]) -> Optional[str]:
+    for pat in patterns:
+        if fnmatch.fnmatchcase(path, pat):
+            return pat
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Quantizer
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One layer-like object seen by :meth:`Quantizer.quantize`.
+
+    ``status`` is ``"quantized"`` or ``"skipped"``; ``reason`` says why it was skipped (or notes a
+    shared weight); bytes are measured from the arrays (``before``: weight + bias as they were;
+    ``after``: packed codes + scales + bias, 0 for a weight already counted under another layer).
+    """
+    name: str
+    shape: Optional[Tuple[int, ...]]
+    status: str
+    reason: str
+    bytes_before: int
+    bytes_after: int
+    scheme: str
+
+
+@dataclass
+class _Plan:
+    name: str
+    obj: Any
+    sites: List[Optional[_Site]]
+    weight: np.ndarray
+    bias: Optional[np.ndarray]
+    qweight: Optional[ops.QuantizedWeight] = None
+    shared_with: Optional[str] = None
+
+
+def _display(name: str) -> str:
+    return name or "<root>"
+
+
+class Quantizer:
+    """Quantizes the Linear layers of a model (see the module docstring for the rules).
+
+    ``Quantizer(mode, granularity, group_size, include, exclude)`` validates its arguments at once
+    (``ValueError``/``TypeError``); :meth:`quantize` returns the quantized model and fills
+    :attr:`summary` with one :class:`LayerRecord` per layer-like object.
+    """
+
+    def __init__(self, mode: str = "dynamic", granularity: str = "per_channel",
+                 group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None):
+        _check_mode(mode)
+        if granularity not in GRANULARITIES:
+            raise errors.ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+        if granularity == "per_group":
+            if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+                raise errors.ValueError(f"per_group needs a positive integer group_size, got {group_size!r}")
+            group_size = int(group_size)
+        elif group_size is not None:
+            raise errors.ValueError(f"group_size is only used with granularity='per_group' "
+                                    f"(got group_size={group_size!r} with {granularity!r})")
+        self.mode = mode
+        self.granularity = granularity
+        self.group_size = group_size
+        self.include = _as_patterns(include, "include")
+        self.exclude = _as_patterns(exclude, "exclude")
+        self.summary: List[LayerRecord] = []
+
+    @property
+    def scheme(self) -> str:
+        s = f"int8 {self.mode} {self.granularity}"
+        return s + (f"(g={self.group_size})" if self.granularity == "per_group" else "")
+
+    @classmethod
+    def quantize_dynamic(cls, model: Any, mode: str = "dynamic", granularity: str = "per_channel",
+                         group_size: Optional[int] = None, include: Patterns = None,
+                         exclude: Patterns = None, inplace: bool = True) -> Any:
+        """One-call form: ``Quantizer(mode, ...).quantize(model, inplace)``. Returns the model.
+
+        The per-layer summary goes to the ``"cquant"`` logger; build a :class:`Quantizer` to inspect
+        ``summary`` as data, or call :func:`report` on the result.
+        """
+        return cls(mode, granularity, group_size, include, exclude).quantize(model, inplace=inplace)
+
+    # -- the three phases -------------------------------------------------------------------------
+    def _select(self, model: Any) -> Tuple[List[_Plan], List[LayerRecord], List[str]]:
+        plans: Dict[int, _Plan] = {}
+        order: List[_Plan] = []
+        skipped: List[LayerRecord] = []
+        matched_includes: set = set()
+
+        def is_layer(obj: Any) -> bool:
+            return _quantized_forward_of(obj) is not None or id(obj) in plans
+
+        for path, obj, site, revisit in _walk(model, stop=is_layer):
+            if revisit:
+                if id(obj) in plans:
+                    plans[id(obj)].sites.append(site)
+                continue
+            qf = _quantized_forward_of(obj)
+            if qf is not None:
+                skipped.append(LayerRecord(_display(path), (qf.out_features, qf.in_features), "skipped",
+                                           "already quantized", 0, 0, qf.scheme))
+                continue
+            if not _looks_like_layer(obj) and not (self.include and _match(path, self.include)):
+                continue
+            inc = _match(path, self.include) if self.include else None
+            if inc is not None:
+                matched_includes.add(inc)
+            ok, why = _check_layer(obj, relaxed=inc is not None)
+            w = _get(obj, "weight")
+            wb = w.nbytes if isinstance(w, np.ndarray) else 0
+            b = _get(obj, "bias")
+            bb = b.nbytes if isinstance(b, np.ndarray) else 0
+            shape = tuple(w.shape) if isinstance(w, np.ndarray) else None
+            if ok:
+                exc = _match(path, self.exclude)
+                if exc is not None:
+                    ok, why = False, f"excluded by pattern {exc!r}"
+                elif self.include and inc is None:
+                    ok, why = False, "not matched by include"
+            if not ok:
+                if wb or type(obj).__name__.endswith("Linear") or isinstance(obj, nn.Linear):
+                    skipped.append(LayerRecord(_display(path), shape, "skipped", why, wb + bb, wb + bb, ""))
+                continue
+            plan = _Plan(path, obj, [site], w, b)
+            plans[id(obj)] = plan
+            order.append(plan)
+        unmatched = [p for p in self.include if p not in matched_includes]
+        return order, skipped, unmatched
+
+    def _prepare(self, plans: List[_Plan]) -> None:
+        """Check and quantize every selected weight; raises before anything is modified."""
+        for p in plans:
+            ops.check_finite(p.weight, f"{_display(p.name)}.weight")
+            if p.bias is not None:
+                ops.check_finite(p.bias, f"{_display(p.name)}.bias")
+        by_weight: Dict[int, _Plan] = {}
+        for p in plans:
+            first = by_weight.get(id(p.weight))
+            if first is not None:
+                p.qweight, p.shared_with = first.qweight, first.name
+                continue
+            try:
+                p.qweight = ops.quantize_weight(p.weight, granularity=self.granularity,
+                                                group_size=self.group_size)
+            except errors.QuantizationError as e:
+                raise _renamed(e, f"layer {_display(p.name)!r}: {e}") from e
+            by_weight[id(p.weight)] = p
+
+    def _install(self, plan: _Plan, undo: List[Callable[[], None]]) -> Any:
+        """Convert one layer; returns the object that now stands where the layer was.
+
+        Every change is journalled in ``undo`` (callables restoring the previous state), so a failure
+        half-way (e.g. a class whose ``__setattr__`` refuses) can put the whole model back.
+        """
+        obj, qw = plan.obj, plan.qweight
+        assert qw is not None
+        bias32 = None if plan.bias is None else np.ascontiguousarray(plan.bias, dtype=np.float32)
+        replaceable = all(s is not None and s.kind != "tuple" for s in plan.sites)
+        if isinstance(obj, nn.Linear) and replaceable:
+            new = QuantizedLinear(qw, bias32, self.mode)
+            object.__setattr__(new, "training", obj.training)
+            for s in plan.sites:
+                assert s is not None
+                _replace_at(s, obj, new, undo)
+            return new
+        fwd = QuantizedLinearForward(qw, bias32, self.mode)
+        _set_attr(obj, "forward", fwd, undo)
+        _set_attr(obj, "weight", None, undo)
+        if plan.bias is not None and bias32 is not plan.bias:
+            _set_attr(obj, "bias", fwd.bias, undo)
+        cls = type(obj)
+        if not isinstance(obj, nn.Module) and callable(obj) and not hasattr(cls, "_cquant_base"):
+            try:
+                obj.__class__ = _call_subclass(cls)
+                undo.append(lambda: setattr(obj, "__class__", cls))
+            except TypeError as e:  # exotic layout; obj.forward is still quantized
+                logger.warning("%s: could not route __call__ to forward (%s); call .forward()",
+                               _display(plan.name), e)
+        return obj
+
+    def quantize(self, model: Any, inplace: bool = True) -> Any:
+        """Quantize ``model``'s Linear layers; returns the model (a deep copy if ``inplace=False``).
+
+        Fills :attr:`summary`. Raises ``NonFiniteError`` / ``ValueError`` naming the layer, with the
+        model unmodified, if a selected weight is not finite or cannot be quantized as asked.
+        """
+        if not inplace:
+            model = copy.deepcopy(model)
+        plans, skipped, unmatched = self._select(model)
+        for pat in unmatched:
+            logger.warning("include pattern %r matched no layer", pat)
+        self._prepare(plans)
+        undo: List[Callable[[], None]] = []
+        try:
+            for p in plans:
+                new = self._install(p, undo)
+                if p.name == "":
+                    model = new
+        except BaseException:
+            for step in reversed(undo):
+                step()
+            raise
+        records: List[LayerRecord] = []
+        for p in plans:
+            assert p.qweight is not None
+            bb = p.bias.nbytes if p.bias is not None else 0
+            b32 = 4 * p.bias.size if p.bias is not None else 0
+            if p.shared_with is None:
+                before, after = p.weight.nbytes + bb, p.qweight.nbytes + b32
+                note = ""
+            else:
+                before, after = bb, b32
+                note = f"weight shared with {_display(p.shared_with)!r} (quantized once)"
+            records.append(LayerRecord(_display(p.name), tuple(p.weight.shape), "quantized", note,
+                                       int(before), int(after), _scheme(self.mode, p.qweight)))
+        self.summary = records + skipped
+        self._log_summary(records, skipped)
+        return model
+
+    def _log_summary(self, done: List[LayerRecord], skipped: List[LayerRecord]) -> None:
+        before = sum(r.bytes_before for r in done)
+        after = sum(r.bytes_after for r in done)
+        logger.info("quantized %d Linear layer(s) to %s: %s -> %s; skipped %d layer-like object(s)",
+                    len(done), self.scheme, _fmt_bytes(before), _fmt_bytes(after), len(skipped))
+        if not done:
+            logger.warning("no Linear layer was quantized")
+        groups: "OrderedDict[str, List[str]]" = OrderedDict()
+        for r in skipped:
+            groups.setdefault(r.reason, []).append(r.name)
+        for reason, names in groups.items():
+            shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+            logger.info("  skipped (%s): %s", reason, shown)
+
+
+_MISSING = object()
+
+
+def _set_attr(obj: Any, name: str, value: Any, undo: List[Callable[[], None]]) -> None:
+    """``setattr`` that journals how to restore the previous state."""
+    if isinstance(obj, nn.Module):
+        had = name in obj._parameters or name in obj._modules or name in vars(obj)
+    else:
+        had = name in vars(obj)
+    old = getattr(obj, name) if had else _MISSING
+    setattr(obj, name, value)
+    undo.append(lambda: setattr(obj, name, old) if old is not _MISSING else delattr(obj, name))
+
+
+def _replace_at(site: _Site, old: Any, new: Any, undo: List[Callable[[], None]]) -> None:
+    if site.kind in ("module", "attr"):
+        setattr(site.container, site.key, new)
+        undo.append(lambda: setattr(site.container, site.key, old))
+    else:
+        site.container[site.key] = new
+        undo.append(lambda: site.container.__setitem__(site.key, old))
+
+
+def _renamed(e: Exception, message: str) -> Exception:
+    """The same exception class with a message that names the layer."""
+    try:
+        return type(e)(message)
+    except Exception:  # noqa: BLE001 - a class with an unusual constructor: keep the original
+        return e
+
+
+# --------------------------------------------------------------------------------------------------
+# Reports and measured memory
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One quantized layer of a model, as :func:`report` finds it.
+
+    ``bytes_before`` = ``N*K*4`` + bias bytes (the float32 layer); ``bytes_after`` = the bytes the
+    layer actually holds (``packed.nbytes + scale.nbytes + bias.nbytes``). A weight shared by several
+    layers is counted under the first; later rows count only their bias and name it in ``shared_with``.
+    """
+    name: str
+    shape: Tuple[int, int]
+    scheme: str
+    bytes_before: int
+    bytes_after: int
+    shared_with: Optional[str] = None
+
+
+def report(model: Any) -> List[ReportRow]:
+    """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order."""
+    rows: List[ReportRow] = []
+    owner: Dict[int, str] = {}
+    for path, obj, _site, revisit in _walk(model, stop=lambda o: _quantized_forward_of(o) is not None):
+        qf = _quantized_forward_of(obj)
+        if revisit or qf is None:
+            continue
+        qw = qf.qweight
+        n, k = (int(d) for d in qw.shape)
+        bias_b = int(qf.bias.nbytes) if qf.bias is not None else 0
+        name = _display(path)
+        first = owner.get(id(qw))
+        if first is None:
+            owner[id(qw)] = name
+            before = n * k * 4 + bias_b
+            after = int(qw.packed.nbytes + qw.scale.nbytes) + bias_b
+        else:
+            before = after = bias_b
+        rows.append(ReportRow(name, (n, k), qf.scheme, before, after, first))
+    return rows
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024.0
+    return f"{n:.2f} GiB"  # pragma: no cover
+
+
+def format_report(rows: Sequence[ReportRow]) -> str:
+    """A plain-text table of :func:`report` rows with a total line."""
+    header = ("layer", "shape (out, in)", "scheme", "fp32", "int8", "ratio")
+    body = []
+    for r in rows:
+        ratio = f"{r.bytes_after / r.bytes_before:.3f}" if r.bytes_before else "-"
+        name = r.name + (f" (shares {r.shared_with})" if r.shared_with else "")
+        body.append((name, f"{r.shape[0]} x {r.shape[1]}", r.scheme, _fmt_bytes(r.bytes_before),
+                     _fmt_bytes(r.bytes_after), ratio))
+    tb = sum(r.bytes_before for r in rows)
+    ta = sum(r.bytes_after for r in rows)
+    total = (f"total ({len(rows)} layers)", "", "", _fmt_bytes(tb), _fmt_bytes(ta),
+             f"{ta / tb:.3f}" if tb else "-")
+    table = [header] + body + [total]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    right = {3, 4, 5}
+
+    def fmt(row: Tuple[str, ...]) -> str:
+        return "  ".join(c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths)))
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([fmt(header), rule] + [fmt(r) for r in body] + [rule, fmt(total)])
+
+
+def _array_owner(a: np.ndarray) -> np.ndarray:
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a
+
+
+def model_nbytes(model: Any) -> int:
+    """Bytes of all numpy arrays reachable from ``model``, each memory block counted once.
+
+    Measured, not computed from shapes: follows parameters, attributes, containers and the arrays
+    inside quantized weights; views are charged to the array that owns the memory.
+    """
+    owners: Dict[int, int] = {}
+
+    def visit(v: Any) -> None:
+        if isinstance(v, np.ndarray):
+            o = _array_owner(v)
+            owners[id(o)] = o.nbytes
+
+    def descend(o: Any) -> bool:
+        return _descendable(o) or isinstance(o, (ops.QuantizedWeight, QuantizedLinearForward))
+
+    visit(model)
+    for _path, obj, _site, revisit in _walk(model, stop=lambda o: False, descend=descend):
+        if revisit:
+            continue
+        if isinstance(obj, nn.Module):
+            for p in obj._parameters.values():
+                visit(p)
+        for _name, child, _s in _children(obj):
+            visit(child)
+    return int(sum(owners.values()))
