@@ -57,6 +57,8 @@ def test_quick_without_peers(tmp_path, capsys, monkeypatch):
             assert c["cquant_dyn"]["rel_err"] < 0.1
     assert "not installed" in text
     assert report["meta"]["versions"]["torch"] is None
+    assert report["meta"]["threads_seen"]["1"]["openblas"] in (1, None)  # None: BLAS not introspectable
+    assert set(report["meta"]["load"]["1"]) >= {"wall_s", "foreign_cpu_fraction"}
     q = report["quant_time"]
     assert q["contenders"]["numpy"]["status"] == "ok"
     if _cquant_ops_available():

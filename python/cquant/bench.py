@@ -656,21 +656,53 @@ def _child_argv(args: argparse.Namespace, threads: int, quant_time: bool, linear
     return argv
 
 
+def _busy_cpu_seconds() -> Optional[float]:
+    """Machine-wide busy CPU time so far (all processes), from /proc/stat; None where unavailable."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            fields = fh.readline().split()
+        if fields[0] != "cpu":
+            return None
+        vals = [int(v) for v in fields[1:]]
+        # user nice system idle iowait irq softirq steal [guest guest_nice: already in user/nice]
+        busy = vals[0] + vals[1] + vals[2] + vals[5] + vals[6] + (vals[7] if len(vals) > 7 else 0)
+        return busy / float(os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _children_cpu_seconds() -> float:
+    import resource
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
+
+
 _JSON_BEGIN = "@@CQUANT-BENCH-JSON-BEGIN@@"
 _JSON_END = "@@CQUANT-BENCH-JSON-END@@"
 
 
 def _run_child_process(args: argparse.Namespace, threads: int, quant_time: bool,
                        linear: bool = True) -> Dict[str, Any]:
+    busy0, own0, wall0 = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     proc = subprocess.run(_child_argv(args, threads, quant_time, linear),
                           env=_child_env(threads, args.allow_spin),
                           stdout=subprocess.PIPE, stderr=None, text=True)
+    busy1, own1, wall1 = _busy_cpu_seconds(), _children_cpu_seconds(), time.perf_counter()
     out = proc.stdout
     if proc.returncode != 0 or _JSON_BEGIN not in out:
         raise RuntimeError(f"benchmark child for threads={threads} failed (exit {proc.returncode}); "
                            f"stdout tail: {out[-2000:]!r}")
     payload = out.split(_JSON_BEGIN, 1)[1].split(_JSON_END, 1)[0]
-    return json.loads(payload)
+    data = json.loads(payload)
+    # How busy the machine was with *other* processes while this child measured: a noisy-neighbour gauge.
+    wall = wall1 - wall0
+    ncpu = os.cpu_count() or 1
+    foreign = None
+    if busy0 is not None and busy1 is not None and wall > 0:
+        foreign = max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall * ncpu)
+    data["meta"]["load"] = {"wall_s": round(wall, 1), "own_cpu_s": round(own1 - own0, 1),
+                            "foreign_cpu_fraction": None if foreign is None else round(foreign, 3)}
+    return data
 
 
 def collect_meta() -> Dict[str, Any]:
@@ -746,6 +778,14 @@ def format_tables(report: Dict[str, Any]) -> str:
         lines.append(f"note: {meta['openblas_env']} is set (OpenBLAS may use a slower kernel)")
     for t, seen in sorted(meta.get("threads_seen", {}).items()):
         lines.append(f"threads={t}: reported by libraries: {seen}")
+    for t, load in sorted(meta.get("load", {}).items()):
+        frac = load.get("foreign_cpu_fraction")
+        if frac is None:
+            continue
+        warn = ("  WARNING: the machine was busy with other work; multi-thread figures are unreliable"
+                if frac > 0.10 else "")
+        lines.append(f"threads={t}: other processes used {frac:.0%} of the CPUs during the "
+                     f"{load['wall_s']} s run{warn}")
     lines.append("")
     lines.append("Median ms per call (ratio = numpy f32 time / contender time, higher is better)")
     lines.append("")
@@ -825,6 +865,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         qt_here = want_qt and quant is None and threads == 1
         data = _run_child_process(args, threads, qt_here)
         meta["threads_seen"][str(threads)] = data["meta"]["threads_seen"]
+        meta.setdefault("load", {})[str(threads)] = data["meta"]["load"]
         if data["meta"].get("torch_qengine"):
             meta["torch_qengine"] = data["meta"]["torch_qengine"]
         results.extend(data["results"])
