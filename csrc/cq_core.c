@@ -16,6 +16,7 @@
 #define WO_GEMM_MIN_M 4
 #define WO_KC 256
 #define WO_MB 96
+#define WO_PG 8
 #define S8_MB 64
 
 const char *cq_version(void) { return CQ_VERSION_STRING; }
@@ -197,41 +198,65 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
 }
 
 /* ---- packing -------------------------------------------------------------------------------- */
-int cq_pack(const int8_t *q, int64_t n, int64_t k, int8_t *packed)
+typedef struct {
+    const int8_t *q;
+    int8_t *packed;
+    int64_t n, k, kp4;
+    int unpack;
+} pack_ctx;
+
+static int32_t load_word(const int8_t *src, int64_t avail)
+{
+    int32_t v = 0;
+    memcpy(&v, src, (size_t)(avail < 4 ? avail : 4)); /* zero padding past k */
+    return v;
+}
+
+/* One panel, step by step: 16 row streams read sequentially, 64 contiguous bytes written per
+ * step (a row-by-row scatter with a 64-byte stride was 3x slower). */
+static void pack_unit(void *vctx, int64_t p)
+{
+    pack_ctx *c = (pack_ctx *)vctx;
+    int8_t *panel = c->packed + p * c->kp4 * CQ_PANEL_STEP;
+    int64_t kfull = c->k / 4, rows = c->n - p * CQ_NR < CQ_NR ? c->n - p * CQ_NR : CQ_NR;
+    const int8_t *src[CQ_NR];
+    for (int j = 0; j < rows; j++) src[j] = c->q + (p * CQ_NR + j) * c->k;
+    if (c->unpack) {
+        for (int64_t t = 0; t < kfull; t++)
+            for (int j = 0; j < rows; j++) memcpy((int8_t *)src[j] + 4 * t, panel + t * CQ_PANEL_STEP + 4 * j, 4);
+        if (kfull < c->kp4)
+            for (int j = 0; j < rows; j++)
+                memcpy((int8_t *)src[j] + 4 * kfull, panel + kfull * CQ_PANEL_STEP + 4 * j, (size_t)(c->k - 4 * kfull));
+        return;
+    }
+    for (int64_t t = 0; t < c->kp4; t++) {
+        int32_t w[CQ_NR] = {0};
+        for (int j = 0; j < rows; j++) w[j] = load_word(src[j] + 4 * t, t < kfull ? 4 : c->k - 4 * t);
+        memcpy(panel + t * CQ_PANEL_STEP, w, sizeof w);
+    }
+}
+
+static int has_minus128(const int8_t *q, int64_t len)
+{
+    int bad = 0;
+    for (int64_t i = 0; i < len; i++) bad |= (q[i] == -128); /* vectorized by the compiler */
+    return bad;
+}
+
+static int pack_common(const int8_t *q, int64_t n, int64_t k, int8_t *packed, int unpack)
 {
     int64_t size = cq_packed_size(n, k);
     if (size < 0) return (int)size;
     if (!q || !packed) return CQ_ERR_NULL;
-    for (int64_t i = 0; i < n * k; i++)
-        if (q[i] == -128) return CQ_ERR_RANGE;
-    int64_t kp4 = ceil_div(k, 4), np = ceil_div(n, CQ_NR);
-    for (int64_t p = 0; p < np; p++)
-        for (int64_t t = 0; t < kp4; t++) {
-            int8_t *dst = packed + (p * kp4 + t) * CQ_PANEL_STEP;
-            for (int j = 0; j < CQ_NR; j++) {
-                int64_t row = p * CQ_NR + j;
-                for (int i = 0; i < 4; i++) {
-                    int64_t col = 4 * t + i;
-                    dst[j * 4 + i] = (row < n && col < k) ? q[row * k + col] : 0;
-                }
-            }
-        }
+    if (!unpack && has_minus128(q, n * k)) return CQ_ERR_RANGE;
+    pack_ctx c = {q, packed, n, k, ceil_div(k, 4), unpack};
+    int64_t np = ceil_div(n, CQ_NR);
+    cq_parallel_for(np, (double)n * k < 4.0e6 ? 1 : cq_threads_for((double)n * k, np), pack_unit, &c);
     return CQ_OK;
 }
 
-int cq_unpack(const int8_t *packed, int64_t n, int64_t k, int8_t *q)
-{
-    int64_t size = cq_packed_size(n, k);
-    if (size < 0) return (int)size;
-    if (!q || !packed) return CQ_ERR_NULL;
-    int64_t kp4 = ceil_div(k, 4);
-    for (int64_t row = 0; row < n; row++)
-        for (int64_t col = 0; col < k; col++) {
-            int64_t p = row / CQ_NR, j = row % CQ_NR, t = col / 4, i = col % 4;
-            q[row * k + col] = packed[(p * kp4 + t) * CQ_PANEL_STEP + j * 4 + i];
-        }
-    return CQ_OK;
-}
+int cq_pack(const int8_t *q, int64_t n, int64_t k, int8_t *packed) { return pack_common(q, n, k, packed, 0); }
+int cq_unpack(const int8_t *packed, int64_t n, int64_t k, int8_t *q) { return pack_common(q, n, k, (int8_t *)packed, 1); }
 
 /* ---- shared by the linear drivers ------------------------------------------------------------- */
 typedef struct {
@@ -294,35 +319,50 @@ static void wo_gemv_unit(void *vctx, int64_t p)
     }
 }
 
+/* One unit = a block of up to WO_MB rows of x times a group of WO_PG panels. The k loop is
+ * outermost inside the unit, so the x block's WO_KC columns (96 KiB) stay in L2 while every panel
+ * of the group dequantizes its own WO_KC x 16 block (16 KiB, L1) and runs the float tiles; the
+ * outputs accumulate in y itself (a scratch tile only for a partial last panel). */
 static void wo_gemm_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
-    int64_t p = u % c->np, mbi = u / c->np;
+    int64_t npg = ceil_div(c->np, WO_PG), pg = u % npg, mbi = u / npg;
+    int64_t p0 = pg * WO_PG, p1 = p0 + WO_PG < c->np ? p0 + WO_PG : c->np;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
     float bblk[WO_KC * CQ_NR] __attribute__((aligned(64)));
-    float ctile[WO_MB * CQ_NR] __attribute__((aligned(64)));
+    float edge[WO_MB * CQ_NR] __attribute__((aligned(64)));
     float ws[CQ_NR], bb[CQ_NR];
-    bias16(c, p, bb);
-    for (int64_t r = 0; r < rows; r++) memcpy(ctile + r * CQ_NR, bb, sizeof bb);
-    for (int64_t t0 = 0; t0 < c->kp4; t0 += WO_KC / 4) {
-        int64_t nt = c->kp4 - t0 < WO_KC / 4 ? c->kp4 - t0 : WO_KC / 4;
-        /* dequantize this block of the panel, one scale group at a time */
-        for (int64_t t = t0; t < t0 + nt;) {
-            int64_t gi = t / c->group4, gend = (gi + 1) * c->group4;
-            int64_t seg = (gend < t0 + nt ? gend : t0 + nt) - t;
-            panel_scales(c, p, gi, ws);
-            c->kern->f32_dequant(seg, c->packed + (p * c->kp4 + t) * CQ_PANEL_STEP, ws,
-                                 bblk + (t - t0) * 4 * CQ_NR);
-            t += seg;
-        }
-        int64_t kc = c->k - 4 * t0 < 4 * nt ? c->k - 4 * t0 : 4 * nt;
-        for (int64_t r = 0; r < rows; r += CQ_MR_F32) {
-            int mr = (int)(rows - r < CQ_MR_F32 ? rows - r : CQ_MR_F32);
-            c->kern->f32_tile(mr, kc, c->x + (m0 + r) * c->xlda + 4 * t0, c->xlda, bblk,
-                              ctile + r * CQ_NR);
+    int64_t n_full = c->n / CQ_NR; /* panels with 16 real columns write straight into y */
+    for (int64_t p = p0; p < p1; p++) {
+        bias16(c, p, bb);
+        for (int64_t r = 0; r < rows; r++) {
+            if (p < n_full) memcpy(c->y + (m0 + r) * c->n + p * CQ_NR, bb, sizeof bb);
+            else memcpy(edge + r * CQ_NR, bb, sizeof bb);
         }
     }
-    store_rows(c, p, m0, rows, ctile);
+    for (int64_t t0 = 0; t0 < c->kp4; t0 += WO_KC / 4) {
+        int64_t nt = c->kp4 - t0 < WO_KC / 4 ? c->kp4 - t0 : WO_KC / 4;
+        int64_t kc = c->k - 4 * t0 < 4 * nt ? c->k - 4 * t0 : 4 * nt;
+        for (int64_t p = p0; p < p1; p++) {
+            /* dequantize this block of the panel, one scale group at a time */
+            for (int64_t t = t0; t < t0 + nt;) {
+                int64_t gi = t / c->group4, gend = (gi + 1) * c->group4;
+                int64_t seg = (gend < t0 + nt ? gend : t0 + nt) - t;
+                panel_scales(c, p, gi, ws);
+                c->kern->f32_dequant(seg, c->packed + (p * c->kp4 + t) * CQ_PANEL_STEP, ws,
+                                     bblk + (t - t0) * 4 * CQ_NR);
+                t += seg;
+            }
+            float *cbase = p < n_full ? c->y + m0 * c->n + p * CQ_NR : edge;
+            int64_t ldc = p < n_full ? c->n : CQ_NR;
+            for (int64_t r = 0; r < rows; r += CQ_MR_F32) {
+                int mr = (int)(rows - r < CQ_MR_F32 ? rows - r : CQ_MR_F32);
+                c->kern->f32_tile(mr, kc, c->x + (m0 + r) * c->xlda + 4 * t0, c->xlda, bblk,
+                                  cbase + r * ldc, ldc);
+            }
+        }
+    }
+    if (p1 == c->np && c->n % CQ_NR) store_rows(c, c->np - 1, m0, rows, edge);
 }
 
 /* ---- dynamic ------------------------------------------------------------------------------------ */
@@ -389,8 +429,7 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     if (!bytes_ok(m, k, 1) || !bytes_ok(n, k, 1) || !bytes_ok(m, n, 4)) return CQ_ERR_OVERFLOW;
     const cq_kernels *kern = cq_active_kernels();
     if (!kern) return CQ_ERR_ISA;
-    for (int64_t i = 0; i < m * k; i++)
-        if (a[i] == -128) return CQ_ERR_RANGE;
+    if (has_minus128(a, m * k)) return CQ_ERR_RANGE;
     int64_t psize = cq_packed_size(n, k), kp4 = ceil_div(k, 4), lda = 4 * kp4;
     if (psize < 0) return (int)psize;
     int8_t *packed = (int8_t *)malloc((size_t)psize);
@@ -478,7 +517,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
             cq_parallel_for(c.np, cq_threads_for(work, c.np), wo_gemv_unit, &c);
         } else {
             c.mb = WO_MB; c.nmb = ceil_div(m, WO_MB);
-            int64_t nunits = c.np * c.nmb;
+            int64_t nunits = ceil_div(c.np, WO_PG) * c.nmb;
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemm_unit, &c);
         }
         free(scratch);

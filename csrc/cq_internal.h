@@ -43,8 +43,10 @@ typedef struct cq_kernels {
     void (*f32_gemv)(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y);
     /* Dequantize nk4 steps of one panel: out[(4t + i)*16 + j] = (float)q[j][4t+i] * ws[j]. */
     void (*f32_dequant)(int64_t nk4, const int8_t *b, const float *ws, float *out);
-    /* Float tile: c[r*16 + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*16 + j], r < mr (1..CQ_MR_F32). */
-    void (*f32_tile)(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c);
+    /* Float tile: c[r*ldc + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*16 + j], r < mr (1..CQ_MR_F32),
+     * j < 16; bb is 64-byte aligned. */
+    void (*f32_tile)(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c,
+                     int64_t ldc);
 } cq_kernels;
 
 extern const cq_kernels cq_kernels_scalar;

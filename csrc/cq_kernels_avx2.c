@@ -84,46 +84,56 @@ ALWAYS_INLINE int32_t load4(const int8_t *p)
     return v;
 }
 
-ALWAYS_INLINE void s8_tile_mr(const int MR, int64_t nk4, const int8_t *a, int64_t lda,
-                              const int8_t *b, int32_t *acc, float *facc, const float *ws)
-{
-    __m256i c0[CQ_MR_S8], c1[CQ_MR_S8];
-    const __m256i ones = _mm256_set1_epi16(1);
-    for (int r = 0; r < MR; r++) c0[r] = c1[r] = _mm256_setzero_si256();
-    for (int64_t t = 0; t < nk4; t++) {
-        const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP));
-        const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP + 32));
-        for (int r = 0; r < MR; r++) {
-            const __m256i xb = _mm256_set1_epi32(load4(a + r * lda + 4 * t));
-            const __m256i ax = _mm256_abs_epi8(xb);
-            c0[r] = _mm256_add_epi32(c0[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, xb)), ones));
-            c1[r] = _mm256_add_epi32(c1[r], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, xb)), ones));
-        }
+/* The tiles are written with one named variable per accumulator (macros per row): with arrays
+ * indexed in loops, GCC 12 kept the accumulators on the stack (a store per FMA). */
+#define S8_DECL(r) __m256i c##r##0 = _mm256_setzero_si256(), c##r##1 = _mm256_setzero_si256();
+#define S8_STEP(r)                                                                                \
+    {                                                                                             \
+        const __m256i xb = _mm256_set1_epi32(load4(a + (r) * lda + 4 * t));                       \
+        const __m256i ax = _mm256_abs_epi8(xb);                                                    \
+        c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b0, xb)), ones)); \
+        c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(b1, xb)), ones)); \
     }
-    /* each int32 lane of c0[r] / c1[r] is one column's sum (maddubs adds k pairs, madd the pairs) */
-    if (facc) {
-        const __m256 w0 = _mm256_loadu_ps(ws), w1 = _mm256_loadu_ps(ws + 8);
-        for (int r = 0; r < MR; r++) {
-            float *f = facc + r * CQ_NR;
-            _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c0[r]), w0, _mm256_loadu_ps(f)));
-            _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c1[r]), w1, _mm256_loadu_ps(f + 8)));
-        }
-    } else {
-        for (int r = 0; r < MR; r++) {
-            _mm256_storeu_si256((__m256i *)(acc + r * CQ_NR), c0[r]);
-            _mm256_storeu_si256((__m256i *)(acc + r * CQ_NR + 8), c1[r]);
-        }
+#define S8_OUT(r)                                                                                 \
+    if (facc) {                                                                                   \
+        float *f = facc + (r) * CQ_NR;                                                            \
+        _mm256_storeu_ps(f, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c##r##0), w0, _mm256_loadu_ps(f))); \
+        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(c##r##1), w1, _mm256_loadu_ps(f + 8))); \
+    } else {                                                                                      \
+        _mm256_storeu_si256((__m256i *)(acc + (r) * CQ_NR), c##r##0);                             \
+        _mm256_storeu_si256((__m256i *)(acc + (r) * CQ_NR + 8), c##r##1);                         \
     }
-}
+/* each int32 lane of c<r>0 / c<r>1 is one column's sum (maddubs adds k pairs, madd the pairs) */
+#define S8_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
+    static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, int32_t *acc,    \
+                     float *facc, const float *ws)                                                \
+    {                                                                                             \
+        const __m256i ones = _mm256_set1_epi16(1);                                                \
+        DECLS                                                                                     \
+        for (int64_t t = 0; t < nk4; t++) {                                                       \
+            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP));      \
+            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * CQ_PANEL_STEP + 32)); \
+            STEPS                                                                                 \
+        }                                                                                         \
+        const __m256 w0 = facc ? _mm256_loadu_ps(ws) : _mm256_setzero_ps();                       \
+        const __m256 w1 = facc ? _mm256_loadu_ps(ws + 8) : _mm256_setzero_ps();                   \
+        OUTS                                                                                      \
+    }
+S8_TILE(s8_tile_1, S8_DECL(0), S8_STEP(0), S8_OUT(0))
+S8_TILE(s8_tile_2, S8_DECL(0) S8_DECL(1), S8_STEP(0) S8_STEP(1), S8_OUT(0) S8_OUT(1))
+S8_TILE(s8_tile_3, S8_DECL(0) S8_DECL(1) S8_DECL(2), S8_STEP(0) S8_STEP(1) S8_STEP(2),
+        S8_OUT(0) S8_OUT(1) S8_OUT(2))
+S8_TILE(s8_tile_4, S8_DECL(0) S8_DECL(1) S8_DECL(2) S8_DECL(3),
+        S8_STEP(0) S8_STEP(1) S8_STEP(2) S8_STEP(3), S8_OUT(0) S8_OUT(1) S8_OUT(2) S8_OUT(3))
 
 void cq_s8_tile_avx2(int mr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
                      int32_t *acc, float *facc, const float *ws)
 {
     switch (mr) {
-    case 1: s8_tile_mr(1, nk4, a, lda, b, acc, facc, ws); break;
-    case 2: s8_tile_mr(2, nk4, a, lda, b, acc, facc, ws); break;
-    case 3: s8_tile_mr(3, nk4, a, lda, b, acc, facc, ws); break;
-    default: s8_tile_mr(4, nk4, a, lda, b, acc, facc, ws); break;
+    case 1: s8_tile_1(nk4, a, lda, b, acc, facc, ws); break;
+    case 2: s8_tile_2(nk4, a, lda, b, acc, facc, ws); break;
+    case 3: s8_tile_3(nk4, a, lda, b, acc, facc, ws); break;
+    default: s8_tile_4(nk4, a, lda, b, acc, facc, ws); break;
     }
 }
 
@@ -174,37 +184,45 @@ void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *o
     }
 }
 
-ALWAYS_INLINE void f32_tile_mr(const int MR, int64_t kc, const float *a, int64_t lda,
-                               const float *bb, float *c)
-{
-    __m256 c0[CQ_MR_F32], c1[CQ_MR_F32];
-    for (int r = 0; r < MR; r++) {
-        c0[r] = _mm256_loadu_ps(c + r * CQ_NR);
-        c1[r] = _mm256_loadu_ps(c + r * CQ_NR + 8);
+#define F_DECL(r) __m256 c##r##0 = _mm256_loadu_ps(c + (r) * ldc), c##r##1 = _mm256_loadu_ps(c + (r) * ldc + 8);
+#define F_STEP(r)                                                                                 \
+    {                                                                                             \
+        const __m256 av = _mm256_broadcast_ss(a + (r) * lda + kk);                                \
+        c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);                                               \
+        c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);                                               \
     }
-    for (int64_t kk = 0; kk < kc; kk++) {
-        const __m256 b0 = _mm256_load_ps(bb + kk * CQ_NR), b1 = _mm256_load_ps(bb + kk * CQ_NR + 8);
-        for (int r = 0; r < MR; r++) {
-            const __m256 av = _mm256_broadcast_ss(a + r * lda + kk);
-            c0[r] = _mm256_fmadd_ps(av, b0, c0[r]);
-            c1[r] = _mm256_fmadd_ps(av, b1, c1[r]);
-        }
+#define F_OUT(r) _mm256_storeu_ps(c + (r) * ldc, c##r##0); _mm256_storeu_ps(c + (r) * ldc + 8, c##r##1);
+#define F_TILE(NAME, DECLS, STEPS, OUTS)                                                          \
+    static void NAME(int64_t kc, const float *a, int64_t lda, const float *bb, float *c, int64_t ldc) \
+    {                                                                                             \
+        DECLS                                                                                     \
+        for (int64_t kk = 0; kk < kc; kk++) {                                                     \
+            const __m256 b0 = _mm256_load_ps(bb + kk * CQ_NR), b1 = _mm256_load_ps(bb + kk * CQ_NR + 8); \
+            STEPS                                                                                 \
+        }                                                                                         \
+        OUTS                                                                                      \
     }
-    for (int r = 0; r < MR; r++) {
-        _mm256_storeu_ps(c + r * CQ_NR, c0[r]);
-        _mm256_storeu_ps(c + r * CQ_NR + 8, c1[r]);
-    }
-}
+F_TILE(f32_tile_1, F_DECL(0), F_STEP(0), F_OUT(0))
+F_TILE(f32_tile_2, F_DECL(0) F_DECL(1), F_STEP(0) F_STEP(1), F_OUT(0) F_OUT(1))
+F_TILE(f32_tile_3, F_DECL(0) F_DECL(1) F_DECL(2), F_STEP(0) F_STEP(1) F_STEP(2), F_OUT(0) F_OUT(1) F_OUT(2))
+F_TILE(f32_tile_4, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3), F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3),
+       F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3))
+F_TILE(f32_tile_5, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3) F_DECL(4),
+       F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3) F_STEP(4), F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3) F_OUT(4))
+F_TILE(f32_tile_6, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3) F_DECL(4) F_DECL(5),
+       F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3) F_STEP(4) F_STEP(5),
+       F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3) F_OUT(4) F_OUT(5))
 
-void cq_f32_tile_avx2(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c)
+void cq_f32_tile_avx2(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c,
+                      int64_t ldc)
 {
     switch (mr) {
-    case 1: f32_tile_mr(1, kc, a, lda, bb, c); break;
-    case 2: f32_tile_mr(2, kc, a, lda, bb, c); break;
-    case 3: f32_tile_mr(3, kc, a, lda, bb, c); break;
-    case 4: f32_tile_mr(4, kc, a, lda, bb, c); break;
-    case 5: f32_tile_mr(5, kc, a, lda, bb, c); break;
-    default: f32_tile_mr(6, kc, a, lda, bb, c); break;
+    case 1: f32_tile_1(kc, a, lda, bb, c, ldc); break;
+    case 2: f32_tile_2(kc, a, lda, bb, c, ldc); break;
+    case 3: f32_tile_3(kc, a, lda, bb, c, ldc); break;
+    case 4: f32_tile_4(kc, a, lda, bb, c, ldc); break;
+    case 5: f32_tile_5(kc, a, lda, bb, c, ldc); break;
+    default: f32_tile_6(kc, a, lda, bb, c, ldc); break;
     }
 }
 

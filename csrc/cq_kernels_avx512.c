@@ -65,26 +65,27 @@ static void s8_tile_avx512(int mr, int64_t nk4, const int8_t *a, int64_t lda, co
 }
 
 ALWAYS_INLINE void f32_tile_mr(const int MR, int64_t kc, const float *a, int64_t lda,
-                               const float *bb, float *c)
+                               const float *bb, float *c, int64_t ldc)
 {
     __m512 cv[CQ_MR_F32];
-    for (int r = 0; r < MR; r++) cv[r] = _mm512_loadu_ps(c + r * CQ_NR);
+    for (int r = 0; r < MR; r++) cv[r] = _mm512_loadu_ps(c + r * ldc);
     for (int64_t kk = 0; kk < kc; kk++) {
         const __m512 bv = _mm512_loadu_ps(bb + kk * CQ_NR);
         for (int r = 0; r < MR; r++) cv[r] = _mm512_fmadd_ps(_mm512_set1_ps(a[r * lda + kk]), bv, cv[r]);
     }
-    for (int r = 0; r < MR; r++) _mm512_storeu_ps(c + r * CQ_NR, cv[r]);
+    for (int r = 0; r < MR; r++) _mm512_storeu_ps(c + r * ldc, cv[r]);
 }
 
-static void f32_tile_avx512(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c)
+static void f32_tile_avx512(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c,
+                            int64_t ldc)
 {
     switch (mr) {
-    case 1: f32_tile_mr(1, kc, a, lda, bb, c); break;
-    case 2: f32_tile_mr(2, kc, a, lda, bb, c); break;
-    case 3: f32_tile_mr(3, kc, a, lda, bb, c); break;
-    case 4: f32_tile_mr(4, kc, a, lda, bb, c); break;
-    case 5: f32_tile_mr(5, kc, a, lda, bb, c); break;
-    default: f32_tile_mr(6, kc, a, lda, bb, c); break;
+    case 1: f32_tile_mr(1, kc, a, lda, bb, c, ldc); break;
+    case 2: f32_tile_mr(2, kc, a, lda, bb, c, ldc); break;
+    case 3: f32_tile_mr(3, kc, a, lda, bb, c, ldc); break;
+    case 4: f32_tile_mr(4, kc, a, lda, bb, c, ldc); break;
+    case 5: f32_tile_mr(5, kc, a, lda, bb, c, ldc); break;
+    default: f32_tile_mr(6, kc, a, lda, bb, c, ldc); break;
     }
 }
 

@@ -65,12 +65,13 @@ static void f32_dequant_scalar(int64_t nk4, const int8_t *b, const float *ws, fl
                 out[(4 * t + i) * CQ_NR + j] = (float)b[(t * CQ_NR + j) * 4 + i] * ws[j];
 }
 
-static void f32_tile_scalar(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c)
+static void f32_tile_scalar(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c,
+                            int64_t ldc)
 {
     for (int r = 0; r < mr; r++)
         for (int64_t kk = 0; kk < kc; kk++) {
             float av = a[r * lda + kk];
-            for (int j = 0; j < CQ_NR; j++) c[r * CQ_NR + j] += av * bb[kk * CQ_NR + j];
+            for (int j = 0; j < CQ_NR; j++) c[r * ldc + j] += av * bb[kk * CQ_NR + j];
         }
 }
 

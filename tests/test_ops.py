@@ -103,7 +103,7 @@ def test_dequantize(isa, rng, n, k):
 
 
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 7, 13, 64, 97])
-@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (33, 17), (64, 16), (130, 40), (256, 3)])
+@pytest.mark.parametrize("k,n", [(1, 1), (7, 5), (33, 17), (64, 16), (130, 40), (256, 3), (72, 150)])
 def test_linear_modes(isa, rng, m, k, n):
     w = rng.standard_normal((n, k)).astype(np.float32)
     x = rng.standard_normal((m, k)).astype(np.float32)

@@ -99,8 +99,8 @@ static void test_table(const cq_kernels *t)
         for (int mr = 1; mr <= CQ_MR_F32; mr++) {
             float c1[CQ_MR_F32 * 16], c2[CQ_MR_F32 * 16];
             for (int i = 0; i < CQ_MR_F32 * 16; i++) c1[i] = c2[i] = 0.25f;
-            ref->f32_tile(mr, k - 1, x, k, d1, c1);
-            t->f32_tile(mr, k - 1, x, k, d2, c2);
+            ref->f32_tile(mr, k - 1, x, k, d1, c1, 16);
+            t->f32_tile(mr, k - 1, x, k, d2, c2, 16);
             for (int i = 0; i < mr * 16; i++) CHECK(fabsf(c1[i] - c2[i]) <= budget, "f32_tile mr=%d %g %g", mr, c1[i], c2[i]);
         }
         free(b); free(x); free(d1); free(d2);
