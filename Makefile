@@ -5,6 +5,11 @@
 #   make demo       quantize the bundled default model and print the comparison table
 #   make bench      kernel benchmark vs numpy (and torch/onnxruntime after `make bench-deps`)
 #   make lib        libcquant.so / libcquant.a / cquant.pc in build/lib (for C programs)
+#   make install    PREFIX=/usr/local (and DESTDIR=): cquant.h, libcquant.{a,so}, pkgconfig/cquant.pc
+#   make cexamples  build examples/c/ against the library (static, and shared via pkg-config) and run them
+#   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan, every ISA path
+#   make fuzz       libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each; corpus kept in tests/fuzz/corpus/
+#   make wheel      dist/cquant-*.whl;  make test-wheel: install it in a fresh venv and smoke-test it
 #   make clean
 PYTHON ?= python3
 VENV   ?= .venv
@@ -16,7 +21,8 @@ CHDRS  := $(wildcard csrc/*.h csrc/include/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all build venv test ctest pytest demo bench bench-deps lib clean
+.PHONY: all build venv test ctest pytest demo bench bench-deps lib clean install uninstall stage \
+        ctest-api cexamples asan asan-c asan-py fuzz fuzz-build fuzz-deps wheel test-wheel
 all: build
 
 $(VENV)/.stamp-dev: requirements-dev.txt
@@ -38,9 +44,49 @@ build/lib/obj/%.o: csrc/%.c $(CHDRS)
 LIBOBJS := $(patsubst csrc/%.c,build/lib/obj/%.o,$(CSRCS))
 build/lib/libcquant.a: $(LIBOBJS)
 	rm -f $@; ar rcs $@ $^
-build/lib/libcquant.so: $(LIBOBJS)
-	$(CC) -shared -o $@ $^ -lm -lpthread
-lib: build/lib/libcquant.a build/lib/libcquant.so
+# The shared library exports only the functions of the public header (a version script made from
+# the header by the preprocessor, like the cffi cdef) and carries a soname: while the version is
+# 0.x every minor release may change the ABI, so the soname is libcquant.so.MAJOR.MINOR.
+hdr_num = $(shell sed -n 's/^\#define CQ_VERSION_$(1) \([0-9]*\).*/\1/p' csrc/include/cquant.h)
+CQ_VERSION := $(call hdr_num,MAJOR).$(call hdr_num,MINOR).$(call hdr_num,PATCH)
+CQ_SONAME  := libcquant.so.$(call hdr_num,MAJOR).$(call hdr_num,MINOR)
+build/lib/cquant.map: csrc/include/cquant.h
+	@mkdir -p $(dir $@)
+	{ echo 'CQUANT_0 { global:'; \
+	  $(CC) -E -P -DCQ_CDEF $< | sed -n 's/.*[^a-z0-9_]\(cq_[a-z0-9_]*\) *(.*/  \1;/p'; \
+	  echo 'local: *; };'; } > $@
+build/lib/libcquant.so.$(CQ_VERSION): $(LIBOBJS) build/lib/cquant.map
+	$(CC) -shared -Wl,-soname,$(CQ_SONAME) -Wl,--version-script,build/lib/cquant.map \
+	    -o $@ $(LIBOBJS) -lm -lpthread
+build/lib/libcquant.so: build/lib/libcquant.so.$(CQ_VERSION)
+	ln -sf libcquant.so.$(CQ_VERSION) build/lib/$(CQ_SONAME)
+	ln -sf libcquant.so.$(CQ_VERSION) $@
+build/lib/include/cquant.h: csrc/include/cquant.h
+	@mkdir -p $(dir $@)
+	cp $< $@
+# pkg-config file for the install prefix (`make install` writes its own for PREFIX/LIBDIR there)
+PREFIX     ?= /usr/local
+LIBDIR     ?= $(PREFIX)/lib
+INCLUDEDIR ?= $(PREFIX)/include
+PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
+             -e 's|@VERSION@|$(CQ_VERSION)|' cquant.pc.in
+build/lib/cquant.pc: cquant.pc.in csrc/include/cquant.h FORCE
+	$(PC_SED) > $@
+FORCE:
+lib: build/lib/libcquant.a build/lib/libcquant.so build/lib/include/cquant.h build/lib/cquant.pc
+
+install: build/lib/libcquant.a build/lib/libcquant.so
+	install -d $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(LIBDIR)/pkgconfig
+	install -m 644 csrc/include/cquant.h $(DESTDIR)$(INCLUDEDIR)/cquant.h
+	install -m 644 build/lib/libcquant.a $(DESTDIR)$(LIBDIR)/libcquant.a
+	install -m 755 build/lib/libcquant.so.$(CQ_VERSION) $(DESTDIR)$(LIBDIR)/libcquant.so.$(CQ_VERSION)
+	ln -sf libcquant.so.$(CQ_VERSION) $(DESTDIR)$(LIBDIR)/$(CQ_SONAME)
+	ln -sf $(CQ_SONAME) $(DESTDIR)$(LIBDIR)/libcquant.so
+	$(PC_SED) > $(DESTDIR)$(LIBDIR)/pkgconfig/cquant.pc
+uninstall:
+	rm -f $(DESTDIR)$(INCLUDEDIR)/cquant.h $(DESTDIR)$(LIBDIR)/libcquant.a \
+	      $(DESTDIR)$(LIBDIR)/libcquant.so.$(CQ_VERSION) $(DESTDIR)$(LIBDIR)/$(CQ_SONAME) \
+	      $(DESTDIR)$(LIBDIR)/libcquant.so $(DESTDIR)$(LIBDIR)/pkgconfig/cquant.pc
 
 # ---- tests ----
 build/tests/test_kernels: tests/c/test_kernels.c build/lib/libcquant.a
@@ -52,7 +98,7 @@ ctest: build/tests/test_kernels
 pytest: build
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test: ctest pytest
+test: ctest ctest-api cexamples pytest
 
 demo: build
 	$(VPY) -m cquant.demo
@@ -62,6 +108,136 @@ bench: build
 
 bench-deps: $(VENV)/.stamp-dev
 	$(VPY) -m pip install -q -r requirements-bench.txt
+
+# ---- C API tests, header checks and C examples (part of `make test`) ----
+# tests/c/test_api.c uses only the public header: built as strict C99 and as C++ (which checks that
+# the header is self-contained and extern "C"-safe), run once per ISA path (77 = path not here).
+CXX ?= g++
+ISAS := scalar avx2 avx512vnni
+CFLAGS_USER := -std=c99 -O2 -Wall -Wextra -Werror -pedantic-errors
+# run_isas(cmd): run cmd with CQUANT_ISA set to each path; exit status 77 means "not on this CPU"
+run_isas = for isa in $(ISAS); do \
+	  CQUANT_ISA=$$isa $(1); rc=$$?; \
+	  if [ $$rc -eq 77 ]; then echo "  ($$isa: not available on this CPU/build, skipped)"; \
+	  elif [ $$rc -ne 0 ]; then echo "FAILED with CQUANT_ISA=$$isa: $(1)"; exit $$rc; fi; \
+	done
+build/tests/test_api_c: tests/c/test_api.c build/lib/libcquant.a csrc/include/cquant.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread
+build/tests/test_api_cxx: tests/c/test_api.c build/lib/libcquant.a csrc/include/cquant.h
+	@mkdir -p $(dir $@)
+	$(CXX) -x c++ -std=c++11 -O2 -Wall -Wextra -Werror -pedantic-errors -Icsrc/include $< -x none \
+	    -o $@ build/lib/libcquant.a -lm -lpthread
+ctest-api: build/tests/test_api_c build/tests/test_api_cxx
+	@$(call run_isas,./build/tests/test_api_c)
+	@$(call run_isas,./build/tests/test_api_cxx)
+
+# Examples: linked statically against build/lib, and against a staged `make install` through
+# pkg-config (which is how a user builds them), then run on every ISA path.
+STAGE := $(CURDIR)/build/stage
+PKG_CONFIG ?= pkg-config
+EXAMPLES := $(patsubst examples/c/%.c,%,$(wildcard examples/c/*.c))
+stage: build/stage/.stamp
+build/stage/.stamp: build/lib/libcquant.a build/lib/libcquant.so cquant.pc.in
+	$(MAKE) --no-print-directory install PREFIX=$(STAGE) DESTDIR= LIBDIR=$(STAGE)/lib INCLUDEDIR=$(STAGE)/include
+	touch $@
+build/examples/%-static: examples/c/%.c build/lib/libcquant.a csrc/include/cquant.h
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread
+build/examples/%-shared: examples/c/%.c build/stage/.stamp
+	@mkdir -p $(dir $@)
+	@if command -v $(PKG_CONFIG) >/dev/null 2>&1; then \
+	  flags="$$(PKG_CONFIG_PATH=$(STAGE)/lib/pkgconfig $(PKG_CONFIG) --cflags --libs cquant)"; \
+	else flags="-I$(STAGE)/include -L$(STAGE)/lib -lcquant"; echo "(no $(PKG_CONFIG): plain flags)"; fi; \
+	echo "$(CC) $(CFLAGS_USER) $< $$flags -Wl,-rpath,$(STAGE)/lib -o $@"; \
+	$(CC) $(CFLAGS_USER) $< $$flags -Wl,-rpath,$(STAGE)/lib -o $@
+cexamples: $(foreach e,$(EXAMPLES),build/examples/$(e)-static build/examples/$(e)-shared)
+	@for e in $(EXAMPLES); do \
+	  echo "== $$e (static)"; $(call run_isas,./build/examples/$$e-static) || exit 1; \
+	  echo "== $$e (shared, pkg-config)"; ./build/examples/$$e-shared || exit 1; \
+	done
+
+# ---- sanitizers: `make asan` (AddressSanitizer + UndefinedBehaviorSanitizer, gcc's runtimes) ----
+# C side: the C tests and examples compiled together with csrc/ under ASan+UBSan (UB aborts) and
+# run on every ISA path. Python side: the extension built with CQUANT_CFLAGS/CQUANT_LDFLAGS into
+# build/asan/py (next to a copy of python/cquant, so the in-place build is left alone), and pytest
+# run against it with libasan preloaded into the (uninstrumented) interpreter. Leak detection is
+# on for the C programs and off for Python (the interpreter keeps memory until exit by design).
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g
+CFLAGS_ASAN := $(filter-out -O3,$(CFLAGS_LIB)) -O1 $(SAN_FLAGS)
+ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
+            UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+build/asan/%: tests/c/%.c $(CSRCS) $(CHDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
+build/asan/example_%: examples/c/%.c $(CSRCS) $(CHDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
+asan-c: build/asan/test_kernels build/asan/test_api $(foreach e,$(EXAMPLES),build/asan/example_$(e))
+	$(ASAN_ENV) ./build/asan/test_kernels
+	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_api)
+	@for e in $(EXAMPLES); do $(call run_isas,$(ASAN_ENV) ./build/asan/example_$$e) || exit 1; done
+	@for n in 1 2 3; do echo "CQUANT_NUM_THREADS=$$n"; \
+	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels >/dev/null || exit 1; done
+
+ASAN_PY := build/asan/py
+ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
+$(ASAN_PY)/.stamp: $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py setup.py
+	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)
+	CQUANT_CFLAGS="$(SAN_FLAGS) -O1" CQUANT_LDFLAGS="-fsanitize=address,undefined" \
+	    $(VPY) setup.py -q build_ext --build-lib $(ASAN_PY)/lib --build-temp $(ASAN_PY)/temp
+	touch $@
+asan-py: $(ASAN_PY)/.stamp
+	rm -rf $(ASAN_PY)/pkg && mkdir -p $(ASAN_PY)/pkg
+	cp -r python/cquant $(ASAN_PY)/pkg/cquant
+	find $(ASAN_PY)/pkg -name '_native*.so' -delete -o -name __pycache__ -prune -exec rm -rf {} +
+	cp $(ASAN_PY)/lib/cquant/_native*.so $(ASAN_PY)/pkg/cquant/
+	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) PYTHONMALLOC=malloc \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	CQUANT_ASAN=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+asan: asan-c asan-py
+
+# ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
+# One target per public entry point family (tests/fuzz/fuzz_*.c), each linked with csrc/ under
+# -fsanitize=fuzzer,address,undefined and run for FUZZ_SECONDS from tests/fuzz/corpus/<target>;
+# afterwards the corpus is minimised (-merge=1) so what is committed stays small.
+# clang comes from Debian: `make fuzz-deps` (apt-get install clang libclang-rt-14-dev).
+CLANG ?= clang
+FUZZ_SECONDS ?= 20
+FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_FLAGS := -g -O1 -std=c99 -D_GNU_SOURCE -fno-strict-aliasing -Icsrc/include -Icsrc \
+              -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
+fuzz-deps:
+	apt-get update -qq && apt-get install -y -qq clang libclang-rt-14-dev
+build/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h $(CSRCS) $(CHDRS)
+	@command -v $(CLANG) >/dev/null || { echo "$(CLANG) not found: run 'make fuzz-deps' first"; exit 1; }
+	@mkdir -p $(dir $@)
+	$(CLANG) $(FUZZ_FLAGS) $< $(CSRCS) -o $@ -lm -lpthread
+fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
+fuzz: fuzz-build
+	@set -e; for t in $(FUZZ_TARGETS); do \
+	  c=tests/fuzz/corpus/$$t; mkdir -p $$c build/fuzz/new-$$t; \
+	  echo "== $$t: $(FUZZ_SECONDS) s from $$(ls $$c | wc -l) corpus inputs"; \
+	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CQUANT_NUM_THREADS=2 \
+	  ./build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=20 -rss_limit_mb=4096 \
+	      -print_final_stats=1 -artifact_prefix=build/fuzz/crash-$$t- build/fuzz/new-$$t $$c 2>build/fuzz/$$t.log \
+	    || { tail -60 build/fuzz/$$t.log; exit 1; }; \
+	  grep -E '^(stat::number_of_executed_units|stat::new_units_added)' build/fuzz/$$t.log || true; \
+	  rm -rf build/fuzz/min-$$t; mkdir -p build/fuzz/min-$$t; \
+	  ./build/fuzz/$$t -merge=1 build/fuzz/min-$$t $$c build/fuzz/new-$$t >/dev/null 2>&1; \
+	  rm -rf $$c build/fuzz/new-$$t; mv build/fuzz/min-$$t $$c; \
+	  echo "   corpus kept: $$(ls $$c | wc -l) inputs"; \
+	done
+
+# ---- wheel ----
+# `make wheel` builds dist/cquant-VERSION-*.whl with build isolation (pyproject's build requirements
+# only); `make test-wheel` installs that wheel into a fresh venv (no source tree on the path) and
+# runs a smoke test on every ISA path (tests/test_wheel.py; about a minute, so not in `make test`).
+wheel: $(VENV)/.stamp-dev
+	$(VPY) -m pip wheel . --no-deps -w dist
+test-wheel: wheel
+	CQUANT_WHEEL="$$(ls -t dist/cquant-$(CQ_VERSION)-*.whl | head -1)" \
+	    $(VPY) -m pytest -q -p no:cacheprovider tests/test_wheel.py
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/cquant/_native*.so python/cquant/_native.c \

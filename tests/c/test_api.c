@@ -1,0 +1,198 @@
+/* test_api.c - the public API as an embedder sees it: only "cquant.h", no internals.
+ *
+ * Built twice by `make ctest-api`: as strict C99 (-std=c99 -pedantic-errors) and as C++
+ * (-x c++ -std=c++11 -pedantic-errors) linked against the C library, which checks that the header is
+ * self-contained and extern "C"-safe. Checks: version macros against cq_version(); every status
+ * has a message; sizes whose byte counts overflow int64/size_t are refused with CQ_ERR_OVERFLOW
+ * before any pointer is touched (the calls pass NULL, so a missed check returns CQ_ERR_NULL
+ * instead of crashing); sizes past 2^31 that do fit are accepted; k past the int32 limit is refused
+ * by cq_gemm_s8s8s32 only. Run it once per ISA path with CQUANT_ISA=... Ends with "N passed, N failed". */
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cquant.h"
+
+static int failures = 0, checks = 0;
+#define CHECK(cond, what)                                                                  \
+    do {                                                                                   \
+        checks++;                                                                          \
+        if (!(cond)) {                                                                     \
+            failures++;                                                                    \
+            fprintf(stderr, "FAIL %s:%d: %s\n", __FILE__, __LINE__, what);                 \
+        }                                                                                  \
+    } while (0)
+#define EXPECT_STATUS(call, want)                                                          \
+    do {                                                                                   \
+        long long got_ = (long long)(call);                                                \
+        checks++;                                                                          \
+        if (got_ != (long long)(want)) {                                                   \
+            failures++;                                                                    \
+            fprintf(stderr, "FAIL %s:%d: %s = %lld (%s), want %s\n", __FILE__, __LINE__,   \
+                    #call, got_, cq_strerror((int)got_), #want);                           \
+        }                                                                                  \
+    } while (0)
+
+#define P40 ((int64_t)1 << 40)
+#define P31 ((int64_t)1 << 31)
+#define P32 ((int64_t)1 << 32)
+
+static void test_version_and_strings(void)
+{
+    char buf[64];
+    snprintf(buf, sizeof buf, "%d.%d.%d", CQ_VERSION_MAJOR, CQ_VERSION_MINOR, CQ_VERSION_PATCH);
+    CHECK(strcmp(buf, CQ_VERSION_STRING) == 0, "CQ_VERSION_* agree with CQ_VERSION_STRING");
+    CHECK(strcmp(cq_version(), CQ_VERSION_STRING) == 0, "library version == header version");
+    for (int st = CQ_ERR_VERSION; st <= CQ_OK; st++) {
+        const char *msg = cq_strerror(st);
+        CHECK(msg && *msg && strcmp(msg, "unknown status") != 0, "every status has its own message");
+    }
+    CHECK(cq_strerror(1) != NULL && cq_strerror(-1000000) != NULL, "unknown status: a message, never NULL");
+    CHECK(strcmp(cq_isa_name(CQ_ISA_SCALAR), "scalar") == 0, "isa name scalar");
+    CHECK(strcmp(cq_isa_name(CQ_ISA_AVX2), "avx2") == 0, "isa name avx2");
+    CHECK(strcmp(cq_isa_name(CQ_ISA_AVX512VNNI), "avx512vnni") == 0, "isa name avx512vnni");
+    CHECK(strcmp(cq_isa_name(12345), "unknown") == 0, "isa name unknown");
+    CHECK(cq_isa_supported(CQ_ISA_SCALAR) == 1, "scalar always supported");
+    CHECK(cq_isa_supported(-5) == 0 && cq_isa_supported(99) == 0, "unknown isa not supported");
+    CHECK(cq_get_num_threads() >= 1, "threads >= 1");
+}
+
+/* Every size check happens before the pointers are read: NULL buffers with sizes that cannot be
+ * allocated must give CQ_ERR_OVERFLOW (or SHAPE), never CQ_ERR_NULL and never a crash. */
+static void test_size_overflow(void)
+{
+    /* n*k*4 bytes overflows int64 */
+    EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, P32, P32, 0), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_TENSOR, INT64_MAX, 2, 0), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, P40, P40, 64), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_quantize(NULL, P32, P32, CQ_PER_CHANNEL, 0, NULL, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_dequantize(NULL, NULL, P32, P32, CQ_PER_TENSOR, 0, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_quantize_rows(NULL, P32, P32, NULL, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_quantize_rows(NULL, INT64_MAX, 1, NULL, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_packed_size(INT64_MAX, INT64_MAX), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_packed_size(INT64_MAX, 1), CQ_ERR_OVERFLOW); /* n padded to 16: 64 bytes/row */
+    EXPECT_STATUS(cq_pack(NULL, P32, P32, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_unpack(NULL, P32, P32, NULL), CQ_ERR_OVERFLOW);
+    /* gemm: m*n*4 output bytes overflow while m*k and n*k fit */
+    EXPECT_STATUS(cq_gemm_s8s8s32(NULL, NULL, P40, P40, 4, NULL), CQ_ERR_NULL); /* NULL checked first */
+    {
+        int8_t a[4] = {1, 2, 3, 4};
+        int32_t c[1];
+        EXPECT_STATUS(cq_gemm_s8s8s32(a, a, P40, P40, 4, c), CQ_ERR_OVERFLOW);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a, a, INT64_MAX, 1, 4, c), CQ_ERR_OVERFLOW);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a, a, 1, INT64_MAX / 2, 4, c), CQ_ERR_OVERFLOW);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a, a, 1, 1, CQ_MAX_K_S32 + 1, c), CQ_ERR_OVERFLOW);
+    }
+    /* linear: m*k*4 (x), m*n*4 (y) and the int8 copy of x each overflow in turn */
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, P40, P32, NULL, NULL, CQ_PER_CHANNEL, 0, 4, NULL, NULL),
+                  CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_linear(CQ_MODE_WEIGHT_ONLY, NULL, P40, 4, NULL, NULL, CQ_PER_CHANNEL, 0, P32, NULL, NULL),
+                  CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, INT64_MAX, 1, NULL, NULL, CQ_PER_TENSOR, 0, 1, NULL, NULL),
+                  CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, (int64_t)1 << 60, 1, NULL, NULL, CQ_PER_TENSOR, 0, 1, NULL, NULL),
+                  CQ_ERR_OVERFLOW); /* x and y fit; the padded int8 copy (16 bytes a row) does not */
+    /* the weight itself too large */
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, 1, P40, NULL, NULL, CQ_PER_CHANNEL, 0, P40, NULL, NULL),
+                  CQ_ERR_OVERFLOW);
+}
+
+/* Sizes past 2^31 (elements or bytes) that still fit are valid sizes, not errors: with NULL
+ * buffers the calls get as far as the NULL check. */
+static void test_large_but_valid_sizes(void)
+{
+    EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, P31 + 7, 1024, 0), P31 + 7);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, P32, 1024, 256), P32 * 4);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_TENSOR, P40, (int64_t)1 << 20, 0), 1);
+    EXPECT_STATUS(cq_packed_size(P31 + 1, 3), (P31 + 16) * 4);  /* n padded to 16, k to 4 */
+    EXPECT_STATUS(cq_packed_size(17, P32 + 1), (int64_t)32 * (P32 + 4));
+    EXPECT_STATUS(cq_quantize(NULL, P31, 8, CQ_PER_CHANNEL, 0, NULL, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_quantize_rows(NULL, 3, P32, NULL, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_pack(NULL, P32, 3, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, P31, 64, NULL, NULL, CQ_PER_CHANNEL, 0, 16, NULL, NULL),
+                  CQ_ERR_NULL);
+    EXPECT_STATUS(cq_linear(CQ_MODE_WEIGHT_ONLY, NULL, 0, P32, NULL, NULL, CQ_PER_CHANNEL, 0, 16, NULL, NULL),
+                  CQ_OK); /* m = 0: nothing to do, nothing read */
+}
+
+static void test_bad_arguments(void)
+{
+    float f[8] = {0};
+    int8_t q[8] = {0};
+    EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, 0, 4, 0), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, 4, -1, 0), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, INT64_MIN, INT64_MIN, 0), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_num_scales(3, 4, 4, 0), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_num_scales(-1, 4, 4, 0), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, 6), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, -4), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, INT64_MIN), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, 16), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_packed_size(0, 1), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_packed_size(1, INT64_MIN), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_quantize(f, 2, 4, CQ_PER_CHANNEL, 0, NULL, f), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_dequantize(q, f, 2, 4, CQ_PER_CHANNEL, 0, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_unpack(q, 2, 4, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_linear(-1, f, 1, 4, q, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, NULL, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, q, f, CQ_PER_GROUP, 3, 2, NULL, f), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 0, q, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, q, f, CQ_PER_CHANNEL, 0, 0, NULL, f), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_set_num_threads(0), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_num_threads(-3), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_num_threads(257), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_isa(3), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_isa(-2), CQ_ERR_ARG);
+}
+
+/* A tiny end-to-end run on the active path, so the C++ build links and calls real kernels. */
+static void test_small_run(void)
+{
+    enum { n = 3, k = 8 };
+    float w[n * k], x[2 * k], s[n], y[2 * n];
+    int8_t q[n * k], back[n * k];
+    for (int i = 0; i < n * k; i++) w[i] = (float)((i * 7) % 11 - 5) / 5.0f;
+    for (int i = 0; i < 2 * k; i++) x[i] = (float)(i % 5 - 2);
+    EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
+    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(n, k));
+    CHECK(packed != NULL, "malloc");
+    if (!packed) return;
+    EXPECT_STATUS(cq_pack(q, n, k, packed), CQ_OK);
+    EXPECT_STATUS(cq_unpack(packed, n, k, back), CQ_OK);
+    CHECK(memcmp(q, back, sizeof q) == 0, "pack/unpack round trip");
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+        EXPECT_STATUS(cq_linear(mode, x, 2, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y), CQ_OK);
+        for (int r = 0; r < 2; r++)
+            for (int j = 0; j < n; j++) {
+                double ref = 0;
+                for (int i = 0; i < k; i++) ref += (double)x[r * k + i] * w[j * k + i];
+                double err = y[r * n + j] - ref;
+                CHECK(err < 0.1 && err > -0.1, "small linear close to the float layer");
+            }
+    }
+    free(packed);
+}
+
+int main(void)
+{
+    int isa = cq_get_isa();
+    if (isa < 0) {
+        printf("CQUANT_ISA names a path this CPU/build lacks (%s): skipped\n", cq_strerror(isa));
+        return 77;
+    }
+    printf("test_api (%s) on path %s\n",
+#ifdef __cplusplus
+           "C++",
+#else
+           "C99",
+#endif
+           cq_isa_name(isa));
+    test_version_and_strings();
+    test_size_overflow();
+    test_large_but_valid_sizes();
+    test_bad_arguments();
+    test_small_run();
+    printf("%d passed, %d failed\n", checks - failures, failures);
+    return failures ? 1 : 0;
+}
