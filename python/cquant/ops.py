@@ -123,8 +123,11 @@ def _float_array(a, name: str) -> np.ndarray:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+_from_buffer = ffi.from_buffer  # read-only buffers are accepted (require_writable defaults to False)
+
+
 def _ptr(ctype: str, arr: np.ndarray):
-    return ffi.from_buffer(ctype, arr, require_writable=False)
+    return _from_buffer(ctype, arr)
 
 
 def check_finite(a: np.ndarray, name: str = "array") -> None:
@@ -226,7 +229,7 @@ class QuantizedWeight:
         c = self._cache
         if c is None:
             code, g = _scheme(self.granularity, self.group_size, self.shape[1])
-            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g)
+            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None)
         return c
 
     def __getstate__(self):
@@ -279,7 +282,7 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     n, k = qw.shape
     q = qw.q
     out = np.empty((n, k), dtype=np.float32)
-    _, _, code, g = qw._native()
+    _, _, code, g, _ = qw._native()
     _check(lib.cq_dequantize(_ptr("int8_t[]", q), _ptr("float[]", qw.scale), n, k, code, g,
                              _ptr("float[]", out)), "dequantize")
     return out
@@ -326,37 +329,54 @@ def gemm_s8s8s32(a, b) -> np.ndarray:
     return c
 
 
+_F32 = np.dtype(np.float32)
+_NULL = ffi.NULL
+_cq_linear = lib.cq_linear
+
+
 def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarray:
     """y (..., N) float32 = x (..., K) through the quantized weight, plus bias (N,).
 
     mode="dynamic": rows of x quantized to int8 at run time, exact integer sums, scaled to float32.
-    mode="weight_only": float32 x times the weight dequantized inside the kernel."""
-    if not isinstance(qw, QuantizedWeight):
-        raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
-    mcode = MODES.get(mode)
+    mode="weight_only": float32 x times the weight dequantized inside the kernel.
+
+    This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
+    for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
+    """
+    cache = qw._cache if type(qw) is QuantizedWeight else None
+    if cache is None:
+        if not isinstance(qw, QuantizedWeight):
+            raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
+        cache = qw._native()
+    mcode = MODES.get(mode) if type(mode) is str else None
     if mcode is None:
         raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    arr = x if type(x) is np.ndarray else np.asarray(x)
-    if arr.dtype != np.float32 or not arr.flags.c_contiguous:
-        arr = _float_array(arr, "x")
+    if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+        x = _float_array(x, "x")
     n, k = qw.shape
-    if arr.ndim == 0 or arr.shape[-1] != k:
-        raise errors.ShapeError(f"x has shape {arr.shape}; its last dimension must be K={k}")
-    lead = arr.shape[:-1]
-    m = arr.size // k
-    y = np.empty(lead + (n,), dtype=np.float32)
+    shape = x.shape
+    if not shape or shape[-1] != k:
+        raise errors.ShapeError(f"x has shape {shape}; its last dimension must be K={k}")
+    m = x.size // k
+    y = np.empty(shape[:-1] + (n,), dtype=_F32)
     if m == 0:
         return y
-    pk, ps, code, g = qw._native()
+    pk, ps, code, g, bias_cache = cache
     if bias is None:
-        bp = ffi.NULL
+        bp = _NULL
+    elif bias_cache is not None and bias_cache[0] is bias:
+        bp = bias_cache[1]
     else:
-        b = bias if (type(bias) is np.ndarray and bias.dtype == np.float32 and bias.flags.c_contiguous) \
-            else _float_array(bias, "bias")
+        b = bias
+        if type(b) is not np.ndarray or b.dtype is not _F32 or not b.flags.c_contiguous:
+            b = _float_array(b, "bias")
         if b.shape != (n,):
             raise errors.ShapeError(f"bias has shape {b.shape}, expected ({n},)")
-        bp = _ptr("float[]", b)
-    st = lib.cq_linear(mcode, _ptr("float[]", arr), m, k, pk, ps, code, g, n, bp, _ptr("float[]", y))
+        bp = _from_buffer("float[]", b)
+        if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
+            qw._cache = (pk, ps, code, g, (bias, bp))
+    st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
+                    _from_buffer("float[]", y))
     if st:
         _raise(st, "linear")
     return y
