@@ -32,8 +32,11 @@ $(VENV)/.stamp-dev: requirements-dev.txt
 	touch $@
 venv: $(VENV)/.stamp-dev
 
+# The in-place package is put on the venv's path with a .pth file (PYTHONPATH still overrides it,
+# which is how `make asan` swaps in its instrumented build).
 $(NATIVE_STAMP): $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py setup.py
 	$(VPY) setup.py -q build_ext --inplace
+	$(VPY) -c "import os, sysconfig; open(os.path.join(sysconfig.get_paths()['purelib'], 'cquant-inplace.pth'), 'w').write(os.path.abspath('python') + '\n')"
 	touch $@
 build: $(NATIVE_STAMP)
 
