@@ -8,6 +8,7 @@ Builds :func:`cquant.models.build_default_model` (~13M parameters), quantizes co
   ``||y - y_ref|| / ||y_ref||`` (max and mean) and cosine similarity (min and mean);
 - latency of a forward pass, median of ``--repeats`` timed runs after one warm-up, with the number of
   threads cquant's kernels use (``cquant.get_num_threads()``; numpy's BLAS threads the float32 path).
+  Each model is timed in its own block (see :func:`time_blocks` for why not round-robin).
 
 Options: ``--batch``, ``--seq``, ``--repeats``, ``--seed``, ``--granularity``, ``--group-size``,
 ``--small`` (a tiny model, for tests).
@@ -32,7 +33,7 @@ try:  # optional progress bar
 except ImportError:  # pragma: no cover - depends on the environment
     _tqdm = None
 
-__all__ = ["main", "run", "compare_outputs", "time_forward"]
+__all__ = ["main", "run", "compare_outputs", "time_forward", "time_blocks"]
 
 
 def compare_outputs(y: np.ndarray, y_ref: np.ndarray) -> Dict[str, float]:
@@ -53,13 +54,30 @@ def compare_outputs(y: np.ndarray, y_ref: np.ndarray) -> Dict[str, float]:
 
 def time_forward(fn: Callable[[], Any], repeats: int) -> float:
     """Median wall time in seconds of ``repeats`` calls of ``fn`` after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(max(1, repeats)):
-        t0 = time.perf_counter()
+    return time_blocks([fn], repeats, pause=0.0)[0]
+
+
+def time_blocks(fns: Sequence[Callable[[], Any]], repeats: int, pause: float = 0.1) -> List[float]:
+    """Median wall time of each of ``fns``: one warm-up call, then ``repeats`` timed calls in a row,
+    with a short pause between functions.
+
+    Timed in blocks, not round-robin, on purpose: idle worker threads of one thread pool (OpenBLAS for
+    float32, cquant's for int8) may still be spinning when the other pool starts. On a loaded 2-core
+    machine, float32 calls made right after int8 ones ran many times slower than in a block (and
+    not with ``OPENBLAS_THREAD_TIMEOUT=4``). Each block's warm-up call and the pause absorb the
+    hand-over, so every variant is measured in its own steady state.
+    """
+    out = []
+    for fn in fns:
+        time.sleep(pause)
         fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times = []
+        for _ in range(max(1, repeats)):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out.append(statistics.median(times))
+    return out
 
 
 def _fmt_bytes(n: int) -> str:
@@ -85,7 +103,7 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
     config = models.ModelConfig.small() if small else models.ModelConfig()
     seq = min(seq, config.max_seq)
     steps = ["build float32 model", "quantize weight_only", "quantize dynamic",
-             "run float32", "run int8 weight_only", "run int8 dynamic"]
+             "compare float32", "compare int8 weight_only", "compare int8 dynamic, then time all three"]
     bar = _tqdm(total=len(steps), desc="cquant demo", file=sys.stderr, leave=False) \
         if (progress and _tqdm is not None) else None
 
@@ -116,8 +134,10 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
         r: Dict[str, float] = dict(compare_outputs(y, y_ref))
         r["bytes"] = model_nbytes(m)
         r["linear_bytes"] = _linear_bytes(m)
-        r["latency_s"] = time_forward(lambda m=m: m(tokens), repeats)
         results[name] = r
+    latencies = time_blocks([lambda m=m: m(tokens) for _, m in variants], repeats)
+    for (name, _), lat in zip(variants, latencies):
+        results[name]["latency_s"] = lat
     if bar is not None:
         bar.update(1)
         bar.close()

@@ -625,6 +625,9 @@ class Quantizer:
         Fills :attr:`summary`. Raises ``NonFiniteError`` / ``ValueError`` naming the layer, with the
         model unmodified, if a selected weight is not finite or cannot be quantized as asked.
         """
+        from . import adapters
+        if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
+            return adapters.quantize_torch(self, model, inplace)
         if not inplace:
             model = copy.deepcopy(model)
         plans, skipped, unmatched = self._select(model)
@@ -726,6 +729,10 @@ class ReportRow:
 
 def report(model: Any) -> List[ReportRow]:
     """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order."""
+    from . import adapters
+    if adapters.is_torch_module(model):
+        from .adapters.torch import report as torch_report
+        return torch_report(model)
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}
     for path, obj, _site, revisit in _walk(model, stop=lambda o: _quantized_forward_of(o) is not None):
