@@ -422,7 +422,9 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
         cfg = getattr(obj, "cquant_config", None)
         if callable(cfg) and hasattr(type(obj), "from_cquant_config"):
             model_meta = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "config": cfg()}
-    elif isinstance(obj, Mapping):
+    elif isinstance(obj, Mapping) and all(
+            isinstance(v, (np.ndarray, QuantizedLinear, QuantizedLinearForward)) or np.isscalar(v)
+            for v in obj.values()):  # a state mapping (else: a duck-typed model held in a dict)
         for k, v in obj.items():
             if isinstance(v, (QuantizedLinear, QuantizedLinearForward)):
                 add_layer(str(k), v)
