@@ -16,6 +16,15 @@ How it measures, and why:
   (one call each per round) until each has ``>= 7`` repetitions and about 0.3 s of run time (slow
   contenders stop earlier, at 3 repetitions or ~2 s), so a noisy neighbour on this shared machine hits
   all of them alike. The figure reported is the median.
+* **No idle spinning.** Thread pools busy-wait after a call by default (OpenBLAS for ~2**28 cycles,
+  libgomp under torch, onnxruntime's intra-op pool). Interleaved, a pool still spinning takes a core
+  from the contender that runs next: on 2 cores that made numpy's 768x768 GEMV 80x slower and
+  scrambled every 2-thread figure. So the children run with ``OPENBLAS_THREAD_TIMEOUT=4``,
+  ``OMP_WAIT_POLICY=PASSIVE`` and onnxruntime's ``session.intra_op.allow_spinning=0`` (values the user
+  set in the environment win; ``--allow-spin`` keeps the libraries' defaults).
+* **Noisy neighbours.** The parent reads the machine-wide busy time around each child and reports the
+  share of the CPUs other processes used meanwhile; above 10% it warns that the multi-thread figures
+  are unreliable (a 2-thread kernel on 2 cores waits for whichever thread lost its core).
 * **Ratios.** ``ratio = numpy_time / contender_time``: higher is better, numpy float32 ``x @ W.T + b``
   is 1.0.
 * **Accuracy.** Each contender's output on the same Gaussian ``x`` is compared with a float64 reference:
@@ -45,15 +54,15 @@ import traceback
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-# numpy is imported lazily in the child (after the thread variables are set), and at module level only
-# for type checkers; importing it in the parent is harmless because the parent measures nothing.
+# numpy, torch and onnxruntime are imported inside functions, in the child, whose environment already
+# holds the thread settings. The parent measures nothing, so what it imports does not matter.
 
 DEFAULT_SHAPES: List[Tuple[int, int]] = [(768, 768), (4096, 4096), (4096, 11008)]
 DEFAULT_M: List[int] = [1, 8, 64, 256]
 DEFAULT_THREADS: List[int] = [1, 2]
 QUICK_SHAPES: List[Tuple[int, int]] = [(256, 256), (768, 768)]
 QUICK_M: List[int] = [1, 8]
-QUANT_SHAPE: Tuple[int, int] = (4096, 11008)  # (K, N): a weight of N rows by K columns
+QUANT_SHAPE: Tuple[int, int] = (4096, 11008)  # (K, N), as the shapes above: a weight of N rows, K columns
 QUANT_TARGET_S = 0.1
 
 # Contender keys, in table order. "numpy" is the baseline.
