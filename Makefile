@@ -10,6 +10,7 @@
 #   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan, every ISA path
 #   make fuzz       libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each; corpus kept in tests/fuzz/corpus/
 #   make wheel      dist/cquant-*.whl;  make test-wheel: install it in a fresh venv and smoke-test it
+#                   (make test does the same with a wheel it builds; CQUANT_SKIP_WHEEL=1 skips that)
 #   make clean
 PYTHON ?= python3
 VENV   ?= .venv
@@ -193,11 +194,11 @@ $(ASAN_PY)/.stamp: $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py 
 asan-py: $(ASAN_PY)/.stamp
 	rm -rf $(ASAN_PY)/pkg && mkdir -p $(ASAN_PY)/pkg
 	cp -r python/cquant $(ASAN_PY)/pkg/cquant
-	find $(ASAN_PY)/pkg -name '_native*.so' -delete -o -name __pycache__ -prune -exec rm -rf {} +
+	rm -rf $(ASAN_PY)/pkg/cquant/_native*.so $(ASAN_PY)/pkg/cquant/__pycache__
 	cp $(ASAN_PY)/lib/cquant/_native*.so $(ASAN_PY)/pkg/cquant/
 	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) PYTHONMALLOC=malloc \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	CQUANT_ASAN=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
 asan: asan-c asan-py
 
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
@@ -234,8 +235,9 @@ fuzz: fuzz-build
 
 # ---- wheel ----
 # `make wheel` builds dist/cquant-VERSION-*.whl with build isolation (pyproject's build requirements
-# only); `make test-wheel` installs that wheel into a fresh venv (no source tree on the path) and
-# runs a smoke test on every ISA path (tests/test_wheel.py; about a minute, so not in `make test`).
+# only). tests/test_wheel.py (in `make test`, ~30 s) builds one from a copy of the sources, installs
+# it into a fresh venv (no source tree on the path) and smoke-tests every ISA path; `make test-wheel`
+# runs the same test on the wheel `make wheel` built.
 wheel: $(VENV)/.stamp-dev
 	$(VPY) -m pip wheel . --no-deps -w dist
 test-wheel: wheel

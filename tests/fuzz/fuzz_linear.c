@@ -1,0 +1,101 @@
+/* fuzz_linear.c - cq_linear, both modes, every scheme, on a fuzzed ISA path and thread count.
+ * Shapes: m in [0, 24], k in [1, 300], n in [1, 40]; activations with NaN/Inf/subnormal/huge
+ * values; optional bias. Two kinds of weight:
+ *  - quantized from fuzzed finite floats (the documented use): outputs are checked against a
+ *    double-precision reference of the same computation, row by row, with an error budget from
+ *    float32 rounding (K-scaled) plus subnormal underflow; a row of x holding NaN/Inf must give a
+ *    row of non-finite outputs, and the other rows are unaffected (they still match the reference);
+ *  - raw codes and arbitrary scales (NaN, negative, ...): only memory safety and the status.
+ * Every buffer has exactly its documented size. */
+#include "fuzz_common.h"
+
+#define EPS32 1.1920929e-07
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
+{
+    fz_reader r = {data, size};
+    fz_pick_isa(&r);
+    cq_set_num_threads((int)fz_range(&r, 1, 3));
+    int mode = fz_u8(&r) & 1, scheme = (int)fz_range(&r, 0, 2), raw = fz_u8(&r) < 32, use_bias = fz_u8(&r) & 1;
+    int64_t m = fz_range(&r, 0, 24), k = fz_range(&r, 1, 300), n = fz_range(&r, 1, 40);
+    int64_t group = 0;
+    if (scheme == CQ_PER_GROUP) {
+        if (k % 4) k += 4 - k % 4;
+        int64_t steps = k / 4, d = fz_range(&r, 1, steps);
+        while (steps % d) d--;              /* a divisor of k/4: group = 4*d divides k */
+        group = 4 * d;
+    }
+    int64_t ns = cq_num_scales(scheme, n, k, group), psize = cq_packed_size(n, k);
+    fz_expect(ns > 0 && psize > 0, "num_scales %lld packed %lld", (long long)ns, (long long)psize);
+    float *w = fz_alloc(sizeof(float) * (size_t)(n * k)), *s = fz_alloc(sizeof(float) * (size_t)ns);
+    float *x = fz_alloc(sizeof(float) * (size_t)(m * k)), *y = fz_alloc(sizeof(float) * (size_t)(m * n));
+    float *bias = use_bias ? fz_alloc(sizeof(float) * (size_t)n) : NULL;
+    int8_t *q = fz_alloc((size_t)(n * k)), *packed = fz_alloc((size_t)psize);
+    if (raw) {
+        fz_codes(&r, q, n * k, 0);
+        fz_floats(&r, s, ns);
+    } else {
+        fz_floats(&r, w, n * k);
+        for (int64_t i = 0; i < n * k; i++) if (!isfinite(w[i])) w[i] = 0.25f;
+        fz_expect(cq_quantize(w, n, k, scheme, group, q, s) == CQ_OK, "quantize");
+    }
+    fz_expect(cq_pack(q, n, k, packed) == CQ_OK, "pack");
+    fz_floats(&r, x, m * k);
+    if (bias) { fz_floats(&r, bias, n); for (int64_t j = 0; j < n; j++) if (!isfinite(bias[j])) bias[j] = 1.0f; }
+    for (int64_t i = 0; i < m * n; i++) y[i] = 1234.5f; /* sentinel: every output must be written */
+
+    int st = cq_linear(mode, m ? x : NULL, m, k, packed, s, scheme, group, n, bias, m ? y : NULL);
+    fz_expect(st == CQ_OK, "linear gave %d", st);
+    if (raw || m == 0) goto done;
+
+    int64_t g = scheme == CQ_PER_GROUP ? group : k, ng = k / g;
+    int8_t *qx = fz_alloc((size_t)(m * k));
+    float *sx = fz_alloc(sizeof(float) * (size_t)m);
+    fz_expect(cq_quantize_rows(x, m, k, qx, sx) == CQ_OK, "quantize_rows");
+    for (int64_t row = 0; row < m; row++) {
+        const float *xr = x + row * k;
+        int finite = fz_all_finite(xr, k);
+        double xmax = 0;
+        for (int64_t i = 0; i < k; i++) if (fabs(xr[i]) > xmax) xmax = fabs(xr[i]);
+        for (int64_t j = 0; j < n; j++) {
+            float got = y[row * n + j];
+            if (!finite) {
+                fz_expect(!isfinite(got), "row %lld has NaN/Inf but y[%lld] = %g (mode %d)", (long long)row, (long long)j, got, mode);
+                continue;
+            }
+            double ref = bias ? bias[j] : 0.0, mag = fabs(ref), smax = 0;
+            for (int64_t gi = 0; gi < ng; gi++) {
+                double sw = scheme == CQ_PER_TENSOR ? s[0] : s[j * ng + gi];
+                if (sw > smax) smax = sw;
+                if (mode == CQ_MODE_DYNAMIC) {
+                    int64_t acc = 0;
+                    for (int64_t i = gi * g; i < (gi + 1) * g; i++) acc += (int64_t)qx[row * k + i] * q[j * k + i];
+                    double t = (double)acc * sw * sx[row];
+                    ref += t; mag += fabs(t);
+                } else {
+                    for (int64_t i = gi * g; i < (gi + 1) * g; i++) {
+                        /* the dequantized weight is float32(q) * scale in float32 (the contract):
+                         * for |w| within an ulp of FLT_MAX, 127 * (amax / 127) rounds up to Inf,
+                         * and then 0 * Inf = NaN is the contract's answer too: not checked */
+                        float dq = (float)q[j * k + i] * (float)sw;
+                        double t = (double)xr[i] * (double)dq;
+                        ref += t; mag += isfinite(dq) ? fabs(t) : INFINITY;
+                    }
+                }
+            }
+            if (mag > 1.0e36) continue; /* float32 partial sums may overflow: only no crash */
+            /* float32 rounding of a (k + few)-term sum; subnormal underflow of products and of the
+             * dequantized weights, amplified by at most the largest scale or activation */
+            double terms = mode == CQ_MODE_DYNAMIC ? (double)ng + 4 : (double)k + 4;
+            double tiny = 1.5e-45 * terms * 4 * (1.0 + smax * 127 + xmax + (mode ? sx[row] * 127.0 * 16129.0 * k : 0));
+            double budget = 2.0 * terms * EPS32 * mag + tiny;
+            fz_expect(fabs((double)got - ref) <= budget,
+                      "mode %d scheme %d m=%lld k=%lld n=%lld: y[%lld,%lld] = %.9g, ref %.9g, budget %.3g",
+                      mode, scheme, (long long)m, (long long)k, (long long)n, (long long)row, (long long)j, got, ref, budget);
+        }
+    }
+    free(qx); free(sx);
+done:
+    free(w); free(s); free(x); free(y); free(bias); free(q); free(packed);
+    return 0;
+}
