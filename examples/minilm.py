@@ -5,7 +5,9 @@
 
 What it does (each step only if its packages are installed):
 1. BERT in cquant.nn (no torch): float32 embeddings of SENTENCES, then quantized copies
-   (dynamic per-channel, weight-only per-channel, dynamic per-group 64): mean / min cosine vs float32.
+   (dynamic per-channel, weight-only per-channel, dynamic per-group 64, and the first two after
+   SmoothQuant-style smoothing calibrated on cquant.bert.CALIBRATION_SENTENCES): mean / min cosine
+   vs float32.
 2. transformers AutoModel (torch) from the same folder: float32 reference (checks the numpy BERT),
    torch.ao quantize_dynamic, and the same model through cquant's PyTorch adapter.
 3. Encode time of all sentences (batches of 32, best of --repeats) for each variant, same thread count.
@@ -23,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 import cquant  # noqa: E402
-from cquant.bert import SentenceEncoder, mean_pool, minilm_dir  # noqa: E402
+from cquant.bert import CALIBRATION_SENTENCES, SentenceEncoder, mean_pool, minilm_dir  # noqa: E402
 
 #: 72 varied sentences: short and long, questions, numbers, code, other languages, noise.
 SENTENCES: List[str] = [
@@ -154,6 +156,14 @@ def run(model_dir: str, threads: Optional[int] = None, repeats: int = 3, timing:
                       ("cquant int8 dynamic per_group(64)", dict(mode="dynamic", granularity="per_group",
                                                                group_size=64))):
         qe = quantized_encoder(enc, **kw)
+        res[label] = cosine_stats(qe.encode(sentences), ref)
+        encoders[label] = qe
+    # SmoothQuant-style smoothing (calibrated on CALIBRATION_SENTENCES, not on the evaluation set)
+    smoothed = SentenceEncoder(copy.deepcopy(enc.model), enc.tokenizer, enc.max_seq_length, enc.normalize)
+    smoothed.smooth(CALIBRATION_SENTENCES)
+    for label, kw in (("cquant int8 dynamic per_channel +smooth", dict(mode="dynamic")),
+                      ("cquant int8 weight_only per_channel +smooth", dict(mode="weight_only"))):
+        qe = quantized_encoder(smoothed, **kw)
         res[label] = cosine_stats(qe.encode(sentences), ref)
         encoders[label] = qe
     if timing:

@@ -12,6 +12,11 @@ written for the torch model work here too. The computation matches the reference
 post-norm residual blocks, exact (erf) GELU, additive attention mask of ``finfo(float32).min`` on padded
 keys, softmax in float32. Tokenization uses the ``tokenizers`` package (the Rust tokenizer
 transformers itself wraps) on the model's own ``tokenizer.json``.
+
+For int8 with dynamic (per-row) activations, :meth:`SentenceEncoder.smooth` first applies
+SmoothQuant-style smoothing (:func:`smooth_activations`): BERT's residual stream has a few channels
+far larger than the rest, which per-row int8 rounds badly; moving that range into the weights
+(exact in float) takes all-MiniLM-L6-v2 from min cosine ~0.969 to ~0.994 vs float32 (README).
 """
 from __future__ import annotations
 
@@ -25,7 +30,8 @@ import numpy as np
 
 from . import errors, nn
 
-__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "mean_pool", "load_safetensors"]
+__all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
+           "load_safetensors", "minilm_dir", "CALIBRATION_SENTENCES"]
 
 
 @dataclass(frozen=True)
@@ -215,11 +221,19 @@ class BertModel(nn.Module):
 
     # save/load hooks used by cquant.save / cquant.load to rebuild the model from a checkpoint
     def cquant_config(self) -> Dict[str, Any]:
-        return asdict(self.config)
+        smoothed = [n for n, m in self.named_modules() if isinstance(m, Smoothed)]
+        return {**asdict(self.config), **({"smoothed": smoothed} if smoothed else {})}
 
     @classmethod
     def from_cquant_config(cls, cfg: Mapping[str, Any]) -> "BertModel":
-        return cls(BertConfig(**cfg))
+        cfg = dict(cfg)
+        smoothed = cfg.pop("smoothed", [])
+        model = cls(BertConfig(**cfg))
+        for name in smoothed:  # placeholders; the checkpoint fills inv_scale and the layer
+            parent, last = _parent(model, name)
+            lin = parent._modules[last]
+            parent._modules[last] = Smoothed(lin, np.ones(lin.in_features, np.float32))
+        return model
 
     def forward(self, input_ids: Any, attention_mask: Any = None, token_type_ids: Any = None) -> np.ndarray:
         ids = np.asarray(input_ids)
@@ -234,6 +248,90 @@ class BertModel(nn.Module):
 
     def pool(self, hidden: np.ndarray) -> np.ndarray:
         return self.pooler(hidden)
+
+
+# ---- SmoothQuant-style activation smoothing -------------------------------------------------------
+
+class Smoothed(nn.Module):
+    """``linear(x * inv_scale)``: a Linear whose input channels were rescaled by :func:`smooth_activations`
+    (its weight columns multiplied by ``scale``, so in float the result is unchanged). Deliberately
+    not Linear-like itself: the Quantizer quantizes the inner ``linear``."""
+
+    def __init__(self, linear: nn.Module, inv_scale: np.ndarray):
+        super().__init__()
+        self.linear = linear
+        self.inv_scale = np.ascontiguousarray(inv_scale, dtype=np.float32)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x * self.inv_scale)
+
+
+class _AbsMax(nn.Module):
+    """Calibration probe: records max |x| per input channel, then runs the wrapped Linear."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.linear = linear
+        self.amax = np.zeros(linear.in_features, np.float32)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, dtype=np.float32)
+        np.maximum(self.amax, np.abs(x).reshape(-1, x.shape[-1]).max(axis=0), out=self.amax)
+        return self.linear(x)
+
+
+def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    parts = name.split(".")
+    mod = model
+    for p in parts[:-1]:
+        mod = mod._modules[p]
+    return mod, parts[-1]
+
+
+def smooth_activations(model: nn.Module, calibrate: Any, alpha: float = 0.5,
+                       include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("pooler*",)) -> List[str]:
+    """Move activation outliers into the weights before int8 quantization (SmoothQuant, Xiao et al. 2023).
+
+    For each selected float :class:`cquant.nn.Linear` (``include``/``exclude``: fnmatch globs on module
+    names) the per-input-channel range of its activations ``a_j = max|x_j|`` is measured by running
+    ``calibrate(model)`` once (e.g. encoding a few sentences that are *not* the evaluation set), then
+    ``s_j = a_j**alpha / max_i|W_ij|**(1 - alpha)``; the weight becomes ``W * s`` and the layer a
+    :class:`Smoothed` that multiplies its input by ``1/s``. In float32 the model computes the same
+    function (to rounding); per-row int8 activations then lose far less to a few large channels.
+    BERT's post-norm residual stream is exactly that case. Returns the names of the smoothed layers.
+    """
+    import fnmatch
+    if not 0.0 <= alpha <= 1.0:
+        raise errors.ValueError(f"alpha must be in [0, 1], got {alpha}")
+    probes: List[Tuple[str, _AbsMax]] = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or not name:
+            continue
+        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        parent, last = _parent(model, name)
+        if isinstance(parent, Smoothed):
+            continue
+        probe = _AbsMax(mod)
+        parent._modules[last] = probe
+        probes.append((name, probe))
+    try:
+        calibrate(model)
+    finally:
+        for name, probe in probes:
+            parent, last = _parent(model, name)
+            parent._modules[last] = probe.linear
+    for name, probe in probes:
+        lin = probe.linear
+        wmax = np.abs(lin.weight).max(axis=0)
+        s = np.maximum(probe.amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1.0 - alpha)
+        s = np.where(probe.amax > 0, s, 1.0).astype(np.float32)
+        lin.weight = np.ascontiguousarray(lin.weight * s, dtype=np.float32)
+        parent, last = _parent(model, name)
+        parent._modules[last] = Smoothed(lin, (1.0 / s).astype(np.float32))
+    return [n for n, _ in probes]
 
 
 def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
@@ -297,6 +395,10 @@ class SentenceEncoder:
             ids[i, :n], mask[i, :n], tt[i, :n] = e.ids, e.attention_mask, e.type_ids
         return ids, mask, tt
 
+    def smooth(self, calibration: Sequence[str], alpha: float = 0.5) -> List[str]:
+        """:func:`smooth_activations` on this encoder's model, calibrated on ``calibration`` sentences."""
+        return smooth_activations(self.model, lambda m: self.encode(calibration), alpha)
+
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Sentence embeddings (N, hidden) float32, L2-normalized. Sentences are batched by length
         (less padding); the output keeps the input order."""
@@ -336,3 +438,24 @@ def minilm_dir() -> Optional[str]:
         if os.path.exists(os.path.join(d, "model.safetensors")):
             return d
     return None
+
+
+#: A small, generic calibration set for :meth:`SentenceEncoder.smooth` (kept apart from any evaluation set).
+CALIBRATION_SENTENCES: List[str] = [
+    "Good morning, how are you today?",
+    "Yes.",
+    "Great, thanks a lot!",
+    "The meeting has been moved to Thursday afternoon.",
+    "Photos from our trip to the mountains are online now.",
+    "Please call me back when you have a minute.",
+    "The report is due on Friday at noon, so start early.",
+    "Scientists discovered a new species of frog in the rainforest.",
+    "What is the capital of Australia?",
+    "Remember to water the plants while I am away next week.",
+    "The train was crowded, but we found two seats near the door.",
+    "Prices for electricity rose sharply during the winter months.",
+    "print('hello world')",
+    "Il fait beau aujourd'hui.",
+    "The quarterly results beat analyst expectations by a wide margin.",
+    "No.",
+]
