@@ -185,6 +185,8 @@ asan-c: build/asan/test_kernels build/asan/test_api $(foreach e,$(EXAMPLES),buil
 	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels >/dev/null || exit 1; done
 
 ASAN_PY := build/asan/py
+# tests that measure memory (ASan's shadow memory and quarantine make RSS meaningless)
+ASAN_DESELECT := --deselect tests/test_cli.py::test_quantize_streams_with_bounded_peak_rss
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 $(ASAN_PY)/.stamp: $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py setup.py
 	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)
@@ -196,9 +198,12 @@ asan-py: $(ASAN_PY)/.stamp
 	cp -r python/cquant $(ASAN_PY)/pkg/cquant
 	rm -rf $(ASAN_PY)/pkg/cquant/_native*.so $(ASAN_PY)/pkg/cquant/__pycache__
 	cp $(ASAN_PY)/lib/cquant/_native*.so $(ASAN_PY)/pkg/cquant/
+	@ldd $(ASAN_PY)/pkg/cquant/_native*.so | grep -q libasan || { echo "extension not built with ASan"; exit 1; }
+	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) ASAN_OPTIONS=detect_leaks=0 \
+	    $(VPY) -c "import cquant; print('pytest against', cquant.__file__, cquant.isa())"
 	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) PYTHONMALLOC=malloc \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
-	CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(PYTEST_ARGS)
+	CQUANT_SANITIZER=asan CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(ASAN_DESELECT) $(PYTEST_ARGS)
 asan: asan-c asan-py
 
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
