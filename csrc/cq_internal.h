@@ -34,8 +34,9 @@ typedef struct cq_kernels {
     void (*quantize)(const float *x, int64_t n, float scale, int8_t *q);
     /* Integer tile: for r < mr (1..CQ_MR_S8), j < 16:
      *   s[r][j] = sum_{t < nk4} sum_{i < 4} a[r*lda + 4t + i] * b[(t*16 + j)*4 + i]   (exact)
-     * If facc is NULL: acc[r*16 + j] = s[r][j]; else facc[r*16 + j] += (float)s[r][j] * ws[j].
-     * Codes in [-127, 127]; nk4 <= CQ_CHUNK4. */
+     * If facc is NULL: acc[r*16 + j] += s[r][j] (int32, the caller keeps the total exact);
+     * else facc[r*16 + j] += (float)s[r][j] * ws[j].
+     * Codes in [-127, 127]; the true sums fit in int32 (nk4 <= CQ_CHUNK4, or k <= CQ_MAX_K_S32). */
     void (*s8_tile)(int mr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
                     int32_t *acc, float *facc, const float *ws);
     /* Weight-only, one row of x against one panel: y[j] += ws[j] * sum_{t<nk4,i<4} x[4t+i] * q[j][4t+i]

@@ -48,7 +48,7 @@ ALWAYS_INLINE void s8_tile_mr(const int MR, int64_t nk4, const int8_t *a, int64_
             float *f = facc + r * CQ_NR;
             _mm512_storeu_ps(f, _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_loadu_ps(ws), _mm512_loadu_ps(f)));
         } else {
-            _mm512_storeu_si512((void *)(acc + r * CQ_NR), s);
+            _mm512_storeu_si512((void *)(acc + r * CQ_NR), _mm512_add_epi32(s, _mm512_loadu_si512((const void *)(acc + r * CQ_NR))));
         }
     }
 }

@@ -40,7 +40,7 @@ static void s8_tile_scalar(int mr, int64_t nk4, const int8_t *a, int64_t lda, co
                 for (int i = 0; i < 4; i++) s += (int32_t)ap[i] * (int32_t)bp[i];
             }
             if (facc) facc[r * CQ_NR + j] += (float)s * ws[j];
-            else acc[r * CQ_NR + j] = s;
+            else acc[r * CQ_NR + j] += s;
         }
     }
 }

@@ -64,6 +64,7 @@ static void test_table(const cq_kernels *t)
                 for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) b[i] = rnd_code(ex);
                 int32_t c1[CQ_MR_S8 * 16], c2[CQ_MR_S8 * 16 + 8];
                 for (int i = 0; i < CQ_MR_S8 * 16 + 8; i++) c2[i] = 0x7eadbeef;
+                for (int i = 0; i < mr * 16; i++) c1[i] = c2[i] = i * 1000 - 7; /* it accumulates */
                 ref->s8_tile(mr, nk4, a, lda, b, c1, NULL, NULL);
                 t->s8_tile(mr, nk4, a, lda, b, c2, NULL, NULL);
                 CHECK(memcmp(c1, c2, sizeof(int32_t) * mr * 16) == 0, "s8_tile mr=%d nk4=%lld", mr, (long long)nk4);
