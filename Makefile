@@ -7,7 +7,8 @@
 #   make lib        libcquant.so / libcquant.a / cquant.pc in build/lib (for C programs)
 #   make install    PREFIX=/usr/local (and DESTDIR=): cquant.h, libcquant.{a,so}, pkgconfig/cquant.pc
 #   make cexamples  build examples/c/ against the library (static, and shared via pkg-config) and run them
-#   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan, every ISA path
+#   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan (and the threaded
+#                   C tests with ThreadSanitizer), every ISA path
 #   make fuzz       libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each; corpus kept in tests/fuzz/corpus/
 #   make wheel      dist/cquant-*.whl;  make test-wheel: install it in a fresh venv and smoke-test it
 #                   (make test does the same with a wheel it builds; CQUANT_SKIP_WHEEL=1 skips that)
@@ -23,7 +24,7 @@ NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 
 .PHONY: all build venv test ctest pytest demo bench bench-deps lib clean install uninstall stage \
-        ctest-api ctest-noisa cexamples asan asan-c asan-py fuzz fuzz-build fuzz-deps wheel test-wheel
+        ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel
 all: build
 
 $(VENV)/.stamp-dev: requirements-dev.txt
@@ -194,8 +195,10 @@ build/asan/%: tests/c/%.c $(CSRCS) $(CHDRS)
 build/asan/example_%: examples/c/%.c $(CSRCS) $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
-asan-c: build/asan/test_kernels build/asan/test_api $(foreach e,$(EXAMPLES),build/asan/example_$(e))
+asan-c: build/asan/test_kernels build/asan/test_api build/asan/test_concurrency \
+        $(foreach e,$(EXAMPLES),build/asan/example_$(e))
 	$(ASAN_ENV) ./build/asan/test_kernels
+	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_concurrency)
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_api)
 	@for e in $(EXAMPLES); do $(call run_isas,$(ASAN_ENV) ./build/asan/example_$$e) || exit 1; done
 	@for n in 1 2 3; do echo "CQUANT_NUM_THREADS=$$n"; \
@@ -221,7 +224,15 @@ asan-py: $(ASAN_PY)/.stamp
 	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) PYTHONMALLOC=malloc \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	CQUANT_SANITIZER=asan CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(ASAN_DESELECT) $(PYTEST_ARGS)
-asan: asan-c asan-py
+# ThreadSanitizer (data races in the pool, dispatch and thread-count changes): the C tests that
+# use threads, on every ISA path.
+build/tsan/%: tests/c/%.c $(CSRCS) $(CHDRS)
+	@mkdir -p $(dir $@)
+	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) -O1 -g -fsanitize=thread $< $(CSRCS) -o $@ -lm -lpthread
+tsan: build/tsan/test_concurrency build/tsan/test_kernels
+	@$(call run_isas,TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_concurrency)
+	TSAN_OPTIONS=halt_on_error=1 CQUANT_NUM_THREADS=3 ./build/tsan/test_kernels
+asan: asan-c tsan asan-py
 
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
 # One target per public entry point family (tests/fuzz/fuzz_*.c), each linked with csrc/ under
