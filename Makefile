@@ -224,14 +224,13 @@ asan-py: $(ASAN_PY)/.stamp
 	PYTHONPATH=$(ASAN_PY)/pkg LD_PRELOAD=$(ASAN_LIB) PYTHONMALLOC=malloc \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	CQUANT_SANITIZER=asan CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(ASAN_DESELECT) $(PYTEST_ARGS)
-# ThreadSanitizer (data races in the pool, dispatch and thread-count changes): the C tests that
-# use threads, on every ISA path.
+# ThreadSanitizer (data races in the pool, dispatch and thread-count changes): concurrent C callers
+# on every ISA path (tests/c/test_concurrency.c; test_kernels under TSan is clean too, but slow).
 build/tsan/%: tests/c/%.c $(CSRCS) $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) -O1 -g -fsanitize=thread $< $(CSRCS) -o $@ -lm -lpthread
-tsan: build/tsan/test_concurrency build/tsan/test_kernels
+tsan: build/tsan/test_concurrency
 	@$(call run_isas,TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_concurrency)
-	TSAN_OPTIONS=halt_on_error=1 CQUANT_NUM_THREADS=3 ./build/tsan/test_kernels
 asan: asan-c tsan asan-py
 
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
