@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import cquant
-from cquant.bert import CALIBRATION_SENTENCES, BertModel, SentenceEncoder, minilm_dir
+from cquant.bert import (CALIBRATION_SENTENCES, BertModel, QuantizedEmbedding, SentenceEncoder, minilm_dir,
+                         quantize_embeddings)
 
 pytest.importorskip("tokenizers", reason="tokenizers is not installed (optional: pip install tokenizers)")
 MODEL_DIR = minilm_dir()
@@ -101,15 +102,22 @@ def test_save_load_roundtrip_and_size(enc, tmp_path):
     e = SentenceEncoder(model, enc.tokenizer, enc.max_seq_length)
     e.smooth(CALIBRATION_SENTENCES)
     cquant.Quantizer.quantize_dynamic(model)
-    y = e.encode(SENTENCES[:16])
     path = tmp_path / "minilm-int8.safetensors"
     cquant.save(model, path)
-    loaded = cquant.load(path)
-    assert isinstance(loaded, BertModel)
-    np.testing.assert_array_equal(SentenceEncoder(loaded, enc.tokenizer).encode(SENTENCES[:16]), y)
     fp32 = os.path.getsize(os.path.join(MODEL_DIR, "model.safetensors"))
-    print(f"fp32 {fp32 / 2**20:.1f} MiB -> int8 {os.path.getsize(path) / 2**20:.1f} MiB")
-    assert os.path.getsize(path) < 0.7 * fp32       # the 45 MiB float embedding table stays float
+    linear_only = os.path.getsize(path)
+    assert linear_only < 0.7 * fp32                  # the 45 MiB float word-embedding table is half of it
+    assert quantize_embeddings(model) == ["embeddings.word_embeddings"]
+    y = e.encode(SENTENCES)
+    s = cos_stats(y, SentenceEncoder(enc.model, enc.tokenizer).encode(SENTENCES))
+    assert s["mean"] >= 0.995 and s["min"] >= 0.98, s
+    cquant.save(model, path)
+    print(f"fp32 {fp32 / 2**20:.1f} MiB -> int8 Linear {linear_only / 2**20:.1f} MiB, "
+          f"+ int8 embeddings {os.path.getsize(path) / 2**20:.1f} MiB")
+    assert os.path.getsize(path) < 0.27 * fp32       # about a quarter
+    loaded = cquant.load(path)
+    assert isinstance(loaded, BertModel) and isinstance(loaded.embeddings.word_embeddings, QuantizedEmbedding)
+    np.testing.assert_array_equal(SentenceEncoder(loaded, enc.tokenizer).encode(SENTENCES), y)
 
 
 def test_cli_checkpoint_loads_into_numpy_bert(enc, ref, tmp_path):

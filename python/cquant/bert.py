@@ -31,6 +31,7 @@ import numpy as np
 from . import errors, nn
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
+           "QuantizedEmbedding", "quantize_embeddings",
            "load_safetensors", "minilm_dir", "CALIBRATION_SENTENCES"]
 
 
@@ -102,7 +103,7 @@ class BertEmbeddings(nn.Module):
                                     f"{self.position_embeddings.num_embeddings}")
         x = self.word_embeddings(input_ids)
         x += self.token_type_embeddings(token_type_ids)
-        x += self.position_embeddings.weight[:t]
+        x += self.position_embeddings(np.arange(t))
         return self.LayerNorm(x)
 
 
@@ -222,13 +223,21 @@ class BertModel(nn.Module):
     # save/load hooks used by cquant.save / cquant.load to rebuild the model from a checkpoint
     def cquant_config(self) -> Dict[str, Any]:
         smoothed = [n for n, m in self.named_modules() if isinstance(m, Smoothed)]
-        return {**asdict(self.config), **({"smoothed": smoothed} if smoothed else {})}
+        qemb = [n for n, m in self.named_modules() if isinstance(m, QuantizedEmbedding)]
+        return {**asdict(self.config), **({"smoothed": smoothed} if smoothed else {}),
+                **({"quantized_embeddings": qemb} if qemb else {})}
 
     @classmethod
     def from_cquant_config(cls, cfg: Mapping[str, Any]) -> "BertModel":
         cfg = dict(cfg)
         smoothed = cfg.pop("smoothed", [])
+        qemb = cfg.pop("quantized_embeddings", [])
         model = cls(BertConfig(**cfg))
+        for name in qemb:
+            parent, last = _parent(model, name)
+            e = parent._modules[last]
+            parent._modules[last] = QuantizedEmbedding(np.zeros((e.num_embeddings, e.embedding_dim), np.int8),
+                                                       np.ones(e.num_embeddings, np.float32))
         for name in smoothed:  # placeholders; the checkpoint fills inv_scale and the layer
             parent, last = _parent(model, name)
             lin = parent._modules[last]
@@ -248,6 +257,52 @@ class BertModel(nn.Module):
 
     def pool(self, hidden: np.ndarray) -> np.ndarray:
         return self.pooler(hidden)
+
+
+# ---- int8 embedding tables -------------------------------------------------------------------------
+
+class QuantizedEmbedding(nn.Module):
+    """An embedding table stored as int8 codes with one float32 scale per row (``weight_q``,
+    ``weight_scale``; the same rule as per-channel weights). A lookup dequantizes only the rows it
+    gathers. For BERT the word-embedding table is half of the checkpoint."""
+
+    def __init__(self, weight_q: np.ndarray, weight_scale: np.ndarray):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = (int(d) for d in weight_q.shape)
+        self.weight_q = np.ascontiguousarray(weight_q, dtype=np.int8)
+        self.weight_scale = np.ascontiguousarray(weight_scale, dtype=np.float32)
+
+    @classmethod
+    def from_embedding(cls, emb: nn.Embedding) -> "QuantizedEmbedding":
+        from . import ops
+        q, s = ops.quantize(emb.weight, granularity="per_channel", name="embedding")
+        return cls(q, s)
+
+    def forward(self, ids: Any) -> np.ndarray:
+        ids = np.asarray(ids)
+        if ids.dtype.kind not in "iu":
+            raise errors.TypeError(f"Embedding ids must be integers, got dtype {ids.dtype}")
+        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
+            raise errors.ValueError(f"Embedding ids must be in [0, {self.num_embeddings})")
+        out = self.weight_q[ids].astype(np.float32)
+        out *= self.weight_scale[ids][..., None]
+        return out
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
+
+
+def quantize_embeddings(model: nn.Module, include: Sequence[str] = ("*word_embeddings",)) -> List[str]:
+    """Replace the :class:`cquant.nn.Embedding` modules whose names match ``include`` (fnmatch globs)
+    by :class:`QuantizedEmbedding` (int8 rows + per-row scales). Returns their names."""
+    import fnmatch
+    done = []
+    for name, mod in list(model.named_modules()):
+        if type(mod) is nn.Embedding and name and any(fnmatch.fnmatchcase(name, p) for p in include):
+            parent, last = _parent(model, name)
+            parent._modules[last] = QuantizedEmbedding.from_embedding(mod)
+            done.append(name)
+    return done
 
 
 # ---- SmoothQuant-style activation smoothing -------------------------------------------------------
