@@ -398,8 +398,15 @@ static void s8_unit(void *vctx, int64_t u)
                 memcpy(c->c32 + (m0 + r) * c->n + n0, acc + r * CQ_NR, (size_t)cols * sizeof(int32_t));
             return;
         }
+        /* y = acc * (sx * sw) + b, in the contract's order */
         panel_scales(c, p, 0, ws);
-        for (int64_t i = 0; i < rows * CQ_NR; i++) facc[i] = (float)acc[i] * ws[i % CQ_NR];
+        bias16(c, p, bb);
+        for (int64_t r = 0; r < rows; r++) {
+            float sx = c->sx[m0 + r];
+            for (int j = 0; j < CQ_NR; j++) facc[r * CQ_NR + j] = (float)acc[r * CQ_NR + j] * (sx * ws[j]) + bb[j];
+        }
+        store_rows(c, p, m0, rows, facc);
+        return;
     } else if (c->group4 <= CQ_CHUNK4) {
         /* per-group: each group's int32 sum is scaled into float accumulators; a block holds
          * whole groups, up to S8_KC4 steps */
@@ -439,6 +446,7 @@ static void s8_unit(void *vctx, int64_t u)
             }
         }
     }
+    /* per group: y = (sum_g acc_g * sw_g) * sx + b */
     bias16(c, p, bb);
     for (int64_t r = 0; r < rows; r++) {
         float sx = c->sx[m0 + r];

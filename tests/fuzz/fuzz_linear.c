@@ -72,9 +72,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     for (int64_t i = gi * g; i < (gi + 1) * g; i++) acc += (int64_t)qx[row * k + i] * q[j * k + i];
                     double t = (double)acc * sw * sx[row];
                     ref += t; mag += fabs(t);
-                    /* the kernels scale as (acc * sw) * sx, not acc * (sx * sw) as DESIGN.md writes
-                     * it: with sw near FLT_MAX / 127 and a subnormal row the first product can
-                     * overflow where the contract's order does not (reported; not checked here) */
+                    /* per channel the kernels use the contract's acc * (sx * sw); per group they
+                     * sum acc_g * sw_g first and scale by sx last, so with sw near FLT_MAX / 127
+                     * and a subnormal row a product can overflow: not checked here */
                     if (fabs((double)acc * sw) > 1.0e37) mag = INFINITY;
                 } else {
                     for (int64_t i = gi * g; i < (gi + 1) * g; i++) {
