@@ -43,7 +43,7 @@ def ref(enc):
 
 @pytest.fixture(scope="module")
 def torch_model():
-    torch = pytest.importorskip("torch", reason="torch is not installed")
+    pytest.importorskip("torch", reason="torch is not installed")
     transformers = pytest.importorskip("transformers", reason="transformers is not installed")
     return transformers.AutoModel.from_pretrained(MODEL_DIR).eval()
 
