@@ -581,3 +581,87 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
     free(qa);
     return CQ_OK;
 }
+
+/* ---- float32 helpers ------------------------------------------------------------------------- */
+typedef struct {
+    const cq_kernels *kern;
+    const float *x;
+    float *y;
+    int64_t n, chunk;
+} ew_ctx;
+
+static void gelu_unit(void *vctx, int64_t u)
+{
+    ew_ctx *c = (ew_ctx *)vctx;
+    int64_t i0 = u * c->chunk, len = c->n - i0 < c->chunk ? c->n - i0 : c->chunk;
+    c->kern->gelu(c->x + i0, len, c->y + i0);
+}
+
+int cq_gelu(const float *x, int64_t n, float *y)
+{
+    if (n < 0) return CQ_ERR_SHAPE;
+    if (!bytes_ok(n, 1, 4)) return CQ_ERR_OVERFLOW;
+    if (n == 0) return CQ_OK;
+    if (!x || !y) return CQ_ERR_NULL;
+    const cq_kernels *kern = cq_active_kernels();
+    if (!kern) return CQ_ERR_ISA;
+    ew_ctx c = {kern, x, y, n, 1 << 14};
+    int64_t nunits = ceil_div(n, c.chunk);
+    /* ~30 flops per element: threads pay off from ~64K elements */
+    cq_parallel_for(nunits, n < 65536 ? 1 : cq_threads_for(30.0 * (double)n, nunits), gelu_unit, &c);
+    return CQ_OK;
+}
+
+typedef struct {
+    const float *x, *gamma, *beta;
+    float *y;
+    int64_t m, k, rows_per_unit;
+    float eps;
+} ln_ctx;
+
+/* Two passes per row (mean, then the centred sum of squares: no cancellation), each with 8
+ * independent partial sums so the compiler can vectorize without reassociating a single sum. */
+static void ln_unit(void *vctx, int64_t u)
+{
+    ln_ctx *c = (ln_ctx *)vctx;
+    int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit < c->m ? r0 + c->rows_per_unit : c->m;
+    for (int64_t r = r0; r < r1; r++) {
+        const float *x = c->x + r * c->k;
+        float *y = c->y + r * c->k;
+        float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        int64_t i = 0, k = c->k;
+        for (; i + 8 <= k; i += 8)
+            for (int j = 0; j < 8; j++) s[j] += x[i + j];
+        double sum = 0.0;
+        for (int j = 0; j < 8; j++) sum += s[j];
+        for (; i < k; i++) sum += x[i];
+        float mean = (float)(sum / (double)k);
+        float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        for (i = 0; i + 8 <= k; i += 8)
+            for (int j = 0; j < 8; j++) { float d = x[i + j] - mean; v[j] += d * d; }
+        double var = 0.0;
+        for (int j = 0; j < 8; j++) var += v[j];
+        for (; i < k; i++) { float d = x[i] - mean; var += (double)d * d; }
+        float inv = (float)(1.0 / sqrt(var / (double)k + (double)c->eps));
+        for (i = 0; i < k; i++) {
+            float t = (x[i] - mean) * inv;
+            if (c->gamma) t *= c->gamma[i];
+            if (c->beta) t += c->beta[i];
+            y[i] = t;
+        }
+    }
+}
+
+int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, const float *beta,
+                  float eps, float *y)
+{
+    if (m < 0 || k <= 0) return CQ_ERR_SHAPE;
+    if (!(eps >= 0.0f)) return CQ_ERR_ARG;
+    if (!bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
+    if (m == 0) return CQ_OK;
+    if (!x || !y) return CQ_ERR_NULL;
+    ln_ctx c = {x, gamma, beta, y, m, k, (16384 / k) + 1, eps};
+    int64_t nunits = ceil_div(m, c.rows_per_unit);
+    cq_parallel_for(nunits, (double)m * k < 65536 ? 1 : cq_threads_for(8.0 * (double)m * k, nunits), ln_unit, &c);
+    return CQ_OK;
+}

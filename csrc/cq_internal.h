@@ -48,6 +48,8 @@ typedef struct cq_kernels {
      * j < 16; bb is 64-byte aligned. */
     void (*f32_tile)(int mr, int64_t kc, const float *a, int64_t lda, const float *bb, float *c,
                      int64_t ldc);
+    /* Exact GELU of n floats (y may be x). */
+    void (*gelu)(const float *x, int64_t n, float *y);
 } cq_kernels;
 
 extern const cq_kernels cq_kernels_scalar;
@@ -60,7 +62,11 @@ int cq_absmax_avx2(const float *x, int64_t n, float *amax);
 void cq_quantize_avx2(const float *x, int64_t n, float scale, int8_t *q);
 void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y);
 void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out);
+void cq_gelu_avx2(const float *x, int64_t n, float *y);
 #endif
+
+/* GELU of one float, the reference (cq_kernels_scalar.c); SIMD kernels use it for tails. */
+float cq_gelu1(float x);
 
 /* Dispatch (cq_dispatch.c): the active table, or NULL if CQUANT_ISA names a path that cannot run
  * (then every kernel entry point returns CQ_ERR_ISA). */

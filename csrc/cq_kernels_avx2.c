@@ -231,6 +231,56 @@ void cq_f32_tile_avx2(int mr, int64_t kc, const float *a, int64_t lda, const flo
     }
 }
 
+/* exp(v) for v in [-88, 0]: v = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is
+ * exact to float rounding), e^r by its Taylor polynomial to degree 7 (relative error < 3e-8 on that
+ * interval), 2^n put in the exponent bits. */
+ALWAYS_INLINE __m256 exp_neg(__m256 v)
+{
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* GELU through erf(z) = 1 - t (a1 + t (a2 + ...)) e^{-z^2}, t = 1 / (1 + p z), z >= 0: the
+ * rational approximation of Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); odd in z. z is
+ * clamped to 6, where erf is 1 in float32. */
+void cq_gelu_avx2(const float *x, int64_t n, float *y)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+        const __m256 z = _mm256_min_ps(_mm256_and_ps(u, absmask), _mm256_set1_ps(6.0f));
+        const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+        __m256 poly = _mm256_set1_ps(1.061405429f);
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+        poly = _mm256_mul_ps(poly, t);
+        const __m256 e = exp_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
+        const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f));
+        /* erf(u) = sign(u) * erf(|u|); a NaN x keeps NaN through v * (...) */
+        const __m256 erf_u = _mm256_or_ps(erf_abs, _mm256_andnot_ps(absmask, u));
+        const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), erf_u));
+        /* +-Inf: 0.5 * Inf * 2 = Inf, and -Inf * 0 would be NaN: GELU(-Inf) = 0 (-0) */
+        _mm256_storeu_ps(y + i, _mm256_blendv_ps(g, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ)));
+    }
+    for (; i < n; i++) y[i] = cq_gelu1(x[i]);
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -239,9 +289,9 @@ void cq_f32_tile_avx2(int mr, int64_t kc, const float *a, int64_t lda, const flo
 
 const cq_kernels cq_kernels_avx2 = {
     CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
-    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2,
+    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2,
 };
 #elif defined(CQ_X86)
 /* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
-const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -75,7 +75,20 @@ static void f32_tile_scalar(int mr, int64_t kc, const float *a, int64_t lda, con
         }
 }
 
+/* The reference GELU: libm's erf in double (GELU(-Inf) = 0, where the formula gives -Inf * 0). */
+float cq_gelu1(float x)
+{
+    double v = x;
+    if (v == -INFINITY) return 0.0f;
+    return (float)(0.5 * v * (1.0 + erf(v * 0.70710678118654752440)));
+}
+
+static void gelu_scalar(const float *x, int64_t n, float *y)
+{
+    for (int64_t i = 0; i < n; i++) y[i] = cq_gelu1(x[i]);
+}
+
 const cq_kernels cq_kernels_scalar = {
     CQ_ISA_SCALAR, absmax_scalar, quantize_scalar, s8_tile_scalar,
-    f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar,
+    f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar,
 };

@@ -373,3 +373,41 @@ def test_concurrent_callers_same_results(rng):
 def test_version_and_info():
     assert cquant.__version__ == ops.native_version()
     assert cquant.get_num_threads() >= 1
+
+
+def test_gelu_every_path(isa, rng):
+    import math
+    x = np.concatenate([np.linspace(-12, 12, 4001, dtype=np.float32),
+                        rng.standard_normal(1003).astype(np.float32) * 3,
+                        np.array([0.0, -0.0, np.inf, -np.inf, 1e-30, -3e38], np.float32)])
+    y = ops.gelu(x.reshape(-1, 7) if x.size % 7 == 0 else x)
+    y = y.reshape(-1)
+    with np.errstate(invalid="ignore", over="ignore"):
+        ref = np.array([0.0 if v == -np.inf else (np.inf if v == np.inf else 0.5 * v * (1 + math.erf(v / math.sqrt(2))))
+                        for v in x.astype(np.float64)])
+    fin = np.isfinite(x)
+    assert (np.abs(y[fin] - ref[fin]) <= 1e-6 + 3e-7 * np.abs(x[fin])).all()
+    assert y[x == np.inf][0] == np.inf and y[x == -np.inf][0] == 0
+    assert np.isnan(ops.gelu(np.array([np.nan], np.float32)))[0]
+    assert ops.gelu(np.zeros((0, 3), np.float32)).shape == (0, 3)
+    with pytest.raises(TypeError):
+        ops.gelu(np.ones(3, np.int64))
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 384), (64, 1536)])
+def test_layer_norm_matches_numpy(rng, shape):
+    x = (rng.standard_normal(shape) * 4 + 50).astype(np.float32)
+    g = rng.standard_normal(shape[-1]).astype(np.float32)
+    b = rng.standard_normal(shape[-1]).astype(np.float32)
+    x64 = x.astype(np.float64)
+    mu = x64.mean(-1, keepdims=True)
+    ref = (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5) * g + b
+    y = ops.layer_norm(x, g, b, 1e-5)
+    assert y.shape == x.shape and y.dtype == np.float32
+    np.testing.assert_allclose(y, ref, rtol=1e-5, atol=2e-5 * np.abs(g).max())
+    np.testing.assert_allclose(ops.layer_norm(x), (x64 - mu) / np.sqrt(((x64 - mu) ** 2).mean(-1, keepdims=True) + 1e-5),
+                               rtol=1e-5, atol=2e-5)
+    with pytest.raises(ValueError):
+        ops.layer_norm(x, g[:-1])
+    with pytest.raises(ValueError):
+        ops.layer_norm(x, eps=-1)

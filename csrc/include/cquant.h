@@ -140,6 +140,17 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);
 
+/* ---- float32 helpers for the layers around the linear ones ------------------------------------ */
+/* y[i] = x[i] / 2 * (1 + erf(x[i] / sqrt(2)))  (exact GELU, as BERT uses it), n >= 0 elements;
+ * y may be x (in place). Absolute error <= 1e-6 + 3e-7 * |x| against a double-precision reference
+ * on every path; NaN stays NaN, +-Inf gives +Inf / 0. */
+int cq_gelu(const float *x, int64_t n, float *y);
+
+/* Layer normalization of each row of x (m, k): y = (x - mean) / sqrt(var + eps) * gamma + beta,
+ * biased variance; gamma and beta (k) may be NULL (1 and 0). eps >= 0. y may be x. */
+int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, const float *beta,
+                  float eps, float *y);
+
 #ifdef __cplusplus
 }
 #endif

@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Named
 
 import numpy as np
 
-from . import errors
+from . import errors, ops
 
 __all__ = [
     "Module", "Linear", "Embedding", "LayerNorm", "GELU", "ReLU", "Tanh", "Softmax", "Dropout",
@@ -97,11 +97,7 @@ def gelu(x: Any, approximate: str = "none") -> np.ndarray:
     ``approximate="tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's)."""
     x = _as_float_input(x)
     if approximate == "none":
-        y = erf(x * np.float32(_SQRT_HALF))
-        y += np.float32(1.0)
-        y *= x
-        y *= np.float32(0.5)
-        return y
+        return ops.gelu(x)  # C kernel (SIMD, threaded): ~20x faster than the numpy erf formula
     if approximate == "tanh":
         inner = np.float32(_SQRT_2_OVER_PI) * (x + np.float32(0.044715) * x * x * x)
         return (0.5 * x * (1.0 + np.tanh(inner))).astype(np.float32, copy=False)
@@ -127,6 +123,8 @@ def layer_norm(x: Any, normalized_shape: Tuple[int, ...], weight: Optional[np.nd
     nd = len(normalized_shape)
     if tuple(x.shape[x.ndim - nd:]) != tuple(normalized_shape):
         raise errors.ShapeError(f"layer_norm: trailing shape of x {x.shape} is not {tuple(normalized_shape)}")
+    if nd == 1 and x.size:  # the common case: one C pass per row instead of five numpy passes
+        return ops.layer_norm(x, weight, bias, eps)
     axes = tuple(range(x.ndim - nd, x.ndim))
     mu = x.mean(axis=axes, keepdims=True, dtype=np.float32)
     xc = x - mu

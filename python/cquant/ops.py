@@ -21,7 +21,7 @@ from ._native import ffi, lib
 __all__ = [
     "QuantizedWeight", "quantize_weight", "quantize", "dequantize", "quantize_rows", "linear",
     "gemm_s8s8s32", "check_finite", "isa", "set_isa", "available_isas", "set_num_threads",
-    "get_num_threads", "native_version", "GRANULARITIES", "MODES",
+    "get_num_threads", "native_version", "GRANULARITIES", "MODES", "gelu", "layer_norm",
 ]
 
 GRANULARITIES = {"per_tensor": lib.CQ_PER_TENSOR, "per_channel": lib.CQ_PER_CHANNEL,
@@ -379,4 +379,40 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
                     _from_buffer("float[]", y))
     if st:
         _raise(st, "linear")
+    return y
+
+
+def gelu(x) -> np.ndarray:
+    """Exact GELU ``x/2 * (1 + erf(x/sqrt 2))`` of a float array (any shape) -> float32, same shape.
+
+    Absolute error <= 1e-6 + 3e-7 |x| against a float64 reference on every ISA path."""
+    x = _float_array(x, "x")
+    y = np.empty_like(x)
+    _check(lib.cq_gelu(_ptr("float[]", x), x.size, _ptr("float[]", y)), "gelu")
+    return y
+
+
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
+    """LayerNorm over the last axis of x (..., K) (biased variance, as torch), optional weight and
+    bias (K,) -> float32, same shape. The mean and variance are summed in a numerically safe order
+    (two passes, double at the end)."""
+    x = _float_array(x, "x")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise errors.ShapeError(f"layer_norm needs a non-empty last axis, got shape {x.shape}")
+    k = x.shape[-1]
+    ptrs = []
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            ptrs.append(ffi.NULL)
+            continue
+        arr = _float_array(p, name)
+        if arr.shape != (k,):
+            raise errors.ShapeError(f"layer_norm {name} has shape {arr.shape}, expected ({k},)")
+        ptrs.append(_ptr("float[]", arr))
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise errors.ValueError(f"eps must be >= 0, got {eps}")
+    y = np.empty_like(x)
+    _check(lib.cq_layer_norm(_ptr("float[]", x), x.size // k, k, ptrs[0], ptrs[1], eps,
+                             _ptr("float[]", y)), "layer_norm")
     return y

@@ -108,6 +108,48 @@ static void test_table(const cq_kernels *t)
     }
 }
 
+static void test_gelu(const cq_kernels *t)
+{
+    /* a dense grid plus the tails and the special values, against the double reference */
+    int n = 20011;
+    float *x = malloc(sizeof(float) * n), *y = malloc(sizeof(float) * n);
+    for (int i = 0; i < n; i++) x[i] = -12.0f + 24.0f * (float)i / (float)(n - 1);
+    x[0] = INFINITY; x[1] = -INFINITY; x[2] = 0.0f; x[3] = -0.0f; x[4] = 1e-30f; x[5] = -3e38f;
+    t->gelu(x, n, y);
+    for (int i = 0; i < n; i++) {
+        double v = x[i], ref = isinf(v) ? (v > 0 ? INFINITY : 0.0) : 0.5 * v * (1.0 + erf(v * 0.7071067811865476));
+        if (isinf(v)) CHECK(y[i] == (float)ref, "gelu(%g) = %g", v, y[i]);
+        else CHECK(fabs(y[i] - ref) <= 1e-6 + 3e-7 * fabs(v), "gelu(%.9g) = %.9g, ref %.9g", v, y[i], ref);
+    }
+    x[7] = NAN;
+    t->gelu(x, 16, y);
+    CHECK(isnan(y[7]), "gelu(NaN) is NaN");
+    t->gelu(x, n, x); /* in place */
+    CHECK(x[2] == 0.0f, "in place");
+    free(x); free(y);
+}
+
+static void test_layer_norm(void)
+{
+    int64_t m = 5, k = 37;
+    float x[5 * 37], y[5 * 37], g[37], b[37];
+    for (int i = 0; i < m * k; i++) x[i] = 100.0f + rndf() * 3.0f; /* a large mean: no cancellation */
+    for (int i = 0; i < k; i++) { g[i] = 1.0f + 0.1f * i; b[i] = 0.01f * i; }
+    CHECK(cq_layer_norm(x, m, k, g, b, 1e-5f, y) == CQ_OK, "layer_norm");
+    for (int64_t r = 0; r < m; r++) {
+        double mu = 0, var = 0;
+        for (int64_t i = 0; i < k; i++) mu += x[r * k + i];
+        mu /= k;
+        for (int64_t i = 0; i < k; i++) var += (x[r * k + i] - mu) * (x[r * k + i] - mu);
+        var /= k;
+        for (int64_t i = 0; i < k; i++) {
+            double ref = (x[r * k + i] - mu) / sqrt(var + 1e-5) * g[i] + b[i];
+            CHECK(fabs(y[r * k + i] - ref) <= 2e-5 * (1 + fabs(ref)), "ln %g %g", y[r * k + i], ref);
+        }
+    }
+    CHECK(cq_layer_norm(x, m, k, NULL, NULL, 1e-5f, x) == CQ_OK, "in place, no affine");
+}
+
 /* Public API on the active path against plain references. */
 static void test_public(void)
 {
@@ -226,6 +268,11 @@ static void test_bad_args(void)
     CHECK(cq_set_isa(42) == CQ_ERR_ARG, "unknown isa");
     for (int i = CQ_ISA_SCALAR; i <= CQ_ISA_AVX512VNNI; i++)
         if (!cq_isa_supported(i)) CHECK(cq_set_isa(i) == CQ_ERR_ISA, "unsupported isa %d refused", i);
+    CHECK(cq_gelu(NULL, 4, f) == CQ_ERR_NULL && cq_gelu(f, -1, f) == CQ_ERR_SHAPE && cq_gelu(NULL, 0, NULL) == CQ_OK, "gelu args");
+    CHECK(cq_layer_norm(f, 2, 0, NULL, NULL, 1e-5f, f) == CQ_ERR_SHAPE, "ln k=0");
+    CHECK(cq_layer_norm(f, 2, 4, NULL, NULL, -1.0f, f) == CQ_ERR_ARG, "ln eps<0");
+    CHECK(cq_layer_norm(f, 2, 4, NULL, NULL, NAN, f) == CQ_ERR_ARG, "ln eps NaN");
+    CHECK(cq_layer_norm(NULL, 2, 4, NULL, NULL, 1e-5f, f) == CQ_ERR_NULL, "ln null");
     CHECK(strlen(cq_strerror(-1234)) > 0 && strcmp(cq_version(), CQ_VERSION_STRING) == 0, "strings");
 }
 
@@ -241,6 +288,8 @@ int main(void)
         const cq_kernels *t = cq_active_kernels();
         printf("path %s (active: %s)\n", cq_isa_name(isa), cq_isa_name(cq_get_isa()));
         test_table(t);
+        test_gelu(t);
+        test_layer_norm();
         test_public();
         test_threads_identical();
         ran++;
