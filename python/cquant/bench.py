@@ -805,6 +805,20 @@ def format_tables(report: Dict[str, Any]) -> str:
         cells = [f"{row['K']}x{row['N']}", str(row["M"]), str(row["threads"])]
         cells += [_cell(row["contenders"].get(k, {"status": "-"}), notes) for k in keys]
         lines.append("| " + " | ".join(cells) + " |")
+    thread_counts = sorted({r["threads"] for r in report["results"]})
+    if thread_counts:
+        lines.append("")
+        lines.append("Geometric mean of the ratios over all shapes (higher is better)")
+        lines.append("")
+        lines.append("| thr | " + " | ".join(LABELS[k] for k in keys) + " |")
+        lines.append("|---|" + "|".join(["---:"] * len(keys)) + "|")
+        for t in thread_counts:
+            cells = [str(t)]
+            for k in keys:
+                rs = [r["contenders"].get(k, {}).get("ratio") for r in report["results"] if r["threads"] == t]
+                rs = [x for x in rs if x]
+                cells.append(f"{math.exp(sum(math.log(x) for x in rs) / len(rs)):.2f}x" if rs else "-")
+            lines.append("| " + " | ".join(cells) + " |")
     acc_rows = [r for r in report["results"] if r["threads"] == min(rr["threads"] for rr in report["results"])]
     if acc_rows and any("rel_err" in c for r in acc_rows for c in r["contenders"].values()):
         lines.append("")
