@@ -23,7 +23,7 @@ CHDRS  := $(wildcard csrc/*.h csrc/include/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all build venv test ctest pytest demo bench bench-deps ci-extras minilm lib clean install uninstall stage \
+.PHONY: all build venv test ctest pytest demo accuracy bench bench-deps ci-extras minilm lib clean install uninstall stage \
         ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel
 all: build
 
@@ -107,6 +107,9 @@ test: ctest ctest-api cexamples pytest
 
 demo: build
 	$(VPY) -m cquant.demo
+
+accuracy: build
+	$(VPY) -m cquant.accuracy
 
 bench: build
 	$(VPY) -m cquant.bench
