@@ -17,8 +17,12 @@
 #define WO_KC 256
 #define WO_MB 96
 #define WO_PG 8
+#ifndef S8_MB
 #define S8_MB 64
+#endif
+#ifndef S8_KC4
 #define S8_KC4 256 /* k4 steps per block of a panel in the int8 driver (16 KiB) */
+#endif
 
 const char *cq_version(void) { return CQ_VERSION_STRING; }
 

@@ -193,12 +193,14 @@ int cq_set_num_threads(int n)
     return CQ_OK;
 }
 
-/* How many threads a job of `work` multiply-adds split in `nunits` units deserves: a thread costs
- * a few microseconds to engage, so small jobs stay on the caller. */
+/* How many threads a job of `work` multiply-adds split in `nunits` units deserves. Waking a sleeping
+ * worker costs tens of microseconds (futex), about the whole of a (768 x 768) GEMV (590K MACs,
+ * ~20-40 us on one core): measured in `make bench`, 2 threads made that shape slower whenever the
+ * worker had gone to sleep between calls, so jobs below 1M multiply-adds stay on the caller. */
 int cq_threads_for(double work, int64_t nunits)
 {
     int t = cq_get_num_threads();
-    if (work < 2.0e5) return 1;
+    if (work < 1.0e6) return 1;
     if (t > nunits) t = (int)nunits;
     return t < 1 ? 1 : t;
 }
