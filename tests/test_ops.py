@@ -197,8 +197,9 @@ def test_every_isa_same_results(rng):
 
 
 def test_threads_bit_identical(rng):
-    w = rng.standard_normal((75, 260)).astype(np.float32)
-    x = rng.standard_normal((37, 260)).astype(np.float32)
+    # >= 1M multiply-adds even for one row, so that every call engages the threads
+    w = rng.standard_normal((1000, 1100)).astype(np.float32)
+    x = rng.standard_normal((37, 1100)).astype(np.float32)
     qw = ops.quantize_weight(w, "per_group", 20)
     saved = cquant.get_num_threads()
     try:

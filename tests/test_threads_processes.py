@@ -25,7 +25,8 @@ MODES = ["dynamic", "weight_only"]
 SCHEMES = [("per_channel", None), ("per_group", 32), ("per_tensor", None)]
 
 
-def make_layer(seed=0, n=96, k=256, granularity="per_channel", group_size=None):
+def make_layer(seed=0, n=160, k=256, granularity="per_channel", group_size=None):
+    # n * k * m >= 1M multiply-adds for the usual m=40: calls engage the thread pool (cq_threads_for)
     rng = np.random.default_rng(seed)
     w = rng.standard_normal((n, k)).astype(np.float32)
     bias = rng.standard_normal(n).astype(np.float32)

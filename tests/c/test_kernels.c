@@ -214,8 +214,10 @@ static void test_public(void)
 
 static void test_threads_identical(void)
 {
-    int64_t m = 37, k = 300, n = 75;
-    float *w = malloc(sizeof(float) * n * k), *x = malloc(sizeof(float) * m * k), sc[75];
+    /* big enough that every call engages the threads (cq_threads_for: >= 1M multiply-adds),
+     * including the single-row GEMV */
+    int64_t m = 37, k = 1100, n = 1000;
+    float *w = malloc(sizeof(float) * n * k), *x = malloc(sizeof(float) * m * k), sc[1000];
     float *y1 = malloc(sizeof(float) * m * n), *y2 = malloc(sizeof(float) * m * n);
     int8_t *q = malloc(n * k), *packed = malloc(cq_packed_size(n, k));
     for (int64_t i = 0; i < n * k; i++) w[i] = rndf();
@@ -224,12 +226,14 @@ static void test_threads_identical(void)
     cq_pack(q, n, k, packed);
     int saved = cq_get_num_threads();
     for (int mode = 0; mode < 2; mode++) {
-        cq_set_num_threads(1);
-        cq_linear(mode, x, m, k, packed, sc, CQ_PER_CHANNEL, 0, n, NULL, y1);
-        for (int t = 2; t <= 4; t++) {
-            cq_set_num_threads(t);
-            cq_linear(mode, x, m, k, packed, sc, CQ_PER_CHANNEL, 0, n, NULL, y2);
-            CHECK(memcmp(y1, y2, sizeof(float) * m * n) == 0, "mode %d threads %d differ", mode, t);
+        for (int64_t rows = 1; rows <= m; rows += m - 1) {
+            cq_set_num_threads(1);
+            cq_linear(mode, x, rows, k, packed, sc, CQ_PER_CHANNEL, 0, n, NULL, y1);
+            for (int t = 2; t <= 4; t++) {
+                cq_set_num_threads(t);
+                cq_linear(mode, x, rows, k, packed, sc, CQ_PER_CHANNEL, 0, n, NULL, y2);
+                CHECK(memcmp(y1, y2, sizeof(float) * rows * n) == 0, "mode %d rows %lld threads %d differ", mode, (long long)rows, t);
+            }
         }
     }
     cq_set_num_threads(saved);
