@@ -95,6 +95,7 @@ typedef struct {
     int activations;   /* rows of x: non-finite rows get NaN scale instead of an error */
     int bad;           /* set when a weight is non-finite (atomic) */
     int64_t rows_per_unit;
+    int64_t ldq;       /* row stride of q (>= k); columns [k, ldq) are zeroed */
 } quant_ctx;
 
 static float scale_of(float amax)
@@ -109,9 +110,10 @@ static void quant_unit(void *vctx, int64_t u)
     int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit;
     if (r1 > c->n) r1 = c->n;
     for (int64_t r = r0; r < r1; r++) {
+        if (c->ldq > c->k) memset(c->q + r * c->ldq + c->k, 0, (size_t)(c->ldq - c->k));
         for (int64_t g = 0; g < c->ng; g++) {
             const float *src = c->w + r * c->k + g * c->group;
-            int8_t *dst = c->q + r * c->k + g * c->group;
+            int8_t *dst = c->q + r * c->ldq + g * c->group;
             float amax;
             if (!c->kern->absmax(src, c->group, &amax)) {
                 if (!c->activations) { __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED); return; }
@@ -168,7 +170,7 @@ int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_
         return CQ_OK;
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
-                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0};
+                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, k};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }
@@ -180,7 +182,7 @@ int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *sca
     if (!x || !q || !scales) return CQ_ERR_NULL;
     const cq_kernels *kern = cq_active_kernels();
     if (!kern) return CQ_ERR_ISA;
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, 0, 0};
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, 0, 0, k};
     quantize_rows_parallel(&c);
     return CQ_OK;
 }
@@ -498,33 +500,6 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     return st;
 }
 
-typedef struct {
-    const cq_kernels *kern;
-    const float *x;
-    int64_t k, lda, rows_per_unit, m;
-    int8_t *qa;
-    float *sx;
-} qrow_ctx;
-
-static void qrow_unit(void *vctx, int64_t u)
-{
-    qrow_ctx *c = (qrow_ctx *)vctx;
-    int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit < c->m ? r0 + c->rows_per_unit : c->m;
-    for (int64_t r = r0; r < r1; r++) {
-        const float *src = c->x + r * c->k;
-        int8_t *dst = c->qa + r * c->lda;
-        float amax;
-        memset(dst + c->k, 0, (size_t)(c->lda - c->k));
-        if (!c->kern->absmax(src, c->k, &amax)) { /* the row's outputs become NaN, no others */
-            memset(dst, 0, (size_t)c->k);
-            c->sx[r] = NAN;
-            continue;
-        }
-        c->sx[r] = scale_of(amax);
-        c->kern->quantize(src, c->k, c->sx[r], dst);
-    }
-}
-
 int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *packed,
               const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
               float *y)
@@ -576,9 +551,8 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
     int8_t *qa = (int8_t *)malloc((size_t)(m * lda) + (size_t)m * sizeof(float));
     if (!qa) return CQ_ERR_NOMEM;
     float *sx = (float *)(void *)(qa + m * lda); /* m*lda is a multiple of 4: aligned */
-    qrow_ctx q = {kern, x, k, lda, (65536 / k) + 1, m, qa, sx};
-    int64_t qunits = ceil_div(m, q.rows_per_unit);
-    cq_parallel_for(qunits, (double)m * k < 1.0e6 ? 1 : cq_threads_for((double)m * k, qunits), qrow_unit, &q);
+    quant_ctx q = {kern, x, m, k, k, 1, qa, sx, 1, 0, 0, lda};
+    quantize_rows_parallel(&q);
     c.qa = qa; c.sx = sx; c.mb = S8_MB; c.nmb = ceil_div(m, S8_MB);
     int64_t nunits = c.np * c.nmb;
     cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);

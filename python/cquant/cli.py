@@ -37,6 +37,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import errors, ops
+from .quantization import format_bytes
 from .io import (FORMAT_VERSION, KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, CheckpointError,
                  SafetensorsReader, StreamWriter, TensorInfo, atomic_path)
 
@@ -53,14 +54,6 @@ class CliError(Exception):
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{int(n)} B" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024.0
-    return f"{n:.2f} GiB"  # pragma: no cover
-
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
     allrows = [list(header)] + [list(r) for r in rows]
@@ -256,18 +249,18 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     if not args.quiet:
         size_in, size_out = os.path.getsize(src), os.path.getsize(out)
-        rows = [["quantized (int8 codes + f32 scales)", str(stats["quantized"][0]), _fmt_bytes(stats["quantized"][1]),
-                 _fmt_bytes(stats["quantized"][2])]]
+        rows = [["quantized (int8 codes + f32 scales)", str(stats["quantized"][0]), format_bytes(stats["quantized"][1]),
+                 format_bytes(stats["quantized"][2])]]
         for why, cnt in sorted(skipped.items(), key=lambda kv: -kv[1]):
             rows.append([f"copied: {why}", str(cnt), "", ""])
-        rows.append(["copied (total)", str(stats["copied"][0]), _fmt_bytes(stats["copied"][1]),
-                     _fmt_bytes(stats["copied"][2])])
-        rows.append(["file", str(len(jobs)), _fmt_bytes(size_in), _fmt_bytes(size_out)])
+        rows.append(["copied (total)", str(stats["copied"][0]), format_bytes(stats["copied"][1]),
+                     format_bytes(stats["copied"][2])])
+        rows.append(["file", str(len(jobs)), format_bytes(size_in), format_bytes(size_out)])
         scheme = f"int8 {args.mode} {args.granularity}" + (f"(g={args.group_size})" if args.granularity == "per_group" else "")
         print(f"{src} -> {out}  [{scheme}]")
         print(_table(("tensors", "count", "input", "output"), rows, right=(1, 2, 3)))
         print(f"output is {size_out / max(size_in, 1):.3f} of the input; {dt:.2f} s; "
-              f"peak RSS {_fmt_bytes(_peak_rss_bytes())}")
+              f"peak RSS {format_bytes(_peak_rss_bytes())}")
     return 0
 
 
@@ -318,7 +311,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         ref.release(wname)
                         metrics, key = [f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"], sq
                     rows.append((key, [layer or "<root>", "x".join(map(str, q.shape)), scheme,
-                                       _fmt_bytes(nbytes)] + metrics))
+                                       format_bytes(nbytes)] + metrics))
                     r.release(pre + "weight_q")
             finally:
                 if ref is not None:
@@ -341,7 +334,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 r.release(t.name)
                 scheme = f"{args.mode} {args.granularity}" + (f"(g={args.group_size})" if args.granularity == "per_group" else "")
                 rows.append((sq, [_layer_name(t.name) or "<root>", "x".join(map(str, qw.shape)), scheme,
-                                  _fmt_bytes(qw.q.nbytes + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
+                                  format_bytes(qw.q.nbytes + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
             note = "  (float checkpoint: quantized in memory with the scheme above)"
     rows.sort(key=lambda kv: kv[0])  # worst (lowest SQNR) first
     shown = rows if not args.top else rows[:args.top]

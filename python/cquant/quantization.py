@@ -665,7 +665,7 @@ class Quantizer:
         before = sum(r.bytes_before for r in done)
         after = sum(r.bytes_after for r in done)
         logger.info("quantized %d Linear layer(s) to %s: %s -> %s; skipped %d layer-like object(s)",
-                    len(done), self.scheme, _fmt_bytes(before), _fmt_bytes(after), len(skipped))
+                    len(done), self.scheme, format_bytes(before), format_bytes(after), len(skipped))
         if not done:
             logger.warning("no Linear layer was quantized")
         groups: "OrderedDict[str, List[str]]" = OrderedDict()
@@ -754,7 +754,8 @@ def report(model: Any) -> List[ReportRow]:
     return rows
 
 
-def _fmt_bytes(n: float) -> str:
+def format_bytes(n: float) -> str:
+    """``1536`` -> ``"1.50 KiB"`` (B, KiB, MiB, GiB); used by the reports and the CLI."""
     for unit in ("B", "KiB", "MiB", "GiB"):
         if abs(n) < 1024 or unit == "GiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
@@ -769,11 +770,11 @@ def format_report(rows: Sequence[ReportRow]) -> str:
     for r in rows:
         ratio = f"{r.bytes_after / r.bytes_before:.3f}" if r.bytes_before else "-"
         name = r.name + (f" (shares {r.shared_with})" if r.shared_with else "")
-        body.append((name, f"{r.shape[0]} x {r.shape[1]}", r.scheme, _fmt_bytes(r.bytes_before),
-                     _fmt_bytes(r.bytes_after), ratio))
+        body.append((name, f"{r.shape[0]} x {r.shape[1]}", r.scheme, format_bytes(r.bytes_before),
+                     format_bytes(r.bytes_after), ratio))
     tb = sum(r.bytes_before for r in rows)
     ta = sum(r.bytes_after for r in rows)
-    total = (f"total ({len(rows)} layers)", "", "", _fmt_bytes(tb), _fmt_bytes(ta),
+    total = (f"total ({len(rows)} layers)", "", "", format_bytes(tb), format_bytes(ta),
              f"{ta / tb:.3f}" if tb else "-")
     table = [header] + body + [total]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
