@@ -26,7 +26,7 @@
 /* Software prefetch distance along a panel (bytes): the weights stream from DRAM once per call at
  * small M, and the hardware prefetcher alone reached about half of the machine's bandwidth. */
 #ifndef CQ_PF_DIST
-#define CQ_PF_DIST 2048
+#define CQ_PF_DIST 4096
 #endif
 
 int cq_absmax_avx2(const float *x, int64_t n, float *amax)
