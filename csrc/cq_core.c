@@ -193,14 +193,13 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
     int64_t ns = cq_num_scales(scheme, n, k, group_size);
     if (ns < 0) return (int)ns;
     if (!q || !scales || !out) return CQ_ERR_NULL;
+    const cq_kernels *kern = cq_active_kernels();
+    if (!kern) return CQ_ERR_ISA;
     int64_t g = scheme == CQ_PER_GROUP ? group_size : k, ng = k / g;
     for (int64_t r = 0; r < n; r++)
-        for (int64_t gi = 0; gi < ng; gi++) {
-            float s = scheme == CQ_PER_TENSOR ? scales[0] : scales[r * ng + gi];
-            const int8_t *src = q + r * k + gi * g;
-            float *dst = out + r * k + gi * g;
-            for (int64_t i = 0; i < g; i++) dst[i] = (float)src[i] * s;
-        }
+        for (int64_t gi = 0; gi < ng; gi++)
+            kern->dequant(q + r * k + gi * g, g, scheme == CQ_PER_TENSOR ? scales[0] : scales[r * ng + gi],
+                          out + r * k + gi * g);
     return CQ_OK;
 }
 

@@ -50,6 +50,8 @@ typedef struct cq_kernels {
                      int64_t ldc);
     /* Exact GELU of n floats (y may be x). */
     void (*gelu)(const float *x, int64_t n, float *y);
+    /* out[i] = (float)q[i] * scale: dequantize one slice (bit-exact on every path). */
+    void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
 } cq_kernels;
 
 extern const cq_kernels cq_kernels_scalar;
@@ -63,6 +65,7 @@ void cq_quantize_avx2(const float *x, int64_t n, float scale, int8_t *q);
 void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y);
 void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out);
 void cq_gelu_avx2(const float *x, int64_t n, float *y);
+void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out);
 #endif
 
 /* GELU of one float, the reference (cq_kernels_scalar.c); SIMD kernels use it for tails. */

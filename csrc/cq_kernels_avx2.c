@@ -288,6 +288,16 @@ void cq_gelu_avx2(const float *x, int64_t n, float *y)
     for (; i < n; i++) y[i] = cq_gelu1(x[i]);
 }
 
+void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
+{
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                      _mm_loadl_epi64((const __m128i *)(q + i)))), s));
+    for (; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -296,9 +306,9 @@ void cq_gelu_avx2(const float *x, int64_t n, float *y)
 
 const cq_kernels cq_kernels_avx2 = {
     CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
-    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2,
+    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2, cq_dequant_avx2,
 };
 #elif defined(CQ_X86)
 /* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
-const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -88,7 +88,12 @@ static void gelu_scalar(const float *x, int64_t n, float *y)
     for (int64_t i = 0; i < n; i++) y[i] = cq_gelu1(x[i]);
 }
 
+static void dequant_scalar(const int8_t *q, int64_t n, float scale, float *out)
+{
+    for (int64_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
 const cq_kernels cq_kernels_scalar = {
     CQ_ISA_SCALAR, absmax_scalar, quantize_scalar, s8_tile_scalar,
-    f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar,
+    f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar, dequant_scalar,
 };

@@ -91,6 +91,14 @@ static void test_table(const cq_kernels *t)
         ref->f32_dequant(nk4, b, ws, d1);
         t->f32_dequant(nk4, b, ws, d2);
         CHECK(memcmp(d1, d2, sizeof(float) * k * 16) == 0, "f32_dequant nk4=%lld", (long long)nk4);
+        /* flat dequantize: bit-exact, every length (tails) */
+        for (int64_t len = 0; len < 4 * nk4; len += 1 + len / 3) {
+            ref->dequant(b, len, 0.0137f, d1);
+            t->dequant(b, len, 0.0137f, d2);
+            CHECK(memcmp(d1, d2, sizeof(float) * len) == 0, "dequant len=%lld", (long long)len);
+        }
+        ref->f32_dequant(nk4, b, ws, d1);
+        t->f32_dequant(nk4, b, ws, d2);
         float y1[16], y2[16];
         for (int j = 0; j < 16; j++) y1[j] = y2[j] = 0.5f;
         ref->f32_gemv(nk4, x, b, ws, y1);
