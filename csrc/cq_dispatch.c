@@ -2,6 +2,7 @@
  * (XCR0) decide what can run; CQUANT_ISA forces a path. Compiled without any -m flag. */
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include "cq_internal.h"
 
 #if defined(CQ_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -66,18 +67,18 @@ const char *cq_isa_name(int isa)
 /* The active table. NULL before first use is resolved by cq_active_kernels(); g_state tells
  * whether a forced path was refused. Pointer-sized atomics: safe to read while another thread sets. */
 static const cq_kernels *volatile g_active = NULL;
-static volatile int g_state = 0; /* 0 unresolved, 1 ok, 2 forced path unavailable */
+static volatile int g_state = 0; /* 0 unresolved, 1 ok, 2 forced path unavailable, 3 unknown name */
 
 static int resolve(int isa)
 {
     if (isa == CQ_ISA_AUTO) {
         const char *env = getenv("CQUANT_ISA");
-        if (env && *env && strcmp(env, "auto") != 0) {
+        if (env && *env && strcasecmp(env, "auto") != 0) {
             int want = -2;
             for (int i = CQ_ISA_SCALAR; i <= CQ_ISA_AVX512VNNI; i++)
-                if (strcmp(env, cq_isa_name(i)) == 0) want = i;
+                if (strcasecmp(env, cq_isa_name(i)) == 0) want = i;
             if (want == -2 || !cq_isa_supported(want)) {
-                __atomic_store_n(&g_state, 2, __ATOMIC_RELEASE);
+                __atomic_store_n(&g_state, want == -2 ? 3 : 2, __ATOMIC_RELEASE);
                 return want == -2 ? CQ_ERR_ARG : CQ_ERR_ISA;
             }
             isa = want;
@@ -106,5 +107,6 @@ int cq_set_isa(int isa) { return resolve(isa); }
 int cq_get_isa(void)
 {
     const cq_kernels *k = cq_active_kernels();
-    return k ? k->isa : CQ_ERR_ISA;
+    if (k) return k->isa;
+    return __atomic_load_n(&g_state, __ATOMIC_ACQUIRE) == 3 ? CQ_ERR_ARG : CQ_ERR_ISA;
 }

@@ -244,3 +244,19 @@ def test_reader_bf16_and_validation(tmp_path):
     p.write_bytes(struct.pack("<Q", 1 << 40) + b"{}")
     with pytest.raises(CheckpointError, match="header length"):
         SafetensorsReader(p)
+
+
+def test_load_of_a_model_that_cannot_rebuild_itself_says_use_load_into(tmp_path):
+    from cquant import nn
+    m = nn.Sequential(nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2))
+    x = np.random.default_rng(0).standard_normal((3, 16)).astype(np.float32)
+    q = cquant.Quantizer.quantize_dynamic(m)
+    y = q(x)
+    path = tmp_path / "q.safetensors"
+    cquant.save(q, path)
+    ck = cquant.load(path)
+    with pytest.raises(TypeError, match="load_into"):
+        ck(x)
+    fresh = nn.Sequential(nn.Linear(16, 32, rng=5), nn.GELU(), nn.Linear(32, 8, rng=6))
+    cquant.load_into(fresh, path)
+    np.testing.assert_array_equal(fresh(x), y)

@@ -412,3 +412,30 @@ def test_layer_norm_matches_numpy(rng, shape):
         ops.layer_norm(x, g[:-1])
     with pytest.raises(ValueError):
         ops.layer_norm(x, eps=-1)
+
+
+def test_review_edge_cases():
+    """Edge cases a new user hit: empty gemm, scalar x, float64 beyond float32, env vars."""
+    import os
+    import subprocess
+    import sys
+    assert ops.gemm_s8s8s32(np.zeros((0, 64), np.int8), np.ones((5, 64), np.int8)).shape == (0, 5)
+    assert not ops.gemm_s8s8s32(np.zeros((3, 0), np.int8), np.ones((5, 0), np.int8)).any()
+    qw = ops.quantize_weight(np.ones((4, 8), np.float32))
+    with pytest.raises(errors.ShapeError, match="scalar"):
+        ops.linear(np.float32(1), qw)
+    with pytest.raises(errors.NonFiniteError, match="float32 range"):
+        ops.quantize_weight(np.full((4, 8), 1e300))
+    env = dict(os.environ)
+    code = "import cquant; print(cquant.isa())"
+    env["CQUANT_ISA"] = "SCALAR"  # names are case-insensitive
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stdout.strip() == "scalar", r.stderr
+    env["CQUANT_ISA"] = "sse9"
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode != 0 and "not a known path" in r.stderr
+    env.pop("CQUANT_ISA")
+    env["CQUANT_NUM_THREADS"] = "abc"
+    r = subprocess.run([sys.executable, "-c", "import cquant; print(cquant.get_num_threads())"],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "CQUANT_NUM_THREADS='abc'" in r.stderr and int(r.stdout) >= 1

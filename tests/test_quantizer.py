@@ -737,3 +737,33 @@ def test_quantized_linear_errors():
         qnet.blocks[0].fc1(np.zeros((2, 32), np.int32))
     with pytest.raises(errors.ValueError):
         QuantizedLinear(qnet.blocks[0].fc1.qweight, None, mode="fast")
+
+
+def test_duck_layer_with_transposed_weight_is_probed_and_skipped():
+    """A duck-typed 'Linear' whose forward is x @ W (weight stored (in, out)) must not be replaced
+    by x @ W.T, even when W is square (shape checks cannot tell)."""
+    class TLinear:
+        def __init__(self, w):
+            self.weight = w
+            self.bias = None
+            self.in_features = self.out_features = w.shape[0]
+
+        def forward(self, x):
+            return x @ self.weight
+
+    rng = np.random.default_rng(0)
+    layer = TLinear(rng.standard_normal((16, 16)).astype(np.float32))
+    x = rng.standard_normal((3, 16)).astype(np.float32)
+    y = layer.forward(x)
+    q = Quantizer()
+    q.quantize([layer])
+    assert "forward" not in vars(layer) and layer.weight is not None
+    np.testing.assert_array_equal(layer.forward(x), y)
+    rec = [r for r in q.summary if r.status == "skipped"]
+    assert rec and "weight.T" in rec[0].reason
+
+
+@pytest.mark.parametrize("bad", [None, np.ones((3, 3), np.float32), 3.0, "model"])
+def test_not_a_model_is_a_type_error(bad):
+    with pytest.raises(TypeError):
+        Quantizer.quantize_dynamic(bad)

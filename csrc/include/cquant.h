@@ -77,7 +77,9 @@ const char *cq_version(void);
 const char *cq_strerror(int status);
 
 /* ---- instruction set and threads ---------------------------------------------------------- */
-/* The path in use (an enum cq_isa value >= 0). Chosen at first use. */
+/* The path in use (an enum cq_isa value >= 0). Chosen at first use. If CQUANT_ISA names a path that
+ * cannot run here: CQ_ERR_ISA, or CQ_ERR_ARG for a name that is no path at all (names are
+ * case-insensitive); kernels then return CQ_ERR_ISA until cq_set_isa succeeds. */
 int cq_get_isa(void);
 /* Name of a path ("scalar", "avx2", "avx512vnni"), or "unknown". */
 const char *cq_isa_name(int isa);

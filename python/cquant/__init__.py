@@ -25,6 +25,22 @@ if _native_version != __version__:  # a stale in-place build next to newer Pytho
         "Rebuild it (`make`, or `pip install .`).")
 
 from . import errors, ops  # noqa: E402
+
+
+def _check_thread_env() -> None:
+    """The C core ignores a CQUANT_NUM_THREADS it cannot use (and takes the CPU count); say so."""
+    import os
+    import warnings
+    env = os.environ.get("CQUANT_NUM_THREADS")
+    if env is None:
+        return
+    text = env.strip()
+    if not (text.isdigit() and 1 <= int(text) <= 256):
+        warnings.warn(f"CQUANT_NUM_THREADS={env!r} is not an integer in 1..256: ignored, using "
+                      f"{_lib.cq_get_num_threads()} thread(s)", RuntimeWarning, stacklevel=2)
+
+
+_check_thread_env()
 from .errors import QuantizationError  # noqa: E402
 from .ops import (  # noqa: E402
     QuantizedWeight, available_isas, get_num_threads, isa, set_isa, set_num_threads,
@@ -34,6 +50,7 @@ _LAZY = {
     "Quantizer": ("quantization", "Quantizer"),
     "QuantizedLinearForward": ("quantization", "QuantizedLinearForward"),
     "report": ("quantization", "report"),
+    "format_report": ("quantization", "format_report"),
     "nn": ("nn", None),
     "quantization": ("quantization", None),
     "save": ("io", "save"),

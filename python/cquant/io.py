@@ -46,6 +46,7 @@ grow with the checkpoint, not with its largest tensor.
 from __future__ import annotations
 
 import json
+import logging
 import mmap
 import os
 import struct
@@ -362,6 +363,12 @@ class Checkpoint:
     def format_version(self) -> Optional[str]:
         return self.metadata.get(KEY_VERSION)
 
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        raise errors.TypeError(
+            "this checkpoint holds quantized layers and tensors, not a runnable model: its model "
+            "class does not describe itself (no cquant_config / from_cquant_config). Build the "
+            "model as usual, then cquant.load_into(model, path) installs the quantized layers.")
+
     def layer_keys(self) -> List[str]:
         keys = []
         for name, qf in self.layers.items():
@@ -460,6 +467,11 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
     meta[KEY_LAYERS] = json.dumps(layers, separators=(",", ":"))
     if model_meta is not None:
         meta[KEY_MODEL] = json.dumps(model_meta, separators=(",", ":"))
+    elif hasattr(obj, "named_modules"):
+        logging.getLogger("cquant").info(
+            "cquant.save: %s does not describe itself (cquant_config / from_cquant_config), so "
+            "cquant.load(path) returns a Checkpoint; rebuild the model and call "
+            "cquant.load_into(model, path)", type(obj).__name__)
     for k, v in list(tensors.items()):
         if not v.flags.c_contiguous:
             tensors[k] = np.ascontiguousarray(v)

@@ -62,10 +62,15 @@ def _check(status: int, what: str) -> None:
 # ---- instruction set and threads ---------------------------------------------------------------
 def _isa_message(prefix: str) -> str:
     env = os.environ.get("CQUANT_ISA")
-    have = ", ".join(available_isas())
-    if env:
+    avail = available_isas()
+    have = ", ".join(avail)
+    if env and env.lower() not in (*_ISAS, "auto"):
+        return (f"CQUANT_ISA={env!r} is not a known path; expected one of "
+                f"{', '.join(_ISAS)} or auto (available here: {have})")
+    if env and env.lower() != "auto":
         return (f"{prefix}. CQUANT_ISA={env!r} names a path this CPU or build cannot run "
-                f"(available here: {have}); unset it or call cquant.set_isa('auto')")
+                f"(available here: {have}); unset CQUANT_ISA to use the best one, or force one "
+                f"that runs, e.g. cquant.set_isa({avail[-1]!r})")
     return f"{prefix} (available here: {have})"
 
 
@@ -78,7 +83,7 @@ def isa() -> str:
     """Name of the instruction-set path the kernels use now ('scalar', 'avx2', 'avx512vnni')."""
     code = lib.cq_get_isa()
     if code < 0:
-        _raise(code, "no usable kernel path")
+        raise errors.IsaError(_isa_message("no usable kernel path"))
     return ffi.string(lib.cq_isa_name(code)).decode()
 
 
@@ -86,8 +91,10 @@ def set_isa(name: str) -> str:
     """Force a path by name, or 'auto' (CQUANT_ISA if set, else the best). Returns the path in use.
 
     Raises IsaError if this CPU or build cannot run it, ValueError for an unknown name."""
+    name = name.lower() if isinstance(name, str) else name
     if name == "auto":
-        _check(lib.cq_set_isa(lib.CQ_ISA_AUTO), "cannot select the kernel path")
+        if lib.cq_set_isa(lib.CQ_ISA_AUTO) != 0:
+            raise errors.IsaError(_isa_message("cannot select the kernel path"))
         return isa()
     if name not in _ISAS:
         raise errors.ValueError(f"unknown ISA {name!r}; expected one of {sorted(_ISAS)} or 'auto'")
@@ -257,6 +264,7 @@ def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = No
              name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
     """Canonical codes and scales of w (N, K): ``(q int8 (N, K), scale float32)`` (scale shape as
     in QuantizedWeight). NonFiniteError if w holds NaN/Inf."""
+    orig = w
     w = _weight_2d(w, name)
     n, k = w.shape
     code, g = _scheme(granularity, group_size, k)
@@ -264,8 +272,10 @@ def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = No
     scale = np.empty(_scale_shape(granularity, n, k, group_size), dtype=np.float32)
     st = lib.cq_quantize(_ptr("float[]", w), n, k, code, g, _ptr("int8_t[]", q), _ptr("float[]", scale))
     if st == lib.CQ_ERR_NONFINITE:
-        check_finite(w, name)  # names the count; falls through if the float32 cast made Inf
-        raise errors.NonFiniteError(f"{name} holds values that are not finite in float32")
+        check_finite(orig, name)  # NaN/Inf in the caller's array: says how many
+        raise errors.NonFiniteError(
+            f"{name} holds values beyond the float32 range (|w| > 3.4e38), which float32 weights "
+            "cannot represent")
     _check(st, f"quantize {name}")
     return q, scale
 
@@ -302,11 +312,11 @@ def quantize_rows(x) -> tuple[np.ndarray, np.ndarray]:
     return q, s
 
 
-def _int8_2d(a, name: str) -> np.ndarray:
+def _int8_2d(a, name: str, allow_empty: bool = False) -> np.ndarray:
     arr = np.asarray(a)
     if arr.dtype != np.int8:
         raise errors.TypeError(f"{name} must be int8, got dtype {arr.dtype}")
-    if arr.ndim != 2 or arr.size == 0:
+    if arr.ndim != 2 or (arr.size == 0 and not allow_empty):
         raise errors.ShapeError(f"{name} must be a non-empty 2-D array, got shape {arr.shape}")
     if (arr == -128).any():
         raise errors.ValueError(f"{name} holds -128; int8 codes must be in [-127, 127]")
@@ -316,11 +326,13 @@ def _int8_2d(a, name: str) -> np.ndarray:
 def gemm_s8s8s32(a, b) -> np.ndarray:
     """Exact int32 (M, N) = int8 a (M, K) @ int8 b (N, K).T. Codes in [-127, 127];
     K <= MAX_K_S32 (133144), beyond which int32 could overflow (OverflowError)."""
-    a = _int8_2d(a, "a")
-    b = _int8_2d(b, "b")
+    a = _int8_2d(a, "a", allow_empty=True)
+    b = _int8_2d(b, "b", allow_empty=True)
     (m, k), (n, kb) = a.shape, b.shape
     if k != kb:
         raise errors.ShapeError(f"a is {a.shape} and b is {b.shape}: their K differ")
+    if m == 0 or n == 0 or k == 0:  # empty product: sums over nothing are 0
+        return np.zeros((m, n), dtype=np.int32)
     if k > MAX_K_S32:
         raise errors.OverflowError(f"K={k} > {MAX_K_S32}: int32 sums could overflow")
     c = np.empty((m, n), dtype=np.int32)
@@ -352,6 +364,8 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     if mcode is None:
         raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
     if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+        if np.ndim(x) == 0:
+            raise errors.ShapeError(f"x must have at least one dimension (..., K={qw.shape[1]}), got a scalar")
         x = _float_array(x, "x")
     n, k = qw.shape
     shape = x.shape

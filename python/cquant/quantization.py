@@ -474,6 +474,45 @@ class _Plan:
     shared_with: Optional[str] = None
 
 
+def _probe_layouts(plans: List[_Plan]) -> Tuple[List[_Plan], List[LayerRecord]]:
+    """Duck-typed layers are recognised by their attributes, not by what their forward computes:
+    one that stores its weight as (in, out) (``x @ W``) but passes the rule would be replaced by a
+    forward computing ``x @ W.T``, silently wrong when W is square. So, before anything changes,
+    each such layer's own forward runs once on a small deterministic input and must agree with
+    ``x @ weight.T + bias``; a layer that does not is skipped (and said so), never replaced.
+    ``cquant.nn.Linear`` layers need no probe."""
+    keep: List[_Plan] = []
+    skipped: List[LayerRecord] = []
+    rng = np.random.default_rng(12345)
+    for p in plans:
+        finite = np.isfinite(p.weight).all() and (p.bias is None or np.isfinite(p.bias).all())
+        if type(p.obj) is nn.Linear or not finite:  # non-finite: _prepare refuses it, naming it
+            keep.append(p)
+            continue
+        w = np.asarray(p.weight, dtype=np.float64)
+        x = rng.standard_normal((2, w.shape[1])).astype(np.float32)
+        ref = x.astype(np.float64) @ w.T + (0.0 if p.bias is None else np.asarray(p.bias, np.float64))
+        why = None
+        try:
+            fwd = getattr(p.obj, "forward", None) or p.obj
+            with np.errstate(all="ignore"):
+                got = np.asarray(fwd(x), dtype=np.float64)
+            tol = 1e-3 * (np.abs(x.astype(np.float64)) @ np.abs(w).T + 1e-30)
+            if got.shape != ref.shape:
+                why = f"its forward returned shape {got.shape} for input {x.shape}, not {ref.shape}"
+            elif not (np.abs(got - ref) <= tol + 1e-3 * np.abs(ref)).all():
+                why = ("its forward does not compute x @ weight.T + bias (is the weight stored "
+                       "(in, out)?); not replaced")
+        except Exception as e:  # a forward that cannot take a plain float32 array
+            why = f"its forward failed on a float32 probe input ({type(e).__name__}: {e})"
+        if why is None:
+            keep.append(p)
+        else:
+            nb = p.weight.nbytes + (p.bias.nbytes if p.bias is not None else 0)
+            skipped.append(LayerRecord(_display(p.name), tuple(p.weight.shape), "skipped", why, nb, nb, ""))
+    return keep, skipped
+
+
 def _display(name: str) -> str:
     return name or "<root>"
 
@@ -628,9 +667,14 @@ class Quantizer:
         from . import adapters
         if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
             return adapters.quantize_torch(self, model, inplace)
+        if model is None or isinstance(model, (np.ndarray, np.generic, int, float, complex, str, bytes)):
+            raise errors.TypeError(f"expected a model (a cquant.nn module, a torch module or a tree of "
+                                   f"objects with Linear layers), got {type(model).__name__}")
         if not inplace:
             model = copy.deepcopy(model)
         plans, skipped, unmatched = self._select(model)
+        plans, probe_skips = _probe_layouts(plans)
+        skipped += probe_skips
         for pat in unmatched:
             logger.warning("include pattern %r matched no layer", pat)
         self._prepare(plans)
