@@ -44,7 +44,7 @@ from .io import (FORMAT_VERSION, KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, Checkp
 __all__ = ["main", "build_parser", "select_tensor", "DEFAULT_EXCLUDE"]
 
 #: Weights never quantized by default: embeddings, norms (names as in HF BERT/GPT-2/LLaMA checkpoints).
-DEFAULT_EXCLUDE = ("*embed*", "*Embed*", "*norm*", "*Norm*", "*ln_*", "ln_*", "*wte*", "*wpe*")
+DEFAULT_EXCLUDE = ("*embed*", "*Embed*", "*emb.weight", "*_emb*", "*norm*", "*Norm*", "*ln_*", "ln_*", "*wte*", "*wpe*")
 
 
 class CliError(Exception):
@@ -335,7 +335,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 scheme = f"{args.mode} {args.granularity}" + (f"(g={args.group_size})" if args.granularity == "per_group" else "")
                 rows.append((sq, [_layer_name(t.name) or "<root>", "x".join(map(str, qw.shape)), scheme,
                                   format_bytes(qw.q.nbytes + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
-            note = "  (float checkpoint: quantized in memory with the scheme above)"
+            note = "  (float checkpoint: quantized in memory with the scheme in the table)"
     rows.sort(key=lambda kv: kv[0])  # worst (lowest SQNR) first
     shown = rows if not args.top else rows[:args.top]
     print(f"{path}: {len(rows)} quantized layer(s), worst first{note}")
