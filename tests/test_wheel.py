@@ -155,4 +155,5 @@ def test_forcing_a_missing_path_is_a_clear_error(venv_python, tmp_path):
     env["CQUANT_ISA"] = missing[-1]
     res = subprocess.run([venv_python, "-c", "import cquant; cquant.isa()"], cwd=str(tmp_path), env=env,
                          capture_output=True, text=True, timeout=TIMEOUT)
-    assert res.returncode != 0 and "not available" in res.stderr, res.stderr
+    assert res.returncode != 0 and "IsaError" in res.stderr, res.stderr
+    assert f"CQUANT_ISA={missing[-1]!r}" in res.stderr and "available here" in res.stderr, res.stderr
