@@ -23,7 +23,7 @@ CHDRS  := $(wildcard csrc/*.h csrc/include/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all build venv test ctest pytest demo accuracy bench bench-deps ci-extras minilm lib clean install uninstall stage \
+.PHONY: all build venv test ctest ctest-avx512-emu pytest demo accuracy bench bench-deps ci-extras minilm lib clean install uninstall stage \
         ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel
 all: build
 
@@ -97,8 +97,27 @@ uninstall:
 build/tests/test_kernels: tests/c/test_kernels.c build/lib/libcquant.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_LIB) $< -o $@ build/lib/libcquant.a -lm -lpthread
-ctest: build/tests/test_kernels
+ctest: build/tests/test_kernels ctest-avx512-emu
 	./build/tests/test_kernels
+
+# The AVX-512 VNNI kernels cannot run on a CPU without AVX-512, so their code is also checked with
+# the intrinsics emulated by SIMDe (tests/c/emu/immintrin.h; Debian's libsimde-dev, which .ci/run
+# installs): cq_kernels_avx512.c with its target pragmas stripped, against the scalar reference.
+SIMDE_H := $(wildcard /usr/include/simde/x86/avx512.h)
+build/emu/cq_kernels_avx512_emu.c: csrc/cq_kernels_avx512.c
+	@mkdir -p $(dir $@)
+	sed -e '/#pragma GCC target/d' -e '/#pragma GCC push_options/d' -e '/#pragma GCC pop_options/d' $< > $@
+build/emu/test_avx512_emu: tests/c/test_avx512_emu.c tests/c/test_kernels.c tests/c/emu/immintrin.h build/emu/cq_kernels_avx512_emu.c $(filter-out build/lib/obj/cq_kernels_avx512.o,$(LIBOBJS))
+	$(CC) -O1 -std=gnu99 -D_GNU_SOURCE -Itests/c/emu -Icsrc/include -Icsrc -c build/emu/cq_kernels_avx512_emu.c -o build/emu/k512.o
+	$(CC) -O1 -std=gnu99 -D_GNU_SOURCE -Icsrc/include -Icsrc -Itests/c tests/c/test_avx512_emu.c build/emu/k512.o \
+	    $(filter-out build/lib/obj/cq_kernels_avx512.o,$(LIBOBJS)) -o $@ -lm -lpthread
+ctest-avx512-emu:
+ifneq ($(SIMDE_H),)
+	@$(MAKE) --no-print-directory build/emu/test_avx512_emu
+	./build/emu/test_avx512_emu
+else
+	@echo "ctest-avx512-emu: SIMDe headers not found (apt-get install libsimde-dev): AVX-512 logic not emulated"
+endif
 
 pytest: build
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
