@@ -5,6 +5,7 @@ float32 rounding of a K-term sum (not a magic number)."""
 import copy
 import pickle
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -439,3 +440,38 @@ def test_review_edge_cases():
     r = subprocess.run([sys.executable, "-c", "import cquant; print(cquant.get_num_threads())"],
                        env=env, capture_output=True, text=True)
     assert r.returncode == 0 and "CQUANT_NUM_THREADS='abc'" in r.stderr and int(r.stdout) >= 1
+
+
+def test_gil_is_released_during_kernel_calls(rng):
+    """A long kernel call on one thread must not stop Python code on another (cffi releases the GIL
+    in API mode). Held, the GIL would keep the main loop below waiting for the whole call."""
+    w = rng.standard_normal((2048, 2048)).astype(np.float32)
+    x = rng.standard_normal((1024, 2048)).astype(np.float32)
+    qw = ops.quantize_weight(w)
+    saved = cquant.get_num_threads()
+    cquant.set_num_threads(1)
+    try:
+        t0 = time.perf_counter()
+        ops.linear(x, qw, mode="weight_only")
+        call = time.perf_counter() - t0  # one call: ~0.1-0.3 s here
+        started = threading.Event()
+        stamps = {}
+
+        def worker():
+            stamps["start"] = time.perf_counter()
+            started.set()
+            ops.linear(x, qw, mode="weight_only")
+            stamps["end"] = time.perf_counter()
+
+        th = threading.Thread(target=worker)
+        th.start()
+        started.wait()
+        n = 0
+        while n < 20000:  # pure Python, about a millisecond
+            n += 1
+        loop_end = time.perf_counter()
+        th.join()
+        assert loop_end < stamps["end"], "the Python loop had to wait for the C call"
+        assert loop_end - stamps["start"] < 0.5 * call, (loop_end - stamps["start"], call)
+    finally:
+        cquant.set_num_threads(saved)
