@@ -332,8 +332,10 @@ static void wo_gemv_unit(void *vctx, int64_t p)
 
 /* One unit = a block of up to WO_MB rows of x times a group of WO_PG panels. The k loop is
  * outermost inside the unit, so the x block's WO_KC columns (96 KiB) stay in L2 while every panel
- * of the group dequantizes its own WO_KC x 16 block (16 KiB, L1) and runs the float tiles; the
- * outputs accumulate in y itself (a scratch tile only for a partial last panel). */
+ * of the group dequantizes its own WO_KC x 16 block (16 KiB, L1) and runs the float tiles. The
+ * outputs accumulate in a contiguous local buffer, copied to y at the end: accumulating in y itself
+ * (rows n floats apart, the same L1 sets as the rows of x when n == k) halved the tile's speed
+ * through L1 set conflicts. 64 KiB of stack. */
 static void wo_gemm_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -341,15 +343,12 @@ static void wo_gemm_unit(void *vctx, int64_t u)
     int64_t p0 = pg * WO_PG, p1 = p0 + WO_PG < c->np ? p0 + WO_PG : c->np;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
     float bblk[WO_KC * CQ_NR] __attribute__((aligned(64)));
-    float edge[WO_MB * CQ_NR] __attribute__((aligned(64)));
+    float cbuf[WO_PG * WO_MB * CQ_NR] __attribute__((aligned(64)));
     float ws[CQ_NR], bb[CQ_NR];
-    int64_t n_full = c->n / CQ_NR; /* panels with 16 real columns write straight into y */
     for (int64_t p = p0; p < p1; p++) {
         bias16(c, p, bb);
-        for (int64_t r = 0; r < rows; r++) {
-            if (p < n_full) memcpy(c->y + (m0 + r) * c->n + p * CQ_NR, bb, sizeof bb);
-            else memcpy(edge + r * CQ_NR, bb, sizeof bb);
-        }
+        float *cp = cbuf + (p - p0) * WO_MB * CQ_NR;
+        for (int64_t r = 0; r < rows; r++) memcpy(cp + r * CQ_NR, bb, sizeof bb);
     }
     for (int64_t t0 = 0; t0 < c->kp4; t0 += WO_KC / 4) {
         int64_t nt = c->kp4 - t0 < WO_KC / 4 ? c->kp4 - t0 : WO_KC / 4;
@@ -364,16 +363,15 @@ static void wo_gemm_unit(void *vctx, int64_t u)
                                      bblk + (t - t0) * 4 * CQ_NR);
                 t += seg;
             }
-            float *cbase = p < n_full ? c->y + m0 * c->n + p * CQ_NR : edge;
-            int64_t ldc = p < n_full ? c->n : CQ_NR;
+            float *cp = cbuf + (p - p0) * WO_MB * CQ_NR;
             for (int64_t r = 0; r < rows; r += CQ_MR_F32) {
                 int mr = (int)(rows - r < CQ_MR_F32 ? rows - r : CQ_MR_F32);
                 c->kern->f32_tile(mr, kc, c->x + (m0 + r) * c->xlda + 4 * t0, c->xlda, bblk,
-                                  cbase + r * ldc, ldc);
+                                  cp + r * CQ_NR, CQ_NR);
             }
         }
     }
-    if (p1 == c->np && c->n % CQ_NR) store_rows(c, c->np - 1, m0, rows, edge);
+    for (int64_t p = p0; p < p1; p++) store_rows(c, p, m0, rows, cbuf + (p - p0) * WO_MB * CQ_NR);
 }
 
 /* ---- dynamic ------------------------------------------------------------------------------------ */
