@@ -463,6 +463,29 @@ static void s8_unit(void *vctx, int64_t u)
     store_rows(c, p, m0, rows, facc);
 }
 
+/* M = 1, per-channel / per-tensor, on a path with s8_gemv4: a unit is 4 consecutive panels read
+ * as 4 concurrent streams. Same integer sums and the same epilogue as s8_unit, so the results are
+ * those of the panel-by-panel path. */
+static void s8_gemv4_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    int64_t p0 = 4 * u;
+    const int8_t *panels[4];
+    int32_t acc[4 * CQ_NR];
+    float ws[CQ_NR], bb[CQ_NR], y16[CQ_NR];
+    for (int i = 0; i < 4; i++) /* past the last panel: repeat it (its sums are discarded) */
+        panels[i] = c->packed + (p0 + i < c->np ? p0 + i : c->np - 1) * c->kp4 * CQ_PANEL_STEP;
+    memset(acc, 0, sizeof acc);
+    c->kern->s8_gemv4(c->kp4, c->qa, panels, acc);
+    float sx = c->sx[0];
+    for (int i = 0; i < 4 && p0 + i < c->np; i++) {
+        panel_scales(c, p0 + i, 0, ws);
+        bias16(c, p0 + i, bb);
+        for (int j = 0; j < CQ_NR; j++) y16[j] = (float)acc[i * CQ_NR + j] * (sx * ws[j]) + bb[j];
+        store_rows(c, p0 + i, 0, 1, y16);
+    }
+}
+
 /* Copy rows of int8 a (m, k) into (m, 4*kp4) with zero padding. */
 static void pad_rows_s8(const int8_t *a, int64_t m, int64_t k, int64_t lda, int8_t *out)
 {
@@ -556,8 +579,13 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
     quant_ctx q = {kern, x, m, k, k, 1, qa, sx, 1, 0, 0, lda};
     quantize_rows_parallel(&q);
     c.qa = qa; c.sx = sx; c.mb = S8_MB; c.nmb = ceil_div(m, S8_MB);
-    int64_t nunits = c.np * c.nmb;
-    cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
+    if (m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && kern->s8_gemv4) {
+        int64_t nunits = ceil_div(c.np, 4);
+        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_gemv4_unit, &c);
+    } else {
+        int64_t nunits = c.np * c.nmb;
+        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
+    }
     free(qa);
     return CQ_OK;
 }

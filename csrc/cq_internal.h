@@ -52,6 +52,10 @@ typedef struct cq_kernels {
     void (*gelu)(const float *x, int64_t n, float *y);
     /* out[i] = (float)q[i] * scale: dequantize one slice (bit-exact on every path). */
     void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
+    /* Optional (NULL: the driver uses s8_tile per panel). One row of activations against four
+     * panels at once: acc[p*16 + j] += sum_{t<nk4,i<4} a[4t+i] * panels[p][(t*16+j)*4+i], exact,
+     * nk4 <= CQ_CHUNK4. Four concurrent weight streams: a single core reads them faster than one. */
+    void (*s8_gemv4)(int64_t nk4, const int8_t *a, const int8_t *const *panels, int32_t *acc);
 } cq_kernels;
 
 extern const cq_kernels cq_kernels_scalar;

@@ -148,6 +148,38 @@ void cq_s8_tile_avx2(int mr, int64_t nk4, const int8_t *a, int64_t lda, const in
     }
 }
 
+/* One row of activations against 4 panels at once (M = 1): 4 concurrent sequential streams of the
+ * weight, which one core reads faster than a single stream (measured here: ~14 GB/s against ~11,
+ * 20-30% less time for a (4096, 11008) GEMV). acc[p*16 + j] += sum over k of a * panel p; the
+ * same sign trick as the tiles (|x| per step, w takes x's sign). */
+#define G_DECL(p) __m256i g##p##0 = _mm256_setzero_si256(), g##p##1 = _mm256_setzero_si256();
+#define G_STEP(p)                                                                                 \
+    {                                                                                             \
+        const __m256i w0 = _mm256_loadu_si256((const __m256i *)(b##p + t * CQ_PANEL_STEP));       \
+        const __m256i w1 = _mm256_loadu_si256((const __m256i *)(b##p + t * CQ_PANEL_STEP + 32));  \
+        _mm_prefetch((const char *)(b##p + t * CQ_PANEL_STEP + CQ_PF_DIST), _MM_HINT_T0);         \
+        g##p##0 = _mm256_add_epi32(g##p##0, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, xb)), ones)); \
+        g##p##1 = _mm256_add_epi32(g##p##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, xb)), ones)); \
+    }
+#define G_OUT(p)                                                                                  \
+    {                                                                                             \
+        __m256i *o = (__m256i *)(acc + (p) * CQ_NR);                                              \
+        _mm256_storeu_si256(o, _mm256_add_epi32(g##p##0, _mm256_loadu_si256(o)));                 \
+        _mm256_storeu_si256(o + 1, _mm256_add_epi32(g##p##1, _mm256_loadu_si256(o + 1)));         \
+    }
+static void s8_gemv4_avx2(int64_t nk4, const int8_t *a, const int8_t *const *panels, int32_t *acc)
+{
+    const int8_t *b0 = panels[0], *b1 = panels[1], *b2 = panels[2], *b3 = panels[3];
+    const __m256i ones = _mm256_set1_epi16(1);
+    G_DECL(0) G_DECL(1) G_DECL(2) G_DECL(3)
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256i xb = _mm256_set1_epi32(load4(a + 4 * t));
+        const __m256i ax = _mm256_abs_epi8(xb);
+        G_STEP(0) G_STEP(1) G_STEP(2) G_STEP(3)
+    }
+    G_OUT(0) G_OUT(1) G_OUT(2) G_OUT(3)
+}
+
 /* Sum the four k-lanes of each column. acc[c] holds columns (2c, 2c+1) x 4 k, for c < 4. */
 ALWAYS_INLINE __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 {
@@ -307,8 +339,9 @@ void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
 const cq_kernels cq_kernels_avx2 = {
     CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
     cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2, cq_dequant_avx2,
+    s8_gemv4_avx2,
 };
 #elif defined(CQ_X86)
 /* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
-const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

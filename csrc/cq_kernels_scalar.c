@@ -1,6 +1,7 @@
 /* cq_kernels_scalar.c - the reference kernels: portable C99, written to be read. Every SIMD path
  * is tested against these (integers exactly, floats within a K-scaled budget). */
 #include <math.h>
+#include <stddef.h>
 #include <string.h>
 #include "cq_internal.h"
 
@@ -96,4 +97,5 @@ static void dequant_scalar(const int8_t *q, int64_t n, float scale, float *out)
 const cq_kernels cq_kernels_scalar = {
     CQ_ISA_SCALAR, absmax_scalar, quantize_scalar, s8_tile_scalar,
     f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar, dequant_scalar,
+    NULL, /* s8_gemv4: the reference is s8_tile, panel by panel */
 };

@@ -78,6 +78,29 @@ static void test_table(const cq_kernels *t)
                     CHECK(fabsf(f1[i] - f2[i]) <= 1e-6f * (fabsf(f1[i]) + 1.0f), "s8_tile facc %d %g %g", i, f1[i], f2[i]);
                 free(a); free(b);
             }
+    /* optional 4-panel GEMV: exact, equal to s8_tile on each panel */
+    if (t->s8_gemv4)
+        for (int si = 0; si < NSIZES; si++)
+            for (int ex = 0; ex < 2; ex++) {
+                int64_t nk4 = SIZES[si];
+                int8_t *a = malloc(4 * nk4), *bs[4];
+                const int8_t *panels[4];
+                for (int64_t i = 0; i < 4 * nk4; i++) a[i] = rnd_code(ex);
+                for (int p = 0; p < 4; p++) {
+                    bs[p] = malloc(nk4 * CQ_PANEL_STEP);
+                    for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(ex);
+                    panels[p] = bs[p];
+                }
+                int32_t c1[4 * 16], c2[4 * 16 + 8];
+                for (int i = 0; i < 4 * 16 + 8; i++) c2[i] = 0x5eadbeef;
+                for (int i = 0; i < 4 * 16; i++) c1[i] = c2[i] = 3 * i - 50; /* it accumulates */
+                for (int p = 0; p < 4; p++) ref->s8_tile(1, nk4, a, 4 * nk4, bs[p], c1 + 16 * p, NULL, NULL);
+                t->s8_gemv4(nk4, a, panels, c2);
+                CHECK(memcmp(c1, c2, sizeof c1) == 0, "s8_gemv4 nk4=%lld", (long long)nk4);
+                CHECK(c2[64] == 0x5eadbeef, "s8_gemv4 wrote past its output");
+                for (int p = 0; p < 4; p++) free(bs[p]);
+                free(a);
+            }
     /* float kernels: dequant exact, gemv / tile within a K-scaled budget */
     for (int si = 0; si < NSIZES; si++) {
         int64_t nk4 = SIZES[si], k = 4 * nk4;
