@@ -312,6 +312,33 @@ static void bias16(const lin_ctx *c, int64_t p, float *b)
 }
 
 /* ---- weight-only ------------------------------------------------------------------------------ */
+/* GEMV on a path with f32_gemv4: a unit is 4 consecutive panels read as concurrent streams. */
+static void wo_gemv4_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    int64_t p0 = 4 * u;
+    const int8_t *panels[4];
+    float ws[4 * CQ_NR], bb[CQ_NR], y[4 * CQ_NR];
+    int64_t last = c->np - 1;
+    for (int64_t r = 0; r < c->m; r++) {
+        memset(y, 0, sizeof y);
+        for (int64_t gi = 0; gi < c->ng; gi++) {
+            int64_t t0 = gi * c->group4;
+            for (int i = 0; i < 4; i++) { /* past the last panel: repeat it (discarded) */
+                int64_t p = p0 + i <= last ? p0 + i : last;
+                panels[i] = c->packed + (p * c->kp4 + t0) * CQ_PANEL_STEP;
+                panel_scales(c, p, gi, ws + i * CQ_NR);
+            }
+            c->kern->f32_gemv4(c->group4, c->x + r * c->xlda + 4 * t0, panels, ws, y);
+        }
+        for (int i = 0; i < 4 && p0 + i <= last; i++) {
+            bias16(c, p0 + i, bb);
+            for (int j = 0; j < CQ_NR; j++) y[i * CQ_NR + j] += bb[j];
+            store_rows(c, p0 + i, r, 1, y + i * CQ_NR);
+        }
+    }
+}
+
 static void wo_gemv_unit(void *vctx, int64_t p)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -561,7 +588,12 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
                 for (int64_t r = 0; r < m; r++) memcpy(xp + r * lda, x + r * k, (size_t)k * sizeof(float));
                 c.x = xp; c.xlda = lda; scratch = xp;
             }
-            cq_parallel_for(c.np, cq_threads_for(work, c.np), wo_gemv_unit, &c);
+            if (kern->f32_gemv4) {
+                int64_t nunits = ceil_div(c.np, 4);
+                cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
+            } else {
+                cq_parallel_for(c.np, cq_threads_for(work, c.np), wo_gemv_unit, &c);
+            }
         } else {
             c.mb = WO_MB; c.nmb = ceil_div(m, WO_MB);
             int64_t nunits = ceil_div(c.np, WO_PG) * c.nmb;

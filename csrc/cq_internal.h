@@ -56,6 +56,10 @@ typedef struct cq_kernels {
      * panels at once: acc[p*16 + j] += sum_{t<nk4,i<4} a[4t+i] * panels[p][(t*16+j)*4+i], exact,
      * nk4 <= CQ_CHUNK4. Four concurrent weight streams: a single core reads them faster than one. */
     void (*s8_gemv4)(int64_t nk4, const int8_t *a, const int8_t *const *panels, int32_t *acc);
+    /* Optional (NULL: f32_gemv per panel). Weight-only, one row of x against four panels at once:
+     * y[p*16 + j] += ws[p*16 + j] * sum_{t<nk4,i<4} x[4t+i] * panels[p][(t*16+j)*4+i]. */
+    void (*f32_gemv4)(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws,
+                      float *y);
 } cq_kernels;
 
 extern const cq_kernels cq_kernels_scalar;
@@ -70,6 +74,8 @@ void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float 
 void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out);
 void cq_gelu_avx2(const float *x, int64_t n, float *y);
 void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out);
+void cq_f32_gemv4_avx2(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws,
+                       float *y);
 #endif
 
 /* GELU of one float, the reference (cq_kernels_scalar.c); SIMD kernels use it for tails. */

@@ -180,6 +180,37 @@ static void s8_gemv4_avx2(int64_t nk4, const int8_t *a, const int8_t *const *pan
     G_OUT(0) G_OUT(1) G_OUT(2) G_OUT(3)
 }
 
+/* Weight-only GEMV over 4 panels at once (4 concurrent weight streams, as s8_gemv4). Each int32
+ * lane of a 32-byte load holds one column's 4 codes of the step; code i is brought to a float by
+ * a shift pair, so each column keeps one accumulator lane and k is summed in order: 2 accumulators
+ * per panel, 8 in all, and the 4 broadcasts of x are shared by the panels. */
+#define F4_STEP(p)                                                                                \
+    {                                                                                             \
+        const int8_t *bp = panels[p] + t * CQ_PANEL_STEP;                                         \
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)bp);                               \
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 32));                        \
+        _mm_prefetch((const char *)(bp + CQ_PF_DIST), _MM_HINT_T0);                               \
+        F4_K(p, 0, x0) F4_K(p, 1, x1) F4_K(p, 2, x2) F4_K(p, 3, x3)                                \
+    }
+#define F4_K(p, I, XV)                                                                            \
+    f##p##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), XV, f##p##0); \
+    f##p##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), XV, f##p##1);
+void cq_f32_gemv4_avx2(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws,
+                           float *y)
+{
+    __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00, f30 = f00, f31 = f00;
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256 x0 = _mm256_broadcast_ss(x + 4 * t), x1 = _mm256_broadcast_ss(x + 4 * t + 1);
+        const __m256 x2 = _mm256_broadcast_ss(x + 4 * t + 2), x3 = _mm256_broadcast_ss(x + 4 * t + 3);
+        F4_STEP(0) F4_STEP(1) F4_STEP(2) F4_STEP(3)
+    }
+#define F4_OUT(p)                                                                                 \
+    _mm256_storeu_ps(y + 16 * (p), _mm256_fmadd_ps(f##p##0, _mm256_loadu_ps(ws + 16 * (p)), _mm256_loadu_ps(y + 16 * (p)))); \
+    _mm256_storeu_ps(y + 16 * (p) + 8, _mm256_fmadd_ps(f##p##1, _mm256_loadu_ps(ws + 16 * (p) + 8), _mm256_loadu_ps(y + 16 * (p) + 8)));
+    F4_OUT(0) F4_OUT(1) F4_OUT(2) F4_OUT(3)
+#undef F4_OUT
+}
+
 /* Sum the four k-lanes of each column. acc[c] holds columns (2c, 2c+1) x 4 k, for c < 4. */
 ALWAYS_INLINE __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
 {
@@ -339,9 +370,9 @@ void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
 const cq_kernels cq_kernels_avx2 = {
     CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
     cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2, cq_dequant_avx2,
-    s8_gemv4_avx2,
+    s8_gemv4_avx2, cq_f32_gemv4_avx2,
 };
 #elif defined(CQ_X86)
 /* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
-const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -99,7 +99,8 @@ const cq_kernels cq_kernels_avx512 = {
     CQ_ISA_AVX512VNNI, cq_absmax_avx2, cq_quantize_avx2, s8_tile_avx512,
     cq_f32_gemv_avx2, cq_f32_dequant_avx2, f32_tile_avx512, cq_gelu_avx2, cq_dequant_avx2,
     0, /* s8_gemv4: not written for VNNI yet; the driver uses s8_tile per panel */
+    cq_f32_gemv4_avx2,
 };
 #elif defined(CQ_X86)
-const cq_kernels cq_kernels_avx512 = {CQ_ISA_AVX512VNNI, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx512 = {CQ_ISA_AVX512VNNI, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -98,4 +98,5 @@ const cq_kernels cq_kernels_scalar = {
     CQ_ISA_SCALAR, absmax_scalar, quantize_scalar, s8_tile_scalar,
     f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar, dequant_scalar,
     NULL, /* s8_gemv4: the reference is s8_tile, panel by panel */
+    NULL, /* f32_gemv4: the reference is f32_gemv, panel by panel */
 };

@@ -101,6 +101,29 @@ static void test_table(const cq_kernels *t)
                 for (int p = 0; p < 4; p++) free(bs[p]);
                 free(a);
             }
+    /* optional 4-panel weight-only GEMV: f32_gemv on each panel, within a K-scaled budget */
+    if (t->f32_gemv4)
+        for (int si = 0; si < NSIZES; si++) {
+            int64_t nk4 = SIZES[si];
+            float *x = malloc(sizeof(float) * 4 * nk4), ws[64], y1[64], y2[64 + 8];
+            int8_t *bs[4];
+            const int8_t *panels[4];
+            for (int64_t i = 0; i < 4 * nk4; i++) x[i] = rndf();
+            for (int p = 0; p < 4; p++) {
+                bs[p] = malloc(nk4 * CQ_PANEL_STEP);
+                for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(si & 1);
+                panels[p] = bs[p];
+            }
+            for (int i = 0; i < 64; i++) { ws[i] = 0.001f * (i + 1); y1[i] = y2[i] = 0.5f; }
+            y2[64] = 12345.0f;
+            for (int p = 0; p < 4; p++) ref->f32_gemv(nk4, x, bs[p], ws + 16 * p, y1 + 16 * p);
+            t->f32_gemv4(nk4, x, panels, ws, y2);
+            float budget = 1e-6f * (float)(4 * nk4) * 127.0f * 0.07f + 1e-6f;
+            for (int i = 0; i < 64; i++) CHECK(fabsf(y1[i] - y2[i]) <= budget, "f32_gemv4 nk4=%lld %d: %g %g", (long long)nk4, i, y1[i], y2[i]);
+            CHECK(y2[64] == 12345.0f, "f32_gemv4 wrote past its output");
+            for (int p = 0; p < 4; p++) free(bs[p]);
+            free(x);
+        }
     /* float kernels: dequant exact, gemv / tile within a K-scaled budget */
     for (int si = 0; si < NSIZES; si++) {
         int64_t nk4 = SIZES[si], k = 4 * nk4;
