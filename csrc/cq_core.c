@@ -312,7 +312,7 @@ static void bias16(const lin_ctx *c, int64_t p, float *b)
 }
 
 /* ---- weight-only ------------------------------------------------------------------------------ */
-/* GEMV on a path with f32_gemv4: a unit is 4 consecutive panels read as concurrent streams. */
+/* GEMV (M < 4): a unit is 4 consecutive panels read as concurrent streams (f32_gemv4). */
 static void wo_gemv4_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -336,24 +336,6 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
             for (int j = 0; j < CQ_NR; j++) y[i * CQ_NR + j] += bb[j];
             store_rows(c, p0 + i, r, 1, y + i * CQ_NR);
         }
-    }
-}
-
-static void wo_gemv_unit(void *vctx, int64_t p)
-{
-    lin_ctx *c = (lin_ctx *)vctx;
-    float ws[CQ_NR], bb[CQ_NR], y16[CQ_NR];
-    bias16(c, p, bb);
-    for (int64_t r = 0; r < c->m; r++) {
-        memset(y16, 0, sizeof y16);
-        for (int64_t gi = 0; gi < c->ng; gi++) {
-            panel_scales(c, p, gi, ws);
-            int64_t t0 = gi * c->group4;
-            c->kern->f32_gemv(c->group4, c->x + r * c->xlda + 4 * t0,
-                              c->packed + (p * c->kp4 + t0) * CQ_PANEL_STEP, ws, y16);
-        }
-        for (int j = 0; j < CQ_NR; j++) y16[j] += bb[j];
-        store_rows(c, p, r, 1, y16);
     }
 }
 
@@ -490,9 +472,8 @@ static void s8_unit(void *vctx, int64_t u)
     store_rows(c, p, m0, rows, facc);
 }
 
-/* M = 1, per-channel / per-tensor, on a path with s8_gemv4: a unit is 4 consecutive panels read
- * as 4 concurrent streams. Same integer sums and the same epilogue as s8_unit, so the results are
- * those of the panel-by-panel path. */
+/* M = 1, per-channel / per-tensor: a unit is 4 consecutive panels read as 4 concurrent streams
+ * (s8_gemv4). Same integer sums and the same epilogue as s8_unit. */
 static void s8_gemv4_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -588,12 +569,8 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
                 for (int64_t r = 0; r < m; r++) memcpy(xp + r * lda, x + r * k, (size_t)k * sizeof(float));
                 c.x = xp; c.xlda = lda; scratch = xp;
             }
-            if (kern->f32_gemv4) {
-                int64_t nunits = ceil_div(c.np, 4);
-                cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
-            } else {
-                cq_parallel_for(c.np, cq_threads_for(work, c.np), wo_gemv_unit, &c);
-            }
+            int64_t nunits = ceil_div(c.np, 4);
+            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
         } else {
             c.mb = WO_MB; c.nmb = ceil_div(m, WO_MB);
             int64_t nunits = ceil_div(c.np, WO_PG) * c.nmb;
@@ -611,7 +588,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *pack
     quant_ctx q = {kern, x, m, k, k, 1, qa, sx, 1, 0, 0, lda};
     quantize_rows_parallel(&q);
     c.qa = qa; c.sx = sx; c.mb = S8_MB; c.nmb = ceil_div(m, S8_MB);
-    if (m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && kern->s8_gemv4) {
+    if (m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4) {
         int64_t nunits = ceil_div(c.np, 4);
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_gemv4_unit, &c);
     } else {

@@ -39,9 +39,6 @@ typedef struct cq_kernels {
      * Codes in [-127, 127]; the true sums fit in int32 (nk4 <= CQ_CHUNK4, or k <= CQ_MAX_K_S32). */
     void (*s8_tile)(int mr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
                     int32_t *acc, float *facc, const float *ws);
-    /* Weight-only, one row of x against one panel: y[j] += ws[j] * sum_{t<nk4,i<4} x[4t+i] * q[j][4t+i]
-     * (x has 4*nk4 readable floats). */
-    void (*f32_gemv)(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y);
     /* Dequantize nk4 steps of one panel: out[(4t + i)*16 + j] = (float)q[j][4t+i] * ws[j]. */
     void (*f32_dequant)(int64_t nk4, const int8_t *b, const float *ws, float *out);
     /* Float tile: c[r*ldc + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*16 + j], r < mr (1..CQ_MR_F32),
@@ -52,12 +49,12 @@ typedef struct cq_kernels {
     void (*gelu)(const float *x, int64_t n, float *y);
     /* out[i] = (float)q[i] * scale: dequantize one slice (bit-exact on every path). */
     void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
-    /* Optional (NULL: the driver uses s8_tile per panel). One row of activations against four
-     * panels at once: acc[p*16 + j] += sum_{t<nk4,i<4} a[4t+i] * panels[p][(t*16+j)*4+i], exact,
-     * nk4 <= CQ_CHUNK4. Four concurrent weight streams: a single core reads them faster than one. */
+    /* GEMVs (one row) read four panels at once: four concurrent weight streams, which one core
+     * reads faster than a single stream. Integer: acc[p*16 + j] += sum_{t<nk4,i<4} a[4t+i] *
+     * panels[p][(t*16+j)*4+i], exact, nk4 <= CQ_CHUNK4. */
     void (*s8_gemv4)(int64_t nk4, const int8_t *a, const int8_t *const *panels, int32_t *acc);
-    /* Optional (NULL: f32_gemv per panel). Weight-only, one row of x against four panels at once:
-     * y[p*16 + j] += ws[p*16 + j] * sum_{t<nk4,i<4} x[4t+i] * panels[p][(t*16+j)*4+i]. */
+    /* Weight-only: y[p*16 + j] += ws[p*16 + j] * sum_{t<nk4,i<4} x[4t+i] * panels[p][(t*16+j)*4+i]
+     * (x has 4*nk4 readable floats). */
     void (*f32_gemv4)(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws,
                       float *y);
 } cq_kernels;
@@ -70,7 +67,6 @@ extern const cq_kernels cq_kernels_avx512;
 /* AVX2 kernels the AVX-512 table reuses (defined only when the compiler can target AVX2). */
 int cq_absmax_avx2(const float *x, int64_t n, float *amax);
 void cq_quantize_avx2(const float *x, int64_t n, float scale, int8_t *q);
-void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y);
 void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out);
 void cq_gelu_avx2(const float *x, int64_t n, float *y);
 void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out);

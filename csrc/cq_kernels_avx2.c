@@ -211,33 +211,6 @@ void cq_f32_gemv4_avx2(int64_t nk4, const float *x, const int8_t *const *panels,
 #undef F4_OUT
 }
 
-/* Sum the four k-lanes of each column. acc[c] holds columns (2c, 2c+1) x 4 k, for c < 4. */
-ALWAYS_INLINE __m256 reduce8(__m256 a0, __m256 a1, __m256 a2, __m256 a3)
-{
-    __m256 h = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-    /* h = [c0 c2 c4 c6 | c1 c3 c5 c7] */
-    return _mm256_permutevar8x32_ps(h, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-}
-
-void cq_f32_gemv_avx2(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y)
-{
-    __m256 acc[8];
-    for (int c = 0; c < 8; c++) acc[c] = _mm256_setzero_ps();
-    for (int64_t t = 0; t < nk4; t++) {
-        const __m256 xv = _mm256_broadcast_ps((const __m128 *)(x + 4 * t));
-        const int8_t *bp = b + t * CQ_PANEL_STEP;
-        _mm_prefetch((const char *)(bp + CQ_PF_DIST), _MM_HINT_T0);
-        for (int c = 0; c < 8; c++) {
-            __m256i wi = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(bp + 8 * c)));
-            acc[c] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(wi), xv, acc[c]);
-        }
-    }
-    __m256 lo = reduce8(acc[0], acc[1], acc[2], acc[3]);
-    __m256 hi = reduce8(acc[4], acc[5], acc[6], acc[7]);
-    _mm256_storeu_ps(y, _mm256_fmadd_ps(lo, _mm256_loadu_ps(ws), _mm256_loadu_ps(y)));
-    _mm256_storeu_ps(y + 8, _mm256_fmadd_ps(hi, _mm256_loadu_ps(ws + 8), _mm256_loadu_ps(y + 8)));
-}
-
 void cq_f32_dequant_avx2(int64_t nk4, const int8_t *b, const float *ws, float *out)
 {
     const __m256 w0 = _mm256_loadu_ps(ws), w1 = _mm256_loadu_ps(ws + 8);
@@ -369,10 +342,10 @@ void cq_dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
 
 const cq_kernels cq_kernels_avx2 = {
     CQ_ISA_AVX2, cq_absmax_avx2, cq_quantize_avx2, cq_s8_tile_avx2,
-    cq_f32_gemv_avx2, cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2, cq_dequant_avx2,
+    cq_f32_dequant_avx2, cq_f32_tile_avx2, cq_gelu_avx2, cq_dequant_avx2,
     s8_gemv4_avx2, cq_f32_gemv4_avx2,
 };
 #elif defined(CQ_X86)
 /* The compiler cannot target AVX2: an empty table, which dispatch treats as "not built". */
-const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_kernels cq_kernels_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

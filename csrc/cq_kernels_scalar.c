@@ -1,7 +1,6 @@
 /* cq_kernels_scalar.c - the reference kernels: portable C99, written to be read. Every SIMD path
  * is tested against these (integers exactly, floats within a K-scaled budget). */
 #include <math.h>
-#include <stddef.h>
 #include <string.h>
 #include "cq_internal.h"
 
@@ -46,16 +45,23 @@ static void s8_tile_scalar(int mr, int64_t nk4, const int8_t *a, int64_t lda, co
     }
 }
 
-static void f32_gemv_scalar(int64_t nk4, const float *x, const int8_t *b, const float *ws, float *y)
+static void s8_gemv4_scalar(int64_t nk4, const int8_t *a, const int8_t *const *panels, int32_t *acc)
 {
-    for (int j = 0; j < CQ_NR; j++) {
-        float s = 0.0f;
-        for (int64_t t = 0; t < nk4; t++) {
-            const int8_t *bp = b + (t * CQ_NR + j) * 4;
-            for (int i = 0; i < 4; i++) s += x[4 * t + i] * (float)bp[i];
+    for (int p = 0; p < 4; p++) s8_tile_scalar(1, nk4, a, 4 * nk4, panels[p], acc + p * CQ_NR, NULL, NULL);
+}
+
+static void f32_gemv4_scalar(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws,
+                             float *y)
+{
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < CQ_NR; j++) {
+            float s = 0.0f;
+            for (int64_t t = 0; t < nk4; t++) {
+                const int8_t *bp = panels[p] + (t * CQ_NR + j) * 4;
+                for (int i = 0; i < 4; i++) s += x[4 * t + i] * (float)bp[i];
+            }
+            y[p * CQ_NR + j] += ws[p * CQ_NR + j] * s;
         }
-        y[j] += ws[j] * s;
-    }
 }
 
 static void f32_dequant_scalar(int64_t nk4, const int8_t *b, const float *ws, float *out)
@@ -96,7 +102,6 @@ static void dequant_scalar(const int8_t *q, int64_t n, float scale, float *out)
 
 const cq_kernels cq_kernels_scalar = {
     CQ_ISA_SCALAR, absmax_scalar, quantize_scalar, s8_tile_scalar,
-    f32_gemv_scalar, f32_dequant_scalar, f32_tile_scalar, gelu_scalar, dequant_scalar,
-    NULL, /* s8_gemv4: the reference is s8_tile, panel by panel */
-    NULL, /* f32_gemv4: the reference is f32_gemv, panel by panel */
+    f32_dequant_scalar, f32_tile_scalar, gelu_scalar, dequant_scalar,
+    s8_gemv4_scalar, f32_gemv4_scalar,
 };

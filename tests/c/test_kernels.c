@@ -78,52 +78,50 @@ static void test_table(const cq_kernels *t)
                     CHECK(fabsf(f1[i] - f2[i]) <= 1e-6f * (fabsf(f1[i]) + 1.0f), "s8_tile facc %d %g %g", i, f1[i], f2[i]);
                 free(a); free(b);
             }
-    /* optional 4-panel GEMV: exact, equal to s8_tile on each panel */
-    if (t->s8_gemv4)
-        for (int si = 0; si < NSIZES; si++)
-            for (int ex = 0; ex < 2; ex++) {
-                int64_t nk4 = SIZES[si];
-                int8_t *a = malloc(4 * nk4), *bs[4];
-                const int8_t *panels[4];
-                for (int64_t i = 0; i < 4 * nk4; i++) a[i] = rnd_code(ex);
-                for (int p = 0; p < 4; p++) {
-                    bs[p] = malloc(nk4 * CQ_PANEL_STEP);
-                    for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(ex);
-                    panels[p] = bs[p];
-                }
-                int32_t c1[4 * 16], c2[4 * 16 + 8];
-                for (int i = 0; i < 4 * 16 + 8; i++) c2[i] = 0x5eadbeef;
-                for (int i = 0; i < 4 * 16; i++) c1[i] = c2[i] = 3 * i - 50; /* it accumulates */
-                for (int p = 0; p < 4; p++) ref->s8_tile(1, nk4, a, 4 * nk4, bs[p], c1 + 16 * p, NULL, NULL);
-                t->s8_gemv4(nk4, a, panels, c2);
-                CHECK(memcmp(c1, c2, sizeof c1) == 0, "s8_gemv4 nk4=%lld", (long long)nk4);
-                CHECK(c2[64] == 0x5eadbeef, "s8_gemv4 wrote past its output");
-                for (int p = 0; p < 4; p++) free(bs[p]);
-                free(a);
-            }
-    /* optional 4-panel weight-only GEMV: f32_gemv on each panel, within a K-scaled budget */
-    if (t->f32_gemv4)
-        for (int si = 0; si < NSIZES; si++) {
+    /* 4-panel GEMV: exact, equal to s8_tile on each panel */
+    for (int si = 0; si < NSIZES; si++)
+        for (int ex = 0; ex < 2; ex++) {
             int64_t nk4 = SIZES[si];
-            float *x = malloc(sizeof(float) * 4 * nk4), ws[64], y1[64], y2[64 + 8];
-            int8_t *bs[4];
+            int8_t *a = malloc(4 * nk4), *bs[4];
             const int8_t *panels[4];
-            for (int64_t i = 0; i < 4 * nk4; i++) x[i] = rndf();
+            for (int64_t i = 0; i < 4 * nk4; i++) a[i] = rnd_code(ex);
             for (int p = 0; p < 4; p++) {
                 bs[p] = malloc(nk4 * CQ_PANEL_STEP);
-                for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(si & 1);
+                for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(ex);
                 panels[p] = bs[p];
             }
-            for (int i = 0; i < 64; i++) { ws[i] = 0.001f * (i + 1); y1[i] = y2[i] = 0.5f; }
-            y2[64] = 12345.0f;
-            for (int p = 0; p < 4; p++) ref->f32_gemv(nk4, x, bs[p], ws + 16 * p, y1 + 16 * p);
-            t->f32_gemv4(nk4, x, panels, ws, y2);
-            float budget = 1e-6f * (float)(4 * nk4) * 127.0f * 0.07f + 1e-6f;
-            for (int i = 0; i < 64; i++) CHECK(fabsf(y1[i] - y2[i]) <= budget, "f32_gemv4 nk4=%lld %d: %g %g", (long long)nk4, i, y1[i], y2[i]);
-            CHECK(y2[64] == 12345.0f, "f32_gemv4 wrote past its output");
+            int32_t c1[4 * 16], c2[4 * 16 + 8];
+            for (int i = 0; i < 4 * 16 + 8; i++) c2[i] = 0x5eadbeef;
+            for (int i = 0; i < 4 * 16; i++) c1[i] = c2[i] = 3 * i - 50; /* it accumulates */
+            for (int p = 0; p < 4; p++) ref->s8_tile(1, nk4, a, 4 * nk4, bs[p], c1 + 16 * p, NULL, NULL);
+            t->s8_gemv4(nk4, a, panels, c2);
+            CHECK(memcmp(c1, c2, sizeof c1) == 0, "s8_gemv4 nk4=%lld", (long long)nk4);
+            CHECK(c2[64] == 0x5eadbeef, "s8_gemv4 wrote past its output");
             for (int p = 0; p < 4; p++) free(bs[p]);
-            free(x);
+            free(a);
         }
+    /* 4-panel weight-only GEMV against the reference, within a K-scaled budget */
+    for (int si = 0; si < NSIZES; si++) {
+        int64_t nk4 = SIZES[si];
+        float *x = malloc(sizeof(float) * 4 * nk4), ws[64], y1[64], y2[64 + 8];
+        int8_t *bs[4];
+        const int8_t *panels[4];
+        for (int64_t i = 0; i < 4 * nk4; i++) x[i] = rndf();
+        for (int p = 0; p < 4; p++) {
+            bs[p] = malloc(nk4 * CQ_PANEL_STEP);
+            for (int64_t i = 0; i < nk4 * CQ_PANEL_STEP; i++) bs[p][i] = rnd_code(si & 1);
+            panels[p] = bs[p];
+        }
+        for (int i = 0; i < 64; i++) { ws[i] = 0.001f * (i + 1); y1[i] = y2[i] = 0.5f; }
+        y2[64] = 12345.0f;
+        ref->f32_gemv4(nk4, x, panels, ws, y1);
+        t->f32_gemv4(nk4, x, panels, ws, y2);
+        float budget = 1e-6f * (float)(4 * nk4) * 127.0f * 0.07f + 1e-6f;
+        for (int i = 0; i < 64; i++) CHECK(fabsf(y1[i] - y2[i]) <= budget, "f32_gemv4 nk4=%lld %d: %g %g", (long long)nk4, i, y1[i], y2[i]);
+        CHECK(y2[64] == 12345.0f, "f32_gemv4 wrote past its output");
+        for (int p = 0; p < 4; p++) free(bs[p]);
+        free(x);
+    }
     /* float kernels: dequant exact, gemv / tile within a K-scaled budget */
     for (int si = 0; si < NSIZES; si++) {
         int64_t nk4 = SIZES[si], k = 4 * nk4;
@@ -145,12 +143,7 @@ static void test_table(const cq_kernels *t)
         }
         ref->f32_dequant(nk4, b, ws, d1);
         t->f32_dequant(nk4, b, ws, d2);
-        float y1[16], y2[16];
-        for (int j = 0; j < 16; j++) y1[j] = y2[j] = 0.5f;
-        ref->f32_gemv(nk4, x, b, ws, y1);
-        t->f32_gemv(nk4, x, b, ws, y2);
         float budget = 1e-6f * (float)k * 127.0f * 0.02f;
-        for (int j = 0; j < 16; j++) CHECK(fabsf(y1[j] - y2[j]) <= budget, "f32_gemv j=%d %g %g", j, y1[j], y2[j]);
         for (int mr = 1; mr <= CQ_MR_F32; mr++) {
             float c1[CQ_MR_F32 * 16], c2[CQ_MR_F32 * 16];
             for (int i = 0; i < CQ_MR_F32 * 16; i++) c1[i] = c2[i] = 0.25f;
