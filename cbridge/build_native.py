@@ -22,9 +22,17 @@ ROOT = os.path.dirname(HERE)
 _REL = os.path.relpath(ROOT) if os.path.abspath(os.getcwd()) == ROOT else ROOT
 CSRC = os.path.join(_REL, "csrc")
 HEADER = os.path.join(ROOT, "csrc", "include", "cquant.h")
-SOURCES = sorted(
-    os.path.join(CSRC, f) for f in os.listdir(os.path.join(ROOT, "csrc")) if f.endswith(".c")
-)
+MANIFEST = os.path.join(ROOT, "csrc", "sources.txt")
+
+
+def read_manifest(path: str = MANIFEST) -> list[str]:
+    """Source paths (relative to csrc/) listed in csrc/sources.txt, the manifest the Makefile reads
+    too (pure; unit-tested)."""
+    with open(path, encoding="utf-8") as f:
+        return [ln.strip() for ln in f if ln.strip() and not ln.lstrip().startswith("#")]
+
+
+SOURCES = [os.path.join(CSRC, *f.split("/")) for f in read_manifest()]
 
 
 def _preprocessor() -> list[str]:
@@ -53,7 +61,7 @@ ffibuilder.set_source(
     "cquant._native",
     '#include "cquant.h"',
     sources=SOURCES,
-    include_dirs=[os.path.join(CSRC, "include"), CSRC],
+    include_dirs=[os.path.join(CSRC, "include"), os.path.join(CSRC, "src")],
     # -O3 but never -ffast-math (the numerics contract needs IEEE division and rounding) and
     # never -march=native: ISA-specific code is selected at run time (csrc/cq_dispatch.c).
     extra_compile_args=["-O3", "-std=c99", "-D_GNU_SOURCE", "-fno-strict-aliasing"]

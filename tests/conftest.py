@@ -5,7 +5,7 @@ import pytest
 
 import cquant
 
-ALL_ISAS = ["scalar", "avx2", "avx512vnni"]
+ALL_ISAS = ["scalar", "avx2", "avx512", "avx512vnni", "amx"]
 
 
 @pytest.fixture(params=ALL_ISAS)

@@ -137,7 +137,7 @@ def test_installed_wheel_runs_outside_the_source_tree(venv_python, tmp_path):
     assert out["quantizer"] == "Quantizer", out["quantizer"]
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512vnni"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni", "amx"])
 def test_installed_wheel_every_isa_path(venv_python, tmp_path, isa):
     available = _smoke(venv_python, tmp_path)["available"]
     if isa not in available:
@@ -148,7 +148,7 @@ def test_installed_wheel_every_isa_path(venv_python, tmp_path, isa):
 
 def test_forcing_a_missing_path_is_a_clear_error(venv_python, tmp_path):
     available = _smoke(venv_python, tmp_path)["available"]
-    missing = [p for p in ("avx2", "avx512vnni") if p not in available]
+    missing = [p for p in ("avx2", "avx512", "avx512vnni", "amx") if p not in available]
     if not missing:
         pytest.skip("this CPU has every path")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}

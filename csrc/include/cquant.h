@@ -22,9 +22,9 @@
 #endif
 
 #define CQ_VERSION_MAJOR 0
-#define CQ_VERSION_MINOR 1
+#define CQ_VERSION_MINOR 2
 #define CQ_VERSION_PATCH 0
-#define CQ_VERSION_STRING "0.1.0"
+#define CQ_VERSION_STRING "0.2.0"
 
 #ifdef __cplusplus
 extern "C" {
@@ -42,7 +42,9 @@ enum cq_status {
     CQ_ERR_ISA = -7,          /* the requested instruction set is not available */
     CQ_ERR_RANGE = -8,        /* an int8 code of -128 where codes must be in [-127, 127] */
     CQ_ERR_ARG = -9,          /* an unknown enum value (scheme, mode, isa) */
-    CQ_ERR_VERSION = -10      /* reserved: mismatched library / header version */
+    CQ_ERR_VERSION = -10,     /* reserved: mismatched library / header version */
+    CQ_ERR_FORMAT = -11       /* a packed buffer that is not one (bad header), or packed for
+                                 another shape or scale group */
 };
 
 /* Weight quantization schemes (granularity of the scales). */
@@ -63,8 +65,12 @@ enum cq_isa {
     CQ_ISA_AUTO = -1,        /* best available, or the one named by the CQUANT_ISA environment variable */
     CQ_ISA_SCALAR = 0,       /* portable C: the reference */
     CQ_ISA_AVX2 = 1,         /* AVX2 + FMA */
-    CQ_ISA_AVX512VNNI = 2    /* AVX-512 F/BW/VL + VNNI */
+    CQ_ISA_AVX512VNNI = 2,   /* AVX-512 F/BW/DQ/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4) */
+    CQ_ISA_AVX512 = 3,       /* AVX-512 F/BW/DQ/VL without VNNI (Skylake-SP) */
+    CQ_ISA_AMX = 4           /* avx512vnni + AMX-INT8 tiles (Sapphire Rapids, Granite Rapids) */
 };
+/* Paths are ordered scalar < avx2 < avx512 < avx512vnni < amx (the enum values keep their ABI numbers):
+ * a path runs the kernels of the paths below it where it has none of its own. */
 
 /* Largest k for which an int8 x int8 dot product of codes in [-127, 127] always fits in int32:
  * floor((2^31 - 1) / (127 * 127)). cq_gemm_s8s8s32 refuses larger k; cq_linear has no limit
@@ -81,7 +87,7 @@ const char *cq_strerror(int status);
  * cannot run here: CQ_ERR_ISA, or CQ_ERR_ARG for a name that is no path at all (names are
  * case-insensitive); kernels then return CQ_ERR_ISA until cq_set_isa succeeds. */
 int cq_get_isa(void);
-/* Name of a path ("scalar", "avx2", "avx512vnni"), or "unknown". */
+/* Name of a path ("scalar", "avx2", "avx512", "avx512vnni", "amx"), or "unknown". */
 const char *cq_isa_name(int isa);
 /* 1 if the path is compiled into this build and this CPU and OS support it, else 0. */
 int cq_isa_supported(int isa);
@@ -112,18 +118,44 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
  * unaffected. q is (m, k), scales (m). */
 int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales);
 
-/* ---- packed weight layout ------------------------------------------------------------------
- * The linear kernels read the weight codes in one ISA-independent packed layout, made once at
- * quantization time: output rows in panels of 16; inside a panel, k in steps of 4; for each step,
- * 16 rows x 4 consecutive k codes (64 bytes). n is padded to a multiple of 16 and k to a multiple
- * of 4 with zero codes:  packed[((p * kp4 + t) * 16 + j) * 4 + i] = q[16p + j][4t + i]
- * with kp4 = ceil(k / 4). The same packed array serves every ISA path. */
-int64_t cq_packed_size(int64_t n, int64_t k); /* bytes, or a negative status */
-/* Pack canonical codes q (n, k). CQ_ERR_RANGE if any code is -128 (q is validated, packed is then
- * unspecified). */
-int cq_pack(const int8_t *q, int64_t n, int64_t k, int8_t *packed);
-/* Inverse of cq_pack. */
-int cq_unpack(const int8_t *packed, int64_t n, int64_t k, int8_t *q);
+/* ---- packed weights ---------------------------------------------------------------------------
+ * The linear kernels read the weight codes in a packed format made once at quantization time; the
+ * canonical (n, k) codes are what checkpoints hold, so a weight can be repacked for whatever format
+ * is best on the machine that loads it. A packed buffer is self-describing:
+ *   bytes [0, 64)   header: magic "CQPK", layout version, format, nr, n, k, ... (read it with
+ *                   cq_packed_info; never rely on its fields directly)
+ *   codes           output rows in panels of nr (the format's width: 16 or 64); inside a panel, k in
+ *                   steps of 4; per step nr rows x 4 consecutive codes:
+ *                     codes[((p * kp4 + t) * nr + j) * 4 + i] = q[nr*p + j][4t + i],  kp4 = ceil(k/4),
+ *                   rows past n and k past its end are zero codes
+ *   column sums     (N64K4 only, 64-byte aligned after the codes) int32, per panel, per segment
+ *                   of k (the scale group for per-group weights, all of k otherwise), per row of
+ *                   the panel: the sum of that row's codes over the segment. The AVX-512 VNNI
+ *                   kernels read activations as u8 (x + 128) and subtract 128 * sum.
+ * Every format runs on every path (the scalar reference reads any of them); the best one for this
+ * CPU and n is cq_best_format(n). */
+enum cq_format {
+    CQ_FORMAT_AUTO = 0,   /* cq_pack / cq_packed_size: cq_best_format(n) */
+    CQ_FORMAT_N16K4 = 1,  /* panels of 16 rows: the AVX2 and scalar kernels */
+    CQ_FORMAT_N64K4 = 2   /* panels of 64 rows: the AVX-512 kernels (4 zmm of int32 per row) */
+};
+/* The best format for a weight with n output rows on the active path (an enum cq_format value
+ * > 0), or CQ_ERR_ISA: the widest panels the path's kernels read, unless padding n to them would
+ * waste more than a quarter of the codes (then panels of 16, so quantized layers stay ~4x smaller;
+ * they run on the AVX2 kernels). */
+int cq_best_format(int64_t n);
+/* Bytes of a packed (n, k) weight in `format`, whose column sums run over segments of group_size
+ * columns (0: one segment, for per-tensor / per-channel scales; else as cq_num_scales requires).
+ * Negative status on bad arguments. */
+int64_t cq_packed_size(int format, int64_t n, int64_t k, int64_t group_size);
+/* Pack canonical codes q (n, k). CQ_ERR_RANGE if any code is -128 (packed is then unspecified). */
+int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_size, void *packed);
+/* Inverse of cq_pack; n and k must be the packed ones (CQ_ERR_FORMAT otherwise). */
+int cq_unpack(const void *packed, int64_t n, int64_t k, int8_t *q);
+/* Read a packed buffer's header: its format (> 0) is returned, and n, k, group_size (0 for one
+ * segment) stored where the pointers are not NULL; CQ_ERR_FORMAT if it is not a packed buffer of
+ * `size` bytes (size < 0: the size is not checked). */
+int cq_packed_info(const void *packed, int64_t size, int64_t *n, int64_t *k, int64_t *group_size);
 
 /* ---- kernels --------------------------------------------------------------------------------- */
 /* c (m, n) int32 = a (m, k) int8 times b (n, k) int8 transposed, exactly.
@@ -136,11 +168,24 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
  *   CQ_MODE_DYNAMIC:     each row of x quantized (cq_quantize_rows); exact integer sums per scale
  *                        group; y = sum_g acc_g * sw_g * sx + bias.
  * m may be 0 (nothing is done). NaN/Inf in a row of x makes that row of y non-finite only.
- * packed must come from cq_pack (codes in [-127, 127]); otherwise results are unspecified but
- * memory-safe. */
-int cq_linear(int mode, const float *x, int64_t m, int64_t k, const int8_t *packed,
+ * packed must come from cq_pack for this (n, k) and group_size (per-group scales: the same
+ * group_size; otherwise 0), CQ_ERR_FORMAT if not. A format other than cq_best_format() still runs
+ * (on a slower kernel: see cq_last_kernel). */
+int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed,
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);
+
+/* Name of the micro-kernel the calling thread's last cq_linear / cq_gemm_s8s8s32 ran, e.g.
+ * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. */
+const char *cq_last_kernel(void);
+
+/* Quantize rows as cq_quantize_rows, storing u8 codes q + 128 (what the u8 kernels read). */
+int cq_quantize_rows_u8(const float *x, int64_t m, int64_t k, uint8_t *q, float *scales);
+
+/* Peak multiply-accumulates per second of one core, in GMAC/s, measured now on the calling thread by
+ * a short register-only loop (~20 ms) of the active path's int8 dot-product instruction (kind 0:
+ * vpdpbusd or vpmaddubsw/vpmaddwd) or float32 FMA (kind 1). Stored in *gmacs. For benchmarks. */
+int cq_peak_gmacs(int kind, double *gmacs);
 
 /* ---- float32 helpers for the layers around the linear ones ------------------------------------ */
 /* y[i] = x[i] / 2 * (1 + erf(x[i] / sqrt(2)))  (exact GELU, as BERT uses it), n >= 0 elements;
@@ -152,6 +197,31 @@ int cq_gelu(const float *x, int64_t n, float *y);
  * biased variance; gamma and beta (k) may be NULL (1 and 0). eps >= 0. y may be x. */
 int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, const float *beta,
                   float eps, float *y);
+
+/* y = LayerNorm(x + residual) per row of (m, k), as cq_layer_norm, in one call (residual NULL:
+ * cq_layer_norm). y may be x or residual. */
+int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *gamma,
+                      const float *beta, float eps, float *y);
+
+/* Softmax of each row of x (m, k), in place: x[r] = softmax(x[r] * scale + bias row), the maximum
+ * subtracted first, float32. bias (NULL: none) is an additive mask with one row of k per
+ * rows_per_bias consecutive rows of x: row r uses bias[(r / rows_per_bias) * k ...] (attention
+ * scores (B, heads, T, T) with a (B, T) key mask: rows_per_bias = heads * T; rows_per_bias >= 1
+ * when bias is given, else CQ_ERR_SHAPE). k >= 1, m >= 0. A row with a NaN, or whose values are
+ * all -Inf, becomes all NaN (as torch); exp of values more than 87.3 below the row's maximum is 0.
+ * Relative error a few float32 ulps against a double-precision softmax of the float32 sums. */
+int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t rows_per_bias, float scale);
+
+/* Multi-head scaled dot-product attention (BERT self-attention after its projections):
+ * for each batch b and head h, O = softmax(Q K^T * scale + mask_bias[b]) V, where row t of Q, K, V
+ * and O are element (b, t, h, d): q[(b*seq + t)*ld + h*head_dim + d] (k, v likewise, sharing ld;
+ * out with row stride ldo), ld and ldo >= heads * head_dim (ld = 3 * heads * head_dim reads a
+ * fused QKV projection). mask_bias (batch, seq) is added to the scores of every query row of its
+ * batch (0 for tokens, -Inf or a large negative number for padding), or NULL. The softmax is
+ * cq_softmax_rows'. out must not overlap q, k or v. CQ_ERR_NOMEM if its scratch
+ * ((head_dim + 8) * seq floats per unit of work) cannot be allocated. */
+int cq_attention(const float *q, const float *k, const float *v, int64_t ld, int64_t batch, int64_t seq,
+                 int64_t heads, int64_t head_dim, const float *mask_bias, float scale, float *out, int64_t ldo);
 
 #ifdef __cplusplus
 }

@@ -62,8 +62,7 @@ int main(void)
         fprintf(stderr, "kernel path unavailable: %s\n", cq_strerror(isa));
         return 77;
     }
-    printf("cquant %s, kernel path %s, %d thread(s)\n", cq_version(), cq_isa_name(isa),
-           cq_get_num_threads());
+    printf("cquant %s, kernel path %s, %d thread(s)\n", cq_version(), cq_isa_name(isa), cq_get_num_threads());
 
     static float w[N * K], x[M * K], bias[N], y[M * N];
     static double ref_float[M * N], ref_wo[M * N], ref_dyn[M * N];
@@ -78,11 +77,11 @@ int main(void)
     int8_t *q = malloc(N * K);
     float *scales = malloc(sizeof(float) * (size_t)nscales);
     /* 2. Pack the codes once into the layout the kernels read (the same on every ISA path). */
-    int64_t psize = cq_packed_size(N, K);
+    int64_t psize = cq_packed_size(CQ_FORMAT_AUTO, N, K, 0);
     int8_t *packed = psize > 0 ? malloc((size_t)psize) : NULL;
     if (!q || !scales || !packed) { fprintf(stderr, "out of memory\n"); return 1; }
     CQ_TRY(cq_quantize(w, N, K, CQ_PER_CHANNEL, 0, q, scales));
-    CQ_TRY(cq_pack(q, N, K, packed));
+    CQ_TRY(cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, packed));
 
     /* References in double: the float layer, and the two quantized computations. */
     float *sx = malloc(sizeof(float) * M);
@@ -120,6 +119,7 @@ int main(void)
         int ok_q = err_q <= runs[r].budget * (scale_q + 1.0);
         /* vs the float layer: int8 quantization error, a few percent of the output range */
         int ok_f = err_f <= 0.05 * scale_ref;
+        printf("  %-11s ran %s\n", runs[r].name, cq_last_kernel());
         printf("  %-11s max|y - quantized ref| = %.3g (%s), max|y - float ref| = %.3g of %.3g (%s)\n",
                runs[r].name, err_q, ok_q ? "ok" : "FAIL", err_f, scale_ref, ok_f ? "ok" : "FAIL");
         failed += !ok_q + !ok_f;

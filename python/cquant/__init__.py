@@ -9,7 +9,7 @@ array layer on top; everything else (Quantizer, nn, io, cli) is built on ``cquan
 """
 from __future__ import annotations
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 try:
     from ._native import ffi as _ffi, lib as _lib
@@ -43,7 +43,7 @@ def _check_thread_env() -> None:
 _check_thread_env()
 from .errors import QuantizationError  # noqa: E402
 from .ops import (  # noqa: E402
-    QuantizedWeight, available_isas, get_num_threads, isa, set_isa, set_num_threads,
+    QuantizedWeight, available_isas, get_num_threads, isa, last_kernel, set_isa, set_num_threads,
 )
 
 _LAZY = {
@@ -69,4 +69,4 @@ def __getattr__(name):  # PEP 562: import the model layers on first use
 
 
 __all__ = ["__version__", "errors", "ops", "QuantizationError", "QuantizedWeight", "isa", "set_isa",
-           "available_isas", "set_num_threads", "get_num_threads", *_LAZY]
+           "available_isas", "set_num_threads", "get_num_threads", "last_kernel", *_LAZY]

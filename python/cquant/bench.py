@@ -29,9 +29,27 @@ How it measures, and why:
   is 1.0.
 * **Accuracy.** Each contender's output on the same Gaussian ``x`` is compared with a float64 reference:
   relative error ``||y - ref|| / ||ref||`` and cosine similarity.
+* **Machine.** The report opens with the CPU model and the cquant ISA path (``meta.cpu``,
+  ``meta.cquant_isa`` in the JSON).
+* **Micro-kernels.** After the timing of a cell, the child calls each cquant contender once more and
+  then ``cquant.last_kernel()`` (the micro-kernel the calling thread's last linear/gemm ran), recorded
+  as ``kernel`` per cell and contender and printed in the table "Micro-kernels that ran". ``?`` (JSON
+  ``null``): this cquant has no ``last_kernel``.
+* **% of peak.** Each child measures, once, ``cquant.ops.peak_gmacs("int8")`` and ``("f32")``: the
+  multiply-accumulates per second (GMAC/s) of a register-only loop of the active ISA's best int8
+  dot-product / float32 FMA instruction on one core (``meta.peak_gmacs[threads]``). A cell of K, N, M
+  timed at t seconds achieves ``K*N*M / t / 1e9`` GMAC/s (``gmacs``); ``pct_of_peak`` = achieved /
+  (peak * threads), in percent: cquant dynamic against the int8 peak, weight_only against the f32
+  peak. ``n/a`` (``null``): this cquant has no ``ops.peak_gmacs``. M=1 cells are bound by the weight
+  stream, not by arithmetic, so a low figure there is expected.
+* **Warnings.** The child ignores torch's deprecation chatter about ``torch.ao.quantization`` and
+  quantized tensors (Deprecation/Future/UserWarning mentioning "quantiz" or "deprecat", raised in
+  torch or attributed by torch to this module's calls into it); every other warning still shows.
 
 The peers are optional: without torch, or without onnxruntime + onnx, their columns say
 "not installed". ``pip install -r requirements-bench.txt`` (``make bench-deps``) brings them.
+``CQUANT_BENCH_HIDE`` (comma-separated: ``torch``, ``onnxruntime``, ``last_kernel``, ``peak_gmacs``)
+makes the child behave as if those were missing, for the tests.
 """
 from __future__ import annotations
 
@@ -44,6 +62,7 @@ import logging
 import math
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -51,6 +70,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -91,6 +111,11 @@ MIN_REPS = 7        # ... and at least this many repetitions
 SLOW_MIN_REPS = 3   # a slow contender may stop at this many
 SLOW_MAX_S = 2.0    # ... once its repetitions would pass this much time
 MAX_REPS = 500
+
+# cquant contenders whose micro-kernel and % of peak are reported, with the peak each is held against.
+CQUANT_PEAK_KIND: Dict[str, str] = {"cquant_wo": "f32", "cquant_dyn": "int8"}
+# The int8 dot-product instruction whose peak ops.peak_gmacs("int8") measures, per cquant ISA path.
+INT8_PEAK_INSN: Dict[str, str] = {"avx512vnni": "vpdpbusd", "avxvnni": "vpdpbusd", "avx2": "vpmaddubsw"}
 
 
 class Unavailable(Exception):
@@ -508,6 +533,47 @@ def _quant_time(args, threads: int) -> Dict[str, Any]:
     return out
 
 
+def _filter_torch_warnings() -> None:
+    """Ignore, in the child, torch's deprecation warnings about its quantization APIs, nothing else.
+
+    Installed once, before torch is imported, so the timed calls carry no ``catch_warnings`` overhead.
+    torch warns with stacklevel=2, so its DeprecationWarning about ``quantize_dynamic`` is attributed to
+    the caller (this module, ``__main__`` in the child) and its C++ warnings ("Triggered internally")
+    to the Python line that called into torch: the module pattern takes torch.* and this module only.
+    """
+    modules = r"(torch(\..*)?|%s|cquant\.bench)\Z" % re.escape(__name__)
+    for cat in (DeprecationWarning, FutureWarning, UserWarning):
+        warnings.filterwarnings("ignore", message=r"(?s).*(quantiz|deprecat)", category=cat, module=modules)
+
+
+def _cquant_feature(obj: Any, name: str) -> Optional[Callable[..., Any]]:
+    """obj.name if this cquant has it (and CQUANT_BENCH_HIDE does not name it), else None."""
+    if name in _hidden():
+        return None
+    return getattr(obj, name, None)
+
+
+def _measure_peaks() -> Dict[str, Any]:
+    """One-core int8 and f32 peak GMAC/s from cquant.ops.peak_gmacs; None where unavailable."""
+    out: Dict[str, Any] = {"int8": None, "f32": None}
+    try:
+        _, ops = _import_cquant_ops()
+    except Unavailable as exc:
+        out["status"] = str(exc)
+        return out
+    fn = _cquant_feature(ops, "peak_gmacs")
+    if fn is None:
+        out["status"] = "cquant.ops.peak_gmacs not available"
+        return out
+    for kind in ("int8", "f32"):
+        try:
+            val = float(fn(kind))
+            out[kind] = val if math.isfinite(val) and val > 0 else None
+        except Exception as exc:
+            out["status"] = f"peak_gmacs({kind!r}): " + _short_error(exc)
+    return out
+
+
 def _hide_modules_for_tests() -> None:
     """In the child only: make the imports named by CQUANT_BENCH_HIDE fail, as if not installed."""
     for name in _hidden():
@@ -517,6 +583,7 @@ def _hide_modules_for_tests() -> None:
 def run_child(args: argparse.Namespace) -> Dict[str, Any]:
     threads = args.child_threads
     _hide_modules_for_tests()
+    _filter_torch_warnings()
     import numpy as np
     logging.getLogger().setLevel(logging.ERROR)
     meta: Dict[str, Any] = {"threads": threads,
@@ -541,6 +608,16 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
     except Unavailable:
         seen["torch"] = None
     meta["threads_seen"] = seen
+    last_kernel: Optional[Callable[[], str]] = None
+    with contextlib.suppress(Unavailable):
+        cq, _ = _import_cquant_ops()
+        last_kernel = _cquant_feature(cq, "last_kernel")
+        with contextlib.suppress(Exception):
+            meta["cquant_isa"] = cq.isa()
+    # measured before any contender is set up, on a quiet process
+    peaks = (_measure_peaks() if not args.child_no_linear and any(k in CQUANT_PEAK_KIND for k in args.contenders)
+             else {})
+    meta["peak_gmacs"] = peaks
 
     results: List[Dict[str, Any]] = []
     tmpdir = tempfile.mkdtemp(prefix="cquant-bench-")
@@ -593,6 +670,19 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
                     except Exception as exc:
                         row_status[key] = "error: " + _short_error(exc)
                 times, outs = measure_interleaved(live, x, args.target_time, args.min_reps)
+                # the micro-kernel each cquant contender ran: call it once more, then ask this thread
+                kernels: Dict[str, Any] = {}
+                for key in CQUANT_PEAK_KIND:
+                    if key not in times:
+                        continue
+                    if last_kernel is None:
+                        kernels[key] = None
+                        continue
+                    try:
+                        live[key](x)
+                        kernels[key] = str(last_kernel())
+                    except Exception as exc:
+                        kernels[key] = "error: " + _short_error(exc)
                 ref = None if args.no_accuracy else x.astype(np.float64) @ W64.T + b64
                 row: Dict[str, Any] = {"K": K, "N": N, "M": M, "threads": threads, "contenders": {}}
                 for key in args.contenders:
@@ -603,6 +693,13 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
                                              "setup_s": t_setup.get(key)}
                         if ref is not None:
                             c.update(accuracy(outs[key], ref))
+                        if key in CQUANT_PEAK_KIND:
+                            c["kernel"] = kernels.get(key)
+                            t_med = statistics.median(ts)
+                            c["gmacs"] = K * N * M / t_med / 1e9 if t_med > 0 else None
+                            peak = peaks.get(CQUANT_PEAK_KIND[key])
+                            c["pct_of_peak"] = (100.0 * c["gmacs"] / (peak * threads)
+                                                if peak and c["gmacs"] else None)
                         row["contenders"][key] = c
                     else:
                         row["contenders"][key] = {"status": row_status.get(key, "not run")}
@@ -772,6 +869,79 @@ def _cell(c: Dict[str, Any], notes: _Notes) -> str:
     return f"{_fmt_ms(c['median_ms'])} ({c.get('ratio', float('nan')):.2f}x)"
 
 
+def _kernel_name(c: Dict[str, Any]) -> str:
+    if c.get("status") != "ok":
+        return "-"
+    name = c.get("kernel")
+    if name is None:
+        return "?"  # this cquant has no last_kernel()
+    return name or "(none)"
+
+
+def _kernel_table(report: Dict[str, Any]) -> List[str]:
+    """Rows K x N, M; columns the cquant contenders. A thread count that ran another kernel than the
+    lowest one is named in the cell."""
+    keys = [k for k in report["contenders"] if k in CQUANT_PEAK_KIND]
+    if not keys or not report["results"]:
+        return []
+    cells: Dict[Tuple[int, int, int], Dict[int, Dict[str, Any]]] = {}
+    for r in report["results"]:
+        cells.setdefault((r["K"], r["N"], r["M"]), {})[r["threads"]] = r["contenders"]
+    lines = ["", "Micro-kernels that ran (cquant.last_kernel() after the timed calls; ? = not available)", ""]
+    lines.append("| " + " | ".join(["K x N", "M"] + [LABELS[k] for k in keys]) + " |")
+    lines.append("|" + "|".join(["---"] * (2 + len(keys))) + "|")
+    for (K, N, M), by_thr in cells.items():
+        row = [f"{K}x{N}", str(M)]
+        thr = sorted(by_thr)
+        for k in keys:
+            first = _kernel_name(by_thr[thr[0]].get(k, {}))
+            others = [f"thr {t}: {_kernel_name(by_thr[t].get(k, {}))}" for t in thr[1:]
+                      if _kernel_name(by_thr[t].get(k, {})) != first]
+            row.append(first + (f" ({'; '.join(others)})" if others else ""))
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _fmt_gmacs(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.1f}"
+
+
+def _peak_table(report: Dict[str, Any]) -> List[str]:
+    keys = [k for k in report["contenders"] if k in CQUANT_PEAK_KIND]
+    if not keys or not report["results"]:
+        return []
+    meta = report["meta"]
+    peaks: Dict[str, Dict[str, Any]] = meta.get("peak_gmacs", {})
+    thr_keys = sorted(peaks, key=int)
+    first = peaks[thr_keys[0]] if thr_keys else {}
+    insn = INT8_PEAK_INSN.get(str(meta.get("cquant_isa")), "int8 dot")
+    lines = ["", f"% of measured peak (int8 {insn}-class peak {_fmt_gmacs(first.get('int8'))} GMAC/s/core, "
+                 f"f32 FMA peak {_fmt_gmacs(first.get('f32'))} GMAC/s/core)", "",
+             "achieved GMAC/s = K*N*M / median time; % = achieved / (peak * threads); dynamic against "
+             "the int8 peak, weight_only against the f32 peak"]
+    for t in thr_keys[1:]:
+        if peaks[t].get("int8") is None and peaks[t].get("f32") is None:
+            continue
+        lines.append(f"peak measured by the threads={t} child: int8 {_fmt_gmacs(peaks[t].get('int8'))}, "
+                     f"f32 {_fmt_gmacs(peaks[t].get('f32'))} GMAC/s/core")
+    if first.get("status"):
+        lines.append(f"peak: {first['status']}")
+    lines.append("")
+    lines.append("| " + " | ".join(["K x N", "M", "thr"] + [LABELS[k] + " % (GMAC/s)" for k in keys]) + " |")
+    lines.append("|" + "|".join(["---"] * 3 + ["---:"] * len(keys)) + "|")
+    for r in report["results"]:
+        row = [f"{r['K']}x{r['N']}", str(r["M"]), str(r["threads"])]
+        for k in keys:
+            c = r["contenders"].get(k, {})
+            if c.get("status") != "ok" or c.get("gmacs") is None:
+                row.append("-")
+                continue
+            pct = c.get("pct_of_peak")
+            row.append(("n/a" if pct is None else f"{pct:.1f}%") + f" ({c['gmacs']:.1f})")
+        lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
 def format_tables(report: Dict[str, Any]) -> str:
     meta = report["meta"]
     keys: List[str] = report["contenders"]
@@ -819,6 +989,8 @@ def format_tables(report: Dict[str, Any]) -> str:
                 rs = [x for x in rs if x]
                 cells.append(f"{math.exp(sum(math.log(x) for x in rs) / len(rs)):.2f}x" if rs else "-")
             lines.append("| " + " | ".join(cells) + " |")
+    lines.extend(_kernel_table(report))
+    lines.extend(_peak_table(report))
     acc_rows = [r for r in report["results"] if r["threads"] == min(rr["threads"] for rr in report["results"])]
     if acc_rows and any("rel_err" in c for r in acc_rows for c in r["contenders"].values()):
         lines.append("")
@@ -889,6 +1061,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         data = _run_child_process(args, threads, qt_here)
         meta["threads_seen"][str(threads)] = data["meta"]["threads_seen"]
         meta.setdefault("load", {})[str(threads)] = data["meta"]["load"]
+        meta.setdefault("peak_gmacs", {})[str(threads)] = data["meta"].get("peak_gmacs", {})
         if data["meta"].get("torch_qengine"):
             meta["torch_qengine"] = data["meta"]["torch_qengine"]
         results.extend(data["results"])

@@ -28,7 +28,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import errors, nn
+from . import errors, nn, ops
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
            "QuantizedEmbedding", "quantize_embeddings",
@@ -116,24 +116,23 @@ class BertSelfAttention(nn.Module):
         self.key = _linear(c.hidden_size, c.hidden_size)
         self.value = _linear(c.hidden_size, c.hidden_size)
 
-    def _heads(self, x: np.ndarray) -> np.ndarray:
-        b, t, _ = x.shape
-        return x.reshape(b, t, self.num_heads, self.head_dim).transpose(0, 2, 1, 3)
+    def forward(self, x: np.ndarray, mask_bias: Optional[np.ndarray]) -> np.ndarray:
+        """x: (B, T, H) float32; mask_bias: (B, T) (or (B, 1, 1, T)), 0 for tokens and finfo.min
+        for padding, or None. One C call (:func:`cquant.ops.attention`) does, per batch and head,
+        softmax(q k^T / sqrt(dh) + mask) v on the (B, T, H) projections: the heads are column
+        blocks of them, so there is no reshape, transpose or (B, heads, T, T) numpy temporary,
+        and the context comes back as (B, T, H) for the output projection."""
+        q = self.query(x)
+        k = self.key(x)
+        v = self.value(x)
+        return ops.attention(q, k, v, self.num_heads, mask_bias, scale=1.0 / math.sqrt(self.head_dim))
 
-    def forward(self, x: np.ndarray, mask_bias: np.ndarray) -> np.ndarray:
-        """x: (B, T, H) float32; mask_bias: (B, 1, 1, T), 0 for tokens and finfo.min for padding."""
-        b, t, h = x.shape
-        q = self._heads(self.query(x))
-        k = self._heads(self.key(x))
-        v = self._heads(self.value(x))
-        scores = np.matmul(q, k.transpose(0, 1, 3, 2))
-        scores *= np.float32(1.0 / math.sqrt(self.head_dim))
-        scores += mask_bias
-        scores -= scores.max(axis=-1, keepdims=True)
-        np.exp(scores, out=scores)
-        scores /= scores.sum(axis=-1, keepdims=True)
-        ctx = np.matmul(scores, v)                       # (B, nh, T, dh)
-        return np.ascontiguousarray(ctx.transpose(0, 2, 1, 3)).reshape(b, t, h)
+
+def _scratch(y: Any, *inputs: np.ndarray) -> bool:
+    """y (a layer's output) can be overwritten in place: a writable C-contiguous float32 ndarray
+    that shares no memory with the layer's inputs."""
+    return (isinstance(y, np.ndarray) and y.dtype == np.float32 and y.flags.c_contiguous
+            and y.flags.writeable and not any(np.may_share_memory(y, a) for a in inputs))
 
 
 class BertSelfOutput(nn.Module):
@@ -144,8 +143,13 @@ class BertSelfOutput(nn.Module):
 
     def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
         y = self.dense(h)
-        y += residual
-        return self.LayerNorm(y)
+        ln = self.LayerNorm
+        if type(ln) is nn.LayerNorm and len(ln.normalized_shape) == 1:
+            # LayerNorm(y + residual) in one C pass per row, written over y (a fresh array)
+            out = y if _scratch(y, h, residual) else None
+            return ops.add_layer_norm(y, residual, ln.weight, ln.bias, ln.eps, out=out)
+        y = y + residual
+        return ln(y)
 
 
 class BertAttention(nn.Module):
@@ -165,7 +169,10 @@ class BertIntermediate(nn.Module):
         self.approximate = "none" if c.hidden_act == "gelu" else "tanh"
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        return nn.gelu(self.dense(x), self.approximate)
+        y = self.dense(x)
+        if self.approximate == "none" and _scratch(y, x):
+            return ops.gelu_inplace(y)  # no second (B, T, intermediate) array
+        return nn.gelu(y, self.approximate)
 
 
 class BertOutput(BertSelfOutput):
@@ -252,8 +259,9 @@ class BertModel(nn.Module):
             raise errors.TypeError(f"input_ids must be an integer (B, T) array, got {ids.dtype} {ids.shape}")
         mask = np.ones(ids.shape, np.float32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
         tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids).reshape(ids.shape)
-        bias = ((1.0 - mask.astype(np.float32)) * np.finfo(np.float32).min)[:, None, None, :]
-        return self.encoder(self.embeddings(ids, tt), bias.astype(np.float32))
+        # additive key mask (B, T): the attention kernel applies row b to every head and query of batch b
+        bias = ((1.0 - mask.astype(np.float32)) * np.finfo(np.float32).min).astype(np.float32)
+        return self.encoder(self.embeddings(ids, tt), bias)
 
     def pool(self, hidden: np.ndarray) -> np.ndarray:
         return self.pooler(hidden)

@@ -110,8 +110,11 @@ def relu(x: Any) -> np.ndarray:
 
 
 def softmax(x: Any, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax along ``axis`` (max subtracted first), float32."""
+    """Numerically stable softmax along ``axis`` (max subtracted first), float32. The last axis
+    runs in C (:func:`cquant.ops.softmax_rows` on a copy); a row with a NaN, or all -Inf, is NaN."""
     x = _as_float_input(x)
+    if x.ndim and x.size and axis in (-1, x.ndim - 1):
+        return ops.softmax_rows(np.array(x, dtype=np.float32, order="C"))
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32, copy=False)
 

@@ -22,12 +22,18 @@ __all__ = [
     "QuantizedWeight", "quantize_weight", "quantize", "dequantize", "quantize_rows", "linear",
     "gemm_s8s8s32", "check_finite", "isa", "set_isa", "available_isas", "set_num_threads",
     "get_num_threads", "native_version", "GRANULARITIES", "MODES", "gelu", "layer_norm",
+    "last_kernel", "best_format", "peak_gmacs", "quantize_rows_u8", "FORMATS",
+    "softmax_rows", "gelu_inplace", "add_layer_norm", "attention",
 ]
 
 GRANULARITIES = {"per_tensor": lib.CQ_PER_TENSOR, "per_channel": lib.CQ_PER_CHANNEL,
                  "per_group": lib.CQ_PER_GROUP}
 MODES = {"weight_only": lib.CQ_MODE_WEIGHT_ONLY, "dynamic": lib.CQ_MODE_DYNAMIC}
-_ISAS = {"scalar": lib.CQ_ISA_SCALAR, "avx2": lib.CQ_ISA_AVX2, "avx512vnni": lib.CQ_ISA_AVX512VNNI}
+# in the order of the paths (each runs the kernels of those before it where it has none of its own)
+_ISAS = {"scalar": lib.CQ_ISA_SCALAR, "avx2": lib.CQ_ISA_AVX2, "avx512": lib.CQ_ISA_AVX512,
+         "avx512vnni": lib.CQ_ISA_AVX512VNNI, "amx": lib.CQ_ISA_AMX}
+FORMATS = {"n16k4": lib.CQ_FORMAT_N16K4, "n64k4": lib.CQ_FORMAT_N64K4}
+_FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 MAX_K_S32 = lib.CQ_MAX_K_S32
 
 
@@ -49,6 +55,8 @@ def _raise(status: int, what: str) -> None:
         raise errors.OverflowError(msg)
     if status == lib.CQ_ERR_ISA:
         raise errors.IsaError(_isa_message(msg))
+    if status == lib.CQ_ERR_FORMAT:
+        raise errors.ValueError(msg)
     if status == lib.CQ_ERR_NOMEM:
         raise MemoryError(msg)
     raise errors.NativeError(msg)
@@ -119,6 +127,33 @@ def get_num_threads() -> int:
     return int(lib.cq_get_num_threads())
 
 
+def last_kernel() -> str:
+    """Name of the micro-kernel the calling thread's last :func:`linear` / :func:`gemm_s8s8s32` ran,
+    e.g. ``"qd8_f32_qc8w_gemm_6x64c4_avx512vnni"`` (type, tile, ISA); ``""`` before any call."""
+    return ffi.string(lib.cq_last_kernel()).decode()
+
+
+def best_format(n: int = 0) -> str:
+    """Packed weight format the active path's best kernels read for a weight of n output rows
+    ('n16k4' or 'n64k4'; small n keep panels of 16 so that padding stays small)."""
+    code = lib.cq_best_format(int(n))
+    if code < 0:
+        _raise(code, "best_format")
+    return _FORMAT_NAMES[code]
+
+
+def peak_gmacs(kind: str = "int8") -> float:
+    """Measured peak multiply-accumulates per second of one core, GMAC/s, of the active path's int8
+    dot-product instruction (``"int8"``: vpdpbusd zmm, or vpmaddubsw ymm on AVX2) or float32 FMA
+    (``"f32"``): a ~20 ms register-only loop on the calling thread. For benchmarks' "% of peak"."""
+    kinds = {"int8": 0, "f32": 1}
+    if kind not in kinds:
+        raise errors.ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
+    out = ffi.new("double *")
+    _check(lib.cq_peak_gmacs(kinds[kind], out), "peak_gmacs")
+    return float(out[0])
+
+
 # ---- argument checks ------------------------------------------------------------------------------
 def _float_array(a, name: str) -> np.ndarray:
     """float32 C-contiguous view or copy of a float array; TypeError for anything not floating."""
@@ -171,11 +206,26 @@ def _scale_shape(granularity: str, n: int, k: int, group_size: Optional[int]) ->
 
 
 # ---- quantized weights ----------------------------------------------------------------------------
+def _pack(q: np.ndarray, granularity: str, group_size: Optional[int], fmt: int = 0) -> np.ndarray:
+    """Packed buffer of canonical codes q (N, K) in format fmt (0: the best for the active path)."""
+    n, k = q.shape
+    g = int(group_size) if granularity == "per_group" else 0
+    size = lib.cq_packed_size(fmt, n, k, g)
+    if size < 0:
+        _raise(int(size), f"invalid weight shape {q.shape}")
+    packed = np.empty(int(size), dtype=np.int8)
+    _check(lib.cq_pack(fmt, _ptr("int8_t[]", q), n, k, g, _ptr("int8_t[]", packed)), "pack")
+    return packed
+
+
 class QuantizedWeight:
-    """An (N, K) int8 weight in the kernels' packed layout, with float32 scales.
+    """An (N, K) int8 weight in a packed format of the kernels, with float32 scales.
 
     Holds only numpy arrays, so it pickles, deep-copies and crosses process boundaries as is.
-    ``packed`` is the only copy of the codes; ``q`` unpacks the canonical (N, K) codes on demand.
+    ``packed`` is the only copy of the codes (a self-describing buffer: header, codes in panels,
+    per-column sums); ``q`` unpacks the canonical (N, K) codes on demand. A weight packed in a format
+    other than the best one for the path in use (pickled on another machine, or the path forced
+    with ``set_isa``) is repacked from its codes on its next use, so memory stays one packed copy.
     """
 
     __slots__ = ("packed", "scale", "shape", "granularity", "group_size", "_cache")
@@ -184,17 +234,22 @@ class QuantizedWeight:
                  group_size: Optional[int] = None):
         n, k = (int(s) for s in shape)
         _scheme(granularity, group_size, k)
-        size = lib.cq_packed_size(n, k)
-        if size < 0:
-            _raise(int(size), f"invalid weight shape {shape}")
         packed = np.asarray(packed)
-        if packed.dtype != np.int8 or packed.ndim != 1 or packed.size != size:
-            raise errors.ValueError(f"packed codes must be a 1-D int8 array of {size} bytes for shape {shape}")
+        if packed.dtype != np.int8 or packed.ndim != 1:
+            raise errors.ValueError(f"packed codes must be a 1-D int8 array, got {packed.dtype} {packed.shape}")
+        packed = np.ascontiguousarray(packed)
+        dims = ffi.new("int64_t[3]")
+        fmt = lib.cq_packed_info(_ptr("int8_t[]", packed), packed.size, dims, dims + 1, dims + 2)
+        want_g = int(group_size) if granularity == "per_group" and int(group_size) != k else 0
+        if fmt < 0 or (dims[0], dims[1]) != (n, k) or dims[2] != want_g:
+            raise errors.ValueError(
+                f"packed is not a packed weight of shape {(n, k)} for {granularity}"
+                + (f" (group_size {group_size})" if granularity == "per_group" else ""))
         scale = np.ascontiguousarray(scale, dtype=np.float32)
         if scale.shape != _scale_shape(granularity, n, k, group_size):
             raise errors.ShapeError(f"scale has shape {scale.shape}, expected "
                                     f"{_scale_shape(granularity, n, k, group_size)} for {granularity}")
-        self.packed = np.ascontiguousarray(packed)
+        self.packed = packed
         self.scale = scale
         self.shape = (n, k)
         self.granularity = granularity
@@ -203,16 +258,24 @@ class QuantizedWeight:
 
     @classmethod
     def from_codes(cls, q: np.ndarray, scale: np.ndarray, granularity: str = "per_channel",
-                   group_size: Optional[int] = None) -> "QuantizedWeight":
-        """Build from canonical (N, K) int8 codes in [-127, 127] (e.g. read from a checkpoint)."""
+                   group_size: Optional[int] = None, format: Optional[str] = None) -> "QuantizedWeight":
+        """Build from canonical (N, K) int8 codes in [-127, 127] (e.g. read from a checkpoint),
+        packed in ``format`` ('n16k4', 'n64k4'; default: the best for the active path)."""
         q = np.asarray(q)
         if q.dtype != np.int8 or q.ndim != 2 or q.size == 0:
             raise errors.ValueError(f"codes must be a non-empty 2-D int8 array, got {q.dtype} {q.shape}")
         q = np.ascontiguousarray(q)
-        n, k = q.shape
-        packed = np.empty(int(lib.cq_packed_size(n, k)), dtype=np.int8)
-        _check(lib.cq_pack(_ptr("int8_t[]", q), n, k, _ptr("int8_t[]", packed)), "pack")
-        return cls(packed, scale, (n, k), granularity, group_size)
+        _scheme(granularity, group_size, q.shape[1])
+        if format is not None and format not in FORMATS:
+            raise errors.ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
+        packed = _pack(q, granularity, group_size, FORMATS[format] if format else 0)
+        return cls(packed, scale, q.shape, granularity, group_size)
+
+    @property
+    def format(self) -> str:
+        """The packed format ('n16k4' or 'n64k4')."""
+        return _FORMAT_NAMES[int(lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
+                                                    ffi.NULL, ffi.NULL, ffi.NULL))]
 
     @property
     def q(self) -> np.ndarray:
@@ -224,7 +287,8 @@ class QuantizedWeight:
 
     @property
     def nbytes(self) -> int:
-        """Bytes this weight holds (codes + scales), measured from its arrays."""
+        """Bytes this weight holds (packed codes with their header and column sums + scales),
+        measured from its arrays."""
         return int(self.packed.nbytes + self.scale.nbytes)
 
     @property
@@ -232,11 +296,16 @@ class QuantizedWeight:
         return self.granularity if self.granularity != "per_group" else f"per_group({self.group_size})"
 
     def _native(self):
-        """cffi pointers and C scheme, cached (not pickled): the hot path builds nothing per call."""
+        """cffi pointers and C scheme, cached (not pickled): the hot path builds nothing per call.
+        The cache remembers the format it was made for; a path whose best format differs repacks."""
         c = self._cache
-        if c is None:
+        best = lib.cq_best_format(self.shape[0])
+        if c is None or c[5] != best:
             code, g = _scheme(self.granularity, self.group_size, self.shape[1])
-            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None)
+            if best > 0 and lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
+                                               ffi.NULL, ffi.NULL, ffi.NULL) != best:
+                self.packed = _pack(self.q, self.granularity, self.group_size, best)
+            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None, best)
         return c
 
     def __getstate__(self):
@@ -292,7 +361,7 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     n, k = qw.shape
     q = qw.q
     out = np.empty((n, k), dtype=np.float32)
-    _, _, code, g, _ = qw._native()
+    _, _, code, g, _, _ = qw._native()
     _check(lib.cq_dequantize(_ptr("int8_t[]", q), _ptr("float[]", qw.scale), n, k, code, g,
                              _ptr("float[]", out)), "dequantize")
     return out
@@ -309,6 +378,20 @@ def quantize_rows(x) -> tuple[np.ndarray, np.ndarray]:
     s = np.empty(m, dtype=np.float32)
     _check(lib.cq_quantize_rows(_ptr("float[]", x), m, k, _ptr("int8_t[]", q), _ptr("float[]", s)),
            "quantize_rows")
+    return q, s
+
+
+def quantize_rows_u8(x) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`quantize_rows`, with the codes stored as u8 ``q + 128`` (what the AVX-512 VNNI
+    kernels read): ``(uint8 (M, K), scale float32 (M,))``."""
+    x = _float_array(x, "x")
+    if x.ndim != 2 or x.size == 0:
+        raise errors.ShapeError(f"x must be a non-empty 2-D array, got shape {x.shape}")
+    m, k = x.shape
+    q = np.empty((m, k), dtype=np.uint8)
+    s = np.empty(m, dtype=np.float32)
+    _check(lib.cq_quantize_rows_u8(_ptr("float[]", x), m, k, _ptr("uint8_t[]", q), _ptr("float[]", s)),
+           "quantize_rows_u8")
     return q, s
 
 
@@ -344,6 +427,7 @@ def gemm_s8s8s32(a, b) -> np.ndarray:
 _F32 = np.dtype(np.float32)
 _NULL = ffi.NULL
 _cq_linear = lib.cq_linear
+_best_format = lib.cq_best_format
 
 
 def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarray:
@@ -356,7 +440,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
     """
     cache = qw._cache if type(qw) is QuantizedWeight else None
-    if cache is None:
+    if cache is None or cache[5] != _best_format(qw.shape[0]):
         if not isinstance(qw, QuantizedWeight):
             raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
         cache = qw._native()
@@ -375,7 +459,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     y = np.empty(shape[:-1] + (n,), dtype=_F32)
     if m == 0:
         return y
-    pk, ps, code, g, bias_cache = cache
+    pk, ps, code, g, bias_cache, fmt = cache
     if bias is None:
         bp = _NULL
     elif bias_cache is not None and bias_cache[0] is bias:
@@ -388,7 +472,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
             raise errors.ShapeError(f"bias has shape {b.shape}, expected ({n},)")
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
-            qw._cache = (pk, ps, code, g, (bias, bp))
+            qw._cache = (pk, ps, code, g, (bias, bp), fmt)
     st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                     _from_buffer("float[]", y))
     if st:
@@ -430,3 +514,160 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
     _check(lib.cq_layer_norm(_ptr("float[]", x), x.size // k, k, ptrs[0], ptrs[1], eps,
                              _ptr("float[]", y)), "layer_norm")
     return y
+
+
+# ---- float kernels of the transformer layers (in place / fused) -------------------------------
+def _writable_f32(x, name: str) -> np.ndarray:
+    """x itself if it is a writable C-contiguous float32 ndarray (in-place kernels), else TypeError."""
+    if not isinstance(x, np.ndarray) or x.dtype != np.float32:
+        raise errors.TypeError(f"{name} must be a float32 numpy array (written in place), got "
+                               f"{type(x).__name__} {getattr(x, 'dtype', '')}")
+    if not x.flags.c_contiguous or not x.flags.writeable:
+        raise errors.TypeError(f"{name} must be C-contiguous and writable (written in place)")
+    return x
+
+
+def softmax_rows(x: np.ndarray, bias=None, rows_per_bias: Optional[int] = None,
+                 scale: float = 1.0) -> np.ndarray:
+    """In place: ``x[r] = softmax(x[r] * scale + bias[r // rows_per_bias])`` over the last axis of
+    ``x`` (a C-contiguous float32 array, K = x.shape[-1] >= 1, M rows); returns ``x``.
+
+    ``bias``: None or an additive mask with K values per row, any shape of size NB * K (e.g. (B, T)
+    for attention scores (B, heads, T, T): each of its rows serves ``rows_per_bias`` consecutive
+    rows of x, by default M // NB, with no broadcast copy). A row with a NaN, or all -Inf, becomes
+    NaN (as torch)."""
+    x = _writable_f32(x, "x")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise errors.ShapeError(f"softmax_rows needs a non-empty last axis, got shape {x.shape}")
+    k = x.shape[-1]
+    m = x.size // k
+    bptr, rpb = ffi.NULL, 1
+    if bias is not None:
+        b = _float_array(bias, "bias")
+        if b.size == 0 or b.size % k:
+            raise errors.ShapeError(f"softmax_rows bias of shape {b.shape} is not rows of {k}")
+        nb = b.size // k
+        if rows_per_bias is None:
+            if m % nb:
+                raise errors.ShapeError(f"{m} rows do not split evenly over {nb} bias rows; pass rows_per_bias")
+            rpb = max(m // nb, 1)
+        else:
+            rpb = int(rows_per_bias)
+            if rpb < 1:
+                raise errors.ShapeError(f"rows_per_bias must be >= 1, got {rows_per_bias}")
+            if m and (m - 1) // rpb >= nb:
+                raise errors.ShapeError(f"{m} rows at {rpb} per bias row need {(m - 1) // rpb + 1} bias rows, got {nb}")
+        bptr = _ptr("float[]", b)
+    _check(lib.cq_softmax_rows(_ptr("float[]", x), m, k, bptr, rpb, float(scale)), "softmax_rows")
+    return x
+
+
+def gelu_inplace(x: np.ndarray) -> np.ndarray:
+    """:func:`gelu` written over ``x`` (a C-contiguous writable float32 array); returns ``x``."""
+    x = _writable_f32(x, "x")
+    _check(lib.cq_gelu(_ptr("float[]", x), x.size, _ptr("float[]", x)), "gelu")
+    return x
+
+
+def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
+                   out: Optional[np.ndarray] = None) -> np.ndarray:
+    """``LayerNorm(x + residual)`` over the last axis in one C pass per row (residual None: plain
+    :func:`layer_norm`), optional weight and bias (K,). ``out``: a C-contiguous float32 array of
+    x's shape to write (may be x or residual), else a new array. float32, x's shape."""
+    x = _float_array(x, "x")
+    if x.ndim == 0 or x.shape[-1] == 0:
+        raise errors.ShapeError(f"add_layer_norm needs a non-empty last axis, got shape {x.shape}")
+    k = x.shape[-1]
+    rptr = ffi.NULL
+    if residual is not None:
+        residual = _float_array(residual, "residual")
+        if residual.shape != x.shape:
+            raise errors.ShapeError(f"residual has shape {residual.shape}, expected {x.shape}")
+        rptr = _ptr("float[]", residual)
+    ptrs = []
+    for name, p in (("weight", weight), ("bias", bias)):
+        if p is None:
+            ptrs.append(ffi.NULL)
+            continue
+        arr = _float_array(p, name)
+        if arr.shape != (k,):
+            raise errors.ShapeError(f"layer_norm {name} has shape {arr.shape}, expected ({k},)")
+        ptrs.append(_ptr("float[]", arr))
+    eps = float(eps)
+    if not eps >= 0.0:
+        raise errors.ValueError(f"eps must be >= 0, got {eps}")
+    if out is None:
+        out = np.empty_like(x)
+    else:
+        out = _writable_f32(out, "out")
+        if out.shape != x.shape:
+            raise errors.ShapeError(f"out has shape {out.shape}, expected {x.shape}")
+    _check(lib.cq_add_layer_norm(_ptr("float[]", x), rptr, x.size // k, k, ptrs[0], ptrs[1], eps,
+                                 _ptr("float[]", out)), "add_layer_norm")
+    return out
+
+
+def _rows_view(a: np.ndarray, shape: tuple) -> Optional[int]:
+    """Row stride (floats) of a float32 (B, T, W) array whose rows are evenly spaced with unit
+    column stride (C-contiguous, or a column slice of a fused projection), else None."""
+    if a.dtype != np.float32 or a.shape != shape:
+        return None
+    if a.flags.c_contiguous:
+        return shape[2]
+    _, t, w = shape
+    st = a.strides
+    if st[2] != 4 or st[1] % 4 or st[1] < 4 * w or st[0] != t * st[1]:
+        return None
+    return st[1] // 4
+
+
+def attention(q, k, v, num_heads: int, mask_bias=None, scale: Optional[float] = None,
+              out: Optional[np.ndarray] = None) -> np.ndarray:
+    """Multi-head scaled dot-product attention on (B, T, H) projections, heads split from H with no
+    reshape or transpose: ``softmax(q_h k_h^T * scale + mask_bias[b]) v_h`` per batch and head,
+    written as (B, T, H) (heads side by side, as BERT's output projection reads them).
+
+    q, k, v: float32 (B, T, H) arrays with the same strides: C-contiguous, or column slices of one
+    fused (B, T, 3H) projection (read in place); anything else is copied. ``mask_bias``: None or
+    an additive key mask of size B * T ((B, T) or (B, 1, 1, T)): 0 for tokens, a large negative
+    number or -Inf for padding. ``scale`` defaults to 1/sqrt(H / num_heads). ``out``: a C-contiguous
+    float32 (B, T, H) array not overlapping q, k, v, else a new one."""
+    arrs = [np.asarray(a) for a in (q, k, v)]
+    for name, a in zip("qkv", arrs):
+        if not np.issubdtype(a.dtype, np.floating):
+            raise errors.TypeError(f"attention {name} must be a floating-point array, got dtype {a.dtype}")
+        if a.ndim != 3 or a.shape != arrs[0].shape:
+            raise errors.ShapeError(f"attention needs q, k, v of one (B, T, H) shape, got "
+                                    f"{[x.shape for x in arrs]}")
+    shape = arrs[0].shape
+    bsz, t, h = shape
+    heads = int(num_heads)
+    if heads < 1 or h % heads:
+        raise errors.ShapeError(f"hidden size {h} is not a multiple of num_heads {num_heads}")
+    dh = h // heads
+    lds = [_rows_view(a, shape) for a in arrs]
+    if lds[0] is None or len(set(lds)) != 1:
+        arrs = [np.ascontiguousarray(a, dtype=np.float32) for a in arrs]
+        ld = h
+    else:
+        ld = lds[0]
+    bptr = ffi.NULL
+    if mask_bias is not None:
+        mb = _float_array(mask_bias, "mask_bias")
+        if mb.size != bsz * t:
+            raise errors.ShapeError(f"mask_bias of shape {mb.shape} is not one value per (batch, key) "
+                                    f"of ({bsz}, {t})")
+        bptr = _ptr("float[]", mb)
+    if out is None:
+        out = np.empty(shape, np.float32)
+    else:
+        out = _writable_f32(out, "out")
+        if out.shape != shape:
+            raise errors.ShapeError(f"out has shape {out.shape}, expected {shape}")
+    if any(np.may_share_memory(out, a) for a in arrs):
+        raise errors.ValueError("attention out must not overlap q, k or v")
+    sc = 1.0 / float(np.sqrt(dh)) if scale is None else float(scale)
+    ptrs = [ffi.cast("float *", a.ctypes.data) for a in arrs]  # arrs keeps the buffers alive
+    _check(lib.cq_attention(ptrs[0], ptrs[1], ptrs[2], ld, bsz, t, heads, dh, bptr, sc,
+                            _ptr("float[]", out), h), "attention")
+    return out

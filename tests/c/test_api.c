@@ -70,9 +70,9 @@ static void test_size_overflow(void)
     EXPECT_STATUS(cq_dequantize(NULL, NULL, P32, P32, CQ_PER_TENSOR, 0, NULL), CQ_ERR_OVERFLOW);
     EXPECT_STATUS(cq_quantize_rows(NULL, P32, P32, NULL, NULL), CQ_ERR_OVERFLOW);
     EXPECT_STATUS(cq_quantize_rows(NULL, INT64_MAX, 1, NULL, NULL), CQ_ERR_OVERFLOW);
-    EXPECT_STATUS(cq_packed_size(INT64_MAX, INT64_MAX), CQ_ERR_OVERFLOW);
-    EXPECT_STATUS(cq_packed_size(INT64_MAX, 1), CQ_ERR_OVERFLOW); /* n padded to 16: 64 bytes/row */
-    EXPECT_STATUS(cq_pack(NULL, P32, P32, NULL), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_AUTO, INT64_MAX, INT64_MAX, 0), CQ_ERR_OVERFLOW);
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N16K4, INT64_MAX, 1, 0), CQ_ERR_OVERFLOW); /* n padded to 16: 64 bytes/row */
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, NULL, P32, P32, 0, NULL), CQ_ERR_OVERFLOW);
     EXPECT_STATUS(cq_unpack(NULL, P32, P32, NULL), CQ_ERR_OVERFLOW);
     /* gemm: m*n*4 output bytes overflow while m*k and n*k fit */
     EXPECT_STATUS(cq_gemm_s8s8s32(NULL, NULL, P40, P40, 4, NULL), CQ_ERR_NULL); /* NULL checked first */
@@ -105,11 +105,12 @@ static void test_large_but_valid_sizes(void)
     EXPECT_STATUS(cq_num_scales(CQ_PER_CHANNEL, P31 + 7, 1024, 0), P31 + 7);
     EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, P32, 1024, 256), P32 * 4);
     EXPECT_STATUS(cq_num_scales(CQ_PER_TENSOR, P40, (int64_t)1 << 20, 0), 1);
-    EXPECT_STATUS(cq_packed_size(P31 + 1, 3), (P31 + 16) * 4);  /* n padded to 16, k to 4 */
-    EXPECT_STATUS(cq_packed_size(17, P32 + 1), (int64_t)32 * (P32 + 4));
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N16K4, P31 + 1, 3, 0), 64 + (P31 + 16) * 4); /* header; n padded to 16, k to 4 */
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N64K4, 65, 8, 4), 64 + 128 * 8 + 2 * 2 * 64 * 4); /* + a sum per row and group */
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N16K4, 17, P32 + 1, 0), 64 + (int64_t)32 * (P32 + 4));
     EXPECT_STATUS(cq_quantize(NULL, P31, 8, CQ_PER_CHANNEL, 0, NULL, NULL), CQ_ERR_NULL);
     EXPECT_STATUS(cq_quantize_rows(NULL, 3, P32, NULL, NULL), CQ_ERR_NULL);
-    EXPECT_STATUS(cq_pack(NULL, P32, 3, NULL), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, NULL, P32, 3, 0, NULL), CQ_ERR_NULL);
     EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, NULL, P31, 64, NULL, NULL, CQ_PER_CHANNEL, 0, 16, NULL, NULL),
                   CQ_ERR_NULL);
     EXPECT_STATUS(cq_linear(CQ_MODE_WEIGHT_ONLY, NULL, 0, P32, NULL, NULL, CQ_PER_CHANNEL, 0, 16, NULL, NULL),
@@ -129,8 +130,13 @@ static void test_bad_arguments(void)
     EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, -4), CQ_ERR_GROUP);
     EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, INT64_MIN), CQ_ERR_GROUP);
     EXPECT_STATUS(cq_num_scales(CQ_PER_GROUP, 4, 8, 16), CQ_ERR_GROUP);
-    EXPECT_STATUS(cq_packed_size(0, 1), CQ_ERR_SHAPE);
-    EXPECT_STATUS(cq_packed_size(1, INT64_MIN), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_AUTO, 0, 1, 0), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_AUTO, 1, INT64_MIN, 0), CQ_ERR_SHAPE);
+    EXPECT_STATUS(cq_packed_size(7, 4, 4, 0), CQ_ERR_ARG);              /* unknown format */
+    EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N16K4, 4, 8, 6), CQ_ERR_GROUP);
+    EXPECT_STATUS(cq_packed_info(q, 8, NULL, NULL, NULL), CQ_ERR_FORMAT); /* not a packed buffer */
+    EXPECT_STATUS(cq_unpack(f, 2, 4, q), CQ_ERR_FORMAT);
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, q, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_FORMAT);
     EXPECT_STATUS(cq_quantize(f, 2, 4, CQ_PER_CHANNEL, 0, NULL, f), CQ_ERR_NULL);
     EXPECT_STATUS(cq_dequantize(q, f, 2, 4, CQ_PER_CHANNEL, 0, NULL), CQ_ERR_NULL);
     EXPECT_STATUS(cq_unpack(q, 2, 4, NULL), CQ_ERR_NULL);
@@ -142,7 +148,7 @@ static void test_bad_arguments(void)
     EXPECT_STATUS(cq_set_num_threads(0), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_num_threads(-3), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_num_threads(257), CQ_ERR_ARG);
-    EXPECT_STATUS(cq_set_isa(3), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_isa(4), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_isa(-2), CQ_ERR_ARG);
 }
 
@@ -155,10 +161,10 @@ static void test_small_run(void)
     for (int i = 0; i < n * k; i++) w[i] = (float)((i * 7) % 11 - 5) / 5.0f;
     for (int i = 0; i < 2 * k; i++) x[i] = (float)(i % 5 - 2);
     EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
-    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(n, k));
+    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, n, k, 0));
     CHECK(packed != NULL, "malloc");
     if (!packed) return;
-    EXPECT_STATUS(cq_pack(q, n, k, packed), CQ_OK);
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
     EXPECT_STATUS(cq_unpack(packed, n, k, back), CQ_OK);
     CHECK(memcmp(q, back, sizeof q) == 0, "pack/unpack round trip");
     for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {

@@ -75,8 +75,8 @@ int main(void)
     for (int i = 0; i < M * K; i++) { s = s * 1664525u + 1013904223u; x[i] = (float)(s >> 8) / 8388608.0f - 1.0f; }
     for (int i = 0; i < N; i++) bias[i] = 0.01f * (float)i;
     float sx[M];
-    packed = malloc((size_t)cq_packed_size(N, K));
-    if (!packed || cq_quantize(w, N, K, CQ_PER_CHANNEL, 0, q, scales) || cq_pack(q, N, K, packed) ||
+    packed = malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, N, K, 0));
+    if (!packed || cq_quantize(w, N, K, CQ_PER_CHANNEL, 0, q, scales) || cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, packed) ||
         cq_quantize_rows(x, M, K, qx, sx)) {
         fprintf(stderr, "setup failed\n");
         return 1;

@@ -13,7 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
-#include "cq_internal.h"
+#include "internal.h"
 
 #define CQ_MAX_THREADS 256
 #define SPIN_ITERS 3000 /* ~100 us of pause on the machines we measured */

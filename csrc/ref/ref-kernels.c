@@ -1,0 +1,150 @@
+/* ref-kernels.c - the scalar references: portable C99, written to be read. They define the
+ * results (every SIMD micro-kernel is tested against them: integers exactly, floats within a
+ * K-scaled budget) and are the fallback that runs any packed format (any nr) on any CPU. */
+#include <math.h>
+#include <string.h>
+#include "internal.h"
+
+static int absmax_ref(const float *x, int64_t n, float *amax)
+{
+    float m = 0.0f;
+    int finite = 1;
+    for (int64_t i = 0; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= 3.402823466e38f)) finite = 0; /* NaN or Inf */
+        else if (a > m) m = a;
+    }
+    *amax = m;
+    return finite;
+}
+
+/* The numerics contract: the division in float32, round half to even, clamp to [-127, 127]. */
+static void quantize_ref(const float *x, int64_t n, float scale, int8_t *q, int flip)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float r = nearbyintf(x[i] / scale);
+        if (r > 127.0f) r = 127.0f;
+        if (r < -127.0f) r = -127.0f;
+        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+    }
+}
+
+/* The epilogue of raw sums s (mr x nr), shared by kernels that keep their sums in memory. Integer
+ * arithmetic modulo 2^32 (unsigned), so u8 sums that wrap come out exact after the compensation. */
+void cq_qd8_store(int mr, int nr, const int32_t *s, const cq_qd8_out *o)
+{
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nr; j++) {
+            uint32_t v = (uint32_t)s[r * nr + j];
+            if (o->acc_in) v += (uint32_t)o->acc[r * nr + j];
+            if (o->mode == CQ_OUT_I32) { o->acc[r * nr + j] = (int32_t)v; continue; }
+            if (o->comp) v -= (uint32_t)o->comp[j];
+            float f = (float)(int32_t)v;
+            if (o->mode == CQ_OUT_FACC) o->facc[r * nr + j] += f * o->sw[j];
+            else if (j < o->nc) o->y[r * o->ldy + j] = f * (o->sx[r] * o->sw[j]) + (o->bias ? o->bias[j] : 0.0f);
+        }
+}
+
+static void qd8_gemm_any(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                         const cq_qd8_out *o, int u8)
+{
+    for (int r = 0; r < mr; r++)
+        for (int j = 0; j < nr; j++) {
+            uint32_t v = 0; /* modulo 2^32, as the SIMD kernels */
+            for (int64_t t = 0; t < nk4; t++) {
+                const int8_t *ap = a + r * lda + 4 * t;
+                const int8_t *bp = b + (t * nr + j) * 4;
+                for (int i = 0; i < 4; i++) {
+                    int32_t av = u8 ? (int32_t)(uint8_t)ap[i] : (int32_t)ap[i];
+                    v += (uint32_t)(av * (int32_t)bp[i]);
+                }
+            }
+            if (o->acc_in) v += (uint32_t)o->acc[r * nr + j];
+            if (o->mode == CQ_OUT_I32) { o->acc[r * nr + j] = (int32_t)v; continue; }
+            if (o->comp) v -= (uint32_t)o->comp[j];
+            float f = (float)(int32_t)v;
+            if (o->mode == CQ_OUT_FACC) o->facc[r * nr + j] += f * o->sw[j];
+            else if (j < o->nc) o->y[r * o->ldy + j] = f * (o->sx[r] * o->sw[j]) + (o->bias ? o->bias[j] : 0.0f);
+        }
+}
+
+void cq_ref_qd8_gemm(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                     const cq_qd8_out *o)
+{
+    qd8_gemm_any(mr, nr, nk4, a, lda, b, o, 0);
+}
+
+void cq_ref_qd8_gemm_u8(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                        const cq_qd8_out *o)
+{
+    qd8_gemm_any(mr, nr, nk4, a, lda, b, o, 1);
+}
+
+static void qd8_gemv4_ref(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
+                          int64_t panel_stride, int32_t *acc)
+{
+    (void)panel_stride;
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < nr; j++) {
+            int32_t s = 0;
+            for (int64_t t = 0; t < nk4; t++)
+                for (int i = 0; i < 4; i++) s += (int32_t)a[4 * t + i] * (int32_t)panels[p][(t * nr + j) * 4 + i];
+            acc[p * nr + j] = s;
+        }
+}
+
+static void f32_dequant_ref(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out)
+{
+    for (int64_t t = 0; t < nk4; t++)
+        for (int j = 0; j < nr; j++)
+            for (int i = 0; i < 4; i++)
+                out[(4 * t + i) * nr + j] = (float)b[(t * nr + j) * 4 + i] * ws[j];
+}
+
+static void f32_gemm_ref(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
+                         float *c, int64_t ldc)
+{
+    for (int r = 0; r < mr; r++)
+        for (int64_t kk = 0; kk < kc; kk++) {
+            float av = a[r * lda + kk];
+            for (int j = 0; j < nr; j++) c[r * ldc + j] += av * bb[kk * nr + j];
+        }
+}
+
+static void f32_gemv4_ref(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
+                          const float *ws, float *y)
+{
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < nr; j++) {
+            float s = 0.0f;
+            for (int64_t t = 0; t < nk4; t++) {
+                const int8_t *bp = panels[p] + (t * nr + j) * 4;
+                for (int i = 0; i < 4; i++) s += x[4 * t + i] * (float)bp[i];
+            }
+            y[p * nr + j] += ws[p * nr + j] * s;
+        }
+}
+
+/* The reference GELU: libm's erf in double (GELU(-Inf) = 0, where the formula gives -Inf * 0). */
+float cq_gelu1(float x)
+{
+    double v = x;
+    if (v == -INFINITY) return 0.0f;
+    return (float)(0.5 * v * (1.0 + erf(v * 0.70710678118654752440)));
+}
+
+static void gelu_ref(const float *x, int64_t n, float *y)
+{
+    for (int64_t i = 0; i < n; i++) y[i] = cq_gelu1(x[i]);
+}
+
+static void dequant_ref(const int8_t *q, int64_t n, float scale, float *out)
+{
+    for (int64_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
+const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref};
+
+/* registry entries (registry.c lists them) */
+void *const cq_ref_fns[] = {(void *)cq_ref_qd8_gemm, (void *)cq_ref_qd8_gemm_u8, (void *)qd8_gemv4_ref,
+                            (void *)f32_dequant_ref, (void *)f32_gemm_ref, (void *)f32_gemv4_ref};

@@ -1,0 +1,173 @@
+/* dispatch.c - choose the path once: CPUID feature bits *and* the OS's XSAVE state
+ * (XCR0) decide what can run; CQUANT_ISA forces a path. Compiled without any -m flag. */
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+#include "internal.h"
+
+#if defined(CQ_X86) && (defined(__GNUC__) || defined(__clang__))
+#include <cpuid.h>
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+static uint64_t xgetbv0(void)
+{
+    uint32_t lo, hi;
+    __asm__ volatile("xgetbv" : "=a"(lo), "=d"(hi) : "c"(0));
+    return ((uint64_t)hi << 32) | lo;
+}
+/* Linux hands out the AMX tile state only to a process that asks for it (once). */
+static int amx_permitted(void)
+{
+    static int state = 0; /* 0 unknown, 1 yes, 2 no */
+    int st = __atomic_load_n(&state, __ATOMIC_ACQUIRE);
+    if (st == 0) {
+#if defined(__linux__)
+        long r = syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */);
+        st = r == 0 ? 1 : 2;
+#else
+        st = 2;
+#endif
+        __atomic_store_n(&state, st, __ATOMIC_RELEASE);
+    }
+    return st == 1;
+}
+static int cpu_has(int isa)
+{
+    unsigned a, b, c, d;
+    if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
+    int osxsave = (c >> 27) & 1, avx = (c >> 28) & 1, fma = (c >> 12) & 1;
+    if (!osxsave || !avx) return 0;
+    uint64_t xcr0 = xgetbv0();
+    if ((xcr0 & 0x6) != 0x6) return 0; /* OS saves XMM and YMM state */
+    if (__get_cpuid_max(0, NULL) < 7) return 0;
+    __cpuid_count(7, 0, a, b, c, d);
+    int avx2 = (b >> 5) & 1;
+    if (isa == CQ_ISA_AVX2) return avx2 && fma;
+    if (isa == CQ_ISA_AMX) {
+        int amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
+        int tile_state = (xcr0 & 0x60000) == 0x60000; /* XTILECFG, XTILEDATA */
+        return amx_tile && amx_int8 && tile_state && cpu_has(CQ_ISA_AVX512VNNI) && amx_permitted();
+    }
+    if (isa == CQ_ISA_AVX512VNNI || isa == CQ_ISA_AVX512) {
+        int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
+        int vnni = (c >> 11) & 1;
+        int zmm_state = (xcr0 & 0xe6) == 0xe6; /* opmask, ZMM_Hi256, Hi16_ZMM saved by the OS */
+        int base = avx2 && fma && f && dq && bw && vl && zmm_state;
+        return isa == CQ_ISA_AVX512 ? base : base && vnni;
+    }
+    return 0;
+}
+#else
+static int cpu_has(int isa) { (void)isa; return 0; }
+#endif
+
+int cq_cpu_has(int isa) { return isa == CQ_ISA_SCALAR || cpu_has(isa); }
+
+/* Compiled into this build: the kernels of a path exist (an old compiler leaves them out). */
+static int compiled(int isa)
+{
+    switch (isa) {
+    case CQ_ISA_SCALAR: return 1;
+#ifdef CQ_X86
+    case CQ_ISA_AVX2: return cq_elementwise_avx2.absmax != NULL;
+    case CQ_ISA_AVX512:
+    case CQ_ISA_AVX512VNNI:
+    case CQ_ISA_AMX: {
+        int n = cq_ukernel_count();
+        for (int i = 0; i < n; i++)
+            if (cq_ukernel_at(i)->isa == isa) return cq_elementwise_avx2.absmax != NULL;
+        return 0;
+    }
+#endif
+    default: return 0;
+    }
+}
+
+/* Element-wise kernels of a path: AVX2's serve every x86 SIMD path. */
+const cq_elementwise *cq_elementwise_for(int isa)
+{
+#ifdef CQ_X86
+    if (isa != CQ_ISA_SCALAR && cq_elementwise_avx2.absmax) return &cq_elementwise_avx2;
+#else
+    (void)isa;
+#endif
+    return &cq_elementwise_ref;
+}
+
+int cq_isa_supported(int isa)
+{
+    if (isa == CQ_ISA_SCALAR) return 1;
+    return compiled(isa) && cpu_has(isa);
+}
+
+const char *cq_isa_name(int isa)
+{
+    switch (isa) {
+    case CQ_ISA_SCALAR: return "scalar";
+    case CQ_ISA_AVX2: return "avx2";
+    case CQ_ISA_AVX512VNNI: return "avx512vnni";
+    case CQ_ISA_AVX512: return "avx512";
+    case CQ_ISA_AMX: return "amx";
+    default: return "unknown";
+    }
+}
+
+/* The active path, chosen at first use. g_state tells whether a forced path was refused.
+ * Plain int atomics: safe to read while another thread sets. */
+static const int BEST_FIRST[] = {CQ_ISA_AMX, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AVX2};
+static const int ALL_ISAS[] = {CQ_ISA_SCALAR, CQ_ISA_AVX2, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AMX};
+static volatile int g_active = CQ_ISA_SCALAR;
+static volatile int g_state = 0; /* 0 unresolved, 1 ok, 2 forced path unavailable, 3 unknown name */
+
+static int known(int isa) { return isa >= CQ_ISA_SCALAR && isa <= CQ_ISA_AMX; }
+
+static int resolve(int isa)
+{
+    if (isa == CQ_ISA_AUTO) {
+        const char *env = getenv("CQUANT_ISA");
+        if (env && *env && strcasecmp(env, "auto") != 0) {
+            int want = -2;
+            for (unsigned i = 0; i < sizeof ALL_ISAS / sizeof ALL_ISAS[0]; i++)
+                if (strcasecmp(env, cq_isa_name(ALL_ISAS[i])) == 0) want = ALL_ISAS[i];
+            if (want == -2 || !cq_isa_supported(want)) {
+                __atomic_store_n(&g_state, want == -2 ? 3 : 2, __ATOMIC_RELEASE);
+                return want == -2 ? CQ_ERR_ARG : CQ_ERR_ISA;
+            }
+            isa = want;
+        } else {
+            isa = CQ_ISA_SCALAR;
+            for (unsigned i = 0; i < sizeof BEST_FIRST / sizeof BEST_FIRST[0]; i++)
+                if (cq_isa_supported(BEST_FIRST[i])) { isa = BEST_FIRST[i]; break; }
+        }
+    }
+    if (!known(isa)) return CQ_ERR_ARG;
+    if (!cq_isa_supported(isa)) return CQ_ERR_ISA;
+    __atomic_store_n(&g_active, isa, __ATOMIC_RELEASE);
+    __atomic_store_n(&g_state, 1, __ATOMIC_RELEASE);
+    return CQ_OK;
+}
+
+int cq_active_isa(void)
+{
+    int st = __atomic_load_n(&g_state, __ATOMIC_ACQUIRE);
+    if (st == 0) { resolve(CQ_ISA_AUTO); st = __atomic_load_n(&g_state, __ATOMIC_ACQUIRE); }
+    if (st == 1) return __atomic_load_n(&g_active, __ATOMIC_ACQUIRE);
+    return st == 3 ? CQ_ERR_ARG : CQ_ERR_ISA;
+}
+
+int cq_set_isa(int isa) { return resolve(isa); }
+
+int cq_get_isa(void) { return cq_active_isa(); }
+
+int cq_best_format(int64_t n)
+{
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    int f = cq_best_format_for(isa);
+    int64_t nr = cq_format_nr(f);
+    /* padding n to the panel width would waste more than a quarter of the codes */
+    if (n > 0 && nr > 16 && (n + nr - 1) / nr * nr * 4 > 5 * n) f = CQ_FORMAT_N16K4;
+    return f;
+}

@@ -1,0 +1,195 @@
+/* internal.h - what the C core's translation units share; not installed, not part of the API.
+ *
+ * Layout (kernel layer v2, see README "Architecture"):
+ *   src/      api.c (status texts, version), dispatch.c (CPU flags, CQUANT_ISA), registry.c (every
+ *             compiled micro-kernel + the per-scheme configs, best first), pack.c (packed formats,
+ *             column sums), quantize.c, linear.c (drivers: blocking, threading, epilogues),
+ *             float_ops.c (GELU, LayerNorm, softmax), threads.c, peak.c
+ *   ref/      the scalar references: the oracle every SIMD kernel is tested against, and the
+ *             fallback that runs any packed format on any CPU
+ *   x86/ISA/  one micro-kernel family per file, named type-tile-ISA, compiled with per-file target
+ *             pragmas (target.h) so the build needs no -m flags and runs on any x86-64
+ * Adding a micro-kernel: one file in x86/ISA/, one line in csrc/sources.txt, one line in
+ * registry.c (and a config line if it is the best for a scheme). */
+#ifndef CQ_INTERNAL_H
+#define CQ_INTERNAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "cquant.h"
+
+#if defined(__x86_64__) || defined(_M_X64)
+#define CQ_X86 1
+#endif
+
+/* Largest number of k4 steps summed into one int32 before it is widened to int64 in cq_linear:
+ * 32768 steps = 131072 k <= CQ_MAX_K_S32, so an int32 partial sum of codes in [-127,127] is exact
+ * (and 128 * a column sum over a chunk, the u8 compensation, fits in int32 too). */
+#define CQ_CHUNK4 32768
+
+/* ---- packed weights (pack.c) -----------------------------------------------------------------
+ * A packed buffer = a 64-byte header, the codes, then (formats read by u8 kernels) the column sums:
+ *   header: magic, layout version, format, nr, n, k, seg4 (the fields below it are derived)
+ *   codes:  panels of nr output rows; inside a panel, k in steps of kr = 4; per step, nr rows x 4
+ *           consecutive codes:  codes[((p * kp4 + t) * nr + j) * 4 + i] = q[nr*p + j][4t + i]
+ *   sums:   int32 sums[(p * nseg + s) * nr + j] = sum of q[nr*p + j][k] over k in segment s
+ *           (segments of seg4 steps: the scale group, or all of k), zero for padded rows; only in
+ *           formats whose kernels read u8 activations (N64K4), so N16K4 weights stay as small
+ *           as the codes.
+ * kr = 4 is the depth of one vpdpbusd / vpmaddwd group and of AMX's B-tile rows. */
+#define CQ_PACK_MAGIC 0x4b505143u /* "CQPK" */
+#define CQ_PACK_HEADER 64
+typedef struct {
+    uint32_t magic, version;
+    int32_t format, nr;
+    int64_t n, k, seg4;  /* stored: the first 40 bytes of the buffer */
+    int64_t kp4, nseg, np, sums_off, sums_bytes; /* derived */
+} cq_pack_header;
+#define CQ_PACK_STORED 40
+
+/* Reads and validates a packed buffer's header (magic, version, a valid geometry). Returns CQ_OK
+ * or CQ_ERR_FORMAT. */
+int cq_pack_read_header(const void *packed, cq_pack_header *h);
+static inline const int8_t *cq_pack_codes(const void *packed) { return (const int8_t *)packed + CQ_PACK_HEADER; }
+static inline const int32_t *cq_pack_sums(const void *packed, const cq_pack_header *h)
+{
+    return (const int32_t *)(const void *)((const char *)packed + h->sums_off);
+}
+int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
+
+/* ---- micro-kernel interfaces ------------------------------------------------------------------ */
+/* Integer GEMM micro-kernel: mr rows (1..its mr) of quantized activations against one packed
+ * panel (nr columns), nk4 steps:  s[r][j] = sum_{t<nk4, i<4} a[r*lda + 4t + i] * b[(t*nr + j)*4 + i]
+ * exactly modulo 2^32, where a holds s8 codes or, for kernels whose config says act_u8, u8 codes
+ * (x + 128; then s includes 128 * the column's code sum, removed through comp). Output by mode:
+ *   CQ_OUT_I32:  acc[r*nr + j] = (acc_in ? acc[r*nr + j] : 0) + s[r][j]           (all nr columns)
+ *   CQ_OUT_F32:  y[r*ldy + j] = (float)(s' ) * (sx[r] * sw[j]) + (bias ? bias[j] : 0), j < nc
+ *   CQ_OUT_FACC: facc[r*nr + j] += (float)(s') * sw[j]                             (all nr columns)
+ * with s' = (acc_in ? acc[r*nr + j] : 0) + s[r][j] - (comp ? comp[j] : 0), exact in int32. */
+enum { CQ_OUT_I32 = 0, CQ_OUT_F32 = 1, CQ_OUT_FACC = 2 };
+typedef struct {
+    int mode, acc_in, nc;
+    int32_t *acc;
+    const int32_t *comp;
+    const float *sx, *sw, *bias;
+    float *y, *facc;
+    int64_t ldy;
+} cq_qd8_out;
+typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
+                               const int8_t *b, const cq_qd8_out *o);
+/* One activation row against 4 consecutive panels read as concurrent streams (M = 1):
+ * acc[p*nr + j] = s over panel p (raw, as above; the driver removes the compensation). */
+typedef void (*cq_qd8_gemv4_fn)(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
+                                int64_t panel_stride, int32_t *acc);
+/* Dequantize nk4 steps of a panel: out[(4t + i)*nr + j] = (float)b[(t*nr + j)*4 + i] * ws[j]. */
+typedef void (*cq_f32_dequant_fn)(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out);
+/* Float tile: c[r*ldc + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*nr + j], r < mr, j < nr. */
+typedef void (*cq_f32_gemm_fn)(int mr, int nr, int64_t kc, const float *a, int64_t lda,
+                               const float *bb, float *c, int64_t ldc);
+/* Weight-only GEMV over 4 panels: y[p*nr + j] += ws[p*nr + j] * sum_{t<nk4,i<4} x[4t+i] *
+ * panels[p][(t*nr + j)*4 + i] (x has 4*nk4 readable floats). */
+typedef void (*cq_f32_gemv4_fn)(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
+                                const float *ws, float *y);
+
+/* The registry: every compiled micro-kernel, with a name that says type, tile and ISA. */
+enum { CQ_UK_QD8_GEMM, CQ_UK_QD8_GEMV4, CQ_UK_F32_DEQUANT, CQ_UK_F32_GEMM, CQ_UK_F32_GEMV4 };
+typedef struct {
+    const char *name;
+    int op;      /* CQ_UK_* */
+    int isa;     /* the path it needs (enum cq_isa) */
+    int mr, nr;  /* tile: rows of activations (1 for GEMVs), output columns (0: any multiple of 16) */
+    int act_u8;  /* int8 kernels: reads u8 activations (x + 128) and needs the compensation */
+    void *fn;
+} cq_ukernel;
+int cq_ukernel_count(void);
+const cq_ukernel *cq_ukernel_at(int i);
+
+/* Configs: per scheme, what runs on a path, chosen best first among those whose ISA the active path
+ * allows and whose packed format matches the weight's. Every format has a scalar config last. */
+typedef struct {
+    int isa, format;
+    const cq_ukernel *gemm, *gemv4; /* gemv4 may be NULL */
+    /* when the config applies, and how the driver feeds it (0: no constraint / the default) */
+    int min_m;       /* at least this many rows of activations */
+    int k4_multiple; /* ceil(k/4) a multiple of this (AMX: 16 steps = 64 k per tile) */
+    int no_groups;   /* per-channel / per-tensor only */
+    int pad_rows;    /* the kernel reads whole blocks of this many activation rows */
+    int kc4;         /* k steps per k block */
+    int mb;          /* activation rows per unit of work */
+} cq_qd8_config;
+typedef struct {
+    int isa, format;
+    const cq_ukernel *dequant, *gemm, *gemv4;
+    int kc;                          /* k block dequantized at once (floats per column) */
+} cq_f32_config;
+const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4);
+const cq_f32_config *cq_f32_config_for(int active_isa, int format);
+int cq_best_format_for(int active_isa);
+
+/* Element-wise kernels, one table per path (best of what the path allows). */
+typedef struct {
+    int isa;
+    /* max |x[i]| over n floats into *amax; returns 1 if every x[i] is finite, 0 otherwise */
+    int (*absmax)(const float *x, int64_t n, float *amax);
+    /* q[i] = clamp(round_half_even(x[i] / scale), -127, 127) ^ flip (flip 0: s8 codes; 0x80: u8
+     * codes + 128); x finite, scale finite > 0. */
+    void (*quantize)(const float *x, int64_t n, float scale, int8_t *q, int flip);
+    void (*gelu)(const float *x, int64_t n, float *y);
+    /* out[i] = (float)q[i] * scale (bit-exact on every path). */
+    void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
+} cq_elementwise;
+extern const cq_elementwise cq_elementwise_ref;
+#ifdef CQ_X86
+extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compiler cannot target it */
+#endif
+
+/* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a
+ * path that cannot run (then every kernel entry point returns CQ_ERR_ISA). */
+int cq_active_isa(void);
+const cq_elementwise *cq_elementwise_for(int isa);
+int cq_cpu_has(int isa); /* this CPU and OS can run the path's instructions */
+
+/* The micro-kernel the calling thread's last linear / gemm call ran (registry.c). */
+void cq_set_last_kernel(const char *name);
+
+/* Quantize rows of x (m, k) into q with row stride ldq >= k (columns [k, ldq) get code 0), per-row
+ * scales; flip 0x80 stores u8 codes (q + 128). The activation quantizer of cq_linear (quantize.c). */
+void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
+                           int flip, int8_t *q, float *scales);
+
+/* GELU of one float, the reference (ref/); SIMD kernels use it for tails. */
+float cq_gelu1(float x);
+
+/* Scalar reference micro-kernels (ref/ref-kernels.c), also used by the SIMD tails. */
+void cq_ref_qd8_gemm(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                     const cq_qd8_out *o);
+void cq_ref_qd8_gemm_u8(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
+                        const cq_qd8_out *o);
+void cq_qd8_store(int mr, int nr, const int32_t *s, const cq_qd8_out *o); /* epilogue of raw sums */
+
+/* Thread pool (threads.c). Runs fn(ctx, u) for every u in [0, nunits), each exactly once, on up
+ * to `threads` threads (the caller included). Which thread runs which unit must not matter to the
+ * result: callers partition output, never a reduction. If the pool is busy with another caller's
+ * job, the units run on the calling thread alone. */
+typedef void (*cq_unit_fn)(void *ctx, int64_t unit);
+void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx);
+int cq_threads_for(double work, int64_t nunits);
+
+/* Size checks shared by the entry points. */
+static inline int cq_mul_ok(int64_t a, int64_t b, int64_t *out)
+{
+    if (a < 0 || b < 0) return 0;
+    if (a != 0 && b > INT64_MAX / a) return 0;
+    int64_t r = a * b;
+    if ((uint64_t)r > (uint64_t)SIZE_MAX) return 0;
+    *out = r;
+    return 1;
+}
+static inline int cq_bytes_ok(int64_t a, int64_t b, int64_t elt)
+{
+    int64_t t;
+    return cq_mul_ok(a, b, &t) && cq_mul_ok(t, elt, &t);
+}
+static inline int64_t cq_ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+#endif

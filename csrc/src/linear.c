@@ -1,0 +1,450 @@
+/* linear.c - the GEMM drivers: argument checks, blocking, threading and epilogues around the
+ * micro-kernels of the config chosen for the weight's packed format (registry.c). Nothing here
+ * depends on the ISA; the config is chosen once per call, so a call finishes on the path it started
+ * with even if another thread forces a new one.
+ *
+ * Blocking (why these numbers: README "Measured performance"):
+ * - a unit of parallel work is one panel (nr output columns) times a block of activation rows, so
+ *   every output element is computed by exactly one thread with the same loop order whatever the
+ *   thread count (results are bit-identical for 1..N threads);
+ * - dynamic / gemm_s8s8s32: k is swept in blocks of KC_BYTES of the panel (L1-resident) by every
+ *   mr-row tile of the row block before moving on; int32 sums are exact per chunk of <= 131072 k;
+ * - weight-only, M >= 4: a block of kc rows of k of a panel is dequantized once (L1) and reused by
+ *   the float tiles over up to WO_MB rows of x, whose k block stays in L2 across the panels of a
+ *   unit (WO_COLS columns);
+ * - M = 1 (dynamic) and M < 4 (weight-only): GEMVs over 4 panels read as concurrent streams. */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+
+#define WO_GEMM_MIN_M 4
+#define WO_MB 96
+#define WO_COLS 128 /* output columns per weight-only unit */
+#ifndef KC_BYTES
+#define KC_BYTES 16384 /* bytes of a panel per k block in the int8 driver */
+#endif
+#ifndef S8_MB
+#define S8_MB 48 /* activation rows per int8 unit (a multiple of 4 and of 6) */
+#endif
+#define MAXNR 64
+#define MAXMB 256 /* the largest rows per unit of any config */
+
+typedef struct {
+    int64_t m, n, k, kp4, np, nmb, mb;
+    int nr, u8;
+    int64_t group4, ng, nseg; /* k4 steps per scale group, groups per row, sum segments per panel */
+    int scheme;
+    const float *x;       /* weight-only: x (lda = xlda) */
+    int64_t xlda;
+    const int8_t *qa;     /* dynamic / gemm: int8 (or u8) activations (lda = 4 * kp4) */
+    const float *sx;      /* dynamic: per-row activation scales */
+    const int8_t *codes;  /* packed codes */
+    const int32_t *sums;  /* packed column sums */
+    const float *scales;
+    const float *bias;
+    float *y;
+    int32_t *c32;         /* gemm_s8s8s32 output */
+    const cq_qd8_config *qcfg;
+    const cq_f32_config *fcfg;
+} lin_ctx;
+
+static const int8_t *panel_at(const lin_ctx *c, int64_t p, int64_t t)
+{
+    return c->codes + (p * c->kp4 + t) * 4 * (int64_t)c->nr;
+}
+
+/* Scales of panel p, group gi, as nr floats (0 beyond n). */
+static void panel_scales(const lin_ctx *c, int64_t p, int64_t gi, float *ws)
+{
+    for (int j = 0; j < c->nr; j++) {
+        int64_t row = p * c->nr + j;
+        ws[j] = row >= c->n ? 0.0f
+              : c->scheme == CQ_PER_TENSOR ? c->scales[0] : c->scales[row * c->ng + gi];
+    }
+}
+
+static void panel_bias(const lin_ctx *c, int64_t p, float *b)
+{
+    for (int j = 0; j < c->nr; j++) {
+        int64_t row = p * c->nr + j;
+        b[j] = (c->bias && row < c->n) ? c->bias[row] : 0.0f;
+    }
+}
+
+/* 128 * column sums of segment s of panel p (the u8 compensation), modulo 2^32. */
+static void panel_comp(const lin_ctx *c, int64_t p, int64_t s, int32_t *comp)
+{
+    const int32_t *src = c->sums + (p * c->nseg + s) * c->nr;
+    for (int j = 0; j < c->nr; j++) comp[j] = (int32_t)((uint32_t)src[j] * 128u);
+}
+
+/* 128 * column sums of steps [t0, t0 + nt) of panel p, read from the codes (the rare chunked case). */
+static void chunk_comp(const lin_ctx *c, int64_t p, int64_t t0, int64_t nt, int32_t *comp)
+{
+    const int8_t *b = panel_at(c, p, t0);
+    for (int j = 0; j < c->nr; j++) {
+        uint32_t s = 0;
+        for (int64_t t = 0; t < nt; t++)
+            for (int i = 0; i < 4; i++) s += (uint32_t)(int32_t)b[(t * c->nr + j) * 4 + i];
+        comp[j] = (int32_t)(s * 128u);
+    }
+}
+
+static int64_t cols_of(const lin_ctx *c, int64_t p)
+{
+    int64_t n0 = p * c->nr;
+    return c->n - n0 < c->nr ? c->n - n0 : c->nr;
+}
+
+/* ---- dynamic ------------------------------------------------------------------------------------ */
+static void s8_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    const cq_ukernel *uk = c->qcfg->gemm;
+    const cq_qd8_gemm_fn gemm = (cq_qd8_gemm_fn)uk->fn;
+    const int nr = c->nr, MR = uk->mr;
+    /* the row blocks of a panel are consecutive units: the panel stays in cache between them */
+    int64_t mbi = u % c->nmb, p = u / c->nmb;
+    int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
+    int64_t lda = 4 * c->kp4, step = 4 * (int64_t)nr;
+    const int8_t *a0 = c->qa + m0 * lda;
+    int64_t n0 = p * nr, cols = cols_of(c, p);
+    int32_t acc[MAXMB * MAXNR] __attribute__((aligned(64)));
+    float facc[MAXMB * MAXNR] __attribute__((aligned(64)));
+    float ws[MAXNR], bb[MAXNR];
+    int32_t comp[MAXNR];
+    cq_qd8_out o;
+    memset(&o, 0, sizeof o);
+
+    if (c->c32 || (c->ng == 1 && c->kp4 <= CQ_CHUNK4)) {
+        /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32; modulo 2^32 the
+         * u8 sums minus the compensation are exact whenever the true sum fits) */
+        int64_t kc4 = c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
+        if (c->u8) panel_comp(c, p, 0, comp);
+        if (!c->c32) {
+            panel_scales(c, p, 0, ws);
+            panel_bias(c, p, bb);
+        }
+        for (int64_t t0 = 0; t0 < c->kp4; t0 += kc4) {
+            int64_t nt = c->kp4 - t0 < kc4 ? c->kp4 - t0 : kc4;
+            int last = t0 + nt >= c->kp4;
+            for (int64_t r = 0; r < rows; r += MR) {
+                int mr = (int)(rows - r < MR ? rows - r : MR);
+                o.acc = acc + r * nr;
+                o.acc_in = t0 > 0;
+                if (last && !c->c32) {
+                    o.mode = CQ_OUT_F32;
+                    o.comp = c->u8 ? comp : NULL;
+                    o.sx = c->sx + m0 + r; o.sw = ws; o.bias = bb;
+                    o.y = c->y + (m0 + r) * c->n + n0; o.ldy = c->n; o.nc = (int)cols;
+                } else {
+                    o.mode = CQ_OUT_I32;
+                }
+                gemm(mr, nr, nt, a0 + r * lda + 4 * t0, lda, panel_at(c, p, t0), &o);
+            }
+        }
+        if (c->c32)
+            for (int64_t r = 0; r < rows; r++)
+                for (int64_t j = 0; j < cols; j++)
+                    c->c32[(m0 + r) * c->n + n0 + j] =
+                        (int32_t)((uint32_t)acc[r * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
+        return;
+    }
+    memset(facc, 0, sizeof(float) * (size_t)(rows * nr));
+    if (c->group4 <= CQ_CHUNK4) {
+        /* per-group: each group's int32 sum (minus its compensation) is scaled into float
+         * accumulators; the groups of a k block are swept by every row tile */
+        int64_t gpb = (KC_BYTES / step) / c->group4;
+        if (gpb < 1) gpb = 1;
+        for (int64_t g0 = 0; g0 < c->ng; g0 += gpb) {
+            int64_t g1 = g0 + gpb < c->ng ? g0 + gpb : c->ng;
+            for (int64_t g = g0; g < g1; g++) {
+                float wsg[MAXNR];
+                int32_t compg[MAXNR];
+                panel_scales(c, p, g, wsg);
+                if (c->u8) panel_comp(c, p, g, compg);
+                o.mode = CQ_OUT_FACC; o.acc_in = 0; o.sw = wsg; o.comp = c->u8 ? compg : NULL;
+                for (int64_t r = 0; r < rows; r += MR) {
+                    int mr = (int)(rows - r < MR ? rows - r : MR);
+                    o.facc = facc + r * nr;
+                    gemm(mr, nr, c->group4, a0 + r * lda + 4 * g * c->group4, lda,
+                         panel_at(c, p, g * c->group4), &o);
+                }
+            }
+        }
+        (void)step;
+    } else {
+        /* a scale group longer than int32 can sum exactly (or all of a huge k): int32 chunks
+         * widened into int64, the compensation of each chunk computed from the codes */
+        int64_t acc64[8 * MAXNR];
+        for (int64_t r = 0; r < rows; r += MR) {
+            int mr = (int)(rows - r < MR ? rows - r : MR);
+            for (int64_t gi = 0; gi < c->ng; gi++) {
+                int64_t t0 = gi * c->group4;
+                panel_scales(c, p, gi, ws);
+                memset(acc64, 0, sizeof acc64);
+                for (int64_t t = t0; t < t0 + c->group4; t += CQ_CHUNK4) {
+                    int64_t nt = t0 + c->group4 - t < CQ_CHUNK4 ? t0 + c->group4 - t : CQ_CHUNK4;
+                    o.mode = CQ_OUT_I32; o.acc_in = 0; o.acc = acc;
+                    gemm(mr, nr, nt, a0 + r * lda + 4 * t, lda, panel_at(c, p, t), &o);
+                    if (c->u8) chunk_comp(c, p, t, nt, comp);
+                    for (int i = 0; i < mr * nr; i++)
+                        acc64[i] += (int32_t)((uint32_t)acc[i] - (c->u8 ? (uint32_t)comp[i % nr] : 0u));
+                }
+                for (int i = 0; i < mr * nr; i++) facc[r * nr + i] += (float)acc64[i] * ws[i % nr];
+            }
+        }
+    }
+    /* per group: y = (sum_g acc_g * sw_g) * sx + b */
+    panel_bias(c, p, bb);
+    for (int64_t r = 0; r < rows; r++) {
+        float sx = c->sx[m0 + r];
+        float *yr = c->y + (m0 + r) * c->n + n0;
+        for (int64_t j = 0; j < cols; j++) yr[j] = facc[r * nr + j] * sx + bb[j];
+    }
+}
+
+/* M = 1, per-channel / per-tensor: a unit is 4 consecutive panels read as 4 concurrent streams.
+ * Same integer sums and the same epilogue as s8_unit. */
+static void s8_gemv4_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    const int nr = c->nr;
+    int64_t p0 = 4 * u;
+    const int8_t *panels[4];
+    int32_t acc[4 * MAXNR] __attribute__((aligned(64)));
+    float ws[MAXNR], bb[MAXNR];
+    int32_t comp[MAXNR];
+    for (int i = 0; i < 4; i++) /* past the last panel: repeat it (its sums are discarded) */
+        panels[i] = panel_at(c, p0 + i < c->np ? p0 + i : c->np - 1, 0);
+    ((cq_qd8_gemv4_fn)c->qcfg->gemv4->fn)(nr, c->kp4, c->qa, panels, c->kp4 * 4 * (int64_t)nr, acc);
+    float sx = c->sx[0];
+    for (int i = 0; i < 4 && p0 + i < c->np; i++) {
+        int64_t p = p0 + i, cols = cols_of(c, p);
+        panel_scales(c, p, 0, ws);
+        panel_bias(c, p, bb);
+        if (c->u8) panel_comp(c, p, 0, comp);
+        float *yr = c->y + p * nr;
+        for (int64_t j = 0; j < cols; j++) {
+            int32_t v = (int32_t)((uint32_t)acc[i * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
+            yr[j] = (float)v * (sx * ws[j]) + bb[j];
+        }
+    }
+}
+
+/* ---- weight-only ------------------------------------------------------------------------------ */
+/* GEMV (M < 4): a unit is 4 consecutive panels read as concurrent streams. */
+static void wo_gemv4_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    const int nr = c->nr;
+    const cq_f32_gemv4_fn gemv = (cq_f32_gemv4_fn)c->fcfg->gemv4->fn;
+    int64_t p0 = 4 * u;
+    const int8_t *panels[4];
+    float ws[4 * MAXNR], bb[MAXNR], y[4 * MAXNR];
+    int64_t last = c->np - 1;
+    for (int64_t r = 0; r < c->m; r++) {
+        memset(y, 0, sizeof y);
+        for (int64_t gi = 0; gi < c->ng; gi++) {
+            int64_t t0 = gi * c->group4;
+            for (int i = 0; i < 4; i++) { /* past the last panel: repeat it (discarded) */
+                int64_t p = p0 + i <= last ? p0 + i : last;
+                panels[i] = panel_at(c, p, t0);
+                panel_scales(c, p, gi, ws + i * nr);
+            }
+            gemv(nr, c->group4, c->x + r * c->xlda + 4 * t0, panels, ws, y);
+        }
+        for (int i = 0; i < 4 && p0 + i <= last; i++) {
+            int64_t p = p0 + i, cols = cols_of(c, p);
+            panel_bias(c, p, bb);
+            float *yr = c->y + r * c->n + p * nr;
+            for (int64_t j = 0; j < cols; j++) yr[j] = y[i * nr + j] + bb[j];
+        }
+    }
+}
+
+/* One unit = a block of up to WO_MB rows of x times WO_COLS columns (WO_COLS / nr panels). The k
+ * loop is outermost inside the unit, so the x block's kc columns stay in L2 while every panel of
+ * the unit dequantizes its own kc x nr block (L1) and runs the float tiles. The outputs accumulate
+ * in a contiguous local buffer, copied to y at the end: accumulating in y itself (rows n floats
+ * apart, the same L1 sets as the rows of x when n == k) halved the tile's speed through L1 set
+ * conflicts (Zen 3). */
+static void wo_gemm_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    const cq_f32_config *f = c->fcfg;
+    const cq_f32_dequant_fn dequant = (cq_f32_dequant_fn)f->dequant->fn;
+    const cq_f32_gemm_fn tile = (cq_f32_gemm_fn)f->gemm->fn;
+    const int nr = c->nr, MR = f->gemm->mr;
+    const int64_t ppu = WO_COLS / nr, kc = f->kc; /* kc is a multiple of 4 */
+    int64_t npg = cq_ceil_div(c->np, ppu), pg = u % npg, mbi = u / npg;
+    int64_t p0 = pg * ppu, p1 = p0 + ppu < c->np ? p0 + ppu : c->np;
+    int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
+    float bblk[128 * 64] __attribute__((aligned(64))); /* kc * nr floats: at most 32 KiB */
+    float cbuf[WO_MB * WO_COLS] __attribute__((aligned(64)));
+    float ws[MAXNR], bb[MAXNR];
+    for (int64_t p = p0; p < p1; p++) {
+        panel_bias(c, p, bb);
+        float *cp = cbuf + (p - p0) * WO_MB * nr;
+        for (int64_t r = 0; r < rows; r++) memcpy(cp + r * nr, bb, sizeof(float) * (size_t)nr);
+    }
+    for (int64_t t0 = 0; t0 < c->kp4; t0 += kc / 4) {
+        int64_t nt = c->kp4 - t0 < kc / 4 ? c->kp4 - t0 : kc / 4;
+        int64_t kcur = c->k - 4 * t0 < 4 * nt ? c->k - 4 * t0 : 4 * nt;
+        for (int64_t p = p0; p < p1; p++) {
+            /* dequantize this block of the panel, one scale group at a time */
+            for (int64_t t = t0; t < t0 + nt;) {
+                int64_t gi = t / c->group4, gend = (gi + 1) * c->group4;
+                int64_t seg = (gend < t0 + nt ? gend : t0 + nt) - t;
+                panel_scales(c, p, gi, ws);
+                dequant(nr, seg, panel_at(c, p, t), ws, bblk + (t - t0) * 4 * nr);
+                t += seg;
+            }
+            float *cp = cbuf + (p - p0) * WO_MB * nr;
+            for (int64_t r = 0; r < rows; r += MR) {
+                int mr = (int)(rows - r < MR ? rows - r : MR);
+                tile(mr, nr, kcur, c->x + (m0 + r) * c->xlda + 4 * t0, c->xlda, bblk, cp + r * nr, nr);
+            }
+        }
+    }
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t cols = cols_of(c, p);
+        const float *cp = cbuf + (p - p0) * WO_MB * nr;
+        for (int64_t r = 0; r < rows; r++)
+            memcpy(c->y + (m0 + r) * c->n + p * nr, cp + r * nr, (size_t)cols * sizeof(float));
+    }
+}
+
+/* ---- entry points ------------------------------------------------------------------------------ */
+int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int64_t k, int32_t *c)
+{
+    if (m <= 0 || n <= 0 || k <= 0) return CQ_ERR_SHAPE;
+    if (!a || !b || !c) return CQ_ERR_NULL;
+    if (k > CQ_MAX_K_S32) return CQ_ERR_OVERFLOW;
+    if (!cq_bytes_ok(m, k, 1) || !cq_bytes_ok(n, k, 1) || !cq_bytes_ok(m, n, 4)) return CQ_ERR_OVERFLOW;
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    for (int64_t i = 0; i < m * k; i++)
+        if (a[i] == -128) return CQ_ERR_RANGE;
+    int format = cq_best_format(n);
+    const cq_qd8_config *cfg = cq_qd8_config_for(isa, format, 0, m, cq_ceil_div(k, 4));
+    int64_t psize = cq_packed_size(format, n, k, 0), kp4 = cq_ceil_div(k, 4), lda = 4 * kp4;
+    if (psize < 0) return (int)psize;
+    if (!cq_bytes_ok(m, lda, 1)) return CQ_ERR_OVERFLOW;
+    int u8 = cfg->gemm->act_u8;
+    int64_t mpad = cfg->pad_rows ? cq_ceil_div(m, cfg->pad_rows) * cfg->pad_rows : m;
+    int copy = (k % 4) || u8 || mpad > m;
+    if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
+    int8_t *packed = (int8_t *)malloc((size_t)psize);
+    int8_t *apad = copy ? (int8_t *)calloc((size_t)(mpad * lda), 1) : NULL;
+    if (!packed || (copy && !apad)) { free(packed); free(apad); return CQ_ERR_NOMEM; }
+    int st = cq_pack(format, b, n, k, 0, packed); /* also refuses -128 in b */
+    if (st == CQ_OK) {
+        if (apad)
+            for (int64_t r = 0; r < m; r++) {
+                for (int64_t i = 0; i < k; i++) apad[r * lda + i] = (int8_t)((uint8_t)a[r * k + i] ^ (u8 ? 0x80u : 0u));
+                memset(apad + r * lda + k, u8 ? 0x80 : 0, (size_t)(lda - k));
+            }
+        cq_pack_header h;
+        cq_pack_read_header(packed, &h);
+        lin_ctx ctx;
+        memset(&ctx, 0, sizeof ctx);
+        ctx.m = m; ctx.n = n; ctx.k = k; ctx.kp4 = kp4; ctx.nr = h.nr; ctx.np = h.np; ctx.nseg = h.nseg;
+        ctx.u8 = u8; ctx.ng = 1; ctx.group4 = kp4; ctx.qcfg = cfg;
+        ctx.mb = cfg->mb ? cfg->mb : S8_MB; ctx.nmb = cq_ceil_div(m, ctx.mb);
+        ctx.qa = apad ? apad : a; ctx.codes = cq_pack_codes(packed); ctx.sums = cq_pack_sums(packed, &h);
+        ctx.c32 = c;
+        cq_set_last_kernel(cfg->gemm->name);
+        int64_t nunits = ctx.np * ctx.nmb;
+        cq_parallel_for(nunits, cq_threads_for((double)m * n * k, nunits), s8_unit, &ctx);
+    }
+    free(packed);
+    free(apad);
+    return st;
+}
+
+int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+              const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+              float *y)
+{
+    if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
+    if (m < 0) return CQ_ERR_SHAPE;
+    int64_t ns = cq_num_scales(scheme, n, k, group_size);
+    if (ns < 0) return (int)ns;
+    if (!cq_bytes_ok(m, k, 4) || !cq_bytes_ok(m, n, 4) || !cq_bytes_ok(m, cq_ceil_div(k, 4), 16))
+        return CQ_ERR_OVERFLOW;
+    if (m == 0) return CQ_OK;
+    if (!x || !packed || !scales || !y) return CQ_ERR_NULL;
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    cq_pack_header h;
+    if (cq_pack_read_header(packed, &h) != CQ_OK || h.n != n || h.k != k) return CQ_ERR_FORMAT;
+    int64_t group4 = scheme == CQ_PER_GROUP ? group_size / 4 : h.kp4;
+    if (h.seg4 != group4) return CQ_ERR_FORMAT;
+
+    lin_ctx c;
+    memset(&c, 0, sizeof c);
+    c.m = m; c.n = n; c.k = k; c.kp4 = h.kp4; c.np = h.np; c.nr = h.nr; c.nseg = h.nseg;
+    c.scheme = scheme;
+    c.ng = scheme == CQ_PER_GROUP ? k / group_size : 1;
+    c.group4 = group4;
+    c.codes = cq_pack_codes(packed); c.sums = cq_pack_sums(packed, &h);
+    c.scales = scales; c.bias = bias; c.y = y;
+    double work = (double)m * (double)n * (double)k;
+    void *scratch = NULL;
+
+    if (mode == CQ_MODE_WEIGHT_ONLY) {
+        c.fcfg = cq_f32_config_for(isa, h.format);
+        if (!c.fcfg) return CQ_ERR_FORMAT;
+        c.x = x; c.xlda = k;
+        if (m < WO_GEMM_MIN_M) {
+            if (k % 4) { /* the GEMV kernel reads whole steps of 4: pad x */
+                int64_t lda = 4 * c.kp4;
+                float *xp = (float *)calloc((size_t)(m * lda), sizeof(float));
+                if (!xp) return CQ_ERR_NOMEM;
+                for (int64_t r = 0; r < m; r++) memcpy(xp + r * lda, x + r * k, (size_t)k * sizeof(float));
+                c.x = xp; c.xlda = lda; scratch = xp;
+            }
+            cq_set_last_kernel(c.fcfg->gemv4->name);
+            int64_t nunits = cq_ceil_div(c.np, 4);
+            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
+        } else {
+            cq_set_last_kernel(c.fcfg->gemm->name);
+            c.mb = WO_MB; c.nmb = cq_ceil_div(m, WO_MB);
+            int64_t nunits = cq_ceil_div(c.np, WO_COLS / c.nr) * c.nmb;
+            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemm_unit, &c);
+        }
+        free(scratch);
+        return CQ_OK;
+    }
+
+    /* dynamic: quantize rows of x (s8, or u8 for kernels that want it; zero-padded to whole
+     * steps of 4), then integer tiles */
+    c.qcfg = cq_qd8_config_for(isa, h.format, c.ng > 1 || c.kp4 > CQ_CHUNK4, m, c.kp4);
+    if (!c.qcfg) return CQ_ERR_FORMAT;
+    int gemv = m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && c.qcfg->gemv4;
+    const cq_ukernel *uk = gemv ? c.qcfg->gemv4 : c.qcfg->gemm;
+    c.u8 = uk->act_u8;
+    int64_t lda = 4 * c.kp4;
+    /* rows the kernel reads: whole blocks of pad_rows (zero codes past m) */
+    int64_t mpad = c.qcfg->pad_rows && !gemv ? cq_ceil_div(m, c.qcfg->pad_rows) * c.qcfg->pad_rows : m;
+    if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
+    int8_t *qa = (int8_t *)malloc((size_t)(mpad * lda) + (size_t)m * sizeof(float));
+    if (!qa) return CQ_ERR_NOMEM;
+    float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
+    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, qa, sx);
+    if (mpad > m) memset(qa + m * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - m) * lda));
+    c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
+    c.nmb = cq_ceil_div(m, c.mb);
+    cq_set_last_kernel(uk->name);
+    if (gemv) {
+        int64_t nunits = cq_ceil_div(c.np, 4);
+        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_gemv4_unit, &c);
+    } else {
+        int64_t nunits = c.np * c.nmb;
+        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
+    }
+    free(qa);
+    return CQ_OK;
+}

@@ -1,0 +1,189 @@
+/* pack.c - packed weight formats (see cquant.h and internal.h): header, codes in panels of nr rows
+ * by k steps of 4, and the per-segment column sums the u8 kernels subtract (128 * sum), computed
+ * once here rather than by a vpdpbusd per k step. */
+#include <string.h>
+#include "internal.h"
+
+#define PACK_VERSION 1u
+
+int cq_format_nr(int format)
+{
+    switch (format) {
+    case CQ_FORMAT_N16K4: return 16;
+    case CQ_FORMAT_N64K4: return 64;
+    default: return 0;
+    }
+}
+
+/* Formats whose kernels read u8 activations carry the column sums of the compensation. */
+static int format_has_sums(int format) { return format == CQ_FORMAT_N64K4; }
+
+/* Geometry of a packed (n, k) weight; group_size 0 = one segment. */
+static int geometry(int format, int64_t n, int64_t k, int64_t group_size, cq_pack_header *h)
+{
+    if (format == CQ_FORMAT_AUTO) {
+        format = cq_best_format(n);
+        if (format < 0) return format;
+    }
+    int nr = cq_format_nr(format);
+    if (!nr) return CQ_ERR_ARG;
+    if (n <= 0 || k <= 0) return CQ_ERR_SHAPE;
+    if (group_size < 0 || (group_size > 0 && (group_size % 4 != 0 || k % group_size != 0)))
+        return CQ_ERR_GROUP;
+    memset(h, 0, sizeof *h);
+    h->magic = CQ_PACK_MAGIC;
+    h->version = PACK_VERSION;
+    h->format = format;
+    h->nr = nr;
+    h->n = n;
+    h->k = k;
+    h->np = cq_ceil_div(n, nr);
+    h->kp4 = cq_ceil_div(k, 4);
+    h->seg4 = group_size ? group_size / 4 : h->kp4;
+    h->nseg = h->kp4 / h->seg4;
+    int64_t codes, sums = 0, t;
+    if (!cq_mul_ok(h->np, h->kp4, &t) || !cq_mul_ok(t, 4 * (int64_t)nr, &codes)) return CQ_ERR_OVERFLOW;
+    if (format_has_sums(format) &&
+        (!cq_mul_ok(h->np, h->nseg, &t) || !cq_mul_ok(t, 4 * (int64_t)nr, &sums))) return CQ_ERR_OVERFLOW;
+    /* codes start after the header; sums 64-byte aligned after them */
+    if (codes > INT64_MAX - 64 - CQ_PACK_HEADER) return CQ_ERR_OVERFLOW;
+    int64_t off = cq_ceil_div(CQ_PACK_HEADER + codes, 64) * 64;
+    if (!sums) off = CQ_PACK_HEADER + codes;
+    if (off > INT64_MAX - sums || (uint64_t)(off + sums) > (uint64_t)SIZE_MAX) return CQ_ERR_OVERFLOW;
+    h->sums_off = off;
+    h->sums_bytes = sums;
+    return CQ_OK;
+}
+
+int64_t cq_packed_size(int format, int64_t n, int64_t k, int64_t group_size)
+{
+    cq_pack_header h;
+    int st = geometry(format, n, k, group_size, &h);
+    if (st != CQ_OK) return st;
+    return h.sums_off + h.sums_bytes;
+}
+
+int cq_pack_read_header(const void *packed, cq_pack_header *h)
+{
+    if (!packed) return CQ_ERR_NULL;
+    cq_pack_header st;
+    memset(&st, 0, sizeof st);
+    memcpy(&st, packed, CQ_PACK_STORED);
+    if (st.magic != CQ_PACK_MAGIC || st.version != PACK_VERSION) return CQ_ERR_FORMAT;
+    if (st.n <= 0 || st.k <= 0 || st.seg4 <= 0 || st.seg4 > cq_ceil_div(st.k, 4)) return CQ_ERR_FORMAT;
+    int64_t kp4 = cq_ceil_div(st.k, 4);
+    int64_t group = st.seg4 != kp4 ? 4 * st.seg4 : 0;
+    if (geometry(st.format, st.n, st.k, group, h) != CQ_OK || h->nr != st.nr || h->seg4 != st.seg4)
+        return CQ_ERR_FORMAT;
+    return CQ_OK;
+}
+
+int cq_packed_info(const void *packed, int64_t size, int64_t *n, int64_t *k, int64_t *group_size)
+{
+    cq_pack_header h;
+    if (!packed) return CQ_ERR_NULL;
+    if (size >= 0 && size < CQ_PACK_HEADER) return CQ_ERR_FORMAT;
+    int st = cq_pack_read_header(packed, &h);
+    if (st != CQ_OK) return st;
+    int64_t group = h.seg4 != h.kp4 ? 4 * h.seg4 : 0;
+    if (size >= 0 && size != cq_packed_size(h.format, h.n, h.k, group)) return CQ_ERR_FORMAT;
+    if (n) *n = h.n;
+    if (k) *k = h.k;
+    if (group_size) *group_size = group;
+    return h.format;
+}
+
+typedef struct {
+    const int8_t *q;
+    int8_t *packed;
+    cq_pack_header h;
+    int unpack;
+} pack_ctx;
+
+static int32_t load_word(const int8_t *src, int64_t avail)
+{
+    int32_t v = 0;
+    memcpy(&v, src, (size_t)(avail < 4 ? avail : 4)); /* zero padding past k */
+    return v;
+}
+
+/* One panel, step by step: nr row streams read sequentially, 4*nr contiguous bytes written per
+ * step (a row-by-row scatter with a 64-byte stride was 3x slower); then the segment sums. */
+static void pack_unit(void *vctx, int64_t p)
+{
+    pack_ctx *c = (pack_ctx *)vctx;
+    const cq_pack_header *h = &c->h;
+    const int nr = h->nr;
+    const int64_t k = h->k, kp4 = h->kp4, kfull = k / 4, step = 4 * (int64_t)nr;
+    int8_t *panel = c->packed + CQ_PACK_HEADER + p * kp4 * step;
+    int rows = (int)(h->n - p * nr < nr ? h->n - p * nr : nr);
+    const int8_t *src[64];
+    for (int j = 0; j < rows; j++) src[j] = c->q + (p * nr + j) * k;
+    if (c->unpack) {
+        for (int64_t t = 0; t < kfull; t++)
+            for (int j = 0; j < rows; j++) memcpy((int8_t *)src[j] + 4 * t, panel + t * step + 4 * j, 4);
+        if (kfull < kp4)
+            for (int j = 0; j < rows; j++)
+                memcpy((int8_t *)src[j] + 4 * kfull, panel + kfull * step + 4 * j, (size_t)(k - 4 * kfull));
+        return;
+    }
+    int32_t w[64];
+    for (int64_t t = 0; t < kp4; t++) {
+        memset(w, 0, sizeof w);
+        for (int j = 0; j < rows; j++) w[j] = load_word(src[j] + 4 * t, t < kfull ? 4 : k - 4 * t);
+        memcpy(panel + t * step, w, (size_t)step);
+    }
+    if (!h->sums_bytes) return;
+    int32_t *sums = (int32_t *)(void *)(c->packed + h->sums_off) + p * h->nseg * nr;
+    for (int64_t s = 0; s < h->nseg; s++)
+        for (int j = 0; j < nr; j++) {
+            uint32_t acc = 0; /* modulo 2^32: only segments short enough for exact int32 use it */
+            if (j < rows) {
+                int64_t k0 = 4 * s * h->seg4, k1 = k0 + 4 * h->seg4 < k ? k0 + 4 * h->seg4 : k;
+                for (int64_t kk = k0; kk < k1; kk++) acc += (uint32_t)(int32_t)src[j][kk];
+            }
+            sums[s * nr + j] = (int32_t)acc;
+        }
+}
+
+static int has_minus128(const int8_t *q, int64_t len)
+{
+    int bad = 0;
+    for (int64_t i = 0; i < len; i++) bad |= (q[i] == -128); /* vectorized by the compiler */
+    return bad;
+}
+
+int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_size, void *packed)
+{
+    pack_ctx c;
+    int st = geometry(format, n, k, group_size, &c.h);
+    if (st != CQ_OK) return st;
+    if (!q || !packed) return CQ_ERR_NULL;
+    if (has_minus128(q, n * k)) return CQ_ERR_RANGE;
+    c.q = q;
+    c.packed = (int8_t *)packed;
+    c.unpack = 0;
+    memset(packed, 0, CQ_PACK_HEADER);
+    memcpy(packed, &c.h, CQ_PACK_STORED);
+    /* the gap between the codes and the 64-byte aligned sums */
+    int64_t codes_end = CQ_PACK_HEADER + c.h.np * c.h.kp4 * 4 * c.h.nr;
+    memset(c.packed + codes_end, 0, (size_t)(c.h.sums_off - codes_end));
+    cq_parallel_for(c.h.np, (double)n * k < 4.0e6 ? 1 : cq_threads_for((double)n * k, c.h.np), pack_unit, &c);
+    return CQ_OK;
+}
+
+int cq_unpack(const void *packed, int64_t n, int64_t k, int8_t *q)
+{
+    if (n <= 0 || k <= 0) return CQ_ERR_SHAPE;
+    if (!cq_bytes_ok(n, k, 1)) return CQ_ERR_OVERFLOW;
+    if (!packed || !q) return CQ_ERR_NULL;
+    pack_ctx c;
+    int st = cq_pack_read_header(packed, &c.h);
+    if (st != CQ_OK) return st;
+    if (c.h.n != n || c.h.k != k) return CQ_ERR_FORMAT;
+    c.q = q;
+    c.packed = (int8_t *)(uintptr_t)packed;
+    c.unpack = 1;
+    cq_parallel_for(c.h.np, (double)n * k < 4.0e6 ? 1 : cq_threads_for((double)n * k, c.h.np), pack_unit, &c);
+    return CQ_OK;
+}

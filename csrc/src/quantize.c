@@ -1,0 +1,145 @@
+/* quantize.c - weight and activation quantization drivers (rows in parallel) over the element-wise
+ * kernels of the active path, and dequantization. */
+#include <math.h>
+#include <string.h>
+#include "internal.h"
+
+/* ---- quantization ----------------------------------------------------------------------------- */
+typedef struct {
+    const cq_elementwise *kern;
+    const float *w;
+    int64_t n, k, group, ng;
+    int8_t *q;
+    float *scales;
+    int activations;   /* rows of x: non-finite rows get NaN scale instead of an error */
+    int flip;          /* 0x80: store u8 codes (q + 128) */
+    int bad;           /* set when a weight is non-finite (atomic) */
+    int64_t rows_per_unit;
+    int64_t ldq;       /* row stride of q (>= k); columns [k, ldq) are zeroed */
+} quant_ctx;
+
+static float scale_of(float amax)
+{
+    float s = amax / 127.0f;
+    return s > 0.0f ? s : 1.0f; /* all-zero slice (or one whose scale underflows to 0) */
+}
+
+static void quant_unit(void *vctx, int64_t u)
+{
+    quant_ctx *c = (quant_ctx *)vctx;
+    int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit;
+    if (r1 > c->n) r1 = c->n;
+    for (int64_t r = r0; r < r1; r++) {
+        if (c->ldq > c->k) memset(c->q + r * c->ldq + c->k, c->flip, (size_t)(c->ldq - c->k));
+        for (int64_t g = 0; g < c->ng; g++) {
+            const float *src = c->w + r * c->k + g * c->group;
+            int8_t *dst = c->q + r * c->ldq + g * c->group;
+            float amax;
+            if (!c->kern->absmax(src, c->group, &amax)) {
+                if (!c->activations) { __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED); return; }
+                memset(dst, c->flip, (size_t)c->group);
+                c->scales[r * c->ng + g] = NAN;
+                continue;
+            }
+            float s = scale_of(amax);
+            c->scales[r * c->ng + g] = s;
+            c->kern->quantize(src, c->group, s, dst, c->flip);
+        }
+    }
+}
+
+static void quantize_rows_parallel(quant_ctx *c)
+{
+    double work = (double)c->n * (double)c->k;
+    int64_t rpu = (int64_t)(65536 / c->k) + 1;
+    c->rows_per_unit = rpu;
+    int64_t nunits = cq_ceil_div(c->n, rpu);
+    cq_parallel_for(nunits, work < 1.0e6 ? 1 : cq_threads_for(work, nunits), quant_unit, c);
+}
+
+typedef struct {
+    const cq_elementwise *kern;
+    const float *w;
+    int64_t total, chunk;
+    float scale;
+    int8_t *q;
+} flat_ctx;
+
+static void flat_quant_unit(void *vctx, int64_t u)
+{
+    flat_ctx *c = (flat_ctx *)vctx;
+    int64_t i0 = u * c->chunk, len = c->total - i0 < c->chunk ? c->total - i0 : c->chunk;
+    c->kern->quantize(c->w + i0, len, c->scale, c->q + i0, 0);
+}
+
+int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_size, int8_t *q,
+                float *scales)
+{
+    int64_t ns = cq_num_scales(scheme, n, k, group_size);
+    if (ns < 0) return (int)ns;
+    if (!w || !q || !scales) return CQ_ERR_NULL;
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    const cq_elementwise *kern = cq_elementwise_for(isa);
+    if (scheme == CQ_PER_TENSOR) {
+        float amax;
+        if (!kern->absmax(w, n * k, &amax)) return CQ_ERR_NONFINITE;
+        flat_ctx c = {kern, w, n * k, 1 << 16, scale_of(amax), q};
+        int64_t nunits = cq_ceil_div(n * k, c.chunk);
+        scales[0] = c.scale;
+        cq_parallel_for(nunits, n * k < 1000000 ? 1 : cq_threads_for((double)n * k, nunits), flat_quant_unit, &c);
+        return CQ_OK;
+    }
+    quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
+                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k};
+    quantize_rows_parallel(&c);
+    return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
+}
+
+/* Rows of x (m, k) into q with row stride ldq >= k (columns [k, ldq) set to code 0), per-row scales;
+ * flip 0x80 stores u8 codes. Used by cq_linear for the activations. */
+void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
+                           int flip, int8_t *q, float *scales)
+{
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq};
+    quantize_rows_parallel(&c);
+}
+
+static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, float *scales, int flip)
+{
+    if (m <= 0 || k <= 0) return CQ_ERR_SHAPE;
+    if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
+    if (!x || !q || !scales) return CQ_ERR_NULL;
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, q, scales);
+    return CQ_OK;
+}
+
+int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales)
+{
+    return quantize_rows_api(x, m, k, q, scales, 0);
+}
+
+int cq_quantize_rows_u8(const float *x, int64_t m, int64_t k, uint8_t *q, float *scales)
+{
+    return quantize_rows_api(x, m, k, (int8_t *)q, scales, 0x80);
+}
+
+int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, int scheme,
+                  int64_t group_size, float *out)
+{
+    int64_t ns = cq_num_scales(scheme, n, k, group_size);
+    if (ns < 0) return (int)ns;
+    if (!q || !scales || !out) return CQ_ERR_NULL;
+    int isa = cq_active_isa();
+    if (isa < 0) return CQ_ERR_ISA;
+    const cq_elementwise *kern = cq_elementwise_for(isa);
+    int64_t g = scheme == CQ_PER_GROUP ? group_size : k, ng = k / g;
+    for (int64_t r = 0; r < n; r++)
+        for (int64_t gi = 0; gi < ng; gi++)
+            kern->dequant(q + r * k + gi * g, g, scheme == CQ_PER_TENSOR ? scales[0] : scales[r * ng + gi],
+                          out + r * k + gi * g);
+    return CQ_OK;
+}
+

@@ -1,0 +1,194 @@
+/* registry.c - every compiled micro-kernel (name = type, tile, ISA, as in XNNPACK), the per-scheme
+ * configs chosen best first, and the thread-local name of the kernel that ran last.
+ * Adding a kernel: its file in x86/ISA/ (and csrc/sources.txt), a prototype and a line in
+ * UKERNELS below; if it is the best for a scheme on its path, a line at the top of that scheme's
+ * config list. Nothing else changes: drivers read mr/nr/act_u8 from here. */
+#include <string.h>
+#include "target.h"
+
+extern void *const cq_ref_fns[];
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX2
+void cq_qd8_f32_qc8w_gemm_4x16c4_avx2(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
+void cq_f32_qc8w_dequant_16c4_avx2(int, int64_t, const int8_t *, const float *, float *);
+void cq_f32_qc8w_gemm_6x16_avx2(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
+void cq_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+#define HAVE_AVX2 1
+#endif
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX512
+void cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
+void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_f32_qc8w_dequant_64c4_avx512f(int, int64_t, const int8_t *, const float *, float *);
+void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
+void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+#define HAVE_AVX512 1
+#endif
+#if defined(CQ_X86) && CQ_CAN_TARGET_AMX
+void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+#define HAVE_AMX 1
+#endif
+
+/* Indices into UKERNELS, for the configs below. */
+enum {
+    REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4,
+#ifdef HAVE_AVX2
+    AVX2_QD8_GEMM, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4,
+#endif
+#ifdef HAVE_AVX512
+    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4,
+#endif
+#ifdef HAVE_AMX
+    AMX_QD8_GEMM,
+#endif
+    NUKERNELS
+};
+
+static const cq_ukernel UKERNELS[] = {
+    /* scalar references: any nr (a multiple of 16) */
+    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, NULL},
+    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL},
+    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, NULL},
+    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, NULL},
+    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL},
+#ifdef HAVE_AVX2
+    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2},
+    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2},
+    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2},
+    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2},
+#endif
+#ifdef HAVE_AVX512
+    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni},
+    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni},
+    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw},
+    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f},
+    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f},
+    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f},
+#endif
+#ifdef HAVE_AMX
+    {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx},
+#endif
+};
+
+int cq_ukernel_count(void) { return NUKERNELS; }
+const cq_ukernel *cq_ukernel_at(int i)
+{
+    static cq_ukernel table[NUKERNELS];
+    static int ready = 0;
+    if (i < 0 || i >= NUKERNELS) return NULL;
+    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { /* the reference fns live in ref/ */
+        cq_ukernel t[NUKERNELS];
+        memcpy(t, UKERNELS, sizeof t);
+        for (int r = 0; r <= REF_F32_GEMV4; r++) t[r].fn = cq_ref_fns[r];
+        memcpy(table, t, sizeof t); /* same bytes from every thread: a benign race */
+        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
+    }
+    return &table[i];
+}
+#define UK(i) (cq_ukernel_at(i))
+
+/* Path ranks: a path runs the kernels of every path ranked at or below it. */
+static int rank(int isa)
+{
+    switch (isa) {
+    case CQ_ISA_SCALAR: return 0;
+    case CQ_ISA_AVX2: return 1;
+    case CQ_ISA_AVX512: return 2;
+    case CQ_ISA_AVX512VNNI: return 3;
+    case CQ_ISA_AMX: return 4;
+    default: return 99;
+    }
+}
+static int allowed(int active, int isa) { return rank(isa) <= rank(active); }
+
+/* ---- configs, best first --------------------------------------------------------------------- */
+/* min_m, k4_multiple, no_groups, pad_rows, kc4 (0: KC_BYTES of the panel), mb (0: S8_MB) */
+typedef struct { int isa, format, gemm, gemv4, min_m, k4_multiple, no_groups, pad_rows, kc4, mb; } qd8_row;
+static const qd8_row QD8_ROWS[] = {
+#ifdef HAVE_AMX
+    /* AMX: k a multiple of 64, per-channel, from 8 rows (a 16-row tile half empty still beats
+     * vpdpbusd). k blocks of 4096 (256 KiB of the panel, L2) and 128 rows per unit: on the
+     * Sapphire Rapids-class machine of 2026-11-29, (4096, 4096) M=256 took 6.4 ms against 8.3 ms
+     * with k blocks of 256 and 64 rows, and (4096, 11008) M=256 20.7 ms against 26.9 ms. */
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, AMX_QD8_GEMM, -1, 8, 16, 1, 32, 1024, 128},
+#endif
+#ifdef HAVE_AVX512
+    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, VNNI_QD8_GEMM, VNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, BW_QD8_GEMM, -1, 0, 0, 0, 0, 0, 0},
+#endif
+#ifdef HAVE_AVX2
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, AVX2_QD8_GEMM, AVX2_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+#endif
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, REF_QD8_GEMM, REF_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, REF_QD8_GEMM, REF_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+};
+typedef struct { int isa, format, dequant, gemm, gemv4, kc; } f32_row;
+static const f32_row F32_ROWS[] = {
+#ifdef HAVE_AVX512
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, 128},
+#endif
+#ifdef HAVE_AVX2
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, 256},
+#endif
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, 256},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, 64},
+};
+#define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
+
+static cq_qd8_config QD8_CFG[NROWS(QD8_ROWS)];
+static cq_f32_config F32_CFG[NROWS(F32_ROWS)];
+static int cfg_ready = 0;
+static void init_configs(void)
+{
+    if (__atomic_load_n(&cfg_ready, __ATOMIC_ACQUIRE)) return;
+    for (int i = 0; i < NROWS(QD8_ROWS); i++) {
+        const qd8_row *r = &QD8_ROWS[i];
+        cq_qd8_config c = {r->isa, r->format, UK(r->gemm), r->gemv4 >= 0 ? UK(r->gemv4) : NULL,
+                           r->min_m, r->k4_multiple, r->no_groups, r->pad_rows, r->kc4, r->mb};
+        QD8_CFG[i] = c;
+    }
+    for (int i = 0; i < NROWS(F32_ROWS); i++) {
+        cq_f32_config c = {F32_ROWS[i].isa, F32_ROWS[i].format, UK(F32_ROWS[i].dequant),
+                           UK(F32_ROWS[i].gemm), UK(F32_ROWS[i].gemv4), F32_ROWS[i].kc};
+        F32_CFG[i] = c;
+    }
+    __atomic_store_n(&cfg_ready, 1, __ATOMIC_RELEASE);
+}
+
+/* The first config the path allows that reads the format and takes this shape (per-group scales
+ * run the same micro-kernels through their CQ_OUT_FACC epilogue). */
+const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4)
+{
+    init_configs();
+    for (int i = 0; i < NROWS(QD8_ROWS); i++) {
+        const cq_qd8_config *c = &QD8_CFG[i];
+        if (!allowed(active_isa, c->isa) || c->format != format) continue;
+        if (m < c->min_m || (c->k4_multiple && kp4 % c->k4_multiple) || (c->no_groups && per_group)) continue;
+        return c;
+    }
+    return NULL;
+}
+
+const cq_f32_config *cq_f32_config_for(int active_isa, int format)
+{
+    init_configs();
+    for (int i = 0; i < NROWS(F32_ROWS); i++)
+        if (allowed(active_isa, F32_CFG[i].isa) && F32_CFG[i].format == format) return &F32_CFG[i];
+    return NULL;
+}
+
+/* The format of the best dynamic config the path allows (whatever the shape). */
+int cq_best_format_for(int active_isa)
+{
+    init_configs();
+    for (int i = 0; i < NROWS(QD8_ROWS); i++)
+        if (allowed(active_isa, QD8_CFG[i].isa)) return QD8_CFG[i].format;
+    return CQ_FORMAT_N16K4;
+}
+
+/* ---- the kernel that ran ----------------------------------------------------------------------- */
+static __thread const char *last_kernel = "";
+void cq_set_last_kernel(const char *name) { last_kernel = name; }
+const char *cq_last_kernel(void) { return last_kernel; }

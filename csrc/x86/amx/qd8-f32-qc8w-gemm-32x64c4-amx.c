@@ -1,0 +1,85 @@
+/* qd8-f32-qc8w-gemm-32x64c4-amx.c - dynamic int8 micro-kernel for AMX-INT8 (Sapphire Rapids and
+ * later), format N64K4: 32 rows x 64 columns, in two halves of 32 columns, each a 2 x 2 block of
+ * 16x16 int32 C tiles fed by 2 A tiles (16 rows x 64 k of s8 activations) and 2 B tiles (16 k4
+ * steps x 16 columns x 4 codes: an N64K4 panel slice read with a row stride of 256 bytes). One
+ * tdpbssd is 16 x 16 x 64 = 16384 exact s8 x s8 multiply-adds into int32 (no u8 shift, no
+ * compensation: the column sums are unused).
+ * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile), and 32 rows of a are
+ * readable (the driver pads the quantized activations to a multiple of 32 rows); only mr rows are
+ * written. The tile configuration is loaded per call (it is per-thread state) and released after. */
+#include "target.h"
+#if CQ_CAN_TARGET_AMX
+CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
+#include <immintrin.h>
+#include <string.h>
+
+#define NR 64
+#define STEP (NR * 4)
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg;
+
+CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
+{
+    const int col = 16 * v;
+    if (o->mode == CQ_OUT_I32) { _mm512_storeu_si512((void *)(o->acc + r * NR + col), c); return; }
+    if (o->comp) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(o->comp + col)));
+    const __m512 f = _mm512_cvtepi32_ps(c);
+    if (o->mode == CQ_OUT_FACC) {
+        float *p = o->facc + r * NR + col;
+        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, _mm512_loadu_ps(o->sw + col), _mm512_loadu_ps(p)));
+        return;
+    }
+    int left = o->nc - col;
+    if (left <= 0) return;
+    const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
+    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col));
+    const __m512 b = o->bias ? _mm512_maskz_loadu_ps(m, o->bias + col) : _mm512_setzero_ps();
+    _mm512_mask_storeu_ps(o->y + r * o->ldy + col, m, _mm512_add_ps(_mm512_mul_ps(f, s), b));
+}
+
+void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
+                                      const int8_t *b, const cq_qd8_out *o)
+{
+    (void)nr;
+    tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
+    _tile_loadconfig(&cfg);
+    int32_t c[32 * NR] __attribute__((aligned(64)));
+    for (int half = 0; half < 2; half++) {
+        const int8_t *bh = b + half * 128;
+        int32_t *ch = c + half * 32;
+        if (o->acc_in) { /* resume from the int32 sums of the previous k block */
+            _tile_loadd(0, o->acc + half * 32, NR * 4);
+            _tile_loadd(1, o->acc + half * 32 + 16, NR * 4);
+            _tile_loadd(2, o->acc + 16 * NR + half * 32, NR * 4);
+            _tile_loadd(3, o->acc + 16 * NR + half * 32 + 16, NR * 4);
+        } else {
+            _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+        }
+        for (int64_t t = 0; t < nk4; t += 16) {
+            _tile_loadd(4, a + 4 * t, lda);
+            _tile_loadd(5, a + 16 * lda + 4 * t, lda);
+            _tile_loadd(6, bh + t * STEP, STEP);
+            _tile_loadd(7, bh + t * STEP + 64, STEP);
+            _tile_dpbssd(0, 4, 6);
+            _tile_dpbssd(1, 4, 7);
+            _tile_dpbssd(2, 5, 6);
+            _tile_dpbssd(3, 5, 7);
+        }
+        _tile_stored(0, ch, NR * 4);
+        _tile_stored(1, ch + 16, NR * 4);
+        _tile_stored(2, ch + 16 * NR, NR * 4);
+        _tile_stored(3, ch + 16 * NR + 16, NR * 4);
+    }
+    _tile_release();
+    for (int r = 0; r < mr; r++)
+        for (int v = 0; v < 4; v++) out_vec(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)));
+}
+CQ_TARGET_END
+#endif

@@ -1,0 +1,130 @@
+/* elementwise-avx2.c - AVX2 + FMA element-wise kernels: absmax, quantize (s8 or u8 codes), GELU,
+ * dequantize. Bit-exact against ref/ (GELU within its documented error). */
+#include "target.h"
+#if CQ_CAN_TARGET_AVX2
+CQ_TARGET_BEGIN("avx2,fma")
+#include <immintrin.h>
+#include <math.h>
+#include <string.h>
+
+static int absmax_avx2(const float *x, int64_t n, float *amax)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 big = _mm256_set1_ps(3.402823466e38f);
+    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
+        __m256 a1 = _mm256_and_ps(_mm256_loadu_ps(x + i + 8), absmask);
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, big, _CMP_NLE_UQ));
+        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a1, big, _CMP_NLE_UQ));
+        m0 = _mm256_max_ps(m0, a0);
+        m1 = _mm256_max_ps(m1, a1);
+    }
+    m0 = _mm256_max_ps(m0, m1);
+    float tmp[8];
+    _mm256_storeu_ps(tmp, m0);
+    float m = 0.0f;
+    for (int j = 0; j < 8; j++) m = tmp[j] > m ? tmp[j] : m;
+    int finite = _mm256_movemask_ps(bad) == 0;
+    for (; i < n; i++) {
+        float a = fabsf(x[i]);
+        if (!(a <= 3.402823466e38f)) finite = 0;
+        else if (a > m) m = a;
+    }
+    *amax = m;
+    return finite;
+}
+
+CQ_INLINE __m256i q8(const float *x, __m256 s, __m256 lo, __m256 hi)
+{
+    __m256 v = _mm256_div_ps(_mm256_loadu_ps(x), s); /* a true division, as the contract says */
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    return _mm256_cvtps_epi32(v);
+}
+
+static void quantize_avx2(const float *x, int64_t n, float scale, int8_t *q, int flip)
+{
+    const __m256i flipv = _mm256_set1_epi8((char)flip);
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i a = q8(x + i, s, lo, hi), b = q8(x + i + 8, s, lo, hi);
+        __m256i c = q8(x + i + 16, s, lo, hi), d = q8(x + i + 24, s, lo, hi);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), flipv));
+    }
+    for (; i < n; i++) {
+        float r = nearbyintf(x[i] / scale);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+    }
+}
+
+/* exp(v) for v in [-88, 0]: v = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is
+ * exact to float rounding), e^r by its Taylor polynomial to degree 7 (relative error < 3e-8 on that
+ * interval), 2^n put in the exponent bits. */
+CQ_INLINE __m256 exp_neg(__m256 v)
+{
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), v);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187e-06f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 5040.0f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* GELU through erf(z) = 1 - t (a1 + t (a2 + ...)) e^{-z^2}, t = 1 / (1 + p z), z >= 0: the
+ * rational approximation of Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); odd in z. z is
+ * clamped to 6, where erf is 1 in float32. */
+static void gelu_avx2(const float *x, int64_t n, float *y)
+{
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+        const __m256 z = _mm256_min_ps(_mm256_and_ps(u, absmask), _mm256_set1_ps(6.0f));
+        const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+        __m256 poly = _mm256_set1_ps(1.061405429f);
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+        poly = _mm256_mul_ps(poly, t);
+        const __m256 e = exp_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
+        const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f));
+        /* erf(u) = sign(u) * erf(|u|); a NaN x keeps NaN through v * (...) */
+        const __m256 erf_u = _mm256_or_ps(erf_abs, _mm256_andnot_ps(absmask, u));
+        const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), erf_u));
+        /* +-Inf: 0.5 * Inf * 2 = Inf, and -Inf * 0 would be NaN: GELU(-Inf) = 0 (-0) */
+        _mm256_storeu_ps(y + i, _mm256_blendv_ps(g, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ)));
+    }
+    for (; i < n; i++) y[i] = cq_gelu1(x[i]);
+}
+
+static void dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
+{
+    const __m256 s = _mm256_set1_ps(scale);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(
+                                      _mm_loadl_epi64((const __m128i *)(q + i)))), s));
+    for (; i < n; i++) out[i] = (float)q[i] * scale;
+}
+
+CQ_TARGET_END
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2};
+#elif defined(CQ_X86)
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0};
+#endif

@@ -1,0 +1,110 @@
+/* f32-qc8w-gemm-6x16-avx2.c - weight-only (float32 activations x int8 weights) micro-kernels for
+ * AVX2 + FMA, format N16K4: a panel block dequantized to float32 (dequant_16c4), a 6x16 float tile
+ * (12 ymm accumulators) over it, and a 1x64 GEMV that converts codes in registers. */
+#include "target.h"
+#if CQ_CAN_TARGET_AVX2
+CQ_TARGET_BEGIN("avx2,fma")
+#include <immintrin.h>
+
+#define NR 16
+#define STEP (NR * 4)
+
+/* Weight-only GEMV over 4 panels at once (4 concurrent weight streams, as s8_gemv4). Each int32
+ * lane of a 32-byte load holds one column's 4 codes of the step; code i is brought to a float by
+ * a shift pair, so each column keeps one accumulator lane and k is summed in order: 2 accumulators
+ * per panel, 8 in all, and the 4 broadcasts of x are shared by the panels. */
+#define F4_STEP(p)                                                                                \
+    {                                                                                             \
+        const int8_t *bp = panels[p] + t * STEP;                                         \
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)bp);                               \
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(bp + 32));                        \
+        _mm_prefetch((const char *)(bp + CQ_PF_DIST), _MM_HINT_T0);                               \
+        F4_K(p, 0, x0) F4_K(p, 1, x1) F4_K(p, 2, x2) F4_K(p, 3, x3)                                \
+    }
+#define F4_K(p, I, XV)                                                                            \
+    f##p##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), XV, f##p##0); \
+    f##p##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), XV, f##p##1);
+void cq_f32_qc8w_gemv4_1x64c4_avx2(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
+                                   const float *ws, float *y)
+{
+    (void)nr;
+    __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00, f30 = f00, f31 = f00;
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256 x0 = _mm256_broadcast_ss(x + 4 * t), x1 = _mm256_broadcast_ss(x + 4 * t + 1);
+        const __m256 x2 = _mm256_broadcast_ss(x + 4 * t + 2), x3 = _mm256_broadcast_ss(x + 4 * t + 3);
+        F4_STEP(0) F4_STEP(1) F4_STEP(2) F4_STEP(3)
+    }
+#define F4_OUT(p)                                                                                 \
+    _mm256_storeu_ps(y + 16 * (p), _mm256_fmadd_ps(f##p##0, _mm256_loadu_ps(ws + 16 * (p)), _mm256_loadu_ps(y + 16 * (p)))); \
+    _mm256_storeu_ps(y + 16 * (p) + 8, _mm256_fmadd_ps(f##p##1, _mm256_loadu_ps(ws + 16 * (p) + 8), _mm256_loadu_ps(y + 16 * (p) + 8)));
+    F4_OUT(0) F4_OUT(1) F4_OUT(2) F4_OUT(3)
+#undef F4_OUT
+}
+
+void cq_f32_qc8w_dequant_16c4_avx2(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out)
+{
+    (void)nr;
+    const __m256 w0 = _mm256_loadu_ps(ws), w1 = _mm256_loadu_ps(ws + 8);
+    for (int64_t t = 0; t < nk4; t++) {
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)(b + t * STEP));
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(b + t * STEP + 32));
+        float *o = out + 4 * t * NR;
+        /* each int32 lane of v0 holds the 4 codes (k = 4t..4t+3) of one column: byte i is k 4t+i */
+#define CQ_DQ_ROW(I)                                                                              \
+        _mm256_storeu_ps(o + (I) * NR, _mm256_mul_ps(_mm256_cvtepi32_ps(                        \
+            _mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), w0));                     \
+        _mm256_storeu_ps(o + (I) * NR + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(                    \
+            _mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), w1));
+        CQ_DQ_ROW(0)
+        CQ_DQ_ROW(1)
+        CQ_DQ_ROW(2)
+        CQ_DQ_ROW(3)
+#undef CQ_DQ_ROW
+    }
+}
+
+#define F_DECL(r) __m256 c##r##0 = _mm256_loadu_ps(c + (r) * ldc), c##r##1 = _mm256_loadu_ps(c + (r) * ldc + 8);
+#define F_STEP(r)                                                                                 \
+    {                                                                                             \
+        const __m256 av = _mm256_broadcast_ss(a + (r) * lda + kk);                                \
+        c##r##0 = _mm256_fmadd_ps(av, b0, c##r##0);                                               \
+        c##r##1 = _mm256_fmadd_ps(av, b1, c##r##1);                                               \
+    }
+#define F_OUT(r) _mm256_storeu_ps(c + (r) * ldc, c##r##0); _mm256_storeu_ps(c + (r) * ldc + 8, c##r##1);
+#define F_TILE(NAME, DECLS, STEPS, OUTS)                                                          \
+    static void NAME(int64_t kc, const float *a, int64_t lda, const float *bb, float *c, int64_t ldc) \
+    {                                                                                             \
+        DECLS                                                                                     \
+        for (int64_t kk = 0; kk < kc; kk++) {                                                     \
+            const __m256 b0 = _mm256_load_ps(bb + kk * NR), b1 = _mm256_load_ps(bb + kk * NR + 8); \
+            STEPS                                                                                 \
+        }                                                                                         \
+        OUTS                                                                                      \
+    }
+F_TILE(f32_tile_1, F_DECL(0), F_STEP(0), F_OUT(0))
+F_TILE(f32_tile_2, F_DECL(0) F_DECL(1), F_STEP(0) F_STEP(1), F_OUT(0) F_OUT(1))
+F_TILE(f32_tile_3, F_DECL(0) F_DECL(1) F_DECL(2), F_STEP(0) F_STEP(1) F_STEP(2), F_OUT(0) F_OUT(1) F_OUT(2))
+F_TILE(f32_tile_4, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3), F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3),
+       F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3))
+F_TILE(f32_tile_5, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3) F_DECL(4),
+       F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3) F_STEP(4), F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3) F_OUT(4))
+F_TILE(f32_tile_6, F_DECL(0) F_DECL(1) F_DECL(2) F_DECL(3) F_DECL(4) F_DECL(5),
+       F_STEP(0) F_STEP(1) F_STEP(2) F_STEP(3) F_STEP(4) F_STEP(5),
+       F_OUT(0) F_OUT(1) F_OUT(2) F_OUT(3) F_OUT(4) F_OUT(5))
+
+void cq_f32_qc8w_gemm_6x16_avx2(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
+                                float *c, int64_t ldc)
+{
+    (void)nr;
+    switch (mr) {
+    case 1: f32_tile_1(kc, a, lda, bb, c, ldc); break;
+    case 2: f32_tile_2(kc, a, lda, bb, c, ldc); break;
+    case 3: f32_tile_3(kc, a, lda, bb, c, ldc); break;
+    case 4: f32_tile_4(kc, a, lda, bb, c, ldc); break;
+    case 5: f32_tile_5(kc, a, lda, bb, c, ldc); break;
+    default: f32_tile_6(kc, a, lda, bb, c, ldc); break;
+    }
+}
+
+CQ_TARGET_END
+#endif
