@@ -192,9 +192,20 @@ static void s8_unit(void *vctx, int64_t u)
                     for (int i = 0; i < mr * nr; i++)
                         acc64[i] += (int32_t)((uint32_t)acc[i] - (c->u8 ? (uint32_t)comp[i % nr] : 0u));
                 }
-                for (int i = 0; i < mr * nr; i++) facc[r * nr + i] += (float)acc64[i] * ws[i % nr];
+                if (c->ng == 1) { /* per-channel / per-tensor: the contract's acc * (sx * sw) + b */
+                    panel_bias(c, p, bb);
+                    for (int i = 0; i < mr; i++) {
+                        float sx = c->sx[m0 + r + i];
+                        float *yr = c->y + (m0 + r + i) * c->n + n0;
+                        for (int64_t j = 0; j < cols; j++) yr[j] = (float)acc64[i * nr + j] * (sx * ws[j]) + bb[j];
+                    }
+                } else { /* fused multiply-add, as the SIMD kernels' CQ_OUT_FACC epilogue */
+                    for (int i = 0; i < mr * nr; i++)
+                        facc[r * nr + i] = fmaf((float)acc64[i], ws[i % nr], facc[r * nr + i]);
+                }
             }
         }
+        if (c->ng == 1) return;
     }
     /* per group: y = (sum_g acc_g * sw_g) * sx + b */
     panel_bias(c, p, bb);

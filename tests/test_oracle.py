@@ -1,0 +1,445 @@
+"""cquant against the independent numpy oracle (tests/oracle.py), on every ISA path this machine has.
+
+- quantize / quantize_rows / quantize_rows_u8 / dequantize: bit-exact;
+- gemm_s8s8s32: exact against int64;
+- dynamic linear: bit-exact against the oracle's integer sums + float32 epilogue (the epilogue's
+  operation order is mirrored, see oracle.py), and the micro-kernel that ran is the one the
+  registry's configs choose (the KERNEL TABLE below, transcribed from csrc/src/registry.c);
+- weight-only linear: within a K-scaled float32 budget of a float64 reference;
+- thread count, packed-format changes and K > 131072 (chunked int64 sums) change nothing.
+Paths absent from this CPU/build are skipped, never failed.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+import cquant
+from cquant import ops
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import oracle  # noqa: E402
+
+PATHS = ["scalar", "avx2", "avx512", "avx512vnni", "amx"]
+HYP = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                   HealthCheck.too_slow])
+
+# ================================ KERNEL TABLE ======================================================
+# Transcribed from csrc/src/registry.c (QD8_ROWS, F32_ROWS, rank()) and dispatch.c
+# (cq_best_format). A call takes the first row, best first, that its path allows (row rank <= the
+# active path's rank), that reads the weight's packed format (Python repacks a weight to the
+# path's best format for its N) and whose shape limits hold.
+RANK = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "amx": 4}
+REF_QD8 = ("qd8_f32_qc8w_gemm_4xNc4_ref", "qd8_f32_qc8w_gemv4_1x4Nc4_ref")
+# dynamic int8 / gemm_s8s8s32: (path, format, gemm kernel, gemv4 kernel or None,
+#                               min_m, k4_multiple (of ceil(K/4)), no_groups)
+QD8_ROWS = [
+    ("amx", "n64k4", "qd8_f32_qc8w_gemm_32x64c4_amx", None, 8, 16, True),
+    ("avx512vnni", "n64k4", "qd8_f32_qc8w_gemm_6x64c4_avx512vnni",
+     "qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", 0, 0, False),
+    ("avx512", "n64k4", "qd8_f32_qc8w_gemm_4x64c4_avx512bw", None, 0, 0, False),
+    ("avx2", "n16k4", "qd8_f32_qc8w_gemm_4x16c4_avx2", "qd8_f32_qc8w_gemv4_1x64c4_avx2", 0, 0, False),
+    ("scalar", "n16k4", *REF_QD8, 0, 0, False),
+    ("scalar", "n64k4", *REF_QD8, 0, 0, False),
+]
+# weight-only: (path, format, gemm kernel (M >= 4), gemv4 kernel (M < 4))
+F32_ROWS = [
+    ("avx512", "n64k4", "f32_qc8w_gemm_6x64_avx512f", "f32_qc8w_gemv4_1x256c4_avx512f"),
+    ("avx2", "n16k4", "f32_qc8w_gemm_6x16_avx2", "f32_qc8w_gemv4_1x64c4_avx2"),
+    ("scalar", "n16k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_1x4Nc4_ref"),
+    ("scalar", "n64k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_1x4Nc4_ref"),
+]
+CHUNK_K = oracle.CHUNK_K  # CQ_CHUNK4 * 4: longer sums (or groups) take the chunked int64 path
+WO_GEMM_MIN_M = 4         # linear.c
+
+
+def _allowed(path, row_path):
+    return RANK[row_path] <= RANK[path]
+
+
+def table_best_format(path, n):
+    """dispatch.c cq_best_format: the first allowed QD8 row's format; a 64-wide format falls back
+    to n16k4 when padding n to whole panels would exceed 1.25 n."""
+    fmt = next(r[1] for r in QD8_ROWS if _allowed(path, r[0]))
+    if fmt == "n64k4" and -(-n // 64) * 64 * 4 > 5 * n:
+        fmt = "n16k4"
+    return fmt
+
+
+def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size=None, gemm=False):
+    """Name cquant.last_kernel() must report after linear(mode="dynamic") (or gemm_s8s8s32)."""
+    ng = k // group_size if granularity == "per_group" else 1
+    grouped = False if gemm else (ng > 1 or k > CHUNK_K)  # linear.c: the per_group argument
+    kp4 = -(-k // 4)
+    fmt = table_best_format(path, n)
+    for rpath, rfmt, gk, gv, min_m, k4m, no_groups in QD8_ROWS:
+        if not _allowed(path, rpath) or rfmt != fmt:
+            continue
+        if m < min_m or (k4m and kp4 % k4m) or (no_groups and grouped):
+            continue
+        use_gemv = not gemm and m == 1 and ng == 1 and k <= CHUNK_K and gv is not None
+        return gv if use_gemv else gk
+    raise AssertionError("no config")
+
+
+def expected_wo_kernel(path, m, n):
+    fmt = table_best_format(path, n)
+    row = next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == fmt)
+    return row[3] if m < WO_GEMM_MIN_M else row[2]
+
+
+def uses_fma_groups(kernel):
+    """Every micro-kernel folds per-group sums with an FMA (the scalar reference with fmaf), so
+    per-group outputs are bit-identical on every path."""
+    return True
+
+
+# ================================ fixtures ==========================================================
+@pytest.fixture(params=PATHS)
+def path(request):
+    name = request.param
+    if name not in ops.available_isas():
+        pytest.skip(f"{name} not available on this CPU/build")
+    ops.set_isa(name)
+    try:
+        assert ops.isa() == name
+        yield name
+        assert ops.isa() == name
+    finally:
+        ops.set_isa("auto")
+
+
+def test_kernel_table_matches_best_format(path):
+    for n in (1, 7, 16, 47, 48, 51, 52, 64, 65, 100, 128, 130, 192, 256, 4096):
+        assert ops.best_format(n) == table_best_format(path, n), n
+
+
+# ================================ value generators ==================================================
+def _rows_like(rng, n, k, kind):
+    """float32 (n, k) of a given flavour (the generators are seeded by hypothesis)."""
+    if kind == "normal":
+        mag = 10.0 ** rng.uniform(-30, 30, size=(n, 1))
+        return (rng.standard_normal((n, k)) * mag).astype(np.float32)
+    if kind == "ties":  # scale 2^e exactly, values (c + 1/2) 2^e: exact halfway cases
+        e = rng.integers(-140, 100, size=(n, 1)).astype(np.float64)
+        c = rng.integers(-127, 127, size=(n, k)) + rng.choice([0.5, 0.0], size=(n, k), p=[0.8, 0.2])
+        w = c * 2.0 ** e
+        w[:, rng.integers(0, k)] = rng.choice([-127.0, 127.0]) * 2.0 ** e[:, 0]
+        return w.astype(np.float32)
+    if kind == "near_ties":  # 2.5 * scale etc. in float32 (not exactly representable ties)
+        base = (rng.standard_normal((n, 1)) * 10.0 ** rng.uniform(-5, 5, (n, 1))).astype(np.float32)
+        s = (np.abs(base) / np.float32(127)).astype(np.float32)
+        w = (rng.choice([0.5, 1.5, 2.5, -2.5, 126.5, -126.5], size=(n, k)).astype(np.float32) * s)
+        w[:, 0] = base[:, 0]
+        return w.astype(np.float32)
+    if kind == "zeros":
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        w[rng.random(n) < 0.5] = 0.0
+        return w
+    if kind == "tiny":  # subnormal maxima: scales subnormal, or underflowing to 0 (-> 1.0)
+        return (rng.integers(-60, 60, size=(n, k)) * np.float32(2.0 ** -149)).astype(np.float32)
+    if kind == "huge":
+        return (rng.uniform(-1, 1, size=(n, k)) * 3.4e38).astype(np.float32)
+    raise ValueError(kind)
+
+
+KINDS = ["normal", "ties", "near_ties", "zeros", "tiny", "huge", "hyp"]
+K_ANY = st.one_of(st.sampled_from([1, 2, 3, 4, 5, 7, 8, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 129]),
+                  st.integers(1, 300))
+F32_ELEMS = st.floats(width=32, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def float_matrix(draw, n, k):
+    kind = draw(st.sampled_from(KINDS))
+    if kind == "hyp":
+        return draw(hnp.arrays(np.float32, (n, k), elements=F32_ELEMS))
+    rng = np.random.default_rng(draw(st.integers(0, 2 ** 32 - 1)))
+    return _rows_like(rng, n, k, kind)
+
+
+# ================================ quantization ======================================================
+@settings(max_examples=100, **HYP)
+@given(data=st.data())
+def test_quantize_weight_bit_exact(path, data):
+    gran = data.draw(st.sampled_from(["per_channel", "per_tensor", "per_group"]))
+    n = data.draw(st.integers(1, 9))
+    if gran == "per_group":
+        g = data.draw(st.sampled_from([4, 8, 12, 32, 64, 128]))
+        k = g * data.draw(st.integers(1, 4))
+    else:
+        g, k = None, data.draw(K_ANY)
+    w = data.draw(float_matrix(n, k))
+    q, s = ops.quantize(w, gran, g)
+    qo, so = oracle.quantize(w, gran, g)
+    np.testing.assert_array_equal(s, so)
+    np.testing.assert_array_equal(q, qo)
+    assert q.min(initial=0) >= -127
+    qw = ops.QuantizedWeight.from_codes(q, s, gran, g)
+    np.testing.assert_array_equal(qw.q, qo)
+    np.testing.assert_array_equal(ops.dequantize(qw), oracle.dequantize(qo, so, gran, g))
+
+
+@settings(max_examples=100, **HYP)
+@given(data=st.data())
+def test_quantize_rows_bit_exact(path, data):
+    m = data.draw(st.integers(1, 9))
+    k = data.draw(K_ANY)
+    x = data.draw(float_matrix(m, k))
+    bad = data.draw(st.lists(st.integers(0, m - 1), max_size=3))
+    for r in bad:  # NaN / Inf rows (activations only)
+        x[r, data.draw(st.integers(0, k - 1))] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]))
+    if data.draw(st.booleans()):
+        x64 = x.astype(np.float64)
+        if data.draw(st.booleans()):
+            x64[0, 0] = 1e39  # beyond float32: Inf after conversion, a non-finite row
+        x = x64
+    q, s = ops.quantize_rows(x)
+    qo, so = oracle.quantize_rows_s8(x)
+    np.testing.assert_array_equal(s, so)
+    np.testing.assert_array_equal(q, qo)
+    u, su = ops.quantize_rows_u8(x)
+    uo, suo = oracle.quantize_rows_u8(x)
+    assert u.dtype == np.uint8
+    np.testing.assert_array_equal(su, suo)
+    np.testing.assert_array_equal(u, uo)
+
+
+def test_quantize_large_threaded(path):
+    """Sizes that take the threaded and chunked (1 << 16 elements) quantization drivers."""
+    rng = np.random.default_rng(21)
+    w = (rng.standard_normal((300, 4001)) * 10.0 ** rng.uniform(-4, 4, (300, 1))).astype(np.float32)
+    w[7] = 0.0
+    for gran, g in (("per_tensor", None), ("per_channel", None)):
+        q, s = ops.quantize(w, gran, g)
+        qo, so = oracle.quantize(w, gran, g)
+        np.testing.assert_array_equal(s, so)
+        np.testing.assert_array_equal(q, qo)
+    w[11, 5] = np.nan
+    q, s = ops.quantize_rows(w)
+    qo, so = oracle.quantize_rows_s8(w)
+    np.testing.assert_array_equal(s, so)
+    np.testing.assert_array_equal(q, qo)
+
+
+# ================================ gemm_s8s8s32 ======================================================
+def _codes(rng, shape, kind):
+    if kind == "random":
+        return rng.integers(-127, 128, size=shape).astype(np.int8)
+    if kind == "+127":
+        return np.full(shape, 127, np.int8)
+    if kind == "-127":
+        return np.full(shape, -127, np.int8)
+    if kind == "extremes":
+        return rng.choice(np.array([-127, 127], np.int8), size=shape)
+    return np.zeros(shape, np.int8)
+
+
+def _check_gemm(path, a, b):
+    c = ops.gemm_s8s8s32(a, b)
+    assert c.dtype == np.int32
+    np.testing.assert_array_equal(c.astype(np.int64), oracle.int_sums(a, b))
+    m, k = a.shape
+    assert ops.last_kernel() == expected_dynamic_kernel(path, m, b.shape[0], k, gemm=True)
+
+
+@settings(max_examples=60, **HYP)
+@given(m=st.integers(1, 10), n=st.integers(1, 70), k=K_ANY,
+       ka=st.sampled_from(["random", "+127", "-127", "extremes", "zero"]),
+       kb=st.sampled_from(["random", "+127", "-127", "extremes"]), seed=st.integers(0, 2 ** 32 - 1))
+def test_gemm_exact_hypothesis(path, m, n, k, ka, kb, seed):
+    rng = np.random.default_rng(seed)
+    _check_gemm(path, _codes(rng, (m, k), ka), _codes(rng, (n, k), kb))
+
+
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 64, 4099), (8, 64, 64), (33, 65, 1024),
+                                   (9, 192, 1000), (2, 3, 3001), (16, 48, 256)])
+def test_gemm_exact_shapes(path, m, n, k):
+    rng = np.random.default_rng(m * 1000 + k)
+    for ka, kb in [("random", "random"), ("+127", "+127"), ("-127", "+127"), ("extremes", "extremes")]:
+        _check_gemm(path, _codes(rng, (m, k), ka), _codes(rng, (n, k), kb))
+
+
+def test_gemm_exact_max_k(path):
+    k = ops.MAX_K_S32  # 133144: 127 * 127 * k still fits int32
+    assert k == 133144
+    rng = np.random.default_rng(7)
+    for ka, kb in [("+127", "+127"), ("-127", "+127"), ("random", "extremes")]:
+        _check_gemm(path, _codes(rng, (2, k), ka), _codes(rng, (3, k), kb))
+    c = ops.gemm_s8s8s32(np.full((1, k), 127, np.int8), np.full((1, k), 127, np.int8))
+    assert int(c[0, 0]) == 127 * 127 * k
+
+
+# ================================ dynamic linear grid ===============================================
+GRID_M = [1, 2, 5, 8, 16, 33, 64]
+GRID_N = [1, 7, 16, 47, 48, 64, 65, 130, 192]  # 192: a multi-panel n64k4 weight (64 is the only
+GRID_K = [1, 3, 4, 63, 64, 100, 128, 256]      # other N of the brief's list that packs as n64k4)
+SCHEMES = [("per_channel", None), ("per_tensor", None), ("per_group", 4), ("per_group", 32),
+           ("per_group", 64), ("per_group", 128)]
+
+
+def _grid_inputs(n, k):
+    rng = np.random.default_rng(n * 7919 + k)
+    w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-3, 3, (n, 1))).astype(np.float32)
+    if n > 2:
+        w[1] = 0.0  # an all-zero output row (scale 1.0)
+    x = (rng.standard_normal((max(GRID_M), k)) * 10.0 ** rng.uniform(-3, 3, (max(GRID_M), 1)))
+    x = x.astype(np.float32)
+    x[1] = 0.0        # an all-zero activation row
+    x[3, k // 2] = np.nan  # a non-finite row: NaN outputs in that row only
+    x[6, 0] = -np.inf
+    bias = (rng.standard_normal(n) * 3).astype(np.float32) if (n + k) % 2 else None
+    return w, x, bias
+
+
+@pytest.mark.parametrize("gran,group", SCHEMES, ids=[f"{g}{s or ''}" for g, s in SCHEMES])
+def test_linear_dynamic_grid(path, gran, group):
+    ran = 0
+    for k in GRID_K:
+        if group is not None and k % group:
+            continue
+        for n in GRID_N:
+            w, x, bias = _grid_inputs(n, k)
+            q, s = ops.quantize(w, gran, group)
+            qo, so = oracle.quantize(w, gran, group)
+            np.testing.assert_array_equal(q, qo)
+            np.testing.assert_array_equal(s, so)
+            qw = ops.QuantizedWeight.from_codes(q, s, gran, group)
+            want = {}
+            for m in GRID_M:
+                y = ops.linear(x[:m], qw, bias)
+                kern = expected_dynamic_kernel(path, m, n, k, gran, group)
+                assert ops.last_kernel() == kern, (m, n, k, gran, group)
+                fma = uses_fma_groups(kern)
+                if fma not in want:  # rows are independent: one oracle call for all M
+                    want[fma] = oracle.linear_dynamic(x, qo, so, gran, group, bias, fma_groups=fma)
+                np.testing.assert_array_equal(y, want[fma][:m], err_msg=f"M={m} N={n} K={k} {kern}")
+                if m > 3:
+                    assert np.isnan(y[3]).all()
+                ran += 1
+            assert qw.format == table_best_format(path, n)
+    assert ran > 0
+
+
+# ================================ weight-only =======================================================
+@pytest.mark.parametrize("gran,group", [("per_channel", None), ("per_tensor", None), ("per_group", 32)])
+def test_linear_weight_only(path, gran, group):
+    for k in [1, 3, 63, 64, 100, 128, 1024, 4096]:
+        if group is not None and k % group:
+            continue
+        for n in [1, 7, 47, 64, 130, 192]:
+            w, x, bias = _grid_inputs(n, k)
+            x = x[[0, 1, 2, 4, 5, 7, 8, 9, 10, 11, 12]]  # finite rows
+            qw = ops.quantize_weight(w, gran, group)
+            qo, so = oracle.quantize(w, gran, group)
+            yo, budget = oracle.linear_weight_only(x, qo, so, gran, group, bias)  # rows independent
+            for m in [1, 2, 3, 4, 5, 11]:
+                y = ops.linear(x[:m], qw, bias, mode="weight_only")
+                assert ops.last_kernel() == expected_wo_kernel(path, m, n), (m, n, k)
+                err = np.abs(y.astype(np.float64) - yo[:m])
+                assert (err <= budget[:m]).all(), (m, n, k, float((err / budget[:m]).max()))
+
+
+# ================================ threads, formats, huge K ========================================
+def test_threads_bit_identical(path):
+    rng = np.random.default_rng(11)
+    m, n, k = 96, 256, 1024
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    weights = [ops.quantize_weight(w, "per_channel"), ops.quantize_weight(w, "per_group", 64)]
+    before = cquant.get_num_threads()
+    try:
+        outs = []
+        for t in (1, 2):
+            cquant.set_num_threads(t)
+            outs.append([ops.linear(x, qw, b, mode=md) for qw in weights
+                         for md in ("dynamic", "weight_only")]
+                        + [ops.linear(x[:1], weights[0], b)])
+    finally:
+        cquant.set_num_threads(before)
+    for a, c in zip(*outs):
+        np.testing.assert_array_equal(a, c)
+
+
+FORMAT_PAIRS = [(a, b) for a in PATHS for b in PATHS if a != b]
+
+
+@pytest.mark.parametrize("src,dst", FORMAT_PAIRS, ids=[f"{a}-to-{b}" for a, b in FORMAT_PAIRS])
+def test_weight_moved_between_paths(src, dst):
+    have = ops.available_isas()
+    if src not in have or dst not in have:
+        pytest.skip("path not available here")
+    rng = np.random.default_rng(5)
+    k = 256
+    x = rng.standard_normal((9, k)).astype(np.float32)
+    try:
+        for n in (7, 64, 192):
+            w = rng.standard_normal((n, k)).astype(np.float32)
+            for gran, g in (("per_channel", None), ("per_group", 32)):
+                ops.set_isa(src)
+                moved = ops.quantize_weight(w, gran, g)
+                assert moved.format == table_best_format(src, n)
+                ops.set_isa(dst)
+                fresh = ops.quantize_weight(w, gran, g)
+                for m in (1, 9):
+                    y_moved = ops.linear(x[:m], moved, None)
+                    k_moved = ops.last_kernel()
+                    y_fresh = ops.linear(x[:m], fresh, None)
+                    assert ops.last_kernel() == k_moved
+                    np.testing.assert_array_equal(y_moved, y_fresh, err_msg=f"{src}->{dst} {n} {gran} M={m}")
+                assert moved.format == fresh.format == table_best_format(dst, n)
+                np.testing.assert_array_equal(moved.q, fresh.q)
+                for fmt in ops.FORMATS:  # explicit formats: repacked on use, same results
+                    other = ops.QuantizedWeight.from_codes(fresh.q, fresh.scale, gran, g, format=fmt)
+                    np.testing.assert_array_equal(ops.linear(x, other, None), ops.linear(x, fresh, None))
+    finally:
+        ops.set_isa("auto")
+
+
+@pytest.fixture(scope="module")
+def huge_k_weights():
+    rng = np.random.default_rng(3)
+    out = {}
+    for n, k in ((3, 140000), (64, 140000), (3, 280000)):
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        out[n, k] = (w, x)
+    return out
+
+
+HUGE_CASES = [(3, 140000, "per_channel", None), (64, 140000, "per_channel", None),
+              (3, 140000, "per_group", 70000), (64, 140000, "per_group", 70000),
+              (3, 280000, "per_group", 140000), (3, 140000, "per_tensor", None)]
+
+
+@pytest.mark.parametrize("n,k,gran,group", HUGE_CASES)
+def test_linear_dynamic_huge_k(path, huge_k_weights, n, k, gran, group):
+    w, x = huge_k_weights[n, k]
+    qo, so = oracle.quantize(w, gran, group)
+    qw = ops.QuantizedWeight.from_codes(qo, so, gran, group)
+    bias = np.linspace(-1, 1, n).astype(np.float32)
+    for m in (1, 2):
+        y = ops.linear(x[:m], qw, bias)
+        kern = expected_dynamic_kernel(path, m, n, k, gran, group)
+        assert ops.last_kernel() == kern
+        want = oracle.linear_dynamic(x[:m], qo, so, gran, group, bias, fma_groups=uses_fma_groups(kern))
+        np.testing.assert_array_equal(y, want, err_msg=f"{kern}")
+
+
+def test_linear_dynamic_huge_k_extreme_codes(path):
+    """All codes +-127 with K = 140000: |acc| up to 2.26e9 > 2^31, exact only through int64."""
+    k, n = 140000, 3
+    x = np.ones((2, k), np.float32)
+    x[1, ::2] = -1.0
+    q = np.full((n, k), 127, np.int8)
+    q[2] = -127
+    s = np.array([1.0, 0.5, 2.0], np.float32)
+    qw = ops.QuantizedWeight.from_codes(q, s, "per_channel")
+    y = ops.linear(x, qw)
+    want = oracle.linear_dynamic(x, q, s, "per_channel", fma_groups=uses_fma_groups(ops.last_kernel()))
+    np.testing.assert_array_equal(y, want)
+    assert y[0, 0] == np.float32(np.float32(127 * 127 * k) * np.float32(1 / 127))
