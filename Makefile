@@ -160,7 +160,7 @@ minilm: build
 # tests/c/test_api.c uses only the public header: built as strict C99 and as C++ (which checks that
 # the header is self-contained and extern "C"-safe), run once per ISA path (77 = path not here).
 CXX ?= g++
-ISAS := scalar avx2 avx512 avx512vnni amx
+ISAS := scalar avx2 avxvnni avx512 avx512vnni amx
 CFLAGS_USER := -std=c99 -O2 -Wall -Wextra -Werror -pedantic-errors
 # run_isas(cmd): run cmd with CQUANT_ISA set to each path; exit status 77 means "not on this CPU"
 run_isas = for isa in $(ISAS); do \

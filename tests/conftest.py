@@ -5,7 +5,7 @@ import pytest
 
 import cquant
 
-ALL_ISAS = ["scalar", "avx2", "avx512", "avx512vnni", "amx"]
+ALL_ISAS = ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"]
 
 
 @pytest.fixture(params=ALL_ISAS)

@@ -306,7 +306,7 @@ def test_bad_inputs(rng):
 def test_forced_isa_errors():
     with pytest.raises(ValueError):
         cquant.set_isa("sse9")
-    for name in ("scalar", "avx2", "avx512", "avx512vnni", "amx"):
+    for name in ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"):
         if name not in cquant.available_isas():
             with pytest.raises(cquant.errors.IsaError, match=name):
                 cquant.set_isa(name)
@@ -319,7 +319,7 @@ def test_env_forcing_subprocess():
     import sys
     code = "import cquant; print(cquant.isa())"
     env = dict(os.environ)
-    for name in ("scalar", "avx2", "avx512", "avx512vnni", "amx"):
+    for name in ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"):
         env["CQUANT_ISA"] = name
         r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         if name in cquant.available_isas():

@@ -23,7 +23,7 @@ from cquant import ops
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import oracle  # noqa: E402
 
-PATHS = ["scalar", "avx2", "avx512", "avx512vnni", "amx"]
+PATHS = ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"]
 HYP = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                    HealthCheck.too_slow])
 
@@ -32,7 +32,7 @@ HYP = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fix
 # (cq_best_format). A call takes the first row, best first, that its path allows (row rank <= the
 # active path's rank), that reads the weight's packed format (Python repacks a weight to the
 # path's best format for its N) and whose shape limits hold.
-RANK = {"scalar": 0, "avx2": 1, "avx512": 2, "avx512vnni": 3, "amx": 4}
+RANK = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512": 3, "avx512vnni": 4, "amx": 5}
 REF_QD8 = ("qd8_f32_qc8w_gemm_4xNc4_ref", "qd8_f32_qc8w_gemv4_1x4Nc4_ref")
 # dynamic int8 / gemm_s8s8s32: (path, format, gemm kernel, gemv4 kernel or None,
 #                               min_m, k4_multiple (of ceil(K/4)), no_groups)
@@ -41,6 +41,7 @@ QD8_ROWS = [
     ("avx512vnni", "n64k4", "qd8_f32_qc8w_gemm_6x64c4_avx512vnni",
      "qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", 0, 0, False),
     ("avx512", "n64k4", "qd8_f32_qc8w_gemm_4x64c4_avx512bw", None, 0, 0, False),
+    ("avxvnni", "n16k4", "qd8_f32_qc8w_gemm_4x16c4_avxvnni", "qd8_f32_qc8w_gemv4_1x64c4_avxvnni", 0, 0, False),
     ("avx2", "n16k4", "qd8_f32_qc8w_gemm_4x16c4_avx2", "qd8_f32_qc8w_gemv4_1x64c4_avx2", 0, 0, False),
     ("scalar", "n16k4", *REF_QD8, 0, 0, False),
     ("scalar", "n64k4", *REF_QD8, 0, 0, False),
@@ -57,6 +58,8 @@ WO_GEMM_MIN_M = 4         # linear.c
 
 
 def _allowed(path, row_path):
+    if row_path == "avxvnni" and path != "avxvnni":  # registry.c allowed(): only where the CPU has it
+        return path in ("avx512vnni", "amx") and "avxvnni" in ops.available_isas()
     return RANK[row_path] <= RANK[path]
 
 

@@ -108,7 +108,7 @@ def test_set_num_threads_while_computing(restore_threads):
 def test_set_isa_while_computing(restore_threads):
     """Switching the ISA path while others compute: each call finishes on the path it started
     with, so every result is one of the per-path results (integers exact, floats close)."""
-    paths = [p for p in ("scalar", "avx2", "avx512", "avx512vnni", "amx") if p in cquant.available_isas()]
+    paths = [p for p in ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx") if p in cquant.available_isas()]
     if len(paths) < 2:
         pytest.skip("only one ISA path on this CPU/build")
     qw, bias = make_layer()

@@ -137,7 +137,7 @@ def test_installed_wheel_runs_outside_the_source_tree(venv_python, tmp_path):
     assert out["quantizer"] == "Quantizer", out["quantizer"]
 
 
-@pytest.mark.parametrize("isa", ["scalar", "avx2", "avx512", "avx512vnni", "amx"])
+@pytest.mark.parametrize("isa", ["scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"])
 def test_installed_wheel_every_isa_path(venv_python, tmp_path, isa):
     available = _smoke(venv_python, tmp_path)["available"]
     if isa not in available:

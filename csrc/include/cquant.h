@@ -67,10 +67,12 @@ enum cq_isa {
     CQ_ISA_AVX2 = 1,         /* AVX2 + FMA */
     CQ_ISA_AVX512VNNI = 2,   /* AVX-512 F/BW/DQ/VL + VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen 4) */
     CQ_ISA_AVX512 = 3,       /* AVX-512 F/BW/DQ/VL without VNNI (Skylake-SP) */
-    CQ_ISA_AMX = 4           /* avx512vnni + AMX-INT8 tiles (Sapphire Rapids, Granite Rapids) */
+    CQ_ISA_AMX = 4,          /* avx512vnni + AMX-INT8 tiles (Sapphire Rapids, Granite Rapids) */
+    CQ_ISA_AVXVNNI = 5       /* avx2 + AVX-VNNI, 256-bit vpdpbusd without AVX-512 (Alder Lake, Zen 5) */
 };
-/* Paths are ordered scalar < avx2 < avx512 < avx512vnni < amx (the enum values keep their ABI numbers):
- * a path runs the kernels of the paths below it where it has none of its own. */
+/* Paths are ordered scalar < avx2 < avxvnni < avx512 < avx512vnni < amx (the enum values keep their
+ * ABI numbers): a path runs the kernels of the paths below it where it has none of its own, except
+ * that the avxvnni kernels run only where the CPU has AVX-VNNI (Skylake-SP's avx512 does not). */
 
 /* Largest k for which an int8 x int8 dot product of codes in [-127, 127] always fits in int32:
  * floor((2^31 - 1) / (127 * 127)). cq_gemm_s8s8s32 refuses larger k; cq_linear has no limit
@@ -87,7 +89,7 @@ const char *cq_strerror(int status);
  * cannot run here: CQ_ERR_ISA, or CQ_ERR_ARG for a name that is no path at all (names are
  * case-insensitive); kernels then return CQ_ERR_ISA until cq_set_isa succeeds. */
 int cq_get_isa(void);
-/* Name of a path ("scalar", "avx2", "avx512", "avx512vnni", "amx"), or "unknown". */
+/* Name of a path ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"), or "unknown". */
 const char *cq_isa_name(int isa);
 /* 1 if the path is compiled into this build and this CPU and OS support it, else 0. */
 int cq_isa_supported(int isa);

@@ -45,6 +45,12 @@ static int cpu_has(int isa)
     __cpuid_count(7, 0, a, b, c, d);
     int avx2 = (b >> 5) & 1;
     if (isa == CQ_ISA_AVX2) return avx2 && fma;
+    if (isa == CQ_ISA_AVXVNNI) {
+        unsigned a1, b1, c1, d1;
+        __cpuid_count(7, 1, a1, b1, c1, d1);
+        (void)b1; (void)c1; (void)d1;
+        return avx2 && fma && ((a1 >> 4) & 1);
+    }
     if (isa == CQ_ISA_AMX) {
         int amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
         int tile_state = (xcr0 & 0x60000) == 0x60000; /* XTILECFG, XTILEDATA */
@@ -74,6 +80,7 @@ static int compiled(int isa)
     case CQ_ISA_AVX2: return cq_elementwise_avx2.absmax != NULL;
     case CQ_ISA_AVX512:
     case CQ_ISA_AVX512VNNI:
+    case CQ_ISA_AVXVNNI:
     case CQ_ISA_AMX: {
         int n = cq_ukernel_count();
         for (int i = 0; i < n; i++)
@@ -110,18 +117,20 @@ const char *cq_isa_name(int isa)
     case CQ_ISA_AVX512VNNI: return "avx512vnni";
     case CQ_ISA_AVX512: return "avx512";
     case CQ_ISA_AMX: return "amx";
+    case CQ_ISA_AVXVNNI: return "avxvnni";
     default: return "unknown";
     }
 }
 
 /* The active path, chosen at first use. g_state tells whether a forced path was refused.
  * Plain int atomics: safe to read while another thread sets. */
-static const int BEST_FIRST[] = {CQ_ISA_AMX, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AVX2};
-static const int ALL_ISAS[] = {CQ_ISA_SCALAR, CQ_ISA_AVX2, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AMX};
+static const int BEST_FIRST[] = {CQ_ISA_AMX, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AVXVNNI, CQ_ISA_AVX2};
+static const int ALL_ISAS[] = {CQ_ISA_SCALAR, CQ_ISA_AVX2, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AMX,
+                               CQ_ISA_AVXVNNI};
 static volatile int g_active = CQ_ISA_SCALAR;
 static volatile int g_state = 0; /* 0 unresolved, 1 ok, 2 forced path unavailable, 3 unknown name */
 
-static int known(int isa) { return isa >= CQ_ISA_SCALAR && isa <= CQ_ISA_AMX; }
+static int known(int isa) { return isa >= CQ_ISA_SCALAR && isa <= CQ_ISA_AVXVNNI; }
 
 static int resolve(int isa)
 {

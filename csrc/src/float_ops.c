@@ -263,6 +263,18 @@ static void at_unit(void *vctx, int64_t u)
     for (int64_t p = p0; p < p1; p++) {
         int64_t b = p / c->heads, h = p % c->heads;
         int64_t row = b * c->seq, col = h * c->dh;
+        if (p + 1 < p1) { /* the next pair's rows: dh floats every ld, which the hardware prefetchers miss */
+            int64_t nb = (p + 1) / c->heads, nrow = nb * c->seq, ncol = ((p + 1) % c->heads) * c->dh;
+            for (int64_t t = 0; t < c->seq; t++) {
+                const float *qq = c->q + (nrow + t) * c->ld + ncol, *kk = c->k + (nrow + t) * c->ld + ncol;
+                const float *vv = c->v + (nrow + t) * c->ld + ncol;
+                for (int64_t o = 0; o < c->dh; o += 16) {
+                    __builtin_prefetch(qq + o, 0, 2);
+                    __builtin_prefetch(kk + o, 0, 2);
+                    __builtin_prefetch(vv + o, 0, 2);
+                }
+            }
+        }
         c->kern->attn_head(c->q + row * c->ld + col, c->k + row * c->ld + col, c->v + row * c->ld + col,
                            c->ld, c->seq, c->dh, c->bias ? c->bias + b * c->seq : NULL, c->scale,
                            c->out + row * c->ldo + col, c->ldo, scratch);

@@ -100,6 +100,8 @@ typedef struct {
     int mr, nr;  /* tile: rows of activations (1 for GEMVs), output columns (0: any multiple of 16) */
     int act_u8;  /* int8 kernels: reads u8 activations (x + 128) and needs the compensation */
     void *fn;
+    int k4_multiple; /* nk4 must be a multiple of this (0: any) */
+    int pad_rows;    /* the kernel reads this many rows of a whatever mr is (0: mr rows) */
 } cq_ukernel;
 int cq_ukernel_count(void);
 const cq_ukernel *cq_ukernel_at(int i);

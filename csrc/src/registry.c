@@ -24,6 +24,11 @@ void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, co
 void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
 #define HAVE_AVX512 1
 #endif
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVXVNNI
+void cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
+#define HAVE_AVXVNNI 1
+#endif
 #if defined(CQ_X86) && CQ_CAN_TARGET_AMX
 void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 #define HAVE_AMX 1
@@ -37,6 +42,9 @@ enum {
 #endif
 #ifdef HAVE_AVX512
     VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4,
+#endif
+#ifdef HAVE_AVXVNNI
+    AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4,
 #endif
 #ifdef HAVE_AMX
     AMX_QD8_GEMM,
@@ -67,8 +75,12 @@ static const cq_ukernel UKERNELS[] = {
     {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f},
     {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f},
 #endif
+#ifdef HAVE_AVXVNNI
+    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni},
+#endif
 #ifdef HAVE_AMX
-    {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx},
+    {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32},
 #endif
 };
 
@@ -89,19 +101,27 @@ const cq_ukernel *cq_ukernel_at(int i)
 }
 #define UK(i) (cq_ukernel_at(i))
 
-/* Path ranks: a path runs the kernels of every path ranked at or below it. */
+/* Path ranks: a path runs the kernels of every path ranked at or below it, except AVX-VNNI's:
+ * those run on the avxvnni path, and on avx512vnni / amx where the CPU has AVX-VNNI too (Ice Lake
+ * and Zen 4 have AVX-512 VNNI without it; Skylake-SP's avx512 has neither). */
 static int rank(int isa)
 {
     switch (isa) {
     case CQ_ISA_SCALAR: return 0;
     case CQ_ISA_AVX2: return 1;
-    case CQ_ISA_AVX512: return 2;
-    case CQ_ISA_AVX512VNNI: return 3;
-    case CQ_ISA_AMX: return 4;
+    case CQ_ISA_AVXVNNI: return 2;
+    case CQ_ISA_AVX512: return 3;
+    case CQ_ISA_AVX512VNNI: return 4;
+    case CQ_ISA_AMX: return 5;
     default: return 99;
     }
 }
-static int allowed(int active, int isa) { return rank(isa) <= rank(active); }
+static int allowed(int active, int isa)
+{
+    if (isa == CQ_ISA_AVXVNNI && active != CQ_ISA_AVXVNNI) /* a forced avx512 stays Skylake-SP's */
+        return (active == CQ_ISA_AVX512VNNI || active == CQ_ISA_AMX) && cq_cpu_has(CQ_ISA_AVXVNNI);
+    return rank(isa) <= rank(active);
+}
 
 /* ---- configs, best first --------------------------------------------------------------------- */
 /* min_m, k4_multiple, no_groups, pad_rows, kc4 (0: KC_BYTES of the panel), mb (0: S8_MB) */
@@ -117,6 +137,9 @@ static const qd8_row QD8_ROWS[] = {
 #ifdef HAVE_AVX512
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, VNNI_QD8_GEMM, VNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
     {CQ_ISA_AVX512, CQ_FORMAT_N64K4, BW_QD8_GEMM, -1, 0, 0, 0, 0, 0, 0},
+#endif
+#ifdef HAVE_AVXVNNI
+    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
 #endif
 #ifdef HAVE_AVX2
     {CQ_ISA_AVX2, CQ_FORMAT_N16K4, AVX2_QD8_GEMM, AVX2_QD8_GEMV4, 0, 0, 0, 0, 0, 0},

@@ -3,7 +3,7 @@
  * Each such file wraps its code in CQ_TARGET_BEGIN("isa,list") ... CQ_TARGET_END, guarded by
  * #if CQ_CAN_TARGET_<ISA>: the whole build is compiled without -m flags (it must run on any
  * x86-64), and dispatch calls a kernel only where CPUID and XCR0 say its instructions run.
- * A compiler too old for an ISA (GCC < 5 for AVX2, < 8 for AVX-512 VNNI, < 11 for AMX) leaves the
+ * A compiler too old for an ISA (GCC < 5 for AVX2, < 8 for AVX-512 VNNI, < 11 for AVX-VNNI and AMX) leaves the
  * file empty and registry.c leaves its kernels out.
  * CQ_EMU (make ctest-avx512-emu): the intrinsics come from SIMDe's portable implementations
  * (tests/c/emu/immintrin.h), so the target pragmas are dropped and every file is compiled. */
@@ -16,6 +16,7 @@
 #define CQ_CAN_TARGET_AVX2 1
 #define CQ_CAN_TARGET_AVX512 1
 #define CQ_CAN_TARGET_AMX 0 /* SIMDe has no AMX */
+#define CQ_CAN_TARGET_AVXVNNI 1
 #define CQ_TARGET_BEGIN(t)
 #define CQ_TARGET_END
 #elif defined(CQ_X86) && (defined(__GNUC__) || defined(__clang__))
@@ -41,8 +42,10 @@
 #endif
 #if (CQ_CLANG && defined(__clang_major__) && __clang_major__ >= 12) || (!CQ_CLANG && CQ_GNUC >= 11)
 #define CQ_CAN_TARGET_AMX 1
+#define CQ_CAN_TARGET_AVXVNNI 1
 #else
 #define CQ_CAN_TARGET_AMX 0
+#define CQ_CAN_TARGET_AVXVNNI 0
 #endif
 #if defined(__clang__)
 #define CQ_TARGET_BEGIN(t) CQ_PRAGMA(clang attribute push(__attribute__((target(t))), apply_to = function))
@@ -55,6 +58,7 @@
 #define CQ_CAN_TARGET_AVX2 0
 #define CQ_CAN_TARGET_AVX512 0
 #define CQ_CAN_TARGET_AMX 0
+#define CQ_CAN_TARGET_AVXVNNI 0
 #endif
 
 #define CQ_INLINE static inline __attribute__((always_inline))

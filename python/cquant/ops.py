@@ -30,8 +30,8 @@ GRANULARITIES = {"per_tensor": lib.CQ_PER_TENSOR, "per_channel": lib.CQ_PER_CHAN
                  "per_group": lib.CQ_PER_GROUP}
 MODES = {"weight_only": lib.CQ_MODE_WEIGHT_ONLY, "dynamic": lib.CQ_MODE_DYNAMIC}
 # in the order of the paths (each runs the kernels of those before it where it has none of its own)
-_ISAS = {"scalar": lib.CQ_ISA_SCALAR, "avx2": lib.CQ_ISA_AVX2, "avx512": lib.CQ_ISA_AVX512,
-         "avx512vnni": lib.CQ_ISA_AVX512VNNI, "amx": lib.CQ_ISA_AMX}
+_ISAS = {"scalar": lib.CQ_ISA_SCALAR, "avx2": lib.CQ_ISA_AVX2, "avxvnni": lib.CQ_ISA_AVXVNNI,
+         "avx512": lib.CQ_ISA_AVX512, "avx512vnni": lib.CQ_ISA_AVX512VNNI, "amx": lib.CQ_ISA_AMX}
 FORMATS = {"n16k4": lib.CQ_FORMAT_N16K4, "n64k4": lib.CQ_FORMAT_N64K4}
 _FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 MAX_K_S32 = lib.CQ_MAX_K_S32

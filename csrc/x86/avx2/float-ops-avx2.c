@@ -165,9 +165,10 @@ void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float
     }
 }
 
-/* ---- attention: scores in 4 x 24 tiles (12 accumulators), context in 4 x 16 tiles ---------- */
+/* ---- attention: scores in 4 x 24 tiles (12 accumulators) with the scale, the mask and each row's
+ * running maximum (8 lanes, rmax[r]) in the epilogue (-Inf past seq); context in 4 x 16 tiles. */
 CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, const float *kt, int64_t ldk,
-                       int64_t dh, float *s)
+                       int64_t dh, int64_t left, const float *bias, float scale, float *s, __m256 *rmax)
 {
     __m256 acc[4][3];
     for (int r = 0; r < 4; r++)
@@ -180,23 +181,83 @@ CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, c
             for (int c = 0; c < nv; c++) acc[r][c] = _mm256_fmadd_ps(a, b[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nv; c++) _mm256_storeu_ps(s + r * ldk + 8 * c, acc[r][c]);
+    const __m256 sc = _mm256_set1_ps(scale), ninf = _mm256_set1_ps(-INFINITY);
+    for (int c = 0; c < nv; c++) {
+        const __m256i m = tail8(left - 8 * c);
+        const __m256 bv = bias ? _mm256_maskload_ps(bias + 8 * c, m) : _mm256_setzero_ps();
+        for (int r = 0; r < mr; r++) {
+            const __m256 v = _mm256_blendv_ps(ninf, _mm256_fmadd_ps(acc[r][c], sc, bv), _mm256_castsi256_ps(m));
+            _mm256_storeu_ps(s + r * ldk + 8 * c, v);
+            rmax[r] = _mm256_max_ps(rmax[r], v);
+        }
+    }
 }
 
 #define QK_NV(MR)                                                                        \
     switch (nv) {                                                                        \
-    case 1: qk_tile(MR, 1, q, ld, kt, ldk, dh, s); break;                                \
-    case 2: qk_tile(MR, 2, q, ld, kt, ldk, dh, s); break;                                \
-    default: qk_tile(MR, 3, q, ld, kt, ldk, dh, s); break;                               \
+    case 1: qk_tile(MR, 1, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
+    case 2: qk_tile(MR, 2, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
+    default: qk_tile(MR, 3, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;      \
     }
-static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt, int64_t ldk, int64_t dh, float *s)
+static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt, int64_t ldk, int64_t dh,
+                     int64_t left, const float *bias, float scale, float *s, __m256 *rmax)
 {
     switch (mr) {
     case 1: QK_NV(1) break;
     case 2: QK_NV(2) break;
     case 3: QK_NV(3) break;
     default: QK_NV(4) break;
+    }
+}
+
+/* s[j] = exp(s[j] - max) over the padded row (ldk, a multiple of 16; -Inf pads give 0); the sum. */
+CQ_INLINE float exp_sum_row(float *s, int64_t ldk, float max)
+{
+    const __m256 vmax = _mm256_set1_ps(max);
+    __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+    for (int64_t j = 0; j < ldk; j += 16) {
+        const __m256 e0 = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j), vmax));
+        const __m256 e1 = exp_nonpos(_mm256_sub_ps(_mm256_loadu_ps(s + j + 8), vmax));
+        _mm256_storeu_ps(s + j, e0);
+        _mm256_storeu_ps(s + j + 8, e1);
+        s0 = _mm256_add_ps(s0, e0);
+        s1 = _mm256_add_ps(s1, e1);
+    }
+    return (float)hsum8d(_mm256_add_ps(s0, s1));
+}
+
+/* 8 x 8 transpose in registers (unpack, shuffle, permute2f128: 24 shuffles): rows [0, nrows) of src
+ * (ld apart; columns masked by cm unless full; absent rows read as 0) -> dst rows [0, ncols). */
+static void transpose8(const float *src, int64_t ld, int nrows, __m256i cm, int full, int ncols, float *dst, int64_t ldd)
+{
+    __m256 r[8], t[8];
+    for (int i = 0; i < 8; i++)
+        r[i] = i >= nrows ? _mm256_setzero_ps() : (full ? _mm256_loadu_ps(src + i * ld) : _mm256_maskload_ps(src + i * ld, cm));
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+        t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);     /* columns 0, 4 */
+        r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee); /* 1, 5 */
+        r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44); /* 2, 6 */
+        r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee); /* 3, 7 */
+    }
+    for (int i = 0; i < 4; i++) {
+        t[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);
+        t[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31);
+    }
+    for (int i = 0; i < ncols; i++) _mm256_storeu_ps(dst + i * ldd, t[i]);
+}
+
+static void pack_kt(const float *k, int64_t ld, int64_t seq, int64_t dh, int64_t ldk, float *kt)
+{
+    for (int64_t j0 = 0; j0 < ldk; j0 += 8) {
+        const int nrows = seq - j0 < 8 ? (seq - j0 < 0 ? 0 : (int)(seq - j0)) : 8;
+        for (int64_t d0 = 0; d0 < dh; d0 += 8) {
+            const int ncols = dh - d0 < 8 ? (int)(dh - d0) : 8;
+            transpose8(k + j0 * ld + d0, ld, nrows, tail8(dh - d0), ncols == 8, ncols, kt + d0 * ldk + j0, ldk);
+        }
     }
 }
 
@@ -245,18 +306,17 @@ void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t l
 {
     const int64_t ldk = (seq + 15) & ~(int64_t)15;
     float *kt = scratch, *s = scratch + dh * ldk;
-    for (int64_t d = 0; d < dh; d++)
-        for (int64_t j = seq; j < ldk; j++) kt[d * ldk + j] = 0.0f;
-    for (int64_t j = 0; j < seq; j++)
-        for (int64_t d = 0; d < dh; d++) kt[d * ldk + j] = k[j * ld + d];
+    pack_kt(k, ld, seq, dh, ldk, kt);
     for (int64_t i0 = 0; i0 < seq; i0 += 4) {
         const int mr = seq - i0 < 4 ? (int)(seq - i0) : 4;
+        __m256 rmax[4];
+        for (int r = 0; r < 4; r++) rmax[r] = _mm256_set1_ps(-INFINITY);
         for (int64_t j0 = 0; j0 < ldk; j0 += 24) {
             const int nv = ldk - j0 < 24 ? (int)((ldk - j0) / 8) : 3;
-            qk_block(mr, nv, q + i0 * ld, ld, kt + j0, ldk, dh, s + j0);
+            qk_block(mr, nv, q + i0 * ld, ld, kt + j0, ldk, dh, seq - j0, bias ? bias + j0 : NULL, scale, s + j0, rmax);
         }
         float inv[4];
-        for (int r = 0; r < mr; r++) inv[r] = 1.0f / softmax_exp_row(s + r * ldk, seq, bias, scale);
+        for (int r = 0; r < mr; r++) inv[r] = 1.0f / exp_sum_row(s + r * ldk, ldk, hmax8(rmax[r]));
         for (int64_t c0 = 0; c0 < dh; c0 += 16) {
             const int full = dh - c0 >= 16;
             pv_block(mr, full, s, ldk, v + c0, ld, seq, tail8(dh - c0), tail8(dh - c0 - 8), inv,

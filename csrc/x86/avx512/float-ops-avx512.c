@@ -138,10 +138,11 @@ void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const flo
 }
 
 /* ---- attention --------------------------------------------------------------------------------
- * Scores: an MR x (16 NV) tile, s[r][j] = sum_d q[r][d] kt[d][j]: per d, NV loads of K^T and MR
- * broadcasts of q for MR * NV FMAs (4 x 4: 16 accumulators). */
+ * Scores: an MR x (16 NV) tile, s[r][j] = sum_d q[r][d] kt[d][j] * scale + bias[j] (-Inf past seq):
+ * per d, NV loads of K^T and MR broadcasts of q for MR * NV FMAs (4 x 4: 16 accumulators); the
+ * epilogue also folds the tile into each row's running maximum rmax[r] (16 lanes). */
 CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, const float *kt, int64_t ldk,
-                       int64_t dh, float *s)
+                       int64_t dh, int64_t left, const float *bias, float scale, float *s, __m512 *rmax)
 {
     __m512 acc[4][4];
     for (int r = 0; r < 4; r++)
@@ -154,18 +155,27 @@ CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, c
             for (int c = 0; c < nv; c++) acc[r][c] = _mm512_fmadd_ps(a, b[c], acc[r][c]);
         }
     }
-    for (int r = 0; r < mr; r++)
-        for (int c = 0; c < nv; c++) _mm512_storeu_ps(s + r * ldk + 16 * c, acc[r][c]);
+    const __m512 sc = _mm512_set1_ps(scale), ninf = _mm512_set1_ps(-INFINITY);
+    for (int c = 0; c < nv; c++) {
+        const __mmask16 m = left > 16 * c ? tail16(left - 16 * c) : 0;
+        const __m512 bv = bias ? _mm512_maskz_loadu_ps(m, bias + 16 * c) : _mm512_setzero_ps();
+        for (int r = 0; r < mr; r++) {
+            const __m512 v = _mm512_mask_mov_ps(ninf, m, _mm512_fmadd_ps(acc[r][c], sc, bv));
+            _mm512_storeu_ps(s + r * ldk + 16 * c, v);
+            rmax[r] = _mm512_max_ps(rmax[r], v);
+        }
+    }
 }
 
 #define QK_NV(MR)                                                                        \
     switch (nv) {                                                                        \
-    case 1: qk_tile(MR, 1, q, ld, kt, ldk, dh, s); break;                                \
-    case 2: qk_tile(MR, 2, q, ld, kt, ldk, dh, s); break;                                \
-    case 3: qk_tile(MR, 3, q, ld, kt, ldk, dh, s); break;                                \
-    default: qk_tile(MR, 4, q, ld, kt, ldk, dh, s); break;                               \
+    case 1: qk_tile(MR, 1, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
+    case 2: qk_tile(MR, 2, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
+    case 3: qk_tile(MR, 3, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
+    default: qk_tile(MR, 4, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;      \
     }
-static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt, int64_t ldk, int64_t dh, float *s)
+static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt, int64_t ldk, int64_t dh,
+                     int64_t left, const float *bias, float scale, float *s, __m512 *rmax)
 {
     switch (mr) {
     case 1: QK_NV(1) break;
@@ -173,6 +183,19 @@ static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt
     case 3: QK_NV(3) break;
     default: QK_NV(4) break;
     }
+}
+
+/* s[j] = exp(s[j] - max) over the padded row (ldk, a multiple of 16; -Inf pads give 0); the sum. */
+CQ_INLINE float exp_sum_row(float *s, int64_t ldk, float max)
+{
+    const __m512 vmax = _mm512_set1_ps(max);
+    __m512 s0 = _mm512_setzero_ps();
+    for (int64_t j = 0; j < ldk; j += 16) {
+        const __m512 e = exp_nonpos(_mm512_sub_ps(_mm512_loadu_ps(s + j), vmax));
+        _mm512_storeu_ps(s + j, e);
+        s0 = _mm512_add_ps(s0, e);
+    }
+    return _mm512_reduce_add_ps(s0);
 }
 
 /* Context: o[r][c] = inv[r] * sum_j p[r][j] v[j][c] for c in a block of 32 columns (masks m0, m1):
@@ -288,15 +311,18 @@ void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t
     pack_kt(k, ld, seq, dh, ldk, kt);
     for (int64_t i0 = 0; i0 < seq; i0 += 8) {
         const int mr = seq - i0 < 8 ? (int)(seq - i0) : 8;
+        __m512 rmax[8];
+        for (int r = 0; r < 8; r++) rmax[r] = _mm512_set1_ps(-INFINITY);
         for (int r0 = 0; r0 < mr; r0 += 4) {
             const int m4 = mr - r0 < 4 ? mr - r0 : 4;
             for (int64_t j0 = 0; j0 < ldk; j0 += 64) {
                 const int nv = ldk - j0 < 64 ? (int)((ldk - j0) / 16) : 4;
-                qk_block(m4, nv, q + (i0 + r0) * ld, ld, kt + j0, ldk, dh, s + r0 * ldk + j0);
+                qk_block(m4, nv, q + (i0 + r0) * ld, ld, kt + j0, ldk, dh, seq - j0, bias ? bias + j0 : NULL,
+                         scale, s + r0 * ldk + j0, rmax + r0);
             }
         }
         float inv[8];
-        for (int r = 0; r < mr; r++) inv[r] = 1.0f / softmax_exp_row(s + r * ldk, seq, bias, scale);
+        for (int r = 0; r < mr; r++) inv[r] = 1.0f / exp_sum_row(s + r * ldk, ldk, _mm512_reduce_max_ps(rmax[r]));
         for (int64_t c0 = 0; c0 < dh; c0 += 32) {
             const __mmask16 m0 = tail16(dh - c0), m1 = dh - c0 > 16 ? tail16(dh - c0 - 16) : 0;
             pv_block(mr, s, ldk, v + c0, ld, seq, m0, m1, inv, out + i0 * ldo + c0, ldo);
