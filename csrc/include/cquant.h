@@ -185,8 +185,9 @@ const char *cq_last_kernel(void);
 int cq_quantize_rows_u8(const float *x, int64_t m, int64_t k, uint8_t *q, float *scales);
 
 /* Peak multiply-accumulates per second of one core, in GMAC/s, measured now on the calling thread by
- * a short register-only loop (~20 ms) of the active path's int8 dot-product instruction (kind 0:
- * vpdpbusd or vpmaddubsw/vpmaddwd) or float32 FMA (kind 1). Stored in *gmacs. For benchmarks. */
+ * a short register-only loop (~60 ms) of the active path's int8 dot-product instruction (kind 0:
+ * tdpbssd on amx, vpdpbusd zmm on avx512vnni, vpmaddubsw ymm below) or float32 FMA (kind 1).
+ * Stored in *gmacs. For benchmarks. */
 int cq_peak_gmacs(int kind, double *gmacs);
 
 /* ---- float32 helpers for the layers around the linear ones ------------------------------------ */
@@ -210,7 +211,7 @@ int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t 
  * rows_per_bias consecutive rows of x: row r uses bias[(r / rows_per_bias) * k ...] (attention
  * scores (B, heads, T, T) with a (B, T) key mask: rows_per_bias = heads * T; rows_per_bias >= 1
  * when bias is given, else CQ_ERR_SHAPE). k >= 1, m >= 0. A row with a NaN, or whose values are
- * all -Inf, becomes all NaN (as torch); exp of values more than 87.3 below the row's maximum is 0.
+ * all -Inf, becomes all NaN (as torch); exp of values more than 87 below the row's maximum is 0.
  * Relative error a few float32 ulps against a double-precision softmax of the float32 sums. */
 int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t rows_per_bias, float scale);
 
@@ -221,7 +222,7 @@ int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t r
  * fused QKV projection). mask_bias (batch, seq) is added to the scores of every query row of its
  * batch (0 for tokens, -Inf or a large negative number for padding), or NULL. The softmax is
  * cq_softmax_rows'. out must not overlap q, k or v. CQ_ERR_NOMEM if its scratch
- * ((head_dim + 8) * seq floats per unit of work) cannot be allocated. */
+ * (about (3 * head_dim + 40) * seq floats per unit of work) cannot be allocated. */
 int cq_attention(const float *q, const float *k, const float *v, int64_t ld, int64_t batch, int64_t seq,
                  int64_t heads, int64_t head_dim, const float *mask_bias, float scale, float *out, int64_t ldo);
 

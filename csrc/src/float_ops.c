@@ -4,8 +4,9 @@
  * x86/avx2/float-ops-avx2.c and x86/avx512/float-ops-avx512.c, picked by the active path.
  *
  * Attention scratch (every path): per (batch, head) pair, K^T of the head, kt[d * ldk + j] (dh rows,
- * ldk = seq rounded up to 16, zero past seq), then up to 8 rows of scores s[r * ldk + j]:
- * (dh + 8) * ldk floats per unit of work. */
+ * ldk = seq rounded up to 16, zero past seq), up to 8 rows of scores s[r * ldk + j], then room for
+ * the head's V and Q rows packed with stride dhp = dh rounded up to 16 (ldk * dhp floats each):
+ * (dh + 8 + 2 dhp) * ldk floats per unit of work. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -263,18 +264,6 @@ static void at_unit(void *vctx, int64_t u)
     for (int64_t p = p0; p < p1; p++) {
         int64_t b = p / c->heads, h = p % c->heads;
         int64_t row = b * c->seq, col = h * c->dh;
-        if (p + 1 < p1) { /* the next pair's rows: dh floats every ld, which the hardware prefetchers miss */
-            int64_t nb = (p + 1) / c->heads, nrow = nb * c->seq, ncol = ((p + 1) % c->heads) * c->dh;
-            for (int64_t t = 0; t < c->seq; t++) {
-                const float *qq = c->q + (nrow + t) * c->ld + ncol, *kk = c->k + (nrow + t) * c->ld + ncol;
-                const float *vv = c->v + (nrow + t) * c->ld + ncol;
-                for (int64_t o = 0; o < c->dh; o += 16) {
-                    __builtin_prefetch(qq + o, 0, 2);
-                    __builtin_prefetch(kk + o, 0, 2);
-                    __builtin_prefetch(vv + o, 0, 2);
-                }
-            }
-        }
         c->kern->attn_head(c->q + row * c->ld + col, c->k + row * c->ld + col, c->v + row * c->ld + col,
                            c->ld, c->seq, c->dh, c->bias ? c->bias + b * c->seq : NULL, c->scale,
                            c->out + row * c->ldo + col, c->ldo, scratch);
@@ -291,8 +280,9 @@ int cq_attention(const float *q, const float *k, const float *v, int64_t ld, int
     if (ld < width || ldo < width) return CQ_ERR_SHAPE;
     if (!cq_bytes_ok(rows, ld, 4) || !cq_bytes_ok(rows, ldo, 4)) return CQ_ERR_OVERFLOW;
     if (seq > INT64_MAX - 16) return CQ_ERR_OVERFLOW;
-    int64_t ldk = (seq + 15) & ~(int64_t)15, per;
-    if (!cq_mul_ok(head_dim + 8, ldk, &per) || !cq_bytes_ok(per, 1024, 4)) return CQ_ERR_OVERFLOW; /* <= 4 units per thread */
+    if (head_dim > INT64_MAX / 4 - 16) return CQ_ERR_OVERFLOW;
+    int64_t ldk = (seq + 15) & ~(int64_t)15, dhp = (head_dim + 15) & ~(int64_t)15, per;
+    if (!cq_mul_ok(head_dim + 8 + 2 * dhp, ldk, &per) || !cq_bytes_ok(per, 1024, 4)) return CQ_ERR_OVERFLOW; /* <= 4 units per thread */
     if (rows == 0) return CQ_OK;
     if (!q || !k || !v || !out) return CQ_ERR_NULL;
     int isa = cq_active_isa();

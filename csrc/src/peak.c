@@ -3,13 +3,17 @@
 #include <time.h>
 #include "target.h"
 
-#if defined(CQ_X86) && CQ_CAN_TARGET_AVX2
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX2 && !defined(CQ_EMU)
 double cq_peak_loop_avx2_int8(int64_t iters);
 double cq_peak_loop_avx2_fma(int64_t iters);
 #endif
-#if defined(CQ_X86) && CQ_CAN_TARGET_AVX512
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX512 && !defined(CQ_EMU)
 double cq_peak_loop_vnni(int64_t iters);
 double cq_peak_loop_fma512(int64_t iters);
+#endif
+
+#if defined(CQ_X86) && CQ_CAN_TARGET_AMX && !defined(CQ_EMU)
+double cq_peak_loop_amx(int64_t iters);
 #endif
 
 static double now(void)
@@ -43,11 +47,14 @@ int cq_peak_gmacs(int kind, double *gmacs)
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     double (*loop)(int64_t) = NULL;
-#if defined(CQ_X86) && CQ_CAN_TARGET_AVX512
-    if (isa == CQ_ISA_AVX512VNNI) loop = kind ? cq_peak_loop_fma512 : cq_peak_loop_vnni;
+#if defined(CQ_X86) && CQ_CAN_TARGET_AMX && !defined(CQ_EMU)
+    if (isa == CQ_ISA_AMX && !kind) loop = cq_peak_loop_amx;
+#endif
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX512 && !defined(CQ_EMU)
+    if (!loop && (isa == CQ_ISA_AVX512VNNI || isa == CQ_ISA_AMX)) loop = kind ? cq_peak_loop_fma512 : cq_peak_loop_vnni;
     else if (isa == CQ_ISA_AVX512 && kind) loop = cq_peak_loop_fma512;
 #endif
-#if defined(CQ_X86) && CQ_CAN_TARGET_AVX2
+#if defined(CQ_X86) && CQ_CAN_TARGET_AVX2 && !defined(CQ_EMU)
     if (!loop && isa != CQ_ISA_SCALAR) loop = kind ? cq_peak_loop_avx2_fma : cq_peak_loop_avx2_int8;
 #endif
     double best = 0.0, start = now();

@@ -22,6 +22,17 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg;
 
+/* 8 tiles of 16 rows x 64 bytes. GCC 12 does not see _tile_loadconfig read its operand and drops
+ * the stores that fill it (the tiles then have no shape: SIGSEGV), so the asm below says it reads. */
+CQ_INLINE void load_tiles_16x64(tilecfg *cfg)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->palette = 1;
+    for (int i = 0; i < 8; i++) { cfg->colsb[i] = 64; cfg->rows[i] = 16; }
+    __asm__ volatile("" : : "m"(*cfg) : "memory");
+    _tile_loadconfig(cfg);
+}
+
 CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
 {
     const int col = 16 * v;
@@ -46,10 +57,7 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
 {
     (void)nr;
     tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    for (int i = 0; i < 8; i++) { cfg.colsb[i] = 64; cfg.rows[i] = 16; }
-    _tile_loadconfig(&cfg);
+    load_tiles_16x64(&cfg);
     int32_t c[32 * NR] __attribute__((aligned(64)));
     for (int half = 0; half < 2; half++) {
         const int8_t *bh = b + half * 128;
@@ -84,6 +92,23 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
     _tile_release();
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < 4; v++) out_vec(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)));
+}
+/* Peak of tdpbssd on one core (for `make bench`'s "% of peak"): 4 independent C tiles, operands
+ * already in tiles, no memory. Returns the MACs done (16 x 16 x 64 per instruction). */
+double cq_peak_loop_amx(int64_t iters)
+{
+    tilecfg cfg;
+    load_tiles_16x64(&cfg);
+    _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
+    _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
+    for (int64_t i = 0; i < iters; i++) {
+        _tile_dpbssd(0, 4, 6);
+        _tile_dpbssd(1, 4, 7);
+        _tile_dpbssd(2, 5, 6);
+        _tile_dpbssd(3, 5, 7);
+    }
+    _tile_release();
+    return (double)iters * 4.0 * 16384.0;
 }
 CQ_TARGET_END
 #endif

@@ -22,10 +22,11 @@ CQ_INLINE __m256i tail8(int64_t n)
 }
 
 /* e^v for v <= 0 (or NaN), as in the AVX-512 file: Cephes' expf reduction and polynomial, 2^n in
- * the exponent bits (n in [-126, 0] after clamping v to ln(FLT_MIN)); below that 0, NaN stays NaN. */
+ * the exponent bits (n in [-126, 0] after clamping v to -87, where 2^n e^r is still normal: no
+ * subnormal, no microcode assist); below -87 the result is 0, NaN stays NaN. */
 CQ_INLINE __m256 exp_nonpos(__m256 v)
 {
-    const __m256 lo = _mm256_set1_ps(-87.33654475f);
+    const __m256 lo = _mm256_set1_ps(-87.0f);
     const __m256 keep = _mm256_cmp_ps(v, lo, _CMP_NLT_UQ); /* v >= lo, or NaN */
     v = _mm256_max_ps(lo, v);                              /* a NaN v is returned */
     const __m256 n = _mm256_round_ps(_mm256_mul_ps(v, _mm256_set1_ps(1.44269504088896341f)),
@@ -43,22 +44,20 @@ CQ_INLINE __m256 exp_nonpos(__m256 v)
     return _mm256_and_ps(keep, _mm256_mul_ps(e, _mm256_castsi256_ps(b)));
 }
 
-static float hmax8(__m256 a)
+CQ_INLINE float hmax8(__m256 a)
 {
-    float t[8];
-    _mm256_storeu_ps(t, a);
-    float m = t[0];
-    for (int i = 1; i < 8; i++) m = t[i] > m ? t[i] : m;
-    return m;
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
 }
 
-static double hsum8d(__m256 a)
+/* sum of the 8 lanes of a in double (a tree: no long dependency chain) */
+CQ_INLINE double hsum8d(__m256 a)
 {
-    float t[8];
-    _mm256_storeu_ps(t, a);
-    double s = 0.0;
-    for (int i = 0; i < 8; i++) s += t[i];
-    return s;
+    __m256d d = _mm256_add_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(a)), _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1)));
+    __m128d e = _mm_add_pd(_mm256_castpd256_pd128(d), _mm256_extractf128_pd(d, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(e, _mm_unpackhi_pd(e, e)));
 }
 
 static float softmax_exp_row(float *x, int64_t k, const float *bias, float scale)
@@ -134,7 +133,7 @@ void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float
         }
         for (; j < k; j += 8) s0 = _mm256_add_ps(s0, _mm256_maskload_ps(x + j, tail8(k - j)));
     }
-    const float mean = (float)((hsum8d(s0) + hsum8d(s1)) / (double)k);
+    const float mean = (float)(hsum8d(_mm256_add_ps(s0, s1)) / (double)k);
     const __m256 mv = _mm256_set1_ps(mean);
     s0 = _mm256_setzero_ps();
     s1 = _mm256_setzero_ps();
@@ -149,7 +148,7 @@ void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float
         const __m256 a = _mm256_and_ps(_mm256_sub_ps(_mm256_maskload_ps(x + j, m), mv), _mm256_castsi256_ps(m));
         s0 = _mm256_fmadd_ps(a, a, s0);
     }
-    const double var = (hsum8d(s0) + hsum8d(s1)) / (double)k;
+    const double var = hsum8d(_mm256_add_ps(s0, s1)) / (double)k;
     const __m256 inv = _mm256_set1_ps((float)(1.0 / sqrt(var + (double)eps)));
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (j = 0; j < k; j += 8) {
@@ -315,8 +314,9 @@ void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t l
             const int nv = ldk - j0 < 24 ? (int)((ldk - j0) / 8) : 3;
             qk_block(mr, nv, q + i0 * ld, ld, kt + j0, ldk, dh, seq - j0, bias ? bias + j0 : NULL, scale, s + j0, rmax);
         }
-        float inv[4];
-        for (int r = 0; r < mr; r++) inv[r] = 1.0f / exp_sum_row(s + r * ldk, ldk, hmax8(rmax[r]));
+        float inv[4] = {1, 1, 1, 1};
+        for (int r = 0; r < mr; r++) inv[r] = exp_sum_row(s + r * ldk, ldk, hmax8(rmax[r]));
+        _mm_storeu_ps(inv, _mm_div_ps(_mm_set1_ps(1.0f), _mm_loadu_ps(inv))); /* one division */
         for (int64_t c0 = 0; c0 < dh; c0 += 16) {
             const int full = dh - c0 >= 16;
             pv_block(mr, full, s, ldk, v + c0, ld, seq, tail8(dh - c0), tail8(dh - c0 - 8), inv,

@@ -19,10 +19,12 @@ CQ_INLINE __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__
 
 /* e^v for v <= 0 (or NaN): v = n ln2 + r, |r| <= ln2/2 (ln2 in two parts, the first exact in n * C1),
  * e^r = 1 + r + r^2 P(r) with Cephes' expf minimax P (~1 ulp), times 2^n by vscalefps. Below
- * ln(FLT_MIN) = -87.34 the result is 0 (no subnormals); -Inf gives 0, NaN stays NaN. */
+ * -87 (e^-87 = 1.6e-38) the result is 0: v is clamped to -87, where 2^n e^r is still normal, so no
+ * operation ever makes a subnormal (a microcode assist costing ~100 cycles on Intel, which every
+ * masked key, exp(-Inf), would pay); -Inf gives 0, NaN stays NaN. */
 CQ_INLINE __m512 exp_nonpos(__m512 v)
 {
-    const __m512 lo = _mm512_set1_ps(-87.33654475f);
+    const __m512 lo = _mm512_set1_ps(-87.0f);
     const __mmask16 keep = _mm512_cmp_ps_mask(v, lo, _CMP_NLT_UQ); /* v >= lo, or NaN */
     v = _mm512_max_ps(lo, v);                                        /* a NaN v is returned */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504088896341f)),
@@ -71,13 +73,13 @@ void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale)
     }
 }
 
-static double hsum_d(__m512 a)
+/* sum of the 16 lanes of a and b in double (a tree: no long dependency chain) */
+CQ_INLINE double hsum2_d(__m512 a, __m512 b)
 {
-    float t[16];
-    _mm512_storeu_ps(t, a);
-    double s = 0.0;
-    for (int i = 0; i < 16; i++) s += t[i];
-    return s;
+    const __m512d lo = _mm512_add_pd(_mm512_cvtps_pd(_mm512_castps512_ps256(a)), _mm512_cvtps_pd(_mm512_castps512_ps256(b)));
+    const __m512d hi = _mm512_add_pd(_mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a), 1))),
+                                     _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(b), 1))));
+    return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
 /* LayerNorm(x + res): pass 1 sums (and stores x + res into y), pass 2 the centred squares, pass 3
@@ -110,7 +112,7 @@ void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const flo
         }
         for (; j < k; j += 16) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(tail16(k - j), x + j));
     }
-    const float mean = (float)((hsum_d(s0) + hsum_d(s1)) / (double)k);
+    const float mean = (float)(hsum2_d(s0, s1) / (double)k);
     const __m512 mv = _mm512_set1_ps(mean);
     s0 = _mm512_setzero_ps();
     s1 = _mm512_setzero_ps();
@@ -125,7 +127,7 @@ void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const flo
         const __m512 a = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + j), mv);
         s0 = _mm512_fmadd_ps(a, a, s0);
     }
-    const double var = (hsum_d(s0) + hsum_d(s1)) / (double)k;
+    const double var = hsum2_d(s0, s1) / (double)k;
     const __m512 inv = _mm512_set1_ps((float)(1.0 / sqrt(var + (double)eps)));
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
     for (j = 0; j < k; j += 16) {
@@ -139,13 +141,13 @@ void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const flo
 
 /* ---- attention --------------------------------------------------------------------------------
  * Scores: an MR x (16 NV) tile, s[r][j] = sum_d q[r][d] kt[d][j] * scale + bias[j] (-Inf past seq):
- * per d, NV loads of K^T and MR broadcasts of q for MR * NV FMAs (4 x 4: 16 accumulators); the
+ * per d, NV loads of K^T and MR broadcasts of q for MR * NV FMAs (4 x 4 or 8 x 2: 16 accumulators); the
  * epilogue also folds the tile into each row's running maximum rmax[r] (16 lanes). */
 CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, const float *kt, int64_t ldk,
                        int64_t dh, int64_t left, const float *bias, float scale, float *s, __m512 *rmax)
 {
-    __m512 acc[4][4];
-    for (int r = 0; r < 4; r++)
+    __m512 acc[8][4];
+    for (int r = 0; r < 8; r++)
         for (int c = 0; c < 4; c++) acc[r][c] = _mm512_setzero_ps();
     for (int64_t d = 0; d < dh; d++) {
         __m512 b[4];
@@ -167,21 +169,35 @@ CQ_INLINE void qk_tile(const int mr, const int nv, const float *q, int64_t ld, c
     }
 }
 
-#define QK_NV(MR)                                                                        \
-    switch (nv) {                                                                        \
-    case 1: qk_tile(MR, 1, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
-    case 2: qk_tile(MR, 2, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
-    case 3: qk_tile(MR, 3, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;       \
-    default: qk_tile(MR, 4, q, ld, kt, ldk, dh, left, bias, scale, s, rmax); break;      \
-    }
+/* Tiles of up to 8 rows x 32 columns or 4 rows x 64 columns: 16 accumulators either way. */
+#define QK_ARGS q, ld, kt, ldk, dh, left, bias, scale, s, rmax
+#define QK_NV12(MR)                                                                      \
+    if (nv == 1) qk_tile(MR, 1, QK_ARGS);                                                \
+    else qk_tile(MR, 2, QK_ARGS);
+#define QK_NV34(MR)                                                                      \
+    if (nv == 3) qk_tile(MR, 3, QK_ARGS);                                                \
+    else qk_tile(MR, 4, QK_ARGS);
 static void qk_block(int mr, int nv, const float *q, int64_t ld, const float *kt, int64_t ldk, int64_t dh,
                      int64_t left, const float *bias, float scale, float *s, __m512 *rmax)
 {
-    switch (mr) {
-    case 1: QK_NV(1) break;
-    case 2: QK_NV(2) break;
-    case 3: QK_NV(3) break;
-    default: QK_NV(4) break;
+    if (nv <= 2) {
+        switch (mr) {
+        case 1: QK_NV12(1) break;
+        case 2: QK_NV12(2) break;
+        case 3: QK_NV12(3) break;
+        case 4: QK_NV12(4) break;
+        case 5: QK_NV12(5) break;
+        case 6: QK_NV12(6) break;
+        case 7: QK_NV12(7) break;
+        default: QK_NV12(8) break;
+        }
+    } else {
+        switch (mr) {
+        case 1: QK_NV34(1) break;
+        case 2: QK_NV34(2) break;
+        case 3: QK_NV34(3) break;
+        default: QK_NV34(4) break;
+        }
     }
 }
 
@@ -289,6 +305,14 @@ static void transpose16(const float *src, int64_t ld, int nrows, __mmask16 cm, i
     for (int i = 0; i < ncols; i++) _mm512_storeu_ps(dst + i * ldd, r[i]);
 }
 
+/* dst[j * dhp + c] = src[j * ld + c] for c < dh (dhp - dh zeros after), j < seq. */
+static void pack_rows(const float *src, int64_t ld, int64_t seq, int64_t dh, int64_t dhp, float *dst)
+{
+    for (int64_t j = 0; j < seq; j++)
+        for (int64_t c = 0; c < dhp; c += 16)
+            _mm512_storeu_ps(dst + j * dhp + c, _mm512_maskz_loadu_ps(tail16(dh - c), src + j * ld + c));
+}
+
 /* K^T of the head, kt[d * ldk + j], zero-padded to ldk columns, by 16 x 16 blocks. */
 static void pack_kt(const float *k, int64_t ld, int64_t seq, int64_t dh, int64_t ldk, float *kt)
 {
@@ -306,23 +330,32 @@ static void pack_kt(const float *k, int64_t ld, int64_t seq, int64_t dh, int64_t
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch)
 {
-    const int64_t ldk = (seq + 15) & ~(int64_t)15;
-    float *kt = scratch, *s = scratch + dh * ldk;
+    const int64_t ldk = (seq + 15) & ~(int64_t)15, dhp = (dh + 15) & ~(int64_t)15;
+    float *kt = scratch, *s = kt + dh * ldk, *vp = s + 8 * ldk, *qp = vp + ldk * dhp;
     pack_kt(k, ld, seq, dh, ldk, kt);
+    /* Q and V rows copied first (dh floats every ld): a streaming copy keeps many cache misses in
+     * flight, where the tiles would meet them one at a time between FMAs */
+    pack_rows(q, ld, seq, dh, dhp, qp);
+    pack_rows(v, ld, seq, dh, dhp, vp);
+    q = qp;
+    v = vp;
+    ld = dhp;
     for (int64_t i0 = 0; i0 < seq; i0 += 8) {
         const int mr = seq - i0 < 8 ? (int)(seq - i0) : 8;
         __m512 rmax[8];
         for (int r = 0; r < 8; r++) rmax[r] = _mm512_set1_ps(-INFINITY);
-        for (int r0 = 0; r0 < mr; r0 += 4) {
-            const int m4 = mr - r0 < 4 ? mr - r0 : 4;
-            for (int64_t j0 = 0; j0 < ldk; j0 += 64) {
-                const int nv = ldk - j0 < 64 ? (int)((ldk - j0) / 16) : 4;
-                qk_block(m4, nv, q + (i0 + r0) * ld, ld, kt + j0, ldk, dh, seq - j0, bias ? bias + j0 : NULL,
+        for (int64_t j0 = 0; j0 < ldk; j0 += 64) {
+            const int nv = ldk - j0 < 64 ? (int)((ldk - j0) / 16) : 4;
+            const int step = nv <= 2 ? 8 : 4;
+            for (int r0 = 0; r0 < mr; r0 += step) {
+                const int m = mr - r0 < step ? mr - r0 : step;
+                qk_block(m, nv, q + (i0 + r0) * ld, ld, kt + j0, ldk, dh, seq - j0, bias ? bias + j0 : NULL,
                          scale, s + r0 * ldk + j0, rmax + r0);
             }
         }
-        float inv[8];
-        for (int r = 0; r < mr; r++) inv[r] = 1.0f / exp_sum_row(s + r * ldk, ldk, _mm512_reduce_max_ps(rmax[r]));
+        float inv[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+        for (int r = 0; r < mr; r++) inv[r] = exp_sum_row(s + r * ldk, ldk, _mm512_reduce_max_ps(rmax[r]));
+        _mm256_storeu_ps(inv, _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_loadu_ps(inv))); /* one division */
         for (int64_t c0 = 0; c0 < dh; c0 += 32) {
             const __mmask16 m0 = tail16(dh - c0), m1 = dh - c0 > 16 ? tail16(dh - c0 - 16) : 0;
             pv_block(mr, s, ldk, v + c0, ld, seq, m0, m1, inv, out + i0 * ldo + c0, ldo);
