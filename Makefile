@@ -102,17 +102,23 @@ build/tests/test_kernels: tests/c/test_kernels.c build/lib/libcquant.a
 ctest: build/tests/test_kernels ctest-avx512-emu
 	./build/tests/test_kernels
 
-# The AVX-512 VNNI kernels cannot run on a CPU without AVX-512, so their code is also checked with
-# the intrinsics emulated by SIMDe (tests/c/emu/immintrin.h; Debian's libsimde-dev, which .ci/run
-# installs): cq_kernels_avx512.c with its target pragmas stripped, against the scalar reference.
+# Kernels a CPU cannot run are still checked: the SIMD micro-kernel files (x86/avx2, avxvnni,
+# avx512, avx512vnni; not the peak-*.c timing loops, whose inline asm pins registers, nor AMX, which
+# SIMDe cannot emulate) are compiled with -DCQ_EMU against SIMDe's portable intrinsics
+# (tests/c/emu/immintrin.h; Debian's libsimde-dev, which .ci/run installs) and linked with the
+# normal objects of the rest; tests/c/test_avx512_emu.c then runs the registry-driven tester on
+# every kernel whatever the CPU (logic, not speed).
 SIMDE_H := $(wildcard /usr/include/simde/x86/avx512.h)
-build/emu/cq_kernels_avx512_emu.c: csrc/cq_kernels_avx512.c
+EMU_SRCS := $(filter-out %peak-avx2.c %peak-avx512vnni.c,$(filter csrc/x86/avx2/% csrc/x86/avxvnni/% csrc/x86/avx512/% csrc/x86/avx512vnni/%,$(CSRCS)))
+EMU_OBJS := $(patsubst csrc/%.c,build/emu/%.o,$(EMU_SRCS))
+EMU_LINK := $(EMU_OBJS) $(filter-out $(patsubst csrc/%.c,build/lib/obj/%.o,$(EMU_SRCS)),$(LIBOBJS))
+build/emu/%.o: csrc/%.c $(CHDRS) tests/c/emu/immintrin.h
 	@mkdir -p $(dir $@)
-	sed -e '/#pragma GCC target/d' -e '/#pragma GCC push_options/d' -e '/#pragma GCC pop_options/d' $< > $@
-build/emu/test_avx512_emu: tests/c/test_avx512_emu.c tests/c/test_kernels.c tests/c/emu/immintrin.h build/emu/cq_kernels_avx512_emu.c $(filter-out build/lib/obj/cq_kernels_avx512.o,$(LIBOBJS))
-	$(CC) -O1 -std=gnu99 -D_GNU_SOURCE -Itests/c/emu -Icsrc/include -Icsrc -c build/emu/cq_kernels_avx512_emu.c -o build/emu/k512.o
-	$(CC) -O1 -std=gnu99 -D_GNU_SOURCE -Icsrc/include -Icsrc -Itests/c tests/c/test_avx512_emu.c build/emu/k512.o \
-	    $(filter-out build/lib/obj/cq_kernels_avx512.o,$(LIBOBJS)) -o $@ -lm -lpthread
+	$(CC) -O2 -std=c99 -D_GNU_SOURCE -fPIC -fwrapv -Wall -Wextra -Wno-psabi -fno-strict-aliasing -DCQ_EMU \
+	    -Itests/c/emu -Icsrc/include -Icsrc/src -c $< -o $@
+build/emu/test_avx512_emu: tests/c/test_avx512_emu.c tests/c/test_kernels.c $(EMU_LINK)
+	$(CC) -O2 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasing -Icsrc/include -Icsrc/src -Itests/c \
+	    tests/c/test_avx512_emu.c $(EMU_LINK) -o $@ -lm -lpthread
 ctest-avx512-emu:
 ifneq ($(SIMDE_H),)
 	@$(MAKE) --no-print-directory build/emu/test_avx512_emu

@@ -177,6 +177,6 @@ int cq_best_format(int64_t n)
     int f = cq_best_format_for(isa);
     int64_t nr = cq_format_nr(f);
     /* padding n to the panel width would waste more than a quarter of the codes */
-    if (n > 0 && nr > 16 && (n + nr - 1) / nr * nr * 4 > 5 * n) f = CQ_FORMAT_N16K4;
+    if (n > 0 && nr > 16 && 4 * ((nr - n % nr) % nr) > n) f = CQ_FORMAT_N16K4; /* no overflow */
     return f;
 }

@@ -81,7 +81,8 @@ typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int
  * acc[p*nr + j] = s over panel p (raw, as above; the driver removes the compensation). */
 typedef void (*cq_qd8_gemv4_fn)(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
                                 int64_t panel_stride, int32_t *acc);
-/* Dequantize nk4 steps of a panel: out[(4t + i)*nr + j] = (float)b[(t*nr + j)*4 + i] * ws[j]. */
+/* Dequantize nk4 steps of a panel: out[(4t + i)*nr + j] = (float)b[(t*nr + j)*4 + i] * ws[j];
+ * out is 64-byte aligned (as bb of the float tile below). */
 typedef void (*cq_f32_dequant_fn)(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out);
 /* Float tile: c[r*ldc + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*nr + j], r < mr, j < nr. */
 typedef void (*cq_f32_gemm_fn)(int mr, int nr, int64_t kc, const float *a, int64_t lda,
@@ -101,7 +102,8 @@ typedef struct {
     int act_u8;  /* int8 kernels: reads u8 activations (x + 128) and needs the compensation */
     void *fn;
     int k4_multiple; /* nk4 must be a multiple of this (0: any) */
-    int pad_rows;    /* the kernel reads this many rows of a whatever mr is (0: mr rows) */
+    int pad_rows;    /* the kernel reads this many rows of a whatever mr is (0: mr rows), and in
+                        CQ_OUT_I32 mode (or with acc_in) reads and writes this many rows of acc */
 } cq_ukernel;
 int cq_ukernel_count(void);
 const cq_ukernel *cq_ukernel_at(int i);
@@ -150,6 +152,16 @@ extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compil
 int cq_active_isa(void);
 const cq_elementwise *cq_elementwise_for(int isa);
 int cq_cpu_has(int isa); /* this CPU and OS can run the path's instructions */
+
+/* sx * sw of the dynamic epilogue y = acc * (sx * sw) + b, capped at FLT_MAX: both scales are
+ * finite, but their product can overflow, and Inf * (acc = 0) would be NaN where the true result is
+ * b (a nonzero acc overflows either way). A NaN (a row of x holding NaN/Inf) stays NaN. Every
+ * kernel's epilogue does the same (vminps with the product as second operand). */
+static inline float cq_scale_product(float sx, float sw)
+{
+    float s = sx * sw;
+    return s > 3.402823466e38f ? 3.402823466e38f : s;
+}
 
 /* The micro-kernel the calling thread's last linear / gemm call ran (registry.c). */
 void cq_set_last_kernel(const char *name);

@@ -197,7 +197,7 @@ static void s8_unit(void *vctx, int64_t u)
                     for (int i = 0; i < mr; i++) {
                         float sx = c->sx[m0 + r + i];
                         float *yr = c->y + (m0 + r + i) * c->n + n0;
-                        for (int64_t j = 0; j < cols; j++) yr[j] = (float)acc64[i * nr + j] * (sx * ws[j]) + bb[j];
+                        for (int64_t j = 0; j < cols; j++) yr[j] = (float)acc64[i * nr + j] * cq_scale_product(sx, ws[j]) + bb[j];
                     }
                 } else { /* fused multiply-add, as the SIMD kernels' CQ_OUT_FACC epilogue */
                     for (int i = 0; i < mr * nr; i++)
@@ -239,7 +239,7 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
         float *yr = c->y + p * nr;
         for (int64_t j = 0; j < cols; j++) {
             int32_t v = (int32_t)((uint32_t)acc[i * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
-            yr[j] = (float)v * (sx * ws[j]) + bb[j];
+            yr[j] = (float)v * cq_scale_product(sx, ws[j]) + bb[j];
         }
     }
 }

@@ -54,30 +54,30 @@ enum {
 
 static const cq_ukernel UKERNELS[] = {
     /* scalar references: any nr (a multiple of 16) */
-    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, NULL},
-    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL},
-    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, NULL},
-    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, NULL},
-    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, NULL, 0, 0},
+    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, NULL, 0, 0},
+    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0},
+    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0},
+    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, NULL, 0, 0},
+    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0},
 #ifdef HAVE_AVX2
-    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2},
-    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2},
-    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2},
-    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2},
+    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0},
+    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0},
+    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0},
+    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0},
 #endif
 #ifdef HAVE_AVX512
-    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni},
-    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni},
-    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw},
-    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f},
-    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f},
-    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f},
+    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0},
+    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0},
+    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0},
+    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0},
+    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0},
+    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0},
 #endif
 #ifdef HAVE_AVXVNNI
-    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni},
+    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0},
 #endif
 #ifdef HAVE_AMX
     {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32},
@@ -129,10 +129,10 @@ typedef struct { int isa, format, gemm, gemv4, min_m, k4_multiple, no_groups, pa
 static const qd8_row QD8_ROWS[] = {
 #ifdef HAVE_AMX
     /* AMX: k a multiple of 64, per-channel, from 8 rows (a 16-row tile half empty still beats
-     * vpdpbusd). k blocks of 4096 (256 KiB of the panel, L2) and 128 rows per unit: on the
-     * Sapphire Rapids-class machine of 2026-11-29, (4096, 4096) M=256 took 6.4 ms against 8.3 ms
-     * with k blocks of 256 and 64 rows, and (4096, 11008) M=256 20.7 ms against 26.9 ms. */
-    {CQ_ISA_AMX, CQ_FORMAT_N64K4, AMX_QD8_GEMM, -1, 8, 16, 1, 32, 1024, 128},
+     * vpdpbusd). k blocks of 4096 (256 KiB of the panel, L2) and 64 rows per unit: on the
+     * Sapphire Rapids-class machine of 2026-11-29 (medians, 1 thread), (4096, 4096) M=256 took
+     * 5.3 ms against 6.8-7.5 ms with 128 or 256 rows or k blocks of 256 to 1024. */
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, AMX_QD8_GEMM, -1, 8, 16, 1, 32, 1024, 64},
 #endif
 #ifdef HAVE_AVX512
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, VNNI_QD8_GEMM, VNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},

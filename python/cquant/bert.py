@@ -400,8 +400,10 @@ def smooth_activations(model: nn.Module, calibrate: Any, alpha: float = 0.5,
 def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
     """sentence-transformers mean pooling: average of the token vectors where the mask is 1 (then L2
     normalized, as all-MiniLM-L6-v2's ``Normalize`` module does). hidden (B, T, H) -> (B, H)."""
-    m = np.asarray(attention_mask, dtype=np.float32)[..., None]
-    s = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), np.float32(1e-9))
+    m = np.asarray(attention_mask, dtype=np.float32)
+    hidden = np.asarray(hidden, dtype=np.float32)
+    # (B, 1, T) @ (B, T, H): the masked sum without a (B, T, H) temporary
+    s = np.matmul(m[:, None, :], hidden)[:, 0] / np.maximum(m.sum(axis=1, keepdims=True), np.float32(1e-9))
     if normalize:
         s /= np.maximum(np.linalg.norm(s, axis=1, keepdims=True), np.float32(1e-12))
     return s.astype(np.float32, copy=False)

@@ -148,7 +148,7 @@ static void test_bad_arguments(void)
     EXPECT_STATUS(cq_set_num_threads(0), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_num_threads(-3), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_num_threads(257), CQ_ERR_ARG);
-    EXPECT_STATUS(cq_set_isa(4), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_set_isa(6), CQ_ERR_ARG);
     EXPECT_STATUS(cq_set_isa(-2), CQ_ERR_ARG);
 }
 

@@ -79,13 +79,24 @@ static void fz_codes(fz_reader *r, int8_t *q, int64_t count, int allow_min)
     }
 }
 
+/* Every ISA path (enum cq_isa); the fuzzer picks among them. */
+static const int fz_isas[] = {CQ_ISA_SCALAR, CQ_ISA_AVX2, CQ_ISA_AVXVNNI, CQ_ISA_AVX512, CQ_ISA_AVX512VNNI, CQ_ISA_AMX};
+#define FZ_NISAS ((int)(sizeof fz_isas / sizeof fz_isas[0]))
+
 /* Pick a supported ISA path from one byte and make it active. Returns the path. */
 static int fz_pick_isa(fz_reader *r)
 {
-    int want = fz_u8(r) % 3;
+    int want = fz_isas[fz_u8(r) % FZ_NISAS];
     if (!cq_isa_supported(want)) want = CQ_ISA_SCALAR;
     if (cq_set_isa(want) != CQ_OK) { fprintf(stderr, "cq_set_isa(%d) failed\n", want); abort(); }
     return want;
+}
+
+/* A packed format from one byte: AUTO (cq_best_format(n)) or either explicit one. */
+static int fz_pick_format(fz_reader *r)
+{
+    static const int formats[] = {CQ_FORMAT_AUTO, CQ_FORMAT_N16K4, CQ_FORMAT_N64K4};
+    return formats[fz_u8(r) % 3];
 }
 
 #define fz_fail(...)                                                                       \

@@ -1,6 +1,8 @@
-/* fuzz_linear.c - cq_linear, both modes, every scheme, on a fuzzed ISA path and thread count.
- * Shapes: m in [0, 24], k in [1, 300], n in [1, 40]; activations with NaN/Inf/subnormal/huge
- * values; optional bias. Two kinds of weight:
+/* fuzz_linear.c - cq_linear, both modes, every scheme, on a fuzzed ISA path, thread count and
+ * packed format (AUTO, N16K4 or N64K4: every format runs on every path, the other one on a slower
+ * kernel). Shapes: m in [0, 24] (now and then 64, which the AMX config takes), k in [1, 300],
+ * n in [1, 40] (or up to 130); activations with NaN/Inf/subnormal/huge values; optional bias. Two
+ * kinds of weight:
  *  - quantized from fuzzed finite floats (the documented use): outputs are checked against a
  *    double-precision reference of the same computation, row by row, with an error budget from
  *    float32 rounding (K-scaled) plus subnormal underflow; a row of x holding NaN/Inf must give a
@@ -17,7 +19,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_pick_isa(&r);
     cq_set_num_threads((int)fz_range(&r, 1, 3));
     int mode = fz_u8(&r) & 1, scheme = (int)fz_range(&r, 0, 2), raw = fz_u8(&r) < 32, use_bias = fz_u8(&r) & 1;
+    int format = fz_pick_format(&r);
     int64_t m = fz_range(&r, 0, 24), k = fz_range(&r, 1, 300), n = fz_range(&r, 1, 40);
+    if (fz_u8(&r) == 0xa5) { m = 64; k = 64 * fz_range(&r, 1, 4); n = fz_range(&r, 1, 130); } /* AMX-sized */
     int64_t group = 0;
     if (scheme == CQ_PER_GROUP) {
         if (k % 4) k += 4 - k % 4;
@@ -25,7 +29,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         while (steps % d) d--;              /* a divisor of k/4: group = 4*d divides k */
         group = 4 * d;
     }
-    int64_t ns = cq_num_scales(scheme, n, k, group), psize = cq_packed_size(n, k);
+    int64_t ns = cq_num_scales(scheme, n, k, group), psize = cq_packed_size(format, n, k, group);
     fz_expect(ns > 0 && psize > 0, "num_scales %lld packed %lld", (long long)ns, (long long)psize);
     float *w = fz_alloc(sizeof(float) * (size_t)(n * k)), *s = fz_alloc(sizeof(float) * (size_t)ns);
     float *x = fz_alloc(sizeof(float) * (size_t)(m * k)), *y = fz_alloc(sizeof(float) * (size_t)(m * n));
@@ -39,7 +43,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int64_t i = 0; i < n * k; i++) if (!isfinite(w[i])) w[i] = 0.25f;
         fz_expect(cq_quantize(w, n, k, scheme, group, q, s) == CQ_OK, "quantize");
     }
-    fz_expect(cq_pack(q, n, k, packed) == CQ_OK, "pack");
+    fz_expect(cq_pack(format, q, n, k, group, packed) == CQ_OK, "pack");
     fz_floats(&r, x, m * k);
     if (bias) { fz_floats(&r, bias, n); for (int64_t j = 0; j < n; j++) if (!isfinite(bias[j])) bias[j] = 1.0f; }
     for (int64_t i = 0; i < m * n; i++) y[i] = 1234.5f; /* sentinel: every output must be written */
@@ -63,7 +67,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 fz_expect(!isfinite(got), "row %lld has NaN/Inf but y[%lld] = %g (mode %d)", (long long)row, (long long)j, got, mode);
                 continue;
             }
-            double ref = bias ? bias[j] : 0.0, mag = fabs(ref), smax = 0;
+            double ref = bias ? bias[j] : 0.0, mag = fabs(ref), smax = 0, accmag = 0;
             for (int64_t gi = 0; gi < ng; gi++) {
                 double sw = scheme == CQ_PER_TENSOR ? s[0] : s[j * ng + gi];
                 if (sw > smax) smax = sw;
@@ -71,11 +75,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                     int64_t acc = 0;
                     for (int64_t i = gi * g; i < (gi + 1) * g; i++) acc += (int64_t)qx[row * k + i] * q[j * k + i];
                     double t = (double)acc * sw * sx[row];
-                    ref += t; mag += fabs(t);
+                    ref += t; mag += fabs(t); accmag += fabs((double)acc);
                     /* per channel the kernels use the contract's acc * (sx * sw); per group they
                      * sum acc_g * sw_g first and scale by sx last, so with sw near FLT_MAX / 127
                      * and a subnormal row a product can overflow: not checked here */
                     if (fabs((double)acc * sw) > 1.0e37) mag = INFINITY;
+                    /* one scale group (per channel, or a group of all of k): the epilogue is
+                     * acc * (sx * sw) (internal.h), and sx * sw can overflow float32 (both near
+                     * FLT_MAX / 127): Inf, or NaN for acc = 0. Not checked either */
+                    if ((double)sw * (double)sx[row] > 3.0e38) mag = INFINITY;
                 } else {
                     for (int64_t i = gi * g; i < (gi + 1) * g; i++) {
                         /* the dequantized weight is float32(q) * scale in float32 (the contract):
@@ -89,9 +97,11 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
             if (mag > 1.0e36) continue; /* float32 partial sums may overflow: only no crash */
             /* float32 rounding of a (k + few)-term sum; subnormal underflow of products and of the
-             * dequantized weights, amplified by at most the largest scale or activation */
+             * dequantized weights, amplified by at most the largest scale or activation, or (the
+             * dynamic mode's sx * sw rounded to a subnormal, then times the integer sum) by |acc| */
             double terms = mode == CQ_MODE_DYNAMIC ? (double)ng + 4 : (double)k + 4;
-            double tiny = 1.5e-45 * terms * 4 * (1.0 + smax * 127 + xmax + (mode ? sx[row] * 127.0 * 16129.0 * k : 0));
+            double tiny = 1.5e-45 * terms * 4 * (1.0 + smax * 127 + xmax + (mode ? sx[row] * 127.0 * 16129.0 * k : 0))
+                        + 1.5e-45 * 2 * accmag;
             double budget = 2.0 * terms * EPS32 * mag + tiny;
             fz_expect(fabs((double)got - ref) <= budget,
                       "mode %d scheme %d m=%lld k=%lld n=%lld: y[%lld,%lld] = %.9g, ref %.9g, budget %.3g",

@@ -6,7 +6,8 @@
  * compensation: the column sums are unused).
  * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile), and 32 rows of a are
  * readable (the driver pads the quantized activations to a multiple of 32 rows); only mr rows are
- * written. The tile configuration is loaded per call (it is per-thread state) and released after. */
+ * written, except in CQ_OUT_I32 mode, where the int32 sums of all 32 rows go to acc (which has room
+ * for them). The tile configuration is loaded per call (it is per-thread state) and released after. */
 #include "target.h"
 #if CQ_CAN_TARGET_AMX
 CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
@@ -47,7 +48,9 @@ CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
     int left = o->nc - col;
     if (left <= 0) return;
     const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    const __m512 s = _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col));
+    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
+    const __m512 s = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f),
+                                   _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col)));
     const __m512 b = o->bias ? _mm512_maskz_loadu_ps(m, o->bias + col) : _mm512_setzero_ps();
     _mm512_mask_storeu_ps(o->y + r * o->ldy + col, m, _mm512_add_ps(_mm512_mul_ps(f, s), b));
 }
@@ -84,12 +87,15 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
             _tile_dpbssd(2, 5, 6);
             _tile_dpbssd(3, 5, 7);
         }
+        if (o->mode == CQ_OUT_I32) /* straight into the caller's sums (room for 32 rows: pad_rows) */
+            ch = o->acc + half * 32;
         _tile_stored(0, ch, NR * 4);
         _tile_stored(1, ch + 16, NR * 4);
         _tile_stored(2, ch + 16 * NR, NR * 4);
         _tile_stored(3, ch + 16 * NR + 16, NR * 4);
     }
     _tile_release();
+    if (o->mode == CQ_OUT_I32) return;
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < 4; v++) out_vec(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)));
 }

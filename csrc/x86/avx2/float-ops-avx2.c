@@ -300,6 +300,8 @@ static void pv_block(int mr, int full, const float *p, int64_t ldk, const float 
     }
 }
 
+/* One (batch, head) pair, query rows in blocks of 4: scores (scaled, masked, row maxima on the fly),
+ * softmax numerators in place (exp(s - max)), then context rows scaled by 1 / sum. */
 void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                        int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch)
 {

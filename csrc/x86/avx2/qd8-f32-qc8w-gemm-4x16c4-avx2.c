@@ -51,8 +51,12 @@ CQ_INLINE void out_row(const cq_qd8_out *o, int r, __m256i c0, __m256i c1)
     const __m256 b0 = o->bias ? _mm256_loadu_ps(o->bias) : _mm256_setzero_ps();
     const __m256 b1 = o->bias ? _mm256_loadu_ps(o->bias + 8) : _mm256_setzero_ps();
     float tmp[NR];
-    _mm256_storeu_ps(tmp, _mm256_add_ps(_mm256_mul_ps(f0, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw))), b0));
-    _mm256_storeu_ps(tmp + 8, _mm256_add_ps(_mm256_mul_ps(f1, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw + 8))), b1));
+    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
+    const __m256 big = _mm256_set1_ps(3.402823466e38f);
+    const __m256 s0 = _mm256_min_ps(big, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw)));
+    const __m256 s1 = _mm256_min_ps(big, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw + 8)));
+    _mm256_storeu_ps(tmp, _mm256_add_ps(_mm256_mul_ps(f0, s0), b0));
+    _mm256_storeu_ps(tmp + 8, _mm256_add_ps(_mm256_mul_ps(f1, s1), b1));
     memcpy(o->y + r * o->ldy, tmp, sizeof(float) * (size_t)o->nc);
 }
 

@@ -325,16 +325,16 @@ static void pack_kt(const float *k, int64_t ld, int64_t seq, int64_t dh, int64_t
     }
 }
 
-/* One (batch, head) pair, query rows in blocks of 8: scores (2 x 4 rows, 64 keys a tile), softmax
- * numerators in place (exp(s * scale + bias - max)), then context rows scaled by 1 / sum. */
+/* One (batch, head) pair, query rows in blocks of 8: scores (8 x 32 or 4 x 64 tiles, scaled, masked,
+ * row maxima on the fly), softmax numerators in place (exp(s - max)), then context rows scaled by
+ * 1 / sum (one division per block). */
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch)
 {
     const int64_t ldk = (seq + 15) & ~(int64_t)15, dhp = (dh + 15) & ~(int64_t)15;
     float *kt = scratch, *s = kt + dh * ldk, *vp = s + 8 * ldk, *qp = vp + ldk * dhp;
     pack_kt(k, ld, seq, dh, ldk, kt);
-    /* Q and V rows copied first (dh floats every ld): a streaming copy keeps many cache misses in
-     * flight, where the tiles would meet them one at a time between FMAs */
+    /* Q and V rows copied to contiguous, zero-padded rows (dh floats every ld in the projections) */
     pack_rows(q, ld, seq, dh, dhp, qp);
     pack_rows(v, ld, seq, dh, dhp, vp);
     q = qp;

@@ -1,0 +1,28 @@
+"""tools/mca.py (`make mca`): its assembly parser and loop finder on hand-written input (no llvm
+needed), and, where llvm-mca is installed, a real prediction for one micro-kernel file."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MCA = os.path.join(ROOT, "tools", "mca.py")
+
+
+def test_mca_selftest():
+    r = subprocess.run([sys.executable, MCA, "--selftest"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@pytest.mark.skipif(not (shutil.which("llvm-mca") or any(
+    os.path.exists(f"/usr/lib/llvm-{v}/bin/llvm-mca") for v in range(11, 21))), reason="llvm-mca not installed")
+def test_mca_predicts_the_vnni_tile():
+    src = os.path.join(ROOT, "csrc", "x86", "avx512vnni", "qd8-f32-qc8w-gemm-6x64c4-avx512vnni.c")
+    r = subprocess.run([sys.executable, MCA, src, "--cpus", "icelake-server"], capture_output=True,
+                       text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "icelake-server" in r.stdout and "vpdpbusd" in r.stdout.lower() or "i8dot" in r.stdout
