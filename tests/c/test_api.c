@@ -135,8 +135,11 @@ static void test_bad_arguments(void)
     EXPECT_STATUS(cq_packed_size(7, 4, 4, 0), CQ_ERR_ARG);              /* unknown format */
     EXPECT_STATUS(cq_packed_size(CQ_FORMAT_N16K4, 4, 8, 6), CQ_ERR_GROUP);
     EXPECT_STATUS(cq_packed_info(q, 8, NULL, NULL, NULL), CQ_ERR_FORMAT); /* not a packed buffer */
-    EXPECT_STATUS(cq_unpack(f, 2, 4, q), CQ_ERR_FORMAT);
-    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, q, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_FORMAT);
+    {   /* a buffer of the header's size that is no packed weight (a NULL-free but wrong pointer) */
+        static const int8_t junk[64] = {1, 2, 3};
+        EXPECT_STATUS(cq_unpack(junk, 2, 4, q), CQ_ERR_FORMAT);
+        EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, f, 1, 4, junk, f, CQ_PER_CHANNEL, 0, 2, NULL, f), CQ_ERR_FORMAT);
+    }
     EXPECT_STATUS(cq_quantize(f, 2, 4, CQ_PER_CHANNEL, 0, NULL, f), CQ_ERR_NULL);
     EXPECT_STATUS(cq_dequantize(q, f, 2, 4, CQ_PER_CHANNEL, 0, NULL), CQ_ERR_NULL);
     EXPECT_STATUS(cq_unpack(q, 2, 4, NULL), CQ_ERR_NULL);

@@ -74,10 +74,14 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         }
         for (int64_t t = 0; t < nk4; t += 16) {
-            if (half == 0) /* the panel streams from memory at small M: fetch the next 64 k ahead */
-                for (int i = 0; i < 16; i++)
-                    _mm_prefetch((const char *)(b + (t + 32 + i) * STEP), _MM_HINT_T0),
-                    _mm_prefetch((const char *)(b + (t + 32 + i) * STEP + 128), _MM_HINT_T0);
+            if (half == 0) /* the panel streams from memory at small M: fetch 32 steps ahead */
+                for (int i = 0; i < 16; i++) {
+                    const char *pf = (const char *)(b + (t + 32 + i) * STEP);
+                    _mm_prefetch(pf, _MM_HINT_T0);
+                    _mm_prefetch(pf + 64, _MM_HINT_T0);
+                    _mm_prefetch(pf + 128, _MM_HINT_T0);
+                    _mm_prefetch(pf + 192, _MM_HINT_T0);
+                }
             _tile_loadd(4, a + 4 * t, lda);
             _tile_loadd(5, a + 16 * lda + 4 * t, lda);
             _tile_loadd(6, bh + t * STEP, STEP);

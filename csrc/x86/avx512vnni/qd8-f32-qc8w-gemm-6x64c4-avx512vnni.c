@@ -62,6 +62,13 @@ CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
         c##r##3 = _mm512_dpbusd_epi32(c##r##3, xb, b3);                                           \
     }
 #define OUT(r) out_vec(o, r, 0, c##r##0); out_vec(o, r, 1, c##r##1); out_vec(o, r, 2, c##r##2); out_vec(o, r, 3, c##r##3);
+/* At small M the panel streams from memory once: its next lines are fetched CQ_PF_DIST ahead (at
+ * large M the k block is in L1/L2 and the 4 prefetches per 24 vpdpbusd cost little). */
+#define PF(p)                                                                                     \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST, _MM_HINT_T0);                                    \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 64, _MM_HINT_T0);                               \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 128, _MM_HINT_T0);                              \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 192, _MM_HINT_T0);
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
@@ -71,6 +78,7 @@ CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
             const __m512i b1 = _mm512_loadu_si512((const void *)(b + t * STEP + 64));             \
             const __m512i b2 = _mm512_loadu_si512((const void *)(b + t * STEP + 128));            \
             const __m512i b3 = _mm512_loadu_si512((const void *)(b + t * STEP + 192));            \
+            PF(b + t * STEP)                                                                      \
             STEPS                                                                                 \
         }                                                                                         \
         OUTS                                                                                      \
