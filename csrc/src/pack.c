@@ -127,12 +127,21 @@ static void pack_unit(void *vctx, int64_t p)
                 memcpy((int8_t *)src[j] + 4 * kfull, panel + kfull * step + 4 * j, (size_t)(k - 4 * kfull));
         return;
     }
-    int32_t w[64];
-    for (int64_t t = 0; t < kp4; t++) {
-        memset(w, 0, sizeof w);
-        for (int j = 0; j < rows; j++) w[j] = load_word(src[j] + 4 * t, t < kfull ? 4 : k - 4 * t);
-        memcpy(panel + t * step, w, (size_t)step);
-    }
+    /* blocks of 16 steps: each row gives one 64-byte line, written as 16 words 4*nr bytes apart
+     * (a constant-size copy, one mov); the partial last step and missing rows are zero */
+    if (rows < nr) memset(panel, 0, (size_t)(kp4 * step));
+    int64_t t = 0;
+    for (; t + 16 <= kfull; t += 16)
+        for (int j = 0; j < rows; j++) {
+            const int8_t *sp = src[j] + 4 * t;
+            int8_t *dp = panel + t * step + 4 * j;
+            for (int i = 0; i < 16; i++) memcpy(dp + i * step, sp + 4 * i, 4);
+        }
+    for (; t < kp4; t++)
+        for (int j = 0; j < rows; j++) {
+            int32_t w = load_word(src[j] + 4 * t, t < kfull ? 4 : k - 4 * t);
+            memcpy(panel + t * step + 4 * j, &w, 4);
+        }
     if (!h->sums_bytes) return;
     int32_t *sums = (int32_t *)(void *)(c->packed + h->sums_off) + p * h->nseg * nr;
     for (int64_t s = 0; s < h->nseg; s++)
@@ -140,7 +149,12 @@ static void pack_unit(void *vctx, int64_t p)
             uint32_t acc = 0; /* modulo 2^32: only segments short enough for exact int32 use it */
             if (j < rows) {
                 int64_t k0 = 4 * s * h->seg4, k1 = k0 + 4 * h->seg4 < k ? k0 + 4 * h->seg4 : k;
-                for (int64_t kk = k0; kk < k1; kk++) acc += (uint32_t)(int32_t)src[j][kk];
+                for (int64_t b0 = k0; b0 < k1; b0 += 4096) { /* exact int32 blocks; vectorized */
+                    int64_t b1 = b0 + 4096 < k1 ? b0 + 4096 : k1;
+                    int32_t part = 0;
+                    for (int64_t kk = b0; kk < b1; kk++) part += src[j][kk];
+                    acc += (uint32_t)part;
+                }
             }
             sums[s * nr + j] = (int32_t)acc;
         }

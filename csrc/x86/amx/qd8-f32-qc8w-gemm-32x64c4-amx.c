@@ -16,6 +16,9 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile
 
 #define NR 64
 #define STEP (NR * 4)
+#ifndef CQ_AMX_PF
+#define CQ_AMX_PF 32 /* k4 steps the panel is prefetched ahead */
+#endif
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
@@ -76,7 +79,7 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
         for (int64_t t = 0; t < nk4; t += 16) {
             if (half == 0) /* the panel streams from memory at small M: fetch 32 steps ahead */
                 for (int i = 0; i < 16; i++) {
-                    const char *pf = (const char *)(b + (t + 32 + i) * STEP);
+                    const char *pf = (const char *)(b + (t + CQ_AMX_PF + i) * STEP);
                     _mm_prefetch(pf, _MM_HINT_T0);
                     _mm_prefetch(pf + 64, _MM_HINT_T0);
                     _mm_prefetch(pf + 128, _MM_HINT_T0);
