@@ -104,6 +104,9 @@ typedef struct {
     int k4_multiple; /* nk4 must be a multiple of this (0: any) */
     int pad_rows;    /* the kernel reads this many rows of a whatever mr is (0: mr rows), and in
                         CQ_OUT_I32 mode (or with acc_in) reads and writes this many rows of acc */
+    int a_tiled;     /* reads activations in 16-row x 64-byte tiles (cq_tile_rows_16x64): the block
+                        of 16 rows starting at row r begins at r * lda, and its k bytes
+                        [64 c, 64 c + 64) are the 1 KiB at + 1024 c (16 rows x 64 bytes) */
 } cq_ukernel;
 int cq_ukernel_count(void);
 const cq_ukernel *cq_ukernel_at(int i);

@@ -97,6 +97,17 @@ static int64_t cols_of(const lin_ctx *c, int64_t p)
     return c->n - n0 < c->nr ? c->n - n0 : c->nr;
 }
 
+/* Reorder rows of int8 activations (mpad x lda, mpad a multiple of 16, lda of 64) into 16 x 64-byte
+ * tiles (cq_ukernel.a_tiled): one contiguous 1 KiB per tile, so a tile load reads 16 lines of one
+ * page instead of 16 rows lda bytes apart. */
+static void tile_rows_16x64(const int8_t *a, int64_t mpad, int64_t lda, int8_t *out)
+{
+    for (int64_t rb = 0; rb < mpad; rb += 16)
+        for (int64_t c = 0; c < lda / 64; c++)
+            for (int r = 0; r < 16; r++)
+                memcpy(out + rb * lda + c * 1024 + r * 64, a + (rb + r) * lda + c * 64, 64);
+}
+
 /* ---- dynamic ------------------------------------------------------------------------------------ */
 static void s8_unit(void *vctx, int64_t u)
 {
@@ -108,6 +119,7 @@ static void s8_unit(void *vctx, int64_t u)
     int64_t mbi = u % c->nmb, p = u / c->nmb;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
     int64_t lda = 4 * c->kp4, step = 4 * (int64_t)nr;
+    const int64_t abytes = uk->a_tiled ? 64 : 4; /* bytes of a row block per k step */
     const int8_t *a0 = c->qa + m0 * lda;
     int64_t n0 = p * nr, cols = cols_of(c, p);
     int32_t acc[MAXMB * MAXNR] __attribute__((aligned(64)));
@@ -141,7 +153,7 @@ static void s8_unit(void *vctx, int64_t u)
                 } else {
                     o.mode = CQ_OUT_I32;
                 }
-                gemm(mr, nr, nt, a0 + r * lda + 4 * t0, lda, panel_at(c, p, t0), &o);
+                gemm(mr, nr, nt, a0 + r * lda + abytes * t0, lda, panel_at(c, p, t0), &o);
             }
         }
         if (c->c32)
@@ -345,11 +357,13 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     if (!cq_bytes_ok(m, lda, 1)) return CQ_ERR_OVERFLOW;
     int u8 = cfg->gemm->act_u8;
     int64_t mpad = cfg->pad_rows ? cq_ceil_div(m, cfg->pad_rows) * cfg->pad_rows : m;
-    int copy = (k % 4) || u8 || mpad > m;
+    int tiled = cfg->gemm->a_tiled;
+    int copy = (k % 4) || u8 || mpad > m || tiled;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
     int8_t *packed = (int8_t *)malloc((size_t)psize);
     int8_t *apad = copy ? (int8_t *)calloc((size_t)(mpad * lda), 1) : NULL;
-    if (!packed || (copy && !apad)) { free(packed); free(apad); return CQ_ERR_NOMEM; }
+    int8_t *atile = tiled ? (int8_t *)malloc((size_t)(mpad * lda)) : NULL;
+    if (!packed || (copy && !apad) || (tiled && !atile)) { free(packed); free(apad); free(atile); return CQ_ERR_NOMEM; }
     int st = cq_pack(format, b, n, k, 0, packed); /* also refuses -128 in b */
     if (st == CQ_OK) {
         if (apad)
@@ -357,6 +371,7 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
                 for (int64_t i = 0; i < k; i++) apad[r * lda + i] = (int8_t)((uint8_t)a[r * k + i] ^ (u8 ? 0x80u : 0u));
                 memset(apad + r * lda + k, u8 ? 0x80 : 0, (size_t)(lda - k));
             }
+        if (tiled) tile_rows_16x64(apad, mpad, lda, atile);
         cq_pack_header h;
         cq_pack_read_header(packed, &h);
         lin_ctx ctx;
@@ -364,7 +379,7 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
         ctx.m = m; ctx.n = n; ctx.k = k; ctx.kp4 = kp4; ctx.nr = h.nr; ctx.np = h.np; ctx.nseg = h.nseg;
         ctx.u8 = u8; ctx.ng = 1; ctx.group4 = kp4; ctx.qcfg = cfg;
         ctx.mb = cfg->mb ? cfg->mb : S8_MB; ctx.nmb = cq_ceil_div(m, ctx.mb);
-        ctx.qa = apad ? apad : a; ctx.codes = cq_pack_codes(packed); ctx.sums = cq_pack_sums(packed, &h);
+        ctx.qa = tiled ? atile : apad ? apad : a; ctx.codes = cq_pack_codes(packed); ctx.sums = cq_pack_sums(packed, &h);
         ctx.c32 = c;
         cq_set_last_kernel(cfg->gemm->name);
         int64_t nunits = ctx.np * ctx.nmb;
@@ -372,6 +387,7 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     }
     free(packed);
     free(apad);
+    free(atile);
     return st;
 }
 
@@ -446,6 +462,13 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
     cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, qa, sx);
     if (mpad > m) memset(qa + m * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - m) * lda));
+    if (uk->a_tiled && !gemv) { /* the kernel reads 16 x 64-byte tiles */
+        int8_t *qt = (int8_t *)malloc((size_t)(mpad * lda));
+        if (!qt) { free(qa); return CQ_ERR_NOMEM; }
+        tile_rows_16x64(qa, mpad, lda, qt);
+        memcpy(qa, qt, (size_t)(mpad * lda));
+        free(qt);
+    }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);

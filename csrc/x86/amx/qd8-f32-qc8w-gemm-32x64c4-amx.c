@@ -4,8 +4,9 @@
  * steps x 16 columns x 4 codes: an N64K4 panel slice read with a row stride of 256 bytes). One
  * tdpbssd is 16 x 16 x 64 = 16384 exact s8 x s8 multiply-adds into int32 (no u8 shift, no
  * compensation: the column sums are unused).
- * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile), and 32 rows of a are
- * readable (the driver pads the quantized activations to a multiple of 32 rows); only mr rows are
+ * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile), a is in 16 x 64-byte
+ * tiles (cq_ukernel.a_tiled: one contiguous 1 KiB per tile load, rather than 16 rows lda bytes
+ * apart), and 32 rows of a are readable (the driver pads the activations to 32 rows); only mr rows are
  * written, except in CQ_OUT_I32 mode, where the int32 sums of all 32 rows go to acc (which has room
  * for them). The tile configuration is loaded per call (it is per-thread state) and released after. */
 #include "target.h"
@@ -85,8 +86,8 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
                     _mm_prefetch(pf + 128, _MM_HINT_T0);
                     _mm_prefetch(pf + 192, _MM_HINT_T0);
                 }
-            _tile_loadd(4, a + 4 * t, lda);
-            _tile_loadd(5, a + 16 * lda + 4 * t, lda);
+            _tile_loadd(4, a + 64 * t, 64); /* tiled activations (a_tiled): 1 KiB per tile */
+            _tile_loadd(5, a + 16 * lda + 64 * t, 64);
             _tile_loadd(6, bh + t * STEP, STEP);
             _tile_loadd(7, bh + t * STEP + 64, STEP);
             _tile_dpbssd(0, 4, 6);
