@@ -344,11 +344,23 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
 }
 
 /* Rows of activations a kernel call may read: mr, or whole blocks of pad_rows; copied into a
- * buffer of exactly that size so that AddressSanitizer sees any read past them. */
-static int8_t *qcase_rows(const qcase *c, int mr, int pad_rows)
+ * buffer of exactly that size so that AddressSanitizer sees any read past them. A kernel whose
+ * registry entry says a_tiled reads them as 16-row x 64-byte tiles (the driver's layout: the block
+ * of 16 rows at row r starts at r * lda, its k bytes [64 j, 64 j + 64) are the 1 KiB at + 1024 j). */
+static int8_t *qcase_rows(const qcase *c, int mr, int pad_rows, int tiled)
 {
     int rows = mr > pad_rows ? mr : pad_rows;
     size_t bytes = (size_t)((rows - 1) * c->lda + 4 * c->nk4);
+    if (tiled) {
+        int64_t blocks = (rows + 15) / 16, chunks = (4 * c->nk4 + 63) / 64;
+        bytes = (size_t)((blocks - 1) * 16 * c->lda + chunks * 1024);
+        int8_t *a = (int8_t *)xmalloc(bytes);
+        for (int64_t rb = 0; rb < blocks; rb++)
+            for (int64_t j = 0; j < chunks; j++)
+                for (int r = 0; r < 16; r++)
+                    memcpy(a + rb * 16 * c->lda + j * 1024 + r * 64, c->a + (rb * 16 + r) * c->lda + j * 64, 64);
+        return a;
+    }
     int8_t *a = (int8_t *)xmalloc(bytes);
     memcpy(a, c->a, bytes);
     return a;
@@ -385,7 +397,7 @@ static void test_qd8_gemm(const cq_ukernel *uk)
                 qcase c;
                 qcase_make(&c, nr, uk->mr > pad ? uk->mr : pad, uk->act_u8, nk4s[ki], kind);
                 for (int mr = 1; mr <= uk->mr; mr++) {
-                    int8_t *a = qcase_rows(&c, mr, pad);
+                    int8_t *a = qcase_rows(&c, mr, pad, uk->a_tiled);
                     for (int mi = 0; mi < NQMODES; mi++) {
                         msg[0] = 0;
                         int ok = qd8_run(uk, &c, a, mr, pad, &modes[mi], msg, sizeof msg);
@@ -406,7 +418,7 @@ static void test_qd8_gemm(const cq_ukernel *uk)
         const int nr = nrs[0], mr = uk->mr < 2 ? uk->mr : 2;
         qcase c;
         qcase_make(&c, nr, mr > pad ? mr : pad, uk->act_u8, cq_ceil_div(CQ_CHUNK4, k4m) * k4m, KIND_WRAP);
-        int8_t *a = qcase_rows(&c, mr, pad);
+        int8_t *a = qcase_rows(&c, mr, pad, uk->a_tiled);
         const qmode wm[] = {{CQ_OUT_I32, 0, 0, 0, 0},
                             {CQ_OUT_F32, 0, nr, 1, uk->act_u8 ? COMP_STD : COMP_NULL},
                             {CQ_OUT_FACC, 0, 0, 0, uk->act_u8 ? COMP_STD : COMP_NULL}};
