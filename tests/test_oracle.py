@@ -37,7 +37,7 @@ REF_QD8 = ("qd8_f32_qc8w_gemm_4xNc4_ref", "qd8_f32_qc8w_gemv4_1x4Nc4_ref")
 # dynamic int8 / gemm_s8s8s32: (path, format, gemm kernel, gemv4 kernel or None,
 #                               min_m, k4_multiple (of ceil(K/4)), no_groups)
 QD8_ROWS = [
-    ("amx", "n64k4", "qd8_f32_qc8w_gemm_32x64c4_amx", None, 8, 16, True),
+    ("amx", "n64k4", "qd8_f32_qc8w_gemm_32x64c4_amx", None, 16, 16, True),
     ("avx512vnni", "n64k4", "qd8_f32_qc8w_gemm_6x64c4_avx512vnni",
      "qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", 0, 0, False),
     ("avx512", "n64k4", "qd8_f32_qc8w_gemm_4x64c4_avx512bw", None, 0, 0, False),
