@@ -114,7 +114,12 @@ static void s8_unit(void *vctx, int64_t u)
     lin_ctx *c = (lin_ctx *)vctx;
     const cq_ukernel *uk = c->qcfg->gemm;
     const cq_qd8_gemm_fn gemm = (cq_qd8_gemm_fn)uk->fn;
-    const int nr = c->nr, MR = uk->mr;
+    const int nr = c->nr;
+    /* tile heights as even as the kernel's mr allows (M = 8 with mr 6: 4 + 4 rather than 6 + 2,
+     * whose 2-row tile is load-bound: llvm-mca, icelake-server, 53% of the vpdpbusd port limit
+     * against 99% at 4 rows); kernels that read whole blocks of rows keep their mr */
+    int64_t rows_u = c->m - (u % c->nmb) * c->mb < c->mb ? c->m - (u % c->nmb) * c->mb : c->mb;
+    const int MR = uk->pad_rows ? uk->mr : (int)cq_ceil_div(rows_u, cq_ceil_div(rows_u, uk->mr));
     /* the row blocks of a panel are consecutive units: the panel stays in cache between them */
     int64_t mbi = u % c->nmb, p = u / c->nmb;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
