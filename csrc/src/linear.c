@@ -467,14 +467,13 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
     cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, qa, sx);
     if (mpad > m) memset(qa + m * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - m) * lda));
+    int8_t *qt = NULL;
     if (uk->a_tiled && !gemv) { /* the kernel reads 16 x 64-byte tiles */
-        int8_t *qt = (int8_t *)malloc((size_t)(mpad * lda));
+        qt = (int8_t *)malloc((size_t)(mpad * lda));
         if (!qt) { free(qa); return CQ_ERR_NOMEM; }
         tile_rows_16x64(qa, mpad, lda, qt);
-        memcpy(qa, qt, (size_t)(mpad * lda));
-        free(qt);
     }
-    c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
+    c.qa = qt ? qt : qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);
     if (gemv) {
@@ -485,5 +484,6 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
     }
     free(qa);
+    free(qt);
     return CQ_OK;
 }
