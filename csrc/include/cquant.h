@@ -7,7 +7,7 @@
  * never keeps a pointer after a call returns. Sizes are int64_t; a size whose byte count would not
  * fit in int64_t / size_t is refused with CQ_ERR_OVERFLOW, never wrapped.
  *
- * Numerics (see DESIGN.md section 2): codes are in [-127, 127]; scale of a slice = max|w| / 127
+ * Numerics (README, "Numerics"): codes are in [-127, 127]; scale of a slice = max|w| / 127
  * (float32); an all-zero slice has scale 1; q = clamp(round_half_even(w / scale), -127, 127) with the
  * division in float32. Every ISA path gives bit-identical codes and bit-identical integer sums.
  *
@@ -41,7 +41,7 @@ enum cq_status {
     CQ_ERR_NOMEM = -6,        /* out of memory */
     CQ_ERR_ISA = -7,          /* the requested instruction set is not available */
     CQ_ERR_RANGE = -8,        /* an int8 code of -128 where codes must be in [-127, 127] */
-    CQ_ERR_ARG = -9,          /* an unknown enum value (scheme, mode, isa) */
+    CQ_ERR_ARG = -9,          /* an unknown enum value (scheme, mode, isa, format, peak kind) or eps < 0 */
     CQ_ERR_VERSION = -10,     /* reserved: mismatched library / header version */
     CQ_ERR_FORMAT = -11       /* a packed buffer that is not one (bad header), or packed for
                                  another shape or scale group */
@@ -144,7 +144,7 @@ enum cq_format {
 /* The best format for a weight with n output rows on the active path (an enum cq_format value
  * > 0), or CQ_ERR_ISA: the widest panels the path's kernels read, unless padding n to them would
  * waste more than a quarter of the codes (then panels of 16, so quantized layers stay ~4x smaller;
- * they run on the AVX2 kernels). */
+ * they run on the AVX-VNNI or AVX2 kernels). n <= 0: the best format for large n. */
 int cq_best_format(int64_t n);
 /* Bytes of a packed (n, k) weight in `format`, whose column sums run over segments of group_size
  * columns (0: one segment, for per-tensor / per-channel scales; else as cq_num_scales requires).
@@ -171,14 +171,17 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
  *                        group; y = sum_g acc_g * sw_g * sx + bias.
  * m may be 0 (nothing is done). NaN/Inf in a row of x makes that row of y non-finite only.
  * packed must come from cq_pack for this (n, k) and group_size (per-group scales: the same
- * group_size; otherwise 0), CQ_ERR_FORMAT if not. A format other than cq_best_format() still runs
+ * group_size; otherwise 0), CQ_ERR_FORMAT if its header says otherwise. cq_linear takes no buffer
+ * size and trusts a valid header: check a buffer from an untrusted source (a file) with
+ * cq_packed_info(packed, size, ...) first, which also verifies its byte size. A format other than cq_best_format() still runs
  * (on a slower kernel: see cq_last_kernel). */
 int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed,
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);
 
 /* Name of the micro-kernel the calling thread's last cq_linear / cq_gemm_s8s8s32 ran, e.g.
- * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. */
+ * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. A call
+ * that fails its checks, or has m == 0, runs nothing and leaves it unchanged. */
 const char *cq_last_kernel(void);
 
 /* Quantize rows as cq_quantize_rows, storing u8 codes q + 128 (what the u8 kernels read). */
@@ -187,7 +190,8 @@ int cq_quantize_rows_u8(const float *x, int64_t m, int64_t k, uint8_t *q, float 
 /* Peak multiply-accumulates per second of one core, in GMAC/s, measured now on the calling thread by
  * a short register-only loop (~60 ms) of the active path's int8 dot-product instruction (kind 0:
  * tdpbssd on amx, vpdpbusd zmm on avx512vnni, vpmaddubsw ymm below) or float32 FMA (kind 1).
- * Stored in *gmacs. For benchmarks. */
+ * Stored in *gmacs. For benchmarks. CQ_ERR_ARG for another kind, CQ_ERR_NULL for gmacs NULL,
+ * CQ_ERR_ISA if no path can be used. The avx512 and avxvnni paths measure vpmaddubsw ymm. */
 int cq_peak_gmacs(int kind, double *gmacs);
 
 /* ---- float32 helpers for the layers around the linear ones ------------------------------------ */

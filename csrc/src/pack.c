@@ -70,6 +70,7 @@ int cq_pack_read_header(const void *packed, cq_pack_header *h)
     memset(&st, 0, sizeof st);
     memcpy(&st, packed, CQ_PACK_STORED);
     if (st.magic != CQ_PACK_MAGIC || st.version != PACK_VERSION) return CQ_ERR_FORMAT;
+    if (!cq_format_nr(st.format)) return CQ_ERR_FORMAT; /* CQ_FORMAT_AUTO is no stored format */
     if (st.n <= 0 || st.k <= 0 || st.seg4 <= 0 || st.seg4 > cq_ceil_div(st.k, 4)) return CQ_ERR_FORMAT;
     int64_t kp4 = cq_ceil_div(st.k, 4);
     int64_t group = st.seg4 != kp4 ? 4 * st.seg4 : 0;

@@ -88,7 +88,8 @@ def available_isas() -> list[str]:
 
 
 def isa() -> str:
-    """Name of the instruction-set path the kernels use now ('scalar', 'avx2', 'avx512vnni')."""
+    """Name of the instruction-set path the kernels use now ('scalar', 'avx2', 'avxvnni', 'avx512',
+    'avx512vnni' or 'amx')."""
     code = lib.cq_get_isa()
     if code < 0:
         raise errors.IsaError(_isa_message("no usable kernel path"))
@@ -145,7 +146,8 @@ def best_format(n: int = 0) -> str:
 def peak_gmacs(kind: str = "int8") -> float:
     """Measured peak multiply-accumulates per second of one core, GMAC/s, of the active path's int8
     dot-product instruction (``"int8"``: vpdpbusd zmm, or vpmaddubsw ymm on AVX2) or float32 FMA
-    (``"f32"``): a ~20 ms register-only loop on the calling thread. For benchmarks' "% of peak"."""
+    (``"f32"``): a ~60 ms register-only loop on the calling thread (tdpbssd on the amx path). For
+    benchmarks' "% of peak"."""
     kinds = {"int8": 0, "f32": 1}
     if kind not in kinds:
         raise errors.ValueError(f"kind must be one of {sorted(kinds)}, got {kind!r}")
@@ -274,8 +276,11 @@ class QuantizedWeight:
     @property
     def format(self) -> str:
         """The packed format ('n16k4' or 'n64k4')."""
-        return _FORMAT_NAMES[int(lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
-                                                    ffi.NULL, ffi.NULL, ffi.NULL))]
+        code = int(lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
+                                      ffi.NULL, ffi.NULL, ffi.NULL))
+        if code < 0:
+            _raise(code, "QuantizedWeight.format")
+        return _FORMAT_NAMES[code]
 
     @property
     def q(self) -> np.ndarray:
@@ -480,10 +485,30 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     return y
 
 
+def _int_arg(value, name: str) -> int:
+    """An integer argument (Python or numpy int, not bool, not a float to truncate)."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise errors.TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    return int(value)
+
+
+def _float_arg(value, name: str) -> float:
+    """A real number argument (int or float, not bool or a string)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise errors.TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
+    return float(value)
+
+
+def _not_scalar(x, name: str) -> None:
+    if np.ndim(x) == 0:
+        raise errors.ShapeError(f"{name} must have at least one dimension, got a scalar")
+
+
 def gelu(x) -> np.ndarray:
     """Exact GELU ``x/2 * (1 + erf(x/sqrt 2))`` of a float array (any shape) -> float32, same shape.
 
     Absolute error <= 1e-6 + 3e-7 |x| against a float64 reference on every ISA path."""
+    _not_scalar(x, "x")
     x = _float_array(x, "x")
     y = np.empty_like(x)
     _check(lib.cq_gelu(_ptr("float[]", x), x.size, _ptr("float[]", y)), "gelu")
@@ -494,6 +519,7 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
     """LayerNorm over the last axis of x (..., K) (biased variance, as torch), optional weight and
     bias (K,) -> float32, same shape. The mean and variance are summed in a numerically safe order
     (two passes, double at the end)."""
+    _not_scalar(x, "x")
     x = _float_array(x, "x")
     if x.ndim == 0 or x.shape[-1] == 0:
         raise errors.ShapeError(f"layer_norm needs a non-empty last axis, got shape {x.shape}")
@@ -507,7 +533,7 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
         if arr.shape != (k,):
             raise errors.ShapeError(f"layer_norm {name} has shape {arr.shape}, expected ({k},)")
         ptrs.append(_ptr("float[]", arr))
-    eps = float(eps)
+    eps = _float_arg(eps, "eps")
     if not eps >= 0.0:
         raise errors.ValueError(f"eps must be >= 0, got {eps}")
     y = np.empty_like(x)
@@ -552,7 +578,7 @@ def softmax_rows(x: np.ndarray, bias=None, rows_per_bias: Optional[int] = None,
                 raise errors.ShapeError(f"{m} rows do not split evenly over {nb} bias rows; pass rows_per_bias")
             rpb = max(m // nb, 1)
         else:
-            rpb = int(rows_per_bias)
+            rpb = _int_arg(rows_per_bias, "rows_per_bias")
             if rpb < 1:
                 raise errors.ShapeError(f"rows_per_bias must be >= 1, got {rows_per_bias}")
             if m and (m - 1) // rpb >= nb:
@@ -574,6 +600,7 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
     """``LayerNorm(x + residual)`` over the last axis in one C pass per row (residual None: plain
     :func:`layer_norm`), optional weight and bias (K,). ``out``: a C-contiguous float32 array of
     x's shape to write (may be x or residual), else a new array. float32, x's shape."""
+    _not_scalar(x, "x")
     x = _float_array(x, "x")
     if x.ndim == 0 or x.shape[-1] == 0:
         raise errors.ShapeError(f"add_layer_norm needs a non-empty last axis, got shape {x.shape}")
@@ -593,7 +620,7 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
         if arr.shape != (k,):
             raise errors.ShapeError(f"layer_norm {name} has shape {arr.shape}, expected ({k},)")
         ptrs.append(_ptr("float[]", arr))
-    eps = float(eps)
+    eps = _float_arg(eps, "eps")
     if not eps >= 0.0:
         raise errors.ValueError(f"eps must be >= 0, got {eps}")
     if out is None:
@@ -602,6 +629,12 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
         out = _writable_f32(out, "out")
         if out.shape != x.shape:
             raise errors.ShapeError(f"out has shape {out.shape}, expected {x.shape}")
+        for other in (x, residual):  # the very same buffer is fine (in place); a partial overlap is not
+            if other is not None and np.may_share_memory(out, other) and not (
+                    isinstance(other, np.ndarray) and out.__array_interface__["data"][0]
+                    == other.__array_interface__["data"][0] and out.strides == other.strides):
+                raise errors.ValueError("add_layer_norm out partly overlaps x or residual; pass the "
+                                        "same array (in place) or a separate one")
     _check(lib.cq_add_layer_norm(_ptr("float[]", x), rptr, x.size // k, k, ptrs[0], ptrs[1], eps,
                                  _ptr("float[]", out)), "add_layer_norm")
     return out
@@ -641,7 +674,9 @@ def attention(q, k, v, num_heads: int, mask_bias=None, scale: Optional[float] = 
                                     f"{[x.shape for x in arrs]}")
     shape = arrs[0].shape
     bsz, t, h = shape
-    heads = int(num_heads)
+    heads = _int_arg(num_heads, "num_heads")
+    if h == 0:
+        raise errors.ShapeError(f"attention needs a non-empty hidden size H, got shape {shape}")
     if heads < 1 or h % heads:
         raise errors.ShapeError(f"hidden size {h} is not a multiple of num_heads {num_heads}")
     dh = h // heads
@@ -666,7 +701,7 @@ def attention(q, k, v, num_heads: int, mask_bias=None, scale: Optional[float] = 
             raise errors.ShapeError(f"out has shape {out.shape}, expected {shape}")
     if any(np.may_share_memory(out, a) for a in arrs):
         raise errors.ValueError("attention out must not overlap q, k or v")
-    sc = 1.0 / float(np.sqrt(dh)) if scale is None else float(scale)
+    sc = 1.0 / float(np.sqrt(dh)) if scale is None else _float_arg(scale, "scale")
     ptrs = [ffi.cast("float *", a.ctypes.data) for a in arrs]  # arrs keeps the buffers alive
     _check(lib.cq_attention(ptrs[0], ptrs[1], ptrs[2], ld, bsz, t, heads, dh, bptr, sc,
                             _ptr("float[]", out), h), "attention")
