@@ -21,7 +21,7 @@ CC     ?= cc
 CFLAGS_LIB := -O3 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasing -Icsrc/include -Icsrc/src
 # csrc/sources.txt lists the C sources (the cffi build reads the same manifest)
 CSRCS  := $(addprefix csrc/,$(shell grep -v '^\#' csrc/sources.txt))
-CHDRS  := $(wildcard csrc/src/*.h csrc/include/*.h)
+CHDRS  := $(wildcard csrc/src/*.h csrc/include/*.h csrc/x86/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 

@@ -29,22 +29,6 @@ static void quantize_ref(const float *x, int64_t n, float scale, int8_t *q, int 
     }
 }
 
-/* The epilogue of raw sums s (mr x nr), shared by kernels that keep their sums in memory. Integer
- * arithmetic modulo 2^32 (unsigned), so u8 sums that wrap come out exact after the compensation. */
-void cq_qd8_store(int mr, int nr, const int32_t *s, const cq_qd8_out *o)
-{
-    for (int r = 0; r < mr; r++)
-        for (int j = 0; j < nr; j++) {
-            uint32_t v = (uint32_t)s[r * nr + j];
-            if (o->acc_in) v += (uint32_t)o->acc[r * nr + j];
-            if (o->mode == CQ_OUT_I32) { o->acc[r * nr + j] = (int32_t)v; continue; }
-            if (o->comp) v -= (uint32_t)o->comp[j];
-            float f = (float)(int32_t)v;
-            if (o->mode == CQ_OUT_FACC) o->facc[r * nr + j] = fmaf(f, o->sw[j], o->facc[r * nr + j]); /* as the SIMD epilogues */
-            else if (j < o->nc) o->y[r * o->ldy + j] = f * cq_scale_product(o->sx[r], o->sw[j]) + (o->bias ? o->bias[j] : 0.0f);
-        }
-}
-
 static void qd8_gemm_any(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
                          const cq_qd8_out *o, int u8)
 {
@@ -80,7 +64,7 @@ void cq_ref_qd8_gemm_u8(int mr, int nr, int64_t nk4, const int8_t *a, int64_t ld
     qd8_gemm_any(mr, nr, nk4, a, lda, b, o, 1);
 }
 
-static void qd8_gemv4_ref(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
+void cq_ref_qd8_gemv4(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
                           int64_t panel_stride, int32_t *acc)
 {
     (void)panel_stride;
@@ -93,7 +77,7 @@ static void qd8_gemv4_ref(int nr, int64_t nk4, const int8_t *a, const int8_t *co
         }
 }
 
-static void f32_dequant_ref(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out)
+void cq_ref_f32_dequant(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out)
 {
     for (int64_t t = 0; t < nk4; t++)
         for (int j = 0; j < nr; j++)
@@ -101,7 +85,7 @@ static void f32_dequant_ref(int nr, int64_t nk4, const int8_t *b, const float *w
                 out[(4 * t + i) * nr + j] = (float)b[(t * nr + j) * 4 + i] * ws[j];
 }
 
-static void f32_gemm_ref(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
+void cq_ref_f32_gemm(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
                          float *c, int64_t ldc)
 {
     for (int r = 0; r < mr; r++)
@@ -111,7 +95,7 @@ static void f32_gemm_ref(int mr, int nr, int64_t kc, const float *a, int64_t lda
         }
 }
 
-static void f32_gemv4_ref(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
+void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
                           const float *ws, float *y)
 {
     for (int p = 0; p < 4; p++)
@@ -144,7 +128,3 @@ static void dequant_ref(const int8_t *q, int64_t n, float scale, float *out)
 }
 
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref};
-
-/* registry entries (registry.c lists them) */
-void *const cq_ref_fns[] = {(void *)cq_ref_qd8_gemm, (void *)cq_ref_qd8_gemm_u8, (void *)qd8_gemv4_ref,
-                            (void *)f32_dequant_ref, (void *)f32_gemm_ref, (void *)f32_gemv4_ref};

@@ -170,9 +170,11 @@ static inline float cq_scale_product(float sx, float sw)
 void cq_set_last_kernel(const char *name);
 
 /* Quantize rows of x (m, k) into q with row stride ldq >= k (columns [k, ldq) get code 0), per-row
- * scales; flip 0x80 stores u8 codes (q + 128). The activation quantizer of cq_linear (quantize.c). */
+ * scales; flip 0x80 stores u8 codes (q + 128); tiled: in the 16 x 64-byte tiles of
+ * cq_ukernel.a_tiled instead of rows (ldq a multiple of 64). The activation quantizer of cq_linear
+ * (quantize.c). */
 void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                           int flip, int8_t *q, float *scales);
+                           int flip, int tiled, int8_t *q, float *scales);
 
 /* GELU of one float, the reference (ref/); SIMD kernels use it for tails. */
 float cq_gelu1(float x);
@@ -182,7 +184,13 @@ void cq_ref_qd8_gemm(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, 
                      const cq_qd8_out *o);
 void cq_ref_qd8_gemm_u8(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b,
                         const cq_qd8_out *o);
-void cq_qd8_store(int mr, int nr, const int32_t *s, const cq_qd8_out *o); /* epilogue of raw sums */
+void cq_ref_qd8_gemv4(int nr, int64_t nk4, const int8_t *a, const int8_t *const *panels,
+                      int64_t panel_stride, int32_t *acc);
+void cq_ref_f32_dequant(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out);
+void cq_ref_f32_gemm(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
+                     float *c, int64_t ldc);
+void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
+                      const float *ws, float *y);
 
 /* Thread pool (threads.c). Runs fn(ctx, u) for every u in [0, nunits), each exactly once, on up
  * to `threads` threads (the caller included). Which thread runs which unit must not matter to the

@@ -115,14 +115,13 @@ static void s8_unit(void *vctx, int64_t u)
     const cq_ukernel *uk = c->qcfg->gemm;
     const cq_qd8_gemm_fn gemm = (cq_qd8_gemm_fn)uk->fn;
     const int nr = c->nr;
-    /* tile heights as even as the kernel's mr allows (M = 8 with mr 6: 4 + 4 rather than 6 + 2,
-     * whose 2-row tile is load-bound: llvm-mca, icelake-server, 53% of the vpdpbusd port limit
-     * against 99% at 4 rows); kernels that read whole blocks of rows keep their mr */
-    int64_t rows_u = c->m - (u % c->nmb) * c->mb < c->mb ? c->m - (u % c->nmb) * c->mb : c->mb;
-    const int MR = uk->pad_rows ? uk->mr : (int)cq_ceil_div(rows_u, cq_ceil_div(rows_u, uk->mr));
     /* the row blocks of a panel are consecutive units: the panel stays in cache between them */
     int64_t mbi = u % c->nmb, p = u / c->nmb;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
+    /* tile heights as even as the kernel's mr allows (M = 8 with mr 6: 4 + 4 rather than 6 + 2,
+     * whose 2-row tile is load-bound: llvm-mca, icelake-server, 53% of the vpdpbusd port limit
+     * against 99% at 4 rows); kernels that read whole blocks of rows keep their mr */
+    const int MR = uk->pad_rows ? uk->mr : (int)cq_ceil_div(rows, cq_ceil_div(rows, uk->mr));
     int64_t lda = 4 * c->kp4, step = 4 * (int64_t)nr;
     const int64_t abytes = uk->a_tiled ? 64 : 4; /* bytes of a row block per k step */
     const int8_t *a0 = c->qa + m0 * lda;
@@ -465,15 +464,13 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     int8_t *qa = (int8_t *)malloc((size_t)(mpad * lda) + (size_t)m * sizeof(float));
     if (!qa) return CQ_ERR_NOMEM;
     float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
-    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, qa, sx);
-    if (mpad > m) memset(qa + m * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - m) * lda));
-    int8_t *qt = NULL;
-    if (uk->a_tiled && !gemv) { /* the kernel reads 16 x 64-byte tiles */
-        qt = (int8_t *)malloc((size_t)(mpad * lda));
-        if (!qt) { free(qa); return CQ_ERR_NOMEM; }
-        tile_rows_16x64(qa, mpad, lda, qt);
-    }
-    c.qa = qt ? qt : qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
+    int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
+    /* padding rows: zero codes (in the tiled layout they share the last block with rows < m, which
+     * the quantizer then writes over) */
+    int64_t pad0 = tiled ? m / 16 * 16 : m;
+    if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
+    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx);
+    c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);
     if (gemv) {
@@ -484,6 +481,5 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
     }
     free(qa);
-    free(qt);
     return CQ_OK;
 }

@@ -16,6 +16,7 @@ typedef struct {
     int bad;           /* set when a weight is non-finite (atomic) */
     int64_t rows_per_unit;
     int64_t ldq;       /* row stride of q (>= k); columns [k, ldq) are zeroed */
+    int tiled;         /* activations in 16-row x 64-byte tiles (cq_ukernel.a_tiled; ldq % 64 == 0) */
 } quant_ctx;
 
 static float scale_of(float amax)
@@ -24,12 +25,38 @@ static float scale_of(float amax)
     return s > 0.0f ? s : 1.0f; /* all-zero slice (or one whose scale underflows to 0) */
 }
 
+/* One row of activations (scale s, or NaN: codes 0) written straight into the tiled layout of
+ * cq_ukernel.a_tiled: the block of 16 rows holding row r starts at (r / 16) * 16 * ldq, and its
+ * k bytes [64 j, 64 j + 64) are row r % 16 of the 1 KiB tile at + 1024 j. Quantized 1024 codes at a
+ * time into a stack buffer, then scattered 64 bytes at a time. */
+static void quant_row_tiled(const quant_ctx *c, int64_t r, float s, int finite)
+{
+    int8_t tmp[1024];
+    const float *src = c->w + r * c->k;
+    int8_t *blk = c->q + (r / 16) * 16 * c->ldq + (r % 16) * 64;
+    for (int64_t i0 = 0; i0 < c->ldq; i0 += 1024) {
+        int64_t len = finite && c->k > i0 ? (c->k - i0 < 1024 ? c->k - i0 : 1024) : 0;
+        if (len) c->kern->quantize(src + i0, len, s, tmp, c->flip);
+        memset(tmp + len, c->flip, (size_t)(1024 - len));
+        int64_t chunks = (c->ldq - i0 < 1024 ? c->ldq - i0 : 1024) / 64;
+        for (int64_t j = 0; j < chunks; j++) memcpy(blk + (i0 / 64 + j) * 1024, tmp + 64 * j, 64);
+    }
+}
+
 static void quant_unit(void *vctx, int64_t u)
 {
     quant_ctx *c = (quant_ctx *)vctx;
     int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit;
     if (r1 > c->n) r1 = c->n;
     for (int64_t r = r0; r < r1; r++) {
+        if (c->tiled) { /* activations: one scale group */
+            float amax;
+            int finite = c->kern->absmax(c->w + r * c->k, c->k, &amax);
+            float s = finite ? scale_of(amax) : NAN;
+            c->scales[r] = s;
+            quant_row_tiled(c, r, s, finite);
+            continue;
+        }
         if (c->ldq > c->k) memset(c->q + r * c->ldq + c->k, c->flip, (size_t)(c->ldq - c->k));
         for (int64_t g = 0; g < c->ng; g++) {
             const float *src = c->w + r * c->k + g * c->group;
@@ -91,17 +118,15 @@ int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_
         return CQ_OK;
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
-                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k};
+                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }
 
-/* Rows of x (m, k) into q with row stride ldq >= k (columns [k, ldq) set to code 0), per-row scales;
- * flip 0x80 stores u8 codes. Used by cq_linear for the activations. */
 void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                           int flip, int8_t *q, float *scales)
+                           int flip, int tiled, int8_t *q, float *scales)
 {
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq};
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled};
     quantize_rows_parallel(&c);
 }
 
@@ -112,7 +137,7 @@ static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, fl
     if (!x || !q || !scales) return CQ_ERR_NULL;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, q, scales);
+    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales);
     return CQ_OK;
 }
 

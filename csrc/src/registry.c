@@ -3,10 +3,8 @@
  * Adding a kernel: its file in x86/ISA/ (and csrc/sources.txt), a prototype and a line in
  * UKERNELS below; if it is the best for a scheme on its path, a line at the top of that scheme's
  * config list. Nothing else changes: drivers read mr/nr/act_u8 from here. */
-#include <string.h>
 #include "target.h"
 
-extern void *const cq_ref_fns[];
 #if defined(CQ_X86) && CQ_CAN_TARGET_AVX2
 void cq_qd8_f32_qc8w_gemm_4x16c4_avx2(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
@@ -54,12 +52,12 @@ enum {
 
 static const cq_ukernel UKERNELS[] = {
     /* scalar references: any nr (a multiple of 16) */
-    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, NULL, 0, 0, 0},
-    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, NULL, 0, 0, 0},
-    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0, 0},
-    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0, 0},
-    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, NULL, 0, 0, 0},
-    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, NULL, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, (void *)cq_ref_qd8_gemm, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, (void *)cq_ref_qd8_gemm_u8, 0, 0, 0},
+    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0},
+    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0},
+    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0},
+    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0},
 #ifdef HAVE_AVX2
     {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0},
     {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0},
@@ -85,21 +83,8 @@ static const cq_ukernel UKERNELS[] = {
 };
 
 int cq_ukernel_count(void) { return NUKERNELS; }
-const cq_ukernel *cq_ukernel_at(int i)
-{
-    static cq_ukernel table[NUKERNELS];
-    static int ready = 0;
-    if (i < 0 || i >= NUKERNELS) return NULL;
-    if (!__atomic_load_n(&ready, __ATOMIC_ACQUIRE)) { /* the reference fns live in ref/ */
-        cq_ukernel t[NUKERNELS];
-        memcpy(t, UKERNELS, sizeof t);
-        for (int r = 0; r <= REF_F32_GEMV4; r++) t[r].fn = cq_ref_fns[r];
-        memcpy(table, t, sizeof t); /* same bytes from every thread: a benign race */
-        __atomic_store_n(&ready, 1, __ATOMIC_RELEASE);
-    }
-    return &table[i];
-}
-#define UK(i) (cq_ukernel_at(i))
+const cq_ukernel *cq_ukernel_at(int i) { return i >= 0 && i < NUKERNELS ? &UKERNELS[i] : NULL; }
+#define UK(i) (&UKERNELS[i])
 
 /* Path ranks: a path runs the kernels of every path ranked at or below it, except AVX-VNNI's:
  * those run on the avxvnni path, and on avx512vnni / amx where the CPU has AVX-VNNI too (Ice Lake
@@ -124,69 +109,48 @@ static int allowed(int active, int isa)
 }
 
 /* ---- configs, best first --------------------------------------------------------------------- */
-/* min_m, k4_multiple, no_groups, pad_rows, kc4 (0: KC_BYTES of the panel), mb (0: S8_MB) */
-typedef struct { int isa, format, gemm, gemv4, min_m, k4_multiple, no_groups, pad_rows, kc4, mb; } qd8_row;
-static const qd8_row QD8_ROWS[] = {
+/* {path, format, gemm, gemv4, min_m, k4_multiple, no_groups, pad_rows, kc4 (0: KC_BYTES of the
+ * panel), mb (0: S8_MB)} */
+static const cq_qd8_config QD8_CFG[] = {
 #ifdef HAVE_AMX
     /* AMX: k a multiple of 64, per-channel, from 16 rows (M = 8: the VNNI tile was faster,
      * (4096, 4096) 0.84 against 0.95 ms and (4096, 11008) 2.28 against 2.46 ms; M = 16 about
-     * equal; M = 32: AMX 1.17 / 3.11 ms against 2.20 / 7.62 ms; one thread, 2026-11-29). k blocks of 4096 (256 KiB of the panel, L2) and 64 rows per unit: on the
-     * Sapphire Rapids-class machine of 2026-11-29 (medians, 1 thread), (4096, 4096) M=256 took
-     * 5.3 ms against 6.8-7.5 ms with 128 or 256 rows or k blocks of 256 to 1024. */
-    {CQ_ISA_AMX, CQ_FORMAT_N64K4, AMX_QD8_GEMM, -1, 16, 16, 1, 32, 1024, 64},
+     * equal; M = 32: AMX 1.17 / 3.11 ms against 2.20 / 7.62 ms; one thread, 2026-11-29).
+     * k blocks of 4096 (256 KiB of the panel, L2) and 64 rows per unit: (4096, 4096) M=256 took
+     * 5.3 ms against 6.8-7.5 ms with 128 or 256 rows or k blocks of 256 to 1024 (same machine). */
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 1, 32, 1024, 64},
 #endif
 #ifdef HAVE_AVX512
-    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, VNNI_QD8_GEMM, VNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, BW_QD8_GEMM, -1, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0},
 #endif
 #ifdef HAVE_AVXVNNI
-    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, AVX2_QD8_GEMM, AVX2_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_QD8_GEMM), UK(AVX2_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, REF_QD8_GEMM, REF_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, REF_QD8_GEMM, REF_QD8_GEMV4, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
 };
-typedef struct { int isa, format, dequant, gemm, gemv4, kc; } f32_row;
-static const f32_row F32_ROWS[] = {
+/* {path, format, dequant, gemm, gemv4, kc} */
+static const cq_f32_config F32_CFG[] = {
 #ifdef HAVE_AVX512
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, 128},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, 256},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, 256},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, 64},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64},
 };
 #define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
-
-static cq_qd8_config QD8_CFG[NROWS(QD8_ROWS)];
-static cq_f32_config F32_CFG[NROWS(F32_ROWS)];
-static int cfg_ready = 0;
-static void init_configs(void)
-{
-    if (__atomic_load_n(&cfg_ready, __ATOMIC_ACQUIRE)) return;
-    for (int i = 0; i < NROWS(QD8_ROWS); i++) {
-        const qd8_row *r = &QD8_ROWS[i];
-        cq_qd8_config c = {r->isa, r->format, UK(r->gemm), r->gemv4 >= 0 ? UK(r->gemv4) : NULL,
-                           r->min_m, r->k4_multiple, r->no_groups, r->pad_rows, r->kc4, r->mb};
-        QD8_CFG[i] = c;
-    }
-    for (int i = 0; i < NROWS(F32_ROWS); i++) {
-        cq_f32_config c = {F32_ROWS[i].isa, F32_ROWS[i].format, UK(F32_ROWS[i].dequant),
-                           UK(F32_ROWS[i].gemm), UK(F32_ROWS[i].gemv4), F32_ROWS[i].kc};
-        F32_CFG[i] = c;
-    }
-    __atomic_store_n(&cfg_ready, 1, __ATOMIC_RELEASE);
-}
 
 /* The first config the path allows that reads the format and takes this shape (per-group scales
  * run the same micro-kernels through their CQ_OUT_FACC epilogue). */
 const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4)
 {
-    init_configs();
-    for (int i = 0; i < NROWS(QD8_ROWS); i++) {
+    for (int i = 0; i < NROWS(QD8_CFG); i++) {
         const cq_qd8_config *c = &QD8_CFG[i];
         if (!allowed(active_isa, c->isa) || c->format != format) continue;
         if (m < c->min_m || (c->k4_multiple && kp4 % c->k4_multiple) || (c->no_groups && per_group)) continue;
@@ -197,8 +161,7 @@ const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group
 
 const cq_f32_config *cq_f32_config_for(int active_isa, int format)
 {
-    init_configs();
-    for (int i = 0; i < NROWS(F32_ROWS); i++)
+    for (int i = 0; i < NROWS(F32_CFG); i++)
         if (allowed(active_isa, F32_CFG[i].isa) && F32_CFG[i].format == format) return &F32_CFG[i];
     return NULL;
 }
@@ -206,8 +169,7 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format)
 /* The format of the best dynamic config the path allows (whatever the shape). */
 int cq_best_format_for(int active_isa)
 {
-    init_configs();
-    for (int i = 0; i < NROWS(QD8_ROWS); i++)
+    for (int i = 0; i < NROWS(QD8_CFG); i++)
         if (allowed(active_isa, QD8_CFG[i].isa)) return QD8_CFG[i].format;
     return CQ_FORMAT_N16K4;
 }

@@ -518,28 +518,8 @@ def gelu(x) -> np.ndarray:
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5) -> np.ndarray:
     """LayerNorm over the last axis of x (..., K) (biased variance, as torch), optional weight and
     bias (K,) -> float32, same shape. The mean and variance are summed in a numerically safe order
-    (two passes, double at the end)."""
-    _not_scalar(x, "x")
-    x = _float_array(x, "x")
-    if x.ndim == 0 or x.shape[-1] == 0:
-        raise errors.ShapeError(f"layer_norm needs a non-empty last axis, got shape {x.shape}")
-    k = x.shape[-1]
-    ptrs = []
-    for name, p in (("weight", weight), ("bias", bias)):
-        if p is None:
-            ptrs.append(ffi.NULL)
-            continue
-        arr = _float_array(p, name)
-        if arr.shape != (k,):
-            raise errors.ShapeError(f"layer_norm {name} has shape {arr.shape}, expected ({k},)")
-        ptrs.append(_ptr("float[]", arr))
-    eps = _float_arg(eps, "eps")
-    if not eps >= 0.0:
-        raise errors.ValueError(f"eps must be >= 0, got {eps}")
-    y = np.empty_like(x)
-    _check(lib.cq_layer_norm(_ptr("float[]", x), x.size // k, k, ptrs[0], ptrs[1], eps,
-                             _ptr("float[]", y)), "layer_norm")
-    return y
+    (two passes, double at the end). :func:`add_layer_norm` without a residual."""
+    return add_layer_norm(x, None, weight, bias, eps)
 
 
 # ---- float kernels of the transformer layers (in place / fused) -------------------------------
@@ -602,8 +582,8 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
     x's shape to write (may be x or residual), else a new array. float32, x's shape."""
     _not_scalar(x, "x")
     x = _float_array(x, "x")
-    if x.ndim == 0 or x.shape[-1] == 0:
-        raise errors.ShapeError(f"add_layer_norm needs a non-empty last axis, got shape {x.shape}")
+    if x.shape[-1] == 0:
+        raise errors.ShapeError(f"layer_norm needs a non-empty last axis, got shape {x.shape}")
     k = x.shape[-1]
     rptr = ffi.NULL
     if residual is not None:

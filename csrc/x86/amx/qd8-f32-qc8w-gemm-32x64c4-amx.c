@@ -17,6 +17,7 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile
 
 #define NR 64
 #define STEP (NR * 4)
+#include "../qd8-out-512.h"
 #ifndef CQ_AMX_PF
 #define CQ_AMX_PF 32 /* k4 steps the panel is prefetched ahead */
 #endif
@@ -36,27 +37,6 @@ CQ_INLINE void load_tiles_16x64(tilecfg *cfg)
     for (int i = 0; i < 8; i++) { cfg->colsb[i] = 64; cfg->rows[i] = 16; }
     __asm__ volatile("" : : "m"(*cfg) : "memory");
     _tile_loadconfig(cfg);
-}
-
-CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
-{
-    const int col = 16 * v;
-    if (o->mode == CQ_OUT_I32) { _mm512_storeu_si512((void *)(o->acc + r * NR + col), c); return; }
-    if (o->comp) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(o->comp + col)));
-    const __m512 f = _mm512_cvtepi32_ps(c);
-    if (o->mode == CQ_OUT_FACC) {
-        float *p = o->facc + r * NR + col;
-        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, _mm512_loadu_ps(o->sw + col), _mm512_loadu_ps(p)));
-        return;
-    }
-    int left = o->nc - col;
-    if (left <= 0) return;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
-    const __m512 s = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f),
-                                   _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col)));
-    const __m512 b = o->bias ? _mm512_maskz_loadu_ps(m, o->bias + col) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(o->y + r * o->ldy + col, m, _mm512_add_ps(_mm512_mul_ps(f, s), b));
 }
 
 void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
@@ -105,7 +85,7 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
     _tile_release();
     if (o->mode == CQ_OUT_I32) return;
     for (int r = 0; r < mr; r++)
-        for (int v = 0; v < 4; v++) out_vec(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)));
+        for (int v = 0; v < 4; v++) cq_qd8_out_vec64(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)), 0);
 }
 /* Peak of tdpbssd on one core (for `make bench`'s "% of peak"): 4 independent C tiles, operands
  * already in tiles, no memory. Returns the MACs done (16 x 16 x 64 per instruction). */

@@ -15,50 +15,7 @@ CQ_TARGET_BEGIN("avx2,fma")
 
 #define NR 16
 #define STEP (NR * 4)
-
-CQ_INLINE int32_t load4(const int8_t *p)
-{
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/* Epilogue of one row's two int32 vectors (columns 0-7, 8-15), as cq_qd8_out says. */
-CQ_INLINE void out_row(const cq_qd8_out *o, int r, __m256i c0, __m256i c1)
-{
-    if (o->acc_in) {
-        c0 = _mm256_add_epi32(c0, _mm256_loadu_si256((const __m256i *)(o->acc + r * NR)));
-        c1 = _mm256_add_epi32(c1, _mm256_loadu_si256((const __m256i *)(o->acc + r * NR + 8)));
-    }
-    if (o->mode == CQ_OUT_I32) {
-        _mm256_storeu_si256((__m256i *)(o->acc + r * NR), c0);
-        _mm256_storeu_si256((__m256i *)(o->acc + r * NR + 8), c1);
-        return;
-    }
-    if (o->comp) {
-        c0 = _mm256_sub_epi32(c0, _mm256_loadu_si256((const __m256i *)o->comp));
-        c1 = _mm256_sub_epi32(c1, _mm256_loadu_si256((const __m256i *)(o->comp + 8)));
-    }
-    const __m256 f0 = _mm256_cvtepi32_ps(c0), f1 = _mm256_cvtepi32_ps(c1);
-    if (o->mode == CQ_OUT_FACC) {
-        float *f = o->facc + r * NR;
-        _mm256_storeu_ps(f, _mm256_fmadd_ps(f0, _mm256_loadu_ps(o->sw), _mm256_loadu_ps(f)));
-        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(f1, _mm256_loadu_ps(o->sw + 8), _mm256_loadu_ps(f + 8)));
-        return;
-    }
-    /* y = acc * (sx * sw) + b: the contract's order (sx * sw first) */
-    const __m256 sx = _mm256_set1_ps(o->sx[r]);
-    const __m256 b0 = o->bias ? _mm256_loadu_ps(o->bias) : _mm256_setzero_ps();
-    const __m256 b1 = o->bias ? _mm256_loadu_ps(o->bias + 8) : _mm256_setzero_ps();
-    float tmp[NR];
-    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
-    const __m256 big = _mm256_set1_ps(3.402823466e38f);
-    const __m256 s0 = _mm256_min_ps(big, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw)));
-    const __m256 s1 = _mm256_min_ps(big, _mm256_mul_ps(sx, _mm256_loadu_ps(o->sw + 8)));
-    _mm256_storeu_ps(tmp, _mm256_add_ps(_mm256_mul_ps(f0, s0), b0));
-    _mm256_storeu_ps(tmp + 8, _mm256_add_ps(_mm256_mul_ps(f1, s1), b1));
-    memcpy(o->y + r * o->ldy, tmp, sizeof(float) * (size_t)o->nc);
-}
+#include "../qd8-out-256.h"
 
 /* The tiles are written with one named variable per accumulator (macros per row): with arrays
  * indexed in loops, GCC 12 kept the accumulators on the stack (a store per FMA). */
@@ -67,11 +24,11 @@ CQ_INLINE void out_row(const cq_qd8_out *o, int r, __m256i c0, __m256i c1)
  * |w| * (x * sign(w)) = x * w, with both factors in [-127, 127]. */
 #define S8_STEP(r)                                                                                \
     {                                                                                             \
-        const __m256i xb = _mm256_set1_epi32(load4(a + (r) * lda + 4 * t));                       \
+        const __m256i xb = _mm256_set1_epi32(cq_load4(a + (r) * lda + 4 * t));                       \
         c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(ab0, _mm256_sign_epi8(xb, b0)), ones)); \
         c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ab1, _mm256_sign_epi8(xb, b1)), ones)); \
     }
-#define S8_OUT(r) out_row(o, r, c##r##0, c##r##1);
+#define S8_OUT(r) cq_qd8_out_row16(o, r, c##r##0, c##r##1);
 #define S8_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
@@ -128,7 +85,7 @@ void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int nr, int64_t nk4, const int8_t *a, con
     const __m256i ones = _mm256_set1_epi16(1);
     G_DECL(0) G_DECL(1) G_DECL(2) G_DECL(3)
     for (int64_t t = 0; t < nk4; t++) {
-        const __m256i xb = _mm256_set1_epi32(load4(a + 4 * t));
+        const __m256i xb = _mm256_set1_epi32(cq_load4(a + 4 * t));
         const __m256i ax = _mm256_abs_epi8(xb);
         G_STEP(0) G_STEP(1) G_STEP(2) G_STEP(3)
     }

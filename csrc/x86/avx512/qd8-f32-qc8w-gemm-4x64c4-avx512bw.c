@@ -11,42 +11,16 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 
 #define NR 64
 #define STEP (NR * 4)
-
-CQ_INLINE int32_t load4(const int8_t *p)
-{
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
-{
-    const int col = 16 * v;
-    if (o->acc_in) c = _mm512_add_epi32(c, _mm512_loadu_si512((const void *)(o->acc + r * NR + col)));
-    if (o->mode == CQ_OUT_I32) { _mm512_storeu_si512((void *)(o->acc + r * NR + col), c); return; }
-    if (o->comp) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(o->comp + col)));
-    const __m512 f = _mm512_cvtepi32_ps(c);
-    if (o->mode == CQ_OUT_FACC) {
-        float *p = o->facc + r * NR + col;
-        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, _mm512_loadu_ps(o->sw + col), _mm512_loadu_ps(p)));
-        return;
-    }
-    int left = o->nc - col;
-    if (left <= 0) return;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
-    const __m512 s = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f),
-                                   _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col)));
-    const __m512 b = o->bias ? _mm512_maskz_loadu_ps(m, o->bias + col) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(o->y + r * o->ldy + col, m, _mm512_add_ps(_mm512_mul_ps(f, s), b));
-}
+#include "../qd8-out-512.h"
 
 #define DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
 #define MAC(r, v) c##r##v = _mm512_add_epi32(c##r##v, _mm512_madd_epi16(_mm512_maddubs_epi16(ab##v, \
     _mm512_mask_sub_epi8(xb, n##v, zero, xb)), ones));
-#define STEPR(r) { const __m512i xb = _mm512_set1_epi32(load4(a + (r) * lda + 4 * t)); \
+#define STEPR(r) { const __m512i xb = _mm512_set1_epi32(cq_load4(a + (r) * lda + 4 * t)); \
     MAC(r, 0) MAC(r, 1) MAC(r, 2) MAC(r, 3) }
-#define OUT(r) out_vec(o, r, 0, c##r##0); out_vec(o, r, 1, c##r##1); out_vec(o, r, 2, c##r##2); out_vec(o, r, 3, c##r##3);
+#define OUT(r)                                                                                    \
+    cq_qd8_out_vec64(o, r, 0, c##r##0, o->acc_in); cq_qd8_out_vec64(o, r, 1, c##r##1, o->acc_in);   \
+    cq_qd8_out_vec64(o, r, 2, c##r##2, o->acc_in); cq_qd8_out_vec64(o, r, 3, c##r##3, o->acc_in);
 #define LOADB(v) const __m512i b##v = _mm512_loadu_si512((const void *)(b + t * STEP + 64 * (v))); \
     const __m512i ab##v = _mm512_abs_epi8(b##v); const __mmask64 n##v = _mm512_movepi8_mask(b##v);
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \

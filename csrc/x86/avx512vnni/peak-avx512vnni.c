@@ -5,125 +5,30 @@
 #include "target.h"
 #if CQ_CAN_TARGET_AVX512 && !defined(CQ_EMU)
 CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")
+#define R24(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11) X(12) X(13) X(14) X(15) \
+    X(16) X(17) X(18) X(19) X(20) X(21) X(22) X(23)
+#define ZERO(i) "vpxord %%zmm" #i ", %%zmm" #i ", %%zmm" #i "\n\t"
+#define CLOBBER "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", \
+    "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", \
+    "xmm22", "xmm23", "xmm24", "xmm25", "cc"
+/* iters times: 24 independent `insn %zmm24, %zmm25, %zmmI` (all registers zeroed first) */
+#define PEAK_LOOP(insn, n)                                                                        \
+    __asm__ volatile(R24(ZERO) ZERO(24) ZERO(25) "1:\n\t" R24(insn) "dec %0\n\t" "jnz 1b\n\t"     \
+                     : "+r"(n) : : CLOBBER)
+
 /* returns MACs done (iters * 24 instructions * 64 u8 x s8 products) */
 double cq_peak_loop_vnni(int64_t iters)
 {
     int64_t n = iters;
-    __asm__ volatile(
-        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
-        "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
-        "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
-        "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
-        "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
-        "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
-        "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
-        "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
-        "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
-        "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
-        "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
-        "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
-        "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
-        "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
-        "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
-        "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
-        "vpxord %%zmm16, %%zmm16, %%zmm16\n\t"
-        "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
-        "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
-        "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
-        "vpxord %%zmm20, %%zmm20, %%zmm20\n\t"
-        "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
-        "vpxord %%zmm22, %%zmm22, %%zmm22\n\t"
-        "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
-        "vpxord %%zmm24, %%zmm24, %%zmm24\n\t"
-        "vpxord %%zmm25, %%zmm25, %%zmm25\n\t"
-        "1:\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm0\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm1\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm2\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm3\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm4\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm5\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm6\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm7\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm8\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm9\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm10\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm11\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm12\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm13\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm14\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm15\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm16\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm17\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm18\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm19\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm20\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm21\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm22\n\t"
-        "vpdpbusd %%zmm24, %%zmm25, %%zmm23\n\t"
-        "dec %0\n\t"
-        "jnz 1b\n\t"
-        : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "cc");
+#define DP(i) "vpdpbusd %%zmm24, %%zmm25, %%zmm" #i "\n\t"
+    PEAK_LOOP(DP, n);
     return (double)iters * 24.0 * 64.0;
 }
 double cq_peak_loop_fma512(int64_t iters)
 {
     int64_t n = iters;
-    __asm__ volatile(
-        "vpxord %%zmm0, %%zmm0, %%zmm0\n\t"
-        "vpxord %%zmm1, %%zmm1, %%zmm1\n\t"
-        "vpxord %%zmm2, %%zmm2, %%zmm2\n\t"
-        "vpxord %%zmm3, %%zmm3, %%zmm3\n\t"
-        "vpxord %%zmm4, %%zmm4, %%zmm4\n\t"
-        "vpxord %%zmm5, %%zmm5, %%zmm5\n\t"
-        "vpxord %%zmm6, %%zmm6, %%zmm6\n\t"
-        "vpxord %%zmm7, %%zmm7, %%zmm7\n\t"
-        "vpxord %%zmm8, %%zmm8, %%zmm8\n\t"
-        "vpxord %%zmm9, %%zmm9, %%zmm9\n\t"
-        "vpxord %%zmm10, %%zmm10, %%zmm10\n\t"
-        "vpxord %%zmm11, %%zmm11, %%zmm11\n\t"
-        "vpxord %%zmm12, %%zmm12, %%zmm12\n\t"
-        "vpxord %%zmm13, %%zmm13, %%zmm13\n\t"
-        "vpxord %%zmm14, %%zmm14, %%zmm14\n\t"
-        "vpxord %%zmm15, %%zmm15, %%zmm15\n\t"
-        "vpxord %%zmm16, %%zmm16, %%zmm16\n\t"
-        "vpxord %%zmm17, %%zmm17, %%zmm17\n\t"
-        "vpxord %%zmm18, %%zmm18, %%zmm18\n\t"
-        "vpxord %%zmm19, %%zmm19, %%zmm19\n\t"
-        "vpxord %%zmm20, %%zmm20, %%zmm20\n\t"
-        "vpxord %%zmm21, %%zmm21, %%zmm21\n\t"
-        "vpxord %%zmm22, %%zmm22, %%zmm22\n\t"
-        "vpxord %%zmm23, %%zmm23, %%zmm23\n\t"
-        "vpxord %%zmm24, %%zmm24, %%zmm24\n\t"
-        "vpxord %%zmm25, %%zmm25, %%zmm25\n\t"
-        "1:\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm0\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm1\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm2\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm3\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm4\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm5\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm6\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm7\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm8\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm9\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm10\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm11\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm12\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm13\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm14\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm15\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm16\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm17\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm18\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm19\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm20\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm21\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm22\n\t"
-        "vfmadd231ps %%zmm24, %%zmm25, %%zmm23\n\t"
-        "dec %0\n\t"
-        "jnz 1b\n\t"
-        : "+r"(n) : : "xmm0", "xmm1", "xmm2", "xmm3", "xmm4", "xmm5", "xmm6", "xmm7", "xmm8", "xmm9", "xmm10", "xmm11", "xmm12", "xmm13", "xmm14", "xmm15", "xmm16", "xmm17", "xmm18", "xmm19", "xmm20", "xmm21", "xmm22", "xmm23", "xmm24", "xmm25", "cc");
+#define FMA(i) "vfmadd231ps %%zmm24, %%zmm25, %%zmm" #i "\n\t"
+    PEAK_LOOP(FMA, n);
     return (double)iters * 24.0 * 16.0;
 }
 CQ_TARGET_END

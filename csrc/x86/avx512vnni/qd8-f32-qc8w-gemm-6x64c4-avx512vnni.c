@@ -21,47 +21,20 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 
 #define NR 64
 #define STEP (NR * 4)
-
-CQ_INLINE int32_t load4(const int8_t *p)
-{
-    int32_t v;
-    memcpy(&v, p, 4);
-    return v;
-}
-
-/* Epilogue of one row (4 vectors of 16 columns), as cq_qd8_out says. */
-CQ_INLINE void out_vec(const cq_qd8_out *o, int r, int v, __m512i c)
-{
-    const int col = 16 * v;
-    if (o->acc_in) c = _mm512_add_epi32(c, _mm512_loadu_si512((const void *)(o->acc + r * NR + col)));
-    if (o->mode == CQ_OUT_I32) { _mm512_storeu_si512((void *)(o->acc + r * NR + col), c); return; }
-    if (o->comp) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(o->comp + col)));
-    const __m512 f = _mm512_cvtepi32_ps(c);
-    if (o->mode == CQ_OUT_FACC) {
-        float *p = o->facc + r * NR + col;
-        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, _mm512_loadu_ps(o->sw + col), _mm512_loadu_ps(p)));
-        return;
-    }
-    int left = o->nc - col;
-    if (left <= 0) return;
-    const __mmask16 m = left >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << left) - 1);
-    /* sx * sw, capped at FLT_MAX: an Inf would turn acc = 0 into NaN (NaN stays NaN: min's 2nd) */
-    const __m512 s = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f),
-                                   _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_maskz_loadu_ps(m, o->sw + col)));
-    const __m512 b = o->bias ? _mm512_maskz_loadu_ps(m, o->bias + col) : _mm512_setzero_ps();
-    _mm512_mask_storeu_ps(o->y + r * o->ldy + col, m, _mm512_add_ps(_mm512_mul_ps(f, s), b));
-}
+#include "../qd8-out-512.h"
 
 #define DECL(r) __m512i c##r##0 = _mm512_setzero_si512(), c##r##1 = c##r##0, c##r##2 = c##r##0, c##r##3 = c##r##0;
 #define STEPR(r)                                                                                  \
     {                                                                                             \
-        const __m512i xb = _mm512_set1_epi32(load4(a + (r) * lda + 4 * t));                       \
+        const __m512i xb = _mm512_set1_epi32(cq_load4(a + (r) * lda + 4 * t));                       \
         c##r##0 = _mm512_dpbusd_epi32(c##r##0, xb, b0);                                           \
         c##r##1 = _mm512_dpbusd_epi32(c##r##1, xb, b1);                                           \
         c##r##2 = _mm512_dpbusd_epi32(c##r##2, xb, b2);                                           \
         c##r##3 = _mm512_dpbusd_epi32(c##r##3, xb, b3);                                           \
     }
-#define OUT(r) out_vec(o, r, 0, c##r##0); out_vec(o, r, 1, c##r##1); out_vec(o, r, 2, c##r##2); out_vec(o, r, 3, c##r##3);
+#define OUT(r)                                                                                    \
+    cq_qd8_out_vec64(o, r, 0, c##r##0, o->acc_in); cq_qd8_out_vec64(o, r, 1, c##r##1, o->acc_in);   \
+    cq_qd8_out_vec64(o, r, 2, c##r##2, o->acc_in); cq_qd8_out_vec64(o, r, 3, c##r##3, o->acc_in);
 /* At small M the panel streams from memory once: its next lines are fetched CQ_PF_DIST ahead (at
  * large M the k block is in L1/L2 and the 4 prefetches per 24 vpdpbusd cost little). */
 #define PF(p)                                                                                     \
@@ -128,7 +101,7 @@ void cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni(int nr, int64_t nk4, const int8_t 
     const int8_t *b0 = panels[0], *b1 = panels[1], *b2 = panels[2], *b3 = panels[3];
     GD(0) GD(1) GD(2) GD(3)
     for (int64_t t = 0; t < nk4; t++) {
-        const __m512i xb = _mm512_set1_epi32(load4(a + 4 * t));
+        const __m512i xb = _mm512_set1_epi32(cq_load4(a + 4 * t));
         GP(0) GP(1) GP(2) GP(3)
     }
     GO(0) GO(1) GO(2) GO(3)
