@@ -16,10 +16,12 @@ follows csrc/src/linear.c and the micro-kernels' cq_qd8_out contract in csrc/src
 
   direct  (per-channel / per-tensor, or per-group with a single group; any K, the int64 total of
           the int32 chunks past K = 131072):
-          y = float32(acc) * (sx * sw) + b                      three float32 roundings, no FMA
+          y = float32(acc) * min(sx * sw, FLT_MAX) + b          three float32 roundings, no FMA
   grouped (per-group with >= 2 groups):
-          facc = 0; for each group g in order: facc = fma(float32(acc_g), sw_g, facc)
-          y = facc * sx + b
+          facc = 0; for each group g in order: facc = fma(float32(acc_g), min(sx * sw_g, FLT_MAX), facc)
+          y = facc + b
+          (sx inside each group's product: acc_g * sw_g first overflowed where the result is finite;
+          the cap keeps an exact 0 sum at 0 where sx * sw overflows, instead of 0 * inf = NaN)
           Every micro-kernel folds a group with one fused multiply-add (_mm*_fmadd_ps; the scalar
           reference and the driver's int64 path with fmaf), so outputs are bit-identical on every
           path. `fma_groups=False` gives the two-rounding variant (kept to show the test can tell).
@@ -173,17 +175,18 @@ def linear_dynamic(x, q, scale, granularity: str = "per_channel", group_size: Op
     with np.errstate(invalid="ignore", over="ignore"):
         if ng == 1:  # also past CHUNK_K: the int64 total, then the contract's order
             acc = int_sums(qx, q).astype(F32)  # int64 -> float32: one rounding (the C cast)
-            s = (sx[:, None] * sw[None, :, 0]).astype(F32)
+            s = np.minimum((sx[:, None] * sw[None, :, 0]).astype(F32), _FLT_MAX)
             return ((acc * s).astype(F32) + b[None, :]).astype(F32)
         acc = int_sums(qx, q, gs).astype(F32)  # (M, N, ng)
         use_fma = fma_groups
         facc = np.zeros((m, n), dtype=F32)
         for g in range(ng):
+            sg = np.minimum((sx[:, None] * sw[None, :, g]).astype(F32), _FLT_MAX)
             if use_fma:
-                facc = fma32(acc[:, :, g], sw[None, :, g], facc)
+                facc = fma32(acc[:, :, g], sg, facc)
             else:
-                facc = (facc + (acc[:, :, g] * sw[None, :, g]).astype(F32)).astype(F32)
-        return ((facc * sx[:, None]).astype(F32) + b[None, :]).astype(F32)
+                facc = (facc + (acc[:, :, g] * sg).astype(F32)).astype(F32)
+        return (facc + b[None, :]).astype(F32)
 
 
 def linear_weight_only(x, q, scale, granularity: str = "per_channel",

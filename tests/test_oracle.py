@@ -446,3 +446,76 @@ def test_linear_dynamic_huge_k_extreme_codes(path):
     want = oracle.linear_dynamic(x, q, s, "per_channel", fma_groups=uses_fma_groups(ops.last_kernel()))
     np.testing.assert_array_equal(y, want)
     assert y[0, 0] == np.float32(np.float32(127 * 127 * k) * np.float32(1 / 127))
+
+
+# ================================ finite in, finite out (issue 12 item 11) ========================
+EDGE_N = [16, 64, 130]  # both packed formats, and a ragged last panel
+
+
+@pytest.mark.parametrize("n", EDGE_N)
+def test_weight_only_huge_x_finite_any_m(path, n):
+    """|x| = 1e37: the true outputs are ~5e36; the GEMV (M < 4) once summed x * code before the
+    scale and overflowed to inf while M >= 4 gave the finite answer. Same result for every M."""
+    k = 64
+    rng = np.random.default_rng(n)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    qw = ops.quantize_weight(w)
+    qo, so = oracle.quantize(w)
+    x = np.zeros((8, k), np.float32)
+    x[:, 0], x[:, 1], x[:, 5] = 1e37, -0.5e37, 3e36
+    yo, budget = oracle.linear_weight_only(x, qo, so)
+    assert np.isfinite(yo).all() and np.abs(yo).max() > 1e36
+    for m in [1, 2, 3, 4, 8]:
+        y = ops.linear(x[:m], qw, mode="weight_only")
+        assert np.isfinite(y).all(), (m, ops.last_kernel())
+        assert (np.abs(y - yo[:m]) <= budget[:m]).all(), m
+
+
+@pytest.mark.parametrize("n", EDGE_N)
+def test_weight_only_per_group_huge_x(path, n):
+    k = 256
+    rng = np.random.default_rng(n + 1)
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    qw = ops.quantize_weight(w, "per_group", 64)
+    qo, so = oracle.quantize(w, "per_group", 64)
+    x = (rng.standard_normal((5, k)) * 1e36).astype(np.float32)
+    yo, budget = oracle.linear_weight_only(x, qo, so, "per_group", 64)
+    for m in [1, 3, 5]:
+        y = ops.linear(x[:m], qw, mode="weight_only")
+        assert np.isfinite(y).all(), m
+        assert (np.abs(y - yo[:m]) <= budget[:m]).all(), m
+
+
+@pytest.mark.parametrize("n", EDGE_N)
+def test_dynamic_per_group_huge_w_finite(path, n):
+    """|w| = 1e35, group 128: acc_g * sw_g alone is ~1.6e39 (inf); the result (~2.5e37) is finite
+    because sx enters each group's product first (acc_g * (sx * sw_g)). Bit-exact with the oracle."""
+    k = 256
+    w = np.full((n, k), 1e35, np.float32)
+    w[:, ::2] *= -1
+    w[:, 0] = 1e35
+    x = np.ones((6, k), np.float32)
+    x[:, ::2] *= -1
+    qw = ops.quantize_weight(w, "per_group", 128)
+    qo, so = oracle.quantize(w, "per_group", 128)
+    want = oracle.linear_dynamic(x, qo, so, "per_group", 128, fma_groups=True)
+    ref = x.astype(np.float64) @ oracle.dequantize(qo, so, "per_group", 128).astype(np.float64).T
+    assert np.isfinite(want).all() and np.abs(ref).max() > 1e37
+    for m in [1, 2, 6]:
+        y = ops.linear(x[:m], qw)
+        np.testing.assert_array_equal(y, want[:m], err_msg=ops.last_kernel())
+
+
+@pytest.mark.parametrize("n", EDGE_N)
+@pytest.mark.parametrize("gran,group", [("per_channel", None), ("per_group", 32)])
+def test_dynamic_zero_sum_huge_scales_is_zero(path, n, gran, group):
+    """sx * sw overflows (1e30 * 1e30 / 127^2) but the exact integer sum is 0: the output is 0
+    (true value 0), not 0 * inf = NaN."""
+    k = 64
+    w = np.full((n, k), 1e30, np.float32)
+    w[:, 1::2] *= -1
+    x = np.full((4, k), 1e30, np.float32)
+    qw = ops.quantize_weight(w, gran, group)
+    for m in [1, 4]:
+        y = ops.linear(x[:m], qw)
+        np.testing.assert_array_equal(y, np.zeros((m, n), np.float32), err_msg=ops.last_kernel())

@@ -168,7 +168,8 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
  * scales (cq_num_scales(scheme, n, k, group_size)), optional bias (n) (NULL for none).
  *   CQ_MODE_WEIGHT_ONLY: y = x @ (q * scale)^T + bias, float32 accumulation.
  *   CQ_MODE_DYNAMIC:     each row of x quantized (cq_quantize_rows); exact integer sums per scale
- *                        group; y = sum_g acc_g * sw_g * sx + bias.
+ *                        group; y = sum_g acc_g * (sx * sw_g) + bias (one fma per group; sx * sw
+ *                        capped at FLT_MAX, so an exact sum of 0 gives 0, never NaN).
  * m may be 0 (nothing is done). NaN/Inf in a row of x makes that row of y non-finite only.
  * packed must come from cq_pack for this (n, k) and group_size (per-group scales: the same
  * group_size; otherwise 0), CQ_ERR_FORMAT if its header says otherwise. cq_linear takes no buffer

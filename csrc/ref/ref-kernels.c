@@ -47,7 +47,7 @@ static void qd8_gemm_any(int mr, int nr, int64_t nk4, const int8_t *a, int64_t l
             if (o->mode == CQ_OUT_I32) { o->acc[r * nr + j] = (int32_t)v; continue; }
             if (o->comp) v -= (uint32_t)o->comp[j];
             float f = (float)(int32_t)v;
-            if (o->mode == CQ_OUT_FACC) o->facc[r * nr + j] = fmaf(f, o->sw[j], o->facc[r * nr + j]); /* as the SIMD epilogues */
+            if (o->mode == CQ_OUT_FACC) o->facc[r * nr + j] = fmaf(f, cq_scale_product(o->sx[r], o->sw[j]), o->facc[r * nr + j]); /* as the SIMD epilogues */
             else if (j < o->nc) o->y[r * o->ldy + j] = f * cq_scale_product(o->sx[r], o->sw[j]) + (o->bias ? o->bias[j] : 0.0f);
         }
 }

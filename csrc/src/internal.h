@@ -64,7 +64,7 @@ int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
  * (x + 128; then s includes 128 * the column's code sum, removed through comp). Output by mode:
  *   CQ_OUT_I32:  acc[r*nr + j] = (acc_in ? acc[r*nr + j] : 0) + s[r][j]           (all nr columns)
  *   CQ_OUT_F32:  y[r*ldy + j] = (float)(s' ) * (sx[r] * sw[j]) + (bias ? bias[j] : 0), j < nc
- *   CQ_OUT_FACC: facc[r*nr + j] += (float)(s') * sw[j]                             (all nr columns)
+ *   CQ_OUT_FACC: facc[r*nr + j] = fma((float)(s'), min(sx[r] * sw[j], FLT_MAX), facc[r*nr + j])  (all nr)
  * with s' = (acc_in ? acc[r*nr + j] : 0) + s[r][j] - (comp ? comp[j] : 0), exact in int32. */
 enum { CQ_OUT_I32 = 0, CQ_OUT_F32 = 1, CQ_OUT_FACC = 2 };
 typedef struct {

@@ -47,6 +47,7 @@ typedef struct {
     int32_t *c32;         /* gemm_s8s8s32 output */
     const cq_qd8_config *qcfg;
     const cq_f32_config *fcfg;
+    float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
 } lin_ctx;
 
 static const int8_t *panel_at(const lin_ctx *c, int64_t p, int64_t t)
@@ -184,6 +185,7 @@ static void s8_unit(void *vctx, int64_t u)
                 for (int64_t r = 0; r < rows; r += MR) {
                     int mr = (int)(rows - r < MR ? rows - r : MR);
                     o.facc = facc + r * nr;
+                    o.sx = c->sx + m0 + r;
                     gemm(mr, nr, c->group4, a0 + r * lda + 4 * g * c->group4, lda,
                          panel_at(c, p, g * c->group4), &o);
                 }
@@ -217,18 +219,19 @@ static void s8_unit(void *vctx, int64_t u)
                     }
                 } else { /* fused multiply-add, as the SIMD kernels' CQ_OUT_FACC epilogue */
                     for (int i = 0; i < mr * nr; i++)
-                        facc[r * nr + i] = fmaf((float)acc64[i], ws[i % nr], facc[r * nr + i]);
+                        facc[r * nr + i] = fmaf((float)acc64[i], cq_scale_product(c->sx[m0 + r + i / nr], ws[i % nr]),
+                                                facc[r * nr + i]);
                 }
             }
         }
         if (c->ng == 1) return;
     }
-    /* per group: y = (sum_g acc_g * sw_g) * sx + b */
+    /* per group: y = sum_g acc_g * (sx * sw_g) + b (sx inside each group's product: forming
+     * acc_g * sw_g first overflowed where the true result is finite) */
     panel_bias(c, p, bb);
     for (int64_t r = 0; r < rows; r++) {
-        float sx = c->sx[m0 + r];
         float *yr = c->y + (m0 + r) * c->n + n0;
-        for (int64_t j = 0; j < cols; j++) yr[j] = facc[r * nr + j] * sx + bb[j];
+        for (int64_t j = 0; j < cols; j++) yr[j] = facc[r * nr + j] + bb[j];
     }
 }
 
@@ -286,7 +289,8 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
             int64_t p = p0 + i, cols = cols_of(c, p);
             panel_bias(c, p, bb);
             float *yr = c->y + r * c->n + p * nr;
-            for (int64_t j = 0; j < cols; j++) yr[j] = y[i * nr + j] + bb[j];
+            const float up = c->xup[r];
+            for (int64_t j = 0; j < cols; j++) yr[j] = y[i * nr + j] * up + bb[j];
         }
     }
 }
@@ -430,11 +434,30 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
         if (!c.fcfg) return CQ_ERR_FORMAT;
         c.x = x; c.xlda = k;
         if (m < WO_GEMM_MIN_M) {
-            if (k % 4) { /* the GEMV kernel reads whole steps of 4: pad x */
+            /* The GEMV sums x * code per column and scales once at the end, so its float32 sums
+             * could overflow where the GEMM (which dequantizes the weight first) and the true
+             * result are finite: a row whose bound 127 * k * max|x| passes 2^100 is scaled by an
+             * exact power of two 2^-e first and the outputs by 2^e after (before the bias). */
+            const cq_elementwise *ew = cq_elementwise_for(isa);
+            int need_copy = k % 4 != 0, ex[WO_GEMM_MIN_M] = {0};
+            for (int64_t r = 0; r < m; r++) {
+                float amax = 0.0f;
+                c.xup[r] = 1.0f;
+                if (ew->absmax(x + r * k, k, &amax) && (double)amax * 127.0 * (double)k > 0x1p100) {
+                    frexp((double)amax * 127.0 * (double)k, &ex[r]);
+                    ex[r] -= 100;
+                    c.xup[r] = ldexpf(1.0f, ex[r]);
+                    need_copy = 1;
+                }
+            }
+            if (need_copy) { /* the GEMV kernel reads whole steps of 4: pad x (and scale it) */
                 int64_t lda = 4 * c.kp4;
                 float *xp = (float *)calloc((size_t)(m * lda), sizeof(float));
                 if (!xp) return CQ_ERR_NOMEM;
-                for (int64_t r = 0; r < m; r++) memcpy(xp + r * lda, x + r * k, (size_t)k * sizeof(float));
+                for (int64_t r = 0; r < m; r++) {
+                    const float down = ldexpf(1.0f, -ex[r]);
+                    for (int64_t i = 0; i < k; i++) xp[r * lda + i] = x[r * k + i] * down;
+                }
                 c.x = xp; c.xlda = lda; scratch = xp;
             }
             cq_set_last_kernel(c.fcfg->gemv4->name);

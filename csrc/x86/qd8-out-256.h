@@ -31,9 +31,13 @@ CQ_INLINE void cq_qd8_out_row16(const cq_qd8_out *o, int r, __m256i c0, __m256i 
     }
     const __m256 f0 = _mm256_cvtepi32_ps(c0), f1 = _mm256_cvtepi32_ps(c1);
     if (o->mode == CQ_OUT_FACC) {
+        /* facc += acc_g * (sx * sw_g), the product capped at FLT_MAX as below */
         float *f = o->facc + r * 16;
-        _mm256_storeu_ps(f, _mm256_fmadd_ps(f0, _mm256_loadu_ps(o->sw), _mm256_loadu_ps(f)));
-        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(f1, _mm256_loadu_ps(o->sw + 8), _mm256_loadu_ps(f + 8)));
+        const __m256 sxg = _mm256_set1_ps(o->sx[r]), big = _mm256_set1_ps(3.402823466e38f);
+        const __m256 s0 = _mm256_min_ps(big, _mm256_mul_ps(sxg, _mm256_loadu_ps(o->sw)));
+        const __m256 s1 = _mm256_min_ps(big, _mm256_mul_ps(sxg, _mm256_loadu_ps(o->sw + 8)));
+        _mm256_storeu_ps(f, _mm256_fmadd_ps(f0, s0, _mm256_loadu_ps(f)));
+        _mm256_storeu_ps(f + 8, _mm256_fmadd_ps(f1, s1, _mm256_loadu_ps(f + 8)));
         return;
     }
     /* y = acc * (sx * sw) + b: the contract's order (sx * sw first) */

@@ -24,8 +24,11 @@ CQ_INLINE void cq_qd8_out_vec64(const cq_qd8_out *o, int r, int v, __m512i c, in
     if (o->comp) c = _mm512_sub_epi32(c, _mm512_loadu_si512((const void *)(o->comp + col)));
     const __m512 f = _mm512_cvtepi32_ps(c);
     if (o->mode == CQ_OUT_FACC) {
+        /* facc += acc_g * (sx * sw_g), the product capped at FLT_MAX as below */
         float *p = o->facc + r * 64 + col;
-        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, _mm512_loadu_ps(o->sw + col), _mm512_loadu_ps(p)));
+        const __m512 s = _mm512_min_ps(_mm512_set1_ps(3.402823466e38f),
+                                       _mm512_mul_ps(_mm512_set1_ps(o->sx[r]), _mm512_loadu_ps(o->sw + col)));
+        _mm512_storeu_ps(p, _mm512_fmadd_ps(f, s, _mm512_loadu_ps(p)));
         return;
     }
     int left = o->nc - col;

@@ -284,7 +284,7 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
         o.sw = sw;
     }
     if (md->mode == CQ_OUT_F32) { o.sx = sx; o.bias = md->bias ? bias : NULL; o.y = y; o.ldy = ldy; }
-    if (md->mode == CQ_OUT_FACC) o.facc = facc;
+    if (md->mode == CQ_OUT_FACC) { o.facc = facc; o.sx = sx; }
     ((cq_qd8_gemm_fn)uk->fn)(mr, nr, c->nk4, a, c->lda, c->b, &o);
 
     /* integer part of every output: s' (or, in I32 mode, the stored sum) */
@@ -309,9 +309,13 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
                     ok = 0;
                 }
             } else {
-                double p = (double)f * (double)sw[j], e = (double)facc0[r * nr + j] + p;
-                double tol = 1.1920929e-07 * (fabs(p) + fabs(e)) + 1e-30;
-                if (!(fabs((double)facc[r * nr + j] - e) <= tol)) {
+                /* one fused multiply-add by the capped product sx * sw, bit for bit */
+                float sp = sx[r] * sw[j];
+                if (sp > 3.402823466e38f) sp = 3.402823466e38f;
+                float e = fmaf(f, sp, facc0[r * nr + j]);
+                /* SIMDe may emulate vfmadd as a multiply and an add (two roundings) */
+                float e2 = f * sp + facc0[r * nr + j];
+                if (fbits(facc[r * nr + j]) != fbits(e) && !(EMU && fbits(facc[r * nr + j]) == fbits(e2))) {
                     snprintf(msg, msz, "facc[%d][%d] = %.9g, want %.9g", r, j, facc[r * nr + j], e);
                     ok = 0;
                 }
