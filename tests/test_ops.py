@@ -480,3 +480,18 @@ def test_gil_is_released_during_kernel_calls(rng):
     finally:
         done.set()
         cquant.set_num_threads(saved)
+
+
+def test_packed_weight_is_64_byte_aligned():
+    """The kernels load 64-byte rows of the packed weight; numpy's 16-byte alignment made each one
+    straddle two cache lines. Packing aligns; an unpickled (numpy-aligned) copy is realigned on use."""
+    import pickle
+    w = np.random.default_rng(3).standard_normal((96, 200)).astype(np.float32)
+    qw = ops.quantize_weight(w)
+    assert qw.packed.ctypes.data % 64 == 0
+    x = np.ones((3, 200), np.float32)
+    want = ops.linear(x, qw)
+    for _ in range(4):  # numpy may happen to place the copy on a 64-byte boundary: try a few
+        q2 = pickle.loads(pickle.dumps(qw))
+        np.testing.assert_array_equal(ops.linear(x, q2), want)
+        assert q2.packed.ctypes.data % 64 == 0

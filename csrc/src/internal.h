@@ -15,6 +15,7 @@
 #define CQ_INTERNAL_H
 
 #include <stddef.h>
+#include <stdlib.h>
 #include <stdint.h>
 #include "cquant.h"
 
@@ -216,5 +217,15 @@ static inline int cq_bytes_ok(int64_t a, int64_t b, int64_t elt)
     return cq_mul_ok(a, b, &t) && cq_mul_ok(t, elt, &t);
 }
 static inline int64_t cq_ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+
+/* 64-byte aligned scratch (free with free()). glibc's malloc returns page + 16 for large blocks:
+ * every 64-byte row of a tile load then straddles two cache lines (AMX (4096, 4096) M = 256:
+ * 8.1 -> 5.6 ms with the activations and packed weight aligned). NULL on failure or size 0. */
+static inline void *cq_alloc64(size_t size)
+{
+    void *p = NULL;
+    if (size == 0 || posix_memalign(&p, 64, size) != 0) return NULL;
+    return p;
+}
 
 #endif

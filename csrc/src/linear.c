@@ -368,9 +368,10 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     int tiled = cfg->gemm->a_tiled;
     int copy = (k % 4) || u8 || mpad > m || tiled;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
-    int8_t *packed = (int8_t *)malloc((size_t)psize);
-    int8_t *apad = copy ? (int8_t *)calloc((size_t)(mpad * lda), 1) : NULL;
-    int8_t *atile = tiled ? (int8_t *)malloc((size_t)(mpad * lda)) : NULL;
+    int8_t *packed = (int8_t *)cq_alloc64((size_t)psize);
+    int8_t *apad = copy ? (int8_t *)cq_alloc64((size_t)(mpad * lda)) : NULL;
+    if (apad) memset(apad, 0, (size_t)(mpad * lda));
+    int8_t *atile = tiled ? (int8_t *)cq_alloc64((size_t)(mpad * lda)) : NULL;
     if (!packed || (copy && !apad) || (tiled && !atile)) { free(packed); free(apad); free(atile); return CQ_ERR_NOMEM; }
     int st = cq_pack(format, b, n, k, 0, packed); /* also refuses -128 in b */
     if (st == CQ_OK) {
@@ -484,7 +485,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     /* rows the kernel reads: whole blocks of pad_rows (zero codes past m) */
     int64_t mpad = c.qcfg->pad_rows && !gemv ? cq_ceil_div(m, c.qcfg->pad_rows) * c.qcfg->pad_rows : m;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
-    int8_t *qa = (int8_t *)malloc((size_t)(mpad * lda) + (size_t)m * sizeof(float));
+    int8_t *qa = (int8_t *)cq_alloc64((size_t)(mpad * lda) + (size_t)m * sizeof(float));
     if (!qa) return CQ_ERR_NOMEM;
     float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */

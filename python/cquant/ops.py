@@ -208,6 +208,15 @@ def _scale_shape(granularity: str, n: int, k: int, group_size: Optional[int]) ->
 
 
 # ---- quantized weights ----------------------------------------------------------------------------
+def _empty64(size: int) -> np.ndarray:
+    """An uninitialised int8 array of `size` bytes starting on a 64-byte boundary. numpy aligns to
+    16 bytes: a packed weight 16 bytes off made every 64-byte row the kernels load straddle two
+    cache lines (AMX (4096, 4096) M = 256: 6.4 -> 5.3 ms, measured in C)."""
+    buf = np.empty(size + 64, dtype=np.int8)
+    off = -buf.ctypes.data % 64
+    return buf[off:off + size]
+
+
 def _pack(q: np.ndarray, granularity: str, group_size: Optional[int], fmt: int = 0) -> np.ndarray:
     """Packed buffer of canonical codes q (N, K) in format fmt (0: the best for the active path)."""
     n, k = q.shape
@@ -215,7 +224,7 @@ def _pack(q: np.ndarray, granularity: str, group_size: Optional[int], fmt: int =
     size = lib.cq_packed_size(fmt, n, k, g)
     if size < 0:
         _raise(int(size), f"invalid weight shape {q.shape}")
-    packed = np.empty(int(size), dtype=np.int8)
+    packed = _empty64(int(size))
     _check(lib.cq_pack(fmt, _ptr("int8_t[]", q), n, k, g, _ptr("int8_t[]", packed)), "pack")
     return packed
 
@@ -310,6 +319,10 @@ class QuantizedWeight:
             if best > 0 and lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
                                                ffi.NULL, ffi.NULL, ffi.NULL) != best:
                 self.packed = _pack(self.q, self.granularity, self.group_size, best)
+            elif self.packed.ctypes.data % 64:  # unpickled or loaded: a 64-byte aligned copy
+                aligned = _empty64(self.packed.size)
+                aligned[...] = self.packed
+                self.packed = aligned
             c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None, best)
         return c
 
