@@ -41,21 +41,25 @@ _FLT_MAX = np.finfo(np.float32).max
 
 
 # ---- quantization ------------------------------------------------------------------------------
-def _scale_of(amax: np.ndarray) -> np.ndarray:
-    """float32 max|w| / 127; 1.0 where that is 0 (all-zero slice, or a scale that underflows)."""
-    s = (np.asarray(amax, dtype=F32) / F32(127)).astype(F32)
+def _scale_of(amax: np.ndarray, qmax: int = 127) -> np.ndarray:
+    """float32 max|w| / qmax; 1.0 where that is 0 (all-zero slice, or a scale that underflows)."""
+    s = (np.asarray(amax, dtype=F32) / F32(qmax)).astype(F32)
     return np.where(s > 0, s, F32(1.0)).astype(F32)
 
 
-def _codes(w: np.ndarray, s_full: np.ndarray) -> np.ndarray:
+def _codes(w: np.ndarray, s_full: np.ndarray, qmax: int = 127) -> np.ndarray:
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         r = np.round((w / s_full).astype(F32))  # float32 true division, round half to even
-    return np.clip(r, -127, 127).astype(np.int8)
+    return np.clip(r, -qmax, qmax).astype(np.int8)
 
 
-def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = None):
+def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = None, bits: int = 8):
     """Codes and scales of a finite float weight w (N, K): (q int8 (N, K), scale float32) with
-    scale shape (1,) per-tensor, (N,) per-channel, (N, K // group_size) per-group."""
+    scale shape (1,) per-tensor, (N,) per-channel, (N, K // group_size) per-group. bits=4: the
+    same rule with 7 for 127 (codes in [-7, 7])."""
+    qm = {8: 127, 4: 7}[bits]
+    _scale_of_b = lambda amax: _scale_of(amax, qm)  # noqa: E731
+    _codes_b = lambda w_, s_: _codes(w_, s_, qm)  # noqa: E731
     w = np.asarray(w, dtype=F32)
     if w.ndim != 2:
         raise ValueError("w must be 2-D")
@@ -64,17 +68,17 @@ def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = No
     n, k = w.shape
     a = np.abs(w)
     if granularity == "per_tensor":
-        s = _scale_of(a.max()).reshape(1)
-        return _codes(w, np.broadcast_to(s[0], w.shape)), s
+        s = _scale_of_b(a.max()).reshape(1)
+        return _codes_b(w, np.broadcast_to(s[0], w.shape)), s
     if granularity == "per_channel":
-        s = _scale_of(a.max(axis=1))
-        return _codes(w, s[:, None]), s
+        s = _scale_of_b(a.max(axis=1))
+        return _codes_b(w, s[:, None]), s
     if granularity == "per_group":
         g = int(group_size)
         if g <= 0 or k % g:
             raise ValueError("group_size must divide K")
-        s = _scale_of(a.reshape(n, k // g, g).max(axis=2))
-        return _codes(w, np.repeat(s, g, axis=1)), s
+        s = _scale_of_b(a.reshape(n, k // g, g).max(axis=2))
+        return _codes_b(w, np.repeat(s, g, axis=1)), s
     raise ValueError(f"unknown granularity {granularity!r}")
 
 

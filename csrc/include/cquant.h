@@ -111,6 +111,12 @@ int64_t cq_num_scales(int scheme, int64_t n, int64_t k, int64_t group_size);
 int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_size,
                 int8_t *q, float *scales);
 
+/* As cq_quantize with codes of `bits` bits: 8 (cq_quantize) or 4: scale = max|w| / 7 (1 for an
+ * all-zero slice), q = clamp(round_half_even(w / scale), -7, 7) in int8 storage (pack them with an
+ * int4 format). CQ_ERR_ARG for other bits. */
+int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme, int64_t group_size,
+                     int8_t *q, float *scales);
+
 /* Dequantize: out (n, k) = float32(q) * scale of its slice. */
 int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, int scheme,
                   int64_t group_size, float *out);
@@ -139,13 +145,26 @@ int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *sca
 enum cq_format {
     CQ_FORMAT_AUTO = 0,   /* cq_pack / cq_packed_size: cq_best_format(n) */
     CQ_FORMAT_N16K4 = 1,  /* panels of 16 rows: the AVX2 and scalar kernels */
-    CQ_FORMAT_N64K4 = 2   /* panels of 64 rows: the AVX-512 kernels (4 zmm of int32 per row) */
+    CQ_FORMAT_N64K4 = 2,  /* panels of 64 rows: the AVX-512 kernels (4 zmm of int32 per row) */
+    CQ_FORMAT_N16K8I4 = 3, /* int4 codes in [-7, 7], two per byte, panels of 16 rows (below) */
+    CQ_FORMAT_N64K8I4 = 4  /* int4, panels of 64 rows, with column sums as N64K4 */
 };
+/* int4 formats: k in steps of 8 (kp8 = ceil(k/8), padded with zero codes); per step, nr rows x 4
+ * bytes; byte b of row j holds two 4-bit two's complement codes:
+ *   codes[((p * kp8 + t) * nr + j) * 4 + b] = (q[nr*p+j][8t+b] & 15) | (q[nr*p+j][8t+4+b] & 15) << 4
+ * (low nibble: k = 8t + b, high nibble: k = 8t + 4 + b), so a byte-wise mask or shift of one step
+ * gives two steps of 4 consecutive codes, the int8 layout. Codes must lie in [-7, 7] (cq_pack:
+ * CQ_ERR_RANGE otherwise; cq_quantize_bits(4, ...) makes them); group_size must be a multiple of 8.
+ * The kernels expand a block of steps to int8 in registers or L1, so integer sums stay exact on
+ * every path. */
 /* The best format for a weight with n output rows on the active path (an enum cq_format value
  * > 0), or CQ_ERR_ISA: the widest panels the path's kernels read, unless padding n to them would
  * waste more than a quarter of the codes (then panels of 16, so quantized layers stay ~4x smaller;
  * they run on the AVX-VNNI or AVX2 kernels). n <= 0: the best format for large n. */
 int cq_best_format(int64_t n);
+/* The best format for codes of `bits` (8 or 4) bits: cq_best_format(n) for 8; for 4, the int4
+ * format of the same panel width. CQ_ERR_ARG for other bits. */
+int cq_best_format_bits(int64_t n, int bits);
 /* Bytes of a packed (n, k) weight in `format`, whose column sums run over segments of group_size
  * columns (0: one segment, for per-tensor / per-channel scales; else as cq_num_scales requires).
  * Negative status on bad arguments. */

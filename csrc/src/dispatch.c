@@ -180,3 +180,11 @@ int cq_best_format(int64_t n)
     if (n > 0 && nr > 16 && 4 * ((nr - n % nr) % nr) > n) f = CQ_FORMAT_N16K4; /* no overflow */
     return f;
 }
+
+int cq_best_format_bits(int64_t n, int bits)
+{
+    if (bits != 8 && bits != 4) return CQ_ERR_ARG;
+    int f = cq_best_format(n);
+    if (f < 0 || bits == 8) return f;
+    return f == CQ_FORMAT_N64K4 ? CQ_FORMAT_N64K8I4 : CQ_FORMAT_N16K8I4;
+}

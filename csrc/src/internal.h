@@ -57,6 +57,11 @@ static inline const int32_t *cq_pack_sums(const void *packed, const cq_pack_head
     return (const int32_t *)(const void *)((const char *)packed + h->sums_off);
 }
 int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
+int cq_format_is_i4(int format);
+/* int4 panels: steps [t4, t4 + nt4) (even) of output panel p_out (out_nr rows, <= h->nr) in the
+ * int8 layout (see pack.c). For int4 formats h->kp4 is 2 * ceil(k / 8). */
+void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,
+                  int64_t nt4, int8_t *out);
 
 /* ---- micro-kernel interfaces ------------------------------------------------------------------ */
 /* Integer GEMM micro-kernel: mr rows (1..its mr) of quantized activations against one packed

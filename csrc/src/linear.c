@@ -48,11 +48,28 @@ typedef struct {
     const cq_qd8_config *qcfg;
     const cq_f32_config *fcfg;
     float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
+    int i4;               /* int4 weight: blocks of its panels are expanded to int8 before use */
+    const int8_t *codes4; /* int4 codes; panels of h4.nr rows, read as panels of nr (<= h4.nr) */
+    cq_pack_header h4;
 } lin_ctx;
 
 static const int8_t *panel_at(const lin_ctx *c, int64_t p, int64_t t)
 {
     return c->codes + (p * c->kp4 + t) * 4 * (int64_t)c->nr;
+}
+
+/* int4 weights run every int8 kernel: a block of I4_SCRATCH bytes of a panel (64 steps at nr 64)
+ * is expanded into the int8 layout (in L1) just before the kernels read it, so the weight streams
+ * from memory at half the bytes and the integer sums stay those of the int8 kernels. */
+#define I4_SCRATCH 16384
+static int64_t i4_block(const lin_ctx *c) { return I4_SCRATCH / (4 * (int64_t)c->nr); }
+
+/* nt steps of panel p from step t (t, nt even for int4): the packed codes, or the expanded block. */
+static const int8_t *panel_blk(const lin_ctx *c, int64_t p, int64_t t, int64_t nt, int8_t *scratch)
+{
+    if (!c->i4) return panel_at(c, p, t);
+    cq_i4_expand(&c->h4, c->codes4, c->nr, p, t, nt, scratch);
+    return scratch;
 }
 
 /* Scales of panel p, group gi, as nr floats (0 beyond n). */
@@ -83,13 +100,17 @@ static void panel_comp(const lin_ctx *c, int64_t p, int64_t s, int32_t *comp)
 /* 128 * column sums of steps [t0, t0 + nt) of panel p, read from the codes (the rare chunked case). */
 static void chunk_comp(const lin_ctx *c, int64_t p, int64_t t0, int64_t nt, int32_t *comp)
 {
-    const int8_t *b = panel_at(c, p, t0);
-    for (int j = 0; j < c->nr; j++) {
-        uint32_t s = 0;
-        for (int64_t t = 0; t < nt; t++)
-            for (int i = 0; i < 4; i++) s += (uint32_t)(int32_t)b[(t * c->nr + j) * 4 + i];
-        comp[j] = (int32_t)(s * 128u);
+    int8_t scratch[I4_SCRATCH] __attribute__((aligned(64)));
+    uint32_t s[MAXNR] = {0};
+    const int64_t blk = c->i4 ? i4_block(c) : nt;
+    for (int64_t tb = t0; tb < t0 + nt; tb += blk) {
+        int64_t n4 = t0 + nt - tb < blk ? t0 + nt - tb : blk;
+        const int8_t *b = panel_blk(c, p, tb, n4, scratch);
+        for (int j = 0; j < c->nr; j++)
+            for (int64_t t = 0; t < n4; t++)
+                for (int i = 0; i < 4; i++) s[j] += (uint32_t)(int32_t)b[(t * c->nr + j) * 4 + i];
     }
+    for (int j = 0; j < c->nr; j++) comp[j] = (int32_t)(s[j] * 128u);
 }
 
 static int64_t cols_of(const lin_ctx *c, int64_t p)
@@ -129,6 +150,7 @@ static void s8_unit(void *vctx, int64_t u)
     int64_t n0 = p * nr, cols = cols_of(c, p);
     int32_t acc[MAXMB * MAXNR] __attribute__((aligned(64)));
     float facc[MAXMB * MAXNR] __attribute__((aligned(64)));
+    int8_t scratch[I4_SCRATCH] __attribute__((aligned(64)));
     float ws[MAXNR], bb[MAXNR];
     int32_t comp[MAXNR];
     cq_qd8_out o;
@@ -138,6 +160,7 @@ static void s8_unit(void *vctx, int64_t u)
         /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32; modulo 2^32 the
          * u8 sums minus the compensation are exact whenever the true sum fits) */
         int64_t kc4 = c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
+        if (c->i4 && kc4 > i4_block(c)) kc4 = i4_block(c);
         if (c->u8) panel_comp(c, p, 0, comp);
         if (!c->c32) {
             panel_scales(c, p, 0, ws);
@@ -146,6 +169,7 @@ static void s8_unit(void *vctx, int64_t u)
         for (int64_t t0 = 0; t0 < c->kp4; t0 += kc4) {
             int64_t nt = c->kp4 - t0 < kc4 ? c->kp4 - t0 : kc4;
             int last = t0 + nt >= c->kp4;
+            const int8_t *bk = panel_blk(c, p, t0, nt, scratch);
             for (int64_t r = 0; r < rows; r += MR) {
                 int mr = (int)(rows - r < MR ? rows - r : MR);
                 o.acc = acc + r * nr;
@@ -158,7 +182,7 @@ static void s8_unit(void *vctx, int64_t u)
                 } else {
                     o.mode = CQ_OUT_I32;
                 }
-                gemm(mr, nr, nt, a0 + r * lda + abytes * t0, lda, panel_at(c, p, t0), &o);
+                gemm(mr, nr, nt, a0 + r * lda + abytes * t0, lda, bk, &o);
             }
         }
         if (c->c32)
@@ -176,6 +200,8 @@ static void s8_unit(void *vctx, int64_t u)
         if (gpb < 1) gpb = 1;
         for (int64_t g0 = 0; g0 < c->ng; g0 += gpb) {
             int64_t g1 = g0 + gpb < c->ng ? g0 + gpb : c->ng;
+            /* int4: groups of at most i4_block steps (cq_linear), so a whole block expands */
+            const int8_t *bk = panel_blk(c, p, g0 * c->group4, (g1 - g0) * c->group4, scratch);
             for (int64_t g = g0; g < g1; g++) {
                 float wsg[MAXNR];
                 int32_t compg[MAXNR];
@@ -187,7 +213,7 @@ static void s8_unit(void *vctx, int64_t u)
                     o.facc = facc + r * nr;
                     o.sx = c->sx + m0 + r;
                     gemm(mr, nr, c->group4, a0 + r * lda + 4 * g * c->group4, lda,
-                         panel_at(c, p, g * c->group4), &o);
+                         bk + (g - g0) * c->group4 * step, &o);
                 }
             }
         }
@@ -205,7 +231,15 @@ static void s8_unit(void *vctx, int64_t u)
                 for (int64_t t = t0; t < t0 + c->group4; t += CQ_CHUNK4) {
                     int64_t nt = t0 + c->group4 - t < CQ_CHUNK4 ? t0 + c->group4 - t : CQ_CHUNK4;
                     o.mode = CQ_OUT_I32; o.acc_in = 0; o.acc = acc;
-                    gemm(mr, nr, nt, a0 + r * lda + 4 * t, lda, panel_at(c, p, t), &o);
+                    if (!c->i4) {
+                        gemm(mr, nr, nt, a0 + r * lda + 4 * t, lda, panel_at(c, p, t), &o);
+                    } else { /* int4: the chunk in expanded blocks, summed in int32 by the kernel */
+                        for (int64_t tb = t; tb < t + nt; tb += i4_block(c)) {
+                            int64_t n4 = t + nt - tb < i4_block(c) ? t + nt - tb : i4_block(c);
+                            o.acc_in = tb > t;
+                            gemm(mr, nr, n4, a0 + r * lda + 4 * tb, lda, panel_blk(c, p, tb, n4, scratch), &o);
+                        }
+                    }
                     if (c->u8) chunk_comp(c, p, t, nt, comp);
                     for (int i = 0; i < mr * nr; i++)
                         acc64[i] += (int32_t)((uint32_t)acc[i] - (c->u8 ? (uint32_t)comp[i % nr] : 0u));
@@ -246,9 +280,24 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
     int32_t acc[4 * MAXNR] __attribute__((aligned(64)));
     float ws[MAXNR], bb[MAXNR];
     int32_t comp[MAXNR];
-    for (int i = 0; i < 4; i++) /* past the last panel: repeat it (its sums are discarded) */
-        panels[i] = panel_at(c, p0 + i < c->np ? p0 + i : c->np - 1, 0);
-    ((cq_qd8_gemv4_fn)c->qcfg->gemv4->fn)(nr, c->kp4, c->qa, panels, c->kp4 * 4 * (int64_t)nr, acc);
+    const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
+    if (!c->i4) {
+        for (int i = 0; i < 4; i++) /* past the last panel: repeat it (its sums are discarded) */
+            panels[i] = panel_at(c, p0 + i < c->np ? p0 + i : c->np - 1, 0);
+        gemv(nr, c->kp4, c->qa, panels, c->kp4 * 4 * (int64_t)nr, acc);
+    } else { /* int4: blocks of the 4 panels expanded side by side, sums added modulo 2^32 */
+        int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
+        int32_t part[4 * MAXNR] __attribute__((aligned(64)));
+        const int64_t blk = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr); /* steps per panel per block */
+        memset(acc, 0, sizeof acc);
+        for (int64_t t = 0; t < c->kp4; t += blk) {
+            int64_t n4 = c->kp4 - t < blk ? c->kp4 - t : blk;
+            for (int i = 0; i < 4; i++)
+                panels[i] = panel_blk(c, p0 + i < c->np ? p0 + i : c->np - 1, t, n4, scratch + i * blk * 4 * nr);
+            gemv(nr, n4, c->qa + 4 * t, panels, blk * 4 * (int64_t)nr, part);
+            for (int i = 0; i < 4 * nr; i++) acc[i] = (int32_t)((uint32_t)acc[i] + (uint32_t)part[i]);
+        }
+    }
     float sx = c->sx[0];
     for (int i = 0; i < 4 && p0 + i < c->np; i++) {
         int64_t p = p0 + i, cols = cols_of(c, p);
@@ -273,17 +322,22 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     int64_t p0 = 4 * u;
     const int8_t *panels[4];
     float ws[4 * MAXNR], bb[MAXNR], y[4 * MAXNR];
+    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
+    /* int4: a group in blocks of the 4 panels expanded side by side */
+    const int64_t blk = c->i4 ? 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr) : c->group4;
     int64_t last = c->np - 1;
     for (int64_t r = 0; r < c->m; r++) {
         memset(y, 0, sizeof y);
         for (int64_t gi = 0; gi < c->ng; gi++) {
             int64_t t0 = gi * c->group4;
-            for (int i = 0; i < 4; i++) { /* past the last panel: repeat it (discarded) */
-                int64_t p = p0 + i <= last ? p0 + i : last;
-                panels[i] = panel_at(c, p, t0);
-                panel_scales(c, p, gi, ws + i * nr);
+            for (int i = 0; i < 4; i++) /* past the last panel: repeat it (discarded) */
+                panel_scales(c, p0 + i <= last ? p0 + i : last, gi, ws + i * nr);
+            for (int64_t t = t0; t < t0 + c->group4; t += blk) {
+                int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
+                for (int i = 0; i < 4; i++)
+                    panels[i] = panel_blk(c, p0 + i <= last ? p0 + i : last, t, n4, scratch + i * blk * 4 * nr);
+                gemv(nr, n4, c->x + r * c->xlda + 4 * t, panels, ws, y);
             }
-            gemv(nr, c->group4, c->x + r * c->xlda + 4 * t0, panels, ws, y);
         }
         for (int i = 0; i < 4 && p0 + i <= last; i++) {
             int64_t p = p0 + i, cols = cols_of(c, p);
@@ -313,6 +367,7 @@ static void wo_gemm_unit(void *vctx, int64_t u)
     int64_t p0 = pg * ppu, p1 = p0 + ppu < c->np ? p0 + ppu : c->np;
     int64_t m0 = mbi * c->mb, rows = c->m - m0 < c->mb ? c->m - m0 : c->mb;
     float bblk[128 * 64] __attribute__((aligned(64))); /* kc * nr floats: at most 32 KiB */
+    int8_t scratch[I4_SCRATCH] __attribute__((aligned(64))); /* int4: the block expanded */
     float cbuf[WO_MB * WO_COLS] __attribute__((aligned(64)));
     float ws[MAXNR], bb[MAXNR];
     for (int64_t p = p0; p < p1; p++) {
@@ -329,7 +384,7 @@ static void wo_gemm_unit(void *vctx, int64_t u)
                 int64_t gi = t / c->group4, gend = (gi + 1) * c->group4;
                 int64_t seg = (gend < t0 + nt ? gend : t0 + nt) - t;
                 panel_scales(c, p, gi, ws);
-                dequant(nr, seg, panel_at(c, p, t), ws, bblk + (t - t0) * 4 * nr);
+                dequant(nr, seg, panel_blk(c, p, t, seg, scratch), ws, bblk + (t - t0) * 4 * nr);
                 t += seg;
             }
             float *cp = cbuf + (p - p0) * WO_MB * nr;
@@ -429,9 +484,20 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     c.scales = scales; c.bias = bias; c.y = y;
     double work = (double)m * (double)n * (double)k;
     void *scratch = NULL;
+    int fmt = h.format;
+    if (cq_format_is_i4(fmt)) {
+        /* int4: the kernels of the int8 format of the same panel width, or of panels of 16 where
+         * this path's kernels read those (the expansion takes 16-row slices of a 64-row panel) */
+        c.i4 = 1; c.h4 = h; c.codes4 = c.codes; c.codes = NULL;
+        fmt = h.nr == 64 && cq_format_nr(cq_best_format_for(isa)) == 64 ? CQ_FORMAT_N64K4 : CQ_FORMAT_N16K4;
+        c.nr = cq_format_nr(fmt);
+        c.np = cq_ceil_div(n, c.nr);
+        if (c.nr != h.nr) c.sums = NULL; /* the sums are per 64-row panel: only u8 kernels read them */
+        if (c.ng > 1 && c.group4 > i4_block(&c)) return CQ_ERR_GROUP; /* cq_pack refuses these */
+    }
 
     if (mode == CQ_MODE_WEIGHT_ONLY) {
-        c.fcfg = cq_f32_config_for(isa, h.format);
+        c.fcfg = cq_f32_config_for(isa, fmt);
         if (!c.fcfg) return CQ_ERR_FORMAT;
         c.x = x; c.xlda = k;
         if (m < WO_GEMM_MIN_M) {
@@ -440,7 +506,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
              * result are finite: a row whose bound 127 * k * max|x| passes 2^100 is scaled by an
              * exact power of two 2^-e first and the outputs by 2^e after (before the bias). */
             const cq_elementwise *ew = cq_elementwise_for(isa);
-            int need_copy = k % 4 != 0, ex[WO_GEMM_MIN_M] = {0};
+            int need_copy = 4 * c.kp4 != k, ex[WO_GEMM_MIN_M] = {0};
             for (int64_t r = 0; r < m; r++) {
                 float amax = 0.0f;
                 c.xup[r] = 1.0f;
@@ -476,7 +542,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
 
     /* dynamic: quantize rows of x (s8, or u8 for kernels that want it; zero-padded to whole
      * steps of 4), then integer tiles */
-    c.qcfg = cq_qd8_config_for(isa, h.format, c.ng > 1 || c.kp4 > CQ_CHUNK4, m, c.kp4);
+    c.qcfg = cq_qd8_config_for(isa, fmt, c.ng > 1 || c.kp4 > CQ_CHUNK4, m, c.kp4);
     if (!c.qcfg) return CQ_ERR_FORMAT;
     int gemv = m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && c.qcfg->gemv4;
     const cq_ukernel *uk = gemv ? c.qcfg->gemv4 : c.qcfg->gemm;

@@ -9,14 +9,23 @@
 int cq_format_nr(int format)
 {
     switch (format) {
-    case CQ_FORMAT_N16K4: return 16;
-    case CQ_FORMAT_N64K4: return 64;
+    case CQ_FORMAT_N16K4: case CQ_FORMAT_N16K8I4: return 16;
+    case CQ_FORMAT_N64K4: case CQ_FORMAT_N64K8I4: return 64;
     default: return 0;
     }
 }
 
-/* Formats whose kernels read u8 activations carry the column sums of the compensation. */
-static int format_has_sums(int format) { return format == CQ_FORMAT_N64K4; }
+int cq_format_is_i4(int format) { return format == CQ_FORMAT_N16K8I4 || format == CQ_FORMAT_N64K8I4; }
+
+/* Formats whose kernels read u8 activations carry the column sums of the compensation (an int4
+ * weight runs the kernels of the int8 format of its panel width). */
+static int format_has_sums(int format) { return format == CQ_FORMAT_N64K4 || format == CQ_FORMAT_N64K8I4; }
+
+/* k4 steps of a format: ceil(k / 4), or for int4 two per step of 8 (k padded to 8). */
+static int64_t format_kp4(int format, int64_t k)
+{
+    return cq_format_is_i4(format) ? 2 * cq_ceil_div(k, 8) : cq_ceil_div(k, 4);
+}
 
 /* Geometry of a packed (n, k) weight; group_size 0 = one segment. */
 static int geometry(int format, int64_t n, int64_t k, int64_t group_size, cq_pack_header *h)
@@ -28,8 +37,10 @@ static int geometry(int format, int64_t n, int64_t k, int64_t group_size, cq_pac
     int nr = cq_format_nr(format);
     if (!nr) return CQ_ERR_ARG;
     if (n <= 0 || k <= 0) return CQ_ERR_SHAPE;
-    if (group_size < 0 || (group_size > 0 && (group_size % 4 != 0 || k % group_size != 0)))
+    int i4 = cq_format_is_i4(format);
+    if (group_size < 0 || (group_size > 0 && (group_size % (i4 ? 8 : 4) != 0 || k % group_size != 0)))
         return CQ_ERR_GROUP;
+    if (i4 && group_size > 256) return CQ_ERR_GROUP; /* a group expands whole into L1 (linear.c) */
     memset(h, 0, sizeof *h);
     h->magic = CQ_PACK_MAGIC;
     h->version = PACK_VERSION;
@@ -38,11 +49,13 @@ static int geometry(int format, int64_t n, int64_t k, int64_t group_size, cq_pac
     h->n = n;
     h->k = k;
     h->np = cq_ceil_div(n, nr);
-    h->kp4 = cq_ceil_div(k, 4);
+    h->kp4 = format_kp4(format, k);
     h->seg4 = group_size ? group_size / 4 : h->kp4;
     h->nseg = h->kp4 / h->seg4;
     int64_t codes, sums = 0, t;
-    if (!cq_mul_ok(h->np, h->kp4, &t) || !cq_mul_ok(t, 4 * (int64_t)nr, &codes)) return CQ_ERR_OVERFLOW;
+    /* int4: kp4 / 2 steps of 8, 4 bytes per row each (half the bytes of int8) */
+    if (!cq_mul_ok(h->np, i4 ? h->kp4 / 2 : h->kp4, &t) || !cq_mul_ok(t, 4 * (int64_t)nr, &codes))
+        return CQ_ERR_OVERFLOW;
     if (format_has_sums(format) &&
         (!cq_mul_ok(h->np, h->nseg, &t) || !cq_mul_ok(t, 4 * (int64_t)nr, &sums))) return CQ_ERR_OVERFLOW;
     /* codes start after the header; sums 64-byte aligned after them */
@@ -71,8 +84,8 @@ int cq_pack_read_header(const void *packed, cq_pack_header *h)
     memcpy(&st, packed, CQ_PACK_STORED);
     if (st.magic != CQ_PACK_MAGIC || st.version != PACK_VERSION) return CQ_ERR_FORMAT;
     if (!cq_format_nr(st.format)) return CQ_ERR_FORMAT; /* CQ_FORMAT_AUTO is no stored format */
-    if (st.n <= 0 || st.k <= 0 || st.seg4 <= 0 || st.seg4 > cq_ceil_div(st.k, 4)) return CQ_ERR_FORMAT;
-    int64_t kp4 = cq_ceil_div(st.k, 4);
+    if (st.n <= 0 || st.k <= 0 || st.seg4 <= 0 || st.seg4 > format_kp4(st.format, st.k)) return CQ_ERR_FORMAT;
+    int64_t kp4 = format_kp4(st.format, st.k);
     int64_t group = st.seg4 != kp4 ? 4 * st.seg4 : 0;
     if (geometry(st.format, st.n, st.k, group, h) != CQ_OK || h->nr != st.nr || h->seg4 != st.seg4)
         return CQ_ERR_FORMAT;
@@ -120,6 +133,31 @@ static void pack_unit(void *vctx, int64_t p)
     int rows = (int)(h->n - p * nr < nr ? h->n - p * nr : nr);
     const int8_t *src[64];
     for (int j = 0; j < rows; j++) src[j] = c->q + (p * nr + j) * k;
+    if (cq_format_is_i4(h->format)) { /* two codes a byte: see cquant.h */
+        const int64_t kp8 = kp4 / 2;
+        panel = c->packed + CQ_PACK_HEADER + p * kp8 * step;
+        if (c->unpack) {
+            for (int64_t t = 0; t < kp8; t++)
+                for (int j = 0; j < rows; j++)
+                    for (int b = 0; b < 4; b++) {
+                        uint8_t v = (uint8_t)panel[t * step + 4 * j + b];
+                        int64_t k0 = 8 * t + b, k1 = k0 + 4;
+                        if (k0 < k) ((int8_t *)src[j])[k0] = (int8_t)(((v & 15) ^ 8) - 8);
+                        if (k1 < k) ((int8_t *)src[j])[k1] = (int8_t)((((v >> 4) & 15) ^ 8) - 8);
+                    }
+            return;
+        }
+        if (rows < nr) memset(panel, 0, (size_t)(kp8 * step));
+        for (int64_t t = 0; t < kp8; t++)
+            for (int j = 0; j < rows; j++)
+                for (int b = 0; b < 4; b++) {
+                    int64_t k0 = 8 * t + b, k1 = k0 + 4;
+                    unsigned lo = k0 < k ? (unsigned)src[j][k0] & 15u : 0u;
+                    unsigned hi = k1 < k ? (unsigned)src[j][k1] & 15u : 0u;
+                    panel[t * step + 4 * j + b] = (int8_t)(uint8_t)(lo | hi << 4);
+                }
+        goto sums;
+    }
     if (c->unpack) {
         for (int64_t t = 0; t < kfull; t++)
             for (int j = 0; j < rows; j++) memcpy((int8_t *)src[j] + 4 * t, panel + t * step + 4 * j, 4);
@@ -143,6 +181,7 @@ static void pack_unit(void *vctx, int64_t p)
             int32_t w = load_word(src[j] + 4 * t, t < kfull ? 4 : k - 4 * t);
             memcpy(panel + t * step + 4 * j, &w, 4);
         }
+sums:
     if (!h->sums_bytes) return;
     int32_t *sums = (int32_t *)(void *)(c->packed + h->sums_off) + p * h->nseg * nr;
     for (int64_t s = 0; s < h->nseg; s++)
@@ -168,20 +207,46 @@ static int has_minus128(const int8_t *q, int64_t len)
     return bad;
 }
 
+static int outside_i4(const int8_t *q, int64_t len)
+{
+    int bad = 0;
+    for (int64_t i = 0; i < len; i++) bad |= (q[i] < -7) | (q[i] > 7);
+    return bad;
+}
+
+/* Expand steps [t4, t4 + nt4) (both even) of int4 panel rows into the int8 layout of panels of
+ * out_nr rows (out_nr <= the int4 panel width): out[((t - t4) * out_nr + j) * 4 + i] = q[out_nr *
+ * p_out + j][4t + i]. A byte-wise mask and shift per stored byte; vectorized by the compiler. */
+void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,
+                  int64_t nt4, int8_t *out)
+{
+    const int nr = h->nr;
+    const int64_t col = p_out * out_nr, pin = col / nr, c0 = col % nr, kp8 = h->kp4 / 2;
+    const int nb = 4 * out_nr;
+    for (int64_t t = t4 / 2; t < (t4 + nt4) / 2; t++) {
+        const uint8_t *src = (const uint8_t *)codes + ((pin * kp8 + t) * nr + c0) * 4;
+        int8_t *lo = out + (2 * t - t4) * nb, *hi = lo + nb;
+        for (int i = 0; i < nb; i++) {
+            lo[i] = (int8_t)(((src[i] & 15) ^ 8) - 8);
+            hi[i] = (int8_t)(((src[i] >> 4) ^ 8) - 8);
+        }
+    }
+}
+
 int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_size, void *packed)
 {
     pack_ctx c;
     int st = geometry(format, n, k, group_size, &c.h);
     if (st != CQ_OK) return st;
     if (!q || !packed) return CQ_ERR_NULL;
-    if (has_minus128(q, n * k)) return CQ_ERR_RANGE;
+    if (cq_format_is_i4(c.h.format) ? outside_i4(q, n * k) : has_minus128(q, n * k)) return CQ_ERR_RANGE;
     c.q = q;
     c.packed = (int8_t *)packed;
     c.unpack = 0;
     memset(packed, 0, CQ_PACK_HEADER);
     memcpy(packed, &c.h, CQ_PACK_STORED);
     /* the gap between the codes and the 64-byte aligned sums */
-    int64_t codes_end = CQ_PACK_HEADER + c.h.np * c.h.kp4 * 4 * c.h.nr;
+    int64_t codes_end = CQ_PACK_HEADER + c.h.np * (cq_format_is_i4(c.h.format) ? c.h.kp4 / 2 : c.h.kp4) * 4 * c.h.nr;
     memset(c.packed + codes_end, 0, (size_t)(c.h.sums_off - codes_end));
     cq_parallel_for(c.h.np, (double)n * k < 4.0e6 ? 1 : cq_threads_for((double)n * k, c.h.np), pack_unit, &c);
     return CQ_OK;

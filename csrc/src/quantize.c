@@ -17,13 +17,15 @@ typedef struct {
     int64_t rows_per_unit;
     int64_t ldq;       /* row stride of q (>= k); columns [k, ldq) are zeroed */
     int tiled;         /* activations in 16-row x 64-byte tiles (cq_ukernel.a_tiled; ldq % 64 == 0) */
+    float qmax;        /* 127 (int8) or 7 (int4 weights): scale = max|w| / qmax; 0 means 127 */
 } quant_ctx;
 
-static float scale_of(float amax)
+static float scale_of_q(float amax, float qmax)
 {
-    float s = amax / 127.0f;
+    float s = amax / qmax;
     return s > 0.0f ? s : 1.0f; /* all-zero slice (or one whose scale underflows to 0) */
 }
+static float scale_of(float amax) { return scale_of_q(amax, 127.0f); }
 
 /* One row of activations (scale s, or NaN: codes 0) written straight into the tiled layout of
  * cq_ukernel.a_tiled: the block of 16 rows holding row r starts at (r / 16) * 16 * ldq, and its
@@ -68,7 +70,7 @@ static void quant_unit(void *vctx, int64_t u)
                 c->scales[r * c->ng + g] = NAN;
                 continue;
             }
-            float s = scale_of(amax);
+            float s = scale_of_q(amax, c->qmax > 0.0f ? c->qmax : 127.0f);
             c->scales[r * c->ng + g] = s;
             c->kern->quantize(src, c->group, s, dst, c->flip);
         }
@@ -102,6 +104,14 @@ static void flat_quant_unit(void *vctx, int64_t u)
 int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_size, int8_t *q,
                 float *scales)
 {
+    return cq_quantize_bits(8, w, n, k, scheme, group_size, q, scales);
+}
+
+int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme, int64_t group_size,
+                     int8_t *q, float *scales)
+{
+    if (bits != 8 && bits != 4) return CQ_ERR_ARG;
+    const float qmax = bits == 8 ? 127.0f : 7.0f; /* |w / scale| <= 7 (+ rounding): codes in [-7, 7] */
     int64_t ns = cq_num_scales(scheme, n, k, group_size);
     if (ns < 0) return (int)ns;
     if (!w || !q || !scales) return CQ_ERR_NULL;
@@ -111,14 +121,14 @@ int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_
     if (scheme == CQ_PER_TENSOR) {
         float amax;
         if (!kern->absmax(w, n * k, &amax)) return CQ_ERR_NONFINITE;
-        flat_ctx c = {kern, w, n * k, 1 << 16, scale_of(amax), q};
+        flat_ctx c = {kern, w, n * k, 1 << 16, scale_of_q(amax, qmax), q};
         int64_t nunits = cq_ceil_div(n * k, c.chunk);
         scales[0] = c.scale;
         cq_parallel_for(nunits, n * k < 1000000 ? 1 : cq_threads_for((double)n * k, nunits), flat_quant_unit, &c);
         return CQ_OK;
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
-                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0};
+                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0, qmax};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }
@@ -126,7 +136,7 @@ int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_
 void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
                            int flip, int tiled, int8_t *q, float *scales)
 {
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled};
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f};
     quantize_rows_parallel(&c);
 }
 

@@ -32,7 +32,10 @@ MODES = {"weight_only": lib.CQ_MODE_WEIGHT_ONLY, "dynamic": lib.CQ_MODE_DYNAMIC}
 # in the order of the paths (each runs the kernels of those before it where it has none of its own)
 _ISAS = {"scalar": lib.CQ_ISA_SCALAR, "avx2": lib.CQ_ISA_AVX2, "avxvnni": lib.CQ_ISA_AVXVNNI,
          "avx512": lib.CQ_ISA_AVX512, "avx512vnni": lib.CQ_ISA_AVX512VNNI, "amx": lib.CQ_ISA_AMX}
-FORMATS = {"n16k4": lib.CQ_FORMAT_N16K4, "n64k4": lib.CQ_FORMAT_N64K4}
+FORMATS = {"n16k4": lib.CQ_FORMAT_N16K4, "n64k4": lib.CQ_FORMAT_N64K4,
+           "n16k8i4": lib.CQ_FORMAT_N16K8I4, "n64k8i4": lib.CQ_FORMAT_N64K8I4}
+_FORMAT_BITS = {lib.CQ_FORMAT_N16K4: 8, lib.CQ_FORMAT_N64K4: 8, lib.CQ_FORMAT_N16K8I4: 4, lib.CQ_FORMAT_N64K8I4: 4}
+BITS = (8, 4)
 _FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 MAX_K_S32 = lib.CQ_MAX_K_S32
 
@@ -164,7 +167,14 @@ def _float_array(a, name: str) -> np.ndarray:
         raise errors.TypeError(
             f"{name} must be a floating-point array (float32, float64 or float16), got dtype {arr.dtype}")
     with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: refused later as non-finite
-        return np.ascontiguousarray(arr, dtype=np.float32)
+        return np.require(arr, np.float32, _CA)
+
+
+# The C kernels take float * / int32_t *: an array at an address that is not a multiple of its
+# element size (np.frombuffer at an odd offset, a view of a packed record, the CLI's mmap of a
+# file whose header length is odd) is copied first; dereferencing it in C is undefined behaviour
+# (UBSan: "load of misaligned address"). np.require with "A" copies only such arrays.
+_CA = ("C", "A")
 
 
 _from_buffer = ffi.from_buffer  # read-only buffers are accepted (require_writable defaults to False)
@@ -182,7 +192,13 @@ def check_finite(a: np.ndarray, name: str = "array") -> None:
         raise errors.NonFiniteError(f"{name} holds {bad} NaN/Inf value(s); quantization needs finite weights")
 
 
-def _scheme(granularity: str, group_size: Optional[int], k: int) -> tuple[int, int]:
+def _bits(bits) -> int:
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or int(bits) not in BITS:
+        raise errors.ValueError(f"bits must be 8 or 4, got {bits!r}")
+    return int(bits)
+
+
+def _scheme(granularity: str, group_size: Optional[int], k: int, bits: int = 8) -> tuple[int, int]:
     if granularity not in GRANULARITIES:
         raise errors.ValueError(
             f"unknown granularity {granularity!r}; expected one of {sorted(GRANULARITIES)}")
@@ -196,6 +212,9 @@ def _scheme(granularity: str, group_size: Optional[int], k: int) -> tuple[int, i
     if g <= 0 or g % 4 != 0 or k % g != 0:
         raise errors.ValueError(
             f"group_size must be a positive multiple of 4 that divides K={k}, got {g}")
+    if bits == 4 and (g % 8 != 0 or g > 256):
+        raise errors.ValueError(f"int4 weights need a group_size that is a multiple of 8 and at most 256 "
+                                f"(e.g. 32, 64, 128), got {g}")
     return lib.CQ_PER_GROUP, g
 
 
@@ -256,7 +275,7 @@ class QuantizedWeight:
             raise errors.ValueError(
                 f"packed is not a packed weight of shape {(n, k)} for {granularity}"
                 + (f" (group_size {group_size})" if granularity == "per_group" else ""))
-        scale = np.ascontiguousarray(scale, dtype=np.float32)
+        scale = np.require(scale, np.float32, _CA)
         if scale.shape != _scale_shape(granularity, n, k, group_size):
             raise errors.ShapeError(f"scale has shape {scale.shape}, expected "
                                     f"{_scale_shape(granularity, n, k, group_size)} for {granularity}")
@@ -269,17 +288,28 @@ class QuantizedWeight:
 
     @classmethod
     def from_codes(cls, q: np.ndarray, scale: np.ndarray, granularity: str = "per_channel",
-                   group_size: Optional[int] = None, format: Optional[str] = None) -> "QuantizedWeight":
-        """Build from canonical (N, K) int8 codes in [-127, 127] (e.g. read from a checkpoint),
-        packed in ``format`` ('n16k4', 'n64k4'; default: the best for the active path)."""
+                   group_size: Optional[int] = None, format: Optional[str] = None,
+                   bits: Optional[int] = None) -> "QuantizedWeight":
+        """Build from canonical (N, K) int8 codes in [-127, 127] (bits=8) or [-7, 7] (bits=4; two
+        codes per byte once packed), e.g. read from a checkpoint, packed in ``format`` ('n16k4',
+        'n64k4', 'n16k8i4', 'n64k8i4'; default: the best for the active path and bits)."""
         q = np.asarray(q)
         if q.dtype != np.int8 or q.ndim != 2 or q.size == 0:
             raise errors.ValueError(f"codes must be a non-empty 2-D int8 array, got {q.dtype} {q.shape}")
         q = np.ascontiguousarray(q)
-        _scheme(granularity, group_size, q.shape[1])
         if format is not None and format not in FORMATS:
             raise errors.ValueError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
-        packed = _pack(q, granularity, group_size, FORMATS[format] if format else 0)
+        fbits = _FORMAT_BITS[FORMATS[format]] if format else None
+        bits = _bits(bits if bits is not None else (fbits or 8))
+        if fbits is not None and fbits != bits:
+            raise errors.ValueError(f"format {format!r} holds {fbits}-bit codes, not {bits}-bit")
+        _scheme(granularity, group_size, q.shape[1], bits)
+        if bits == 4 and (int(q.min()) < -7 or int(q.max()) > 7):
+            raise errors.ValueError("int4 codes must lie in [-7, 7]")
+        fmt = FORMATS[format] if format else lib.cq_best_format_bits(q.shape[0], bits)
+        if fmt < 0:
+            _raise(int(fmt), "best format")
+        packed = _pack(q, granularity, group_size, fmt)
         return cls(packed, scale, q.shape, granularity, group_size)
 
     @property
@@ -290,6 +320,11 @@ class QuantizedWeight:
         if code < 0:
             _raise(code, "QuantizedWeight.format")
         return _FORMAT_NAMES[code]
+
+    @property
+    def bits(self) -> int:
+        """Bits per code: 8, or 4 (two codes per byte in the packed buffer)."""
+        return _FORMAT_BITS[FORMATS[self.format]]
 
     @property
     def q(self) -> np.ndarray:
@@ -313,9 +348,10 @@ class QuantizedWeight:
         """cffi pointers and C scheme, cached (not pickled): the hot path builds nothing per call.
         The cache remembers the format it was made for; a path whose best format differs repacks."""
         c = self._cache
-        best = lib.cq_best_format(self.shape[0])
+        bits = c[6] if c is not None else self.bits
+        best = lib.cq_best_format_bits(self.shape[0], bits)
         if c is None or c[5] != best:
-            code, g = _scheme(self.granularity, self.group_size, self.shape[1])
+            code, g = _scheme(self.granularity, self.group_size, self.shape[1], bits)
             if best > 0 and lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
                                                ffi.NULL, ffi.NULL, ffi.NULL) != best:
                 self.packed = _pack(self.q, self.granularity, self.group_size, best)
@@ -323,16 +359,46 @@ class QuantizedWeight:
                 aligned = _empty64(self.packed.size)
                 aligned[...] = self.packed
                 self.packed = aligned
-            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None, best)
+            c = self._cache = (_ptr("int8_t[]", self.packed), _ptr("float[]", self.scale), code, g, None, best, bits)
         return c
 
     def __getstate__(self):
         return {s: getattr(self, s) for s in self.__slots__ if s != "_cache"}
 
     def __setstate__(self, state):
-        for key, value in state.items():
-            object.__setattr__(self, key, value)
-        self._cache = None
+        """Rebuild from a pickle with the checks of ``__init__`` and more: a pickle is data from
+        elsewhere, and the C kernels trust the packed buffer (a shape larger than the buffer would
+        read past it). Dtypes are checked, not converted; the packed buffer must hold exactly the
+        weight its shape says (header, size, -128-free codes, column sums: it must equal the packing
+        of its own codes); scales must be finite. Anything else is a cquant ValueError/TypeError.
+        (Unpickling still runs whatever code a hostile pickle names, as every pickle does: load
+        pickles only from sources you trust; checkpoints are the safe format.)"""
+        if not isinstance(state, dict) or set(state) != {"packed", "scale", "shape", "granularity", "group_size"}:
+            raise errors.ValueError("not a pickled QuantizedWeight: its state must hold packed, scale, shape, "
+                                    "granularity and group_size")
+        packed, scale, shape = state["packed"], state["scale"], state["shape"]
+        gran, g = state["granularity"], state["group_size"]
+        if type(packed) is not np.ndarray or packed.dtype != np.int8 or packed.ndim != 1:
+            raise errors.TypeError(f"pickled QuantizedWeight: packed must be a 1-D int8 ndarray, got "
+                                   f"{type(packed).__name__} {getattr(packed, 'dtype', '')}")
+        if type(scale) is not np.ndarray or scale.dtype != np.float32:
+            raise errors.TypeError(f"pickled QuantizedWeight: scale must be a float32 ndarray, got "
+                                   f"{type(scale).__name__} {getattr(scale, 'dtype', '')}")
+        if (not isinstance(shape, tuple) or len(shape) != 2
+                or not all(type(d) is int and d > 0 for d in shape)):
+            raise errors.ValueError(f"pickled QuantizedWeight: shape must be two positive ints, got {shape!r}")
+        if not isinstance(gran, str) or not (g is None or type(g) is int):
+            raise errors.TypeError("pickled QuantizedWeight: granularity must be a str and group_size an int or None")
+        self.__init__(packed, scale, shape, gran, g)  # header vs shape, size, scheme, scale shape
+        if not np.isfinite(self.scale).all():
+            raise errors.NonFiniteError("pickled QuantizedWeight: scale holds NaN or Inf")
+        q = self.q  # codes back out of the (now size-checked) buffer
+        if q.size and int(q.min()) == -128:
+            raise errors.ValueError("pickled QuantizedWeight: codes hold -128; codes must be in [-127, 127]")
+        fmt = lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size, _NULL, _NULL, _NULL)
+        if not np.array_equal(_pack(q, gran, g, int(fmt)), self.packed):
+            raise errors.ValueError("pickled QuantizedWeight: packed buffer is inconsistent (its padding or "
+                                    "column sums are not those of its codes)")
 
     def __repr__(self) -> str:
         return f"QuantizedWeight(shape={self.shape}, scheme={self.scheme}, nbytes={self.nbytes})"
@@ -348,16 +414,18 @@ def _weight_2d(w, name: str = "weight") -> np.ndarray:
 
 
 def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = None,
-             name: str = "weight") -> tuple[np.ndarray, np.ndarray]:
+             name: str = "weight", bits: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Canonical codes and scales of w (N, K): ``(q int8 (N, K), scale float32)`` (scale shape as
-    in QuantizedWeight). NonFiniteError if w holds NaN/Inf."""
+    in QuantizedWeight). bits=8: codes in [-127, 127], scale max|w| / 127; bits=4: codes in
+    [-7, 7], scale max|w| / 7 (the same rule with 7 for 127). NonFiniteError if w holds NaN/Inf."""
     orig = w
+    bits = _bits(bits)
     w = _weight_2d(w, name)
     n, k = w.shape
-    code, g = _scheme(granularity, group_size, k)
+    code, g = _scheme(granularity, group_size, k, bits)
     q = np.empty((n, k), dtype=np.int8)
     scale = np.empty(_scale_shape(granularity, n, k, group_size), dtype=np.float32)
-    st = lib.cq_quantize(_ptr("float[]", w), n, k, code, g, _ptr("int8_t[]", q), _ptr("float[]", scale))
+    st = lib.cq_quantize_bits(bits, _ptr("float[]", w), n, k, code, g, _ptr("int8_t[]", q), _ptr("float[]", scale))
     if st == lib.CQ_ERR_NONFINITE:
         check_finite(orig, name)  # NaN/Inf in the caller's array: says how many
         raise errors.NonFiniteError(
@@ -368,10 +436,11 @@ def quantize(w, granularity: str = "per_channel", group_size: Optional[int] = No
 
 
 def quantize_weight(w, granularity: str = "per_channel", group_size: Optional[int] = None,
-                    name: str = "weight") -> QuantizedWeight:
-    """Quantize a float (N, K) weight into a packed QuantizedWeight (the float copy is not kept)."""
-    q, scale = quantize(w, granularity, group_size, name)
-    return QuantizedWeight.from_codes(q, scale, granularity, group_size)
+                    name: str = "weight", bits: int = 8) -> QuantizedWeight:
+    """Quantize a float (N, K) weight into a packed QuantizedWeight (the float copy is not kept);
+    bits=4 packs two codes per byte."""
+    q, scale = quantize(w, granularity, group_size, name, bits)
+    return QuantizedWeight.from_codes(q, scale, granularity, group_size, bits=bits)
 
 
 def dequantize(qw: QuantizedWeight) -> np.ndarray:
@@ -379,7 +448,7 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
     n, k = qw.shape
     q = qw.q
     out = np.empty((n, k), dtype=np.float32)
-    _, _, code, g, _, _ = qw._native()
+    _, _, code, g, _, _, _ = qw._native()
     _check(lib.cq_dequantize(_ptr("int8_t[]", q), _ptr("float[]", qw.scale), n, k, code, g,
                              _ptr("float[]", out)), "dequantize")
     return out
@@ -445,7 +514,7 @@ def gemm_s8s8s32(a, b) -> np.ndarray:
 _F32 = np.dtype(np.float32)
 _NULL = ffi.NULL
 _cq_linear = lib.cq_linear
-_best_format = lib.cq_best_format
+_best_format_bits = lib.cq_best_format_bits
 
 
 def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarray:
@@ -458,14 +527,14 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
     """
     cache = qw._cache if type(qw) is QuantizedWeight else None
-    if cache is None or cache[5] != _best_format(qw.shape[0]):
+    if cache is None or cache[5] != _best_format_bits(qw.shape[0], cache[6]):
         if not isinstance(qw, QuantizedWeight):
             raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
         cache = qw._native()
     mcode = MODES.get(mode) if type(mode) is str else None
     if mcode is None:
         raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous:
+    if type(x) is not np.ndarray or x.dtype is not _F32 or not (xf := x.flags).c_contiguous or not xf.aligned:
         if np.ndim(x) == 0:
             raise errors.ShapeError(f"x must have at least one dimension (..., K={qw.shape[1]}), got a scalar")
         x = _float_array(x, "x")
@@ -477,20 +546,20 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
     y = np.empty(shape[:-1] + (n,), dtype=_F32)
     if m == 0:
         return y
-    pk, ps, code, g, bias_cache, fmt = cache
+    pk, ps, code, g, bias_cache, fmt, bits = cache
     if bias is None:
         bp = _NULL
     elif bias_cache is not None and bias_cache[0] is bias:
         bp = bias_cache[1]
     else:
         b = bias
-        if type(b) is not np.ndarray or b.dtype is not _F32 or not b.flags.c_contiguous:
+        if type(b) is not np.ndarray or b.dtype is not _F32 or not (bf := b.flags).c_contiguous or not bf.aligned:
             b = _float_array(b, "bias")
         if b.shape != (n,):
             raise errors.ShapeError(f"bias has shape {b.shape}, expected ({n},)")
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
-            qw._cache = (pk, ps, code, g, (bias, bp), fmt)
+            qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
     st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                     _from_buffer("float[]", y))
     if st:
@@ -543,6 +612,9 @@ def _writable_f32(x, name: str) -> np.ndarray:
                                f"{type(x).__name__} {getattr(x, 'dtype', '')}")
     if not x.flags.c_contiguous or not x.flags.writeable:
         raise errors.TypeError(f"{name} must be C-contiguous and writable (written in place)")
+    if not x.flags.aligned:
+        raise errors.TypeError(f"{name} is not aligned to 4 bytes (written in place, so it cannot be "
+                               "copied); pass an aligned array, e.g. a copy")
     return x
 
 
@@ -636,7 +708,7 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
 def _rows_view(a: np.ndarray, shape: tuple) -> Optional[int]:
     """Row stride (floats) of a float32 (B, T, W) array whose rows are evenly spaced with unit
     column stride (C-contiguous, or a column slice of a fused projection), else None."""
-    if a.dtype != np.float32 or a.shape != shape:
+    if a.dtype != np.float32 or a.shape != shape or not a.flags.aligned:
         return None
     if a.flags.c_contiguous:
         return shape[2]
@@ -675,7 +747,7 @@ def attention(q, k, v, num_heads: int, mask_bias=None, scale: Optional[float] = 
     dh = h // heads
     lds = [_rows_view(a, shape) for a in arrs]
     if lds[0] is None or len(set(lds)) != 1:
-        arrs = [np.ascontiguousarray(a, dtype=np.float32) for a in arrs]
+        arrs = [np.require(a, np.float32, _CA) for a in arrs]
         ld = h
     else:
         ld = lds[0]
