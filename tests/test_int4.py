@@ -58,6 +58,10 @@ def test_int4_linear_every_path(path, n, k, gran, group):  # noqa: F811
         np.testing.assert_array_equal(y, want[:m], err_msg=f"M={m} {ops.last_kernel()}")
         xf = np.delete(x, 3, axis=0)[:m]
         yw = ops.linear(xf, qw, bias, mode="weight_only")
+        if m < 4:  # codes expanded in registers by an int4 GEMV of the path
+            kern = ops.last_kernel()
+            assert kern.startswith("f32_qc4w_gemv4"), kern
+            assert kern.endswith("_ref") == (path == "scalar"), kern
         err = np.abs(yw.astype(np.float64) - yo[:m])
         assert (err <= budget[:m]).all(), (m, ops.last_kernel(), float((err / budget[:m]).max()))
     assert qw.format == table_best_format(path, n).replace("k4", "k8i4")

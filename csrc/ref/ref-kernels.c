@@ -109,6 +109,22 @@ void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *
         }
 }
 
+void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *const *panels, int64_t step,
+                         const float *ws, float *y)
+{
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < nr; j++) {
+            float s = 0.0f;
+            for (int64_t t = 0; t < nk8; t++)
+                for (int kk = 0; kk < 8; kk++) {
+                    unsigned v = (uint8_t)panels[p][t * step + 4 * j + (kk & 3)];
+                    int q = (int)(((kk < 4 ? v : v >> 4) & 15u) ^ 8u) - 8;
+                    s += x[8 * t + kk] * (float)q;
+                }
+            y[p * nr + j] += ws[p * nr + j] * s;
+        }
+}
+
 /* The reference GELU: libm's erf in double (GELU(-Inf) = 0, where the formula gives -Inf * 0). */
 float cq_gelu1(float x)
 {

@@ -98,8 +98,14 @@ typedef void (*cq_f32_gemm_fn)(int mr, int nr, int64_t kc, const float *a, int64
 typedef void (*cq_f32_gemv4_fn)(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
                                 const float *ws, float *y);
 
+/* Weight-only GEMV over 4 slices of int4 panels (nr columns each; step k of 8 at panels[p] + t *
+ * step bytes, column j's 8 codes in the int32 at + 4j, as cquant.h's int4 formats):
+ * y[p*nr + j] += ws[p*nr + j] * sum_{t<nk8, kk<8} x[8t+kk] * code(p, t, j, kk). */
+typedef void (*cq_f32_i4_gemv4_fn)(int nr, int64_t nk8, const float *x, const int8_t *const *panels,
+                                   int64_t step, const float *ws, float *y);
+
 /* The registry: every compiled micro-kernel, with a name that says type, tile and ISA. */
-enum { CQ_UK_QD8_GEMM, CQ_UK_QD8_GEMV4, CQ_UK_F32_DEQUANT, CQ_UK_F32_GEMM, CQ_UK_F32_GEMV4 };
+enum { CQ_UK_QD8_GEMM, CQ_UK_QD8_GEMV4, CQ_UK_F32_DEQUANT, CQ_UK_F32_GEMM, CQ_UK_F32_GEMV4, CQ_UK_F32_I4_GEMV4 };
 typedef struct {
     const char *name;
     int op;      /* CQ_UK_* */
@@ -134,6 +140,7 @@ typedef struct {
     int isa, format;
     const cq_ukernel *dequant, *gemm, *gemv4;
     int kc;                          /* k block dequantized at once (floats per column) */
+    const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers (or NULL) */
 } cq_f32_config;
 const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4);
 const cq_f32_config *cq_f32_config_for(int active_isa, int format);
@@ -197,6 +204,8 @@ void cq_ref_f32_gemm(int mr, int nr, int64_t kc, const float *a, int64_t lda, co
                      float *c, int64_t ldc);
 void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
                       const float *ws, float *y);
+void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *const *panels, int64_t step,
+                         const float *ws, float *y);
 
 /* Thread pool (threads.c). Runs fn(ctx, u) for every u in [0, nunits), each exactly once, on up
  * to `threads` threads (the caller included). Which thread runs which unit must not matter to the

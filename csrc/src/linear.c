@@ -321,32 +321,62 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     const cq_f32_gemv4_fn gemv = (cq_f32_gemv4_fn)c->fcfg->gemv4->fn;
     int64_t p0 = 4 * u;
     const int8_t *panels[4];
-    float ws[4 * MAXNR], bb[MAXNR], y[4 * MAXNR];
+    float bb[MAXNR], y[WO_GEMM_MIN_M - 1][4 * MAXNR];
+    /* the scales of GB groups of the unit's 4 panels, gathered once for all rows: per group a
+     * strided gather of 4 * nr scalars (rows ng floats apart) was 40% of the time of a per-group
+     * (11008, 4096) GEMV; here each row's GB consecutive scales are one contiguous read */
+    enum { GB = 16 };
+    float wsb[GB][4 * MAXNR];
     int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
-    /* int4: a group in blocks of the 4 panels expanded side by side */
+    /* int4 with a kernel that expands the codes in registers: slices of the int4 panels directly */
+    const cq_f32_i4_gemv4_fn gemv_i4 = c->i4 && c->fcfg->gemv4_i4 ? (cq_f32_i4_gemv4_fn)c->fcfg->gemv4_i4->fn : NULL;
+    const int64_t step4 = 4 * (int64_t)c->h4.nr, kp8 = c->kp4 / 2;
+    /* int4 without one: a group in blocks of the 4 panels expanded side by side */
     const int64_t blk = c->i4 ? 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr) : c->group4;
-    int64_t last = c->np - 1;
-    for (int64_t r = 0; r < c->m; r++) {
-        memset(y, 0, sizeof y);
-        for (int64_t gi = 0; gi < c->ng; gi++) {
-            int64_t t0 = gi * c->group4;
-            for (int i = 0; i < 4; i++) /* past the last panel: repeat it (discarded) */
-                panel_scales(c, p0 + i <= last ? p0 + i : last, gi, ws + i * nr);
-            for (int64_t t = t0; t < t0 + c->group4; t += blk) {
-                int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
-                for (int i = 0; i < 4; i++)
-                    panels[i] = panel_blk(c, p0 + i <= last ? p0 + i : last, t, n4, scratch + i * blk * 4 * nr);
-                gemv(nr, n4, c->x + r * c->xlda + 4 * t, panels, ws, y);
+    int64_t last = c->np - 1, pp[4];
+    for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
+    memset(y, 0, sizeof y);
+    for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
+        const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < nr; j++) {
+                int64_t row = pp[i] * nr + j;
+                const float *src = c->scheme == CQ_PER_TENSOR ? c->scales : c->scales + row * c->ng + g0;
+                /* the next block's line of this row: rows ng floats apart defeat the hardware
+                 * prefetcher, and a miss per row per block was most of this loop's time */
+                if (g0 + 2 * GB < c->ng && row < c->n) __builtin_prefetch(src + 2 * GB);
+                if (g0 == 0 && GB < c->ng && row < c->n) __builtin_prefetch(src + GB);
+                for (int64_t g = 0; g < gn; g++)
+                    wsb[g][i * nr + j] = row >= c->n ? 0.0f : c->scheme == CQ_PER_TENSOR ? src[0] : src[g];
             }
-        }
+        for (int64_t r = 0; r < c->m; r++)
+            for (int64_t gi = g0; gi < g0 + gn; gi++) {
+                const int64_t t0 = gi * c->group4;
+                const float *ws = wsb[gi - g0];
+                const float *xr = c->x + r * c->xlda;
+                if (gemv_i4) {
+                    for (int i = 0; i < 4; i++) {
+                        int64_t col = pp[i] * nr;
+                        panels[i] = c->codes4 + ((col / c->h4.nr) * kp8 + t0 / 2) * step4 + (col % c->h4.nr) * 4;
+                    }
+                    gemv_i4(nr, c->group4 / 2, xr + 4 * t0, panels, step4, ws, y[r]);
+                    continue;
+                }
+                for (int64_t t = t0; t < t0 + c->group4; t += blk) {
+                    int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
+                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, scratch + i * blk * 4 * nr);
+                    gemv(nr, n4, xr + 4 * t, panels, ws, y[r]);
+                }
+            }
+    }
+    for (int64_t r = 0; r < c->m; r++)
         for (int i = 0; i < 4 && p0 + i <= last; i++) {
             int64_t p = p0 + i, cols = cols_of(c, p);
             panel_bias(c, p, bb);
             float *yr = c->y + r * c->n + p * nr;
             const float up = c->xup[r];
-            for (int64_t j = 0; j < cols; j++) yr[j] = y[i * nr + j] * up + bb[j];
+            for (int64_t j = 0; j < cols; j++) yr[j] = y[r][i * nr + j] * up + bb[j];
         }
-    }
 }
 
 /* One unit = a block of up to WO_MB rows of x times WO_COLS columns (WO_COLS / nr panels). The k
@@ -527,7 +557,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
                 }
                 c.x = xp; c.xlda = lda; scratch = xp;
             }
-            cq_set_last_kernel(c.fcfg->gemv4->name);
+            cq_set_last_kernel(c.i4 && c.fcfg->gemv4_i4 ? c.fcfg->gemv4_i4->name : c.fcfg->gemv4->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
         } else {

@@ -11,6 +11,7 @@ void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const int8_t *, const int8_
 void cq_f32_qc8w_dequant_16c4_avx2(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x16_avx2(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
 void cq_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+void cq_f32_qc4w_gemv4_1x64c8_avx2(int, int64_t, const float *, const int8_t *const *, int64_t, const float *, float *);
 #define HAVE_AVX2 1
 #endif
 #if defined(CQ_X86) && CQ_CAN_TARGET_AVX512
@@ -20,6 +21,7 @@ void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int, int, int64_t, const int8_t *, int
 void cq_f32_qc8w_dequant_64c4_avx512f(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
 void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+void cq_f32_qc4w_gemv4_1x256c8_avx512f(int, int64_t, const float *, const int8_t *const *, int64_t, const float *, float *);
 #define HAVE_AVX512 1
 #endif
 #if defined(CQ_X86) && CQ_CAN_TARGET_AVXVNNI
@@ -34,12 +36,12 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int, int, int64_t, const int8_t *, int64_t
 
 /* Indices into UKERNELS, for the configs below. */
 enum {
-    REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4,
+    REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, REF_F32_I4_GEMV4,
 #ifdef HAVE_AVX2
-    AVX2_QD8_GEMM, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4,
+    AVX2_QD8_GEMM, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, AVX2_F32_I4_GEMV4,
 #endif
 #ifdef HAVE_AVX512
-    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4,
+    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4,
 #endif
 #ifdef HAVE_AVXVNNI
     AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4,
@@ -58,12 +60,14 @@ static const cq_ukernel UKERNELS[] = {
     {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0},
     {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0},
     {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0},
+    {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0},
 #ifdef HAVE_AVX2
     {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0},
     {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0},
     {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0},
     {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0},
     {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0},
+    {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0},
 #endif
 #ifdef HAVE_AVX512
     {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0},
@@ -72,6 +76,7 @@ static const cq_ukernel UKERNELS[] = {
     {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0},
     {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0},
     {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0},
+    {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0},
 #endif
 #ifdef HAVE_AVXVNNI
     {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0},
@@ -133,16 +138,16 @@ static const cq_qd8_config QD8_CFG[] = {
     {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
     {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
 };
-/* {path, format, dequant, gemm, gemv4, kc} */
+/* {path, format, dequant, gemm, gemv4, kc, int4 gemv4} */
 static const cq_f32_config F32_CFG[] = {
 #ifdef HAVE_AVX512
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128, UK(F512_F32_I4_GEMV4)},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4)},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4)},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4)},
 };
 #define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 

@@ -620,6 +620,56 @@ static void test_f32_gemv4(const cq_ukernel *uk)
         }
 }
 
+/* int4 weight-only GEMV: random bytes (every nibble value, -8 included, is exercised), panels that
+ * are slices of wider int4 panels (step = 4 * 64 bytes) or whole ones, a repeated panel, k tails. */
+static void test_f32_i4_gemv4(const cq_ukernel *uk)
+{
+    int nrs[2] = {uk->nr, 0}, nnr = 1;
+    if (uk->nr == 0) { nrs[0] = 16; nrs[1] = 64; nnr = 2; }
+    const int64_t nk8s[] = {1, 2, 3, 4, 7, 16, 33, 130};
+    for (int ni = 0; ni < nnr; ni++)
+        for (int ki = 0; ki < (int)(sizeof nk8s / sizeof nk8s[0]); ki++)
+            for (int wide = 0; wide < 2; wide++) {
+                const int nr = nrs[ni];
+                const int64_t nk8 = nk8s[ki], step = 4 * (wide ? 64 : nr), psz = nk8 * step;
+                float *x = (float *)xmalloc(sizeof(float) * (size_t)(8 * nk8));
+                float *ws = (float *)xmalloc(sizeof(float) * (size_t)(4 * nr));
+                int8_t *pb = (int8_t *)xmalloc((size_t)(4 * psz + 64));
+                for (int64_t i = 0; i < 8 * nk8; i++) x[i] = rndf() * 2.0f;
+                for (int i = 0; i < 4 * nr; i++) ws[i] = rnd_pos(0.5f, 2.0f) * 0.01f;
+                for (int64_t i = 0; i < 4 * psz + 64; i++) pb[i] = (int8_t)(rand() & 255);
+                const int64_t off = wide && nr < 64 ? 4 * 16 : 0; /* the second 16-column slice */
+                const int8_t *panels[4] = {pb + off, pb + psz + off, pb + 2 * psz + off, pb + (wide ? 2 : 3) * psz + off};
+                float *y = (float *)gb_new((size_t)(4 * nr), SENT_F32);
+                float y0[4 * 64];
+                for (int i = 0; i < 4 * nr; i++) y0[i] = y[i] = rndf() * 10.0f;
+                ((cq_f32_i4_gemv4_fn)uk->fn)(nr, nk8, x, panels, step, ws, y);
+                int ok = 1;
+                char msg[160] = "";
+                for (int p = 0; p < 4 && ok; p++)
+                    for (int j = 0; j < nr && ok; j++) {
+                        double sum = 0, mag = 0;
+                        for (int64_t t = 0; t < nk8; t++)
+                            for (int kk = 0; kk < 8; kk++) {
+                                unsigned v = (uint8_t)panels[p][t * step + 4 * j + (kk & 3)];
+                                int q = (int)(((kk < 4 ? v : v >> 4) & 15u) ^ 8u) - 8;
+                                double prod = (double)x[8 * t + kk] * q;
+                                sum += prod; mag += fabs(prod);
+                            }
+                        double w = ws[p * nr + j], e = y0[p * nr + j] + w * sum;
+                        double tol = 2.0 * (double)(8 * nk8 + 3) * 5.9604645e-08 * (fabs(y0[p * nr + j]) + w * mag) + 1e-30;
+                        if (!(fabs((double)y[p * nr + j] - e) <= tol)) {
+                            snprintf(msg, sizeof msg, "y[%d][%d] = %.9g, want %.9g", p, j, y[p * nr + j], e);
+                            ok = 0;
+                        }
+                    }
+                if (ok && !gb_guards_ok(y, (size_t)(4 * nr), SENT_F32)) { snprintf(msg, sizeof msg, "wrote outside y"); ok = 0; }
+                CHECK(ok, "%s: nr=%d nk8=%lld step=%lld: %s", uk->name, nr, (long long)nk8, (long long)step, msg);
+                gb_free(y);
+                free(x); free(ws); free(pb);
+            }
+}
+
 static const char *op_name(int op)
 {
     switch (op) {
@@ -628,6 +678,7 @@ static const char *op_name(int op)
     case CQ_UK_F32_DEQUANT: return "f32 dequant";
     case CQ_UK_F32_GEMM: return "f32 gemm";
     case CQ_UK_F32_GEMV4: return "f32 gemv4";
+    case CQ_UK_F32_I4_GEMV4: return "f32 i4 gemv4";
     default: return "unknown op";
     }
 }
@@ -654,6 +705,7 @@ static int test_registry(void)
         case CQ_UK_F32_DEQUANT: test_f32_dequant(uk); break;
         case CQ_UK_F32_GEMM: test_f32_gemm(uk); break;
         case CQ_UK_F32_GEMV4: test_f32_gemv4(uk); break;
+        case CQ_UK_F32_I4_GEMV4: test_f32_i4_gemv4(uk); break;
         default: CHECK(0, "%s: unknown op %d", uk->name, uk->op); break;
         }
         printf("%-4s kernel %-40s %-10s %-11s %2dx%-2d%s  %5d checks  %6.2f s\n", failures == f0 ? "ok" : "FAIL",
