@@ -287,12 +287,13 @@ asan: asan-c tsan asan-py
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----
 # One target per public entry point family (tests/fuzz/fuzz_*.c), each linked with csrc/ under
 # -fsanitize=fuzzer,address,undefined and run for FUZZ_SECONDS from tests/fuzz/corpus/<target>;
-# afterwards the corpus is minimised (-merge=1) so what is committed stays small.
+# afterwards the corpus is minimised (-merge=1) so what is committed stays small (kept as it was if
+# the merge fails, e.g. on an input that still crashes).
 # clang comes from Debian: `make fuzz-deps` (apt-get install clang libclang-rt-14-dev).
 CLANG ?= clang
 FUZZ_SECONDS ?= 20
 FUZZ_TARGETS := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
-FUZZ_FLAGS := -g -O1 -std=c99 -D_GNU_SOURCE -fno-strict-aliasing -Icsrc/include -Icsrc \
+FUZZ_FLAGS := -g -O1 -std=c99 -D_GNU_SOURCE -fno-strict-aliasing -Icsrc/include -Icsrc/src \
               -fsanitize=fuzzer,address,undefined -fno-sanitize-recover=undefined
 fuzz-deps:
 	apt-get update -qq && apt-get install -y -qq clang libclang-rt-14-dev
@@ -301,20 +302,36 @@ build/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h $(CSRCS) $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CLANG) $(FUZZ_FLAGS) $< $(CSRCS) -o $@ -lm -lpthread
 fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
+# Every target runs, whatever the others found: libFuzzer's fork mode keeps going after a crash or
+# a failed check (-ignore_crashes), writing each finding as build/fuzz/crash-<target>-*; at the end
+# every finding of every target is listed and `make fuzz` fails if there was any.
+FUZZ_JOBS ?= 1
 fuzz: fuzz-build
-	@set -e; for t in $(FUZZ_TARGETS); do \
+	@rm -f build/fuzz/crash-* build/fuzz/leak-* build/fuzz/timeout-* build/fuzz/oom-*; failed=""; \
+	for t in $(FUZZ_TARGETS); do \
 	  c=tests/fuzz/corpus/$$t; mkdir -p $$c build/fuzz/new-$$t; \
 	  echo "== $$t: $(FUZZ_SECONDS) s from $$(ls $$c | wc -l) corpus inputs"; \
 	  UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 CQUANT_NUM_THREADS=2 \
-	  ./build/fuzz/$$t -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=20 -rss_limit_mb=4096 \
-	      -print_final_stats=1 -artifact_prefix=build/fuzz/crash-$$t- build/fuzz/new-$$t $$c 2>build/fuzz/$$t.log \
-	    || { tail -60 build/fuzz/$$t.log; exit 1; }; \
-	  grep -E '^(stat::number_of_executed_units|stat::new_units_added)' build/fuzz/$$t.log || true; \
+	  ./build/fuzz/$$t -fork=$(FUZZ_JOBS) -ignore_crashes=1 -ignore_timeouts=1 -ignore_ooms=1 \
+	      -max_total_time=$(FUZZ_SECONDS) -max_len=4096 -timeout=20 -rss_limit_mb=4096 \
+	      -print_final_stats=1 -artifact_prefix=build/fuzz/crash-$$t- build/fuzz/new-$$t $$c \
+	      >build/fuzz/$$t.log 2>&1; rc=$$?; \
+	  n=$$(ls build/fuzz/crash-$$t-* 2>/dev/null | wc -l); \
+	  if [ $$n -gt 0 ] || [ $$rc -ne 0 ]; then \
+	    failed="$$failed $$t"; echo "   $$t: $$n finding(s) (exit $$rc); log build/fuzz/$$t.log"; \
+	    grep -E 'fuzz check failed|ERROR: (AddressSanitizer|UndefinedBehaviorSanitizer|libFuzzer)|runtime error' \
+	        build/fuzz/$$t.log | sort | uniq -c | head -20; \
+	  fi; \
+	  grep -E '^(stat::number_of_executed_units|stat::new_units_added)|INFO: exiting' build/fuzz/$$t.log | tail -3 || true; \
 	  rm -rf build/fuzz/min-$$t; mkdir -p build/fuzz/min-$$t; \
-	  ./build/fuzz/$$t -merge=1 build/fuzz/min-$$t $$c build/fuzz/new-$$t >/dev/null 2>&1; \
-	  rm -rf $$c build/fuzz/new-$$t; mv build/fuzz/min-$$t $$c; \
+	  ./build/fuzz/$$t -merge=1 build/fuzz/min-$$t $$c build/fuzz/new-$$t >/dev/null 2>&1 \
+	    && { rm -rf $$c build/fuzz/new-$$t; mv build/fuzz/min-$$t $$c; }; \
 	  echo "   corpus kept: $$(ls $$c | wc -l) inputs"; \
-	done
+	done; \
+	if [ -n "$$failed" ]; then \
+	  echo "make fuzz: findings in:$$failed"; ls -1 build/fuzz/crash-* 2>/dev/null | sed 's/^/   /'; \
+	  echo "   reproduce: ./build/fuzz/<target> <file>"; exit 1; \
+	fi; echo "make fuzz: no findings in $(words $(FUZZ_TARGETS)) targets"
 
 # ---- wheel ----
 # `make wheel` builds dist/cquant-VERSION-*.whl with build isolation (pyproject's build requirements

@@ -91,7 +91,7 @@ def test_int4_bytes_measured():
     q4 = ops.quantize_weight(w, bits=4)
     assert q4.packed.nbytes < 0.53 * q8.packed.nbytes
     g4 = ops.quantize_weight(w, "per_group", 32, bits=4)
-    assert g4.nbytes == g4.packed.nbytes + g4.scale.nbytes
+    assert g4.nbytes >= g4.packed.nbytes + g4.scale.nbytes
 
 
 def test_int4_pickle_round_trip():

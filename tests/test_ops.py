@@ -341,7 +341,7 @@ def test_quantized_weight_pickle_copy_and_memory(rng):
         assert ops.linear(x, other).tobytes() == y.tobytes()
         np.testing.assert_array_equal(other.q, qw.q)
     # memory: the codes are held once (packed, padded to 16 rows x 4 k) plus the scales
-    held = qw.packed.nbytes + qw.scale.nbytes
+    held = qw.nbytes
     assert qw.nbytes == held
     rows = -(-250 // 64) * 64  # padded to panels of 64 (or 16), a 64-byte header, int32 sums
     assert held <= rows * 300 + 4 * rows * (300 // 60) + 128 + qw.scale.nbytes
@@ -486,10 +486,10 @@ def test_packed_weight_is_64_byte_aligned():
     """The kernels load 64-byte rows of the packed weight; numpy's 16-byte alignment made each one
     straddle two cache lines. Packing aligns; an unpickled (numpy-aligned) copy is realigned on use."""
     import pickle
-    w = np.random.default_rng(3).standard_normal((96, 200)).astype(np.float32)
+    w = np.random.default_rng(3).standard_normal((96, 400)).astype(np.float32)  # >= 16 KiB packed
     qw = ops.quantize_weight(w)
     assert qw.packed.ctypes.data % 64 == 0
-    x = np.ones((3, 200), np.float32)
+    x = np.ones((3, 400), np.float32)
     want = ops.linear(x, qw)
     for _ in range(4):  # numpy may happen to place the copy on a 64-byte boundary: try a few
         q2 = pickle.loads(pickle.dumps(qw))

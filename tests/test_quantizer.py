@@ -412,7 +412,7 @@ def test_skip_report_and_logging(caplog):
         if r.status == "quantized":
             m = mods[r.name]
             assert r.scheme == "int8 dynamic per_channel"
-            assert r.bytes_after == m.qweight.packed.nbytes + m.qweight.scale.nbytes + \
+            assert r.bytes_after == m.qweight.nbytes + \
                 (m.bias.nbytes if m.bias is not None else 0)
             # a 1-row layer can cost more than float32 once the kernel layout pads its rows
             assert r.bytes_after < r.bytes_before or r.shape[0] == 1
@@ -668,7 +668,7 @@ def test_memory_measured_quarter_and_float_weights_freed():
     assert all(r() is None for r in refs), "float32 weights still alive after quantization"
     after = reachable_array_bytes(model)
     assert after == model_nbytes(model)
-    held = sum(m.qweight.packed.nbytes + m.qweight.scale.nbytes + m.bias.nbytes for m in model)
+    held = sum(m.qweight.nbytes + m.bias.nbytes for m in model)
     assert after == held
     # int8 codes are 1/4 of float32; per-channel scales, biases and the packed column sums (the u8
     # kernels' compensation, in the N64K4 format) are 4 bytes per output row each, plus a 64-byte header.
@@ -691,7 +691,7 @@ def test_report_rows_and_format():
     m = qnet.blocks[0].fc1
     assert r0.shape == (64, 32) and r0.scheme == "int8 weight_only per_group(g=16)"
     assert r0.bytes_before == 64 * 32 * 4 + 64 * 4
-    assert r0.bytes_after == m.qweight.packed.nbytes + m.qweight.scale.nbytes + m.bias.nbytes
+    assert r0.bytes_after == m.qweight.nbytes + m.bias.nbytes
     text = format_report(rows)
     assert "blocks.0.fc1" in text and "total (6 layers)" in text and "int8 weight_only per_group(g=16)" in text
     assert report(net) == []

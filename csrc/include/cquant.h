@@ -96,8 +96,13 @@ int cq_isa_supported(int isa);
 /* Force a path (CQ_ISA_AUTO re-reads CQUANT_ISA, then picks the best). CQ_ERR_ISA if unsupported;
  * CQ_ERR_ARG for an unknown value, or for CQUANT_ISA naming an unknown path. */
 int cq_set_isa(int isa);
-/* Number of threads kernels use (>= 1). Default: CQUANT_NUM_THREADS, else the CPUs available. */
+/* Number of threads kernels use (>= 1). Default: CQUANT_NUM_THREADS when cq_parse_num_threads
+ * accepts it, else the CPUs available (at most 256). */
 int cq_get_num_threads(void);
+/* The thread count a CQUANT_NUM_THREADS value names: decimal digits, optionally surrounded by
+ * blanks, in 1..256 (" 3 " is 3; "+3", "3x", "0", "257" and "" are not). CQ_ERR_ARG otherwise,
+ * CQ_ERR_NULL for NULL. The library reads the variable with this function. */
+int cq_parse_num_threads(const char *text);
 /* Set it (n >= 1, at most 256; CQ_ERR_ARG otherwise). Safe while other threads run kernels. */
 int cq_set_num_threads(int n);
 

@@ -364,7 +364,7 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
                 }
                 for (int64_t t = t0; t < t0 + c->group4; t += blk) {
                     int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
-                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, scratch + i * blk * 4 * nr);
+                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, c->i4 ? scratch + i * blk * 4 * nr : NULL);
                     gemv(nr, n4, xr + 4 * t, panels, ws, y[r]);
                 }
             }

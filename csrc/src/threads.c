@@ -155,13 +155,34 @@ void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx)
     pthread_mutex_unlock(&p->job_lock);
 }
 
+/* The one rule for CQUANT_NUM_THREADS (cquant's Python import warns with this same function):
+ * decimal digits, optionally surrounded by blanks (space, tab, newline, CR), whose value is in
+ * 1..CQ_MAX_THREADS. No sign, no other text: "3", " 3 " and "003" are 3; "+3", "3x", "0", "257",
+ * "" and "   " are not a thread count. */
+static int is_blank(char c) { return c == ' ' || c == '\t' || c == '\n' || c == '\r'; }
+
+int cq_parse_num_threads(const char *text)
+{
+    if (!text) return CQ_ERR_NULL;
+    const char *p = text;
+    while (is_blank(*p)) p++;
+    if (*p < '0' || *p > '9') return CQ_ERR_ARG;
+    long v = 0;
+    while (*p >= '0' && *p <= '9') {
+        if (v <= CQ_MAX_THREADS) v = 10 * v + (*p - '0'); /* stops growing once too large */
+        p++;
+    }
+    while (is_blank(*p)) p++;
+    if (*p != '\0' || v < 1 || v > CQ_MAX_THREADS) return CQ_ERR_ARG;
+    return (int)v;
+}
+
 static int default_threads(void)
 {
     const char *env = getenv("CQUANT_NUM_THREADS");
     if (env && *env) {
-        char *end;
-        long v = strtol(env, &end, 10);
-        if (*end == '\0' && v >= 1 && v <= CQ_MAX_THREADS) return (int)v;
+        int v = cq_parse_num_threads(env);
+        if (v > 0) return v;
     }
 #ifdef CPU_COUNT
     cpu_set_t set;

@@ -28,16 +28,22 @@ from . import errors, ops  # noqa: E402
 
 
 def _check_thread_env() -> None:
-    """The C core ignores a CQUANT_NUM_THREADS it cannot use (and takes the CPU count); say so."""
+    """The C core ignores a CQUANT_NUM_THREADS it cannot use (and takes the CPU count); say so.
+    Whether it can is decided by the C core's own parser (one rule), and the count in the warning
+    is the one the C core then uses."""
     import os
     import warnings
     env = os.environ.get("CQUANT_NUM_THREADS")
-    if env is None:
+    if not env:  # unset or empty: the default, as in C
         return
-    text = env.strip()
-    if not (text.isdigit() and 1 <= int(text) <= 256):
-        warnings.warn(f"CQUANT_NUM_THREADS={env!r} is not an integer in 1..256: ignored, using "
-                      f"{_lib.cq_get_num_threads()} thread(s)", RuntimeWarning, stacklevel=2)
+    try:
+        ok = _lib.cq_parse_num_threads(os.fsencode(env)) > 0
+    except ValueError:  # an embedded NUL byte: C's getenv would see a different string anyway
+        ok = False
+    if not ok:
+        warnings.warn(f"CQUANT_NUM_THREADS={env!r} is not a whole number in 1..256 (digits, optionally "
+                      f"surrounded by spaces): ignored, using {_lib.cq_get_num_threads()} thread(s)",
+                      RuntimeWarning, stacklevel=2)
 
 
 _check_thread_env()

@@ -18,8 +18,10 @@ through unchanged. Patterns are :func:`fnmatch.fnmatchcase` globs on the tensor 
 name (the tensor name without ``.weight``). ``--transposed`` names weights stored ``(in, out)``
 (GPT-2 ``Conv1D``): they are transposed to the canonical ``(out, in)`` before quantization.
 
-Errors (missing file, not a safetensors file, truncated file, a non-float tensor selected, NaN/Inf
-weights, bad options) print one line ``cquant: error: ...`` and exit with status 2.
+Errors (missing file, not a safetensors file, truncated file, a header that lies about shapes or
+offsets, a FIFO or other non-regular file, a cquant checkpoint whose metadata does not match its
+tensors, a non-float tensor selected, NaN/Inf weights, an output that is a directory or the input
+itself through a link, bad options) print one line ``cquant: error: ...`` and exit with status 2.
 """
 from __future__ import annotations
 
@@ -39,7 +41,8 @@ import numpy as np
 from . import errors, ops
 from .quantization import format_bytes
 from .io import (FORMAT_VERSION, KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, CheckpointError,
-                 SafetensorsReader, StreamWriter, TensorInfo, atomic_path)
+                 SafetensorsReader, StreamWriter, TensorInfo, atomic_path, check_format_version,
+                 check_layer_tensors, check_layer_values, parse_layers)
 
 __all__ = ["main", "build_parser", "select_tensor", "DEFAULT_EXCLUDE"]
 
@@ -139,6 +142,17 @@ def _resolve_input(path: str) -> str:
     return path
 
 
+def _same_file(a: str, b: str) -> bool:
+    """Whether writing ``b`` would replace the file ``a``: the same path once symbolic links are
+    resolved (``b`` may not exist yet), or the same file through a hard link."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them does not exist (yet): not the same file
+        return False
+
+
 def _check_scheme(args: argparse.Namespace) -> None:
     if args.granularity == "per_group":
         if not args.group_size:
@@ -165,8 +179,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_scheme(args)
     src = _resolve_input(args.input)
     out = args.output
-    if os.path.abspath(src) == os.path.abspath(out):
-        raise CliError("the output would overwrite the input: choose another -o")
+    if _same_file(src, out):
+        raise CliError(f"the output {out} is the input {src} (the same file, through a link or another "
+                       "path): choose another -o")
     t0 = time.perf_counter()
     with SafetensorsReader(src) as r:
         if KEY_VERSION in r.metadata:
@@ -285,34 +300,42 @@ def cmd_report(args: argparse.Namespace) -> int:
     rows: List[Tuple[float, List[str]]] = []
     with SafetensorsReader(path) as r:
         if KEY_VERSION in r.metadata:
-            try:
-                layers = json.loads(r.metadata.get(KEY_LAYERS, "{}"))
-            except json.JSONDecodeError:
-                raise CliError(f"{path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+            check_format_version(path, r.metadata)       # validated as cquant.load does
+            specs = parse_layers(path, r.metadata)
+            info = {name: (t.dtype, t.shape) for name, t in r.infos.items()}
+            for spec in specs.values():
+                check_layer_tensors(path, spec, info)
             ref = SafetensorsReader(_resolve_input(args.reference)) if args.reference else None
             try:
-                for layer, lm in layers.items():
-                    pre = f"{layer}." if layer else ""
-                    q = r.tensor(pre + "weight_q")
-                    s = r.tensor(pre + "weight_scale")
+                for layer, spec in specs.items():
+                    q = r.tensor(spec.key("weight_q"))
+                    s = r.tensor(spec.key("weight_scale"))
+                    check_layer_values(path, spec, q, s, None)
                     nbytes = q.nbytes + s.nbytes
-                    scheme = f"{lm['mode']} {lm['granularity']}" + (f"(g={lm['group_size']})" if lm.get("group_size") else "")
+                    scheme = f"{spec.mode} {spec.granularity}" + (f"(g={spec.group_size})" if spec.group_size else "")
                     metrics = ["-", "-", "-"]
                     key = math.inf
                     if ref is not None:
-                        wname = pre + "weight"
+                        wname = spec.key("weight")
                         if wname not in ref.infos:
                             raise CliError(f"{args.reference}: no tensor {wname!r} to compare with")
+                        t = ref.infos[wname]
+                        want = spec.shape[::-1] if spec.layout == "in_out" else spec.shape
+                        if not t.is_float or tuple(t.shape) != tuple(want):
+                            raise CliError(f"{args.reference}: tensor {wname!r} is {t.dtype} {list(t.shape)}; "
+                                           f"layer {layer!r} of {path} needs a float tensor of shape {list(want)}")
                         w = ref.float32(wname)
-                        if lm.get("layout") == "in_out":
+                        if spec.layout == "in_out":
                             w = w.T
-                        qw = ops.QuantizedWeight.from_codes(np.array(q), np.array(s), lm["granularity"], lm.get("group_size"))
+                        qw = ops.QuantizedWeight.from_codes(np.array(q), np.array(s), spec.granularity,
+                                                            spec.group_size)
                         sq, mx, cos = _metrics(w, ops.dequantize(qw))
                         ref.release(wname)
                         metrics, key = [f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"], sq
                     rows.append((key, [layer or "<root>", "x".join(map(str, q.shape)), scheme,
                                        format_bytes(nbytes)] + metrics))
-                    r.release(pre + "weight_q")
+                    del q, s
+                    r.release(spec.key("weight_q"))
             finally:
                 if ref is not None:
                     ref.close()

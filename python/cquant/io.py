@@ -27,7 +27,9 @@ Every other tensor of the model (embeddings, norms, layers left in float) is sto
   "bias": bool, "layout": "out_in"|"in_out"}}``. ``layout`` says how the *source* layer stored its
   weight: ``in_out`` for GPT-2 style ``Conv1D`` (the codes are still (N, K));
 - ``cquant.model`` (optional): JSON ``{"class": "module:QualName", "config": {...}}`` for a
-  :mod:`cquant.nn` model that can rebuild itself (``from_cquant_config``), e.g. :class:`cquant.bert.BertModel`;
+  :mod:`cquant.nn` model that can rebuild itself (``from_cquant_config``), e.g. :class:`cquant.bert.BertModel`.
+  ``cquant.load`` builds only classes in an explicit registry (:func:`register_loadable`), looked up
+  by that string: nothing named in a file is ever imported;
 - anything the user passed as ``metadata=`` and, for ``cquant quantize``, the input file's metadata.
 
 To use a layer from C: read ``weight_q`` (N*K bytes) and ``weight_scale``, then ``y = x @ (q*s).T + b``
@@ -35,7 +37,11 @@ To use a layer from C: read ``weight_q`` (N*K bytes) and ``weight_scale``, then 
 
 Why the CLI has its own reader/writer
 -------------------------------------
-``save``/``load`` use the ``safetensors`` package (numpy API). ``cquant quantize`` instead maps the
+``save`` uses the ``safetensors`` package (numpy API); ``load`` and ``cquant report`` read with
+:class:`SafetensorsReader`, which checks every header field against the file (integer shapes with
+Python arithmetic, offsets that tile the data section exactly once, regular files only) before
+anything is read; then the cquant metadata is validated against the tensors (:func:`parse_layers`,
+:func:`check_layer_tensors`, :func:`check_layer_values`). ``cquant quantize`` maps the
 input with :mod:`mmap` and reads each tensor as a zero-copy numpy view, then releases those pages
 (``madvise(MADV_DONTNEED)``) once the tensor is written; the output is written tensor by tensor after
 a header computed up front. ``safetensors.safe_open`` copies each tensor out of its own map and leaves
@@ -47,19 +53,23 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import mmap
 import os
+import stat
 import struct
 import tempfile
+import types
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import errors, ops
 
 __all__ = ["save", "load", "load_into", "Checkpoint", "FORMAT_VERSION", "SafetensorsReader",
-           "StreamWriter", "CheckpointError", "atomic_path"]
+           "StreamWriter", "CheckpointError", "atomic_path", "register_loadable", "LayerSpec",
+           "parse_layers", "check_format_version", "check_layer_tensors", "check_layer_values"]
 
 FORMAT_VERSION = "1"
 KEY_VERSION = "cquant.format_version"
@@ -95,6 +105,15 @@ def st_dtype(a: np.ndarray) -> str:
     return code
 
 
+def _short(v: Any, limit: int = 60) -> str:
+    """repr of a (possibly huge or hostile) JSON value, cut to ``limit`` characters."""
+    try:
+        r = repr(v)
+    except RecursionError:
+        return "<deeply nested value>"
+    return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
     """bfloat16 bits (uint16 array) -> float32 (exact)."""
     return (raw.astype(np.uint32) << np.uint32(16)).view(np.float32)
@@ -121,31 +140,77 @@ class TensorInfo:
         return self.dtype in FLOAT_DTYPES
 
 
+def _open_regular(path: str) -> Any:
+    """Open ``path`` for reading as a binary file object, refusing anything that is not a regular
+    file: a FIFO would block ``open()`` forever (no writer), a device could be endless. The file is
+    opened non-blocking first (which cannot block on a FIFO) and checked with ``fstat``, so nothing
+    can swap the file in between."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_BINARY", 0)
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory, not a safetensors file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot open ({e.strerror or e})") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(f"{path}: is a directory, not a safetensors file")
+        if not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{path}: not a regular file (a FIFO, socket or device); "
+                                  "give the path of a .safetensors file")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # not bool, not float (8.7 or 8.0 is no dimension)
+
+
+def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise CheckpointError(f"duplicate key {k!r}")
+        out[k] = v
+    return out
+
+
+_MAX_DIMS = 32          # numpy's limit before 2.0 (64 since)
+_MAX_ARRAY_BYTES = 2**62  # numpy refuses an array whose (non-zero) dimensions multiply past ~2**63 bytes
+
+
 class SafetensorsReader:
     """Validates a safetensors header and hands out tensors as zero-copy views of a read-only map.
 
     ``tensor(name)`` is a numpy view (BF16 comes back as uint16 bits; see :func:`bf16_to_f32`);
     ``release(name)`` drops that tensor's pages from this process (they stay in the OS page cache).
-    Raises :class:`CheckpointError` for a missing, non-safetensors or truncated file.
+    Raises :class:`CheckpointError` for a missing, non-regular, non-safetensors or truncated file,
+    and for a header that lies: dtypes, shapes (integers, Python arithmetic: no wrap-around) and
+    offsets are checked, and the tensors must cover the data section exactly once (no gap, no
+    overlap, nothing after the last one), as the safetensors format requires.
     """
 
     MAX_HEADER = 100 * 2**20
 
     def __init__(self, path: PathLike):
         self.path = os.fspath(path)
-        try:
-            self._f = open(self.path, "rb")
-        except FileNotFoundError:
-            raise CheckpointError(f"{self.path}: no such file") from None
-        except IsADirectoryError:
-            raise CheckpointError(f"{self.path}: is a directory, not a safetensors file") from None
-        except OSError as e:
-            raise CheckpointError(f"{self.path}: cannot open ({e.strerror})") from None
+        self._mm = None
+        self._f = _open_regular(self.path)
         try:
             self._parse()
         except Exception:
             self._f.close()
             raise
+
+    def _bad(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: not a valid safetensors file ({what})")
 
     def _parse(self) -> None:
         size = os.fstat(self._f.fileno()).st_size
@@ -159,12 +224,18 @@ class SafetensorsReader:
             raise CheckpointError(f"{self.path}: truncated file (header needs {8 + hlen} bytes, file has {size})")
         raw = self._f.read(hlen)
         try:
-            header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+            header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except CheckpointError as e:
+            raise self._bad(f"header: {e}") from None
+        except (UnicodeDecodeError, ValueError):  # JSONDecodeError, and ints of > 4300 digits
             raise CheckpointError(f"{self.path}: not a safetensors file (header is not JSON)") from None
+        except RecursionError:
+            raise self._bad("header nests too deeply") from None
         if not isinstance(header, dict):
             raise CheckpointError(f"{self.path}: not a safetensors file (header is not a JSON object)")
-        meta = header.pop("__metadata__", None) or {}
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            meta = {}
         if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
             raise CheckpointError(f"{self.path}: bad __metadata__ (must map strings to strings)")
         self.metadata: Dict[str, str] = dict(meta)
@@ -172,22 +243,39 @@ class SafetensorsReader:
         data_size = size - self.data_start
         infos: List[TensorInfo] = []
         for name, e in header.items():
-            try:
-                dt, shape, (b, en) = e["dtype"], tuple(int(s) for s in e["shape"]), e["data_offsets"]
-                b, en = int(b), int(en)
-            except (KeyError, TypeError, ValueError):
-                raise CheckpointError(f"{self.path}: not a safetensors file (bad entry for {name!r})") from None
-            if dt not in _ST_SIZE:
+            if not isinstance(e, dict) or not {"dtype", "shape", "data_offsets"} <= set(e):
+                raise self._bad(f"tensor {name!r}: an entry needs dtype, shape and data_offsets")
+            dt, shape, offs = e["dtype"], e["shape"], e["data_offsets"]
+            if not isinstance(dt, str) or dt not in _ST_SIZE:
                 raise CheckpointError(f"{self.path}: tensor {name!r} has unknown dtype {dt!r}")
-            n = int(np.prod(shape, dtype=np.int64)) if shape else 1
-            if any(s < 0 for s in shape) or en - b != n * _ST_SIZE[dt] or b < 0:
+            if not isinstance(shape, list) or len(shape) > _MAX_DIMS or not all(_is_int(s) and s >= 0 for s in shape):
+                raise self._bad(f"tensor {name!r}: shape {_short(shape)} is not a list of at most "
+                                f"{_MAX_DIMS} non-negative integers")
+            if not isinstance(offs, list) or len(offs) != 2 or not all(_is_int(o) for o in offs):
+                raise self._bad(f"tensor {name!r}: data_offsets {_short(offs)} is not two integers")
+            b, en = offs
+            nbytes = math.prod(shape) * _ST_SIZE[dt]  # Python ints: no wrap-around
+            if math.prod(s for s in shape if s) * _ST_SIZE[dt] > _MAX_ARRAY_BYTES:
+                raise self._bad(f"tensor {name!r}: shape {shape} is too large for any array")
+            if b < 0 or en < b or en - b != nbytes:
                 raise CheckpointError(f"{self.path}: tensor {name!r}: offsets {b}..{en} do not match "
-                                      f"{dt} {list(shape)}")
+                                      f"{dt} {shape} ({nbytes} bytes)")
             if en > data_size:
                 raise CheckpointError(f"{self.path}: truncated file (tensor {name!r} ends at byte "
                                       f"{self.data_start + en}, file has {size})")
-            infos.append(TensorInfo(name, dt, shape, b, en))
-        infos.sort(key=lambda t: t.begin)
+            infos.append(TensorInfo(name, dt, tuple(shape), b, en))
+        infos.sort(key=lambda t: (t.begin, t.end))
+        pos, prev = 0, None
+        for t in infos:  # the tensors tile the data section: each byte belongs to exactly one
+            if t.begin < pos:
+                raise self._bad(f"tensor {t.name!r} (bytes {t.begin}..{t.end}) overlaps {prev!r}")
+            if t.begin > pos:
+                raise self._bad(f"bytes {pos}..{t.begin} of the data section belong to no tensor "
+                                f"(before {t.name!r})")
+            if t.end > t.begin:
+                pos, prev = t.end, t.name
+        if pos != data_size:
+            raise self._bad(f"{data_size - pos} byte(s) after the last tensor belong to no tensor")
         self.infos: Dict[str, TensorInfo] = {t.name: t for t in infos}
         self.size = size
         self._mm = mmap.mmap(self._f.fileno(), 0, access=mmap.ACCESS_READ) if size > 0 else None
@@ -273,8 +361,7 @@ class StreamWriter:
         off = 0
         self._expect: List[Tuple[str, int]] = []
         for name, dt, shape in entries:
-            n = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
-            nb = n * _ST_SIZE[dt]
+            nb = math.prod(int(d) for d in shape) * _ST_SIZE[dt]
             header[name] = {"dtype": dt, "shape": [int(s) for s in shape], "data_offsets": [off, off + nb]}
             self._expect.append((name, nb))
             off += nb
@@ -310,27 +397,61 @@ class StreamWriter:
 
 class atomic_path:
     """Context manager: yields a temporary path next to ``path``; on success renames it over ``path``,
-    on any exception removes it, so no partial output file is ever left behind."""
+    on any failure (including the rename itself) removes it, so no partial or temporary file is ever
+    left behind. Refuses a ``path`` that is a directory or another non-regular file (a FIFO, a
+    device: renaming over ``/dev/null`` would replace the device). A symbolic link is followed: the
+    file it points to is replaced, the link stays. Errors name ``path``, never the temporary file."""
 
     def __init__(self, path: PathLike):
         self.path = os.fspath(path)
+        self.tmp: Optional[str] = None
 
     def __enter__(self) -> str:
-        d = os.path.dirname(os.path.abspath(self.path))
+        target = os.path.realpath(self.path)
+        try:
+            st: Optional[os.stat_result] = os.stat(target)
+        except FileNotFoundError:
+            st = None
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot write ({e.strerror or e})") from None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            raise CheckpointError(f"{self.path}: is a directory; name the file to write")
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            raise CheckpointError(f"{self.path}: exists and is not a regular file (a FIFO, socket or "
+                                  "device); refusing to replace it")
+        d = os.path.dirname(target)
         if not os.path.isdir(d):
-            raise CheckpointError(f"{self.path}: directory {d} does not exist")
-        fd, self.tmp = tempfile.mkstemp(prefix="." + os.path.basename(self.path) + ".", suffix=".tmp", dir=d)
+            raise CheckpointError(f"{self.path}: directory {os.path.dirname(os.path.abspath(self.path))} "
+                                  "does not exist")
+        try:
+            fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
+        except OSError as e:
+            raise CheckpointError(f"{self.path}: cannot write in {d} ({e.strerror or e})") from None
         os.close(fd)
-        return self.tmp
+        self.tmp, self.target = tmp, target
+        return tmp
 
-    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
-        if et is None:
-            os.replace(self.tmp, self.path)
-        else:
+    def _remove_tmp(self) -> None:
+        if self.tmp is not None:
             try:
                 os.unlink(self.tmp)
             except FileNotFoundError:
                 pass
+            self.tmp = None
+
+    def __exit__(self, et: Any, ev: Any, tb: Any) -> None:
+        if et is None:
+            try:
+                os.replace(self.tmp, self.target)
+            except OSError as e:
+                self._remove_tmp()
+                raise CheckpointError(f"{self.path}: cannot write ({e.strerror or e})") from None
+            self.tmp = None
+            return
+        tmp = self.tmp
+        self._remove_tmp()
+        if isinstance(ev, OSError) and tmp is not None and ev.filename == tmp:  # name the user's path
+            raise CheckpointError(f"{self.path}: cannot write ({ev.strerror or ev})") from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -467,6 +588,11 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
     meta[KEY_LAYERS] = json.dumps(layers, separators=(",", ":"))
     if model_meta is not None:
         meta[KEY_MODEL] = json.dumps(model_meta, separators=(",", ":"))
+        if model_meta["class"] not in _LOADABLE:
+            logging.getLogger("cquant").info(
+                "cquant.save: %s is not registered with cquant.io.register_loadable, so cquant.load(path) "
+                "will not rebuild it; register it, or rebuild the model and call cquant.load_into(model, "
+                "path)", model_meta["class"])
     elif hasattr(obj, "named_modules"):
         logging.getLogger("cquant").info(
             "cquant.save: %s does not describe itself (cquant_config / from_cquant_config), so "
@@ -479,71 +605,288 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
         save_file(tensors, tmp, metadata=meta)
 
 
-def read_checkpoint(path: PathLike) -> Checkpoint:
-    """Read a cquant checkpoint into a :class:`Checkpoint` (no model built)."""
-    from .quantization import QuantizedLinearForward
-    try:
-        from safetensors import SafetensorError
-        from safetensors.numpy import load_file, safe_open
-    except ImportError:
-        raise ImportError("cquant.load needs the safetensors package: pip install safetensors") from None
-    p = os.fspath(path)
-    if not os.path.exists(p):
-        raise CheckpointError(f"{p}: no such file")
-    try:
-        with safe_open(p, framework="numpy") as f:
-            meta = dict(f.metadata() or {})
-        arrays = load_file(p)
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{p}: not a readable safetensors file ({e})") from None
+# --------------------------------------------------------------------------------------------------
+# Validating a checkpoint's metadata and quantized-layer tensors (load, load_into, cquant report)
+# --------------------------------------------------------------------------------------------------
+
+_MODES = ("dynamic", "weight_only")
+_GRANULARITIES = ("per_tensor", "per_channel", "per_group")
+_LAYOUTS = ("out_in", "in_out")
+_BIAS_DTYPES = ("F32", "F16", "F64", "BF16")  # `cquant quantize` copies a float bias as it was
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One entry of ``cquant.layers``, validated (see :func:`parse_layers`)."""
+    name: str
+    mode: str
+    granularity: str
+    group_size: Optional[int]
+    shape: Tuple[int, int]
+    bias: bool
+    layout: str
+
+    def key(self, suffix: str) -> str:
+        return _prefix(self.name) + suffix
+
+    @property
+    def scale_shape(self) -> Tuple[int, ...]:
+        n, k = self.shape
+        if self.granularity == "per_tensor":
+            return (1,)
+        if self.granularity == "per_channel":
+            return (n,)
+        return (n, k // int(self.group_size or 1))
+
+
+def check_format_version(path: str, meta: Mapping[str, str]) -> None:
+    """CheckpointError unless ``meta`` says this is a cquant checkpoint of a version this cquant reads."""
     ver = meta.get(KEY_VERSION)
     if ver is None:
-        raise CheckpointError(f"{p}: not a cquant checkpoint (no {KEY_VERSION!r} in its metadata); "
+        raise CheckpointError(f"{path}: not a cquant checkpoint (no {KEY_VERSION!r} in its metadata); "
                               "quantize a float checkpoint with `cquant quantize`")
     if ver != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint format version {ver} is not supported "
+        raise CheckpointError(f"{path}: checkpoint format version {ver[:40]} is not supported "
                               f"(this cquant reads version {FORMAT_VERSION})")
+
+
+def parse_layers(path: str, meta: Mapping[str, str]) -> Dict[str, LayerSpec]:
+    """The ``cquant.layers`` metadata, every field checked: CheckpointError naming the file, the layer
+    and the field for anything malformed (not only what would crash: a mode or granularity this
+    cquant does not know, a group size that does not divide K, ...)."""
+    raw = meta.get(KEY_LAYERS, "{}")
     try:
-        layer_meta = json.loads(meta.get(KEY_LAYERS, "{}"))
-    except json.JSONDecodeError:
-        raise CheckpointError(f"{p}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+        layers = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+    if not isinstance(layers, dict):
+        raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r} must be a JSON object (layer name -> fields), "
+                              f"got {type(layers).__name__}")
+    out: Dict[str, LayerSpec] = {}
+    for name, lm in layers.items():
+        def bad(field_: str, why: str) -> CheckpointError:
+            return CheckpointError(f"{path}: metadata {KEY_LAYERS!r}: layer {name!r}: field {field_!r} {why}")
+        if not isinstance(lm, dict):
+            raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r}: layer {name!r} must be a JSON object, "
+                                  f"got {_short(lm)}")
+        for f in ("mode", "granularity", "shape", "bias"):
+            if f not in lm:
+                raise bad(f, "is missing")
+        mode, gran, shape, bias = lm["mode"], lm["granularity"], lm["shape"], lm["bias"]
+        if mode not in _MODES:
+            raise bad("mode", f"is {_short(mode)}; expected one of {list(_MODES)}")
+        if gran not in _GRANULARITIES:
+            raise bad("granularity", f"is {_short(gran)}; expected one of {list(_GRANULARITIES)}")
+        if not isinstance(shape, list) or len(shape) != 2 or not all(_is_int(d) and d > 0 for d in shape):
+            raise bad("shape", f"is {_short(shape)}; expected [N, K], two positive integers")
+        if not isinstance(bias, bool):
+            raise bad("bias", f"is {_short(bias)}; expected true or false")
+        n, k = shape
+        g = lm.get("group_size")
+        if gran == "per_group":
+            if not _is_int(g) or g <= 0 or g % 4 or k % g:
+                raise bad("group_size", f"is {_short(g)}; per_group needs a positive multiple of 4 that divides K={k}")
+        elif g is not None:
+            raise bad("group_size", f"is {_short(g)}; only per_group has a group size (null otherwise)")
+        layout = lm.get("layout", "out_in")
+        if layout not in _LAYOUTS:
+            raise bad("layout", f"is {_short(layout)}; expected one of {list(_LAYOUTS)}")
+        out[name] = LayerSpec(name, mode, gran, g, (n, k), bias, layout)
+    return out
+
+
+def check_layer_tensors(path: str, spec: LayerSpec, info: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> None:
+    """The layer's tensors exist with the dtypes and shapes its metadata says (``info``: tensor name
+    -> (safetensors dtype code, shape)); checked before any tensor is read."""
+    want = [("weight_q", ("I8",), spec.shape), ("weight_scale", ("F32",), spec.scale_shape)]
+    if spec.bias:
+        want.append(("bias", _BIAS_DTYPES, (spec.shape[0],)))
+    for suffix, dtypes, shape in want:
+        key = spec.key(suffix)
+        got = info.get(key)
+        if got is None:
+            raise CheckpointError(f"{path}: layer {spec.name!r} is listed in {KEY_LAYERS!r}"
+                                  + (" with \"bias\": true" if suffix == "bias" else "")
+                                  + f" but tensor {key!r} is missing")
+        dt, shp = got
+        if dt not in dtypes:
+            raise CheckpointError(f"{path}: tensor {key!r} has dtype {dt}; a cquant checkpoint stores it as "
+                                  + " or ".join(dtypes))
+        if tuple(shp) != tuple(shape):
+            raise CheckpointError(f"{path}: tensor {key!r} has shape {list(shp)}; layer {spec.name!r} "
+                                  f"({spec.granularity}, shape {list(spec.shape)}) needs {list(shape)}")
+
+
+def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndarray,
+                       bias: Optional[np.ndarray]) -> None:
+    """Codes in [-127, 127], finite non-negative scales, a finite bias."""
+    if q.size and int(q.min()) == -128:
+        raise CheckpointError(f"{path}: tensor {spec.key('weight_q')!r} holds -128; codes must be in [-127, 127]")
+    if not np.isfinite(scale).all() or (scale < 0).any():
+        raise CheckpointError(f"{path}: tensor {spec.key('weight_scale')!r} holds NaN, Inf or negative "
+                              "scales; scales must be finite and >= 0")
+    if bias is not None and not np.isfinite(bias).all():
+        raise CheckpointError(f"{path}: tensor {spec.key('bias')!r} holds NaN or Inf")
+
+
+def _reader_array(r: SafetensorsReader, name: str) -> np.ndarray:
+    """A tensor of an open reader as an array of its own (BF16 widened to float32)."""
+    t = r.infos[name]
+    if t.dtype == "BF16":
+        return bf16_to_f32(r.tensor(name))
+    a = np.array(r.tensor(name), copy=True)
+    return a.astype(a.dtype.newbyteorder("=")) if a.dtype.byteorder not in ("=", "|") else a
+
+
+def read_checkpoint(path: PathLike) -> Checkpoint:
+    """Read a cquant checkpoint into a :class:`Checkpoint` (no model built). Everything the file says
+    is checked against what it holds first: CheckpointError naming the file and the field."""
+    from .quantization import QuantizedLinearForward
+    p = os.fspath(path)
+    with SafetensorsReader(p) as r:
+        meta = dict(r.metadata)
+        check_format_version(p, meta)
+        specs = parse_layers(p, meta)
+        info = {name: (t.dtype, t.shape) for name, t in r.infos.items()}
+        for spec in specs.values():
+            check_layer_tensors(p, spec, info)
+        for name, t in r.infos.items():
+            if t.dtype not in _ST_TO_NP and t.dtype != "BF16":
+                raise CheckpointError(f"{p}: tensor {name!r} has dtype {t.dtype}, which numpy cannot read")
+        arrays = {name: _reader_array(r, name) for name in r.infos}
     ck = Checkpoint(metadata=meta)
-    for name, lm in layer_meta.items():
-        pre = _prefix(name)
+    for name, spec in specs.items():
+        q = arrays.pop(spec.key("weight_q"))
+        s = arrays.pop(spec.key("weight_scale"))
+        b = arrays.pop(spec.key("bias")) if spec.bias else None
+        check_layer_values(p, spec, q, s, b)
         try:
-            q = arrays.pop(pre + "weight_q")
-            s = arrays.pop(pre + "weight_scale")
-        except KeyError as e:
-            raise CheckpointError(f"{p}: layer {name!r} is listed in the metadata but tensor {e} is missing") from None
-        b = arrays.pop(pre + "bias", None) if lm.get("bias") else None
-        if q.dtype != np.int8 or q.ndim != 2 or list(q.shape) != list(lm.get("shape", q.shape)):
-            raise CheckpointError(f"{p}: {pre}weight_q must be int8 of shape {lm.get('shape')}, got {q.dtype} {q.shape}")
-        try:
-            qw = ops.QuantizedWeight.from_codes(q, s.astype(np.float32, copy=False), lm["granularity"],
-                                                lm.get("group_size"))
-            ck.layers[name] = QuantizedLinearForward(qw, None if b is None else b.astype(np.float32), lm["mode"])
-        except (errors.QuantizationError, KeyError) as e:
+            qw = ops.QuantizedWeight.from_codes(q, s, spec.granularity, spec.group_size)
+            ck.layers[name] = QuantizedLinearForward(qw, None if b is None else b.astype(np.float32), spec.mode)
+        except errors.QuantizationError as e:
             raise CheckpointError(f"{p}: layer {name!r}: {e}") from None
-        ck.layouts[name] = lm.get("layout", "out_in")
+        ck.layouts[name] = spec.layout
     ck.tensors = arrays
     return ck
 
 
+# --------------------------------------------------------------------------------------------------
+# Models that rebuild themselves: an explicit registry (nothing is imported by a name from a file)
+# --------------------------------------------------------------------------------------------------
+
+ConfigCheck = Callable[[str, Dict[str, Any], "Checkpoint"], None]
+# "module:QualName" as `cquant.save` writes it -> (a function returning the class, config check)
+_LOADABLE: Dict[str, Tuple[Callable[[], type], Optional[ConfigCheck]]] = {}
+
+
+def register_loadable(cls: type, check: Optional[ConfigCheck] = None) -> type:
+    """Allow ``cquant.load`` to rebuild models of class ``cls`` (which has ``cquant_config()`` and a
+    classmethod ``from_cquant_config(config)``) from a checkpoint's ``cquant.model`` metadata. Only
+    registered classes are ever built; a file cannot name anything else.
+
+    ``check(path, config, checkpoint)`` should raise :class:`CheckpointError` when the config does
+    not fit the tensors the file holds (e.g. a vocabulary larger than its embedding table): it runs
+    before ``from_cquant_config`` allocates anything. Without one, ``from_cquant_config`` must bound
+    its own allocations. Usable as a decorator; returns ``cls``."""
+    if not isinstance(cls, type) or not callable(getattr(cls, "from_cquant_config", None)):
+        raise errors.TypeError(f"register_loadable needs a class with from_cquant_config, got {cls!r}")
+    _LOADABLE[f"{cls.__module__}:{cls.__qualname__}"] = (lambda: cls, check)
+    return cls
+
+
+def _bert_class() -> type:
+    from .bert import BertModel
+    return BertModel
+
+
+def _shape_in(ck: "Checkpoint", name: str) -> Optional[Tuple[int, ...]]:
+    """(rows, cols) of the Linear or Embedding ``name`` as the checkpoint holds it (quantized layer,
+    float weight or int8 table; also under ``name.linear``, where a smoothed layer keeps it)."""
+    for n in (name, name + ".linear"):
+        if n in ck.layers:
+            return tuple(ck.layers[n].qweight.shape)
+        for suffix in (".weight", ".weight_q"):
+            t = ck.tensors.get(n + suffix)
+            if t is not None:
+                return tuple(t.shape)
+    return None
+
+
+def _check_bert_config(path: str, cfg: Dict[str, Any], ck: "Checkpoint") -> None:
+    """A BertModel config must describe the tensors in the file: every size in it is read off a
+    tensor before the model (zero-filled float32 tables, sized by the config) is allocated."""
+    from dataclasses import fields as dc_fields
+    from .bert import BertConfig
+    where = f"{path}: metadata {KEY_MODEL!r}: config"
+    defaults = {f.name: getattr(BertConfig(), f.name) for f in dc_fields(BertConfig)}
+    c = {**defaults, **{k: v for k, v in cfg.items() if k in defaults}}
+    for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+              "max_position_embeddings", "type_vocab_size"):
+        if not _is_int(c[f]) or c[f] < (0 if f == "num_hidden_layers" else 1):
+            raise CheckpointError(f"{where} field {f!r} is {_short(c[f])}; expected a positive integer")
+    if not isinstance(c["add_pooling_layer"], bool):
+        raise CheckpointError(f"{where} field 'add_pooling_layer' is {_short(c['add_pooling_layer'])}; expected true/false")
+    h = c["hidden_size"]
+
+    def need(tensor: str, shape: Tuple[int, int], fields_: str) -> None:
+        got = _shape_in(ck, tensor)
+        if got != shape:
+            raise CheckpointError(f"{where} fields {fields_} say {tensor!r} is {list(shape)}, the file holds "
+                                  + ("no such tensor" if got is None else f"{list(got)}"))
+
+    need("embeddings.word_embeddings", (c["vocab_size"], h), "'vocab_size', 'hidden_size'")
+    need("embeddings.position_embeddings", (c["max_position_embeddings"], h), "'max_position_embeddings', 'hidden_size'")
+    need("embeddings.token_type_embeddings", (c["type_vocab_size"], h), "'type_vocab_size', 'hidden_size'")
+    for i in range(c["num_hidden_layers"]):  # stops at the first layer the file does not hold
+        need(f"encoder.layer.{i}.intermediate.dense", (c["intermediate_size"], h),
+             "'num_hidden_layers', 'intermediate_size'")
+    for f in ("smoothed", "quantized_embeddings"):
+        names = cfg.get(f, [])
+        if not isinstance(names, list) or not all(isinstance(n, str) and _safe_path(n) for n in names):
+            raise CheckpointError(f"{where} field {f!r} must be a list of module names")
+
+
+_LOADABLE["cquant.bert:BertModel"] = (_bert_class, _check_bert_config)
+
+
+def _safe_path(name: str) -> bool:
+    return all(part and not part.startswith("_") for part in name.split("."))
+
+
 def _rebuild(ck: Checkpoint, path: str) -> Any:
-    import importlib
+    where = f"{path}: metadata {KEY_MODEL!r}"
     try:
         spec = json.loads(ck.metadata[KEY_MODEL])
-        mod_name, qual = spec["class"].split(":")
-    except (KeyError, ValueError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: metadata {KEY_MODEL!r} is malformed") from None
-    if mod_name != "cquant" and not mod_name.startswith("cquant."):
-        raise CheckpointError(f"{path}: refusing to import {mod_name!r} named in the file; build the model "
-                              "yourself and call cquant.load_into(model, path)")
-    cls: Any = importlib.import_module(mod_name)
-    for part in qual.split("."):
-        cls = getattr(cls, part)
-    model = cls.from_cquant_config(spec.get("config", {}))
-    load_into(model, ck)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{where} is not valid JSON") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
+        raise CheckpointError(f"{where} must be a JSON object with a \"class\" string")
+    cfg = spec.get("config", {})
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{where}: field 'config' must be a JSON object, got {_short(cfg)}")
+    entry = _LOADABLE.get(spec["class"])
+    if entry is None:
+        raise CheckpointError(
+            f"{where}: field 'class' names {_short(spec['class'])}, which is not a class cquant.load may "
+            f"build (registered: {', '.join(sorted(_LOADABLE))}); build the model yourself and call "
+            "cquant.load_into(model, path), or cquant.load(path, build=False)")
+    get_cls, check = entry
+    cls = get_cls()
+    if check is not None:
+        check(path, cfg, ck)
+    try:
+        model = cls.from_cquant_config(cfg)
+    except CheckpointError:
+        raise
+    except Exception as e:  # noqa: BLE001 - whatever the config did wrong, it is the file's fault
+        raise CheckpointError(f"{where}: field 'config' does not build a {cls.__name__}: "
+                              f"{type(e).__name__}: {e}") from None
+    try:
+        load_into(model, ck)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    except errors.QuantizationError as e:
+        raise CheckpointError(f"{path}: the tensors do not fit the {cls.__name__} its config builds: {e}") from None
     return model
 
 
@@ -553,7 +896,11 @@ def load(path: PathLike, build: bool = True) -> Any:
     Returns the rebuilt :mod:`cquant.nn` model (quantized layers in place, ready to run) when the file
     names a cquant model class (``cquant.model`` metadata) and ``build`` is true; otherwise a
     :class:`Checkpoint` (quantized layers as callables + the other tensors) to install with
-    :func:`load_into`. Needs only numpy and safetensors (no torch, no float32 weights).
+    :func:`load_into`. Needs only numpy (no torch, no float32 weights).
+
+    Only classes in the registry (:func:`register_loadable`; :class:`cquant.bert.BertModel` is
+    built in) are rebuilt, and only after their config was checked against the tensors in the file;
+    every problem with the file is a :class:`CheckpointError` naming the file and the field.
     """
     ck = read_checkpoint(path)
     if build and KEY_MODEL in ck.metadata:
@@ -601,7 +948,10 @@ def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
             raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
                 s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
                             f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
-        model.load_state_dict({k: v for k, v in ck.tensors.items() if k in expected}, strict=False)
+        try:
+            model.load_state_dict({k: v for k, v in ck.tensors.items() if k in expected}, strict=False)
+        except nn.StateDictError as e:
+            raise CheckpointError(f"checkpoint does not fit the model: {e}") from None
     except Exception:
         for parent, last, mod in reversed(replaced):
             parent._modules[last] = mod
@@ -609,21 +959,115 @@ def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
     return model
 
 
+_MISSING = object()
+_NOT_LAYERS = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+               np.ndarray, np.generic, list, tuple, dict, str, bytes, bytearray, int, float, complex, bool,
+               type(None))
+
+
+def _own_attr(obj: Any, name: str) -> Any:
+    """``obj``'s own attribute ``name`` (instance ``__dict__`` or a slot), never a class attribute,
+    property or ``__getattr__`` result: the names a checkpoint can reach are the ones the
+    Quantizer walks. ``_MISSING`` if absent."""
+    d = getattr(obj, "__dict__", None)
+    if isinstance(d, dict) and name in d:
+        return d[name]
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        if name in ((slots,) if isinstance(slots, str) else slots):
+            return getattr(obj, name, _MISSING)
+    return _MISSING
+
+
+def _duck_layer(model: Any, name: str) -> Any:
+    """The object at dotted path ``name`` of a duck-typed model (list/tuple index, dict key or own
+    attribute). Private and dunder components (``_x``, ``__class__``) are refused: installing a
+    forward there would change a class, not a layer."""
+    obj = model
+    for part in name.split(".") if name else []:
+        if not part or part.startswith("_"):
+            raise CheckpointError(f"checkpoint layer {name!r}: path component {part!r} is empty, private or "
+                                  "a dunder; refusing to install there")
+        if isinstance(obj, (list, tuple)):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(obj):
+                raise CheckpointError(f"the model has no layer {name!r} (no item {part!r} in a "
+                                      f"{type(obj).__name__} of {len(obj)})")
+            obj = obj[int(part)]
+        elif isinstance(obj, dict):
+            if part not in obj:
+                raise CheckpointError(f"the model has no layer {name!r} (no key {part!r})")
+            obj = obj[part]
+        else:
+            nxt = _own_attr(obj, part)
+            if nxt is _MISSING:
+                raise CheckpointError(f"the model has no layer {name!r} ({type(obj).__name__} has no "
+                                      f"attribute {part!r})")
+            obj = nxt
+    if isinstance(obj, _NOT_LAYERS):
+        raise CheckpointError(f"checkpoint layer {name!r} names a {type(obj).__name__}, not a layer object")
+    return obj
+
+
+def _duck_shape(obj: Any, layout: str) -> Optional[Tuple[int, int]]:
+    """(out, in) of a duck-typed layer: from its weight ((out, in), or (in, out) for an ``in_out``
+    layer), a quantized forward already installed, or in_features/out_features."""
+    from .quantization import QuantizedLinearForward
+    w = _own_attr(obj, "weight")
+    if w is not _MISSING and w is not None:
+        try:
+            shp = tuple(int(d) for d in np.shape(w))
+        except Exception:  # noqa: BLE001 - an object numpy cannot size: no shape
+            shp = ()
+        if len(shp) == 2:
+            return (shp[1], shp[0]) if layout == "in_out" else (shp[0], shp[1])
+        return None
+    fwd = _own_attr(obj, "forward")
+    if isinstance(fwd, QuantizedLinearForward):
+        return (fwd.out_features, fwd.in_features)
+    fi, fo = _own_attr(obj, "in_features"), _own_attr(obj, "out_features")
+    if isinstance(fi, (int, np.integer)) and isinstance(fo, (int, np.integer)):
+        return (int(fo), int(fi))
+    return None
+
+
 def _load_into_duck(model: Any, ck: Checkpoint) -> Any:
+    """Validate every layer first (path, type, shape), then install all; a failure while installing
+    (e.g. a class that refuses an attribute) puts back what was changed, so the model is either
+    fully loaded or untouched."""
+    plan = []
     for name, qf in ck.layers.items():
-        obj = model
-        for part in name.split(".") if name else []:
-            if isinstance(obj, (list, tuple)):
-                obj = obj[int(part)]
-            elif isinstance(obj, dict):
-                obj = obj[part]
-            else:
-                obj = getattr(obj, part)
-        obj.forward = qf
-        if hasattr(obj, "weight"):
-            obj.weight = None
-        if hasattr(obj, "bias"):
-            obj.bias = qf.bias
+        obj = _duck_layer(model, name)
+        want = tuple(int(d) for d in qf.qweight.shape)
+        got = _duck_shape(obj, ck.layouts.get(name, "out_in"))
+        if got is None:
+            raise CheckpointError(f"layer {name!r}: cannot tell the (out, in) shape of the model's "
+                                  f"{type(obj).__name__} (no 2-D weight, no in_features/out_features); "
+                                  "refusing to install an unchecked layer")
+        if got != want:
+            raise CheckpointError(f"layer {name!r}: checkpoint shape (out, in) = {want}, the model's layer "
+                                  f"has {got}")
+        plan.append((obj, qf))
+    undo: List[Callable[[], None]] = []
+
+    def put(obj: Any, attr: str, value: Any) -> None:
+        old = _own_attr(obj, attr)
+        setattr(obj, attr, value)
+        undo.append(lambda: delattr(obj, attr) if old is _MISSING else setattr(obj, attr, old))
+
+    try:
+        for obj, qf in plan:
+            put(obj, "forward", qf)
+            if _own_attr(obj, "weight") is not _MISSING:
+                put(obj, "weight", None)
+            if _own_attr(obj, "bias") is not _MISSING:
+                put(obj, "bias", qf.bias)
+    except BaseException:
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+                pass
+        raise
     return model
 
 
@@ -634,15 +1078,25 @@ def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], stric
       are loaded with ``load_state_dict``. ``strict``: the keys must match exactly.
     - torch model: each named ``nn.Linear``/``Conv1D`` becomes a ``QuantizedTorchLinear``; the other
       tensors are copied into its parameters and buffers.
-    - other (duck-typed) models: each named layer object gets the quantized ``forward``.
+    - other (duck-typed) models: each named layer object (reached through list/tuple items, dict
+      keys and its own attributes; private and dunder names are refused) gets the quantized
+      ``forward``, after every layer was found and its (out, in) shape checked.
     Raises :class:`CheckpointError` naming the first layer that does not fit (the model is unchanged).
     """
     from . import nn
     from .adapters import is_torch_module
-    ck = path_or_checkpoint if isinstance(path_or_checkpoint, Checkpoint) else read_checkpoint(path_or_checkpoint)
-    if isinstance(model, nn.Module):
-        return _load_into_nn(model, ck, strict)
-    if is_torch_module(model):
-        from .adapters.torch import install_checkpoint
-        return install_checkpoint(model, ck, strict)
-    return _load_into_duck(model, ck)
+    if isinstance(path_or_checkpoint, Checkpoint):
+        ck, where = path_or_checkpoint, ""
+    else:
+        ck, where = read_checkpoint(path_or_checkpoint), os.fspath(path_or_checkpoint)
+    try:
+        if isinstance(model, nn.Module):
+            return _load_into_nn(model, ck, strict)
+        if is_torch_module(model):
+            from .adapters.torch import install_checkpoint
+            return install_checkpoint(model, ck, strict)
+        return _load_into_duck(model, ck)
+    except CheckpointError as e:
+        if where and not str(e).startswith(where):
+            raise CheckpointError(f"{where}: {e}") from None
+        raise

@@ -227,13 +227,25 @@ def _scale_shape(granularity: str, n: int, k: int, group_size: Optional[int]) ->
 
 
 # ---- quantized weights ----------------------------------------------------------------------------
+def _owner_nbytes(a: np.ndarray) -> int:
+    """nbytes of the array owning a's memory (a itself unless a is a view of another array)."""
+    while isinstance(a.base, np.ndarray):
+        a = a.base
+    return a.nbytes
+
+
 def _empty64(size: int) -> np.ndarray:
     """An uninitialised int8 array of `size` bytes starting on a 64-byte boundary. numpy aligns to
     16 bytes: a packed weight 16 bytes off made every 64-byte row the kernels load straddle two
     cache lines (AMX (4096, 4096) M = 256: 6.4 -> 5.3 ms, measured in C)."""
+    if size < _ALIGN_MIN:  # small weights: no 64-byte slack, which would outweigh the gain
+        return np.empty(size, dtype=np.int8)
     buf = np.empty(size + 64, dtype=np.int8)
     off = -buf.ctypes.data % 64
     return buf[off:off + size]
+
+
+_ALIGN_MIN = 16384
 
 
 def _pack(q: np.ndarray, granularity: str, group_size: Optional[int], fmt: int = 0) -> np.ndarray:
@@ -337,8 +349,9 @@ class QuantizedWeight:
     @property
     def nbytes(self) -> int:
         """Bytes this weight holds (packed codes with their header and column sums + scales),
-        measured from its arrays."""
-        return int(self.packed.nbytes + self.scale.nbytes)
+        measured from its arrays: each charged with the memory block it views (the packed codes
+        sit in a block up to 64 bytes larger, for their 64-byte alignment)."""
+        return int(_owner_nbytes(self.packed) + _owner_nbytes(self.scale))
 
     @property
     def scheme(self) -> str:
@@ -355,7 +368,7 @@ class QuantizedWeight:
             if best > 0 and lib.cq_packed_info(_ptr("int8_t[]", self.packed), self.packed.size,
                                                ffi.NULL, ffi.NULL, ffi.NULL) != best:
                 self.packed = _pack(self.q, self.granularity, self.group_size, best)
-            elif self.packed.ctypes.data % 64:  # unpickled or loaded: a 64-byte aligned copy
+            elif self.packed.ctypes.data % 64 and self.packed.size >= _ALIGN_MIN:  # unpickled or loaded
                 aligned = _empty64(self.packed.size)
                 aligned[...] = self.packed
                 self.packed = aligned

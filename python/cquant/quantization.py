@@ -760,7 +760,7 @@ class ReportRow:
     """One quantized layer of a model, as :func:`report` finds it.
 
     ``bytes_before`` = ``N*K*4`` + bias bytes (the float32 layer); ``bytes_after`` = the bytes the
-    layer actually holds (``packed.nbytes + scale.nbytes + bias.nbytes``). A weight shared by several
+    layer actually holds (``QuantizedWeight.nbytes + bias.nbytes``). A weight shared by several
     layers is counted under the first; later rows count only their bias and name it in ``shared_with``.
     """
     name: str
@@ -791,7 +791,7 @@ def report(model: Any) -> List[ReportRow]:
         if first is None:
             owner[id(qw)] = name
             before = n * k * 4 + bias_b
-            after = int(qw.packed.nbytes + qw.scale.nbytes) + bias_b
+            after = int(qw.nbytes) + bias_b
         else:
             before = after = bias_b
         rows.append(ReportRow(name, (n, k), qf.scheme, before, after, first))
