@@ -60,8 +60,14 @@ int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
 int cq_format_is_i4(int format);
 /* int4 panels: steps [t4, t4 + nt4) (even) of output panel p_out (out_nr rows, <= h->nr) in the
  * int8 layout (see pack.c). For int4 formats h->kp4 is 2 * ceil(k / 8). */
+typedef void (*cq_i4_row_fn)(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* one step */
+void cq_i4_row_ref(const uint8_t *src, int nb, int8_t *lo, int8_t *hi);
+#ifdef CQ_X86
+void cq_i4_row_avx2(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* nb % 32 == 0 */
+#endif
+cq_i4_row_fn cq_i4_row_for(int isa); /* the best the path allows (registry.c) */
 void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,
-                  int64_t nt4, int8_t *out);
+                  int64_t nt4, int8_t *out, cq_i4_row_fn row);
 
 /* ---- micro-kernel interfaces ------------------------------------------------------------------ */
 /* Integer GEMM micro-kernel: mr rows (1..its mr) of quantized activations against one packed
@@ -231,6 +237,12 @@ static inline int cq_bytes_ok(int64_t a, int64_t b, int64_t elt)
     return cq_mul_ok(a, b, &t) && cq_mul_ok(t, elt, &t);
 }
 static inline int64_t cq_ceil_div(int64_t a, int64_t b) { return a / b + (a % b != 0); }
+/* The byte ranges [a, a + na) and [b, b + nb) share a byte (sizes >= 0, already checked to fit). */
+static inline int cq_overlap(const void *a, int64_t na, const void *b, int64_t nb)
+{
+    uintptr_t pa = (uintptr_t)a, pb = (uintptr_t)b;
+    return na > 0 && nb > 0 && pa < pb + (uintptr_t)nb && pb < pa + (uintptr_t)na;
+}
 
 /* 64-byte aligned scratch (free with free()). glibc's malloc returns page + 16 for large blocks:
  * every 64-byte row of a tile load then straddles two cache lines (AMX (4096, 4096) M = 256:

@@ -50,6 +50,7 @@ typedef struct {
     float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
     int i4;               /* int4 weight: blocks of its panels are expanded to int8 before use */
     const int8_t *codes4; /* int4 codes; panels of h4.nr rows, read as panels of nr (<= h4.nr) */
+    cq_i4_row_fn i4row;   /* the expansion step of the path */
     cq_pack_header h4;
 } lin_ctx;
 
@@ -68,7 +69,7 @@ static int64_t i4_block(const lin_ctx *c) { return I4_SCRATCH / (4 * (int64_t)c-
 static const int8_t *panel_blk(const lin_ctx *c, int64_t p, int64_t t, int64_t nt, int8_t *scratch)
 {
     if (!c->i4) return panel_at(c, p, t);
-    cq_i4_expand(&c->h4, c->codes4, c->nr, p, t, nt, scratch);
+    cq_i4_expand(&c->h4, c->codes4, c->nr, p, t, nt, scratch, c->i4row);
     return scratch;
 }
 
@@ -160,7 +161,15 @@ static void s8_unit(void *vctx, int64_t u)
         /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32; modulo 2^32 the
          * u8 sums minus the compensation are exact whenever the true sum fits) */
         int64_t kc4 = c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
-        if (c->i4 && kc4 > i4_block(c)) kc4 = i4_block(c);
+        int8_t *iscr = scratch, *big = NULL;
+        if (c->i4 && kc4 > i4_block(c)) {
+            /* a config with long k blocks (AMX keeps its C tiles across a block): up to 256 steps
+             * expanded into a heap block (64 KiB at nr 64, below glibc's mmap threshold) */
+            int64_t want = kc4 < 256 ? kc4 : 256;
+            big = (int8_t *)cq_alloc64((size_t)(want * step));
+            kc4 = big ? want : i4_block(c);
+            if (big) iscr = big;
+        }
         if (c->u8) panel_comp(c, p, 0, comp);
         if (!c->c32) {
             panel_scales(c, p, 0, ws);
@@ -169,7 +178,7 @@ static void s8_unit(void *vctx, int64_t u)
         for (int64_t t0 = 0; t0 < c->kp4; t0 += kc4) {
             int64_t nt = c->kp4 - t0 < kc4 ? c->kp4 - t0 : kc4;
             int last = t0 + nt >= c->kp4;
-            const int8_t *bk = panel_blk(c, p, t0, nt, scratch);
+            const int8_t *bk = panel_blk(c, p, t0, nt, iscr);
             for (int64_t r = 0; r < rows; r += MR) {
                 int mr = (int)(rows - r < MR ? rows - r : MR);
                 o.acc = acc + r * nr;
@@ -190,6 +199,7 @@ static void s8_unit(void *vctx, int64_t u)
                 for (int64_t j = 0; j < cols; j++)
                     c->c32[(m0 + r) * c->n + n0 + j] =
                         (int32_t)((uint32_t)acc[r * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
+        free(big);
         return;
     }
     memset(facc, 0, sizeof(float) * (size_t)(rows * nr));
@@ -518,7 +528,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     if (cq_format_is_i4(fmt)) {
         /* int4: the kernels of the int8 format of the same panel width, or of panels of 16 where
          * this path's kernels read those (the expansion takes 16-row slices of a 64-row panel) */
-        c.i4 = 1; c.h4 = h; c.codes4 = c.codes; c.codes = NULL;
+        c.i4 = 1; c.h4 = h; c.codes4 = c.codes; c.codes = NULL; c.i4row = cq_i4_row_for(isa);
         fmt = h.nr == 64 && cq_format_nr(cq_best_format_for(isa)) == 64 ? CQ_FORMAT_N64K4 : CQ_FORMAT_N16K4;
         c.nr = cq_format_nr(fmt);
         c.np = cq_ceil_div(n, c.nr);
@@ -591,6 +601,9 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
     cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx);
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
+    /* int4: a unit expands its panel's blocks once for all its rows, so units take as many rows
+     * as they can (MAXMB, a multiple of every kernel's pad_rows) */
+    if (c.i4 && m > c.mb) c.mb = MAXMB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);
     if (gemv) {

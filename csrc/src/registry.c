@@ -171,6 +171,16 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format)
     return NULL;
 }
 
+/* The int4 expansion step (exact on every path: the SIMD one only where the path allows AVX2). */
+cq_i4_row_fn cq_i4_row_for(int active_isa)
+{
+#ifdef HAVE_AVX2
+    if (allowed(active_isa, CQ_ISA_AVX2)) return cq_i4_row_avx2;
+#endif
+    (void)active_isa;
+    return cq_i4_row_ref;
+}
+
 /* The format of the best dynamic config the path allows (whatever the shape). */
 int cq_best_format_for(int active_isa)
 {
