@@ -90,6 +90,8 @@ CONTENDERS: List[Tuple[str, str]] = [
     ("numpy", "numpy f32"),
     ("cquant_wo", "cquant weight_only"),
     ("cquant_dyn", "cquant dynamic"),
+    ("cquant_wo4", "cquant int4 g32 weight_only"),
+    ("cquant_dyn4", "cquant int4 g32 dynamic"),
     ("torch_f32", "torch f32"),
     ("torch_pt", "torch qint8 per-tensor"),
     ("torch_pc", "torch qint8 per-channel"),
@@ -113,7 +115,8 @@ SLOW_MAX_S = 2.0    # ... once its repetitions would pass this much time
 MAX_REPS = 500
 
 # cquant contenders whose micro-kernel and % of peak are reported, with the peak each is held against.
-CQUANT_PEAK_KIND: Dict[str, str] = {"cquant_wo": "f32", "cquant_dyn": "int8"}
+CQUANT_PEAK_KIND: Dict[str, str] = {"cquant_wo": "f32", "cquant_dyn": "int8", "cquant_wo4": "f32",
+                                    "cquant_dyn4": "int8"}
 # The int8 dot-product instruction whose peak ops.peak_gmacs("int8") measures, per cquant ISA path.
 INT8_PEAK_INSN: Dict[str, str] = {"amx": "vpdpbusd", "avx512vnni": "vpdpbusd", "avx512": "vpmaddubsw ymm",
                                   "avxvnni": "vpmaddubsw ymm", "avx2": "vpmaddubsw"}
@@ -301,9 +304,12 @@ def _make_numpy(W, b):
     return run
 
 
-def _make_cquant(W, b, mode: str):
+def _make_cquant(W, b, mode: str, bits: int = 8):
     _, ops = _import_cquant_ops()
-    qw = ops.quantize_weight(W, granularity="per_channel")
+    if bits == 8:
+        qw = ops.quantize_weight(W, granularity="per_channel")
+    else:  # int4: groups of 32 input columns (per-channel int4 loses too much accuracy to compare)
+        qw = ops.quantize_weight(W, granularity="per_group", group_size=32, bits=bits)
 
     def run(x):
         return ops.linear(x, qw, b, mode=mode)
@@ -654,6 +660,10 @@ def run_child(args: argparse.Namespace) -> Dict[str, Any]:
                         fns[key] = _make_cquant(W, b, "weight_only")
                     elif key == "cquant_dyn":
                         fns[key] = _make_cquant(W, b, "dynamic")
+                    elif key == "cquant_wo4":
+                        fns[key] = _make_cquant(W, b, "weight_only", 4)
+                    elif key == "cquant_dyn4":
+                        fns[key] = _make_cquant(W, b, "dynamic", 4)
                     elif key == "torch_f32":
                         fns[key] = _make_torch(W, b, "f32", threads)
                     elif key == "torch_pt":
