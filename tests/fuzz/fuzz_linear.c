@@ -23,12 +23,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int format = fz_pick_format(&r);
     int64_t m = fz_range(&r, 0, 24), k = fz_range(&r, 1, 300), n = fz_range(&r, 1, 40);
     if (fz_u8(&r) == 0xa5) { m = 64; k = 64 * fz_range(&r, 1, 4); n = fz_range(&r, 1, 130); } /* AMX-sized */
+    /* int4 weights (a quarter of the inputs): codes in [-7, 7], an int4 format of the same panel
+     * width, groups that are multiples of 8 up to 256 */
+    int bits4 = fz_u8(&r) < 64;
+    if (bits4) format = format == CQ_FORMAT_AUTO ? cq_best_format_bits(n, 4)
+                      : format == CQ_FORMAT_N64K4 ? CQ_FORMAT_N64K8I4 : CQ_FORMAT_N16K8I4;
     int64_t group = 0;
     if (scheme == CQ_PER_GROUP) {
-        if (k % 4) k += 4 - k % 4;
-        int64_t steps = k / 4, d = fz_range(&r, 1, steps);
-        while (steps % d) d--;              /* a divisor of k/4: group = 4*d divides k */
-        group = 4 * d;
+        const int64_t gq = bits4 ? 8 : 4; /* group granule */
+        if (k % gq) k += gq - k % gq;
+        int64_t steps = k / gq, d = fz_range(&r, 1, bits4 && steps > 32 ? 32 : steps);
+        while (steps % d) d--;              /* a divisor of k/gq: group = gq*d divides k */
+        group = gq * d;
     }
     int64_t ns = cq_num_scales(scheme, n, k, group), psize = cq_packed_size(format, n, k, group);
     fz_expect(ns > 0 && psize > 0, "num_scales %lld packed %lld", (long long)ns, (long long)psize);
@@ -38,11 +44,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     int8_t *q = fz_alloc((size_t)(n * k)), *packed = fz_alloc((size_t)psize);
     if (raw) {
         fz_codes(&r, q, n * k, 0);
+        if (bits4) for (int64_t i = 0; i < n * k; i++) q[i] = (int8_t)(q[i] % 8); /* [-7, 7] */
         fz_floats(&r, s, ns);
     } else {
         fz_floats(&r, w, n * k);
         for (int64_t i = 0; i < n * k; i++) if (!isfinite(w[i])) w[i] = 0.25f;
-        fz_expect(cq_quantize(w, n, k, scheme, group, q, s) == CQ_OK, "quantize");
+        fz_expect(cq_quantize_bits(bits4 ? 4 : 8, w, n, k, scheme, group, q, s) == CQ_OK, "quantize");
     }
     fz_expect(cq_pack(format, q, n, k, group, packed) == CQ_OK, "pack");
     fz_floats(&r, x, m * k);

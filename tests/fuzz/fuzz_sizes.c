@@ -35,7 +35,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     fz_reader r = {data, size};
     int64_t m = fz_size(&r), n = fz_size(&r), k = fz_size(&r), g = fz_size(&r);
     int scheme = (int)(int8_t)fz_u8(&r) % 5, mode = (int)(int8_t)fz_u8(&r) % 4;
-    int format = (int)(int8_t)fz_u8(&r) % 4; /* -3..3: AUTO, N16K4, N64K4 and unknown ones */
+    int format = (int)(int8_t)fz_u8(&r) % 6; /* -5..5: AUTO, N16K4, N64K4, the int4 ones, unknown ones */
     int64_t pg = (fz_u8(&r) & 1) ? g : 0;     /* the packed scale group: 0 (one segment) or g */
     int any = (int)(int32_t)fz_u64(&r);
 
@@ -50,14 +50,20 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
      * N64K4 the int32 column sums per panel, segment and row, 64-byte aligned */
     int64_t ps = cq_packed_size(format, n, k, pg);
     int fmt = format == CQ_FORMAT_AUTO ? cq_best_format(n > 0 ? n : 1) : format;
-    if (fmt != CQ_FORMAT_N16K4 && fmt != CQ_FORMAT_N64K4) fz_expect(ps == CQ_ERR_ARG, "packed format %d: %lld", format, (long long)ps);
+    /* int4 formats: two codes a byte, k in steps of 8 (4 bytes per row per step), groups that are
+     * multiples of 8 up to 256 */
+    int i4 = fmt == CQ_FORMAT_N16K8I4 || fmt == CQ_FORMAT_N64K8I4;
+    if (fmt < CQ_FORMAT_N16K4 || fmt > CQ_FORMAT_N64K8I4) fz_expect(ps == CQ_ERR_ARG, "packed format %d: %lld", format, (long long)ps);
     else if (n <= 0 || k <= 0) fz_expect(ps == CQ_ERR_SHAPE, "packed shape");
-    else if (pg < 0 || (pg > 0 && (pg % 4 || k % pg))) fz_expect(ps == CQ_ERR_GROUP, "packed group %lld", (long long)ps);
+    else if (pg < 0 || (pg > 0 && (pg % (i4 ? 8 : 4) || k % pg)) || (i4 && pg > 256))
+        fz_expect(ps == CQ_ERR_GROUP, "packed group %lld", (long long)ps);
     else {
-        i128 nr = fmt == CQ_FORMAT_N16K4 ? 16 : 64, np = ((i128)n + nr - 1) / nr, kp4 = ((i128)k + 3) / 4;
+        i128 nr = (fmt == CQ_FORMAT_N16K4 || fmt == CQ_FORMAT_N16K8I4) ? 16 : 64, np = ((i128)n + nr - 1) / nr;
+        i128 steps = i4 ? ((i128)k + 7) / 8 : ((i128)k + 3) / 4; /* stored steps, 4 bytes per row each */
         i128 nseg = pg ? (i128)k / pg : 1, big = (i128)1 << 100; /* products stay far from 2^127 */
-        i128 want = np * kp4 > big ? big : 64 + np * kp4 * 4 * nr;
-        if (fmt == CQ_FORMAT_N64K4) want = (want + 63) / 64 * 64 + (np * nseg > big ? big : np * nseg * nr * 4);
+        i128 want = np * steps > big ? big : 64 + np * steps * 4 * nr;
+        if (fmt == CQ_FORMAT_N64K4 || fmt == CQ_FORMAT_N64K8I4)
+            want = (want + 63) / 64 * 64 + (np * nseg > big ? big : np * nseg * nr * 4);
         if (!fits(want)) fz_expect(ps == CQ_ERR_OVERFLOW, "packed overflow %lld", (long long)ps);
         else fz_expect(ps == (int64_t)want, "packed value %lld, want %lld", (long long)ps, (long long)want);
     }
