@@ -85,7 +85,9 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
             continue
         if m < min_m or (k4m and kp4 % k4m) or (no_groups and grouped):
             continue
-        use_gemv = not gemm and m == 1 and ng == 1 and 4 * kp4 <= CHUNK_K and gv is not None
+        # M = 1: the GEMV, per channel when the sum fits one int32 chunk, per group when a group does
+        fits = 4 * kp4 <= CHUNK_K if ng == 1 else k // ng <= CHUNK_K
+        use_gemv = not gemm and m == 1 and fits and gv is not None
         return gv if use_gemv else gk
     raise AssertionError("no config")
 

@@ -143,4 +143,13 @@ static void dequant_ref(const int8_t *q, int64_t n, float scale, float *out)
     for (int64_t i = 0; i < n; i++) out[i] = (float)q[i] * scale;
 }
 
-const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref};
+static void facc_fold_ref(int n, const int32_t *acc, const int32_t *comp, float sx, const float *ws, float *facc)
+{
+    for (int j = 0; j < n; j++) {
+        float f = (float)(int32_t)((uint32_t)acc[j] - (comp ? (uint32_t)comp[j] : 0u));
+        facc[j] = fmaf(f, cq_scale_product(sx, ws[j]), facc[j]);
+    }
+}
+
+const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
+                                           facc_fold_ref};

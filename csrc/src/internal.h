@@ -163,6 +163,10 @@ typedef struct {
     void (*gelu)(const float *x, int64_t n, float *y);
     /* out[i] = (float)q[i] * scale (bit-exact on every path). */
     void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
+    /* facc[j] = fma((float)(acc[j] - (comp ? comp[j] : 0)), min(sx * ws[j], FLT_MAX), facc[j]),
+     * j < n (a multiple of 16): the kernels' CQ_OUT_FACC epilogue, bit for bit, for the drivers
+     * that fold raw per-group sums themselves (the per-group GEMV). */
+    void (*facc_fold)(int n, const int32_t *acc, const int32_t *comp, float sx, const float *ws, float *facc);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
 #ifdef CQ_X86

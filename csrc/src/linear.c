@@ -47,6 +47,7 @@ typedef struct {
     int32_t *c32;         /* gemm_s8s8s32 output */
     const cq_qd8_config *qcfg;
     const cq_f32_config *fcfg;
+    const cq_elementwise *ew; /* the path's element-wise kernels (facc_fold) */
     float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
     int i4;               /* int4 weight: blocks of its panels are expanded to int8 before use */
     const int8_t *codes4; /* int4 codes; panels of h4.nr rows, read as panels of nr (<= h4.nr) */
@@ -322,6 +323,65 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
     }
 }
 
+/* M = 1, per group: 4 panels read as 4 concurrent streams, one GEMV call per group (s8_unit's
+ * 1-row tile over one panel reads a single stream and gathered its scales group by group: 4x
+ * slower than per-channel at (11008, 4096)). Each group's sums are folded by the path's
+ * facc_fold, s8_unit's CQ_OUT_FACC epilogue bit for bit; the scales of GB groups of the 4 panels
+ * are gathered once, a contiguous read per row. */
+enum { GB = 16 };
+static void s8_gemv4_group_unit(void *vctx, int64_t u)
+{
+    lin_ctx *c = (lin_ctx *)vctx;
+    const int nr = c->nr;
+    const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
+    int64_t p0 = 4 * u, last = c->np - 1, pp[4];
+    for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
+    const int8_t *panels[4];
+    int32_t acc[4 * MAXNR] __attribute__((aligned(64))), part[4 * MAXNR] __attribute__((aligned(64)));
+    float facc[4 * MAXNR], wsb[GB][4 * MAXNR], bb[MAXNR];
+    int32_t comp[MAXNR];
+    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
+    const int64_t blk = c->i4 ? 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr) : c->group4; /* int4 steps per block */
+    const float sx = c->sx[0];
+    memset(facc, 0, sizeof facc);
+    for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
+        const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
+        for (int i = 0; i < 4; i++)
+            for (int j = 0; j < nr; j++) {
+                int64_t row = pp[i] * nr + j;
+                const float *src = c->scales + row * c->ng + g0;
+                if (row >= c->n) { for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = 0.0f; continue; }
+                if (g0 + 2 * GB < c->ng) __builtin_prefetch(src + 2 * GB);
+                for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = src[g];
+            }
+        for (int64_t g = g0; g < g0 + gn; g++) {
+            const int64_t t0 = g * c->group4;
+            if (!c->i4) {
+                for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
+                gemv(nr, c->group4, c->qa + 4 * t0, panels, c->kp4 * 4 * (int64_t)nr, acc);
+            } else {
+                memset(acc, 0, sizeof acc);
+                for (int64_t t = t0; t < t0 + c->group4; t += blk) {
+                    int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
+                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, scratch + i * blk * 4 * nr);
+                    gemv(nr, n4, c->qa + 4 * t, panels, blk * 4 * (int64_t)nr, part);
+                    for (int i = 0; i < 4 * nr; i++) acc[i] = (int32_t)((uint32_t)acc[i] + (uint32_t)part[i]);
+                }
+            }
+            for (int i = 0; i < 4; i++) {
+                if (c->u8) panel_comp(c, pp[i], g, comp);
+                c->ew->facc_fold(nr, acc + i * nr, c->u8 ? comp : NULL, sx, wsb[g - g0] + i * nr, facc + i * nr);
+            }
+        }
+    }
+    for (int i = 0; i < 4 && p0 + i <= last; i++) {
+        int64_t p = p0 + i, cols = cols_of(c, p);
+        panel_bias(c, p, bb);
+        float *yr = c->y + p * nr;
+        for (int64_t j = 0; j < cols; j++) yr[j] = facc[i * nr + j] + bb[j];
+    }
+}
+
 /* ---- weight-only ------------------------------------------------------------------------------ */
 /* GEMV (M < 4): a unit is 4 consecutive panels read as concurrent streams. */
 static void wo_gemv4_unit(void *vctx, int64_t u)
@@ -335,7 +395,6 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     /* the scales of GB groups of the unit's 4 panels, gathered once for all rows: per group a
      * strided gather of 4 * nr scalars (rows ng floats apart) was 40% of the time of a per-group
      * (11008, 4096) GEMV; here each row's GB consecutive scales are one contiguous read */
-    enum { GB = 16 };
     float wsb[GB][4 * MAXNR];
     int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
     /* int4 with a kernel that expands the codes in registers: slices of the int4 panels directly */
@@ -584,7 +643,8 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
      * steps of 4), then integer tiles */
     c.qcfg = cq_qd8_config_for(isa, fmt, c.ng > 1 || c.kp4 > CQ_CHUNK4, m, c.kp4);
     if (!c.qcfg) return CQ_ERR_FORMAT;
-    int gemv = m == 1 && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && c.qcfg->gemv4;
+    /* M = 1: the 4-stream GEMV, per channel (one sum) or per group (a call per group) */
+    int gemv = m == 1 && c.qcfg->gemv4 && (c.ng == 1 ? c.kp4 <= CQ_CHUNK4 : c.group4 <= CQ_CHUNK4);
     const cq_ukernel *uk = gemv ? c.qcfg->gemv4 : c.qcfg->gemm;
     c.u8 = uk->act_u8;
     int64_t lda = 4 * c.kp4;
@@ -608,7 +668,8 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     cq_set_last_kernel(uk->name);
     if (gemv) {
         int64_t nunits = cq_ceil_div(c.np, 4);
-        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_gemv4_unit, &c);
+        c.ew = cq_elementwise_for(isa);
+        cq_parallel_for(nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit, &c);
     } else {
         int64_t nunits = c.np * c.nmb;
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);

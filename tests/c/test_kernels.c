@@ -843,7 +843,9 @@ static const char *expected_kernel(int path, int fmt, int mode, int64_t m, int64
     }
     const cq_qd8_config *q = cq_qd8_config_for(path, fmt, ng > 1 || kp4 > CQ_CHUNK4, m, kp4);
     if (!q) return "(no config)";
-    return (m == 1 && ng == 1 && kp4 <= CQ_CHUNK4 && q->gemv4) ? q->gemv4->name : q->gemm->name;
+    /* M = 1: the GEMV, per channel when the sum fits one int32 chunk, per group when a group does */
+    int gemv = m == 1 && q->gemv4 && (ng == 1 ? kp4 <= CQ_CHUNK4 : group / 4 <= CQ_CHUNK4);
+    return gemv ? q->gemv4->name : q->gemm->name;
 }
 
 /* cq_last_kernel() after a call on `path` with a weight in `fmt`: a registry kernel the path

@@ -123,8 +123,23 @@ static void dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)
     for (; i < n; i++) out[i] = (float)q[i] * scale;
 }
 
+/* facc[j] = fma((float)(acc[j] - comp[j]), min(sx * ws[j], FLT_MAX), facc[j]): the CQ_OUT_FACC
+ * epilogue of the int8 kernels (qd8-out-256.h), bit for bit; n a multiple of 8. */
+static void facc_fold_avx2(int n, const int32_t *acc, const int32_t *comp, float sx, const float *ws, float *facc)
+{
+    const __m256 vsx = _mm256_set1_ps(sx), big = _mm256_set1_ps(3.402823466e38f);
+    for (int j = 0; j < n; j += 8) {
+        __m256i v = _mm256_loadu_si256((const __m256i *)(acc + j));
+        if (comp) v = _mm256_sub_epi32(v, _mm256_loadu_si256((const __m256i *)(comp + j)));
+        const __m256 s = _mm256_min_ps(big, _mm256_mul_ps(vsx, _mm256_loadu_ps(ws + j)));
+        _mm256_storeu_ps(facc + j, _mm256_fmadd_ps(_mm256_cvtepi32_ps(v), s, _mm256_loadu_ps(facc + j)));
+    }
+}
+
 CQ_TARGET_END
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2};
+
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
+                                            facc_fold_avx2};
 #elif defined(CQ_X86)
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0};
 #endif
