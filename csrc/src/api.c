@@ -18,6 +18,7 @@ const char *cq_strerror(int status)
     case CQ_ERR_ARG: return "invalid argument (unknown mode, scheme, ISA or thread count)";
     case CQ_ERR_VERSION: return "library and header versions differ";
     case CQ_ERR_FORMAT: return "not a packed weight for this shape and scale group (bad or mismatched header)";
+    case CQ_ERR_ALIAS: return "an output buffer overlaps an input (in-place or partly shared buffers are not supported)";
     default: return "unknown status";
     }
 }

@@ -1,5 +1,7 @@
 /* dispatch.c - choose the path once: CPUID feature bits *and* the OS's XSAVE state
  * (XCR0) decide what can run; CQUANT_ISA forces a path. Compiled without any -m flag. */
+#include <pthread.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
@@ -132,6 +134,67 @@ static volatile int g_state = 0; /* 0 unresolved, 1 ok, 2 forced path unavailabl
 
 static int known(int isa) { return isa >= CQ_ISA_SCALAR && isa <= CQ_ISA_AVXVNNI; }
 
+/* The reason the last selection failed (cq_isa_error), "" after one that succeeded. Written and
+ * copied under g_err_mu; each reader gets its own copy, so a later failure never changes a string
+ * that a caller still holds. */
+#define CQ_ISA_ERR_LEN 320
+static pthread_mutex_t g_err_mu = PTHREAD_MUTEX_INITIALIZER;
+static char g_err[CQ_ISA_ERR_LEN];
+static __thread char t_err[CQ_ISA_ERR_LEN];
+
+/* "scalar, avx2, ..." in path order (the order of the header's enum comment). */
+static void list_paths(char *buf, size_t size, int supported_only)
+{
+    static const int ORDER[] = {CQ_ISA_SCALAR, CQ_ISA_AVX2, CQ_ISA_AVXVNNI, CQ_ISA_AVX512, CQ_ISA_AVX512VNNI,
+                                CQ_ISA_AMX};
+    size_t len = 0;
+    buf[0] = '\0';
+    for (unsigned i = 0; i < sizeof ORDER / sizeof ORDER[0]; i++) {
+        if (supported_only && !cq_isa_supported(ORDER[i])) continue;
+        int w = snprintf(buf + len, size - len, "%s%s", len ? ", " : "", cq_isa_name(ORDER[i]));
+        if (w < 0 || (size_t)w >= size - len) break;
+        len += (size_t)w;
+    }
+}
+
+/* Record why selecting `isa` (from CQUANT_ISA=env when env is not NULL) failed with status st. */
+static void set_error(int st, int isa, const char *env)
+{
+    char all[96], here[96], who[64], msg[CQ_ISA_ERR_LEN];
+    list_paths(all, sizeof all, 0);
+    list_paths(here, sizeof here, 1);
+    if (env) snprintf(who, sizeof who, "CQUANT_ISA='%.40s'", env);
+    else if (known(isa)) snprintf(who, sizeof who, "cq_set_isa(%s)", cq_isa_name(isa));
+    else snprintf(who, sizeof who, "cq_set_isa(%d)", isa);
+    if (st == CQ_ERR_ARG)
+        snprintf(msg, sizeof msg, "%s: unknown path; expected one of %s or auto (available here: %s)", who,
+                 all, here);
+    else if (!compiled(isa))
+        snprintf(msg, sizeof msg, "%s: path not compiled into this build (the compiler could not target it; "
+                 "available here: %s)", who, here);
+    else
+        snprintf(msg, sizeof msg, "%s: this CPU or OS cannot run the path (available here: %s)", who, here);
+    pthread_mutex_lock(&g_err_mu);
+    memcpy(g_err, msg, sizeof g_err);
+    pthread_mutex_unlock(&g_err_mu);
+}
+
+static void clear_error(void)
+{
+    pthread_mutex_lock(&g_err_mu);
+    g_err[0] = '\0';
+    pthread_mutex_unlock(&g_err_mu);
+}
+
+const char *cq_isa_error(void)
+{
+    cq_active_isa(); /* the first use reads CQUANT_ISA */
+    pthread_mutex_lock(&g_err_mu);
+    memcpy(t_err, g_err, sizeof t_err);
+    pthread_mutex_unlock(&g_err_mu);
+    return t_err;
+}
+
 static int resolve(int isa)
 {
     if (isa == CQ_ISA_AUTO) {
@@ -141,8 +204,10 @@ static int resolve(int isa)
             for (unsigned i = 0; i < sizeof ALL_ISAS / sizeof ALL_ISAS[0]; i++)
                 if (strcasecmp(env, cq_isa_name(ALL_ISAS[i])) == 0) want = ALL_ISAS[i];
             if (want == -2 || !cq_isa_supported(want)) {
+                int st = want == -2 ? CQ_ERR_ARG : CQ_ERR_ISA;
+                set_error(st, want, env);
                 __atomic_store_n(&g_state, want == -2 ? 3 : 2, __ATOMIC_RELEASE);
-                return want == -2 ? CQ_ERR_ARG : CQ_ERR_ISA;
+                return st;
             }
             isa = want;
         } else {
@@ -151,8 +216,9 @@ static int resolve(int isa)
                 if (cq_isa_supported(BEST_FIRST[i])) { isa = BEST_FIRST[i]; break; }
         }
     }
-    if (!known(isa)) return CQ_ERR_ARG;
-    if (!cq_isa_supported(isa)) return CQ_ERR_ISA;
+    if (!known(isa)) { set_error(CQ_ERR_ARG, isa, NULL); return CQ_ERR_ARG; }
+    if (!cq_isa_supported(isa)) { set_error(CQ_ERR_ISA, isa, NULL); return CQ_ERR_ISA; }
+    clear_error();
     __atomic_store_n(&g_active, isa, __ATOMIC_RELEASE);
     __atomic_store_n(&g_state, 1, __ATOMIC_RELEASE);
     return CQ_OK;

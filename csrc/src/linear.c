@@ -572,6 +572,12 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     if (cq_pack_read_header(packed, &h) != CQ_OK || h.n != n || h.k != k) return CQ_ERR_FORMAT;
     int64_t group4 = scheme == CQ_PER_GROUP ? group_size / 4 : h.kp4;
     if (h.seg4 != group4) return CQ_ERR_FORMAT;
+    /* y is written while x, scales, bias and the packed weight are still being read (by other
+     * threads, in blocks): no overlap of y with any of them, on every path and in every mode */
+    if (cq_overlap(y, m * n * 4, x, m * k * 4) || cq_overlap(y, m * n * 4, scales, ns * 4) ||
+        (bias && cq_overlap(y, m * n * 4, bias, n * 4)) ||
+        cq_overlap(y, m * n * 4, packed, h.sums_off + h.sums_bytes))
+        return CQ_ERR_ALIAS;
 
     lin_ctx c;
     memset(&c, 0, sizeof c);

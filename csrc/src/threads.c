@@ -6,7 +6,8 @@
  * lines: workers spin briefly after a job (a (768x768) GEMV takes ~20 us, a futex wake-up costs
  * about as much) and then sleep on a condition variable; one job runs at a time and a caller that
  * finds the pool busy runs its units itself, so concurrent callers never wait on each other.
- * A pthread_atfork handler resets the pool in a forked child (its workers do not exist there). */
+ * A pthread_atfork handler resets the pool in a forked child (its workers do not exist there).
+ * cq_shutdown() stops and joins the workers; the next job that wants them starts them again. */
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -38,10 +39,12 @@ typedef struct {
     int participants;          /* workers with id < participants take units */
     int64_t next;              /* next unit (atomic) */
     int pending;               /* workers not yet done with this generation (atomic) */
+    int stop;                  /* set (atomic) before a generation that tells the workers to exit */
 } pool_t;
 
 static pool_t g_pool = {PTHREAD_MUTEX_INITIALIZER, PTHREAD_MUTEX_INITIALIZER,
-                        PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0};
+                        PTHREAD_COND_INITIALIZER, 0, 0, 0, NULL, NULL, 0, 0, 0, 0, 0};
+static pthread_t g_threads[CQ_MAX_THREADS]; /* the workers (joinable), guarded by job_lock */
 static int g_num_threads = 0; /* 0 = not yet read from the environment (atomic) */
 static pthread_once_t g_atfork_once = PTHREAD_ONCE_INIT;
 static unsigned g_start_gen[CQ_MAX_THREADS];
@@ -75,6 +78,7 @@ static void *worker_main(void *arg)
             pthread_mutex_unlock(&p->mu);
         }
         seen = g;
+        if (__atomic_load_n(&p->stop, __ATOMIC_ACQUIRE)) return NULL; /* cq_shutdown joins us */
         if (id < p->participants) run_units(p);
         __atomic_fetch_sub(&p->pending, 1, __ATOMIC_ACQ_REL);
     }
@@ -94,6 +98,7 @@ static void atfork_child(void)
     g_pool.nworkers = 0;
     g_pool.sleepers = 0;
     g_pool.pending = 0;
+    g_pool.stop = 0;
 }
 static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
 
@@ -106,13 +111,8 @@ static int grow(pool_t *p, int want)
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old); /* workers never take the process's signals */
     while (p->nworkers < want) {
-        pthread_t th;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
         g_start_gen[p->nworkers] = __atomic_load_n(&p->generation, __ATOMIC_ACQUIRE);
-        int rc = pthread_create(&th, &attr, worker_main, (void *)(intptr_t)p->nworkers);
-        pthread_attr_destroy(&attr);
+        int rc = pthread_create(&g_threads[p->nworkers], NULL, worker_main, (void *)(intptr_t)p->nworkers);
         if (rc != 0) break; /* run with fewer threads */
         p->nworkers++;
     }
@@ -153,6 +153,27 @@ void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx)
         else sched_yield();
     }
     pthread_mutex_unlock(&p->job_lock);
+}
+
+int cq_shutdown(void)
+{
+    pool_t *p = &g_pool;
+    pthread_mutex_lock(&p->job_lock); /* waits for a job in progress; new callers run alone */
+    int n = p->nworkers;
+    if (n > 0) {
+        __atomic_store_n(&p->stop, 1, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&p->mu);
+        __atomic_fetch_add(&p->generation, 1, __ATOMIC_ACQ_REL);
+        pthread_cond_broadcast(&p->cv);
+        pthread_mutex_unlock(&p->mu);
+        for (int i = 0; i < n; i++) pthread_join(g_threads[i], NULL);
+        p->nworkers = 0;
+        p->sleepers = 0;
+        __atomic_store_n(&p->pending, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&p->stop, 0, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_unlock(&p->job_lock);
+    return CQ_OK;
 }
 
 /* The one rule for CQUANT_NUM_THREADS (cquant's Python import warns with this same function):

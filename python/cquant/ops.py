@@ -60,6 +60,8 @@ def _raise(status: int, what: str) -> None:
         raise errors.IsaError(_isa_message(msg))
     if status == lib.CQ_ERR_FORMAT:
         raise errors.ValueError(msg)
+    if status == lib.CQ_ERR_ALIAS:
+        raise errors.ValueError(f"{msg}: the output must be a separate array from x, bias and the weight")
     if status == lib.CQ_ERR_NOMEM:
         raise MemoryError(msg)
     raise errors.NativeError(msg)

@@ -6,11 +6,20 @@
  * has a message; sizes whose byte counts overflow int64/size_t are refused with CQ_ERR_OVERFLOW
  * before any pointer is touched (the calls pass NULL, so a missed check returns CQ_ERR_NULL
  * instead of crashing); sizes past 2^31 that do fit are accepted; k past the int32 limit is refused
- * by cq_gemm_s8s8s32 only. Run it once per ISA path with CQUANT_ISA=... Ends with "N passed, N failed". */
+ * by cq_gemm_s8s8s32 only; cq_linear refuses an output that overlaps an input (CQ_ERR_ALIAS);
+ * cq_isa_error() explains a CQUANT_ISA that cannot be used; cq_shutdown() joins the pool's workers
+ * and kernels still work after it. Run it once per ISA path with CQUANT_ISA=... Ends with
+ * "N passed, N failed"; with a CQUANT_ISA that cannot run here it prints cq_isa_error() and exits 77
+ * (1 if that text is empty). */
+#if !defined(_POSIX_C_SOURCE) && !defined(__cplusplus)
+#define _POSIX_C_SOURCE 200112L /* setenv / unsetenv (POSIX, not C99) */
+#endif
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "cquant.h"
 
@@ -44,7 +53,7 @@ static void test_version_and_strings(void)
     snprintf(buf, sizeof buf, "%d.%d.%d", CQ_VERSION_MAJOR, CQ_VERSION_MINOR, CQ_VERSION_PATCH);
     CHECK(strcmp(buf, CQ_VERSION_STRING) == 0, "CQ_VERSION_* agree with CQ_VERSION_STRING");
     CHECK(strcmp(cq_version(), CQ_VERSION_STRING) == 0, "library version == header version");
-    for (int st = CQ_ERR_VERSION; st <= CQ_OK; st++) {
+    for (int st = CQ_ERR_ALIAS; st <= CQ_OK; st++) {
         const char *msg = cq_strerror(st);
         CHECK(msg && *msg && strcmp(msg, "unknown status") != 0, "every status has its own message");
     }
@@ -183,12 +192,230 @@ static void test_small_run(void)
     free(packed);
 }
 
+/* The output of cq_linear may not share a byte with x, scales, bias or the packed weight: in place
+ * (y == x) used to give wrong results in weight-only mode. Refused before anything is written. */
+static void test_linear_alias(void)
+{
+    enum { n = 4, k = 8, m = 2 };
+    float w[n * k], s[n], bias[n], ref[m * n];
+    float buf[m * k + 64]; /* x at buf, outputs placed to overlap it */
+    int8_t q[n * k];
+    for (int i = 0; i < n * k; i++) w[i] = (float)((i * 5) % 9 - 4) / 4.0f;
+    for (int i = 0; i < n; i++) bias[i] = 0.25f * (float)i;
+    EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
+    int64_t psize = cq_packed_size(CQ_FORMAT_AUTO, n, k, 0);
+    int8_t *packed = (int8_t *)malloc((size_t)psize);
+    CHECK(packed != NULL, "malloc");
+    if (!packed) return;
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+        for (int i = 0; i < m * k + 64; i++) buf[i] = (float)(i % 7 - 3);
+        EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, ref), CQ_OK);
+        float keep[m * k];
+        memcpy(keep, buf, sizeof keep);
+        /* y == x (in place), y starting inside x, x starting inside y */
+        EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, buf), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, buf + m * k - 1),
+                      CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_linear(mode, buf + 3, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, buf), CQ_ERR_ALIAS);
+        CHECK(memcmp(keep, buf, sizeof keep) == 0, "a refused call writes nothing");
+        /* y over the scales, the bias, the packed weight */
+        {
+            float sb[n + m * n];
+            memcpy(sb, s, sizeof s);
+            EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, sb, CQ_PER_CHANNEL, 0, n, NULL, sb), CQ_ERR_ALIAS);
+            memcpy(sb + m * n - 1, bias, sizeof bias); /* its first element under y's last */
+            EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, sb + m * n - 1, sb),
+                          CQ_ERR_ALIAS);
+        }
+        EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias,
+                                (float *)(void *)(packed + psize - 4)), CQ_ERR_ALIAS);
+        /* adjacent but disjoint: fine, and the same result as separate buffers */
+        {
+            float y[m * n];
+            memcpy(buf + m * k, bias, sizeof bias);
+            EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, buf + m * k, y), CQ_OK);
+            CHECK(memcmp(y, ref, sizeof y) == 0, "disjoint buffers give the reference result");
+            EXPECT_STATUS(cq_linear(mode, buf, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, buf + m * k), CQ_OK);
+            CHECK(memcmp(buf + m * k, ref, sizeof ref) == 0, "y right after x gives the reference result");
+        }
+    }
+    free(packed);
+}
+
+/* cq_isa_error: "" while the selection works; the reason after a CQUANT_ISA that cannot be used
+ * (unknown name, or a path this CPU/build lacks) and after a refused cq_set_isa; cleared again by a
+ * selection that succeeds. */
+static void test_isa_error(void)
+{
+#ifdef _WIN32
+    return;
+#else
+    int active = cq_get_isa();
+    EXPECT_STATUS(cq_set_isa(active), CQ_OK); /* test_bad_arguments made refused selections */
+    const char *e = cq_isa_error();
+    CHECK(e != NULL && *e == '\0', "no ISA error after a selection that worked");
+    const char *old = getenv("CQUANT_ISA");
+    char saved[64] = "";
+    if (old) snprintf(saved, sizeof saved, "%s", old);
+
+    setenv("CQUANT_ISA", "avx9", 1);
+    EXPECT_STATUS(cq_set_isa(CQ_ISA_AUTO), CQ_ERR_ARG);
+    e = cq_isa_error();
+    CHECK(strstr(e, "CQUANT_ISA='avx9'") != NULL, "the reason names the variable and its value");
+    CHECK(strstr(e, "unknown path") != NULL, "the reason says the name is no path");
+    CHECK(strstr(e, "avx512vnni") != NULL && strstr(e, "scalar") != NULL, "the reason lists the paths");
+    {   /* every kernel now refuses, and the text stays available */
+        float f[4] = {0};
+        int8_t q[4];
+        EXPECT_STATUS(cq_quantize_rows(f, 1, 4, q, f), CQ_ERR_ISA);
+        CHECK(strstr(cq_isa_error(), "avx9") != NULL, "the reason stays until a selection succeeds");
+    }
+    /* a path that exists but cannot run here (if this machine lacks one) */
+    {
+        static const int paths[] = {CQ_ISA_AMX, CQ_ISA_AVX512VNNI, CQ_ISA_AVX512, CQ_ISA_AVXVNNI, CQ_ISA_AVX2};
+        for (unsigned i = 0; i < sizeof paths / sizeof paths[0]; i++) {
+            if (cq_isa_supported(paths[i])) continue;
+            setenv("CQUANT_ISA", cq_isa_name(paths[i]), 1);
+            EXPECT_STATUS(cq_set_isa(CQ_ISA_AUTO), CQ_ERR_ISA);
+            e = cq_isa_error();
+            CHECK(strstr(e, cq_isa_name(paths[i])) != NULL && strstr(e, "available here: scalar") != NULL,
+                  "the reason names the path and what is available");
+            EXPECT_STATUS(cq_set_isa(paths[i]), CQ_ERR_ISA);
+            CHECK(strstr(cq_isa_error(), "cq_set_isa(") != NULL, "a refused cq_set_isa is explained too");
+            break;
+        }
+    }
+    EXPECT_STATUS(cq_set_isa(99), CQ_ERR_ARG);
+    CHECK(strstr(cq_isa_error(), "cq_set_isa(99)") != NULL, "an unknown enum value is explained");
+    /* restore: the path in use before */
+    if (old) setenv("CQUANT_ISA", saved, 1);
+    else unsetenv("CQUANT_ISA");
+    EXPECT_STATUS(cq_set_isa(active), CQ_OK);
+    CHECK(cq_get_isa() == active && *cq_isa_error() == '\0', "a successful selection clears the reason");
+#endif
+}
+
+/* Threads of this process from /proc/self/status (Linux), or -1 where that file does not exist. */
+static int count_threads(void)
+{
+    FILE *f = fopen("/proc/self/status", "r");
+    if (!f) return -1;
+    char line[256];
+    int n = -1;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, "Threads:", 8) == 0) { n = atoi(line + 8); break; }
+    fclose(f);
+    return n;
+}
+
+static void run_shutdown_checks(float *w, float *x, float *y1, float *y2, float *s, int8_t *q, int8_t *packed);
+
+static void *shutdown_loop(void *arg)
+{
+    volatile int *stop = (volatile int *)arg;
+    while (!__atomic_load_n(stop, __ATOMIC_ACQUIRE)) cq_shutdown();
+    return NULL;
+}
+
+/* The thread count once it equals want (a joined thread can stay counted by the kernel for a moment
+ * after pthread_join returns), polling for up to 2 s; the last count seen otherwise. */
+static int threads_settle(int want)
+{
+    int n = count_threads();
+    for (int i = 0; i < 200 && n != want; i++) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        n = count_threads();
+    }
+    return n;
+}
+
+/* The thread count once it stops changing (5 equal readings 10 ms apart, at most 2 s). */
+static int threads_stable(void)
+{
+    int n = count_threads(), same = 0;
+    for (int i = 0; i < 200 && same < 5; i++) {
+        struct timespec ts = {0, 10 * 1000 * 1000};
+        nanosleep(&ts, NULL);
+        int c = count_threads();
+        same = c == n ? same + 1 : 0;
+        n = c;
+    }
+    return n;
+}
+
+/* cq_shutdown joins the pool's workers; kernels keep working (the pool restarts); twice is fine. */
+static void test_shutdown(void)
+{
+    enum { n = 256, k = 256, m = 64 }; /* 4M multiply-adds: enough for the pool to be used (run_shutdown_checks) */
+    int before_threads = cq_get_num_threads();
+    float *w = (float *)malloc(sizeof(float) * n * k), *x = (float *)malloc(sizeof(float) * m * k);
+    float *y1 = (float *)malloc(sizeof(float) * m * n), *y2 = (float *)malloc(sizeof(float) * m * n);
+    float *s = (float *)malloc(sizeof(float) * n);
+    int8_t *q = (int8_t *)malloc((size_t)n * k);
+    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, n, k, 0));
+    int ok = w && x && y1 && y2 && s && q && packed;
+    CHECK(ok, "malloc");
+    if (ok) run_shutdown_checks(w, x, y1, y2, s, q, packed);
+    cq_set_num_threads(before_threads);
+    free(w); free(x); free(y1); free(y2); free(s); free(q); free(packed);
+}
+
+static void run_shutdown_checks(float *w, float *x, float *y1, float *y2, float *s, int8_t *q, int8_t *packed)
+{
+    enum { n = 256, k = 256, m = 64 };
+    for (int i = 0; i < n * k; i++) w[i] = (float)((i * 13) % 17 - 8) / 8.0f;
+    for (int i = 0; i < m * k; i++) x[i] = (float)((i * 7) % 11 - 5) / 5.0f;
+    EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
+    EXPECT_STATUS(cq_shutdown(), CQ_OK); /* no pool yet, or one from earlier tests */
+    EXPECT_STATUS(cq_set_num_threads(3), CQ_OK);
+    /* the threads of the process without the pool's (a sanitizer's runtime may start one of its own
+     * with the first thread): after a run and a shutdown; -1 where /proc is missing */
+    EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y1), CQ_OK);
+    EXPECT_STATUS(cq_shutdown(), CQ_OK);
+    int base = threads_stable();
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+        EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y1), CQ_OK);
+        int running = count_threads();
+        CHECK(base < 0 || running > base, "the pool started worker threads");
+        EXPECT_STATUS(cq_shutdown(), CQ_OK);
+        CHECK(base < 0 || threads_settle(base) == base, "cq_shutdown joined every worker");
+        EXPECT_STATUS(cq_shutdown(), CQ_OK); /* twice */
+        CHECK(base < 0 || threads_settle(base) == base, "a second cq_shutdown is a no-op");
+        EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y2), CQ_OK);
+        CHECK(memcmp(y1, y2, sizeof(float) * m * n) == 0, "kernels work (and agree) after cq_shutdown");
+        CHECK(base < 0 || count_threads() > base, "the pool restarted lazily");
+    }
+    EXPECT_STATUS(cq_shutdown(), CQ_OK);
+    CHECK(base < 0 || threads_settle(base) == base, "joined again after the restart");
+
+    /* cq_shutdown from another thread while this one runs kernels (make tsan runs this too) */
+    {
+        pthread_t th;
+        volatile int stop = 0;
+        int bad = 0;
+        CHECK(pthread_create(&th, NULL, shutdown_loop, (void *)&stop) == 0, "pthread_create");
+        for (int i = 0; i < 40; i++) {
+            int mode = i % 2 ? CQ_MODE_DYNAMIC : CQ_MODE_WEIGHT_ONLY;
+            if (cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y2) != CQ_OK) bad++;
+            if (mode == CQ_MODE_DYNAMIC && memcmp(y1, y2, sizeof(float) * m * n) != 0) bad++;
+        }
+        __atomic_store_n(&stop, 1, __ATOMIC_RELEASE);
+        pthread_join(th, NULL);
+        CHECK(bad == 0, "kernels agree while another thread calls cq_shutdown");
+        EXPECT_STATUS(cq_shutdown(), CQ_OK);
+    }
+}
+
 int main(void)
 {
     int isa = cq_get_isa();
     if (isa < 0) {
-        printf("CQUANT_ISA names a path this CPU/build lacks (%s): skipped\n", cq_strerror(isa));
-        return 77;
+        const char *why = cq_isa_error();
+        printf("skipped: %s (%s)\n", why, cq_strerror(isa));
+        return *why ? 77 : 1; /* the embedder must be told why */
     }
     printf("test_api (%s) on path %s\n",
 #ifdef __cplusplus
@@ -202,6 +429,9 @@ int main(void)
     test_large_but_valid_sizes();
     test_bad_arguments();
     test_small_run();
+    test_linear_alias();
+    test_isa_error();
+    test_shutdown();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }
