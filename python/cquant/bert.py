@@ -13,10 +13,13 @@ post-norm residual blocks, exact (erf) GELU, additive attention mask of ``finfo(
 keys, softmax in float32. Tokenization uses the ``tokenizers`` package (the Rust tokenizer
 transformers itself wraps) on the model's own ``tokenizer.json``.
 
-For int8 with dynamic (per-row) activations, :meth:`SentenceEncoder.smooth` first applies
-SmoothQuant-style smoothing (:func:`smooth_activations`): BERT's residual stream has a few channels
-far larger than the rest, which per-row int8 rounds badly; moving that range into the weights
-(exact in float) takes all-MiniLM-L6-v2 from min cosine ~0.969 to ~0.994 vs float32 (README).
+For int8 with dynamic (per-row) activations, smooth first (SmoothQuant, :mod:`cquant.smoothing`):
+BERT's residual stream has a few channels far larger than the rest, which per-row int8 rounds
+badly; moving that range into the weights is exact in float. One call does calibration, smoothing
+and quantization::
+
+    cquant.Quantizer.quantize_dynamic(enc.model, calibration=enc.calibration_batches(sentences),
+                                      smoothing=0.5)
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import errors, nn, ops
+from .smoothing import Smoothed, smooth
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
            "QuantizedEmbedding", "quantize_embeddings",
@@ -313,35 +317,7 @@ def quantize_embeddings(model: nn.Module, include: Sequence[str] = ("*word_embed
     return done
 
 
-# ---- SmoothQuant-style activation smoothing -------------------------------------------------------
-
-class Smoothed(nn.Module):
-    """``linear(x * inv_scale)``: a Linear whose input channels were rescaled by :func:`smooth_activations`
-    (its weight columns multiplied by ``scale``, so in float the result is unchanged). Deliberately
-    not Linear-like itself: the Quantizer quantizes the inner ``linear``."""
-
-    def __init__(self, linear: nn.Module, inv_scale: np.ndarray):
-        super().__init__()
-        self.linear = linear
-        self.inv_scale = np.ascontiguousarray(inv_scale, dtype=np.float32)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        return self.linear(x * self.inv_scale)
-
-
-class _AbsMax(nn.Module):
-    """Calibration probe: records max |x| per input channel, then runs the wrapped Linear."""
-
-    def __init__(self, linear: nn.Linear):
-        super().__init__()
-        self.linear = linear
-        self.amax = np.zeros(linear.in_features, np.float32)
-
-    def forward(self, x: np.ndarray) -> np.ndarray:
-        x = np.asarray(x, dtype=np.float32)
-        np.maximum(self.amax, np.abs(x).reshape(-1, x.shape[-1]).max(axis=0), out=self.amax)
-        return self.linear(x)
-
+# ---- SmoothQuant-style activation smoothing (the generic transform lives in cquant.smoothing) -------
 
 def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
     parts = name.split(".")
@@ -353,48 +329,16 @@ def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
 
 def smooth_activations(model: nn.Module, calibrate: Any, alpha: float = 0.5,
                        include: Optional[Sequence[str]] = None, exclude: Sequence[str] = ("pooler*",)) -> List[str]:
-    """Move activation outliers into the weights before int8 quantization (SmoothQuant, Xiao et al. 2023).
+    """Move activation outliers into the weights before int8 quantization (SmoothQuant): a thin
+    front to :func:`cquant.smoothing.smooth` kept for existing callers.
 
-    For each selected float :class:`cquant.nn.Linear` (``include``/``exclude``: fnmatch globs on module
-    names) the per-input-channel range of its activations ``a_j = max|x_j|`` is measured by running
-    ``calibrate(model)`` once (e.g. encoding a few sentences that are *not* the evaluation set), then
-    ``s_j = a_j**alpha / max_i|W_ij|**(1 - alpha)``; the weight becomes ``W * s`` and the layer a
-    :class:`Smoothed` that multiplies its input by ``1/s``. In float32 the model computes the same
-    function (to rounding); per-row int8 activations then lose far less to a few large channels.
-    BERT's post-norm residual stream is exactly that case. Returns the names of the smoothed layers.
+    ``calibrate``: calibration batches, or a callable that runs the model once (it is called with
+    the model, e.g. ``lambda m: encoder.encode(sentences)``). ``include``/``exclude``: globs on the
+    Linear layers' names. Works on cquant.nn and torch models. Returns the names of the smoothed
+    layers (folded or wrapped, see :mod:`cquant.smoothing`).
     """
-    import fnmatch
-    if not 0.0 <= alpha <= 1.0:
-        raise errors.ValueError(f"alpha must be in [0, 1], got {alpha}")
-    probes: List[Tuple[str, _AbsMax]] = []
-    for name, mod in list(model.named_modules()):
-        if type(mod) is not nn.Linear or not name:
-            continue
-        if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            continue
-        parent, last = _parent(model, name)
-        if isinstance(parent, Smoothed):
-            continue
-        probe = _AbsMax(mod)
-        parent._modules[last] = probe
-        probes.append((name, probe))
-    try:
-        calibrate(model)
-    finally:
-        for name, probe in probes:
-            parent, last = _parent(model, name)
-            parent._modules[last] = probe.linear
-    for name, probe in probes:
-        lin = probe.linear
-        wmax = np.abs(lin.weight).max(axis=0)
-        s = np.maximum(probe.amax, 1e-5) ** alpha / np.maximum(wmax, 1e-5) ** (1.0 - alpha)
-        s = np.where(probe.amax > 0, s, 1.0).astype(np.float32)
-        lin.weight = np.ascontiguousarray(lin.weight * s, dtype=np.float32)
-        parent, last = _parent(model, name)
-        parent._modules[last] = Smoothed(lin, (1.0 / s).astype(np.float32))
-    return [n for n, _ in probes]
+    batches = [calibrate] if callable(calibrate) else calibrate
+    return smooth(model, batches, alpha, include=include, exclude=exclude).smoothed_layers
 
 
 def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = True) -> np.ndarray:
@@ -462,7 +406,15 @@ class SentenceEncoder:
 
     def smooth(self, calibration: Sequence[str], alpha: float = 0.5) -> List[str]:
         """:func:`smooth_activations` on this encoder's model, calibrated on ``calibration`` sentences."""
-        return smooth_activations(self.model, lambda m: self.encode(calibration), alpha)
+        return smooth_activations(self.model, self.calibration_batches(calibration), alpha)
+
+    def calibration_batches(self, sentences: Sequence[str], batch_size: int = 32) -> List[Tuple[np.ndarray, ...]]:
+        """``sentences`` as model inputs ``(input_ids, attention_mask, token_type_ids)``, batched by
+        length like :meth:`encode`: what :func:`cquant.calibrate`, :func:`cquant.smoothing.smooth`
+        and ``Quantizer.quantize_dynamic(calibration=...)`` take."""
+        order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
+        return [self.tokenize([sentences[i] for i in order[s:s + batch_size]])
+                for s in range(0, len(order), batch_size)]
 
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Sentence embeddings (N, hidden) float32, L2-normalized. Sentences are batched by length

@@ -10,6 +10,14 @@ Entry points::
     for rec in q.summary: ...                 # one LayerRecord per layer-like object seen
     print(format_report(report(qmodel)))      # what the quantized model holds, measured
 
+Schemes
+-------
+``mode``/``granularity``/``group_size`` build the default :class:`cquant.scheme.QuantScheme`;
+``scheme=`` takes one scheme or a mapping name/glob/class -> scheme (``None``: keep that layer in
+float), see :mod:`cquant.scheme`. A layer whose K does not fit the group size gets per_channel with
+the reason in its record (``strict=True``: an error instead). ``quantize_dynamic(model,
+calibration=batches, smoothing=0.5)`` calibrates and smooths (:mod:`cquant.smoothing`) first.
+
 What is walked
 --------------
 ``model`` may be a :mod:`cquant.nn` module tree or a duck-typed tree of plain Python objects. The
@@ -66,17 +74,25 @@ a one-line summary (and the skips, grouped by reason) goes to the ``"cquant"`` l
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import re
-import types
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from . import errors, nn, ops
+from . import calibration as _calibration
+from . import frontends as _frontends
+from . import adapters, errors, nn, ops
+from . import smoothing as _smoothing
+from .frontends import (  # noqa: F401  (the walk and the recognition rule; io.py imports _walk from here)
+    Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
+    _looks_like_layer, _match, _never_reason, _Site, _slot_names, _walk,
+)
+from .scheme import QuantScheme
+from .scheme import normalize as _normalize_scheme
+from .scheme import resolve as _resolve_scheme
 
 __all__ = [
     "Quantizer", "QuantizedLinear", "QuantizedLinearForward", "LayerRecord", "ReportRow",
@@ -87,9 +103,6 @@ logger = logging.getLogger("cquant")
 
 MODES = ("dynamic", "weight_only")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-
-Patterns = Union[None, str, Iterable[str]]
-
 
 # --------------------------------------------------------------------------------------------------
 # Quantized layers
@@ -113,16 +126,16 @@ def _check_bias(bias: Optional[np.ndarray], out_features: int) -> Optional[np.nd
 
 
 def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
-    s = f"int8 {mode} {qweight.granularity}"
-    if qweight.granularity == "per_group":
-        s += f"(g={qweight.group_size})"
-    return s
+    """``"int8 dynamic per_group(64)"``: the :class:`QuantScheme` text of a layer."""
+    return f"int8 {mode} {qweight.scheme}"
 
 
 class QuantizedLinearForward:
     """The forward of a quantized Linear: ``x: (..., in_features) -> (..., out_features)`` float32 via
     :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias), so it
     pickles and deep-copies."""
+
+    _cquant_qforward = True  # marker: cquant.frontends recognises quantized layers by it
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
                  mode: str = "dynamic"):
@@ -162,6 +175,8 @@ class QuantizedLinear(nn.Module):
     ``bias`` (float32 parameter or None), ``mode``. ``state_dict()`` stores the weight as
     ``<name>.weight_q`` (canonical (N, K) int8 codes) and ``<name>.weight_scale``.
     """
+
+    _cquant_qforward = True
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
                  mode: str = "dynamic"):
@@ -256,97 +271,6 @@ def _call_subclass(base: type) -> type:
     return sub
 
 
-# --------------------------------------------------------------------------------------------------
-# Walking models
-# --------------------------------------------------------------------------------------------------
-
-_LEAF_TYPES = (np.ndarray, np.generic, str, bytes, bytearray, int, float, complex, bool, type(None),
-               type, types.FunctionType, types.BuiltinFunctionType, types.MethodType, types.ModuleType,
-               property, staticmethod, classmethod, range, slice, memoryview, set, frozenset)
-# Objects from these modules are never layers and can be large or cyclic (loggers, locks, ...).
-_SKIP_MODULES = ("builtins", "logging", "threading", "_thread", "numpy", "io", "_io", "re", "random",
-                 "functools", "collections", "typing", "types", "abc", "weakref", "enum", "pathlib")
-
-
-def _descendable(obj: Any) -> bool:
-    if isinstance(obj, (list, tuple, dict, nn.Module)):
-        return True
-    if isinstance(obj, _LEAF_TYPES) or isinstance(obj, (ops.QuantizedWeight, QuantizedLinearForward)):
-        return False
-    mod = (type(obj).__module__ or "").split(".")[0]
-    if mod in _SKIP_MODULES:
-        return False
-    return hasattr(obj, "__dict__") or hasattr(type(obj), "__slots__")
-
-
-def _slot_names(cls: type) -> Iterator[str]:
-    for klass in cls.__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        if isinstance(slots, str):
-            slots = (slots,)
-        for s in slots:
-            if s not in ("__dict__", "__weakref__"):
-                yield s
-
-
-@dataclass
-class _Site:
-    """Where an object is held: ``kind`` is "module" (Module child), "attr", "item" or "tuple"."""
-    container: Any
-    key: Any
-    kind: str
-
-
-def _children(obj: Any) -> List[Tuple[str, Any, _Site]]:
-    out: List[Tuple[str, Any, _Site]] = []
-    if isinstance(obj, nn.Module):
-        for name, m in obj._modules.items():
-            if m is not None:
-                out.append((name, m, _Site(obj, name, "module")))
-        for name, v in vars(obj).items():
-            if name not in ("_parameters", "_modules", "training"):
-                out.append((name, v, _Site(obj, name, "attr")))
-    elif isinstance(obj, list):
-        out = [(str(i), v, _Site(obj, i, "item")) for i, v in enumerate(obj)]
-    elif isinstance(obj, tuple):
-        out = [(str(i), v, _Site(obj, i, "tuple")) for i, v in enumerate(obj)]
-    elif isinstance(obj, dict):
-        out = [(str(k), v, _Site(obj, k, "item")) for k, v in list(obj.items())]
-    else:
-        d = getattr(obj, "__dict__", None)
-        if isinstance(d, dict):
-            out = [(k, v, _Site(obj, k, "attr")) for k, v in list(d.items())]
-        for s in _slot_names(type(obj)):
-            if hasattr(obj, s):
-                out.append((s, getattr(obj, s), _Site(obj, s, "attr")))
-    return out
-
-
-def _walk(root: Any, stop: Callable[[Any], bool], descend: Callable[[Any], bool] = _descendable
-          ) -> Iterator[Tuple[str, Any, Optional[_Site], bool]]:
-    """Pre-order walk: yields ``(path, obj, site, revisit)`` for every descendable object.
-
-    An object met again (same id) is yielded with ``revisit=True`` and not descended into; objects for
-    which ``stop(obj)`` is true are yielded but not descended into either.
-    """
-    seen: set = set()
-    stack: List[Tuple[str, Any, Optional[_Site]]] = [("", root, None)]
-    while stack:
-        path, obj, site = stack.pop()
-        if not descend(obj):
-            continue
-        revisit = id(obj) in seen
-        yield path, obj, site, revisit
-        if revisit:
-            continue
-        seen.add(id(obj))
-        if stop(obj):
-            continue
-        kids = _children(obj)
-        for name, child, csite in reversed(kids):
-            stack.append((f"{path}.{name}" if path else name, child, csite))
-
-
 def _quantized_forward_of(obj: Any) -> Optional[Union[QuantizedLinear, QuantizedLinearForward]]:
     """The quantized forward carried by ``obj`` (a QuantizedLinear, or a converted duck layer)."""
     if isinstance(obj, QuantizedLinear):
@@ -354,91 +278,6 @@ def _quantized_forward_of(obj: Any) -> Optional[Union[QuantizedLinear, Quantized
     d = getattr(obj, "__dict__", None)
     if isinstance(d, dict) and isinstance(d.get("forward"), QuantizedLinearForward):
         return d["forward"]
-    return None
-
-
-_NEVER_RE = re.compile(r"(Embedding|Convolution|Conv|Norm)(?![a-z])")
-
-
-def _never_reason(obj: Any) -> Optional[str]:
-    m = _NEVER_RE.search(type(obj).__name__)
-    if not m:
-        return None
-    kind = {"Embedding": "embedding", "Norm": "normalization layer"}.get(m.group(1), "convolution")
-    return f"{kind} ({type(obj).__name__}): never quantized"
-
-
-def _get(obj: Any, name: str) -> Any:
-    try:
-        return getattr(obj, name)
-    except Exception:  # noqa: BLE001 - a broken property is just "absent" for recognition
-        return None
-
-
-def _has_forward(obj: Any) -> bool:
-    return callable(_get(obj, "forward")) or callable(obj)
-
-
-def _looks_like_layer(obj: Any) -> bool:
-    """Worth a line in the summary: named like a Linear, sized like one, or holding a weight array."""
-    return (isinstance(obj, nn.Linear) or type(obj).__name__.endswith("Linear")
-            or (hasattr(obj, "in_features") and hasattr(obj, "out_features"))
-            or isinstance(_get(obj, "weight"), np.ndarray))
-
-
-def _check_layer(obj: Any, relaxed: bool) -> Tuple[bool, str]:
-    """Apply the recognition rule (``relaxed``: named in include). Returns (ok, reason if not ok)."""
-    never = _never_reason(obj)
-    if never:
-        return False, never
-    w = _get(obj, "weight")
-    if not relaxed:
-        by_rule = (isinstance(obj, nn.Linear) or type(obj).__name__.endswith("Linear")
-                   or (hasattr(obj, "in_features") and hasattr(obj, "out_features")))
-        if not by_rule:
-            return False, "not a Linear by the recognition rule (name it in include= to force)"
-    if not isinstance(w, np.ndarray):
-        return False, f"weight is {type(w).__name__}, not a numpy array"
-    if w.ndim != 2:
-        return False, f"weight is {w.ndim}-D, not 2-D"
-    if w.dtype.kind != "f":
-        return False, f"weight dtype {w.dtype} is not floating-point"
-    if w.size == 0:
-        return False, "weight is empty"
-    if not relaxed and hasattr(obj, "in_features") and hasattr(obj, "out_features"):
-        expect = (_get(obj, "out_features"), _get(obj, "in_features"))
-        if tuple(w.shape) != expect:
-            return False, f"weight shape {tuple(w.shape)} != (out_features, in_features) = {expect}"
-    if not _has_forward(obj):
-        return False, "no forward() and not callable"
-    b = _get(obj, "bias")
-    if b is not None and not (isinstance(b, np.ndarray) and b.dtype.kind == "f" and b.shape == (w.shape[0],)):
-        desc = f"shape {b.shape} dtype {b.dtype}" if isinstance(b, np.ndarray) else type(b).__name__
-        return False, f"bias ({desc}) is not a float array of out_features={w.shape[0]} values"
-    if not isinstance(obj, nn.Module) and not isinstance(getattr(obj, "__dict__", None), dict):
-        return False, "object has no __dict__: cannot install a quantized forward on it"
-    return True, ""
-
-
-def _as_patterns(p: Patterns, what: str) -> Tuple[str, ...]:
-    if p is None:
-        return ()
-    if isinstance(p, str):
-        return (p,)
-    try:
-        pats = tuple(p)
-    except TypeError:
-        raise errors.TypeError(f"{what} must be a string or a list of strings, got {type(p).__name__}") from None
-    for s in pats:
-        if not isinstance(s, str):
-            raise errors.TypeError(f"{what} patterns must be strings, got {type(s).__name__}: {s!r}")
-    return pats
-
-
-def _match(path: str, patterns: Sequence[str]) -> Optional[str]:
-    for pat in patterns:
-        if fnmatch.fnmatchcase(path, pat):
-            return pat
     return None
 
 
@@ -472,6 +311,8 @@ class _Plan:
     bias: Optional[np.ndarray]
     qweight: Optional[ops.QuantizedWeight] = None
     shared_with: Optional[str] = None
+    scheme: QuantScheme = QuantScheme()
+    note: str = ""
 
 
 def _probe_layouts(plans: List[_Plan]) -> Tuple[List[_Plan], List[LayerRecord]]:
@@ -513,10 +354,6 @@ def _probe_layouts(plans: List[_Plan]) -> Tuple[List[_Plan], List[LayerRecord]]:
     return keep, skipped
 
 
-def _display(name: str) -> str:
-    return name or "<root>"
-
-
 class Quantizer:
     """Quantizes the Linear layers of a model (see the module docstring for the rules).
 
@@ -526,39 +363,81 @@ class Quantizer:
     """
 
     def __init__(self, mode: str = "dynamic", granularity: str = "per_channel",
-                 group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None):
-        _check_mode(mode)
-        if granularity not in GRANULARITIES:
-            raise errors.ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-        if granularity == "per_group":
-            if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-                raise errors.ValueError(f"per_group needs a positive integer group_size, got {group_size!r}")
-            group_size = int(group_size)
-        elif group_size is not None:
-            raise errors.ValueError(f"group_size is only used with granularity='per_group' "
-                                    f"(got group_size={group_size!r} with {granularity!r})")
-        self.mode = mode
-        self.granularity = granularity
-        self.group_size = group_size
+                 group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None,
+                 *, scheme: Any = None, strict: bool = False):
+        base = QuantScheme.from_args(mode, granularity, group_size)
+        default, rules = _normalize_scheme(scheme)
+        #: the scheme of every layer that no per-layer rule names (a :class:`QuantScheme`)
+        self.scheme: QuantScheme = default or base
+        #: per-layer rules: ``((name, glob or class), QuantScheme or None), ...)``
+        self.rules = rules
+        self.strict = bool(strict)
+        self.mode = self.scheme.mode
+        self.granularity = self.scheme.granularity
+        self.group_size = self.scheme.group_size
         self.include = _as_patterns(include, "include")
         self.exclude = _as_patterns(exclude, "exclude")
         self.summary: List[LayerRecord] = []
+        #: what :meth:`quantize_dynamic` measured and did before quantizing (None if not asked)
+        self.calibration: Optional[_calibration.Calibration] = None
+        self.smoothing: Optional[_smoothing.SmoothingResult] = None
 
-    @property
-    def scheme(self) -> str:
-        s = f"int8 {self.mode} {self.granularity}"
-        return s + (f"(g={self.group_size})" if self.granularity == "per_group" else "")
+    def scheme_for(self, name: str, layer: Any, k: int) -> Tuple[Optional[QuantScheme], str]:
+        """``(scheme, note)`` for layer ``name`` with ``k`` input columns: the per-layer rule or the
+        default, with the per_channel fallback applied (``note`` says why; ``strict`` raises).
+        ``(None, note)``: the rules keep this layer in float."""
+        s, key = _resolve_scheme(name, layer, self.scheme, self.rules)
+        if key == "" and name.endswith(".linear"):  # inside a smoothing wrapper: its name counts too
+            s, key = _resolve_scheme(name[: -len(".linear")], layer, self.scheme, self.rules)
+        if s is None:
+            return None, f"kept in float by scheme rule {key!r}"
+        return s.for_k(k, self.strict, _display(name))
 
     @classmethod
     def quantize_dynamic(cls, model: Any, mode: str = "dynamic", granularity: str = "per_channel",
                          group_size: Optional[int] = None, include: Patterns = None,
-                         exclude: Patterns = None, inplace: bool = True) -> Any:
+                         exclude: Patterns = None, inplace: bool = True, *, scheme: Any = None,
+                         strict: bool = False, calibration: Any = None, smoothing: Any = None) -> Any:
         """One-call form: ``Quantizer(mode, ...).quantize(model, inplace)``. Returns the model.
 
-        The per-layer summary goes to the ``"cquant"`` logger; build a :class:`Quantizer` to inspect
-        ``summary`` as data, or call :func:`report` on the result.
+        ``calibration``: batches to run the float model on (arrays, tuples of positional arguments,
+        or dicts of keyword arguments, e.g. a tokenizer's output); needed by ``smoothing``.
+        ``smoothing``: SmoothQuant strength ``alpha`` in [0, 1] (``True`` = 0.5), or ``"auto"`` (the
+        strength with the smallest int8 error, per group of layers sharing an input): activation outliers
+        are moved into the weights before quantizing (:func:`cquant.smoothing.smooth`), folded into
+        the preceding LayerNorm / Linear where that is exact. The per-layer summary goes to the
+        ``"cquant"`` logger; build a :class:`Quantizer` and call :meth:`prepare_and_quantize` to keep
+        the summary, calibration and smoothing results as data, or call :func:`report` on the result.
         """
-        return cls(mode, granularity, group_size, include, exclude).quantize(model, inplace=inplace)
+        q = cls(mode, granularity, group_size, include, exclude, scheme=scheme, strict=strict)
+        return q.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace)
+
+    def prepare_and_quantize(self, model: Any, calibration: Any = None, smoothing: Any = None,
+                             inplace: bool = True) -> Any:
+        """Calibrate and smooth (if asked), then :meth:`quantize`. Fills :attr:`calibration`,
+        :attr:`smoothing` and :attr:`summary`."""
+        if smoothing is True:
+            smoothing = 0.5
+        if smoothing is not None and smoothing is not False:
+            if smoothing != "auto" and (isinstance(smoothing, bool) or not isinstance(smoothing, (int, float))
+                                        or not 0 <= smoothing <= 1):
+                raise errors.ValueError(f"smoothing must be an alpha in [0, 1], 'auto' or True (0.5), "
+                                        f"got {smoothing!r}")
+            if calibration is None:
+                raise errors.ValueError("smoothing needs calibration batches: "
+                                        "quantize_dynamic(model, calibration=batches, smoothing=0.5)")
+        if calibration is None:
+            return self.quantize(model, inplace=inplace)
+        if not inplace:
+            model = copy.deepcopy(model)
+        batches = _calibration.batch_list(calibration)
+        if smoothing is not None and smoothing is not False:
+            self.smoothing = _smoothing.smooth(model, batches, alpha=smoothing, include=self.include,
+                                               exclude=self.exclude)
+            self.calibration = self.smoothing.calibration
+        else:
+            self.calibration = _calibration.calibrate(model, batches, include=self.include, exclude=self.exclude)
+        return self.quantize(model, inplace=True)
 
     # -- the three phases -------------------------------------------------------------------------
     def _select(self, model: Any) -> Tuple[List[_Plan], List[LayerRecord], List[str]]:
@@ -601,7 +480,11 @@ class Quantizer:
                 if wb or type(obj).__name__.endswith("Linear") or isinstance(obj, nn.Linear):
                     skipped.append(LayerRecord(_display(path), shape, "skipped", why, wb + bb, wb + bb, ""))
                 continue
-            plan = _Plan(path, obj, [site], w, b)
+            scheme, note = self.scheme_for(path, obj, w.shape[1])
+            if scheme is None:
+                skipped.append(LayerRecord(_display(path), shape, "skipped", note, wb + bb, wb + bb, ""))
+                continue
+            plan = _Plan(path, obj, [site], w, b, scheme=scheme, note=note)
             plans[id(obj)] = plan
             order.append(plan)
         unmatched = [p for p in self.include if p not in matched_includes]
@@ -613,18 +496,19 @@ class Quantizer:
             ops.check_finite(p.weight, f"{_display(p.name)}.weight")
             if p.bias is not None:
                 ops.check_finite(p.bias, f"{_display(p.name)}.bias")
-        by_weight: Dict[int, _Plan] = {}
+        by_weight: Dict[Tuple[int, str, Optional[int]], _Plan] = {}
         for p in plans:
-            first = by_weight.get(id(p.weight))
+            key = (id(p.weight), p.scheme.granularity, p.scheme.group_size)
+            first = by_weight.get(key)
             if first is not None:
                 p.qweight, p.shared_with = first.qweight, first.name
                 continue
             try:
-                p.qweight = ops.quantize_weight(p.weight, granularity=self.granularity,
-                                                group_size=self.group_size)
+                p.qweight = ops.quantize_weight(p.weight, granularity=p.scheme.granularity,
+                                                group_size=p.scheme.group_size)
             except errors.QuantizationError as e:
                 raise _renamed(e, f"layer {_display(p.name)!r}: {e}") from e
-            by_weight[id(p.weight)] = p
+            by_weight[key] = p
 
     def _install(self, plan: _Plan, undo: List[Callable[[], None]]) -> Any:
         """Convert one layer; returns the object that now stands where the layer was.
@@ -637,13 +521,13 @@ class Quantizer:
         bias32 = None if plan.bias is None else np.ascontiguousarray(plan.bias, dtype=np.float32)
         replaceable = all(s is not None and s.kind != "tuple" for s in plan.sites)
         if isinstance(obj, nn.Linear) and replaceable:
-            new = QuantizedLinear(qw, bias32, self.mode)
+            new = QuantizedLinear(qw, bias32, plan.scheme.mode)
             object.__setattr__(new, "training", obj.training)
             for s in plan.sites:
                 assert s is not None
                 _replace_at(s, obj, new, undo)
             return new
-        fwd = QuantizedLinearForward(qw, bias32, self.mode)
+        fwd = QuantizedLinearForward(qw, bias32, plan.scheme.mode)
         _set_attr(obj, "forward", fwd, undo)
         _set_attr(obj, "weight", None, undo)
         if plan.bias is not None and bias32 is not plan.bias:
@@ -664,9 +548,8 @@ class Quantizer:
         Fills :attr:`summary`. Raises ``NonFiniteError`` / ``ValueError`` naming the layer, with the
         model unmodified, if a selected weight is not finite or cannot be quantized as asked.
         """
-        from . import adapters
         if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
-            return adapters.quantize_torch(self, model, inplace)
+            return self._quantize_torch(model, inplace)
         if model is None or isinstance(model, (np.ndarray, np.generic, int, float, complex, str, bytes)):
             raise errors.TypeError(f"expected a model (a cquant.nn module, a torch module or a tree of "
                                    f"objects with Linear layers), got {type(model).__name__}")
@@ -695,29 +578,104 @@ class Quantizer:
             b32 = 4 * p.bias.size if p.bias is not None else 0
             if p.shared_with is None:
                 before, after = p.weight.nbytes + bb, p.qweight.nbytes + b32
-                note = ""
+                note = p.note
             else:
                 before, after = bb, b32
-                note = f"weight shared with {_display(p.shared_with)!r} (quantized once)"
+                note = "; ".join(filter(None, [p.note, f"weight shared with {_display(p.shared_with)!r} "
+                                                       f"(quantized once)"]))
             records.append(LayerRecord(_display(p.name), tuple(p.weight.shape), "quantized", note,
-                                       int(before), int(after), _scheme(self.mode, p.qweight)))
+                                       int(before), int(after), _scheme(p.scheme.mode, p.qweight)))
         self.summary = records + skipped
         self._log_summary(records, skipped)
+        return model
+
+    def _quantize_torch(self, model: Any, inplace: bool) -> Any:
+        """A torch model goes through :func:`cquant.adapters.quantize_torch`, once per distinct
+        scheme (the adapter takes one scheme per call; layers are named in ``include``)."""
+        if not inplace:
+            model = copy.deepcopy(model)
+        groups: "OrderedDict[QuantScheme, List[str]]" = OrderedDict()
+        notes: Dict[str, str] = {}
+        kept: List[LayerRecord] = []
+        for ref in _frontends.linear_layers(model, self.include or None, self.exclude, quantized=False):
+            scheme, note = self.scheme_for(ref.name, ref.obj, ref.in_features)
+            if scheme is None:
+                w = ref.obj.weight
+                nb = int(w.numel() * w.element_size())
+                kept.append(LayerRecord(_display(ref.name), tuple(w.shape), "skipped", note, nb, nb, ""))
+                continue
+            groups.setdefault(scheme, []).append(ref.name)
+            if note:
+                notes[_display(ref.name)] = note
+        if len(groups) <= 1 and not kept and not self.include:
+            only = next(iter(groups), self.scheme)
+            return adapters.quantize_torch(_AdapterArgs(only, (), self.exclude, self), model, True)
+        records: List[LayerRecord] = []
+        others: Dict[str, LayerRecord] = {}
+        for scheme, names in groups.items():
+            args = _AdapterArgs(scheme, tuple(_glob_escape(n) for n in names), self.exclude, None)
+            model = adapters.quantize_torch(args, model, True)
+            records += [r for r in args.summary if r.status == "quantized"]
+            for r in args.summary:
+                if r.status != "quantized":
+                    others.setdefault(r.name, r)
+        done = {r.name for r in records}
+        records = [r if r.name not in notes else LayerRecord(r.name, r.shape, r.status,
+                   "; ".join(filter(None, [notes[r.name], r.reason])), r.bytes_before, r.bytes_after, r.scheme)
+                   for r in records]
+        skipped = kept + [r for name, r in others.items() if name not in done and r.reason != "already quantized"
+                          and name not in {k.name for k in kept}]
+        self.summary = records + skipped
         return model
 
     def _log_summary(self, done: List[LayerRecord], skipped: List[LayerRecord]) -> None:
         before = sum(r.bytes_before for r in done)
         after = sum(r.bytes_after for r in done)
-        logger.info("quantized %d Linear layer(s) to %s: %s -> %s; skipped %d layer-like object(s)",
-                    len(done), self.scheme, format_bytes(before), format_bytes(after), len(skipped))
+        logger.info("quantized %d Linear layer(s) to %s%s: %s -> %s; skipped %d layer-like object(s)",
+                    len(done), self.scheme, " (+ per-layer rules)" if self.rules else "", format_bytes(before), format_bytes(after), len(skipped))
         if not done:
             logger.warning("no Linear layer was quantized")
+        for r in done:
+            if "instead" in r.reason:
+                logger.info("  %s: %s", r.name, r.reason)
         groups: "OrderedDict[str, List[str]]" = OrderedDict()
         for r in skipped:
             groups.setdefault(r.reason, []).append(r.name)
         for reason, names in groups.items():
             shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
             logger.info("  skipped (%s): %s", reason, shown)
+
+
+@dataclass
+class _AdapterArgs:
+    """What :func:`cquant.adapters.quantize_torch` reads from a Quantizer (one scheme per call)."""
+    scheme: QuantScheme
+    include: Tuple[str, ...]
+    exclude: Tuple[str, ...]
+    owner: Optional["Quantizer"]
+    summary: List[LayerRecord] = None  # type: ignore[assignment]
+
+    @property
+    def mode(self) -> str:
+        return self.scheme.mode
+
+    @property
+    def granularity(self) -> str:
+        return self.scheme.granularity
+
+    @property
+    def group_size(self) -> Optional[int]:
+        return self.scheme.group_size
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        object.__setattr__(self, name, value)
+        if name == "summary" and value is not None and self.owner is not None:
+            self.owner.summary = value
+
+
+def _glob_escape(name: str) -> str:
+    """A layer name as an fnmatch pattern that matches only itself."""
+    return re.sub(r"([*?\[])", r"[\1]", name)
 
 
 _MISSING = object()
@@ -773,7 +731,6 @@ class ReportRow:
 
 def report(model: Any) -> List[ReportRow]:
     """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order."""
-    from . import adapters
     if adapters.is_torch_module(model):
         from .adapters.torch import report as torch_report
         return torch_report(model)

@@ -1,0 +1,25 @@
+"""The torch counterpart of :class:`cquant.smoothing.Smoothed` (imports torch; used by
+:func:`cquant.smoothing.smooth` on torch models only)."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+__all__ = ["SmoothedTorchLinear"]
+
+
+class SmoothedTorchLinear(torch.nn.Module):
+    """``linear(x * inv_scale)``: a Linear (or a quantized one, after the Quantizer ran) whose input
+    channels were rescaled by smoothing. ``inv_scale`` is a float32 buffer (in ``state_dict``)."""
+
+    def __init__(self, linear: torch.nn.Module, inv_scale: np.ndarray):
+        super().__init__()
+        self.linear = linear
+        self.register_buffer("inv_scale", torch.from_numpy(np.array(inv_scale, dtype=np.float32)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.inv_scale if x.dtype == torch.float32 else self.inv_scale.to(x.dtype)
+        return self.linear(x * s)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.inv_scale.numel()}"

@@ -1,0 +1,423 @@
+"""SmoothQuant (Xiao et al., 2023): move activation outliers into the weights before int8 quantization.
+
+    from cquant.smoothing import smooth
+    res = smooth(model, batches, alpha=0.5)      # cquant.nn or torch model, modified in place
+    print(res.format())                          # what was smoothed, and how
+    cquant.Quantizer.quantize_dynamic(model)     # or, all in one call:
+    cquant.Quantizer.quantize_dynamic(model, calibration=batches, smoothing=0.5)
+
+Why
+---
+Dynamic int8 quantizes each activation row with one scale, ``max|x_row| / 127``. Transformers'
+activations have a few channels far larger than the rest (BERT's residual stream, LayerNorm gains),
+so one large channel sets the step for the whole row and the small channels round to a few codes.
+For a Linear ``y = x W^T`` and any positive per-input-channel ``s``, ``y = (x / s) (W diag(s))^T``
+exactly; choosing ``s_j = max|x_j|^alpha / max_i|W_ij|^(1 - alpha)`` evens out the channel ranges of
+the activations (alpha = 1: all into the weights; 0: none), and per-channel weight quantization
+absorbs the rest.
+
+Where ``1/s`` goes
+------------------
+Layers that receive the *same* input (e.g. query, key and value) form a group with one ``s``
+(``max|W_ij|`` taken over all of them). The division by ``s`` must happen somewhere:
+
+1. **Folded** into the layer that produced the input, when that is exact: a LayerNorm / RMSNorm
+   (gain and bias divided by ``s``) or a Linear (its output rows and bias divided by ``s``), found by
+   tracing which object each layer's input is; and, for attention, the value projection feeding
+   the output projection (``*.self.value`` -> ``*.output.dense``, ``v_proj`` -> ``o_proj``/
+   ``out_proj``), since attention mixes value rows per channel. Each candidate fold is *verified*:
+   the first calibration batch is run again and the model output must match the output before
+   smoothing (relative error < ``tolerance``); a fold that changes the model (the LayerNorm's output
+   is also a residual, as in post-norm BERT) is undone. A fold costs nothing at run time.
+2. Otherwise, with ``prescale=True``, each layer of the group is wrapped in :class:`Smoothed`
+   (``linear(x * (1/s))``; for torch models a ``cquant.adapters.torch_smoothing.SmoothedTorchLinear``),
+   which costs one multiply pass over the layer input per call. The quantizer quantizes the Linear
+   inside the wrapper. With ``prescale=False`` such groups are left unsmoothed.
+
+The model computes the same function as before (to float32 rounding) in every case; the float
+model's output is checked at the end.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import calibration as _cal
+from . import errors, nn, ops
+from . import frontends as fe
+from .frontends import Patterns
+
+__all__ = ["smooth", "Smoothed", "SmoothingResult", "SmoothedGroup", "smoothing_scales", "INPUT_SCALES_ATTR",
+           "OUTPUT_SCALES_ATTR"]
+
+#: attribute of the model root: layer name -> the ``s`` its input was divided by through a fold
+#: (used by :func:`cquant.compare` to feed a smoothed layer from an unsmoothed model)
+INPUT_SCALES_ATTR = "_cquant_input_scales"
+#: attribute of the model root: Linear name -> the ``s`` its output was divided by (a fold into it)
+OUTPUT_SCALES_ATTR = "_cquant_output_scales"
+
+
+class Smoothed(nn.Module):
+    """``linear(x * inv_scale)``: a Linear whose input channels were rescaled by smoothing (its weight
+    columns multiplied by ``1 / inv_scale``, so in float the result is unchanged). Not Linear-like
+    itself: the Quantizer quantizes the inner ``linear``."""
+
+    def __init__(self, linear: nn.Module, inv_scale: np.ndarray):
+        super().__init__()
+        self.linear = linear
+        self.inv_scale = np.ascontiguousarray(inv_scale, dtype=np.float32)
+
+    def forward(self, x: np.ndarray) -> np.ndarray:
+        return self.linear(x * self.inv_scale)
+
+
+@dataclass
+class SmoothedGroup:
+    """Layers sharing one input and one smoothing scale ``scale`` (``s``, shape ``(K,)``).
+    ``how``: ``"layernorm"`` / ``"linear"`` (``1/s`` folded into ``folded_into``), ``"prescale"``
+    (wrappers) or ``"none"`` (left as it was; ``note`` says why)."""
+    layers: List[str]
+    scale: np.ndarray
+    how: str
+    folded_into: Optional[str] = None
+    note: str = ""
+
+
+@dataclass
+class SmoothingResult:
+    alpha: Any                    # a float, or "auto"
+    groups: List[SmoothedGroup]
+    calibration: _cal.Calibration
+    max_rel_change: float = 0.0   # float model output change over the first batch (rounding only)
+
+    @property
+    def smoothed_layers(self) -> List[str]:
+        return [n for g in self.groups if g.how != "none" for n in g.layers]
+
+    def format(self) -> str:
+        lines = [f"SmoothQuant alpha={self.alpha}: {len(self.smoothed_layers)} layer(s) smoothed "
+                 f"(float output change {self.max_rel_change:.1e})"]
+        for g in self.groups:
+            how = {"layernorm": f"folded into {g.folded_into}", "linear": f"folded into {g.folded_into}",
+                   "prescale": "pre-scale wrapper", "none": "not smoothed"}[g.how]
+            lines.append(f"  {', '.join(g.layers)}: {how}" + (f" ({g.note})" if g.note else ""))
+        return "\n".join(lines)
+
+
+def smoothing_scales(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.ndarray:
+    """``s_j = absmax_j^alpha / wmax_j^(1-alpha)``, 1 where either is 0, clipped to [1e-4, 1e4]."""
+    a = np.asarray(absmax, np.float64)
+    w = np.asarray(wmax, np.float64)
+    ok = (a > 0) & (w > 0) & np.isfinite(a) & np.isfinite(w)
+    s = np.ones_like(a)
+    s[ok] = a[ok] ** alpha / w[ok] ** (1.0 - alpha)
+    return np.clip(s, 1e-4, 1e4).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weights of the two front-ends, read as (out, in) float32 numpy and written back as new arrays
+# (never in place: a weight tied to another module keeps its values there)
+# --------------------------------------------------------------------------------------------------
+
+def _is_torch(obj: Any) -> bool:
+    return fe.is_torch_module(obj)
+
+
+def _get_param(mod: Any, name: str) -> Optional[np.ndarray]:
+    p = getattr(mod, name, None)
+    if p is None:
+        return None
+    return np.array(fe.as_numpy(p), dtype=np.float32, copy=True)
+
+
+def _set_param(mod: Any, name: str, value: np.ndarray) -> None:
+    if _is_torch(mod):
+        torch = fe._torch()
+        old = getattr(mod, name)
+        new = torch.from_numpy(np.ascontiguousarray(value)).to(dtype=old.dtype)
+        setattr(mod, name, torch.nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(mod, name, np.ascontiguousarray(value, dtype=np.float32))
+
+
+def _conv1d(mod: Any) -> bool:
+    return _is_torch(mod) and type(mod).__name__ == "Conv1D"
+
+
+def _weight(mod: Any) -> np.ndarray:
+    w = _get_param(mod, "weight")
+    assert w is not None
+    return np.ascontiguousarray(w.T) if _conv1d(mod) else w
+
+
+def _set_weight(mod: Any, w: np.ndarray) -> None:
+    _set_param(mod, "weight", np.ascontiguousarray(w.T) if _conv1d(mod) else w)
+
+
+class _Journal:
+    """Undo log of parameter / module changes."""
+
+    def __init__(self) -> None:
+        self.steps: List[Callable[[], None]] = []
+
+    def param(self, mod: Any, name: str, value: np.ndarray) -> None:
+        old = getattr(mod, name)
+        _set_param(mod, name, value)
+        self.steps.append(lambda: setattr(mod, name, old))
+
+    def weight(self, mod: Any, w: np.ndarray) -> None:
+        self.param(mod, "weight", np.ascontiguousarray(w.T) if _conv1d(mod) else w)
+
+    def undo(self) -> None:
+        for step in reversed(self.steps):
+            step()
+        self.steps.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# smooth()
+# --------------------------------------------------------------------------------------------------
+
+_ATTN_PAIRS = ((re.compile(r"^(.*)\.output\.dense$"), (r"\1.self.value",)),
+               (re.compile(r"^(.*)\.(out_proj|o_proj)$"), (r"\1.v_proj",)))
+
+
+def _attention_value(name: str, linears: Dict[str, fe.LayerRef]) -> Optional[str]:
+    """The value projection whose (attention-mixed) output is the input of layer ``name``."""
+    for pat, subs in _ATTN_PAIRS:
+        if pat.match(name):
+            for sub in subs:
+                cand = pat.sub(sub, name)
+                if cand in linears:
+                    return cand
+    return None
+
+
+def _rel_change(y: np.ndarray, ref: np.ndarray) -> float:
+    if y.shape != ref.shape:
+        return float("inf")
+    d = np.linalg.norm((y.astype(np.float64) - ref).ravel())
+    n = np.linalg.norm(ref.astype(np.float64).ravel())
+    if not np.isfinite(d):
+        return float("inf")
+    return float(d / n) if n > 0 else float(d)
+
+
+#: the strengths ``alpha="auto"`` tries for each group (plus "no smoothing")
+ALPHA_GRID = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
+#: input rows per layer kept for the ``"auto"`` search
+AUTO_ROWS = 512
+
+
+def _group_error(members: Sequence[str], x: np.ndarray, weights: Dict[str, np.ndarray],
+                 s: Optional[np.ndarray]) -> float:
+    """Relative squared error of the group's int8 (dynamic, per-channel) outputs on rows ``x`` with
+    smoothing scales ``s`` (None: unsmoothed), summed over the members."""
+    xs = x if s is None else np.ascontiguousarray(x / s, dtype=np.float32)
+    total = 0.0
+    for m in members:
+        w = weights[m]
+        y = x.astype(np.float64) @ w.astype(np.float64).T
+        ws = w if s is None else w * s[None, :]
+        yq = ops.linear(xs, ops.quantize_weight(np.ascontiguousarray(ws, dtype=np.float32)), None, "dynamic")
+        den = float((y * y).sum())
+        total += float(((yq - y) ** 2).sum()) / den if den > 0 else 0.0
+    return total
+
+
+def _choose_alpha(members: Sequence[str], x: np.ndarray, absmax: np.ndarray, weights: Dict[str, np.ndarray],
+                  wmax: np.ndarray) -> Tuple[Optional[float], np.ndarray, str]:
+    """The alpha of :data:`ALPHA_GRID` (or None = leave unsmoothed) with the smallest int8 error of
+    the group on its calibration rows."""
+    best: Tuple[float, Optional[float], np.ndarray] = (_group_error(members, x, weights, None), None,
+                                                       np.ones_like(absmax))
+    base = best[0]
+    for a in ALPHA_GRID:
+        s = smoothing_scales(absmax, wmax, a)
+        e = _group_error(members, x, weights, s)
+        if e < best[0]:
+            best = (e, a, s)
+    gain = base / best[0] if best[0] > 0 else float("inf")
+    note = (f"alpha {best[1]}: int8 error x{1 / gain:.2f} of unsmoothed" if best[1] is not None
+            else "smoothing does not lower this group's int8 error")
+    return best[1], best[2], note
+
+
+def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None, exclude: Patterns = None,
+           prescale: bool = True, tolerance: float = 1e-4) -> SmoothingResult:
+    """Smooth the float Linear layers of ``model`` (a :mod:`cquant.nn` or torch model), in place.
+
+    ``batches``: calibration inputs (see :func:`cquant.calibrate`); the first one is also used to
+    trace which layer feeds which and to verify folds. ``alpha``: the migration strength in [0, 1],
+    or ``"auto"``: per group, the strength of :data:`ALPHA_GRID` (or none) that gives the smallest
+    int8 (dynamic, per-channel) output error on up to :data:`AUTO_ROWS` calibration rows.
+    ``include``/``exclude``: names or globs of the Linear layers to smooth. Returns a
+    :class:`SmoothingResult` (its ``calibration`` holds the statistics measured before smoothing).
+    """
+    auto = alpha == "auto"
+    if not auto and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
+        raise errors.ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
+    kind = fe.frontend(model)
+    if kind == "objects":
+        raise errors.TypeError("smoothing needs a cquant.nn or torch model (it replaces and rescales "
+                               f"modules); got {type(model).__name__}")
+    blist = fe.batch_list(batches)
+    refs = fe.linear_layers(model, quantized=False)
+    if not refs:
+        raise errors.ValueError(f"{type(model).__name__} has no float Linear layer to smooth")
+    linears = {r.name: r for r in refs}
+    selected = {r.name for r in fe.linear_layers(model, include, exclude, quantized=False)}
+    norms = fe.norm_layers(model)
+    norm_refs = [fe.LayerRef(n, m, 0, 0, False) for n, m in norms]
+
+    # one pass per batch: statistics of every layer input; on the first batch also which object
+    # each layer received and produced (references held until the pass ends, so ids are unique)
+    stats = {r.name: _cal.LayerStats.empty(r.name, r.in_features, AUTO_ROWS if auto else 0) for r in refs}
+    first_in: Dict[str, Any] = {}
+    produced: Dict[int, Tuple[str, str]] = {}
+    keep: List[Any] = []
+    tracing = [True]
+
+    def watch(ref: Any, x: Any, forward: Callable[[Any], Any]) -> Any:
+        y = forward(x)
+        if ref.name in stats:
+            stats[ref.name].update(fe.as_numpy(x))
+        if tracing[0]:
+            if ref.name in stats:
+                first_in.setdefault(ref.name, x)
+                kind_ = "linear"
+            else:
+                kind_ = "layernorm"
+            produced.setdefault(id(y), (kind_, ref.name))
+            keep.extend((x, y))
+        return y
+
+    ref_out = None
+    with fe.intercept(list(refs) + norm_refs, watch):
+        for i, b in enumerate(blist):
+            out = fe.run(model, b)
+            if i == 0:
+                ref_out = out
+                tracing[0] = False
+    assert ref_out is not None
+    calibration = _cal.Calibration({n: s for n, s in stats.items() if s.calls}, len(blist), kind,
+                                   [n for n, s in stats.items() if not s.calls])
+
+    # groups: layers that received the same object on the first batch
+    by_input: Dict[int, List[str]] = {}
+    for name in linears:
+        if name in first_in:
+            by_input.setdefault(id(first_in[name]), []).append(name)
+    first_in.clear()
+    keep.clear()
+    groups: List[SmoothedGroup] = []
+    record: Dict[str, np.ndarray] = dict(getattr(model, INPUT_SCALES_ATTR, None) or {})
+    record_out: Dict[str, np.ndarray] = dict(getattr(model, OUTPUT_SCALES_ATTR, None) or {})
+
+    def check() -> float:
+        return _rel_change(fe.run(model, blist[0]), ref_out)
+
+    for key, members in by_input.items():
+        if not any(m in selected for m in members):
+            continue
+        absmax = np.max([stats[m].absmax for m in members], axis=0)
+        weights = {m: _weight(linears[m].obj) for m in members}
+        wmax = np.max([np.abs(weights[m]).max(axis=0) for m in members], axis=0)
+        if auto:
+            x = stats[members[0]].samples
+            if x is None or not x.size:
+                groups.append(SmoothedGroup(members, np.ones_like(absmax), "none", note="no calibration rows"))
+                continue
+            chosen, s, why = _choose_alpha(members, x, absmax, weights, wmax)
+            if chosen is None:
+                groups.append(SmoothedGroup(members, s, "none", note=why))
+                continue
+        else:
+            s, why = smoothing_scales(absmax, wmax, alpha), ""
+        if np.all(s == 1):
+            groups.append(SmoothedGroup(members, s, "none", note="nothing to move (all-zero input or weight)"))
+            continue
+        candidates: List[Tuple[str, str]] = []
+        prod = produced.get(key)
+        if prod is not None:
+            candidates.append(prod)
+        if len(members) == 1:
+            v = _attention_value(members[0], linears)
+            if v is not None and linears[v].out_features == linears[members[0]].in_features \
+                    and ("linear", v) not in candidates:
+                candidates.append(("linear", v))
+        done = False
+        notes = []
+        for how, src in candidates:
+            j = _Journal()
+            if not _fold(model, j, how, src, s, linears, dict(norms)):
+                notes.append(f"cannot fold into {src}")
+                continue
+            for m in members:
+                j.weight(linears[m].obj, _weight(linears[m].obj) * s[None, :])
+            change = check()
+            if change <= tolerance:
+                groups.append(SmoothedGroup(members, s, how, src, note=why))
+                for m in members:
+                    record[m] = record[m] * s if m in record else s
+                if how == "linear":
+                    record_out[src] = record_out[src] * s if src in record_out else s
+                done = True
+                break
+            j.undo()
+            notes.append(f"folding into {src} would change the model output ({change:.1e})")
+        if done:
+            continue
+        if not prescale:
+            groups.append(SmoothedGroup(members, s, "none", note="; ".join(notes + ["no exact fold, prescale=False"])))
+            continue
+        inv = (1.0 / s).astype(np.float32)
+        for m in members:
+            mod = linears[m].obj
+            _set_weight(mod, _weight(mod) * s[None, :])
+            wrapper = _wrapper(mod, inv)
+            if fe.replace_module(model, mod, wrapper) == 0:  # the model is the layer itself
+                raise errors.ValueError(f"cannot wrap {m!r}: it is not a registered sub-module")
+        groups.append(SmoothedGroup(members, s, "prescale", note="; ".join([why] * bool(why) + notes)))
+    change = check()
+    if change > 10 * tolerance:
+        raise errors.QuantizationError(f"smoothing changed the float model output by {change:.1e} "
+                                       f"(> {10 * tolerance:.0e}); this is a bug, please report it")
+    if record:
+        object.__setattr__(model, INPUT_SCALES_ATTR, record)
+    if record_out:
+        object.__setattr__(model, OUTPUT_SCALES_ATTR, record_out)
+    return SmoothingResult(alpha if auto else float(alpha), groups, calibration, change)
+
+
+def _fold(model: Any, j: _Journal, how: str, src: str, s: np.ndarray, linears: Dict[str, fe.LayerRef],
+          norms: Dict[str, Any]) -> bool:
+    """Divide the output channels of ``src`` by ``s`` (journalled). False if it cannot."""
+    if how == "layernorm":
+        mod = norms.get(src)
+        w = None if mod is None else _get_param(mod, "weight")
+        if w is None or w.shape != s.shape:
+            return False
+        j.param(mod, "weight", w / s)
+        b = _get_param(mod, "bias")
+        if b is not None:
+            j.param(mod, "bias", b / s)
+        return True
+    ref = linears.get(src)
+    if ref is None or ref.out_features != s.shape[0]:
+        return False
+    j.weight(ref.obj, _weight(ref.obj) / s[:, None])
+    b = _get_param(ref.obj, "bias")
+    if b is not None:
+        j.param(ref.obj, "bias", b / s)
+    return True
+
+
+def _wrapper(mod: Any, inv: np.ndarray) -> Any:
+    if _is_torch(mod):
+        from .adapters.torch_smoothing import SmoothedTorchLinear  # optional dependency: torch
+        return SmoothedTorchLinear(mod, inv)
+    return Smoothed(mod, inv)

@@ -1,0 +1,217 @@
+"""SmoothQuant (cquant.smoothing) on synthetic models with planted outlier channels: runs without any
+optional package (the torch part is skipped without torch)."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+
+import cquant
+from cquant import errors, nn
+from cquant.bert import BertConfig, BertModel, smooth_activations
+from cquant.quantization import QuantizedLinear, Quantizer
+from cquant.smoothing import INPUT_SCALES_ATTR, Smoothed, smooth, smoothing_scales
+
+OUTLIERS = [3, 17, 40]
+
+
+class PreNorm(nn.Module):
+    """x + fc2(gelu(fc1(norm(x)))): the LayerNorm output feeds fc1 only (foldable); its gain has
+    planted outlier channels, as trained transformers' do."""
+
+    def __init__(self, d=64, h=128, seed=0):
+        super().__init__()
+        g = np.random.default_rng(seed)
+        self.norm = nn.LayerNorm(d)
+        self.norm.weight = np.ones(d, np.float32)
+        self.norm.weight[OUTLIERS] = 200.0
+        self.norm.bias = g.normal(0, 0.1, d).astype(np.float32)
+        self.fc1 = nn.Linear(d, h, rng=g)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(h, d, rng=g)
+
+    def forward(self, x):
+        return x + self.fc2(self.act(self.fc1(self.norm(x))))
+
+
+class PostNorm(PreNorm):
+    """norm(x) is also the residual: folding 1/s into the norm would change the model."""
+
+    def forward(self, x):
+        a = self.norm(x)
+        return a + self.fc2(self.act(self.fc1(a)))
+
+
+def _batches(n=4, d=64, seed=1):
+    g = np.random.default_rng(seed)
+    return [g.standard_normal((4, 8, d)).astype(np.float32) for _ in range(n)]
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def test_scales_formula():
+    s = smoothing_scales(np.array([4.0, 0.0, 1.0]), np.array([1.0, 2.0, 0.0]), 0.5)
+    np.testing.assert_allclose(s, [2.0, 1.0, 1.0])
+    np.testing.assert_allclose(smoothing_scales(np.array([9.0]), np.array([4.0]), 1.0), [9.0])
+
+
+def test_prenorm_folds_into_layernorm_exactly_and_cuts_int8_error():
+    model = PreNorm()
+    test = _batches(seed=7)
+    ref = [model(x) for x in test]
+    plain = Quantizer.quantize_dynamic(copy.deepcopy(model))
+    err_plain = np.mean([_rel(plain(x), r) for x, r in zip(test, ref)])
+
+    sm = copy.deepcopy(model)
+    res = smooth(sm, _batches(), alpha=0.5)
+    g = {tuple(x.layers): x for x in res.groups}
+    assert g[("fc1",)].how == "layernorm" and g[("fc1",)].folded_into == "norm"
+    assert g[("fc2",)].how == "prescale"                      # GELU in between: wrapper
+    assert type(sm.fc1) is nn.Linear and isinstance(sm.fc2, Smoothed)
+    assert sm.norm.weight[OUTLIERS].max() < 200.0             # 1/s went into the gain
+    for x, r in zip(test, ref):                               # exact in float
+        assert _rel(sm(x), r) < 1e-5
+    np.testing.assert_array_equal(getattr(sm, INPUT_SCALES_ATTR)["fc1"], g[("fc1",)].scale)
+
+    Quantizer.quantize_dynamic(sm)
+    assert isinstance(sm.fc1, QuantizedLinear) and isinstance(sm.fc2.linear, QuantizedLinear)
+    err_smooth = np.mean([_rel(sm(x), r) for x, r in zip(test, ref)])
+    assert err_smooth < err_plain / 1.5, (err_smooth, err_plain)
+    # the layer with the planted outliers, on the same inputs (cquant.compare undoes the fold)
+    sq_plain = {r.name: r.sqnr_db for r in cquant.compare(model, plain, test[:2], sensitivity=False).layers}
+    sq_smooth = {r.name: r.sqnr_db for r in cquant.compare(model, sm, test[:2], sensitivity=False).layers}
+    assert sq_smooth["fc1"] > sq_plain["fc1"] + 10, (sq_smooth, sq_plain)
+
+
+def test_postnorm_fold_is_rejected_and_prescale_used():
+    model = PostNorm()
+    test = _batches(seed=5)
+    ref = [model(x) for x in test]
+    sm = copy.deepcopy(model)
+    res = smooth(sm, _batches(), alpha=0.5)
+    g = {tuple(x.layers): x for x in res.groups}
+    assert g[("fc1",)].how == "prescale" and "would change the model output" in g[("fc1",)].note
+    np.testing.assert_array_equal(sm.norm.weight, model.norm.weight)   # the fold was undone
+    for x, r in zip(test, ref):
+        assert _rel(sm(x), r) < 1e-5
+    no_pre = copy.deepcopy(model)
+    res = smooth(no_pre, _batches(), alpha=0.5, prescale=False)
+    assert {x.how for x in res.groups} == {"none"} and type(no_pre.fc1) is nn.Linear
+    np.testing.assert_array_equal(no_pre.fc1.weight, model.fc1.weight)
+
+
+def test_one_call_api():
+    model = PreNorm()
+    test = _batches(seed=3)
+    ref = [model(x) for x in test]
+    q = Quantizer()
+    out = q.prepare_and_quantize(model, calibration=_batches(), smoothing=0.5, inplace=False)
+    assert out is not model and type(model.fc1) is nn.Linear            # inplace=False: original kept
+    assert q.smoothing is not None and q.calibration is q.smoothing.calibration
+    assert set(q.smoothing.smoothed_layers) == {"fc1", "fc2"}
+    one = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=_batches(), smoothing=0.5)
+    for x in test:
+        np.testing.assert_array_equal(one(x), out(x))
+    plain = Quantizer.quantize_dynamic(copy.deepcopy(model))
+    assert np.mean([_rel(one(x), r) for x, r in zip(test, ref)]) < \
+        np.mean([_rel(plain(x), r) for x, r in zip(test, ref)]) / 1.5
+    kept = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=_batches(), smoothing=0.5,
+                                      scheme={"fc2": None})       # the rule names the wrapped layer
+    assert isinstance(kept.fc2, Smoothed) and type(kept.fc2.linear) is nn.Linear
+    with pytest.raises(errors.ValueError, match="calibration"):
+        Quantizer.quantize_dynamic(PreNorm(), smoothing=0.5)
+    with pytest.raises(errors.ValueError):
+        Quantizer.quantize_dynamic(PreNorm(), calibration=_batches(), smoothing=1.5)
+
+
+def test_auto_alpha_not_worse_than_unsmoothed():
+    model = PreNorm()
+    test = _batches(seed=11)
+    ref = [model(x) for x in test]
+    auto = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=_batches(), smoothing="auto")
+    plain = Quantizer.quantize_dynamic(copy.deepcopy(model))
+    assert np.mean([_rel(auto(x), r) for x, r in zip(test, ref)]) < \
+        np.mean([_rel(plain(x), r) for x, r in zip(test, ref)])
+
+
+def _tiny_bert(seed=0):
+    cfg = BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=16, add_pooling_layer=False)
+    m = BertModel(cfg)
+    g = np.random.default_rng(seed)
+    state = {}
+    for k, v in m.state_dict().items():
+        if k.endswith("LayerNorm.weight"):
+            w = np.ones(v.shape, np.float32)
+            w[[1, 7]] = 30.0                               # planted outlier channels
+            state[k] = w
+        else:
+            state[k] = g.normal(0, 0.2, v.shape).astype(np.float32)
+    m.load_state_dict(state)
+    return m
+
+
+def test_bert_blocks_fold_value_into_output_and_stay_exact():
+    model = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    mask[0, 7:] = 0
+    ref = model(ids, mask)
+    sm = copy.deepcopy(model)
+    res = smooth(sm, [(ids, mask)], alpha=0.5)
+    how = {tuple(g.layers): (g.how, g.folded_into) for g in res.groups}
+    assert how[("encoder.layer.0.attention.output.dense",)] == ("linear", "encoder.layer.0.attention.self.value")
+    qkv = tuple(f"encoder.layer.1.attention.self.{n}" for n in ("query", "key", "value"))
+    assert how[qkv][0] == "prescale"                           # post-norm: the LayerNorm output is a residual
+    assert len(res.smoothed_layers) == 12
+    valid = mask.astype(bool)
+    assert _rel(sm(ids, mask)[valid], ref[valid]) < 1e-5
+    names = smooth_activations(copy.deepcopy(model), lambda m: m(ids, mask))   # the bert.py front
+    assert sorted(names) == sorted(res.smoothed_layers)
+
+
+def test_duck_models_are_refused():
+    class Duck:
+        def __init__(self):
+            self.fc = nn.Linear(4, 4, rng=0)
+    with pytest.raises(errors.TypeError, match="cquant.nn or torch"):
+        smooth(Duck(), [np.zeros((1, 4), np.float32)])
+
+
+def test_torch_prenorm_and_postnorm():
+    torch = pytest.importorskip("torch")
+
+    class Block(torch.nn.Module):
+        def __init__(self, post):
+            super().__init__()
+            self.post = post
+            self.norm = torch.nn.LayerNorm(64)
+            self.fc1 = torch.nn.Linear(64, 128)
+            self.fc2 = torch.nn.Linear(128, 64)
+            with torch.no_grad():
+                self.norm.weight[OUTLIERS] = 200.0
+
+        def forward(self, x):
+            a = self.norm(x)
+            h = self.fc2(torch.nn.functional.gelu(self.fc1(a)))
+            return (a if self.post else x) + h
+
+    torch.manual_seed(0)
+    for post in (False, True):
+        m = Block(post).eval()
+        test = _batches(seed=9)
+        with torch.no_grad():
+            ref = [m(torch.from_numpy(x)).numpy() for x in test]
+        q = Quantizer()
+        qm = q.prepare_and_quantize(m, calibration=_batches(), smoothing=0.5, inplace=False)
+        g = {tuple(x.layers): x for x in q.smoothing.groups}
+        assert g[("fc1",)].how == ("prescale" if post else "layernorm")
+        assert type(qm.fc2).__name__ == "SmoothedTorchLinear"
+        plain = Quantizer.quantize_dynamic(m, inplace=False)
+        with torch.no_grad():
+            e_s = np.mean([_rel(qm(torch.from_numpy(x)).numpy(), r) for x, r in zip(test, ref)])
+            e_p = np.mean([_rel(plain(torch.from_numpy(x)).numpy(), r) for x, r in zip(test, ref)])
+        assert e_s < e_p / 2, (post, e_s, e_p)
