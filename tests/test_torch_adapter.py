@@ -161,18 +161,32 @@ def test_dtype_and_layout_conversions():
         m.proj(torch.randn(2, 95))
 
 
-def test_autograd_refused_with_clear_error():
+def test_inference_only_train_and_backward_say_so():
+    """Issue 10 item 7: .train() and .backward() say clearly that the model is for inference."""
     m = _model()
+    m.train()
     quantize_module(m)
+    assert m.training is False                  # quantizing leaves the model in eval mode
+    with pytest.raises(AutogradError, match="inference only") as e:
+        m.train()
+    assert "model.eval()" in str(e.value) and "QAT" in str(e.value)
+    with pytest.raises(RuntimeError):           # also a builtin RuntimeError
+        m.proj.train()
+    m.eval()
     x = torch.randn(2, 96, requires_grad=True)
+    y = m.proj(x)                               # a forward in grad mode works ...
     with pytest.raises(AutogradError, match="inference only"):
-        m.proj(x)
-    with pytest.raises(RuntimeError):          # also a builtin RuntimeError
-        m.proj(x)
+        y.sum().backward()                      # ... its backward says why it cannot be
+    ids = _ids(2, 3)
+    out = m(ids)                                # the embedding's weight requires grad
+    assert out.requires_grad
+    with pytest.raises(AutogradError, match="no backward"):
+        out.sum().backward()
     with torch.no_grad():
         assert m.proj(x).requires_grad is False
+        torch.testing.assert_close(m(ids), out.detach(), rtol=0, atol=0)
     with torch.inference_mode():
-        y = m(_ids(2, 3))
+        y = m(ids)
     assert y.shape == (2, 3, 10)
 
 
@@ -209,17 +223,81 @@ def test_shared_module_replaced_everywhere_and_shared_weight_once():
     assert root["tied"].qweight is root["seq"][0].qweight
 
 
-def test_multihead_attention_out_proj_skipped_loudly(caplog):
-    mha = torch.nn.MultiheadAttention(16, 2, batch_first=True)
-    q = cquant.Quantizer()
-    with caplog.at_level("WARNING", logger="cquant"):
-        q.quantize(mha)
-    assert any(r.name == "out_proj" and r.status == "skipped" and "MultiheadAttention" in r.reason
-               for r in q.summary)
-    assert "out_proj" in caplog.text
-    x = torch.randn(2, 3, 16)
+def _mha_inputs(batch_first, kdim=16):
+    g = torch.Generator().manual_seed(5)
+    q = torch.randn(3, 5, 16, generator=g)
+    kv = torch.randn(3, 7, kdim, generator=g)
+    if not batch_first:
+        q, kv = q.transpose(0, 1).contiguous(), kv.transpose(0, 1).contiguous()
+    am = torch.rand(5, 7, generator=g) > 0.7
+    am[:, 0] = False
+    kpm = torch.zeros(3, 7, dtype=torch.bool)
+    kpm[1, -2:] = True
+    return q, kv, am, kpm
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_multihead_attention_is_quantized(batch_first):
+    """Issue 10 item 2: in_proj (q, k, v) and out_proj of nn.MultiheadAttention are quantized."""
+    from cquant.adapters.torch import QuantizedMultiheadAttention
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 2, batch_first=batch_first).eval()
+    q, kv, am, kpm = _mha_inputs(batch_first)
+    calls = [dict(), dict(attn_mask=am), dict(key_padding_mask=kpm), dict(attn_mask=am.float() * -1e4,
+             key_padding_mask=kpm, average_attn_weights=False), dict(need_weights=False, attn_mask=am)]
     with torch.no_grad():
-        mha(x, x, x)  # still works
+        refs = [mha(q, kv, kv, **kw) for kw in calls]
+        ref_self = mha(q, q, q, is_causal=True, attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(5))
+    qz = cquant.Quantizer(mode="weight_only")
+    qm = qz.quantize(mha, inplace=False)
+    assert isinstance(qm, QuantizedMultiheadAttention)
+    names = {r.name for r in qz.summary if r.status == "quantized"}
+    assert names == {"q_proj", "k_proj", "v_proj", "out_proj"}
+    assert not [n for n, p in qm.named_parameters()]            # no float weight left
+    assert {r.name for r in torch_report(qm)} == names
+    with torch.no_grad():
+        for kw, (o_ref, w_ref) in zip(calls, refs):
+            o, w = qm(q, kv, kv, **kw)
+            assert o.shape == o_ref.shape and _rel(o, o_ref) < 1e-2, kw
+            assert (w is None) == (w_ref is None)
+            if w is not None:
+                assert w.shape == w_ref.shape and _rel(w, w_ref) < 1e-2
+        o, _ = qm(q, q, q, is_causal=True, attn_mask=torch.nn.Transformer.generate_square_subsequent_mask(5))
+        assert _rel(o, ref_self[0]) < 1e-2
+        # unbatched input
+        qu = q[:, 0] if not batch_first else q[0]
+        o_ref, w_ref = mha(qu, qu, qu)
+        o, w = qm(qu, qu, qu)
+        assert o.shape == o_ref.shape and _rel(o, o_ref) < 1e-2 and w.shape == w_ref.shape
+
+
+def test_multihead_attention_kdim_vdim_and_unsupported_skipped(caplog):
+    torch.manual_seed(0)
+    mha = torch.nn.MultiheadAttention(16, 4, kdim=8, vdim=12, batch_first=True).eval()
+    q = torch.randn(2, 5, 16)
+    k, v = torch.randn(2, 6, 8), torch.randn(2, 6, 12)
+    with torch.no_grad():
+        ref = mha(q, k, v)[0]
+        qm = quantize_module(mha, mode="weight_only")
+        assert _rel(qm(q, k, v)[0], ref) < 1e-2
+    odd = torch.nn.MultiheadAttention(16, 2, add_bias_kv=True)
+    qz = cquant.Quantizer()
+    with caplog.at_level("WARNING", logger="cquant"):
+        qz.quantize(odd)
+    assert any(r.status == "skipped" and "add_bias_kv" in r.reason for r in qz.summary)
+    assert "add_bias_kv" in caplog.text
+
+
+def test_transformer_weights_all_quantized():
+    """A 3+3-layer nn.Transformer: every 2-D weight is quantized (60% were attention weights)."""
+    torch.manual_seed(0)
+    t = torch.nn.Transformer(d_model=32, nhead=4, num_encoder_layers=3, num_decoder_layers=3,
+                             dim_feedforward=64, batch_first=True).eval()
+    two_d = [n for n, p in t.named_parameters() if p.dim() == 2]
+    assert any("in_proj_weight" in n for n in two_d)
+    quantize_module(t)
+    assert [n for n, p in t.named_parameters() if p.dim() == 2] == []
+    assert len(list(torch_report(t))) == 3 * 6 + 3 * 10  # enc: 4 attn + 2 ff; dec: 8 attn + 2 ff
 
 
 def test_nonfinite_weight_leaves_model_untouched():
@@ -231,14 +309,69 @@ def test_nonfinite_weight_leaves_model_untouched():
     assert isinstance(m.proj, torch.nn.Linear) and isinstance(m.c_fc, Conv1D)
 
 
-def test_quantized_model_pickles_and_deepcopies():
+def test_quantized_model_pickles_deepcopies_and_torch_saves(tmp_path):
+    """Issue 10 item 8: forward keeps working after copy.deepcopy, pickle and torch.save."""
     m = _model()
     quantize_module(m)
     ids = _ids(2, 4)
+    torch.save(m, tmp_path / "m.pt")
     with torch.no_grad():
         y = m(ids)
-        for clone in (copy.deepcopy(m), pickle.loads(pickle.dumps(m))):
+        clones = (copy.deepcopy(m), pickle.loads(pickle.dumps(m)),
+                  torch.load(tmp_path / "m.pt", weights_only=False))
+        for clone in clones:
             torch.testing.assert_close(clone(ids), y, rtol=0, atol=0)
+            # the clone's buffers still share memory with its own kernel arrays
+            assert clone.proj.weight_scale.data_ptr() == clone.proj.qweight.scale.__array_interface__["data"][0]
+            assert clone.proj.qweight is not m.proj.qweight
+
+
+def _unique_bytes(model):
+    """Bytes held by a torch model, each memory block once: parameters, buffers, and the packed
+    codes / scales / biases of quantized layers (numpy)."""
+    seen = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+    for m in model.modules():
+        if isinstance(m, QuantizedTorchLinear):
+            for a in (m.qweight.packed, m.qweight.scale, m.bias_array):
+                if a is not None:
+                    block = a
+                    while isinstance(block.base, np.ndarray):  # the block it views (the packed
+                        block = block.base                     # codes: 64-byte aligned)
+                    seen[a.__array_interface__["data"][0]] = block.nbytes
+    return sum(seen.values())
+
+
+def test_tied_weights_gpt2_respected_and_bytes_measured(caplog):
+    """Issue 10 item 5: GPT-2's lm_head is tied to wte: kept tied (not stored twice), the skip says
+    why, and the report's savings are the bytes the model really stopped holding."""
+    transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=300, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    g = transformers.GPT2LMHeadModel(cfg).eval()
+    assert g.lm_head.weight is g.transformer.wte.weight
+    before = _unique_bytes(g)
+    qz = cquant.Quantizer()
+    with caplog.at_level("WARNING", logger="cquant"):
+        g = qz.quantize(g)
+    assert g.lm_head.weight is g.transformer.wte.weight
+    rec = {r.name: r for r in qz.summary}
+    assert rec["lm_head"].status == "skipped" and "tied to transformer.wte.weight" in rec["lm_head"].reason
+    assert "lm_head" in caplog.text
+    rows = torch_report(g)
+    saved = sum(r.bytes_before - r.bytes_after for r in rows)
+    assert saved > 0 and before - _unique_bytes(g) == saved
+    # tied between two Linear layers: quantized once, both quantized
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+    b.weight = a.weight
+    seq = torch.nn.Sequential(a, b)
+    before = _unique_bytes(seq)
+    quantize_module(seq)
+    assert seq[0].qweight is seq[1].qweight
+    assert before - _unique_bytes(seq) == sum(r.bytes_before - r.bytes_after for r in torch_report(seq))
 
 
 def test_cquant_import_does_not_import_torch():

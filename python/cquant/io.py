@@ -17,14 +17,23 @@ tensor                 dtype    shape                meaning
 ``L.bias``             F32 (*)  (N,)                 optional bias
 =====================  =======  ===================  ==================================================
 
-(*) a checkpoint written by ``cquant quantize`` copies the bias with the dtype it had.
+(*) always written as F32 (also from an F16/BF16 source); readers also accept an F16/BF16/F64 bias,
+which earlier versions of ``cquant quantize`` copied unchanged.
 Every other tensor of the model (embeddings, norms, layers left in float) is stored under its usual
-``state_dict`` name with its dtype unchanged. The header's ``__metadata__`` (string -> string) holds:
+``state_dict`` name with its dtype unchanged (BF16 and F16 included). An embedding table quantized by
+``cquant quantize --embeddings`` is a layer like the others (``kind`` ``"embedding"``: per_channel,
+no bias, shape (rows, dim)); ``load_into`` installs it as :class:`cquant.bert.QuantizedEmbedding` in
+a :mod:`cquant.nn` model and as a dequantized float table in a torch ``nn.Embedding``.
+A *sharded* checkpoint is ``NAME.safetensors.index.json`` (``{"metadata": {...}, "weight_map":
+{tensor: shard file}}``) plus the shards next to it; each shard is itself a cquant checkpoint
+holding whole layers (its ``cquant.layers`` lists the layers it holds). :func:`open_checkpoint`,
+:func:`load`, :func:`load_into` and the CLI take the index, a single file, or a model folder.
+The header's ``__metadata__`` (string -> string) holds:
 
 - ``cquant.format_version``: ``"1"``; ``cquant.version``: the writer's cquant version;
 - ``cquant.layers``: JSON object ``{L: {"mode": "dynamic"|"weight_only",
   "granularity": "per_tensor"|"per_channel"|"per_group", "group_size": int|null, "shape": [N, K],
-  "bias": bool, "layout": "out_in"|"in_out"}}``. ``layout`` says how the *source* layer stored its
+  "bias": bool, "layout": "out_in"|"in_out", "kind": "linear"|"embedding" (optional)}}``. ``layout`` says how the *source* layer stored its
   weight: ``in_out`` for GPT-2 style ``Conv1D`` (the codes are still (N, K));
 - ``cquant.model`` (optional): JSON ``{"class": "module:QualName", "config": {...}}`` for a
   :mod:`cquant.nn` model that can rebuild itself (``from_cquant_config``), e.g. :class:`cquant.bert.BertModel`.
@@ -37,7 +46,8 @@ To use a layer from C: read ``weight_q`` (N*K bytes) and ``weight_scale``, then 
 
 Why the CLI has its own reader/writer
 -------------------------------------
-``save`` uses the ``safetensors`` package (numpy API); ``load`` and ``cquant report`` read with
+``save`` writes with :class:`StreamWriter` (BF16 tensors of a torch model stay BF16); ``load`` and
+``cquant report`` read with
 :class:`SafetensorsReader`, which checks every header field against the file (integer shapes with
 Python arithmetic, offsets that tile the data section exactly once, regular files only) before
 anything is read; then the cquant metadata is validated against the tensors (:func:`parse_layers`,
@@ -69,7 +79,8 @@ from . import errors, ops
 
 __all__ = ["save", "load", "load_into", "Checkpoint", "FORMAT_VERSION", "SafetensorsReader",
            "StreamWriter", "CheckpointError", "atomic_path", "register_loadable", "LayerSpec",
-           "parse_layers", "check_format_version", "check_layer_tensors", "check_layer_values"]
+           "parse_layers", "check_format_version", "check_layer_tensors", "check_layer_values",
+           "ShardedReader", "open_checkpoint", "resolve_checkpoint", "INDEX_SUFFIX"]
 
 FORMAT_VERSION = "1"
 KEY_VERSION = "cquant.format_version"
@@ -112,6 +123,16 @@ def _short(v: Any, limit: int = 60) -> str:
     except RecursionError:
         return "<deeply nested value>"
     return r if len(r) <= limit else r[:limit - 3] + "..."
+
+
+class BF16Bits(np.ndarray):
+    """A uint16 array holding bfloat16 bit patterns, written as ``BF16`` (numpy has no bfloat16)."""
+
+    @classmethod
+    def wrap(cls, bits: np.ndarray) -> "BF16Bits":
+        if bits.dtype != np.uint16:
+            raise errors.TypeError(f"bfloat16 bits must be uint16, got {bits.dtype}")
+        return bits.view(cls)
 
 
 def bf16_to_f32(raw: np.ndarray) -> np.ndarray:
@@ -344,6 +365,177 @@ class SafetensorsReader:
         self.close()
 
 
+# --------------------------------------------------------------------------------------------------
+# Sharded checkpoints: NAME.safetensors.index.json + shards (the Hugging Face layout)
+# --------------------------------------------------------------------------------------------------
+
+#: ``model.safetensors.index.json``: ``{"metadata": {...}, "weight_map": {tensor: shard file}}``
+INDEX_SUFFIX = ".index.json"
+#: what a model folder is searched for, in this order (``cquant-model.*``: ``cquant.save_pretrained``)
+CHECKPOINT_NAMES = ("model.safetensors", "model.safetensors.index.json", "cquant-model.safetensors",
+                    "cquant-model.safetensors.index.json")
+_MAX_INDEX = 64 * 2**20
+
+
+def resolve_checkpoint(path: PathLike) -> str:
+    """The file to open for ``path``: ``path`` itself, or for a model folder the first of
+    :data:`CHECKPOINT_NAMES` it holds. CheckpointError for a folder holding none of them."""
+    p = os.fspath(path)
+    if os.path.isdir(p):
+        for n in CHECKPOINT_NAMES:
+            c = os.path.join(p, n)
+            if os.path.lexists(c):
+                return c
+        raise CheckpointError(f"{p}: is a directory holding no {' or '.join(CHECKPOINT_NAMES[:2])}; "
+                              "give a .safetensors file or a sharded checkpoint's .index.json")
+    return p
+
+
+def is_index_path(path: PathLike) -> bool:
+    return os.fspath(path).endswith(INDEX_SUFFIX)
+
+
+def _shard_name_ok(name: str) -> bool:
+    return (bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name
+            and "\0" not in name and name.endswith(".safetensors"))
+
+
+class ShardedReader:
+    """A sharded checkpoint (``*.safetensors.index.json`` and the shard files next to it) read through
+    one :class:`SafetensorsReader` per shard, with the same interface: ``infos`` (every tensor of
+    every shard), ``metadata`` (the shards' metadata merged: ``cquant.layers`` is the union of the
+    shards' layers), ``tensor``/``float32``/``raw``/``release``/``close``; ``size`` is the total of
+    the shard files, ``files`` their paths.
+
+    The index is checked like a header: a JSON object (no duplicate keys) whose ``weight_map`` maps
+    tensor names to plain file names ending in ``.safetensors`` in the index's folder (no path, no
+    ``..``); every tensor it lists must be in the shard it names and every tensor of a shard must be
+    listed there (so no tensor is in two shards); shards must agree on the cquant format version.
+    """
+
+    def __init__(self, path: PathLike):
+        self.path = os.fspath(path)
+        self._readers: List[SafetensorsReader] = []
+        try:
+            self._open()
+        except BaseException:
+            self.close()
+            raise
+
+    def _bad(self, what: str) -> CheckpointError:
+        return CheckpointError(f"{self.path}: not a valid sharded checkpoint index ({what})")
+
+    def _open(self) -> None:
+        with _open_regular(self.path) as f:
+            raw = f.read(_MAX_INDEX + 1)
+        if len(raw) > _MAX_INDEX:
+            raise self._bad(f"larger than {_MAX_INDEX // 2**20} MiB")
+        try:
+            index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except CheckpointError as e:
+            raise self._bad(str(e)) from None
+        except (UnicodeDecodeError, ValueError):
+            raise self._bad("not JSON") from None
+        except RecursionError:
+            raise self._bad("nests too deeply") from None
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise self._bad("no \"weight_map\" object")
+        wmap: Dict[str, Any] = index["weight_map"]
+        for name, shard in wmap.items():
+            if not isinstance(shard, str) or not _shard_name_ok(shard):
+                raise self._bad(f"tensor {_short(name)} maps to {_short(shard)}, not the file name of a "
+                                ".safetensors shard in the index's folder")
+        imeta = index.get("metadata", {})
+        if imeta is None:
+            imeta = {}
+        if not isinstance(imeta, dict):
+            raise self._bad("\"metadata\" is not an object")
+        folder = os.path.dirname(self.path)
+        shards = sorted(set(wmap.values()))
+        self.files = [os.path.join(folder, s) for s in shards]
+        self.infos: Dict[str, TensorInfo] = {}
+        self._owner: Dict[str, SafetensorsReader] = {}
+        for shard, fpath in zip(shards, self.files):
+            r = SafetensorsReader(fpath)
+            self._readers.append(r)
+            for name, t in r.infos.items():
+                if wmap.get(name) != shard:
+                    raise CheckpointError(f"{fpath}: tensor {name!r} is not listed for this shard in {self.path}"
+                                          + (f" (listed in {wmap[name]})" if name in wmap else ""))
+                self.infos[name] = t
+                self._owner[name] = r
+        for name, shard in wmap.items():
+            if name not in self._owner:
+                raise CheckpointError(f"{self.path}: tensor {_short(name)} is listed in {shard} but that "
+                                      "shard does not hold it")
+        # the shards' own metadata is the truth about what they hold: cquant keys of the index are ignored
+        self.metadata = self._merge_metadata({k: v for k, v in imeta.items()
+                                              if isinstance(k, str) and isinstance(v, str) and not k.startswith("cquant.")})
+        self.size = sum(r.size for r in self._readers)
+
+    def _merge_metadata(self, meta: Dict[str, str]) -> Dict[str, str]:
+        versions = {r.path: r.metadata.get(KEY_VERSION) for r in self._readers}
+        if len(set(versions.values())) > 1:
+            desc = ", ".join(f"{os.path.basename(p)}: {v or 'not cquant'}" for p, v in versions.items())
+            raise CheckpointError(f"{self.path}: the shards disagree on the cquant format version ({desc[:300]})")
+        layers: Dict[str, Any] = {}
+        for r in self._readers:
+            for k, v in r.metadata.items():
+                if k != KEY_LAYERS:
+                    meta.setdefault(k, v)
+            if KEY_LAYERS in r.metadata:
+                try:
+                    part = json.loads(r.metadata[KEY_LAYERS], object_pairs_hook=_no_duplicate_keys)
+                except CheckpointError as e:
+                    raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r}: {e}") from None
+                except (ValueError, RecursionError):
+                    raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+                if not isinstance(part, dict):
+                    raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r} must be a JSON object")
+                for name, spec in part.items():
+                    if name in layers:
+                        raise CheckpointError(f"{self.path}: layer {name!r} is listed by two shards")
+                    layers[name] = spec
+        if any(KEY_LAYERS in r.metadata for r in self._readers):
+            meta[KEY_LAYERS] = json.dumps(layers, separators=(",", ":"))
+        else:
+            meta.pop(KEY_LAYERS, None)
+        return meta
+
+    def keys(self) -> List[str]:
+        return list(self.infos)
+
+    def tensor(self, name: str) -> np.ndarray:
+        return self._owner[name].tensor(name)
+
+    def float32(self, name: str) -> np.ndarray:
+        return self._owner[name].float32(name)
+
+    def raw(self, name: str, chunk: int = 16 * 2**20) -> Iterable[memoryview]:
+        return self._owner[name].raw(name, chunk)
+
+    def release(self, name: str) -> None:
+        self._owner[name].release(name)
+
+    def close(self) -> None:
+        for r in self._readers:
+            r.close()
+        self._readers = []
+
+    def __enter__(self) -> "ShardedReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def open_checkpoint(path: PathLike) -> Union[SafetensorsReader, ShardedReader]:
+    """A reader for a .safetensors file, a sharded checkpoint's ``.index.json``, or a model folder
+    holding either (:func:`resolve_checkpoint`)."""
+    p = resolve_checkpoint(path)
+    return ShardedReader(p) if is_index_path(p) else SafetensorsReader(p)
+
+
 class StreamWriter:
     """Writes a safetensors file whose tensor list (names, dtypes, shapes) is known up front, one
     tensor at a time, so nothing but the tensor being written is in memory.
@@ -395,10 +587,25 @@ class StreamWriter:
             raise CheckpointError(f"internal: {len(self._expect) - self._i} tensor(s) not written")
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux says it (/proc), else set and restored."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    m = os.umask(0o022)
+    os.umask(m)
+    return m
+
+
 class atomic_path:
     """Context manager: yields a temporary path next to ``path``; on success renames it over ``path``,
     on any failure (including the rename itself) removes it, so no partial or temporary file is ever
-    left behind. Refuses a ``path`` that is a directory or another non-regular file (a FIFO, a
+    left behind. The file gets the mode a plain ``open()`` would give it (``0o666 & ~umask``), or the
+    mode of the file it replaces, not ``mkstemp``'s 0600. Refuses a ``path`` that is a directory or another non-regular file (a FIFO, a
     device: renaming over ``/dev/null`` would replace the device). A symbolic link is followed: the
     file it points to is replaced, the link stays. Errors name ``path``, never the temporary file."""
 
@@ -427,6 +634,10 @@ class atomic_path:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot write in {d} ({e.strerror or e})") from None
+        try:  # mkstemp creates 0600: give the file the mode a plain open() would (or the replaced file's)
+            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+        except (OSError, AttributeError):  # pragma: no cover - e.g. a filesystem without modes
+            pass
         os.close(fd)
         self.tmp, self.target = tmp, target
         return tmp
@@ -477,6 +688,7 @@ class Checkpoint:
     """
     layers: Dict[str, Any] = field(default_factory=dict)
     layouts: Dict[str, str] = field(default_factory=dict)
+    kinds: Dict[str, str] = field(default_factory=dict)  # name -> "embedding" (absent: a Linear)
     tensors: Dict[str, np.ndarray] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
 
@@ -533,14 +745,15 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
         layers[name] = _layer_meta(qf.mode, qf.qweight, qf.bias is not None, layout)
 
     if is_torch_module(obj):
-        from .adapters.torch import QuantizedTorchLinear, to_numpy
-        qnames = set()
-        for name, m in obj.named_modules():
+        import torch
+        from .adapters.torch import QuantizedTorchLinear
+        for k, v in obj.state_dict().items():  # bfloat16 (no numpy dtype) is stored as BF16 bits
+            v = v.detach().cpu().contiguous()
+            tensors[k] = (BF16Bits.wrap(v.view(torch.int16).numpy().view(np.uint16))
+                          if v.dtype == torch.bfloat16 else v.numpy())
+        for name, m in obj.named_modules():  # after the state_dict: codes, f32 scales and an f32 bias
             if isinstance(m, QuantizedTorchLinear):
                 add_layer(name, m.qforward, "in_out" if m.source == "Conv1D" else "out_in")
-                qnames.add(name)
-        for k, v in obj.state_dict().items():  # bfloat16 (no numpy dtype) is stored as float32
-            tensors[k] = to_numpy(v, k) if str(v.dtype) == "torch.bfloat16" else v.detach().cpu().contiguous().numpy()
     elif isinstance(obj, nn.Module):
         for name, m in obj.named_modules():
             if isinstance(m, QuantizedLinear):
@@ -576,10 +789,6 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
     """Write a quantized model (cquant.nn, torch via the adapter, duck-typed) or a mapping
     ``name -> array | quantized layer`` to ``path`` as a cquant checkpoint (see the module docstring
     for the layout). The file is written to a temporary name and renamed: never left half-written."""
-    try:
-        from safetensors.numpy import save_file
-    except ImportError:
-        raise ImportError("cquant.save needs the safetensors package: pip install safetensors") from None
     tensors, layers, model_meta = _collect(obj)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     meta[KEY_VERSION] = FORMAT_VERSION
@@ -598,11 +807,13 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
             "cquant.save: %s does not describe itself (cquant_config / from_cquant_config), so "
             "cquant.load(path) returns a Checkpoint; rebuild the model and call "
             "cquant.load_into(model, path)", type(obj).__name__)
-    for k, v in list(tensors.items()):
-        if not v.flags.c_contiguous:
-            tensors[k] = np.ascontiguousarray(v)
+    entries = [(k, "BF16" if isinstance(v, BF16Bits) else st_dtype(v), tuple(v.shape)) for k, v in tensors.items()]
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=meta)
+        with open(tmp, "wb") as f:
+            w = StreamWriter(f, entries, meta)
+            for k, v in tensors.items():
+                w.write(k, np.asarray(v))
+            w.close()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -612,6 +823,7 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
 _MODES = ("dynamic", "weight_only")
 _GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 _LAYOUTS = ("out_in", "in_out")
+_KINDS = ("linear", "embedding")  # "embedding": an embedding table stored as int8 rows (per_channel)
 _BIAS_DTYPES = ("F32", "F16", "F64", "BF16")  # `cquant quantize` copies a float bias as it was
 
 
@@ -625,6 +837,7 @@ class LayerSpec:
     shape: Tuple[int, int]
     bias: bool
     layout: str
+    kind: str = "linear"
 
     def key(self, suffix: str) -> str:
         return _prefix(self.name) + suffix
@@ -691,7 +904,12 @@ def parse_layers(path: str, meta: Mapping[str, str]) -> Dict[str, LayerSpec]:
         layout = lm.get("layout", "out_in")
         if layout not in _LAYOUTS:
             raise bad("layout", f"is {_short(layout)}; expected one of {list(_LAYOUTS)}")
-        out[name] = LayerSpec(name, mode, gran, g, (n, k), bias, layout)
+        kind = lm.get("kind", "linear")
+        if kind not in _KINDS:
+            raise bad("kind", f"is {_short(kind)}; expected one of {list(_KINDS)}")
+        if kind == "embedding" and (bias or layout != "out_in"):
+            raise bad("kind", "is \"embedding\", which has no bias and is stored (rows, dim) (layout out_in)")
+        out[name] = LayerSpec(name, mode, gran, g, (n, k), bias, layout, kind)
     return out
 
 
@@ -729,7 +947,7 @@ def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndar
         raise CheckpointError(f"{path}: tensor {spec.key('bias')!r} holds NaN or Inf")
 
 
-def _reader_array(r: SafetensorsReader, name: str) -> np.ndarray:
+def _reader_array(r: Union[SafetensorsReader, ShardedReader], name: str) -> np.ndarray:
     """A tensor of an open reader as an array of its own (BF16 widened to float32)."""
     t = r.infos[name]
     if t.dtype == "BF16":
@@ -743,9 +961,10 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     is checked against what it holds first: CheckpointError naming the file and the field."""
     from .quantization import QuantizedLinearForward
     p = os.fspath(path)
-    with SafetensorsReader(p) as r:
+    with open_checkpoint(p) as r:
         meta = dict(r.metadata)
-        check_format_version(p, meta)
+        check_format_version(r.path, meta)
+        p = r.path
         specs = parse_layers(p, meta)
         info = {name: (t.dtype, t.shape) for name, t in r.infos.items()}
         for spec in specs.values():
@@ -766,6 +985,8 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         except errors.QuantizationError as e:
             raise CheckpointError(f"{p}: layer {name!r}: {e}") from None
         ck.layouts[name] = spec.layout
+        if spec.kind != "linear":
+            ck.kinds[name] = spec.kind
     ck.tensors = arrays
     return ck
 
@@ -923,16 +1144,43 @@ def _nn_submodule(model: Any, name: str) -> Tuple[Any, Any, str]:
     return parent, mod, last
 
 
+def _embedding_table(name: str, qf: Any, rows_dim: Tuple[int, int]) -> None:
+    """A checkpoint layer installed into an embedding: same (rows, dim), no bias."""
+    if tuple(int(d) for d in qf.qweight.shape) != tuple(rows_dim):
+        raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, the model's embedding "
+                              f"(num_embeddings, embedding_dim) = {tuple(rows_dim)}")
+    if qf.bias is not None:
+        raise CheckpointError(f"layer {name!r} has a bias; the model has an embedding there")
+
+
 def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
     from . import nn
+    from .bert import QuantizedEmbedding
     from .quantization import QuantizedLinear
     replaced = []
+    ck_tensors = dict(ck.tensors)
+    layer_keys = set(ck.layer_keys())
     try:
         for name, qf in ck.layers.items():
             if not name:
                 raise CheckpointError("a checkpoint of a single layer cannot be installed into a model; "
                                       "use Checkpoint.layers[''] directly")
             parent, mod, last = _nn_submodule(model, name)
+            if isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
+                # an embedding table quantized by `cquant quantize` (--embeddings, or --include): int8 rows
+                # with one scale each is QuantizedEmbedding's own format; other scales are dequantized
+                _embedding_table(name, qf, (mod.num_embeddings, mod.embedding_dim))
+                if qf.qweight.granularity == "per_channel":
+                    new_e: Any = QuantizedEmbedding(qf.qweight.q, qf.qweight.scale)
+                else:
+                    new_e = nn.Embedding(mod.num_embeddings, mod.embedding_dim, rng=0)
+                    p = _prefix(name)
+                    layer_keys -= {p + "weight_q", p + "weight_scale"}
+                    layer_keys.add(p + "weight")
+                    ck_tensors[p + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
+                parent._modules[last] = new_e
+                replaced.append((parent, last, mod))
+                continue
             if not isinstance(mod, (nn.Linear, QuantizedLinear)):
                 raise CheckpointError(f"checkpoint layer {name!r} is a Linear, the model has a {type(mod).__name__}")
             if (mod.out_features, mod.in_features) != tuple(qf.qweight.shape):
@@ -942,14 +1190,14 @@ def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
             parent._modules[last] = new
             replaced.append((parent, last, mod))
         expected = set(model.state_dict())
-        given = set(ck.tensors) | set(ck.layer_keys())
+        given = set(ck_tensors) | layer_keys
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         if strict and (missing or unexpected):
             raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
                 s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
                             f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
         try:
-            model.load_state_dict({k: v for k, v in ck.tensors.items() if k in expected}, strict=False)
+            model.load_state_dict({k: v for k, v in ck_tensors.items() if k in expected}, strict=False)
         except nn.StateDictError as e:
             raise CheckpointError(f"checkpoint does not fit the model: {e}") from None
     except Exception:
@@ -1071,6 +1319,26 @@ def _load_into_duck(model: Any, ck: Checkpoint) -> Any:
     return model
 
 
+def _embeddings_as_tensors(model: Any, ck: Checkpoint) -> Checkpoint:
+    """For a torch model: checkpoint layers that are ``nn.Embedding`` tables in the model (an embedding
+    quantized by ``cquant quantize --embeddings``) become float tensors ``L.weight`` (dequantized
+    int8 rows) copied into the table; the other layers are left to the adapter."""
+    import torch
+    subs = dict(model.named_modules())
+    emb = {n: m for n, m in subs.items() if n in ck.layers and isinstance(m, torch.nn.Embedding)}
+    if not emb:
+        return ck
+    out = Checkpoint(layers=dict(ck.layers), layouts=dict(ck.layouts), kinds=dict(ck.kinds),
+                     tensors=dict(ck.tensors), metadata=ck.metadata)
+    for name, m in emb.items():
+        qf = out.layers.pop(name)
+        out.layouts.pop(name, None)
+        out.kinds.pop(name, None)
+        _embedding_table(name, qf, (m.num_embeddings, m.embedding_dim))
+        out.tensors[_prefix(name) + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
+    return out
+
+
 def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], strict: bool = True) -> Any:
     """Install a checkpoint's quantized layers (and its other tensors) into ``model``; returns it.
 
@@ -1094,7 +1362,7 @@ def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], stric
             return _load_into_nn(model, ck, strict)
         if is_torch_module(model):
             from .adapters.torch import install_checkpoint
-            return install_checkpoint(model, ck, strict)
+            return install_checkpoint(model, _embeddings_as_tensors(model, ck), strict)
         return _load_into_duck(model, ck)
     except CheckpointError as e:
         if where and not str(e).startswith(where):

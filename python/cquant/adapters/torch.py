@@ -8,36 +8,61 @@ Which modules are quantized
 ---------------------------
 - ``torch.nn.Linear`` and subclasses that keep ``Linear.forward`` (``y = x @ W.T + b``, W is (out, in));
 - GPT-2 style ``Conv1D`` (transformers): a module named ``Conv1D`` with a 2-D ``weight`` of shape
-  ``(in, out)`` and ``nf == out`` (``y = x @ W + b``); its weight is transposed once at quantization.
+  ``(in, out)`` and ``nf == out`` (``y = x @ W + b``); its weight is transposed once at quantization;
+- ``torch.nn.MultiheadAttention``: replaced by a :class:`QuantizedMultiheadAttention` whose query, key,
+  value and output projections are cquant linears (``q_proj``, ``k_proj``, ``v_proj``, ``out_proj``)
+  and which runs torch's attention math between them. Attentions with ``add_bias_kv`` or
+  ``add_zero_attn`` are skipped with that reason.
 
 Every other module holding a 2-D weight is *recorded as skipped with its reason* (embeddings, a Linear
-subclass with its own ``forward``, the ``out_proj`` of ``nn.MultiheadAttention`` whose weight the
-attention reads directly, a weight on the meta device, ...), and skipped layers that look like
-linear layers are logged at WARNING, so nothing a user would expect quantized is skipped silently.
-``include``/``exclude`` are module names or :func:`fnmatch.fnmatchcase` globs on the dotted name
-(``"encoder.layer.*.attention.*"``); ``exclude`` wins.
+subclass with its own ``forward``, a weight on the meta device, a weight tied to a module that is not
+quantized, ...), and skipped layers that look like linear layers are logged at WARNING, so nothing a
+user would expect quantized is skipped silently. ``include``/``exclude`` are module names or
+:func:`fnmatch.fnmatchcase` globs on the dotted name (``"encoder.layer.*.attention.*"``); ``exclude``
+wins. A ``MultiheadAttention`` is selected by its own name.
+
+Tied weights: a weight shared by several quantized layers is quantized once and shared. A Linear
+whose weight is tied to a module that stays float (GPT-2's ``lm_head`` and its ``wte`` embedding) is
+skipped with that reason: quantizing it would store the weight twice and save nothing.
+
+Memory: after the model is rewired, the float32 weights of quantized layers are no longer referenced
+by it. When they live in a file mapping (``from_pretrained`` of a safetensors checkpoint maps the
+file and every weight is a view of it, so dropping the tensors does not unmap anything), the pages
+quantization read are handed back to the kernel (Linux): ``madvise(MADV_DONTNEED)`` when
+``/proc/self/pagemap`` shows they are all the file's own pages (nothing is lost: a later read maps
+them again from the file), else ``MADV_PAGEOUT``.
 
 What the quantized module does
 ------------------------------
-Each selected module is replaced, at every place it is registered, by a :class:`QuantizedTorchLinear`
-holding only numpy arrays (int8 codes packed for the kernels, float32 scales, float32 bias): the
-float32 ``Parameter`` is no longer referenced by the model and is freed once the caller drops its own
-references. Its forward:
+:class:`QuantizedTorchLinear` keeps the quantized weight as numpy arrays (int8 codes packed for the
+kernels, float32 scales, float32 bias) and shows them to torch as buffers sharing that memory:
+``packed`` (non-persistent: the packed format depends on the CPU), ``weight_scale`` and ``bias``.
+``state_dict()`` holds ``<name>.weight_q`` (the canonical ``(out, in)`` int8 codes, unpacked on
+demand, so memory holds one copy), ``<name>.weight_scale`` and ``<name>.bias``; ``load_state_dict``
+into a model quantized with the same settings restores them bit-exactly (the codes are repacked).
+Its forward:
 
 - takes a CPU tensor of any shape ``(..., in_features)``; float32 C-contiguous input is read in place
   through a zero-copy numpy view; other float dtypes are converted to float32 (the output is converted
   back to the input dtype), non-contiguous input is made contiguous; integer input and non-CPU devices
   are refused with a clear error;
 - returns ``torch.from_numpy`` of the kernel's output (zero-copy), ``(..., out_features)``;
-- works under ``torch.no_grad()`` and ``torch.inference_mode()``; an input that requires grad while
-  grad mode is on raises :class:`AutogradError` (the int8 kernels have no backward).
+- under ``torch.jit.trace``, ``torch.export``, ``torch.compile`` and ``torch.fx`` it calls the custom
+  operator ``torch.ops.cquant.linear`` (:mod:`cquant.adapters.torch_ops`) instead, so the captured
+  graph holds a real op; ``torch.jit.script`` is refused with a clear error;
+- is inference only: ``.train()`` raises :class:`AutogradError`, and so does ``backward()`` through
+  it (a forward in grad mode still works and returns a tensor whose backward raises).
 """
 from __future__ import annotations
 
 import builtins
 import copy
+import ctypes
 import fnmatch
 import logging
+import math
+import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -46,15 +71,17 @@ import torch
 
 from .. import errors, ops
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
+from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
+from .torch_ops import inference_only_message
 
-__all__ = ["AutogradError", "QuantizedTorchLinear", "quantize_module", "report", "to_numpy",
-           "is_conv1d"]
+__all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "quantize_module",
+           "report", "to_numpy", "is_conv1d", "quantized_layers", "install_checkpoint"]
 
 logger = logging.getLogger("cquant")
 
 
 class AutogradError(builtins.RuntimeError, errors.QuantizationError):
-    """A quantized layer was asked to take part in autograd (it is inference only)."""
+    """A quantized layer was asked to train or to take part in a backward (it is inference only)."""
 
 
 def to_numpy(t: "torch.Tensor", name: str = "tensor") -> np.ndarray:
@@ -79,19 +106,68 @@ def is_conv1d(mod: "torch.nn.Module") -> bool:
             and int(getattr(mod, "nf", -1)) == int(w.shape[1]))
 
 
+def _shared_tensor(a: np.ndarray) -> "torch.Tensor":
+    """A torch tensor sharing ``a``'s memory (read-only arrays too: cquant never writes through it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _graph_mode(x: Any) -> bool:
+    """True when the forward is being captured (trace, export, compile, fx) rather than run."""
+    return (type(x) is not torch.Tensor or torch._C._get_tracing_state() is not None
+            or torch.compiler.is_compiling())
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity on the output ``y`` that joins the graph of ``x`` and refuses to backpropagate."""
+
+    @staticmethod
+    def forward(ctx, x, y):  # type: ignore[override]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise AutogradError(inference_only_message("a model with cquant quantized layers"))
+
+
+def _refuse_train(mode: bool, what: str) -> None:
+    if not isinstance(mode, bool):
+        raise errors.ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
+    if mode:
+        raise AutogradError(inference_only_message(what) + " Call model.eval() to leave training mode.")
+
+
 class QuantizedTorchLinear(torch.nn.Module):
     """``torch.nn.Module`` stand-in for a Linear (or Conv1D) layer, running on cquant's int8 kernels.
 
     Holds a :class:`cquant.quantization.QuantizedLinearForward` (numpy arrays only: pickles and
-    deep-copies). ``forward(x)``: ``x (..., in_features)`` CPU tensor -> ``(..., out_features)``.
+    deep-copies) and buffers sharing its memory: ``packed`` (not persistent), ``weight_scale``,
+    ``bias``. ``forward(x)``: ``x (..., in_features)`` CPU tensor -> ``(..., out_features)``.
     """
 
     def __init__(self, qforward: QuantizedLinearForward, source: str = "Linear"):
         super().__init__()
-        self.qforward = qforward
-        self.in_features = qforward.in_features
-        self.out_features = qforward.out_features
         self.source = source
+        self._install(qforward)
+        self.training = False
+
+    def _install(self, qf: QuantizedLinearForward) -> None:
+        qw = qf.qweight
+        self.qforward = qf
+        self.in_features = qf.in_features
+        self.out_features = qf.out_features
+        self._packed_src = qw.packed
+        self.register_buffer("packed", _shared_tensor(qw.packed), persistent=False)
+        self.register_buffer("weight_scale", _shared_tensor(qw.scale))
+        self.register_buffer("bias", None if qf.bias is None else _shared_tensor(qf.bias))
+
+    def _sync_packed(self) -> None:
+        """The weight repacks itself for another path (``set_isa``): follow it."""
+        p = self.qforward.qweight.packed
+        if p is not self._packed_src:
+            self._packed_src = p
+            self._buffers["packed"] = _shared_tensor(p)
 
     @property
     def qweight(self) -> ops.QuantizedWeight:
@@ -109,14 +185,12 @@ class QuantizedTorchLinear(torch.nn.Module):
     def bias_array(self) -> Optional[np.ndarray]:
         return self.qforward.bias
 
+    # ---- forward ---------------------------------------------------------------------------------
     def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+        if _graph_mode(x):
+            return self._forward_op(x)
         if not isinstance(x, torch.Tensor):
             raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if x.requires_grad and torch.is_grad_enabled():
-            raise AutogradError(
-                "cquant quantized layers are inference only and have no backward: the input requires "
-                "grad while grad mode is on. Run the model under torch.inference_mode() or "
-                "torch.no_grad(), or pass x.detach().")
         if x.device.type != "cpu":
             raise errors.ValueError(f"input is on {x.device}; cquant's kernels run on the CPU "
                                     "(move the input with .cpu())")
@@ -130,7 +204,111 @@ class QuantizedTorchLinear(torch.nn.Module):
         if not xf.is_contiguous():
             xf = xf.contiguous()
         y = torch.from_numpy(self.qforward(xf.detach().numpy()))
+        if self.qforward.qweight.packed is not self._packed_src:
+            self._sync_packed()
+        if dtype != torch.float32:
+            y = y.to(dtype)
+        if x.requires_grad and torch.is_grad_enabled():
+            y = _NoBackward.apply(x, y)
+        return y
+
+    def _forward_op(self, x: Any) -> Any:
+        if isinstance(x, torch.Tensor) and not isinstance(x, torch.fx.Proxy):
+            if x.device.type not in ("cpu", "meta"):
+                raise errors.ValueError(f"input is on {x.device}; cquant's kernels run on the CPU")
+            if not x.dtype.is_floating_point:
+                raise errors.TypeError(f"input must be a floating-point tensor, got {x.dtype}")
+            dtype = x.dtype
+        else:
+            dtype = torch.float32  # fx Proxy: no dtype known; the op takes float32
+        self._sync_packed()
+        qw = self.qforward.qweight
+        xf = x if dtype == torch.float32 else x.to(torch.float32)
+        y = torch.ops.cquant.linear(xf, self.packed, self.weight_scale, self.bias, int(qw.shape[0]),
+                                    int(qw.shape[1]), qw.granularity, int(qw.group_size or 0), self.mode)
         return y if dtype == torch.float32 else y.to(dtype)
+
+    # ---- inference only ----------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> "QuantizedTorchLinear":
+        _refuse_train(mode, f"this {type(self).__name__}")
+        return super().train(False)
+
+    def _apply(self, fn, recurse=True):  # .to() / .float() / .half() / .cuda() ...
+        probe = fn(torch.empty(0))
+        if probe.device.type != "cpu":
+            raise errors.ValueError(f"cquant quantized layers run on the CPU; cannot move them to "
+                                    f"{probe.device}")
+        return self  # dtype casts do not apply: the kernels compute in float32 and forward keeps the input dtype
+
+    def __prepare_scriptable__(self):
+        raise errors.TypeError(
+            "torch.jit.script cannot compile a cquant quantized layer (its kernels are called from "
+            "Python); use torch.jit.trace, torch.export.export or torch.compile, which record the "
+            "cquant::linear custom operator")
+
+    # ---- state_dict ----------------------------------------------------------------------------------
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        destination[prefix + "weight_q"] = torch.from_numpy(self.qforward.qweight.q)
+        for name in ("weight_scale", "bias"):
+            b = self._buffers.get(name)
+            if b is not None:
+                destination[prefix + name] = b if keep_vars else b.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        qw = self.qforward.qweight
+        kq, ks, kb = prefix + "weight_q", prefix + "weight_scale", prefix + "bias"
+        has_bias = self.qforward.bias is not None
+        if strict:
+            for key in state_dict:
+                if key.startswith(prefix) and key not in (kq, ks) + ((kb,) if has_bias else ()):
+                    if "." not in key[len(prefix):]:
+                        unexpected_keys.append(key)
+        absent = [k for k in (kq, ks) + ((kb,) if has_bias else ()) if k not in state_dict]
+        if absent:
+            missing_keys.extend(absent)
+            return
+        q, s = state_dict[kq], state_dict[ks]
+        b = state_dict[kb] if has_bias else None
+        n, k = qw.shape
+        want = [(kq, q, (n, k)), (ks, s, tuple(qw.scale.shape))] + ([(kb, b, (n,))] if has_bias else [])
+        bad = False
+        for key, t, shape in want:
+            if not isinstance(t, torch.Tensor):
+                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
+                                  f"got {type(t).__name__}.")
+                bad = True
+            elif tuple(t.shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(t.shape)} "
+                                  f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
+                bad = True
+        if bad:
+            return
+        if q.dtype != torch.int8:
+            error_msgs.append(f"{kq}: expected int8 codes, got {q.dtype}")
+            return
+        try:
+            new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(),
+                                                    s.detach().cpu().to(torch.float32).numpy(),
+                                                    qw.granularity, qw.group_size)
+            bias = None if b is None else np.array(b.detach().cpu().to(torch.float32).numpy(),
+                                                   dtype=np.float32, copy=True)
+            qf = QuantizedLinearForward(new_qw, bias, self.mode)
+        except errors.QuantizationError as e:
+            error_msgs.append(f"{prefix or '<root>'}: {e}")
+            return
+        self._install(qf)
+
+    # ---- pickling / deepcopy: the buffers share the numpy arrays' memory; rebuild them -------------
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_buffers"] = {}
+        state.pop("_packed_src", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._install(self.qforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -138,18 +316,159 @@ class QuantizedTorchLinear(torch.nn.Module):
 
 
 # --------------------------------------------------------------------------------------------------
+# nn.MultiheadAttention
+# --------------------------------------------------------------------------------------------------
+
+def _float_mask(mask: Optional["torch.Tensor"], dtype: "torch.dtype") -> Optional["torch.Tensor"]:
+    """Boolean masks (True = may not attend) -> additive float masks; float masks as they are."""
+    if mask is None:
+        return None
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(mask, float("-inf"))
+    if not mask.dtype.is_floating_point:
+        raise errors.TypeError(f"attention masks must be bool or float, got {mask.dtype}")
+    return mask.to(dtype)
+
+
+class QuantizedMultiheadAttention(torch.nn.Module):
+    """``nn.MultiheadAttention`` with cquant's int8 linears for its projections.
+
+    Same call as ``nn.MultiheadAttention.forward`` (``query, key, value, key_padding_mask,
+    need_weights, attn_mask, average_attn_weights, is_causal``; batched or not, ``batch_first`` or
+    not) and the same math: per-head scaled dot-product attention (``F.scaled_dot_product_attention``,
+    or an explicit softmax when the weights are asked for) between ``q_proj``/``k_proj``/``v_proj``
+    and ``out_proj``, all :class:`QuantizedTorchLinear`. Inference only (no dropout).
+
+    ``in_proj_weight`` and ``in_proj_bias`` are None: the float projections no longer exist (which is
+    also what keeps ``nn.TransformerEncoderLayer`` off its fused fast path).
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, q_proj: QuantizedTorchLinear,
+                 k_proj: QuantizedTorchLinear, v_proj: QuantizedTorchLinear, out_proj: QuantizedTorchLinear,
+                 batch_first: bool = False, dropout: float = 0.0):
+        super().__init__()
+        self.embed_dim = int(embed_dim)
+        self.num_heads = int(num_heads)
+        self.head_dim = self.embed_dim // self.num_heads
+        self.kdim = k_proj.in_features
+        self.vdim = v_proj.in_features
+        self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
+        self.batch_first = bool(batch_first)
+        self.dropout = float(dropout)
+        self.in_proj_weight = None
+        self.in_proj_bias = None
+        self.bias_k = self.bias_v = None
+        self.add_zero_attn = False
+        self.q_proj, self.k_proj, self.v_proj, self.out_proj = q_proj, k_proj, v_proj, out_proj
+        self.training = False
+
+    @staticmethod
+    def parts(mha: "torch.nn.MultiheadAttention") -> List[Tuple[str, "torch.Tensor", Optional["torch.Tensor"]]]:
+        """``[(suffix, weight (out, in), bias)]`` for q_proj, k_proj, v_proj, out_proj of a float MHA."""
+        e = mha.embed_dim
+        if mha._qkv_same_embed_dim:
+            w = mha.in_proj_weight
+            ws = [w[:e], w[e:2 * e], w[2 * e:]]
+        else:
+            ws = [mha.q_proj_weight, mha.k_proj_weight, mha.v_proj_weight]
+        b = mha.in_proj_bias
+        bs = [None] * 3 if b is None else [b[:e], b[e:2 * e], b[2 * e:]]
+        out = [(s, w_, b_) for s, w_, b_ in zip(("q_proj", "k_proj", "v_proj"), ws, bs)]
+        out.append(("out_proj", mha.out_proj.weight, mha.out_proj.bias))
+        return out
+
+    @staticmethod
+    def unsupported(mha: "torch.nn.MultiheadAttention") -> str:
+        """Why a float MHA cannot be converted ("" when it can)."""
+        if mha.bias_k is not None or mha.bias_v is not None:
+            return "nn.MultiheadAttention with add_bias_kv=True is not supported: kept in float32"
+        if mha.add_zero_attn:
+            return "nn.MultiheadAttention with add_zero_attn=True is not supported: kept in float32"
+        return ""
+
+    def train(self, mode: bool = True) -> "QuantizedMultiheadAttention":
+        _refuse_train(mode, f"this {type(self).__name__}")
+        return super().train(False)
+
+    def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
+                attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        batched = query.dim() == 3
+        if batched:
+            if not self.batch_first:
+                query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        else:
+            query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        bsz, tgt, _ = query.shape
+        src = key.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q = self.q_proj(query).view(bsz, tgt, h, d).transpose(1, 2)
+        k = self.k_proj(key).view(bsz, src, h, d).transpose(1, 2)
+        v = self.v_proj(value).view(bsz, src, h, d).transpose(1, 2)
+        dtype = q.dtype
+        mask = _float_mask(attn_mask, dtype)
+        if mask is None and is_causal:
+            mask = torch.full((tgt, src), float("-inf"), dtype=dtype, device=q.device).triu(1)
+        if mask is not None:
+            if mask.dim() == 2:
+                mask = mask.view(1, 1, tgt, src)
+            elif mask.dim() == 3:
+                mask = mask.view(bsz if batched else 1, h, tgt, src)
+            else:
+                raise errors.ShapeError(f"attn_mask must be 2-D or 3-D, got {mask.dim()}-D")
+        kpm = _float_mask(key_padding_mask, dtype)
+        if kpm is not None:
+            kpm = kpm.view(bsz, 1, 1, src)
+            mask = kpm if mask is None else mask + kpm
+        if need_weights:
+            scores = torch.matmul(q * (1.0 / math.sqrt(d)), k.transpose(-2, -1))
+            if mask is not None:
+                scores = scores + mask
+            weights = torch.softmax(scores, dim=-1)
+            ctx = torch.matmul(weights, v)
+        else:
+            weights = None
+            ctx = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.out_proj(ctx.transpose(1, 2).reshape(bsz, tgt, self.embed_dim))
+        if batched and not self.batch_first:
+            out = out.transpose(0, 1)
+        if not batched:
+            out = out.squeeze(0)
+        if weights is not None:
+            if average_attn_weights:
+                weights = weights.mean(dim=1)
+            if not batched:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def extra_repr(self) -> str:
+        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, batch_first={self.batch_first}"
+
+
+# --------------------------------------------------------------------------------------------------
 # Selection
 # --------------------------------------------------------------------------------------------------
+
+@dataclass
+class _Part:
+    suffix: str                     # "" for a Linear/Conv1D; "q_proj", ... for an attention
+    weight: "torch.Tensor"          # as stored (a slice of in_proj_weight for an attention)
+    bias: Optional["torch.Tensor"]
+    layout: str                     # "out_in" (Linear) or "in_out" (Conv1D)
+    share_key: Optional[int]        # id of the Parameter (tied weights are quantized once)
+    qweight: Optional[ops.QuantizedWeight] = None
+    bias_np: Optional[np.ndarray] = None
+    shared_with: Optional[str] = None
+
 
 @dataclass
 class _Plan:
     name: str
     mod: "torch.nn.Module"
-    layout: str                     # "out_in" (Linear) or "in_out" (Conv1D)
+    kind: str                       # "linear" or "mha"
+    parts: List[_Part]
     sites: List[Tuple["torch.nn.Module", str]] = field(default_factory=list)
-    qweight: Optional[ops.QuantizedWeight] = None
-    bias: Optional[np.ndarray] = None
-    shared_with: Optional[str] = None
 
 
 def _match(name: str, patterns: Sequence[str]) -> Optional[str]:
@@ -167,13 +486,36 @@ def _patterns(p: Any) -> Tuple[str, ...]:
     return tuple(p)
 
 
+def _weight_problem(w: Any, b: Any, out: int) -> str:
+    if isinstance(w, torch.nn.parameter.UninitializedParameter):
+        return "weight not initialized yet (lazy module): run one forward first"
+    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
+        return "weight is not a non-empty 2-D tensor"
+    if w.device.type == "meta":
+        return "weight is on the meta device (no data)"
+    if not w.dtype.is_floating_point:
+        return f"weight dtype {w.dtype} is not floating-point"
+    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (out,)):
+        return f"bias is not a tensor of out_features={out} values"
+    return ""
+
+
 def _classify(mod: "torch.nn.Module", parent: Optional["torch.nn.Module"]) -> Tuple[Optional[str], str]:
-    """(layout, "") if ``mod`` is quantizable, else (None, reason); reason "" means: not a layer."""
+    """(kind, "") if ``mod`` is quantizable ("linear_out_in", "linear_in_out", "mha"), else (None,
+    reason); reason "" means: not a layer."""
     w = getattr(mod, "weight", None)
+    if isinstance(mod, torch.nn.MultiheadAttention):
+        why = QuantizedMultiheadAttention.unsupported(mod)
+        if why:
+            return None, why
+        for suffix, pw, pb in QuantizedMultiheadAttention.parts(mod):
+            why = _weight_problem(pw, pb, int(pw.shape[0]) if isinstance(pw, torch.Tensor) and pw.dim() else 0)
+            if why:
+                return None, f"{suffix}: {why}"
+        return "mha", ""
     if isinstance(mod, torch.nn.Linear):
         if isinstance(parent, torch.nn.MultiheadAttention):
-            return None, ("Linear inside nn.MultiheadAttention: the attention reads its weight directly, "
-                          "so it cannot be replaced")
+            return None, ""  # handled with its attention
         if type(mod).forward is not torch.nn.Linear.forward:
             return None, f"{type(mod).__name__} overrides Linear.forward: replacing it would change what it computes"
         layout = "out_in"
@@ -186,33 +528,41 @@ def _classify(mod: "torch.nn.Module", parent: Optional["torch.nn.Module"]) -> Tu
                 return None, f"embedding ({kind}): never quantized"
             return None, f"{kind} is not nn.Linear or a GPT-2 style Conv1D"
         return None, ""
-    if isinstance(w, torch.nn.parameter.UninitializedParameter):
-        return None, "weight not initialized yet (lazy module): run one forward first"
-    if not isinstance(w, torch.Tensor) or w.dim() != 2 or w.numel() == 0:
-        return None, "weight is not a non-empty 2-D tensor"
-    if w.device.type == "meta":
-        return None, "weight is on the meta device (no data)"
-    if not w.dtype.is_floating_point:
-        return None, f"weight dtype {w.dtype} is not floating-point"
     b = getattr(mod, "bias", None)
-    out = w.shape[0] if layout == "out_in" else w.shape[1]
-    if b is not None and (not isinstance(b, torch.Tensor) or tuple(b.shape) != (out,)):
-        return None, f"bias is not a tensor of out_features={out} values"
-    return layout, ""
+    out = (w.shape[0] if layout == "out_in" else w.shape[1]) if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
+    why = _weight_problem(w, b, out)
+    return (None, why) if why else ("linear_" + layout, "")
 
 
-def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[str]
-            ) -> Tuple[List[_Plan], List[LayerRecord]]:
+def _module_sites(model: "torch.nn.Module") -> Tuple[Dict[int, List[Tuple["torch.nn.Module", str]]],
+                                                     Dict[int, "torch.nn.Module"]]:
+    """Every (parent, child name) where each module is registered, and a parent of each."""
     parents: Dict[int, "torch.nn.Module"] = {}
     sites: Dict[int, List[Tuple["torch.nn.Module", str]]] = {}
     seen: set = set()
-    for _, m in model.named_modules(remove_duplicate=False):  # every place a module is registered
+    for _, m in model.named_modules(remove_duplicate=False):
         for cname, child in m._modules.items():
             if child is None or (id(m), cname) in seen:
                 continue
             seen.add((id(m), cname))
             parents.setdefault(id(child), m)
             sites.setdefault(id(child), []).append((m, cname))
+    return sites, parents
+
+
+def _param_owners(model: "torch.nn.Module") -> Dict[int, List[Tuple[str, "torch.nn.Module"]]]:
+    """id(parameter) -> every (module name, module) that registers it (ties show up as several)."""
+    owners: Dict[int, List[Tuple[str, "torch.nn.Module"]]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for p in m._parameters.values():
+            if p is not None and all(o is not m for _, o in owners.get(id(p), [])):
+                owners.setdefault(id(p), []).append((name, m))
+    return owners
+
+
+def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[str]
+            ) -> Tuple[List[_Plan], List[LayerRecord]]:
+    sites, parents = _module_sites(model)
     plans: List[_Plan] = []
     skipped: List[LayerRecord] = []
     for name, mod in model.named_modules():
@@ -221,63 +571,206 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
             skipped.append(LayerRecord(disp, tuple(mod.qweight.shape), "skipped", "already quantized", 0, 0,
                                        mod.scheme))
             continue
-        layout, why = _classify(mod, parents.get(id(mod)))
+        kind, why = _classify(mod, parents.get(id(mod)))
         w = getattr(mod, "weight", None)
+        if kind == "mha":
+            w = mod.in_proj_weight if mod._qkv_same_embed_dim else None
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.device.type != "meta" else None
         wb = int(w.numel() * w.element_size()) if isinstance(w, torch.Tensor) else 0
-        if layout is not None:
+        if kind is not None:
             exc = _match(name, exclude)
             if exc is not None:
-                layout, why = None, f"excluded by pattern {exc!r}"
+                kind, why = None, f"excluded by pattern {exc!r}"
             elif include and _match(name, include) is None:
-                layout, why = None, "not matched by include"
-        if layout is None:
+                kind, why = None, "not matched by include"
+        if kind is None:
             if why:
                 skipped.append(LayerRecord(disp, shape, "skipped", why, wb, wb, ""))
             continue
-        plans.append(_Plan(name, mod, layout, sites.get(id(mod), [])))
-    return plans, skipped
+        if kind == "mha":
+            parts = [_Part(s, pw, pb, "out_in", id(pw) if s == "out_proj" else None)
+                     for s, pw, pb in QuantizedMultiheadAttention.parts(mod)]
+            plans.append(_Plan(name, mod, "mha", parts, sites.get(id(mod), [])))
+        else:
+            layout = kind[len("linear_"):]
+            plans.append(_Plan(name, mod, "linear", [_Part("", w, getattr(mod, "bias", None), layout, id(w))],
+                               sites.get(id(mod), [])))
+    # ties: a weight also registered by a module that stays float would be stored twice
+    owners = _param_owners(model)
+    planned = {id(p.mod) for p in plans}
+    for sub in {id(m): m for p in plans if p.kind == "mha" for m in p.mod.modules()}.values():
+        planned.add(id(sub))
+    kept: List[_Plan] = []
+    for p in plans:
+        if p.kind == "linear":
+            others = [(n, m) for n, m in owners.get(id(p.mod.weight), []) if id(m) not in planned]
+            if others:
+                n, m = others[0]
+                w = p.mod.weight
+                wb = int(w.numel() * w.element_size())
+                skipped.append(LayerRecord(
+                    p.name or "<root>", tuple(w.shape), "skipped",
+                    f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
+                    "so that it is stored once", wb, wb, ""))
+                continue
+        kept.append(p)
+    return kept, skipped
 
 
 def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int]) -> None:
     """Quantize every selected weight (nothing in the model changes; raises naming the layer)."""
-    done: Dict[int, _Plan] = {}
+    done: Dict[int, Tuple[str, _Part]] = {}
     for p in plans:
-        disp = p.name or "<root>"
-        w = p.mod.weight
-        b = getattr(p.mod, "bias", None)
-        p.bias = None if b is None else np.array(to_numpy(b, f"{disp}.bias"), dtype=np.float32, copy=True)
-        if p.bias is not None:
-            ops.check_finite(p.bias, f"{disp}.bias")
-        first = done.get(id(w))
-        if first is not None and first.layout == p.layout:
-            p.qweight, p.shared_with = first.qweight, first.name
-            continue
-        arr = to_numpy(w, f"{disp}.weight")
-        if p.layout == "in_out":
-            arr = np.ascontiguousarray(arr.T)
-        try:
-            ops.check_finite(arr, f"{disp}.weight")
-            p.qweight = ops.quantize_weight(arr, granularity=granularity, group_size=group_size,
-                                            name=f"{disp}.weight")
-        except errors.QuantizationError as e:
+        for part in p.parts:
+            disp = ".".join(s for s in (p.name, part.suffix) if s) or "<root>"
+            b = part.bias
+            part.bias_np = None if b is None else np.array(to_numpy(b, f"{disp}.bias"), dtype=np.float32, copy=True)
+            if part.bias_np is not None:
+                ops.check_finite(part.bias_np, f"{disp}.bias")
+            first = done.get(part.share_key) if part.share_key is not None else None
+            if first is not None and first[1].layout == part.layout:
+                part.qweight, part.shared_with = first[1].qweight, first[0]
+                continue
+            arr = to_numpy(part.weight, f"{disp}.weight")
+            if part.layout == "in_out":
+                arr = np.ascontiguousarray(arr.T)
             try:
-                raise type(e)(f"layer {disp!r}: {e}") from e
-            except builtins.TypeError:  # pragma: no cover - unusual constructor
-                raise e
-        del arr
-        done[id(w)] = p
+                ops.check_finite(arr, f"{disp}.weight")
+                part.qweight = ops.quantize_weight(arr, granularity=granularity, group_size=group_size,
+                                                   name=f"{disp}.weight")
+            except errors.QuantizationError as e:
+                try:
+                    raise type(e)(f"layer {disp!r}: {e}") from e
+                except builtins.TypeError:  # pragma: no cover - unusual constructor
+                    raise e
+            del arr
+            if part.share_key is not None:
+                done[part.share_key] = (disp, part)
+
+
+# --------------------------------------------------------------------------------------------------
+# Releasing the float32 pages of a memory-mapped checkpoint
+# --------------------------------------------------------------------------------------------------
+
+_MADV_DONTNEED = 4
+_MADV_PAGEOUT = 21
+_PAGE = 4096
+_PM_PRESENT = 1 << 63
+_PM_FILE = 1 << 61
+
+
+def _file_mappings() -> List[Tuple[int, int]]:
+    """(start, end) of this process' file-backed mappings (Linux), [] elsewhere."""
+    if not sys.platform.startswith("linux"):
+        return []
+    out = []
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split(None, 5)
+                if len(fields) == 6 and fields[5].strip().startswith("/") and fields[4] != "0":
+                    a, b = fields[0].split("-")
+                    out.append((int(a, 16), int(b, 16)))
+    except OSError:
+        return []
+    return out
+
+
+def _only_file_pages(pagemap: Any, a: int, b: int) -> bool:
+    """True if every resident page in [a, b) is a page of the file itself (not a private copy made by
+    a write): those can be dropped from this process and read again, identical, from the file."""
+    n = (b - a) // _PAGE
+    try:
+        pagemap.seek(a // _PAGE * 8)
+        raw = pagemap.read(8 * n)
+    except OSError:
+        return False
+    if len(raw) != 8 * n:
+        return False
+    e = np.frombuffer(raw, dtype=np.uint64)
+    present = (e & np.uint64(_PM_PRESENT)) != 0
+    return bool(np.all((e[present] & np.uint64(_PM_FILE)) != 0))
+
+
+def _release_file_pages(tensors: Iterable["torch.Tensor"]) -> int:
+    """Hand back the whole pages of each tensor that lies in a file mapping (a memory-mapped
+    checkpoint): ``madvise(MADV_DONTNEED)`` when ``/proc/self/pagemap`` shows that every resident page
+    is the file's own page (dropping it loses nothing, a later read maps it again), else
+    ``MADV_PAGEOUT`` (always safe; it skips pages other processes map too). Returns the bytes advised."""
+    maps = _file_mappings()
+    if not maps:
+        return 0
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+        madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        madvise.restype = ctypes.c_int
+    except (OSError, AttributeError):  # pragma: no cover
+        return 0
+    try:
+        pagemap: Any = open("/proc/self/pagemap", "rb", buffering=0)
+    except OSError:  # pragma: no cover
+        pagemap = None
+    done = 0
+    seen: set = set()
+    try:
+        for t in tensors:
+            if t is None or t.device.type != "cpu" or t.numel() == 0:
+                continue
+            start = t.data_ptr()
+            end = start + t.numel() * t.element_size()
+            if (start, end) in seen or not any(lo <= start and end <= hi for lo, hi in maps):
+                continue
+            seen.add((start, end))
+            a = (start + _PAGE - 1) // _PAGE * _PAGE
+            b = end // _PAGE * _PAGE
+            if b <= a:
+                continue
+            advice = _MADV_DONTNEED if pagemap is not None and _only_file_pages(pagemap, a, b) else _MADV_PAGEOUT
+            if madvise(a, b - a, advice) == 0:
+                done += b - a
+    finally:
+        if pagemap is not None:
+            pagemap.close()
+    return done
+
+
+# --------------------------------------------------------------------------------------------------
+# Transformer layers whose fused fast path reads float weights
+# --------------------------------------------------------------------------------------------------
+
+def _disable_fast_paths(model: "torch.nn.Module") -> List[str]:
+    """``nn.TransformerEncoderLayer``'s fused fast path (and ``nn.TransformerEncoder``'s nested
+    tensor path) read ``linear1.weight``, ``self_attn.in_proj_weight``, ... directly. For each one
+    holding quantized modules, switch it to its regular path: the encoder's ``use_nested_tensor`` and
+    the layer's ``activation_relu_or_gelu`` (read by torch only to choose and configure the fast path)
+    are cleared. Returns the names of the modules changed."""
+    changed = []
+
+    def quantized_inside(m: "torch.nn.Module") -> bool:
+        return any(isinstance(s, (QuantizedTorchLinear, QuantizedMultiheadAttention)) for s in m.modules())
+
+    for name, m in model.named_modules():
+        if isinstance(m, torch.nn.TransformerEncoderLayer) and quantized_inside(m):
+            if m.activation_relu_or_gelu:
+                m.activation_relu_or_gelu = 0
+                changed.append(name or "<root>")
+        elif isinstance(m, torch.nn.TransformerEncoder) and quantized_inside(m):
+            if getattr(m, "use_nested_tensor", False):
+                m.use_nested_tensor = False
+                changed.append(name or "<root>")
+    return changed
 
 
 def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity: str = "per_channel",
                     group_size: Optional[int] = None, include: Any = None, exclude: Any = None,
                     inplace: bool = True, quantizer: Any = None) -> "torch.nn.Module":
-    """Replace the Linear / Conv1D layers of ``model`` by :class:`QuantizedTorchLinear` modules.
+    """Replace the Linear / Conv1D / MultiheadAttention layers of ``model`` by quantized modules.
 
     Returns the model (a deep copy when ``inplace=False``; a new module when ``model`` itself is a
-    Linear). Every weight is checked and quantized before the model is touched: a NaN/Inf weight or a
-    bad ``group_size`` raises naming the layer and leaves the model as it was. ``quantizer`` (a
-    :class:`cquant.Quantizer`) receives the per-layer ``summary``.
+    Linear), in eval mode. Every weight is checked and quantized before the model is touched: a
+    NaN/Inf weight or a bad ``group_size`` raises naming the layer and leaves the model as it was.
+    ``quantizer`` (a :class:`cquant.Quantizer`) receives the per-layer ``summary``.
     """
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -291,26 +784,54 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
         if not any(fnmatch.fnmatchcase(p.name, pat) for p in plans):
             logger.warning("include pattern %r matched no quantizable layer", pat)
     _prepare(plans, granularity, group_size)
+    if model.training and plans:
+        logger.info("quantize: the model was in training mode; quantized models are for inference, "
+                    "it is switched to eval mode")
     records: List[LayerRecord] = []
+    released: List["torch.Tensor"] = []
     for p in plans:
-        assert p.qweight is not None
-        source = "Conv1D" if p.layout == "in_out" else type(p.mod).__name__
-        new = QuantizedTorchLinear(QuantizedLinearForward(p.qweight, p.bias, mode), source=source)
-        new.train(p.mod.training)
+        news = {}
+        for part in p.parts:
+            assert part.qweight is not None
+            source = ("Conv1D" if part.layout == "in_out" else
+                      type(p.mod).__name__ if p.kind == "linear" else "MultiheadAttention")
+            news[part.suffix] = QuantizedTorchLinear(QuantizedLinearForward(part.qweight, part.bias_np, mode),
+                                                     source=source)
+            w = part.weight
+            wb = int(w.numel() * w.element_size())
+            bb = 0 if part.bias_np is None else int(part.bias_np.nbytes)
+            if part.shared_with is None:
+                before, after, note = wb + bb, part.qweight.nbytes + bb, ""
+            else:
+                before, after, note = bb, bb, f"weight shared with {part.shared_with!r} (quantized once)"
+            full = ".".join(s for s in (p.name, part.suffix) if s) or "<root>"
+            records.append(LayerRecord(full, tuple(part.qweight.shape), "quantized", note, before, after,
+                                       news[part.suffix].scheme))
+            released += [w] + ([part.bias] if part.bias is not None else [])
+        if p.kind == "mha":
+            m = p.mod
+            new = QuantizedMultiheadAttention(m.embed_dim, m.num_heads, news["q_proj"], news["k_proj"],
+                                              news["v_proj"], news["out_proj"], batch_first=m.batch_first,
+                                              dropout=m.dropout)
+        else:
+            new = news[""]
         for parent, cname in p.sites:
             parent._modules[cname] = new
         if p.name == "":
             model = new
-        w = p.mod.weight
-        wb = int(w.numel() * w.element_size())
-        bb = 0 if p.bias is None else int(p.bias.nbytes)
-        if p.shared_with is None:
-            before, after, note = wb + bb, p.qweight.nbytes + bb, ""
-        else:
-            before, after, note = bb, bb, f"weight shared with {p.shared_with!r} (quantized once)"
-        records.append(LayerRecord(p.name or "<root>", tuple(p.qweight.shape), "quantized", note,
-                                   before, after, new.scheme))
+        for part in p.parts:
+            part.weight = part.bias = None  # type: ignore[assignment]
         p.mod = None  # type: ignore[assignment]  # drop our reference to the float layer
+    plans.clear()
+    model.eval()
+    fast = _disable_fast_paths(model)
+    if fast:
+        logger.info("fused fast path switched off (it reads float weights) in: %s", ", ".join(fast))
+    if released:
+        freed = _release_file_pages(released)
+        if freed:
+            logger.info("released %.2f MiB of memory-mapped float32 weight pages", freed / 2**20)
+    del released
     if quantizer is not None:
         quantizer.summary = records + skipped
     before = sum(r.bytes_before for r in records)
@@ -320,7 +841,8 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
     if not records:
         logger.warning("no Linear layer was quantized")
     for r in skipped:
-        level = logging.WARNING if ("Linear" in r.reason or "Conv1D" in r.reason) and \
+        level = logging.WARNING if ("Linear" in r.reason or "Conv1D" in r.reason or "Attention" in r.reason
+                                    or "tied" in r.reason) and \
             not r.reason.startswith(("excluded", "not matched", "already")) else logging.INFO
         logger.log(level, "  skipped %s: %s", r.name, r.reason)
     return model
@@ -352,18 +874,60 @@ def quantized_layers(model: "torch.nn.Module") -> Iterable[Tuple[str, QuantizedT
             yield name, m
 
 
+# --------------------------------------------------------------------------------------------------
+# Installing a cquant checkpoint (cquant.load_into)
+# --------------------------------------------------------------------------------------------------
+
+def _pfx(name: str) -> str:
+    return f"{name}." if name else ""
+
+
+def _non_persistent(model: "torch.nn.Module") -> set:
+    out = set()
+    for name, m in model.named_modules():
+        for b in getattr(m, "_non_persistent_buffers_set", ()):
+            out.add(_pfx(name) + b)
+    return out
+
+
+def _aliases(model: "torch.nn.Module") -> Dict[str, List[str]]:
+    """state_dict key -> the other keys naming the same tensor (tied weights)."""
+    by_id: Dict[int, List[str]] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        for pname, p in list(m._parameters.items()) + list(m._buffers.items()):
+            if p is not None:
+                key = _pfx(name) + pname
+                if key not in by_id.setdefault(id(p), []):
+                    by_id[id(p)].append(key)
+    out: Dict[str, List[str]] = {}
+    for keys in by_id.values():
+        for k in keys:
+            out[k] = [o for o in keys if o != k]
+    return out
+
+
 def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -> "torch.nn.Module":
     """Install a :class:`cquant.io.Checkpoint` into a torch model (``cquant.load_into``).
 
     Each checkpoint layer replaces the ``nn.Linear`` / ``Conv1D`` (or an earlier quantized layer) of
-    the same name; the other tensors are copied into the model's parameters and buffers. Everything
-    is checked before anything is changed; ``strict``: the keys must match exactly.
+    the same name; ``<attn>.q_proj``/``k_proj``/``v_proj``/``out_proj`` layers replace the
+    ``nn.MultiheadAttention`` ``<attn>`` by a :class:`QuantizedMultiheadAttention`. The other tensors
+    are copied into the model's parameters and buffers. Everything is checked before anything is
+    changed. ``strict``: the keys must match, except that checkpoint tensors naming a non-persistent
+    buffer of the model (e.g. transformers' ``embeddings.position_ids``) are ignored and a tied
+    weight (e.g. ``lm_head.weight`` tied to ``wte.weight``) is satisfied by any of its names.
     """
     from ..io import CheckpointError
     subs = dict(model.named_modules())
     plans: List[Tuple[str, "torch.nn.Module", QuantizedLinearForward, str]] = []
+    mha_plans: Dict[str, "torch.nn.MultiheadAttention"] = {}
     for name, qf in ck.layers.items():
         mod = subs.get(name)
+        parent_name, _, last = name.rpartition(".")
+        parent = subs.get(parent_name)
+        if isinstance(parent, torch.nn.MultiheadAttention) and last in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            mha_plans[parent_name] = parent
+            continue
         if mod is None:
             raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
         if isinstance(mod, QuantizedTorchLinear):
@@ -378,39 +942,62 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
             raise CheckpointError(f"layer {name!r}: checkpoint (out, in) = {tuple(qf.qweight.shape)}, "
                                   f"model {tuple(shape)}")
         plans.append((name, mod, qf, source))
-    qnames = {p[0] for p in plans}
+    mha_new: List[Tuple[str, "torch.nn.Module", "torch.nn.Module"]] = []
+    for aname, mha in mha_plans.items():
+        layers = {}
+        for suffix, w, _b in QuantizedMultiheadAttention.parts(mha):
+            qf = ck.layers.get(_pfx(aname) + suffix)
+            if qf is None:
+                raise CheckpointError(f"attention {aname!r}: checkpoint layer {_pfx(aname) + suffix!r} is missing")
+            if tuple(qf.qweight.shape) != tuple(w.shape):
+                raise CheckpointError(f"layer {_pfx(aname) + suffix!r}: checkpoint (out, in) = "
+                                      f"{tuple(qf.qweight.shape)}, model {tuple(w.shape)}")
+            layers[suffix] = QuantizedTorchLinear(qf, source="MultiheadAttention")
+        mha_new.append((aname, mha, QuantizedMultiheadAttention(
+            mha.embed_dim, mha.num_heads, layers["q_proj"], layers["k_proj"], layers["v_proj"],
+            layers["out_proj"], batch_first=mha.batch_first, dropout=mha.dropout)))
+    qnames = {p[0] for p in plans} | set(mha_plans)
 
     def in_layer(key: str) -> bool:
-        return any(key.startswith(_pfx(n)) and "." not in key[len(_pfx(n)):] for n in qnames)
+        return any(key.startswith(_pfx(n)) and ("." not in key[len(_pfx(n)):] or n in mha_plans)
+                   for n in qnames)
 
     own = {k: v for k, v in model.state_dict().items() if not in_layer(k)}
-    missing = sorted(k for k in own if k not in ck.tensors)
-    unexpected = sorted(k for k in ck.tensors if k not in own)
+    aliases = _aliases(model)
+    ignored = sorted(k for k in ck.tensors if k not in own and k in _non_persistent(model))
+    missing = sorted(k for k in own if k not in ck.tensors
+                     and not any(a in ck.tensors for a in aliases.get(k, ())))
+    unexpected = sorted(k for k in ck.tensors if k not in own and k not in ignored)
     if strict and (missing or unexpected):
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
-            s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
-                        f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
+            s for s in (f"missing: {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
+                        if missing else "",
+                        f"unexpected: {', '.join(unexpected[:10])}" + (f" (+{len(unexpected) - 10} more)" if len(unexpected) > 10 else "")
+                        if unexpected else "") if s)
+            + ". If the model is right and only these keys differ, pass strict=False to install what "
+              "fits (missing tensors keep the model's values, unexpected ones are ignored).")
     for k, v in ck.tensors.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"tensor {k!r}: checkpoint shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
-    sites: Dict[int, List[Tuple["torch.nn.Module", str]]] = {}
-    for _, m in model.named_modules(remove_duplicate=False):
-        for cname, child in m._modules.items():
-            if child is not None and (m, cname) not in sites.setdefault(id(child), []):
-                sites[id(child)].append((m, cname))
+    if ignored:
+        logger.info("load_into: ignored %d checkpoint tensor(s) that are non-persistent buffers of the "
+                    "model: %s", len(ignored), ", ".join(ignored[:5]))
+    sites, _ = _module_sites(model)
     for name, mod, qf, source in plans:
         new = QuantizedTorchLinear(qf, source=source)
         if name == "":
             model = new
         for parent, cname in sites.get(id(mod), []):
             parent._modules[cname] = new
+    for _aname, mha, new in mha_new:
+        for parent, cname in sites.get(id(mha), []):
+            parent._modules[cname] = new
     with torch.no_grad():
         live = model.state_dict(keep_vars=True)
         for k, v in ck.tensors.items():
-            if k in live:
+            if k in live and k in own:
                 live[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+    if plans or mha_new:
+        model.eval()
+        _disable_fast_paths(model)
     return model
-
-
-def _pfx(name: str) -> str:
-    return f"{name}." if name else ""

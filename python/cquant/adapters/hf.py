@@ -1,0 +1,336 @@
+"""Save and rebuild torch / Hugging Face transformers models quantized by cquant.
+
+    qmodel = cquant.Quantizer.quantize_dynamic(transformers.AutoModel.from_pretrained(src))
+    cquant.save_pretrained(qmodel, "out/")                # config + quantized safetensors (+ shards)
+    model = cquant.from_pretrained("out/")                # no float32 weights are ever built
+
+Directory layout written by :func:`save_pretrained`:
+
+- ``config.json`` (transformers models: the model's own config, plus a ``quantization_config``
+  ``{"quant_method": "cquant", ...}`` entry so that the directory says what it is);
+  ``generation_config.json`` when the model has one;
+- ``cquant_config.json``: format version, the model class, every quantized layer (mode,
+  granularity, group size, shape, bias, layout), the quantized attentions and the tied tensors;
+- ``cquant-model.safetensors``, or past ``max_shard_size`` the shards
+  ``cquant-model-00001-of-0000N.safetensors`` and ``cquant-model.safetensors.index.json`` (the
+  usual ``{"metadata": {"total_size": ...}, "weight_map": {tensor: file}}``). Tensors are the
+  model's ``state_dict``: ``L.weight_q`` (int8 (out, in) codes), ``L.weight_scale``, ``L.bias`` for
+  each quantized layer ``L`` and every other tensor under its own name and dtype; each file is also a
+  cquant checkpoint (``cquant.format_version`` and ``cquant.layers`` in its metadata), readable by
+  ``cquant.load``. Tied tensors (``lm_head.weight`` = ``transformer.wte.weight``) are stored once.
+
+The weight files are deliberately not named ``model.safetensors``: transformers' own
+``from_pretrained`` would otherwise load the float layers and silently leave the quantized ones at
+random values; on this directory it stops with "no file named model.safetensors".
+
+:func:`from_pretrained` builds the model class with its parameters on the meta device (buffers,
+such as position ids, are computed as usual), installs the quantized layers from the codes, assigns
+the other tensors and re-ties what was tied: memory holds the int8 model only.
+"""
+from __future__ import annotations
+
+import contextlib
+import glob
+import json
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .. import errors, ops
+from ..quantization import QuantizedLinearForward
+from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
+                    _pfx)
+
+__all__ = ["save_pretrained", "from_pretrained", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "CONFIG_NAME"]
+
+WEIGHTS_NAME = "cquant-model.safetensors"
+WEIGHTS_INDEX_NAME = "cquant-model.safetensors.index.json"
+CONFIG_NAME = "cquant_config.json"
+FORMAT_VERSION = "1"
+_LAYER_KEYS = ("weight_q", "weight_scale", "bias")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def _parse_size(size: Union[int, str]) -> int:
+    if isinstance(size, bool):
+        raise errors.TypeError("max_shard_size must be an int or a string such as '2GB'")
+    if isinstance(size, int):
+        if size <= 0:
+            raise errors.ValueError(f"max_shard_size must be positive, got {size}")
+        return size
+    if not isinstance(size, str):
+        raise errors.TypeError("max_shard_size must be an int or a string such as '2GB'")
+    s = size.strip().upper()
+    units = [("KIB", 2**10), ("MIB", 2**20), ("GIB", 2**30), ("KB", 10**3), ("MB", 10**6), ("GB", 10**9),
+             ("B", 1)]
+    for u, f in units:
+        if s.endswith(u):
+            try:
+                n = float(s[:-len(u)])
+            except ValueError:
+                break
+            if n > 0:
+                return int(n * f)
+            break
+    raise errors.ValueError(f"max_shard_size {size!r} is not a size such as 500MB, 2GB or 1GiB")
+
+
+def _layer_meta(m: QuantizedTorchLinear) -> Dict[str, Any]:
+    qw = m.qweight
+    return {"mode": m.mode, "granularity": qw.granularity, "group_size": qw.group_size,
+            "shape": [int(qw.shape[0]), int(qw.shape[1])], "bias": m.bias_array is not None,
+            "layout": "in_out" if m.source == "Conv1D" else "out_in", "source": m.source}
+
+
+def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
+                    max_shard_size: Union[int, str] = "2GB", metadata: Optional[Dict[str, str]] = None) -> List[str]:
+    """Write a cquant-quantized torch model to ``save_directory`` (see the module docstring for the
+    layout); returns the paths of the weight files. Files of an earlier save there are replaced."""
+    try:
+        from safetensors.torch import save_file
+    except ImportError:
+        raise ImportError("cquant.save_pretrained needs the safetensors package: pip install safetensors") from None
+    from .. import __version__
+    from ..io import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION
+    if not isinstance(model, torch.nn.Module):
+        raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    layers = {name: _layer_meta(m) for name, m in model.named_modules() if isinstance(m, QuantizedTorchLinear)}
+    if not layers:
+        raise errors.ValueError("the model has no cquant quantized layer: quantize it first "
+                                "(cquant.Quantizer.quantize_dynamic(model))")
+    attentions = [{"name": name, "embed_dim": m.embed_dim, "num_heads": m.num_heads, "batch_first": m.batch_first}
+                  for name, m in model.named_modules() if isinstance(m, QuantizedMultiheadAttention)]
+    limit = _parse_size(max_shard_size)
+    directory = os.fspath(save_directory)
+    os.makedirs(directory, exist_ok=True)
+
+    # tensors, tied ones once
+    sd = model.state_dict()
+    tensors: Dict[str, "torch.Tensor"] = {}
+    tied: Dict[str, str] = {}
+    first_of: Dict[Tuple, str] = {}
+    storages: set = set()
+    for k, t in sd.items():
+        t = t.detach()
+        ident = (t.data_ptr(), t.dtype, tuple(t.shape), tuple(t.stride())) if t.numel() else None
+        if ident is not None and ident in first_of:
+            tied[k] = first_of[ident]
+            continue
+        if ident is not None:
+            first_of[ident] = k
+        sp = t.untyped_storage().data_ptr() if t.numel() else None
+        if (sp is not None and sp in storages) or not t.is_contiguous() or \
+                t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()  # safetensors refuses tensors that share memory
+        if sp is not None:
+            storages.add(sp)
+        tensors[k] = t.cpu()
+
+    # groups (a quantized layer's tensors stay in one file), then shards
+    def owner(key: str) -> Optional[str]:
+        base, _, leaf = key.rpartition(".")
+        return base if leaf in _LAYER_KEYS and base in layers else None
+
+    groups: List[Tuple[Optional[str], List[str], int]] = []
+    index_of: Dict[str, int] = {}
+    for k, t in tensors.items():
+        o = owner(k)
+        nb = t.numel() * t.element_size()
+        if o is not None and o in index_of:
+            g = groups[index_of[o]]
+            g[1].append(k)
+            groups[index_of[o]] = (g[0], g[1], g[2] + nb)
+            continue
+        if o is not None:
+            index_of[o] = len(groups)
+        groups.append((o, [k], nb))
+    shards: List[List[Tuple[Optional[str], List[str], int]]] = [[]]
+    size = 0
+    for g in groups:
+        if shards[-1] and size + g[2] > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(g)
+        size += g[2]
+
+    for old in glob.glob(os.path.join(glob.escape(directory), "cquant-model*.safetensors*")):
+        os.remove(old)
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"cquant-model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    weight_map: Dict[str, str] = {}
+    paths = []
+    for fname, shard in zip(names, shards):
+        keys = [k for g in shard for k in g[1]]
+        shard_layers = {g[0]: layers[g[0]] for g in shard if g[0] is not None}
+        meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+        meta.update({"format": "pt", KEY_VERSION: FORMAT_VERSION, KEY_CQ_VERSION: __version__,
+                     KEY_LAYERS: json.dumps(shard_layers, separators=(",", ":"))})
+        path = os.path.join(directory, fname)
+        tmp = path + ".tmp"
+        save_file({k: tensors[k] for k in keys}, tmp, metadata=meta)
+        os.replace(tmp, path)
+        paths.append(path)
+        weight_map.update({k: fname for k in keys})
+    if n > 1:
+        total = sum(g[2] for g in groups)
+        with open(os.path.join(directory, WEIGHTS_INDEX_NAME), "w") as f:
+            json.dump({"metadata": {"total_size": total, KEY_VERSION: FORMAT_VERSION}, "weight_map": weight_map},
+                      f, indent=2)
+
+    cls = type(model)
+    cq = {"format_version": FORMAT_VERSION, "cquant_version": __version__, "model_class": cls.__name__,
+          "model_module": cls.__module__, "layers": layers, "attentions": attentions, "tied": tied,
+          "files": names}
+    with open(os.path.join(directory, CONFIG_NAME), "w") as f:
+        json.dump(cq, f, indent=2)
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "save_pretrained") and hasattr(config, "to_dict"):
+        import copy
+        cfg = copy.deepcopy(config)
+        cfg.quantization_config = {"quant_method": "cquant", "format_version": FORMAT_VERSION,
+                                   "weights": names[0] if n == 1 else WEIGHTS_INDEX_NAME,
+                                   "note": "load with cquant.from_pretrained(directory)"}
+        cfg.save_pretrained(directory)
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and hasattr(gen, "save_pretrained"):
+            try:
+                gen.save_pretrained(directory)
+            except Exception:  # noqa: BLE001 - optional file
+                pass
+    return paths
+
+
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Parameters created inside go to the meta device as soon as they are registered (no float32
+    storage is filled or kept; initializers run on meta). Buffers are created as usual."""
+    original = torch.nn.Module.register_parameter
+
+    def register_parameter(self: "torch.nn.Module", name: str, param: Any) -> None:
+        original(self, name, param)
+        p = self._parameters.get(name)
+        if p is not None and p.device.type != "meta":
+            self._parameters[name] = type(p)(p.to("meta"), requires_grad=p.requires_grad)
+
+    torch.nn.Module.register_parameter = register_parameter  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        torch.nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _read_tensors(directory: str, cq: Dict[str, Any]) -> Dict[str, "torch.Tensor"]:
+    from safetensors.torch import load_file
+    out: Dict[str, "torch.Tensor"] = {}
+    files = cq.get("files") or [WEIGHTS_NAME]
+    for fname in files:
+        if os.path.basename(fname) != fname:
+            raise errors.ValueError(f"{CONFIG_NAME}: bad weight file name {fname!r}")
+        path = os.path.join(directory, fname)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: weight file listed in {CONFIG_NAME} is missing")
+        out.update(load_file(path))
+    return out
+
+
+def _set_tensor(model: "torch.nn.Module", key: str, value: "torch.Tensor") -> None:
+    mod_name, _, leaf = key.rpartition(".")
+    mod = model.get_submodule(mod_name) if mod_name else model
+    if leaf in mod._parameters:
+        mod._parameters[leaf] = value if isinstance(value, torch.nn.Parameter) else torch.nn.Parameter(value, requires_grad=False)
+    elif leaf in mod._buffers:
+        mod._buffers[leaf] = value
+    else:
+        raise errors.ValueError(f"tied tensor {key!r} is not a parameter or buffer of the model")
+
+
+def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
+    """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
+
+    ``model_class``: the class to build (default: the transformers class named in
+    ``cquant_config.json``; only classes of the ``transformers`` package are looked up by name).
+    ``config``: the config to build it with (default: ``AutoConfig.from_pretrained(directory)``).
+    The class is called as ``model_class(config)``.
+    """
+    d = os.fspath(directory)
+    cpath = os.path.join(d, CONFIG_NAME)
+    if not os.path.exists(cpath):
+        raise FileNotFoundError(f"{cpath} not found: {d} was not written by cquant.save_pretrained")
+    with open(cpath) as f:
+        cq = json.load(f)
+    if str(cq.get("format_version")) != FORMAT_VERSION:
+        raise errors.ValueError(f"{cpath}: format version {cq.get('format_version')!r} is not supported "
+                                f"(this cquant reads {FORMAT_VERSION})")
+    if config is None or model_class is None:
+        try:
+            import transformers
+        except ImportError:
+            raise ImportError("cquant.from_pretrained needs transformers to rebuild the model; or pass "
+                              "model_class and config") from None
+        if config is None:
+            config = transformers.AutoConfig.from_pretrained(d)
+        if model_class is None:
+            if not str(cq.get("model_module", "")).startswith("transformers"):
+                raise errors.ValueError(f"{cpath}: the model class {cq.get('model_class')!r} is not from "
+                                        "transformers: pass model_class=")
+            model_class = getattr(transformers, str(cq.get("model_class")), None)
+            if model_class is None:
+                raise errors.ValueError(f"transformers has no class {cq.get('model_class')!r}: pass model_class=")
+    if hasattr(config, "quantization_config"):
+        import copy
+        config = copy.deepcopy(config)
+        delattr(config, "quantization_config")
+    with _parameters_on_meta():
+        model = model_class(config)
+    tensors = _read_tensors(d, cq)
+
+    # quantized layers
+    new: Dict[str, "torch.nn.Module"] = {}
+    for name, lm in cq.get("layers", {}).items():
+        p = _pfx(name)
+        try:
+            q, s = tensors.pop(p + "weight_q"), tensors.pop(p + "weight_scale")
+        except KeyError as e:
+            raise errors.ValueError(f"{d}: layer {name!r}: tensor {e} is missing") from None
+        b = tensors.pop(p + "bias", None) if lm.get("bias") else None
+        qw = ops.QuantizedWeight.from_codes(q.numpy(), s.to(torch.float32).numpy(), lm["granularity"],
+                                            lm.get("group_size"))
+        bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
+        new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"]),
+                                         source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))
+    for a in cq.get("attentions", []):
+        aname = a["name"]
+        parts = [new.pop(_pfx(aname) + s) for s in ("q_proj", "k_proj", "v_proj", "out_proj")]
+        new[aname] = QuantizedMultiheadAttention(a["embed_dim"], a["num_heads"], *parts,
+                                                 batch_first=a.get("batch_first", False))
+    subs = dict(model.named_modules())
+    sites, _ = _module_sites(model)
+    for name, mod in new.items():
+        old = subs.get(name)
+        if old is None:
+            raise errors.ValueError(f"{d}: the model built from the config has no sub-module {name!r}")
+        if name == "":
+            model = mod
+        for parent, cname in sites.get(id(old), []):
+            parent._modules[cname] = mod
+
+    # everything else, then the ties
+    result = model.load_state_dict(tensors, strict=False, assign=True)
+    if result.unexpected_keys:
+        raise errors.ValueError(f"{d}: tensors the model does not have: {', '.join(result.unexpected_keys[:10])}")
+    live = model.state_dict(keep_vars=True)
+    for alias, src in cq.get("tied", {}).items():
+        if src not in live:
+            raise errors.ValueError(f"{d}: tied tensor {alias!r} refers to {src!r}, which the model lacks")
+        _set_tensor(model, alias, live[src])
+    left = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
+            if t is not None and t.device.type == "meta"]
+    if left:
+        raise errors.ValueError(f"{d}: the checkpoint does not hold {', '.join(left[:10])}"
+                                + (f" (+{len(left) - 10} more)" if len(left) > 10 else ""))
+    model.eval()
+    _disable_fast_paths(model)
+    return model
