@@ -62,6 +62,16 @@ _LAZY = {
     "save": ("io", "save"),
     "load": ("io", "load"),
     "load_into": ("io", "load_into"),
+    "save_pretrained": ("adapters.hf", "save_pretrained"),  # torch / transformers models (imports torch)
+    "from_pretrained": ("adapters.hf", "from_pretrained"),
+    "QuantScheme": ("scheme", "QuantScheme"),
+    "calibrate": ("calibration", "calibrate"),
+    "smooth": ("smoothing", "smooth"),
+    "compare": ("compare", "compare"),
+    "scheme": ("scheme", None),
+    "calibration": ("calibration", None),
+    "smoothing": ("smoothing", None),
+    "qat": ("qat", None),  # quantization-aware training (imports torch)
 }
 
 
