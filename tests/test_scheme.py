@@ -20,7 +20,7 @@ def test_defaults_names_and_text():
 
 
 @pytest.mark.parametrize("kwargs", [
-    dict(bits=4), dict(bits=True), dict(granularity="per_row"), dict(granularity="per_group"),
+    dict(bits=3), dict(bits=True), dict(granularity="per_row"), dict(granularity="per_group"),
     dict(granularity="per_group", group_size=0), dict(granularity="per_group", group_size=6),
     dict(granularity="per_group", group_size=8.0), dict(granularity="per_group", group_size=True),
     dict(granularity="per_channel", group_size=32), dict(activations="static"), dict(activations="int8"),
@@ -49,7 +49,7 @@ def test_parse_and_roundtrips(text, expect):
     with pytest.raises(errors.ValueError):
         QuantScheme.parse("per_channel(32)")
     with pytest.raises(errors.ValueError):
-        QuantScheme.parse("int4 per_channel")
+        QuantScheme.parse("int3 per_channel")
 
 
 def test_scale_shapes_match_ops():
@@ -162,3 +162,50 @@ def test_torch_per_layer_schemes_and_fallback_in_place():
     q2.quantize(m2)
     assert type(m2[0]).__name__ == "QuantizedTorchLinear" and type(m2[1]) is torch.nn.Linear
     assert {r.name: r.status for r in q2.summary}["1"] == "skipped"
+
+
+def test_int4_scheme_through_quantizer_checkpoint_and_torch(tmp_path):
+    """bits=4 runs through the Quantizer (cquant.nn and torch), is named int4, falls back to
+    per-channel where an int4 group does not fit, and a checkpoint stores the codes two per byte and
+    loads back bit-exactly."""
+    import cquant
+    from cquant import io, nn
+    s = QuantScheme(bits=4, granularity="per_group", group_size=32)
+    assert str(s) == "int4 dynamic per_group(32)" and QuantScheme.parse(str(s)) == s
+    assert QuantScheme(bits=4, granularity="per_group", group_size=12).fit(48) is not None  # not a multiple of 8
+    g = np.random.default_rng(0)
+    m = nn.Sequential(nn.Linear(64, 32, rng=g), nn.Linear(32, 16, rng=g), nn.Linear(20, 8, rng=g))
+    m.layers = None
+    x = g.standard_normal((3, 64)).astype(np.float32)
+    q = cquant.Quantizer(scheme={"0": s, "1": "int4 weight_only per_channel"})
+    m = q.quantize(nn.Sequential(m[0], m[1]))
+    assert [r.scheme for r in q.summary] == ["int4 dynamic per_group(32)", "int4 weight_only per_channel"]
+    assert m[0].qweight.bits == 4 and m[1].qweight.bits == 4
+    y = m(x)
+    p = tmp_path / "m.safetensors"
+    cquant.save(m, p)
+    with io.open_checkpoint(str(p)) as r:
+        assert r.infos["0.weight_q"].dtype == "U8" and tuple(r.infos["0.weight_q"].shape) == (32, 32)
+    m2 = nn.Sequential(nn.Linear(64, 32, rng=g), nn.Linear(32, 16, rng=g))
+    cquant.load_into(m2, p)
+    assert m2[0].qweight.bits == 4
+    np.testing.assert_array_equal(m2(x), y)
+    # the file layout, independently: low nibble k = 2i, high nibble k = 2i + 1
+    codes = np.array([[-7, 7, 0, -1, 3]], np.int8)
+    packed = io.pack_int4(codes)
+    assert packed.tolist() == [[(9 | 7 << 4), (0 | 15 << 4), 3]]
+    np.testing.assert_array_equal(io.unpack_int4(packed, 5), codes)
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    qt = cquant.Quantizer(scheme="int4 dynamic per_group(32)")
+    tq = qt.quantize(tm, inplace=False)
+    assert all(r.scheme == "int4 dynamic per_group(32)" for r in qt.summary if r.status == "quantized")
+    xt = torch.from_numpy(x)
+    with torch.no_grad():
+        yt = tq(xt)
+    pt = tmp_path / "t.safetensors"
+    cquant.save(tq, pt)
+    tm2 = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 16))
+    cquant.load_into(tm2, pt)
+    with torch.no_grad():
+        assert torch.equal(tm2(xt), yt)

@@ -62,7 +62,8 @@ from . import errors, ops
 from .quantization import format_bytes
 from .io import (_ST_SIZE, FORMAT_VERSION, INDEX_SUFFIX, KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION,
                  CheckpointError, StreamWriter, TensorInfo, atomic_path, check_format_version,
-                 check_layer_tensors, check_layer_values, open_checkpoint, parse_layers)
+                 check_layer_tensors, check_layer_values, open_checkpoint, pack_int4, parse_layers,
+                 unpack_int4)
 
 __all__ = ["main", "build_parser", "select_tensor", "DEFAULT_EXCLUDE", "EMBEDDING_PATTERNS", "NORM_PATTERNS"]
 
@@ -178,6 +179,9 @@ def _check_scheme(args: argparse.Namespace) -> None:
             raise CliError("--granularity per_group needs --group-size (e.g. 32, 64 or 128)")
         if args.group_size <= 0 or args.group_size % 4:
             raise CliError(f"--group-size must be a positive multiple of 4, got {args.group_size}")
+        if getattr(args, "bits", 8) == 4 and (args.group_size % 8 or args.group_size > 256):
+            raise CliError(f"--bits 4 needs a --group-size that is a multiple of 8 up to 256 (e.g. 32, 64 or "
+                           f"128), got {args.group_size}")
     elif args.group_size is not None:
         raise CliError("--group-size is only used with --granularity per_group")
 
@@ -389,7 +393,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
             n, k = (t.shape[1], t.shape[0]) if j.transposed else t.shape
             gran = "per_channel" if j.kind == "embedding" else args.granularity
             g = args.group_size if gran == "per_group" else None
-            ent = [(pre + "weight_q", "I8", (n, k)), (pre + "weight_scale", "F32", _scale_shape(gran, n, k, g))]
+            b4 = j.kind != "embedding" and args.bits == 4
+            codes = ("U8", (n, (k + 1) // 2)) if b4 else ("I8", (n, k))  # int4: two codes a byte
+            ent = [(pre + "weight_q",) + codes, (pre + "weight_scale", "F32", _scale_shape(gran, n, k, g))]
             if j.bias is not None:
                 ent.append((j.bias.name, "F32", j.bias.shape))
             groups.append((j, ent))
@@ -397,6 +403,8 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                              "bias": j.bias is not None, "layout": "in_out" if j.transposed else "out_in"}
             if j.kind == "embedding":
                 layers[layer]["kind"] = "embedding"
+            if b4:
+                layers[layer]["bits"] = 4
         if not layers:
             print(f"cquant: warning: no tensor of {src} was selected for quantization; copying it as is",
                   file=sys.stderr)
@@ -482,7 +490,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                      format_bytes(stats["copied"][2])])
         rows.append(["file" if index_out is None else f"files ({len(paths)} shard(s) + index)", str(len(jobs)),
                      format_bytes(size_in), format_bytes(size_out)])
-        scheme = f"int8 {args.mode} {args.granularity}" + (f"(g={args.group_size})" if args.granularity == "per_group" else "")
+        scheme = f"int{args.bits} {args.mode} {args.granularity}" + (f"(g={args.group_size})" if args.granularity == "per_group" else "")
         print(f"{src} -> {index_out or out}  [{scheme}]")
         print(_table(("tensors", "count", "input", "output"), rows, right=(1, 2, 3)))
         if detected:
@@ -515,13 +523,14 @@ def _write_group(r: Any, w: StreamWriter, j: _Job, ent: Sequence[Tuple[str, str,
     if j.transposed:
         wf = np.ascontiguousarray(wf.T)
     gran = "per_channel" if j.kind == "embedding" else args.granularity
+    bits = 4 if j.kind != "embedding" and args.bits == 4 else 8
     try:
-        q, s = ops.quantize(wf, gran, args.group_size if gran == "per_group" else None, name=t.name)
+        q, s = ops.quantize(wf, gran, args.group_size if gran == "per_group" else None, name=t.name, bits=bits)
     except errors.QuantizationError as e:
         raise CliError(str(e)) from None
     del wf
     r.release(t.name)
-    w.write(ent[0][0], q)
+    w.write(ent[0][0], pack_int4(q) if bits == 4 else q)
     w.write(ent[1][0], s)
     st = stats["embedding" if j.kind == "embedding" else "quantized"]
     st[0] += 1
@@ -568,9 +577,12 @@ def cmd_report(args: argparse.Namespace) -> int:
                 for layer, spec in specs.items():
                     q = r.tensor(spec.key("weight_q"))
                     s = r.tensor(spec.key("weight_scale"))
-                    check_layer_values(path, spec, q, s, None)
                     nbytes = q.nbytes + s.nbytes
-                    scheme = f"{spec.mode} {spec.granularity}" + (f"(g={spec.group_size})" if spec.group_size else "")
+                    if spec.bits == 4:
+                        q = unpack_int4(q, spec.shape[1])
+                    check_layer_values(path, spec, q, s, None)
+                    scheme = (f"int{spec.bits} {spec.mode} {spec.granularity}"
+                              + (f"(g={spec.group_size})" if spec.group_size else ""))
                     metrics = ["-", "-", "-"]
                     key = math.inf
                     if ref is not None:
@@ -586,7 +598,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                         if spec.layout == "in_out":
                             w = w.T
                         qw = ops.QuantizedWeight.from_codes(np.array(q), np.array(s), spec.granularity,
-                                                            spec.group_size)
+                                                            spec.group_size, bits=spec.bits)
                         sq, mx, cos = _metrics(w, ops.dequantize(qw))
                         ref.release(wname)
                         metrics, key = [f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"], sq
@@ -608,15 +620,16 @@ def cmd_report(args: argparse.Namespace) -> int:
                     w = np.ascontiguousarray(w.T)
                 gran = "per_channel" if j.kind == "embedding" else args.granularity
                 try:
-                    qw = ops.quantize_weight(w, gran, args.group_size if gran == "per_group" else None, name=t.name)
+                    qw = ops.quantize_weight(w, gran, args.group_size if gran == "per_group" else None, name=t.name,
+                                             bits=4 if j.kind != "embedding" and args.bits == 4 else 8)
                 except errors.QuantizationError as e:
                     raise CliError(str(e)) from None
                 sq, mx, cos = _metrics(w, ops.dequantize(qw))
                 del w
                 r.release(t.name)
-                scheme = f"{args.mode} {gran}" + (f"(g={args.group_size})" if gran == "per_group" else "")
+                scheme = f"int{qw.bits} {args.mode} {gran}" + (f"(g={args.group_size})" if gran == "per_group" else "")
                 rows.append((sq, [_layer_name(t.name) or "<root>", "x".join(map(str, qw.shape)), scheme,
-                                  format_bytes(qw.q.nbytes + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
+                                  format_bytes((qw.q.nbytes if qw.bits == 8 else qw.shape[0] * ((qw.shape[1] + 1) // 2)) + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
             note = "  (float checkpoint: quantized in memory with the scheme in the table)"
     rows.sort(key=lambda kv: kv[0])  # worst (lowest SQNR) first
     shown = rows if not args.top else rows[:args.top]
@@ -706,6 +719,9 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
                         "with int8 weights (weight_only); stored per layer in the checkpoint")
     p.add_argument("--granularity", choices=("per_tensor", "per_channel", "per_group"), default="per_channel")
     p.add_argument("--group-size", type=int, default=None, help="columns per scale with per_group")
+    p.add_argument("--bits", type=int, choices=(8, 4), default=8,
+                   help="weight bits: 8, or 4 (codes in [-7, 7], two per byte in the file; groups of 32, "
+                        "64 or 128 keep the accuracy; embedding tables stay int8)")
     p.add_argument("--include", nargs="+", default=[], metavar="PAT", action=_Patterns,
                    help="quantize only tensors/layers matching these globs (replaces the default rule; "
                         "an embedding table matched is stored as int8 rows)")

@@ -12,6 +12,10 @@ tensor                 dtype    shape                meaning
 =====================  =======  ===================  ==================================================
 ``L.weight_q``         I8       (N, K)               codes in [-127, 127], row-major, canonical layout
                                                      (N = out_features, K = in_features), not packed
+                       U8       (N, ceil(K/2))       int4 layers ("bits": 4): codes in [-7, 7], two per
+                                                     byte, row-major: byte i of row r holds k = 2i in
+                                                     its low nibble and k = 2i + 1 in its high nibble
+                                                     (4-bit two's complement; an odd K pads with 0)
 ``L.weight_scale``     F32      (1,) / (N,) /        per_tensor / per_channel / per_group scales;
                                 (N, K/g)             weight ~= weight_q * scale of its slice
 ``L.bias``             F32 (*)  (N,)                 optional bias
@@ -33,7 +37,8 @@ The header's ``__metadata__`` (string -> string) holds:
 - ``cquant.format_version``: ``"1"``; ``cquant.version``: the writer's cquant version;
 - ``cquant.layers``: JSON object ``{L: {"mode": "dynamic"|"weight_only",
   "granularity": "per_tensor"|"per_channel"|"per_group", "group_size": int|null, "shape": [N, K],
-  "bias": bool, "layout": "out_in"|"in_out", "kind": "linear"|"embedding" (optional)}}``. ``layout`` says how the *source* layer stored its
+  "bias": bool, "layout": "out_in"|"in_out", "kind": "linear"|"embedding" (optional),
+  "bits": 8|4 (optional, 8 when absent)}}``. ``layout`` says how the *source* layer stored its
   weight: ``in_out`` for GPT-2 style ``Conv1D`` (the codes are still (N, K));
 - ``cquant.model`` (optional): JSON ``{"class": "module:QualName", "config": {...}}`` for a
   :mod:`cquant.nn` model that can rebuild itself (``from_cquant_config``), e.g. :class:`cquant.bert.BertModel`.
@@ -670,8 +675,35 @@ class atomic_path:
 # --------------------------------------------------------------------------------------------------
 
 def _layer_meta(mode: str, qw: ops.QuantizedWeight, has_bias: bool, layout: str = "out_in") -> Dict[str, Any]:
-    return {"mode": mode, "granularity": qw.granularity, "group_size": qw.group_size,
+    meta = {"mode": mode, "granularity": qw.granularity, "group_size": qw.group_size,
             "shape": [int(qw.shape[0]), int(qw.shape[1])], "bias": bool(has_bias), "layout": layout}
+    if qw.bits != 8:
+        meta["bits"] = qw.bits
+    return meta
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 codes (N, K) in [-7, 7] -> uint8 (N, ceil(K/2)): k = 2i in the low nibble of byte i, k =
+    2i + 1 in the high one (the checkpoint layout; the kernels' packed format is another)."""
+    n, k = q.shape
+    u = (q.astype(np.uint8) & 15)
+    if k % 2:
+        u = np.concatenate([u, np.zeros((n, 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def unpack_int4(b: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: int8 codes (N, k) in [-8, 7] (-8 is refused by the caller)."""
+    b = np.asarray(b, dtype=np.uint8)
+    q = np.empty((b.shape[0], 2 * b.shape[1]), dtype=np.int8)
+    q[:, 0::2] = (((b & 15) ^ 8).astype(np.int16) - 8).astype(np.int8)
+    q[:, 1::2] = (((b >> 4) ^ 8).astype(np.int16) - 8).astype(np.int8)
+    return np.ascontiguousarray(q[:, :k])
+
+
+def _stored_codes(qw: ops.QuantizedWeight) -> np.ndarray:
+    """``weight_q`` as a checkpoint stores it: int8 codes, or int4 codes two per byte."""
+    return pack_int4(qw.q) if qw.bits == 4 else qw.q
 
 
 def _prefix(name: str) -> str:
@@ -714,7 +746,7 @@ class Checkpoint:
         out: Dict[str, np.ndarray] = {}
         for name, qf in self.layers.items():
             p = _prefix(name)
-            out[p + "weight_q"] = qf.qweight.q
+            out[p + "weight_q"] = _stored_codes(qf.qweight)
             out[p + "weight_scale"] = qf.qweight.scale
             if qf.bias is not None:
                 out[p + "bias"] = qf.bias
@@ -738,7 +770,7 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
 
     def add_layer(name: str, qf: Any, layout: str = "out_in") -> None:
         p = _prefix(name)
-        tensors[p + "weight_q"] = qf.qweight.q
+        tensors[p + "weight_q"] = _stored_codes(qf.qweight)
         tensors[p + "weight_scale"] = qf.qweight.scale
         if qf.bias is not None:
             tensors[p + "bias"] = np.ascontiguousarray(qf.bias, dtype=np.float32)
@@ -760,6 +792,9 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
                 layers[name] = _layer_meta(m.mode, m.qweight, m.bias is not None)
         for k, v in obj.state_dict().items():
             tensors[k] = v
+        for name, m in obj.named_modules():  # int4 codes: two per byte in the file
+            if isinstance(m, QuantizedLinear) and m.qweight.bits == 4:
+                tensors[_prefix(name) + "weight_q"] = _stored_codes(m.qweight)
         cfg = getattr(obj, "cquant_config", None)
         if callable(cfg) and hasattr(type(obj), "from_cquant_config"):
             model_meta = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "config": cfg()}
@@ -838,6 +873,7 @@ class LayerSpec:
     bias: bool
     layout: str
     kind: str = "linear"
+    bits: int = 8
 
     def key(self, suffix: str) -> str:
         return _prefix(self.name) + suffix
@@ -909,14 +945,21 @@ def parse_layers(path: str, meta: Mapping[str, str]) -> Dict[str, LayerSpec]:
             raise bad("kind", f"is {_short(kind)}; expected one of {list(_KINDS)}")
         if kind == "embedding" and (bias or layout != "out_in"):
             raise bad("kind", "is \"embedding\", which has no bias and is stored (rows, dim) (layout out_in)")
-        out[name] = LayerSpec(name, mode, gran, g, (n, k), bias, layout, kind)
+        bits = lm.get("bits", 8)
+        if not _is_int(bits) or bits not in (8, 4):
+            raise bad("bits", f"is {_short(bits)}; expected 8 or 4")
+        if bits == 4 and (kind != "linear" or (gran == "per_group" and (g % 8 or g > 256))):
+            raise bad("bits", "is 4, which needs a linear layer and, per group, a group size that is a "
+                      f"multiple of 8 up to 256 (group_size {_short(g)})")
+        out[name] = LayerSpec(name, mode, gran, g, (n, k), bias, layout, kind, bits)
     return out
 
 
 def check_layer_tensors(path: str, spec: LayerSpec, info: Mapping[str, Tuple[str, Tuple[int, ...]]]) -> None:
     """The layer's tensors exist with the dtypes and shapes its metadata says (``info``: tensor name
     -> (safetensors dtype code, shape)); checked before any tensor is read."""
-    want = [("weight_q", ("I8",), spec.shape), ("weight_scale", ("F32",), spec.scale_shape)]
+    codes = ("U8", (spec.shape[0], (spec.shape[1] + 1) // 2)) if spec.bits == 4 else ("I8", spec.shape)
+    want = [("weight_q", (codes[0],), codes[1]), ("weight_scale", ("F32",), spec.scale_shape)]
     if spec.bias:
         want.append(("bias", _BIAS_DTYPES, (spec.shape[0],)))
     for suffix, dtypes, shape in want:
@@ -938,7 +981,11 @@ def check_layer_tensors(path: str, spec: LayerSpec, info: Mapping[str, Tuple[str
 def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndarray,
                        bias: Optional[np.ndarray]) -> None:
     """Codes in [-127, 127], finite non-negative scales, a finite bias."""
-    if q.size and int(q.min()) == -128:
+    if spec.bits == 4:
+        if q.size and int(q.min()) < -7:
+            raise CheckpointError(f"{path}: tensor {spec.key('weight_q')!r} holds the int4 code -8; codes must "
+                                  "be in [-7, 7]")
+    elif q.size and int(q.min()) == -128:
         raise CheckpointError(f"{path}: tensor {spec.key('weight_q')!r} holds -128; codes must be in [-127, 127]")
     if not np.isfinite(scale).all() or (scale < 0).any():
         raise CheckpointError(f"{path}: tensor {spec.key('weight_scale')!r} holds NaN, Inf or negative "
@@ -976,11 +1023,13 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
     ck = Checkpoint(metadata=meta)
     for name, spec in specs.items():
         q = arrays.pop(spec.key("weight_q"))
+        if spec.bits == 4:
+            q = unpack_int4(q, spec.shape[1])
         s = arrays.pop(spec.key("weight_scale"))
         b = arrays.pop(spec.key("bias")) if spec.bias else None
         check_layer_values(p, spec, q, s, b)
         try:
-            qw = ops.QuantizedWeight.from_codes(q, s, spec.granularity, spec.group_size)
+            qw = ops.QuantizedWeight.from_codes(q, s, spec.granularity, spec.group_size, bits=spec.bits)
             ck.layers[name] = QuantizedLinearForward(qw, None if b is None else b.astype(np.float32), spec.mode)
         except errors.QuantizationError as e:
             raise CheckpointError(f"{p}: layer {name!r}: {e}") from None

@@ -127,7 +127,7 @@ def _check_bias(bias: Optional[np.ndarray], out_features: int) -> Optional[np.nd
 
 def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
     """``"int8 dynamic per_group(64)"``: the :class:`QuantScheme` text of a layer."""
-    return f"int8 {mode} {qweight.scheme}"
+    return f"int{qweight.bits} {mode} {qweight.scheme}"
 
 
 class QuantizedLinearForward:
@@ -230,7 +230,8 @@ class QuantizedLinear(nn.Module):
             bad = True
         if bad:
             return
-        new = ops.QuantizedWeight.from_codes(q, s, self.qweight.granularity, self.qweight.group_size)
+        new = ops.QuantizedWeight.from_codes(q, s, self.qweight.granularity, self.qweight.group_size,
+                                             bits=self.qweight.bits)
         plan.append(lambda: setattr(self, "qweight", new))
 
     def extra_repr(self) -> str:
@@ -496,16 +497,16 @@ class Quantizer:
             ops.check_finite(p.weight, f"{_display(p.name)}.weight")
             if p.bias is not None:
                 ops.check_finite(p.bias, f"{_display(p.name)}.bias")
-        by_weight: Dict[Tuple[int, str, Optional[int]], _Plan] = {}
+        by_weight: Dict[Tuple[int, str, Optional[int], int], _Plan] = {}
         for p in plans:
-            key = (id(p.weight), p.scheme.granularity, p.scheme.group_size)
+            key = (id(p.weight), p.scheme.granularity, p.scheme.group_size, p.scheme.bits)
             first = by_weight.get(key)
             if first is not None:
                 p.qweight, p.shared_with = first.qweight, first.name
                 continue
             try:
                 p.qweight = ops.quantize_weight(p.weight, granularity=p.scheme.granularity,
-                                                group_size=p.scheme.group_size)
+                                                group_size=p.scheme.group_size, bits=p.scheme.bits)
             except errors.QuantizationError as e:
                 raise _renamed(e, f"layer {_display(p.name)!r}: {e}") from e
             by_weight[key] = p
@@ -666,6 +667,10 @@ class _AdapterArgs:
     @property
     def group_size(self) -> Optional[int]:
         return self.scheme.group_size
+
+    @property
+    def bits(self) -> int:
+        return self.scheme.bits
 
     def __setattr__(self, name: str, value: Any) -> None:
         object.__setattr__(self, name, value)

@@ -49,7 +49,7 @@ GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 ACTIVATIONS = ("dynamic", "none")
 #: the Quantizer's ``mode`` names for each activation handling
 MODES = {"dynamic": "dynamic", "weight_only": "none"}
-BITS = (8,)
+BITS = (8, 4)
 
 _NAME_RE = re.compile(r"^\s*(?:int(?P<bits>\d+)\s+)?(?:(?P<mode>dynamic|weight_only)\s+)?"
                       r"(?P<gran>per_tensor|per_channel|per_group)(?:\((?:g=)?(?P<g>\d+)\))?\s*$")
@@ -59,7 +59,7 @@ _NAME_RE = re.compile(r"^\s*(?:int(?P<bits>\d+)\s+)?(?:(?P<mode>dynamic|weight_o
 class QuantScheme:
     """How one Linear layer is quantized.
 
-    ``bits``: weight bits (8). ``granularity``: ``"per_tensor"``, ``"per_channel"`` (one scale per
+    ``bits``: weight bits (8, or 4: codes in [-7, 7], two per byte). ``granularity``: ``"per_tensor"``, ``"per_channel"`` (one scale per
     output row) or ``"per_group"`` (one scale per ``group_size`` consecutive input columns of a row).
     ``activations``: ``"dynamic"`` (per-row int8 at run time) or ``"none"`` (weight-only).
     """
@@ -160,6 +160,9 @@ class QuantScheme:
         """None if a weight with ``k`` input columns can use this scheme, else the reason it cannot."""
         if self.granularity == "per_group" and int(k) % int(self.group_size):  # type: ignore[arg-type]
             return f"K={k} is not a multiple of group_size {self.group_size}"
+        if self.bits == 4 and self.granularity == "per_group" and (
+                int(self.group_size) % 8 or int(self.group_size) > 256):  # type: ignore[arg-type]
+            return f"int4 groups are multiples of 8 up to 256, not {self.group_size}"
         return None
 
     def for_k(self, k: int, strict: bool = False, layer: str = "") -> Tuple["QuantScheme", str]:

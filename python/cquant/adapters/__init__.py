@@ -33,4 +33,5 @@ def quantize_torch(quantizer: Any, model: Any, inplace: bool = True) -> Any:
     from .torch import quantize_module
     return quantize_module(model, mode=quantizer.mode, granularity=quantizer.granularity,
                            group_size=quantizer.group_size, include=quantizer.include,
-                           exclude=quantizer.exclude, inplace=inplace, quantizer=quantizer)
+                           exclude=quantizer.exclude, inplace=inplace, quantizer=quantizer,
+                           bits=getattr(quantizer, "bits", 8))

@@ -290,7 +290,7 @@ class QuantizedTorchLinear(torch.nn.Module):
         try:
             new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(),
                                                     s.detach().cpu().to(torch.float32).numpy(),
-                                                    qw.granularity, qw.group_size)
+                                                    qw.granularity, qw.group_size, bits=qw.bits)
             bias = None if b is None else np.array(b.detach().cpu().to(torch.float32).numpy(),
                                                    dtype=np.float32, copy=True)
             qf = QuantizedLinearForward(new_qw, bias, self.mode)
@@ -617,7 +617,7 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
     return kept, skipped
 
 
-def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int]) -> None:
+def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int], bits: int = 8) -> None:
     """Quantize every selected weight (nothing in the model changes; raises naming the layer)."""
     done: Dict[int, Tuple[str, _Part]] = {}
     for p in plans:
@@ -637,7 +637,7 @@ def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int]) ->
             try:
                 ops.check_finite(arr, f"{disp}.weight")
                 part.qweight = ops.quantize_weight(arr, granularity=granularity, group_size=group_size,
-                                                   name=f"{disp}.weight")
+                                                   name=f"{disp}.weight", bits=bits)
             except errors.QuantizationError as e:
                 try:
                     raise type(e)(f"layer {disp!r}: {e}") from e
@@ -764,13 +764,14 @@ def _disable_fast_paths(model: "torch.nn.Module") -> List[str]:
 
 def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity: str = "per_channel",
                     group_size: Optional[int] = None, include: Any = None, exclude: Any = None,
-                    inplace: bool = True, quantizer: Any = None) -> "torch.nn.Module":
+                    inplace: bool = True, quantizer: Any = None, bits: int = 8) -> "torch.nn.Module":
     """Replace the Linear / Conv1D / MultiheadAttention layers of ``model`` by quantized modules.
 
     Returns the model (a deep copy when ``inplace=False``; a new module when ``model`` itself is a
     Linear), in eval mode. Every weight is checked and quantized before the model is touched: a
     NaN/Inf weight or a bad ``group_size`` raises naming the layer and leaves the model as it was.
-    ``quantizer`` (a :class:`cquant.Quantizer`) receives the per-layer ``summary``.
+    ``quantizer`` (a :class:`cquant.Quantizer`) receives the per-layer ``summary``. ``bits``: 8,
+    or 4 (int4 codes, two per byte).
     """
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
@@ -783,7 +784,7 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
     for pat in include:
         if not any(fnmatch.fnmatchcase(p.name, pat) for p in plans):
             logger.warning("include pattern %r matched no quantizable layer", pat)
-    _prepare(plans, granularity, group_size)
+    _prepare(plans, granularity, group_size, bits)
     if model.training and plans:
         logger.info("quantize: the model was in training mode; quantized models are for inference, "
                     "it is switched to eval mode")
