@@ -116,12 +116,13 @@ def test_duck_typed_model_via_call():
 
 def test_torch_model_via_hooks():
     torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
     tm = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
     x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
     cal = cquant.calibrate(tm, [x, {"input": x * 2}])
     assert list(cal) == ["0", "2"] and cal.frontend == "torch"
     np.testing.assert_allclose(cal["0"].absmax, np.abs(2 * x).max(0), rtol=1e-6)
-    with torch.no_grad():
-        h = torch.relu(tm[0](torch.from_numpy(2 * x))).numpy()
+    with torch.no_grad():  # both batches (with a bias, relu(W x + b) can exceed relu(2 W x + b))
+        h = torch.cat([torch.relu(tm[0](torch.from_numpy(v))) for v in (x, 2 * x)]).numpy()
     np.testing.assert_allclose(cal["2"].absmax, np.abs(h).max(0), rtol=1e-6)
     assert not tm[0]._forward_hooks
