@@ -106,7 +106,8 @@ int cq_isa_supported(int isa);
  * CQ_ERR_ARG for an unknown value, or for CQUANT_ISA naming an unknown path. */
 int cq_set_isa(int isa);
 /* Number of threads kernels use (>= 1). Default: CQUANT_NUM_THREADS when cq_parse_num_threads
- * accepts it, else the CPUs available (at most 256). */
+ * accepts it, else OMP_NUM_THREADS by the same rule (its first entry: Ray and other engines set it
+ * to a worker's CPUs), else the CPUs available (at most 256). */
 int cq_get_num_threads(void);
 /* The thread count a CQUANT_NUM_THREADS value names: decimal digits, optionally surrounded by
  * blanks, in 1..256 (" 3 " is 3; "+3", "3x", "0", "257" and "" are not). CQ_ERR_ARG otherwise,

@@ -198,6 +198,23 @@ int cq_parse_num_threads(const char *text)
     return (int)v;
 }
 
+/* OMP_NUM_THREADS, as a scheduler sets it for a worker (Ray: the CPUs the worker holds): its first
+ * entry ("4" of "4,2", OpenMP's outermost level), by the rule of cq_parse_num_threads. 0 if unset
+ * or not a thread count (then it is ignored, as OpenMP would not use it either). */
+static int omp_threads(void)
+{
+    const char *env = getenv("OMP_NUM_THREADS");
+    if (!env || !*env) return 0;
+    char first[32];
+    size_t n = strcspn(env, ",");
+    if (n >= sizeof first) return 0;
+    memcpy(first, env, n);
+    first[n] = '\0';
+    int v = cq_parse_num_threads(first);
+    return v > 0 ? v : 0;
+}
+
+/* CQUANT_NUM_THREADS, else OMP_NUM_THREADS, else the CPUs this process may use (its affinity mask). */
 static int default_threads(void)
 {
     const char *env = getenv("CQUANT_NUM_THREADS");
@@ -205,6 +222,8 @@ static int default_threads(void)
         int v = cq_parse_num_threads(env);
         if (v > 0) return v;
     }
+    int omp = omp_threads();
+    if (omp > 0) return omp;
 #ifdef CPU_COUNT
     cpu_set_t set;
     if (sched_getaffinity(0, sizeof set, &set) == 0) {

@@ -28,7 +28,8 @@ from . import errors, ops  # noqa: E402
 
 
 def _check_thread_env() -> None:
-    """The C core ignores a CQUANT_NUM_THREADS it cannot use (and takes the CPU count); say so.
+    """The C core ignores a CQUANT_NUM_THREADS it cannot use (and takes OMP_NUM_THREADS or the CPU
+    count); say so.
     Whether it can is decided by the C core's own parser (one rule), and the count in the warning
     is the one the C core then uses."""
     import os

@@ -8,13 +8,17 @@
  * instead of crashing); sizes past 2^31 that do fit are accepted; k past the int32 limit is refused
  * by cq_gemm_s8s8s32 only; cq_linear refuses an output that overlaps an input (CQ_ERR_ALIAS);
  * cq_isa_error() explains a CQUANT_ISA that cannot be used; cq_shutdown() joins the pool's workers
- * and kernels still work after it. Run it once per ISA path with CQUANT_ISA=... Ends with
+ * and kernels still work after it; the default thread count is CQUANT_NUM_THREADS, else
+ * OMP_NUM_THREADS, else the CPU count (in forked children). Run it once per ISA path with CQUANT_ISA=... Ends with
  * "N passed, N failed"; with a CQUANT_ISA that cannot run here it prints cq_isa_error() and exits 77
  * (1 if that text is empty). */
 #if !defined(_POSIX_C_SOURCE) && !defined(__cplusplus)
 #define _POSIX_C_SOURCE 200112L /* setenv / unsetenv (POSIX, not C99) */
 #endif
 #include <pthread.h>
+#include <sys/types.h>
+#include <sys/wait.h>
+#include <unistd.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -345,6 +349,48 @@ static int threads_stable(void)
     return n;
 }
 
+/* The default thread count, read once at the first use: CQUANT_NUM_THREADS (cq_parse_num_threads's
+ * rule), else OMP_NUM_THREADS (as Ray sets it for an actor: its CPUs; the first entry of a list),
+ * else the CPUs this process may use. The value is cached, so each case runs in a forked child that
+ * has not read it yet (main runs this before anything else asks for the thread count); the child
+ * reports the count as its exit status, -1 if the child could not be run. */
+static int default_threads_with(const char *cquant_env, const char *omp_env)
+{
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    if (pid < 0) return -1;
+    if (pid == 0) {
+        if (cquant_env) setenv("CQUANT_NUM_THREADS", cquant_env, 1);
+        else unsetenv("CQUANT_NUM_THREADS");
+        if (omp_env) setenv("OMP_NUM_THREADS", omp_env, 1);
+        else unsetenv("OMP_NUM_THREADS");
+        int n = cq_get_num_threads();
+        _exit(n >= 1 && n <= 250 ? n : 255);
+    }
+    int status = 0;
+    if (waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return -1;
+    return WEXITSTATUS(status);
+}
+
+static void test_default_threads_env(void)
+{
+    int cpus = default_threads_with(NULL, NULL); /* neither set: the CPUs it may use */
+    CHECK(cpus >= 1 && cpus < 255, "default without either variable: the CPU count");
+    CHECK(default_threads_with(NULL, "3") == 3, "OMP_NUM_THREADS=3 (CQUANT_NUM_THREADS unset) -> 3");
+    CHECK(default_threads_with(NULL, " 5 ") == 5, "OMP_NUM_THREADS=' 5 ' -> 5");
+    CHECK(default_threads_with(NULL, "4,2") == 4, "OMP_NUM_THREADS=4,2 (nested list) -> its first entry");
+    CHECK(default_threads_with("2", "3") == 2, "CQUANT_NUM_THREADS wins over OMP_NUM_THREADS");
+    CHECK(default_threads_with("x", "3") == 3, "an unusable CQUANT_NUM_THREADS falls back to OMP_NUM_THREADS");
+    CHECK(default_threads_with("", "3") == 3, "an empty CQUANT_NUM_THREADS falls back to OMP_NUM_THREADS");
+    CHECK(default_threads_with(NULL, "0") == cpus, "OMP_NUM_THREADS=0 is ignored");
+    CHECK(default_threads_with(NULL, "abc") == cpus, "OMP_NUM_THREADS=abc is ignored");
+    CHECK(default_threads_with(NULL, "") == cpus, "an empty OMP_NUM_THREADS is ignored");
+    CHECK(default_threads_with(NULL, "257") == cpus, "OMP_NUM_THREADS past 256 is ignored");
+    CHECK(default_threads_with(NULL, ",4") == cpus, "OMP_NUM_THREADS with an empty first entry is ignored");
+    CHECK(default_threads_with("x", "y") == cpus, "both unusable: the CPU count");
+}
+
 /* cq_shutdown joins the pool's workers; kernels keep working (the pool restarts); twice is fine. */
 static void test_shutdown(void)
 {
@@ -424,6 +470,7 @@ int main(void)
            "C99",
 #endif
            cq_isa_name(isa));
+    test_default_threads_env(); /* first: it needs a process that has not read the thread count */
     test_version_and_strings();
     test_size_overflow();
     test_large_but_valid_sizes();
