@@ -73,6 +73,7 @@ _LAZY = {
     "calibration": ("calibration", None),
     "smoothing": ("smoothing", None),
     "qat": ("qat", None),  # quantization-aware training (imports torch)
+    "budget": ("budget", None),
 }
 
 

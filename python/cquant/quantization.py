@@ -16,7 +16,10 @@ Schemes
 ``scheme=`` takes one scheme or a mapping name/glob/class -> scheme (``None``: keep that layer in
 float), see :mod:`cquant.scheme`. A layer whose K does not fit the group size gets per_channel with
 the reason in its record (``strict=True``: an error instead). ``quantize_dynamic(model,
-calibration=batches, smoothing=0.5)`` calibrates and smooths (:mod:`cquant.smoothing`) first.
+calibration=batches, smoothing=0.5)`` calibrates and smooths (:mod:`cquant.smoothing`) first;
+``min_cosine=0.999`` (with ``calibration``) adds the accuracy budget (:mod:`cquant.budget`): the
+fewest, most sensitive layers are kept in float (or moved to a finer scheme) so that the model output
+on the calibration batches keeps that mean cosine; ``Quantizer.budget`` says what was chosen.
 
 What is walked
 --------------
@@ -82,6 +85,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import budget as _budget
 from . import calibration as _calibration
 from . import frontends as _frontends
 from . import adapters, errors, nn, ops
@@ -382,11 +386,21 @@ class Quantizer:
         #: what :meth:`quantize_dynamic` measured and did before quantizing (None if not asked)
         self.calibration: Optional[_calibration.Calibration] = None
         self.smoothing: Optional[_smoothing.SmoothingResult] = None
+        #: what the accuracy budget measured and chose (``min_cosine=``; None if not asked)
+        self.budget: Optional[_budget.BudgetResult] = None
+        self._budget_rules: Dict[str, Tuple[Optional[QuantScheme], str]] = {}
 
     def scheme_for(self, name: str, layer: Any, k: int) -> Tuple[Optional[QuantScheme], str]:
         """``(scheme, note)`` for layer ``name`` with ``k`` input columns: the per-layer rule or the
         default, with the per_channel fallback applied (``note`` says why; ``strict`` raises).
         ``(None, note)``: the rules keep this layer in float."""
+        for n in (name, name[: -len(".linear")] if name.endswith(".linear") else None):
+            if n is not None and n in self._budget_rules:  # chosen by the accuracy budget
+                s, note = self._budget_rules[n]
+                if s is None:
+                    return None, note
+                s2, fit = s.for_k(k, False, _display(name))
+                return s2, "; ".join(filter(None, [note, fit]))
         s, key = _resolve_scheme(name, layer, self.scheme, self.rules)
         if key == "" and name.endswith(".linear"):  # inside a smoothing wrapper: its name counts too
             s, key = _resolve_scheme(name[: -len(".linear")], layer, self.scheme, self.rules)
@@ -398,25 +412,48 @@ class Quantizer:
     def quantize_dynamic(cls, model: Any, mode: str = "dynamic", granularity: str = "per_channel",
                          group_size: Optional[int] = None, include: Patterns = None,
                          exclude: Patterns = None, inplace: bool = True, *, scheme: Any = None,
-                         strict: bool = False, calibration: Any = None, smoothing: Any = None) -> Any:
-        """One-call form: ``Quantizer(mode, ...).quantize(model, inplace)``. Returns the model.
+                         strict: bool = False, calibration: Any = None, smoothing: Any = None,
+                         min_cosine: Optional[float] = None, min_row_cosine: Optional[float] = None,
+                         refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
+        """One-call form: ``Quantizer(mode, ...).quantize(model, inplace, ...)``. Returns the model.
 
         ``calibration``: batches to run the float model on (arrays, tuples of positional arguments,
         or dicts of keyword arguments, e.g. a tokenizer's output); needed by ``smoothing``.
         ``smoothing``: SmoothQuant strength ``alpha`` in [0, 1] (``True`` = 0.5), or ``"auto"`` (the
         strength with the smallest int8 error, per group of layers sharing an input): activation outliers
         are moved into the weights before quantizing (:func:`cquant.smoothing.smooth`), folded into
-        the preceding LayerNorm / Linear where that is exact. The per-layer summary goes to the
-        ``"cquant"`` logger; build a :class:`Quantizer` and call :meth:`prepare_and_quantize` to keep
-        the summary, calibration and smoothing results as data, or call :func:`report` on the result.
+        the preceding LayerNorm / Linear where that is exact.
+        ``min_cosine``: accuracy budget (:mod:`cquant.budget`): the mean row cosine of the model output
+        against the float model on the calibration batches must reach it; the fewest, most sensitive
+        layers are kept in float (or moved to a finer scheme of ``refine``, default ``per_group(32)``)
+        to get there. ``min_row_cosine`` also bounds the worst row. The per-layer summary goes to the
+        ``"cquant"`` logger; build a :class:`Quantizer` and call :meth:`quantize` with the same
+        arguments to keep the summary, calibration, smoothing and budget results as data, or call
+        :func:`report` on the result.
         """
         q = cls(mode, granularity, group_size, include, exclude, scheme=scheme, strict=strict)
-        return q.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace)
+        return q.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
+                                      min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
 
     def prepare_and_quantize(self, model: Any, calibration: Any = None, smoothing: Any = None,
-                             inplace: bool = True) -> Any:
-        """Calibrate and smooth (if asked), then :meth:`quantize`. Fills :attr:`calibration`,
-        :attr:`smoothing` and :attr:`summary`."""
+                             inplace: bool = True, min_cosine: Optional[float] = None,
+                             min_row_cosine: Optional[float] = None,
+                             refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
+        """Calibrate and smooth (if asked), apply the accuracy budget (if asked), then quantize.
+        Fills :attr:`calibration`, :attr:`smoothing`, :attr:`budget` and :attr:`summary`."""
+        self.budget = None
+        self._budget_rules = {}
+        budgeted = min_cosine is not None or min_row_cosine is not None
+        if budgeted:
+            if min_cosine is None:
+                raise errors.ValueError("min_row_cosine needs min_cosine (the bound on the mean) too")
+            _budget.check_target(min_cosine)
+            if min_row_cosine is not None:
+                _budget.check_target(min_row_cosine, "min_row_cosine")
+            refine = _check_refine(refine)
+            if calibration is None:
+                raise errors.ValueError("the accuracy budget needs calibration batches: "
+                                        "quantize_dynamic(model, calibration=batches, min_cosine=0.999)")
         if smoothing is True:
             smoothing = 0.5
         if smoothing is not None and smoothing is not False:
@@ -428,7 +465,7 @@ class Quantizer:
                 raise errors.ValueError("smoothing needs calibration batches: "
                                         "quantize_dynamic(model, calibration=batches, smoothing=0.5)")
         if calibration is None:
-            return self.quantize(model, inplace=inplace)
+            return self._quantize(model, inplace=inplace)
         if not inplace:
             model = copy.deepcopy(model)
         batches = _calibration.batch_list(calibration)
@@ -438,7 +475,44 @@ class Quantizer:
             self.calibration = self.smoothing.calibration
         else:
             self.calibration = _calibration.calibrate(model, batches, include=self.include, exclude=self.exclude)
-        return self.quantize(model, inplace=True)
+        if budgeted:
+            self._apply_budget(model, batches, float(min_cosine), min_row_cosine, refine)  # type: ignore[arg-type]
+        out = self._quantize(model, inplace=True)
+        if self.budget is not None:
+            logger.info("%s", self.budget.summary())
+        return out
+
+    def _clone(self, scheme: Optional[QuantScheme] = None) -> "Quantizer":
+        """A Quantizer with the same selection; ``scheme``: every selected layer on that scheme
+        (the rules that keep a layer in float still apply)."""
+        q = Quantizer(include=self.include or None, exclude=self.exclude or None, strict=False)
+        q.scheme = scheme or self.scheme
+        q.rules = self.rules if scheme is None else tuple((k, None) for k, v in self.rules if v is None)
+        q.mode, q.granularity, q.group_size = q.scheme.mode, q.scheme.granularity, q.scheme.group_size
+        return q
+
+    def _apply_budget(self, model: Any, batches: List[Any], min_cosine: float, min_row_cosine: Optional[float],
+                      refine: Tuple[QuantScheme, ...]) -> None:
+        by_name = {str(s): s for s in refine}
+        quiet = logging.getLogger("cquant")
+
+        def quantize_copy(spec: Optional[str]) -> Any:
+            q = self._clone(None if spec is None else by_name[spec])
+            level = quiet.level
+            quiet.setLevel(max(level, logging.WARNING) if level != logging.NOTSET else logging.WARNING)
+            try:
+                return q._quantize(model, inplace=False)
+            finally:
+                quiet.setLevel(level)
+
+        res = _budget.plan(model, batches, quantize_copy, min_cosine, min_row_cosine, tuple(by_name))
+        self.budget = res
+        rules: Dict[str, Tuple[Optional[QuantScheme], str]] = {}
+        for name in res.kept_float:
+            rules[name] = (None, _budget.reason(res, name))
+        for name, spec in res.refined.items():
+            rules[name] = (by_name[spec], _budget.reason(res, name))
+        self._budget_rules = rules
 
     # -- the three phases -------------------------------------------------------------------------
     def _select(self, model: Any) -> Tuple[List[_Plan], List[LayerRecord], List[str]]:
@@ -543,12 +617,25 @@ class Quantizer:
                                _display(plan.name), e)
         return obj
 
-    def quantize(self, model: Any, inplace: bool = True) -> Any:
+    def quantize(self, model: Any, inplace: bool = True, *, calibration: Any = None, smoothing: Any = None,
+                 min_cosine: Optional[float] = None, min_row_cosine: Optional[float] = None,
+                 refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
         """Quantize ``model``'s Linear layers; returns the model (a deep copy if ``inplace=False``).
 
         Fills :attr:`summary`. Raises ``NonFiniteError`` / ``ValueError`` naming the layer, with the
         model unmodified, if a selected weight is not finite or cannot be quantized as asked.
+        ``calibration``, ``smoothing``, ``min_cosine``, ``min_row_cosine``, ``refine``: see
+        :meth:`quantize_dynamic` (then :attr:`calibration`, :attr:`smoothing` and :attr:`budget`
+        are filled too).
         """
+        if calibration is None and smoothing is None and min_cosine is None and min_row_cosine is None:
+            self.budget = None
+            self._budget_rules = {}
+            return self._quantize(model, inplace)
+        return self.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
+                                         min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
+
+    def _quantize(self, model: Any, inplace: bool = True) -> Any:
         if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
             return self._quantize_torch(model, inplace)
         if model is None or isinstance(model, (np.ndarray, np.generic, int, float, complex, str, bytes)):
@@ -645,6 +732,22 @@ class Quantizer:
         for reason, names in groups.items():
             shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
             logger.info("  skipped (%s): %s", reason, shown)
+
+
+def _check_refine(refine: Any) -> Tuple[QuantScheme, ...]:
+    """``refine=`` (schemes or names, tried in order before float) -> a tuple of QuantSchemes."""
+    if refine is None:
+        return ()
+    if isinstance(refine, (str, QuantScheme)):
+        refine = (refine,)
+    out = []
+    for r in refine:
+        if isinstance(r, str):
+            r = QuantScheme.parse(r)
+        if not isinstance(r, QuantScheme):
+            raise errors.TypeError(f"refine: expected QuantSchemes or scheme names, got {type(r).__name__}")
+        out.append(r)
+    return tuple(out)
 
 
 @dataclass
