@@ -329,6 +329,26 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
  * facc_fold, s8_unit's CQ_OUT_FACC epilogue bit for bit; the scales of GB groups of the 4 panels
  * are gathered once, a contiguous read per row. */
 enum { GB = 16 };
+
+/* The scales of groups [g0, g0 + gn) of the 4 panels pp of a GEMV unit: wsb[g - g0][i*nr + j] (0 past
+ * n). Each row's consecutive scales are one contiguous read (a per-group gather of 4*nr scalars, rows
+ * ng floats apart, was 40% of a per-group GEMV); the lines of the block after next are prefetched
+ * (rows ng floats apart defeat the hardware prefetcher). */
+static void gather_scales(const lin_ctx *c, const int64_t *pp, int64_t g0, int64_t gn, float (*wsb)[4 * MAXNR])
+{
+    const int nr = c->nr;
+    for (int i = 0; i < 4; i++)
+        for (int j = 0; j < nr; j++) {
+            int64_t row = pp[i] * nr + j;
+            if (row >= c->n) { for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = 0.0f; continue; }
+            if (c->scheme == CQ_PER_TENSOR) { for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = c->scales[0]; continue; }
+            const float *src = c->scales + row * c->ng + g0;
+            if (g0 + 2 * GB < c->ng) __builtin_prefetch(src + 2 * GB);
+            if (g0 == 0 && GB < c->ng) __builtin_prefetch(src + GB);
+            for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = src[g];
+        }
+}
+
 static void s8_gemv4_group_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -346,14 +366,7 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
     memset(facc, 0, sizeof facc);
     for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
         const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < nr; j++) {
-                int64_t row = pp[i] * nr + j;
-                const float *src = c->scales + row * c->ng + g0;
-                if (row >= c->n) { for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = 0.0f; continue; }
-                if (g0 + 2 * GB < c->ng) __builtin_prefetch(src + 2 * GB);
-                for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = src[g];
-            }
+        gather_scales(c, pp, g0, gn, wsb);
         for (int64_t g = g0; g < g0 + gn; g++) {
             const int64_t t0 = g * c->group4;
             if (!c->i4) {
@@ -392,10 +405,7 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     int64_t p0 = 4 * u;
     const int8_t *panels[4];
     float bb[MAXNR], y[WO_GEMM_MIN_M - 1][4 * MAXNR];
-    /* the scales of GB groups of the unit's 4 panels, gathered once for all rows: per group a
-     * strided gather of 4 * nr scalars (rows ng floats apart) was 40% of the time of a per-group
-     * (11008, 4096) GEMV; here each row's GB consecutive scales are one contiguous read */
-    float wsb[GB][4 * MAXNR];
+    float wsb[GB][4 * MAXNR]; /* the scales of GB groups, gathered once for all rows (gather_scales) */
     int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
     /* int4 with a kernel that expands the codes in registers: slices of the int4 panels directly */
     const cq_f32_i4_gemv4_fn gemv_i4 = c->i4 && c->fcfg->gemv4_i4 ? (cq_f32_i4_gemv4_fn)c->fcfg->gemv4_i4->fn : NULL;
@@ -407,17 +417,7 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     memset(y, 0, sizeof y);
     for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
         const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
-        for (int i = 0; i < 4; i++)
-            for (int j = 0; j < nr; j++) {
-                int64_t row = pp[i] * nr + j;
-                const float *src = c->scheme == CQ_PER_TENSOR ? c->scales : c->scales + row * c->ng + g0;
-                /* the next block's line of this row: rows ng floats apart defeat the hardware
-                 * prefetcher, and a miss per row per block was most of this loop's time */
-                if (g0 + 2 * GB < c->ng && row < c->n) __builtin_prefetch(src + 2 * GB);
-                if (g0 == 0 && GB < c->ng && row < c->n) __builtin_prefetch(src + GB);
-                for (int64_t g = 0; g < gn; g++)
-                    wsb[g][i * nr + j] = row >= c->n ? 0.0f : c->scheme == CQ_PER_TENSOR ? src[0] : src[g];
-            }
+        gather_scales(c, pp, g0, gn, wsb);
         for (int64_t r = 0; r < c->m; r++)
             for (int64_t gi = g0; gi < g0 + gn; gi++) {
                 const int64_t t0 = gi * c->group4;
