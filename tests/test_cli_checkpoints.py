@@ -539,3 +539,38 @@ def test_outputs_get_the_usual_umask_permissions(tmp_path, capsys, mask):
     os.chmod(tmp_path / "q.safetensors", 0o640)
     assert run(["quantize", src, "-o", tmp_path / "q.safetensors", "-q"], capsys)[0] == 0
     assert stat.S_IMODE((tmp_path / "q.safetensors").stat().st_mode) == 0o640
+
+
+def test_quantize_bits_4_writes_two_codes_a_byte_and_loads_back(tmp_path, capsys):
+    """`cquant quantize --bits 4`: int4 codes two per byte (U8 (N, ceil(K/2))), "bits": 4 in the layer
+    metadata, a file under 0.16 of float32 for group 32, and load_into gives exactly what quantizing in
+    Python with the same scheme gives; --bits 4 with a group that is not a multiple of 8 exits 2."""
+    g = np.random.default_rng(4)
+    w0, b0 = g.standard_normal((96, 128)).astype(np.float32), g.standard_normal(96).astype(np.float32)
+    w1 = g.standard_normal((16, 96)).astype(np.float32)
+    src = tmp_path / "f.safetensors"
+    write(src, {"0.weight": w0, "0.bias": b0, "1.weight": w1})
+    out = tmp_path / "q4.safetensors"
+    rc, _, err = run(["quantize", src, "-o", out, "--granularity", "per_group", "--group-size", "32",
+                      "--bits", "4"], capsys)
+    assert rc == 0, err
+    with SafetensorsReader(str(out)) as r:
+        layers = json.loads(r.metadata[KEY_LAYERS])
+        assert layers["0"]["bits"] == 4 and layers["1"]["bits"] == 4
+        assert r.infos["0.weight_q"].dtype == "U8" and tuple(r.infos["0.weight_q"].shape) == (96, 64)
+    assert os.path.getsize(out) < 0.2 * src.stat().st_size  # codes + scales + f32 bias + header
+    m = nn.Sequential(nn.Linear(128, 96, rng=g), nn.Linear(96, 16, rng=g))
+    cquant.load_into(m, out)
+    ref = nn.Sequential(nn.Linear(128, 96, rng=g), nn.Linear(96, 16, rng=g))
+    ref[0].weight[...] = w0
+    ref[0].bias[...] = b0
+    ref[1].weight[...] = w1
+    ref[1].bias = None
+    m[1].bias = None
+    ref = cquant.Quantizer(scheme="int4 dynamic per_group(32)").quantize(ref)
+    x = g.standard_normal((5, 128)).astype(np.float32)
+    assert m[0].qweight.bits == 4
+    np.testing.assert_array_equal(m(x), ref(x))
+    rc, _, err = run(["quantize", src, "-o", tmp_path / "bad.safetensors", "--granularity", "per_group",
+                      "--group-size", "4", "--bits", "4"], capsys)
+    one_line_2(rc, err)

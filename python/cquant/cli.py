@@ -1,7 +1,7 @@
 """The ``cquant`` command (also ``python -m cquant``).
 
     cquant quantize IN -o OUT [--mode dynamic|weight_only]
-                    [--granularity per_tensor|per_channel|per_group] [--group-size G]
+                    [--granularity per_tensor|per_channel|per_group] [--group-size G] [--bits 8|4]
                     [--include PAT ...] [--exclude PAT ...] [--transposed PAT ...] [--embeddings]
                     [--max-shard-size SIZE]
     cquant report   CHECKPOINT [--reference FLOAT] [scheme options] [--top N]
