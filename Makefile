@@ -311,11 +311,12 @@ asan-c: build/asan/test_kernels build/asan/test_api build/asan/test_concurrency 
 	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels >/dev/null || exit 1; done
 
 ASAN_PY := build/asan/py
-# tests that measure memory (ASan's shadow memory and quarantine make RSS meaningless), and torch
-# jit.trace / export (torch aborts under the preloaded ASan runtime)
+# tests that measure memory (ASan's shadow memory and quarantine make RSS meaningless), torch
+# jit.trace / export (torch aborts under the preloaded ASan runtime) and Ray (its actor processes
+# inherit the preloaded runtime; one run hung): none of them adds C code paths to what runs here
 ASAN_DESELECT := --deselect tests/test_cli.py::test_quantize_streams_with_bounded_peak_rss \
                  --ignore tests/test_torch_adapter.py --ignore tests/test_minilm.py \
-                 --ignore tests/test_torch_roundtrip.py \
+                 --ignore tests/test_torch_roundtrip.py --ignore tests/test_ray.py \
                  --deselect tests/test_bench_smoke.py::test_quick_with_installed_peers
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 $(ASAN_PY)/.stamp: $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py setup.py
