@@ -400,22 +400,8 @@ def test_distillation_from_the_float_model_reduces_loss():
 
 
 # ---- int4 (bits=4) ----------------------------------------------------------------------------------
-def _int4_scheme(text):
-    try:
-        return QuantScheme.parse(text)
-    except errors.QuantizationError as e:
-        pytest.skip(f"int4 weights are not available in this build yet ({e})")
-
-
-def _ops_int4():
-    import inspect
-    if "bits" not in inspect.signature(ops.quantize_weight).parameters:
-        pytest.skip("cquant.ops has no int4 weights in this build yet")
-
-
 @pytest.mark.parametrize("gran, g", [("per_tensor", None), ("per_channel", None), ("per_group", 32)])
 def test_int4_fake_quant_codes_are_cquants(gran, g):
-    _ops_int4()
     torch.manual_seed(0)
     w = torch.randn(24, 128) * torch.rand(24, 1) * 3
     w[2] = 0
@@ -429,11 +415,9 @@ def test_int4_fake_quant_codes_are_cquants(gran, g):
 
 @pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
 def test_int4_qat_layer_eval_is_the_int4_kernel_every_isa(mode):
-    """A QATLinear with an int4 scheme (built by hand while QuantScheme refuses bits=4) runs the
-    int4 kernel in eval mode, bit for bit, and its fast training path is close to it."""
-    _ops_int4()
-    s = QuantScheme.from_args(mode, "per_group", 32)
-    object.__setattr__(s, "bits", 4)
+    """A QATLinear with an int4 scheme runs the int4 kernel in eval mode, bit for bit, and its fast
+    training path is close to it."""
+    s = QuantScheme.from_args(mode, "per_group", 32, bits=4)
     torch.manual_seed(0)
     lin = torch.nn.Linear(128, 40)
     layer = qat.QATLinear(lin, s).eval()
@@ -458,7 +442,7 @@ def test_int4_qat_layer_eval_is_the_int4_kernel_every_isa(mode):
 
 @pytest.mark.parametrize("text", ["int4 dynamic per_channel", "int4 weight_only per_group(32)"])
 def test_int4_eval_bit_identical_every_isa(text):
-    s = _int4_scheme(text)
+    s = QuantScheme.parse(text)
     fake, q, _ = qat.fake_quantize_weight(torch.randn(24, 128), s.granularity, s.group_size, bits=4,
                                           return_codes=True)
     assert q.abs().max() <= 7

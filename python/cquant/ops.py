@@ -229,11 +229,11 @@ def _scale_shape(granularity: str, n: int, k: int, group_size: Optional[int]) ->
 
 
 # ---- quantized weights ----------------------------------------------------------------------------
-def _owner_nbytes(a: np.ndarray) -> int:
-    """nbytes of the array owning a's memory (a itself unless a is a view of another array)."""
+def _array_owner(a: np.ndarray) -> np.ndarray:
+    """The array owning a's memory (a itself unless a is a view of another array)."""
     while isinstance(a.base, np.ndarray):
         a = a.base
-    return a.nbytes
+    return a
 
 
 def _empty64(size: int) -> np.ndarray:
@@ -353,7 +353,7 @@ class QuantizedWeight:
         """Bytes this weight holds (packed codes with their header and column sums + scales),
         measured from its arrays: each charged with the memory block it views (the packed codes
         sit in a block up to 64 bytes larger, for their 64-byte alignment)."""
-        return int(_owner_nbytes(self.packed) + _owner_nbytes(self.scale))
+        return int(_array_owner(self.packed).nbytes + _array_owner(self.scale).nbytes)
 
     @property
     def scheme(self) -> str:

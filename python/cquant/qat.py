@@ -164,14 +164,8 @@ class _KernelValue(torch.autograd.Function):
 # --------------------------------------------------------------------------------------------------
 
 def _quantize_weight(arr: np.ndarray, scheme: QuantScheme, name: str) -> ops.QuantizedWeight:
-    if scheme.bits == 8:
-        return ops.quantize_weight(arr, granularity=scheme.granularity, group_size=scheme.group_size, name=name)
-    try:
-        return ops.quantize_weight(arr, granularity=scheme.granularity, group_size=scheme.group_size,
-                                   name=name, bits=scheme.bits)  # type: ignore[call-arg]
-    except TypeError as e:  # an ops without the bits argument
-        raise errors.ValueError(f"{name}: int{scheme.bits} weights are not available in this build of "
-                                f"cquant.ops ({e})") from e
+    return ops.quantize_weight(arr, granularity=scheme.granularity, group_size=scheme.group_size,
+                               name=name, bits=scheme.bits)
 
 
 class QATLinear(torch.nn.Module):

@@ -896,10 +896,7 @@ def format_report(rows: Sequence[ReportRow]) -> str:
     return "\n".join([fmt(header), rule] + [fmt(r) for r in body] + [rule, fmt(total)])
 
 
-def _array_owner(a: np.ndarray) -> np.ndarray:
-    while isinstance(a.base, np.ndarray):
-        a = a.base
-    return a
+_array_owner = ops._array_owner
 
 
 def model_nbytes(model: Any) -> int:
