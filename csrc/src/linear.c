@@ -282,33 +282,41 @@ static void s8_unit(void *vctx, int64_t u)
 
 /* M = 1, per-channel / per-tensor: a unit is 4 consecutive panels read as 4 concurrent streams.
  * Same integer sums and the same epilogue as s8_unit. */
+/* acc[i*nr + j] = raw int32 sums (modulo 2^32) of steps [t0, t0 + nt) of panels pp[0..3] against the
+ * quantized activation row: one GEMV call over the packed panels, or for int4 blocks of the 4 panels
+ * expanded side by side (2 * I4_SCRATCH bytes) with their sums added. */
+static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int64_t nt, int32_t *acc)
+{
+    const int nr = c->nr;
+    const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
+    const int8_t *panels[4];
+    if (!c->i4) {
+        for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
+        gemv(nr, nt, c->qa + 4 * t0, panels, c->kp4 * 4 * (int64_t)nr, acc);
+        return;
+    }
+    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
+    int32_t part[4 * MAXNR] __attribute__((aligned(64)));
+    const int64_t blk = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr); /* steps per panel per block */
+    memset(acc, 0, sizeof(int32_t) * 4 * (size_t)nr);
+    for (int64_t t = t0; t < t0 + nt; t += blk) {
+        int64_t n4 = t0 + nt - t < blk ? t0 + nt - t : blk;
+        for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, scratch + i * blk * 4 * nr);
+        gemv(nr, n4, c->qa + 4 * t, panels, blk * 4 * (int64_t)nr, part);
+        for (int i = 0; i < 4 * nr; i++) acc[i] = (int32_t)((uint32_t)acc[i] + (uint32_t)part[i]);
+    }
+}
+
 static void s8_gemv4_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
     const int nr = c->nr;
-    int64_t p0 = 4 * u;
-    const int8_t *panels[4];
+    int64_t p0 = 4 * u, pp[4];
     int32_t acc[4 * MAXNR] __attribute__((aligned(64)));
     float ws[MAXNR], bb[MAXNR];
     int32_t comp[MAXNR];
-    const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
-    if (!c->i4) {
-        for (int i = 0; i < 4; i++) /* past the last panel: repeat it (its sums are discarded) */
-            panels[i] = panel_at(c, p0 + i < c->np ? p0 + i : c->np - 1, 0);
-        gemv(nr, c->kp4, c->qa, panels, c->kp4 * 4 * (int64_t)nr, acc);
-    } else { /* int4: blocks of the 4 panels expanded side by side, sums added modulo 2^32 */
-        int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
-        int32_t part[4 * MAXNR] __attribute__((aligned(64)));
-        const int64_t blk = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr); /* steps per panel per block */
-        memset(acc, 0, sizeof acc);
-        for (int64_t t = 0; t < c->kp4; t += blk) {
-            int64_t n4 = c->kp4 - t < blk ? c->kp4 - t : blk;
-            for (int i = 0; i < 4; i++)
-                panels[i] = panel_blk(c, p0 + i < c->np ? p0 + i : c->np - 1, t, n4, scratch + i * blk * 4 * nr);
-            gemv(nr, n4, c->qa + 4 * t, panels, blk * 4 * (int64_t)nr, part);
-            for (int i = 0; i < 4 * nr; i++) acc[i] = (int32_t)((uint32_t)acc[i] + (uint32_t)part[i]);
-        }
-    }
+    for (int i = 0; i < 4; i++) pp[i] = p0 + i < c->np ? p0 + i : c->np - 1; /* past the last: repeat it */
+    qd8_gemv4_sums(c, pp, 0, c->kp4, acc);
     float sx = c->sx[0];
     for (int i = 0; i < 4 && p0 + i < c->np; i++) {
         int64_t p = p0 + i, cols = cols_of(c, p);
@@ -353,34 +361,18 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
     const int nr = c->nr;
-    const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
     int64_t p0 = 4 * u, last = c->np - 1, pp[4];
     for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
-    const int8_t *panels[4];
-    int32_t acc[4 * MAXNR] __attribute__((aligned(64))), part[4 * MAXNR] __attribute__((aligned(64)));
+    int32_t acc[4 * MAXNR] __attribute__((aligned(64)));
     float facc[4 * MAXNR], wsb[GB][4 * MAXNR], bb[MAXNR];
     int32_t comp[MAXNR];
-    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
-    const int64_t blk = c->i4 ? 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr) : c->group4; /* int4 steps per block */
     const float sx = c->sx[0];
     memset(facc, 0, sizeof facc);
     for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
         const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
         gather_scales(c, pp, g0, gn, wsb);
         for (int64_t g = g0; g < g0 + gn; g++) {
-            const int64_t t0 = g * c->group4;
-            if (!c->i4) {
-                for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
-                gemv(nr, c->group4, c->qa + 4 * t0, panels, c->kp4 * 4 * (int64_t)nr, acc);
-            } else {
-                memset(acc, 0, sizeof acc);
-                for (int64_t t = t0; t < t0 + c->group4; t += blk) {
-                    int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
-                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, scratch + i * blk * 4 * nr);
-                    gemv(nr, n4, c->qa + 4 * t, panels, blk * 4 * (int64_t)nr, part);
-                    for (int i = 0; i < 4 * nr; i++) acc[i] = (int32_t)((uint32_t)acc[i] + (uint32_t)part[i]);
-                }
-            }
+            qd8_gemv4_sums(c, pp, g * c->group4, c->group4, acc);
             for (int i = 0; i < 4; i++) {
                 if (c->u8) panel_comp(c, pp[i], g, comp);
                 c->ew->facc_fold(nr, acc + i * nr, c->u8 ? comp : NULL, sx, wsb[g - g0] + i * nr, facc + i * nr);
