@@ -146,7 +146,7 @@ typedef struct {
     int isa, format;
     const cq_ukernel *dequant, *gemm, *gemv4;
     int kc;                          /* k block dequantized at once (floats per column) */
-    const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers (or NULL) */
+    const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers */
 } cq_f32_config;
 const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4);
 const cq_f32_config *cq_f32_config_for(int active_isa, int format);

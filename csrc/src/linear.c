@@ -398,12 +398,10 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     const int8_t *panels[4];
     float bb[MAXNR], y[WO_GEMM_MIN_M - 1][4 * MAXNR];
     float wsb[GB][4 * MAXNR]; /* the scales of GB groups, gathered once for all rows (gather_scales) */
-    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
-    /* int4 with a kernel that expands the codes in registers: slices of the int4 panels directly */
-    const cq_f32_i4_gemv4_fn gemv_i4 = c->i4 && c->fcfg->gemv4_i4 ? (cq_f32_i4_gemv4_fn)c->fcfg->gemv4_i4->fn : NULL;
+    /* int4: every config's int4 GEMV expands the codes in registers, reading slices of the int4
+     * panels directly (16-column slices of 64-row panels on AVX2) */
+    const cq_f32_i4_gemv4_fn gemv_i4 = (cq_f32_i4_gemv4_fn)c->fcfg->gemv4_i4->fn;
     const int64_t step4 = 4 * (int64_t)c->h4.nr, kp8 = c->kp4 / 2;
-    /* int4 without one: a group in blocks of the 4 panels expanded side by side */
-    const int64_t blk = c->i4 ? 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr) : c->group4;
     int64_t last = c->np - 1, pp[4];
     for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
     memset(y, 0, sizeof y);
@@ -415,18 +413,15 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
                 const int64_t t0 = gi * c->group4;
                 const float *ws = wsb[gi - g0];
                 const float *xr = c->x + r * c->xlda;
-                if (gemv_i4) {
+                if (c->i4) {
                     for (int i = 0; i < 4; i++) {
                         int64_t col = pp[i] * nr;
                         panels[i] = c->codes4 + ((col / c->h4.nr) * kp8 + t0 / 2) * step4 + (col % c->h4.nr) * 4;
                     }
                     gemv_i4(nr, c->group4 / 2, xr + 4 * t0, panels, step4, ws, y[r]);
-                    continue;
-                }
-                for (int64_t t = t0; t < t0 + c->group4; t += blk) {
-                    int64_t n4 = t0 + c->group4 - t < blk ? t0 + c->group4 - t : blk;
-                    for (int i = 0; i < 4; i++) panels[i] = panel_blk(c, pp[i], t, n4, c->i4 ? scratch + i * blk * 4 * nr : NULL);
-                    gemv(nr, n4, xr + 4 * t, panels, ws, y[r]);
+                } else {
+                    for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
+                    gemv(nr, c->group4, xr + 4 * t0, panels, ws, y[r]);
                 }
             }
     }
@@ -624,7 +619,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
                 }
                 c.x = xp; c.xlda = lda; scratch = xp;
             }
-            cq_set_last_kernel(c.i4 && c.fcfg->gemv4_i4 ? c.fcfg->gemv4_i4->name : c.fcfg->gemv4->name);
+            cq_set_last_kernel(c.i4 ? c.fcfg->gemv4_i4->name : c.fcfg->gemv4->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
         } else {

@@ -714,6 +714,12 @@ static int test_registry(void)
         fflush(stdout);
         tested++;
     }
+    /* the weight-only driver calls an int4 GEMV on every config (no expansion fallback) */
+    for (int path = CQ_ISA_SCALAR; path <= CQ_ISA_AVXVNNI; path++)
+        for (int fmt = CQ_FORMAT_N16K4; fmt <= CQ_FORMAT_N64K4; fmt++) {
+            const cq_f32_config *f = cq_f32_config_for(path, fmt);
+            CHECK(!f || (f->gemv4_i4 && f->gemv4_i4->op == CQ_UK_F32_I4_GEMV4), "path %d format %d: no int4 GEMV", path, fmt);
+        }
     return tested;
 }
 
