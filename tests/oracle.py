@@ -98,6 +98,21 @@ def quantize_rows_s8(x):
     return q, s
 
 
+def quantize_rows_static(x, scale):
+    """Static activations: every row of x (M, K) with the one float32 scale, codes clamped to
+    [-127, 127]; a row with NaN/Inf gets scale NaN and codes 0 -> (q, scale (M,))."""
+    x = np.asarray(x)
+    with np.errstate(over="ignore"):
+        x = x.astype(F32)
+    bad = ~np.isfinite(x).all(axis=1)
+    xs = np.where(bad[:, None], F32(0), x)
+    q = _codes(xs, F32(scale))
+    q[bad] = 0
+    s = np.full(x.shape[0], F32(scale), dtype=F32)
+    s[bad] = np.nan
+    return q, s
+
+
 def quantize_rows_u8(x):
     """As quantize_rows_s8, codes stored as uint8 q + 128 (NaN/Inf rows: 128)."""
     q, s = quantize_rows_s8(x)
@@ -163,12 +178,12 @@ def _sw_matrix(scale, granularity, n, ng):
 
 # ---- linears -------------------------------------------------------------------------------------------
 def linear_dynamic(x, q, scale, granularity: str = "per_channel", group_size: Optional[int] = None,
-                   bias=None, *, fma_groups: bool = False) -> np.ndarray:
+                   bias=None, *, fma_groups: bool = False, x_scale=None) -> np.ndarray:
     """Dynamic linear of x (M, K) through codes q (N, K) with scales `scale`, float32 (M, N), in
     the epilogue order of the module docstring (bit-exact with cquant when `fma_groups` says
     whether the kernel that runs folds groups with an FMA: True for every SIMD kernel, False for
-    the scalar "_ref" kernels)."""
-    qx, sx = quantize_rows_s8(x)
+    the scalar "_ref" kernels). x_scale: static activations (one scale for every row)."""
+    qx, sx = quantize_rows_s8(x) if x_scale is None else quantize_rows_static(x, x_scale)
     q = np.asarray(q)
     n, k = q.shape
     m = qx.shape[0]

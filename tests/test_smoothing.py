@@ -215,3 +215,50 @@ def test_torch_prenorm_and_postnorm():
             e_s = np.mean([_rel(qm(torch.from_numpy(x)).numpy(), r) for x, r in zip(test, ref)])
             e_p = np.mean([_rel(plain(torch.from_numpy(x)).numpy(), r) for x, r in zip(test, ref)])
         assert e_s < e_p / 2, (post, e_s, e_p)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weight_only"])
+def test_prescale_runs_inside_the_kernel(monkeypatch, mode):
+    """Once quantized, a pre-scale wrapper hands 1/s to the kernel (ops.linear's x_mul: the
+    activation quantizer's pass) instead of multiplying x in numpy; same output bit for bit."""
+    model = PostNorm()
+    sm = copy.deepcopy(model)
+    smooth(sm, _batches(), alpha=0.5)
+    Quantizer.quantize_dynamic(sm, mode=mode)
+    assert isinstance(sm.fc1, Smoothed) and isinstance(sm.fc1.linear, QuantizedLinear)
+    x = _batches(n=1, seed=4)[0]
+    a = sm.norm(x)
+    want = cquant.ops.linear((a * sm.fc1.inv_scale).astype(np.float32), sm.fc1.linear.qweight,
+                             sm.fc1.linear.bias, mode=mode)
+    seen = []
+    real = cquant.ops.linear
+
+    def spy(x, qw, bias=None, mode="dynamic", **kw):
+        seen.append(kw.get("x_mul") is not None)
+        return real(x, qw, bias, mode, **kw)
+    monkeypatch.setattr(cquant.ops, "linear", spy)
+    got = sm.fc1(a)
+    assert seen == [True]
+    np.testing.assert_array_equal(got, want)
+
+
+def test_torch_prescale_runs_inside_the_kernel(monkeypatch):
+    torch = pytest.importorskip("torch")
+    from cquant.adapters.torch_smoothing import SmoothedTorchLinear
+    inv = np.linspace(0.5, 2.0, 64).astype(np.float32)
+    wrapped = Quantizer.quantize_dynamic(torch.nn.Sequential(SmoothedTorchLinear(torch.nn.Linear(64, 32), inv)),
+                                         inplace=False)
+    assert type(wrapped[0].linear).__name__ == "QuantizedTorchLinear"
+    x = torch.from_numpy(_batches(n=1, seed=2)[0])
+    seen = []
+    real = cquant.ops.linear
+
+    def spy(x, qw, bias=None, mode="dynamic", **kw):
+        seen.append(kw.get("x_mul") is not None)
+        return real(x, qw, bias, mode, **kw)
+    monkeypatch.setattr(cquant.ops, "linear", spy)
+    with torch.no_grad():
+        got = wrapped(x).numpy()
+        want = wrapped[0].linear(x * torch.from_numpy(inv)).numpy()  # the multiply outside, as before
+    assert seen == [True, False]
+    np.testing.assert_array_equal(got, want)

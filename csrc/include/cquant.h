@@ -222,6 +222,20 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);
 
+/* cq_linear with two activation options (cq_linear is this with NULL, 0):
+ *   x_mul (k floats, or NULL): the layer's input is x * x_mul (each column j of x times x_mul[j],
+ *     the float32 product), applied inside the activation quantizer in dynamic mode (no extra pass
+ *     over x) and by one pre-scaled copy of x in weight-only mode: SmoothQuant's 1 / s where it
+ *     could not be folded into the preceding layer. Must be finite (CQ_ERR_NONFINITE otherwise).
+ *   x_scale: 0 for per-row dynamic scales; > 0 (finite) for static activations, dynamic mode
+ *     only: every row is quantized with this scale, codes clamp(round_half_even(x / x_scale),
+ *     -127, 127), and y = acc * (x_scale * sw) + b. A row of x holding NaN/Inf still gives a
+ *     non-finite row of y. CQ_ERR_ARG for a negative, NaN or infinite x_scale or weight-only mode.
+ * x_mul must not overlap y (CQ_ERR_ALIAS). */
+int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                 const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                 const float *x_mul, float x_scale, float *y);
+
 /* Name of the micro-kernel the calling thread's last cq_linear / cq_gemm_s8s8s32 ran, e.g.
  * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. A call
  * that fails its checks, or has m == 0, runs nothing and leaves it unchanged. */

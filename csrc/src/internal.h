@@ -194,10 +194,12 @@ void cq_set_last_kernel(const char *name);
 
 /* Quantize rows of x (m, k) into q with row stride ldq >= k (columns [k, ldq) get code 0), per-row
  * scales; flip 0x80 stores u8 codes (q + 128); tiled: in the 16 x 64-byte tiles of
- * cq_ukernel.a_tiled instead of rows (ldq a multiple of 64). The activation quantizer of cq_linear
- * (quantize.c). */
-void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                           int flip, int tiled, int8_t *q, float *scales);
+ * cq_ukernel.a_tiled instead of rows (ldq a multiple of 64). mul (k floats, or NULL): quantize
+ * x[r][i] * mul[i] (the float32 product) instead of x; fixed > 0: every row's scale is fixed (static
+ * activations; codes clamp), else max|row| / 127. A non-finite row gets scale NaN and codes 0.
+ * The activation quantizer of cq_linear (quantize.c). CQ_OK, or CQ_ERR_NOMEM (a k > 2048 buffer). */
+int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
+                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed);
 
 /* GELU of one float, the reference (ref/); SIMD kernels use it for tails. */
 float cq_gelu1(float x);

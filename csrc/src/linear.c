@@ -545,7 +545,17 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
               const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
               float *y)
 {
+    return cq_linear_ex(mode, x, m, k, packed, scales, scheme, group_size, n, bias, NULL, 0.0f, y);
+}
+
+int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                 const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                 const float *x_mul, float x_scale, float *y)
+{
     if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
+    /* a static scale: finite > 0, dynamic mode only (0 means per-row dynamic scales) */
+    if (!(x_scale == 0.0f || (x_scale > 0.0f && x_scale <= 3.402823466e38f))) return CQ_ERR_ARG;
+    if (x_scale != 0.0f && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
     if (m < 0) return CQ_ERR_SHAPE;
     int64_t ns = cq_num_scales(scheme, n, k, group_size);
     if (ns < 0) return (int)ns;
@@ -562,7 +572,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     /* y is written while x, scales, bias and the packed weight are still being read (by other
      * threads, in blocks): no overlap of y with any of them, on every path and in every mode */
     if (cq_overlap(y, m * n * 4, x, m * k * 4) || cq_overlap(y, m * n * 4, scales, ns * 4) ||
-        (bias && cq_overlap(y, m * n * 4, bias, n * 4)) ||
+        (bias && cq_overlap(y, m * n * 4, bias, n * 4)) || (x_mul && cq_overlap(y, m * n * 4, x_mul, k * 4)) ||
         cq_overlap(y, m * n * 4, packed, h.sums_off + h.sums_bytes))
         return CQ_ERR_ALIAS;
 
@@ -588,9 +598,23 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
         if (c.ng > 1 && c.group4 > i4_block(&c)) return CQ_ERR_GROUP; /* cq_pack refuses these */
     }
 
+    if (x_mul) { /* the pre-scale must be finite (a NaN would spread to every row) */
+        float amax;
+        if (!cq_elementwise_for(isa)->absmax(x_mul, k, &amax)) return CQ_ERR_NONFINITE;
+    }
+
     if (mode == CQ_MODE_WEIGHT_ONLY) {
         c.fcfg = cq_f32_config_for(isa, fmt);
         if (!c.fcfg) return CQ_ERR_FORMAT;
+        float *xm = NULL;
+        if (x_mul) { /* weight-only kernels read float x as it is: one pre-scaled copy */
+            if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
+            xm = (float *)cq_alloc64((size_t)(m * k) * sizeof(float));
+            if (!xm) return CQ_ERR_NOMEM;
+            for (int64_t r = 0; r < m; r++)
+                for (int64_t i = 0; i < k; i++) xm[r * k + i] = x[r * k + i] * x_mul[i];
+            x = xm;
+        }
         c.x = x; c.xlda = k;
         if (m < WO_GEMM_MIN_M) {
             /* The GEMV sums x * code per column and scales once at the end, so its float32 sums
@@ -612,7 +636,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
             if (need_copy) { /* the GEMV kernel reads whole steps of 4: pad x (and scale it) */
                 int64_t lda = 4 * c.kp4;
                 float *xp = (float *)calloc((size_t)(m * lda), sizeof(float));
-                if (!xp) return CQ_ERR_NOMEM;
+                if (!xp) { free(xm); return CQ_ERR_NOMEM; }
                 for (int64_t r = 0; r < m; r++) {
                     const float down = ldexpf(1.0f, -ex[r]);
                     for (int64_t i = 0; i < k; i++) xp[r * lda + i] = x[r * k + i] * down;
@@ -629,6 +653,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemm_unit, &c);
         }
         free(scratch);
+        free(xm);
         return CQ_OK;
     }
 
@@ -652,7 +677,11 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
      * the quantizer then writes over) */
     int64_t pad0 = tiled ? m / 16 * 16 : m;
     if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
-    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx);
+    if (cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
+                              x_scale) != CQ_OK) {
+        free(qa);
+        return CQ_ERR_NOMEM;
+    }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     /* int4: a unit expands its panel's blocks once for all its rows, so units take as many rows
      * as they can (MAXMB, a multiple of every kernel's pad_rows) */

@@ -1,6 +1,7 @@
 /* quantize.c - weight and activation quantization drivers (rows in parallel) over the element-wise
  * kernels of the active path, and dequantization. */
 #include <math.h>
+#include <stdlib.h>
 #include <string.h>
 #include "internal.h"
 
@@ -18,6 +19,8 @@ typedef struct {
     int64_t ldq;       /* row stride of q (>= k); columns [k, ldq) are zeroed */
     int tiled;         /* activations in 16-row x 64-byte tiles (cq_ukernel.a_tiled; ldq % 64 == 0) */
     float qmax;        /* 127 (int8) or 7 (int4 weights): scale = max|w| / qmax; 0 means 127 */
+    const float *mul;  /* activations: x[r][i] * mul[i] (rounded to float32) is what is quantized */
+    float fixed;       /* activations: > 0: this scale for every row (static), codes clamped */
 } quant_ctx;
 
 static float scale_of_q(float amax, float qmax)
@@ -31,10 +34,9 @@ static float scale_of(float amax) { return scale_of_q(amax, 127.0f); }
  * cq_ukernel.a_tiled: the block of 16 rows holding row r starts at (r / 16) * 16 * ldq, and its
  * k bytes [64 j, 64 j + 64) are row r % 16 of the 1 KiB tile at + 1024 j. Quantized 1024 codes at a
  * time into a stack buffer, then scattered 64 bytes at a time. */
-static void quant_row_tiled(const quant_ctx *c, int64_t r, float s, int finite)
+static void quant_row_tiled(const quant_ctx *c, int64_t r, const float *src, float s, int finite)
 {
     int8_t tmp[1024];
-    const float *src = c->w + r * c->k;
     int8_t *blk = c->q + (r / 16) * 16 * c->ldq + (r % 16) * 64;
     for (int64_t i0 = 0; i0 < c->ldq; i0 += 1024) {
         int64_t len = finite && c->k > i0 ? (c->k - i0 < 1024 ? c->k - i0 : 1024) : 0;
@@ -45,30 +47,56 @@ static void quant_row_tiled(const quant_ctx *c, int64_t r, float s, int finite)
     }
 }
 
+/* One row of activations (one scale group), pre-scaled by c->mul and/or with the fixed (static)
+ * scale c->fixed; buf: k floats for the pre-scaled row (when c->mul). */
+static void quant_act_row(const quant_ctx *c, int64_t r, float *buf)
+{
+    const float *src = c->w + r * c->k;
+    if (c->mul) { /* the product rounded to float32, as numpy's x * mul: then the usual rule */
+        const float *mul = c->mul;
+        for (int64_t i = 0; i < c->k; i++) buf[i] = src[i] * mul[i];
+        src = buf;
+    }
+    float amax;
+    int finite = c->kern->absmax(src, c->k, &amax); /* also for a static scale: NaN/Inf rows */
+    float s = !finite ? NAN : c->fixed > 0.0f ? c->fixed : scale_of(amax);
+    c->scales[r] = s;
+    if (c->tiled) {
+        quant_row_tiled(c, r, src, s, finite);
+        return;
+    }
+    int8_t *dst = c->q + r * c->ldq;
+    if (c->ldq > c->k) memset(dst + c->k, c->flip, (size_t)(c->ldq - c->k));
+    if (finite)
+        c->kern->quantize(src, c->k, s, dst, c->flip);
+    else
+        memset(dst, c->flip, (size_t)c->k);
+}
+
 static void quant_unit(void *vctx, int64_t u)
 {
     quant_ctx *c = (quant_ctx *)vctx;
     int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit;
     if (r1 > c->n) r1 = c->n;
-    for (int64_t r = r0; r < r1; r++) {
-        if (c->tiled) { /* activations: one scale group */
-            float amax;
-            int finite = c->kern->absmax(c->w + r * c->k, c->k, &amax);
-            float s = finite ? scale_of(amax) : NAN;
-            c->scales[r] = s;
-            quant_row_tiled(c, r, s, finite);
-            continue;
+    if (c->activations) {
+        float stackbuf[2048], *buf = stackbuf;
+        if (c->mul && c->k > 2048) {
+            buf = (float *)malloc((size_t)c->k * sizeof(float));
+            if (!buf) { __atomic_store_n(&c->bad, 2, __ATOMIC_RELAXED); return; }
         }
+        for (int64_t r = r0; r < r1; r++) quant_act_row(c, r, buf);
+        if (buf != stackbuf) free(buf);
+        return;
+    }
+    for (int64_t r = r0; r < r1; r++) {
         if (c->ldq > c->k) memset(c->q + r * c->ldq + c->k, c->flip, (size_t)(c->ldq - c->k));
         for (int64_t g = 0; g < c->ng; g++) {
             const float *src = c->w + r * c->k + g * c->group;
             int8_t *dst = c->q + r * c->ldq + g * c->group;
             float amax;
             if (!c->kern->absmax(src, c->group, &amax)) {
-                if (!c->activations) { __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED); return; }
-                memset(dst, c->flip, (size_t)c->group);
-                c->scales[r * c->ng + g] = NAN;
-                continue;
+                __atomic_store_n(&c->bad, 1, __ATOMIC_RELAXED);
+                return;
             }
             float s = scale_of_q(amax, c->qmax > 0.0f ? c->qmax : 127.0f);
             c->scales[r * c->ng + g] = s;
@@ -128,16 +156,18 @@ int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme,
         return CQ_OK;
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
-                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0, qmax};
+                   scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0, qmax,
+                   NULL, 0.0f};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }
 
-void cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                           int flip, int tiled, int8_t *q, float *scales)
+int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
+                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed)
 {
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f};
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f, mul, fixed};
     quantize_rows_parallel(&c);
+    return c.bad ? CQ_ERR_NOMEM : CQ_OK;
 }
 
 static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, float *scales, int flip)
@@ -147,8 +177,7 @@ static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, fl
     if (!x || !q || !scales) return CQ_ERR_NULL;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales);
-    return CQ_OK;
+    return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f);
 }
 
 int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales)

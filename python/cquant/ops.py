@@ -527,16 +527,23 @@ def gemm_s8s8s32(a, b) -> np.ndarray:
 
 
 _F32 = np.dtype(np.float32)
+_FLT_MAX = float(np.finfo(np.float32).max)
 _NULL = ffi.NULL
 _cq_linear = lib.cq_linear
 _best_format_bits = lib.cq_best_format_bits
 
 
-def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarray:
+def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=None,
+           x_scale=None) -> np.ndarray:
     """y (..., N) float32 = x (..., K) through the quantized weight, plus bias (N,).
 
     mode="dynamic": rows of x quantized to int8 at run time, exact integer sums, scaled to float32.
     mode="weight_only": float32 x times the weight dequantized inside the kernel.
+
+    x_mul (K,) float32: the layer's input is ``x * x_mul`` (SmoothQuant's ``1/s`` where it could not
+    be folded away), applied inside the activation quantizer in dynamic mode (no extra pass over x).
+    x_scale (float > 0, dynamic mode only): static activations: every row quantized with this scale
+    (codes clamped to [-127, 127]) instead of its own ``max|row| / 127``.
 
     This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
@@ -575,8 +582,27 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic") -> np.ndarr
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
-    st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
-                    _from_buffer("float[]", y))
+    if x_mul is None and x_scale is None:
+        st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
+                        _from_buffer("float[]", y))
+    else:
+        mp = _NULL
+        if x_mul is not None:
+            xm = x_mul
+            if type(xm) is not np.ndarray or xm.dtype is not _F32 or not xm.flags.c_contiguous or not xm.flags.aligned:
+                xm = _float_array(xm, "x_mul")
+            if xm.shape != (k,):
+                raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
+            mp = _from_buffer("float[]", xm)
+        xs = 0.0
+        if x_scale is not None:
+            xs = _float_arg(x_scale, "x_scale")
+            if not (0.0 < xs <= _FLT_MAX) or np.float32(xs) == 0:  # finite and > 0 in float32
+                raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
+            if mcode != MODES["dynamic"]:
+                raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
+        st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, xs,
+                              _from_buffer("float[]", y))
     if st:
         _raise(st, "linear")
     return y

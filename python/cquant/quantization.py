@@ -140,6 +140,7 @@ class QuantizedLinearForward:
     pickles and deep-copies."""
 
     _cquant_qforward = True  # marker: cquant.frontends recognises quantized layers by it
+    _cquant_x_mul = True     # marker: __call__ takes x_mul (a smoothing pre-scale applied in the kernel)
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
                  mode: str = "dynamic"):
@@ -164,8 +165,11 @@ class QuantizedLinearForward:
         """Bytes held: packed codes + scales + bias."""
         return int(self.qweight.nbytes + (self.bias.nbytes if self.bias is not None else 0))
 
-    def __call__(self, x: Any) -> np.ndarray:
-        return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+    def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
+        """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing)."""
+        if x_mul is None:
+            return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+        return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
 
     def __repr__(self) -> str:
         return (f"QuantizedLinearForward(in_features={self.in_features}, out_features={self.out_features}, "
@@ -181,6 +185,7 @@ class QuantizedLinear(nn.Module):
     """
 
     _cquant_qforward = True
+    _cquant_x_mul = True
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
                  mode: str = "dynamic"):
@@ -202,9 +207,12 @@ class QuantizedLinear(nn.Module):
     def scheme(self) -> str:
         return _scheme(self.mode, self.qweight)
 
-    def forward(self, x: Any) -> np.ndarray:
-        """x: (..., in_features) float -> (..., out_features) float32."""
-        return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+    def forward(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
+        """x: (..., in_features) float -> (..., out_features) float32. ``x_mul`` (in_features,): the
+        input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass)."""
+        if x_mul is None:
+            return ops.linear(x, self.qweight, self.bias, mode=self.mode)
+        return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
 
     def dequantized_weight(self) -> np.ndarray:
         """The (out, in) float32 weight the layer effectively uses (a new array)."""

@@ -63,7 +63,8 @@ OUTPUT_SCALES_ATTR = "_cquant_output_scales"
 class Smoothed(nn.Module):
     """``linear(x * inv_scale)``: a Linear whose input channels were rescaled by smoothing (its weight
     columns multiplied by ``1 / inv_scale``, so in float the result is unchanged). Not Linear-like
-    itself: the Quantizer quantizes the inner ``linear``."""
+    itself: the Quantizer quantizes the inner ``linear``; once it is quantized, ``inv_scale`` is
+    applied inside its kernel (the activation quantizer's pass), not by a separate multiply."""
 
     def __init__(self, linear: nn.Module, inv_scale: np.ndarray):
         super().__init__()
@@ -71,6 +72,8 @@ class Smoothed(nn.Module):
         self.inv_scale = np.ascontiguousarray(inv_scale, dtype=np.float32)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
+        if getattr(type(self.linear), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
+            return self.linear(x, x_mul=self.inv_scale)
         return self.linear(x * self.inv_scale)
 
 

@@ -146,6 +146,8 @@ class QuantizedTorchLinear(torch.nn.Module):
     ``bias``. ``forward(x)``: ``x (..., in_features)`` CPU tensor -> ``(..., out_features)``.
     """
 
+    _cquant_x_mul = True  # forward takes x_mul (a smoothing pre-scale applied in the kernel)
+
     def __init__(self, qforward: QuantizedLinearForward, source: str = "Linear"):
         super().__init__()
         self.source = source
@@ -186,8 +188,12 @@ class QuantizedTorchLinear(torch.nn.Module):
         return self.qforward.bias
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, x: "torch.Tensor") -> "torch.Tensor":
+    def forward(self, x: "torch.Tensor", x_mul: "Optional[torch.Tensor]" = None) -> "torch.Tensor":
+        """``x_mul`` (in_features,) float32 tensor: the input is ``x * x_mul`` (a smoothing
+        pre-scale), applied inside the kernel's activation pass."""
         if _graph_mode(x):
+            if x_mul is not None:
+                x = x * (x_mul if x.dtype == torch.float32 else x_mul.to(x.dtype))
             return self._forward_op(x)
         if not isinstance(x, torch.Tensor):
             raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -203,7 +209,10 @@ class QuantizedTorchLinear(torch.nn.Module):
         xf = x if dtype == torch.float32 else x.to(torch.float32)
         if not xf.is_contiguous():
             xf = xf.contiguous()
-        y = torch.from_numpy(self.qforward(xf.detach().numpy()))
+        if x_mul is None:
+            y = torch.from_numpy(self.qforward(xf.detach().numpy()))
+        else:
+            y = torch.from_numpy(self.qforward(xf.detach().numpy(), x_mul=x_mul.detach().numpy()))
         if self.qforward.qweight.packed is not self._packed_src:
             self._sync_packed()
         if dtype != torch.float32:

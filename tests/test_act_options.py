@@ -1,0 +1,117 @@
+"""Activation options of the quantized linear (cq_linear_ex): a per-column pre-scale ``x_mul``
+(SmoothQuant's 1/s applied inside the activation quantizer) and static activations ``x_scale`` (one
+calibrated scale for every row). Checked on every ISA path against the independent numpy oracle
+(tests/oracle.py), bit for bit in dynamic mode, and against the plain call on a pre-multiplied x."""
+import numpy as np
+import pytest
+
+from cquant import errors, ops
+
+import oracle
+from test_oracle import expected_dynamic_kernel, path  # noqa: F401  (the per-ISA fixture)
+
+F32 = np.float32
+SCHEMES = [("per_channel", None, 8), ("per_group", 32, 8), ("per_tensor", None, 8), ("per_group", 32, 4),
+           ("per_channel", None, 4)]
+
+
+def _inputs(m, n, k, seed):
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-2, 2, (n, 1))).astype(F32)
+    x = (rng.standard_normal((m, k)) * 10.0 ** rng.uniform(-2, 2, (m, 1))).astype(F32)
+    x[:, rng.integers(0, k, 3)] *= 40.0  # outlier columns, what smoothing is for
+    mul = (10.0 ** rng.uniform(-1.5, 1.5, k)).astype(F32)
+    bias = (rng.standard_normal(n) * 3).astype(F32)
+    return w, x, mul, bias
+
+
+def _qw(w, gran, group, bits):
+    return ops.QuantizedWeight.from_codes(*oracle.quantize(w, gran, group, bits), gran, group, bits=bits) \
+        if bits == 4 else ops.quantize_weight(w, gran, group)
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
+def test_prescale_and_static_match_oracle(path, gran, group, bits):
+    ran = 0
+    for k in (32, 96, 2048, 2080):  # 2080: the quantizer's heap buffer (k > 2048)
+        for n in (7, 64, 130):
+            for m in (1, 2, 5, 40):
+                w, x, mul, bias = _inputs(m, n, k, m * 1000 + n * 10 + k)
+                if m > 3:
+                    x[3, k // 3] = np.nan  # a non-finite row stays non-finite (static too)
+                qw = _qw(w, gran, group, bits)
+                qo, so = oracle.quantize(w, gran, group, bits)
+                xm = (x * mul).astype(F32)  # numpy's float32 product: what the kernel must quantize
+                # pre-scale: bit-identical to the plain call on x * mul and to the oracle
+                y = ops.linear(x, qw, bias, x_mul=mul)
+                assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits)
+                np.testing.assert_array_equal(y, ops.linear(xm, qw, bias))
+                want = oracle.linear_dynamic(xm, qo, so, gran, group, bias, fma_groups=True)
+                np.testing.assert_array_equal(y, want, err_msg=f"x_mul M={m} N={n} K={k}")
+                # static: a scale that clips the outlier columns (codes clamp to +-127)
+                xs = float(np.nanmax(np.abs(np.where(np.isfinite(xm), xm, 0))) / 127 / 8)
+                for mm in (None, mul):
+                    src = xm if mm is not None else x
+                    y = ops.linear(x, qw, bias, x_mul=mm, x_scale=xs)
+                    want = oracle.linear_dynamic(src, qo, so, gran, group, bias, fma_groups=True, x_scale=xs)
+                    np.testing.assert_array_equal(y, want, err_msg=f"static M={m} N={n} K={k}")
+                    if m > 3:
+                        assert np.isnan(y[3]).all() and np.isfinite(np.delete(y, 3, axis=0)).all()
+                # weight-only with a pre-scale: the same as the plain call on x * mul
+                xf = np.nan_to_num(x, nan=0.0)
+                np.testing.assert_array_equal(ops.linear(xf, qw, bias, mode="weight_only", x_mul=mul),
+                                              ops.linear((xf * mul).astype(F32), qw, bias, mode="weight_only"))
+                ran += 1
+    assert ran
+
+
+def test_static_scale_is_used_not_rows_absmax(path):
+    """With x_scale the row's own absmax plays no part: codes are round(x / x_scale) clamped."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((16, 64)).astype(F32)
+    qw = ops.quantize_weight(w)
+    x = rng.standard_normal((3, 64)).astype(F32)
+    a = ops.linear(x, qw, x_scale=0.05)
+    b = ops.linear(x * F32(10), qw, x_scale=0.05)  # most codes now clamp at +-127
+    assert not np.allclose(a * 10, b, rtol=1e-2)
+    ident = ops.QuantizedWeight.from_codes(np.eye(64, dtype=np.int8)[:16], np.ones(16, F32))
+    got = ops.linear(x, ident, x_scale=0.05)  # = code * 0.05 * 1
+    codes = np.clip(np.round(x[:, :16] / F32(0.05)), -127, 127)
+    np.testing.assert_array_equal(got, (codes * F32(0.05)).astype(F32))
+
+
+def test_bad_options_are_refused():
+    w = np.ones((8, 16), F32)
+    qw = ops.quantize_weight(w)
+    x = np.ones((2, 16), F32)
+    with pytest.raises(errors.ShapeError):
+        ops.linear(x, qw, x_mul=np.ones(15, F32))
+    bad = np.ones(16, F32)
+    bad[4] = np.nan
+    with pytest.raises(errors.NonFiniteError):
+        ops.linear(x, qw, x_mul=bad)
+    for s in (0.0, -1.0, float("nan"), float("inf"), 1e-50, 1e50):
+        with pytest.raises(ValueError):
+            ops.linear(x, qw, x_scale=s)
+    with pytest.raises(ValueError):
+        ops.linear(x, qw, mode="weight_only", x_scale=0.1)
+    with pytest.raises(TypeError):
+        ops.linear(x, qw, x_scale="0.1")
+    # the C entry point checks the same (no Python in between)
+    from cquant._native import ffi, lib
+    pk, ps, code, g = qw._native()[:4]
+    y = np.empty((2, 8), F32)
+    xp = ffi.from_buffer("float[]", x)
+    yp = ffi.from_buffer("float[]", y)
+    for s in (-1.0, float("nan"), float("inf")):
+        assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, s, yp) \
+            == lib.CQ_ERR_ARG
+    assert lib.cq_linear_ex(lib.CQ_MODE_WEIGHT_ONLY, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, 0.5, yp) \
+        == lib.CQ_ERR_ARG
+    mul = np.ones(16, F32)
+    alias = np.empty(16, F32)
+    assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL,
+                            ffi.from_buffer("float[]", alias), 0.0,
+                            ffi.from_buffer("float[]", alias)) == lib.CQ_ERR_ALIAS
+    assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL,
+                            ffi.from_buffer("float[]", mul), 0.0, yp) == lib.CQ_OK
