@@ -35,9 +35,11 @@ HYP = dict(deadline=None, suppress_health_check=[HealthCheck.function_scoped_fix
 RANK = {"scalar": 0, "avx2": 1, "avxvnni": 2, "avx512": 3, "avx512vnni": 4, "amx": 5}
 REF_QD8 = ("qd8_f32_qc8w_gemm_4xNc4_ref", "qd8_f32_qc8w_gemv4_1x4Nc4_ref")
 # dynamic int8 / gemm_s8s8s32: (path, format, gemm kernel, gemv4 kernel or None,
-#                               min_m, k4_multiple (of ceil(K/4)), no_groups)
+#                               min_m, k4_multiple (of ceil(K/4)), no_groups: False (any scale
+#                               groups), True (one int32 sum per output only), "g32|g64n" (also
+#                               groups of 32 k or a multiple of 64 k, within one int32 chunk))
 QD8_ROWS = [
-    ("amx", "n64k4", "qd8_f32_qc8w_gemm_32x64c4_amx", None, 16, 16, True),
+    ("amx", "n64k4", "qd8_f32_qc8w_gemm_32x64c4_amx", None, 16, 16, "g32|g64n"),
     ("avx512vnni", "n64k4", "qd8_f32_qc8w_gemm_6x64c4_avx512vnni",
      "qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", 0, 0, False),
     ("avx512", "n64k4", "qd8_f32_qc8w_gemm_4x64c4_avx512bw", None, 0, 0, False),
@@ -78,12 +80,17 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
     An int4 weight runs the kernels of the int8 format of its panel width, over k padded to 8."""
     ng = k // group_size if granularity == "per_group" else 1
     kp4 = -(-k // 4) if bits == 8 else 2 * -(-k // 8)
-    grouped = False if gemm else (ng > 1 or 4 * kp4 > CHUNK_K)  # linear.c: the per_group argument
+    # linear.c: the group4 argument (k4 steps of one summed group; 0: one int32 sum per output)
+    group4 = 0 if gemm else (k // ng) // 4 if ng > 1 else (kp4 if 4 * kp4 > CHUNK_K else 0)
     fmt = table_best_format(path, n)
     for rpath, rfmt, gk, gv, min_m, k4m, no_groups in QD8_ROWS:
         if not _allowed(path, rpath) or rfmt != fmt:
             continue
-        if m < min_m or (k4m and kp4 % k4m) or (no_groups and grouped):
+        if no_groups == "g32|g64n":
+            groups_ok = not group4 or (4 * group4 <= CHUNK_K and (group4 == 8 or group4 % 16 == 0))
+        else:
+            groups_ok = not (no_groups and group4)
+        if m < min_m or (k4m and kp4 % k4m) or not groups_ok:
             continue
         # M = 1: the GEMV, per channel when the sum fits one int32 chunk, per group when a group does
         fits = 4 * kp4 <= CHUNK_K if ng == 1 else k // ng <= CHUNK_K

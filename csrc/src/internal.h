@@ -125,6 +125,8 @@ typedef struct {
     int a_tiled;     /* reads activations in 16-row x 64-byte tiles (cq_tile_rows_16x64): the block
                         of 16 rows starting at row r begins at r * lda, and its k bytes
                         [64 c, 64 c + 64) are the 1 KiB at + 1024 c (16 rows x 64 bytes) */
+    void (*release)(void); /* NULL, or: the kernel keeps per-thread state (AMX tile configuration)
+                              across calls; the driver calls this when a unit of work is done */
 } cq_ukernel;
 int cq_ukernel_count(void);
 const cq_ukernel *cq_ukernel_at(int i);
@@ -137,7 +139,8 @@ typedef struct {
     /* when the config applies, and how the driver feeds it (0: no constraint / the default) */
     int min_m;       /* at least this many rows of activations */
     int k4_multiple; /* ceil(k/4) a multiple of this (AMX: 16 steps = 64 k per tile) */
-    int no_groups;   /* per-channel / per-tensor only */
+    int no_groups;   /* 0: any scale groups; 1: per-channel / per-tensor in one int32 chunk only;
+                        2: also per-group with groups of 8 k4 steps (32 k) or a multiple of 16 (AMX) */
     int pad_rows;    /* the kernel reads whole blocks of this many activation rows */
     int kc4;         /* k steps per k block */
     int mb;          /* activation rows per unit of work */
@@ -148,7 +151,9 @@ typedef struct {
     int kc;                          /* k block dequantized at once (floats per column) */
     const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers */
 } cq_f32_config;
-const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4);
+/* group4: 0 for one int32 sum per output (per-channel, k within one chunk), else the k4 steps of one
+ * summed group (per-group: its group; chunked per-channel: kp4) */
+const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int64_t group4, int64_t m, int64_t kp4);
 const cq_f32_config *cq_f32_config_for(int active_isa, int format);
 int cq_best_format_for(int active_isa);
 

@@ -133,7 +133,14 @@ static void tile_rows_16x64(const int8_t *a, int64_t mpad, int64_t lda, int8_t *
 }
 
 /* ---- dynamic ------------------------------------------------------------------------------------ */
-static void s8_unit(void *vctx, int64_t u)
+/* Byte offset of k step t in a row block of quantized activations: rows of 4 * kp4 bytes, or the
+ * 16 x 64-byte tiles of cq_ukernel.a_tiled (k bytes [64 c, 64 c + 64) of the 16 rows at + 1024 c). */
+static int64_t a_off(const cq_ukernel *uk, int64_t t)
+{
+    return uk->a_tiled ? 1024 * (t / 16) + 4 * (t % 16) : 4 * t;
+}
+
+static void s8_unit_run(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
     const cq_ukernel *uk = c->qcfg->gemm;
@@ -147,7 +154,6 @@ static void s8_unit(void *vctx, int64_t u)
      * against 99% at 4 rows); kernels that read whole blocks of rows keep their mr */
     const int MR = uk->pad_rows ? uk->mr : (int)cq_ceil_div(rows, cq_ceil_div(rows, uk->mr));
     int64_t lda = 4 * c->kp4, step = 4 * (int64_t)nr;
-    const int64_t abytes = uk->a_tiled ? 64 : 4; /* bytes of a row block per k step */
     const int8_t *a0 = c->qa + m0 * lda;
     int64_t n0 = p * nr, cols = cols_of(c, p);
     int32_t acc[MAXMB * MAXNR] __attribute__((aligned(64)));
@@ -192,7 +198,7 @@ static void s8_unit(void *vctx, int64_t u)
                 } else {
                     o.mode = CQ_OUT_I32;
                 }
-                gemm(mr, nr, nt, a0 + r * lda + abytes * t0, lda, bk, &o);
+                gemm(mr, nr, nt, a0 + r * lda + a_off(uk, t0), lda, bk, &o);
             }
         }
         if (c->c32)
@@ -223,7 +229,7 @@ static void s8_unit(void *vctx, int64_t u)
                     int mr = (int)(rows - r < MR ? rows - r : MR);
                     o.facc = facc + r * nr;
                     o.sx = c->sx + m0 + r;
-                    gemm(mr, nr, c->group4, a0 + r * lda + 4 * g * c->group4, lda,
+                    gemm(mr, nr, c->group4, a0 + r * lda + a_off(uk, g * c->group4), lda,
                          bk + (g - g0) * c->group4 * step, &o);
                 }
             }
@@ -278,6 +284,13 @@ static void s8_unit(void *vctx, int64_t u)
         float *yr = c->y + (m0 + r) * c->n + n0;
         for (int64_t j = 0; j < cols; j++) yr[j] = facc[r * nr + j] + bb[j];
     }
+}
+
+static void s8_unit(void *vctx, int64_t u)
+{
+    const lin_ctx *c = (const lin_ctx *)vctx;
+    s8_unit_run(vctx, u);
+    if (c->qcfg->gemm->release) c->qcfg->gemm->release(); /* AMX: the tile configuration */
 }
 
 /* M = 1, per-channel / per-tensor: a unit is 4 consecutive panels read as 4 concurrent streams.
@@ -659,7 +672,7 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
 
     /* dynamic: quantize rows of x (s8, or u8 for kernels that want it; zero-padded to whole
      * steps of 4), then integer tiles */
-    c.qcfg = cq_qd8_config_for(isa, fmt, c.ng > 1 || c.kp4 > CQ_CHUNK4, m, c.kp4);
+    c.qcfg = cq_qd8_config_for(isa, fmt, c.ng > 1 ? c.group4 : c.kp4 > CQ_CHUNK4 ? c.kp4 : 0, m, c.kp4);
     if (!c.qcfg) return CQ_ERR_FORMAT;
     /* M = 1: the 4-stream GEMV, per channel (one sum) or per group (a call per group) */
     int gemv = m == 1 && c.qcfg->gemv4 && (c.ng == 1 ? c.kp4 <= CQ_CHUNK4 : c.group4 <= CQ_CHUNK4);

@@ -31,6 +31,7 @@ void cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni(int, int64_t, const int8_t *, const in
 #endif
 #if defined(CQ_X86) && CQ_CAN_TARGET_AMX
 void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_amx_release(void);
 #define HAVE_AMX 1
 #endif
 
@@ -83,7 +84,8 @@ static const cq_ukernel UKERNELS[] = {
     {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0, 0},
 #endif
 #ifdef HAVE_AMX
-    {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32, 1},
+    {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32, 1,
+     cq_amx_release},
 #endif
 };
 
@@ -122,8 +124,11 @@ static const cq_qd8_config QD8_CFG[] = {
      * (4096, 4096) 0.84 against 0.95 ms and (4096, 11008) 2.28 against 2.46 ms; M = 16 about
      * equal; M = 32: AMX 1.17 / 3.11 ms against 2.20 / 7.62 ms; one thread, 2026-11-29).
      * k blocks of 4096 (256 KiB of the panel, L2) and 64 rows per unit: (4096, 4096) M=256 took
-     * 5.3 ms against 6.8-7.5 ms with 128 or 256 rows or k blocks of 256 to 1024 (same machine). */
-    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 1, 32, 1024, 64},
+     * 5.3 ms against 6.8-7.5 ms with 128 or 256 rows or k blocks of 256 to 1024 (same machine).
+     * Per-group scales too, for groups of 32 k (tiles of 32 k) or a multiple of 64 k: (4096, 4096)
+     * M=256, one thread, int8 group 128: 23.4 -> 12.8 ms, group 32: 39.5 -> 31.5 ms, int4 group 32:
+     * 45.9 -> 28.1 ms against the VNNI 6x64 tile (2026-11-30, other work running on the machine). */
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 2, 32, 1024, 64},
 #endif
 #ifdef HAVE_AVX512
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
@@ -153,12 +158,19 @@ static const cq_f32_config F32_CFG[] = {
 
 /* The first config the path allows that reads the format and takes this shape (per-group scales
  * run the same micro-kernels through their CQ_OUT_FACC epilogue). */
-const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int per_group, int64_t m, int64_t kp4)
+static int groups_ok(const cq_qd8_config *c, int64_t group4)
+{
+    if (!group4 || !c->no_groups) return 1;
+    if (c->no_groups == 1) return 0;
+    return group4 <= CQ_CHUNK4 && (group4 == 8 || group4 % 16 == 0);
+}
+
+const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int64_t group4, int64_t m, int64_t kp4)
 {
     for (int i = 0; i < NROWS(QD8_CFG); i++) {
         const cq_qd8_config *c = &QD8_CFG[i];
         if (!allowed(active_isa, c->isa) || c->format != format) continue;
-        if (m < c->min_m || (c->k4_multiple && kp4 % c->k4_multiple) || (c->no_groups && per_group)) continue;
+        if (m < c->min_m || (c->k4_multiple && kp4 % c->k4_multiple) || !groups_ok(c, group4)) continue;
         return c;
     }
     return NULL;

@@ -183,6 +183,7 @@ static void qcase_make(qcase *c, int nr, int rows, int u8, int64_t nk4, int kind
 {
     c->nr = nr; c->rows = rows; c->u8 = u8; c->nk4 = nk4;
     c->lda = 4 * nk4 + 12; /* rows further apart than their k: the tail must not be read */
+    if (c->lda < 80) c->lda = 80; /* room for a tiled copy's 64-byte tile rows (qcase_rows) */
     c->a = (int8_t *)xmalloc((size_t)(rows * c->lda));
     c->b = (int8_t *)xmalloc((size_t)(nk4 * nr * 4));
     c->dot = (int64_t *)xmalloc(sizeof(int64_t) * (size_t)(rows * nr));
@@ -370,6 +371,23 @@ static int8_t *qcase_rows(const qcase *c, int mr, int pad_rows, int tiled)
     return a;
 }
 
+/* As qcase_rows(tiled), for one group of 32 k (nk4 = 8) sitting in the second half of each 64-byte
+ * tile row (k bytes [32, 64) of a tile, where the per-group driver points the kernel for odd
+ * groups); the first half holds other codes. *base: the allocation to free. */
+static int8_t *qcase_rows_tiled_hi(const qcase *c, int mr, int pad_rows, int8_t **base)
+{
+    int rows = mr > pad_rows ? mr : pad_rows;
+    int64_t blocks = (rows + 15) / 16;
+    size_t bytes = (size_t)((blocks - 1) * 16 * c->lda + 1024);
+    int8_t *a = (int8_t *)xmalloc(bytes);
+    for (size_t i = 0; i < bytes; i++) a[i] = rnd_code();
+    for (int64_t rb = 0; rb < blocks; rb++)
+        for (int r = 0; r < 16; r++)
+            memcpy(a + rb * 16 * c->lda + r * 64 + 32, c->a + (rb * 16 + r) * c->lda, 32);
+    *base = a;
+    return a + 32;
+}
+
 static void qd8_modes(int nr, int u8, qmode *m)
 {
     const int std = u8 ? COMP_STD : COMP_NULL, alt = u8 ? COMP_NULL : COMP_ALT;
@@ -411,6 +429,30 @@ static void test_qd8_gemm(const cq_ukernel *uk)
                               modes[mi].comp, msg);
                     }
                     free(a);
+                }
+                qcase_free(&c);
+            }
+    }
+    /* AMX-style kernels (k4 multiple 16) also take one group of 32 k (nk4 = 8, per-group scales),
+     * starting at a tile or half-way into its rows */
+    if (k4m == 16 && uk->a_tiled) {
+        const int nr = nrs[0];
+        qd8_modes(nr, uk->act_u8, modes);
+        for (int kind = KIND_RANDOM; kind <= KIND_EXTREME; kind++)
+            for (int hi = 0; hi < 2; hi++) {
+                qcase c;
+                qcase_make(&c, nr, uk->mr > pad ? uk->mr : pad, uk->act_u8, 8, kind);
+                for (int mr = 1; mr <= uk->mr; mr++) {
+                    int8_t *base = NULL;
+                    int8_t *a = hi ? qcase_rows_tiled_hi(&c, mr, pad, &base) : (base = qcase_rows(&c, mr, pad, 1));
+                    for (int mi = 0; mi < NQMODES; mi++) {
+                        msg[0] = 0;
+                        int ok = qd8_run(uk, &c, a, mr, pad, &modes[mi], msg, sizeof msg);
+                        CHECK(ok, "%s: one group of 32 k (%s half of the tiles), mr=%d %s, mode %s acc_in=%d: %s",
+                              uk->name, hi ? "second" : "first", mr, kind ? "extreme" : "random",
+                              mode_name(modes[mi].mode), modes[mi].acc_in, msg);
+                    }
+                    free(base);
                 }
                 qcase_free(&c);
             }
@@ -847,7 +889,7 @@ static const char *expected_kernel(int path, int fmt, int mode, int64_t m, int64
         const cq_f32_config *f = cq_f32_config_for(path, fmt);
         return !f ? "(no config)" : m < 4 ? f->gemv4->name : f->gemm->name;
     }
-    const cq_qd8_config *q = cq_qd8_config_for(path, fmt, ng > 1 || kp4 > CQ_CHUNK4, m, kp4);
+    const cq_qd8_config *q = cq_qd8_config_for(path, fmt, ng > 1 ? group / 4 : kp4 > CQ_CHUNK4 ? kp4 : 0, m, kp4);
     if (!q) return "(no config)";
     /* M = 1: the GEMV, per channel when the sum fits one int32 chunk, per group when a group does */
     int gemv = m == 1 && q->gemv4 && (ng == 1 ? kp4 <= CQ_CHUNK4 : group / 4 <= CQ_CHUNK4);

@@ -4,11 +4,14 @@
  * steps x 16 columns x 4 codes: an N64K4 panel slice read with a row stride of 256 bytes). One
  * tdpbssd is 16 x 16 x 64 = 16384 exact s8 x s8 multiply-adds into int32 (no u8 shift, no
  * compensation: the column sums are unused).
- * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile), a is in 16 x 64-byte
- * tiles (cq_ukernel.a_tiled: one contiguous 1 KiB per tile load, rather than 16 rows lda bytes
- * apart), and 32 rows of a are readable (the driver pads the activations to 32 rows); only mr rows are
+ * Contract beyond cq_qd8_gemm_fn: nk4 is a multiple of 16 (64 k per tile) or 8 (one group of 32 k:
+ * tiles of 32 k, A read 32 bytes a row at a stride of 64), a is in 16 x 64-byte tiles
+ * (cq_ukernel.a_tiled: one contiguous 1 KiB per tile load, rather than 16 rows lda bytes apart;
+ * for nk4 = 8, a may point half-way into a tile row), and 32 rows of a are readable (the driver pads the activations to 32 rows); only mr rows are
  * written, except in CQ_OUT_I32 mode, where the int32 sums of all 32 rows go to acc (which has room
- * for them). The tile configuration is loaded per call (it is per-thread state) and released after. */
+ * for them). The tile configuration (per-thread state) is loaded when the calling thread has not got
+ * this call's already, and kept: the caller releases it with cq_amx_release (cq_ukernel.release)
+ * when its run of calls is over. */
 #include "target.h"
 #if CQ_CAN_TARGET_AMX
 CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,amx-tile,amx-int8")
@@ -28,23 +31,46 @@ typedef struct {
     uint8_t rows[16];
 } tilecfg;
 
-/* 8 tiles of 16 rows x 64 bytes. GCC 12 does not see _tile_loadconfig read its operand and drops
- * the stores that fill it (the tiles then have no shape: SIGSEGV), so the asm below says it reads. */
-CQ_INLINE void load_tiles_16x64(tilecfg *cfg)
+/* Tiles 0-3: C (16 x 16 int32), 4-5: A (16 rows x kb bytes of k), 6-7: B (kb / 4 k4 steps x 64
+ * bytes); kb = 64, or 32 for one group of 32 k. GCC 12 does not see _tile_loadconfig read its
+ * operand and drops the stores that fill it (the tiles then have no shape: SIGSEGV), so the asm
+ * below says it reads. */
+CQ_INLINE void load_tiles(tilecfg *cfg, int kb)
 {
     memset(cfg, 0, sizeof *cfg);
     cfg->palette = 1;
     for (int i = 0; i < 8; i++) { cfg->colsb[i] = 64; cfg->rows[i] = 16; }
+    cfg->colsb[4] = cfg->colsb[5] = (uint16_t)kb;
+    cfg->rows[6] = cfg->rows[7] = (uint8_t)(kb / 4);
     __asm__ volatile("" : : "m"(*cfg) : "memory");
     _tile_loadconfig(cfg);
+}
+CQ_INLINE void load_tiles_16x64(tilecfg *cfg) { load_tiles(cfg, 64); }
+
+/* The tile configuration this thread has loaded (k bytes per A tile), 0 for none: the kernel keeps
+ * it across calls (ldtilecfg was ~13% of the per-group kernel's samples in perf, one call per group
+ * of 32 k) and the driver releases it once a unit of work is done (cq_ukernel.release). */
+static __thread int amx_kb;
+
+void cq_amx_release(void)
+{
+    if (amx_kb) {
+        _tile_release();
+        amx_kb = 0;
+    }
 }
 
 void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
                                       const int8_t *b, const cq_qd8_out *o)
 {
     (void)nr;
-    tilecfg cfg;
-    load_tiles_16x64(&cfg);
+    /* nk4 = 8: one group of 32 k (per-group scales), in tiles of 32 k; else tiles of 64 k */
+    const int kt = nk4 == 8 ? 8 : 16;
+    if (amx_kb != 4 * kt) {
+        tilecfg cfg;
+        load_tiles(&cfg, 4 * kt);
+        amx_kb = 4 * kt;
+    }
     int32_t c[32 * NR] __attribute__((aligned(64)));
     for (int half = 0; half < 2; half++) {
         const int8_t *bh = b + half * 128;
@@ -57,8 +83,8 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
         } else {
             _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
         }
-        for (int64_t t = 0; t < nk4; t += 16) {
-            if (half == 0) /* the panel streams from memory at small M: fetch 32 steps ahead */
+        for (int64_t t = 0; t < nk4; t += kt) {
+            if (half == 0 && nk4 > 16) /* the panel streams from memory at small M: fetch 32 steps ahead */
                 for (int i = 0; i < 16; i++) {
                     const char *pf = (const char *)(b + (t + CQ_AMX_PF + i) * STEP);
                     _mm_prefetch(pf, _MM_HINT_T0);
@@ -82,7 +108,6 @@ void cq_qd8_f32_qc8w_gemm_32x64c4_amx(int mr, int nr, int64_t nk4, const int8_t 
         _tile_stored(2, ch + 16 * NR, NR * 4);
         _tile_stored(3, ch + 16 * NR + 16, NR * 4);
     }
-    _tile_release();
     if (o->mode == CQ_OUT_I32) return;
     for (int r = 0; r < mr; r++)
         for (int v = 0; v < 4; v++) cq_qd8_out_vec64(o, r, v, _mm512_load_si512((const void *)(c + r * NR + 16 * v)), 0);
@@ -93,6 +118,7 @@ double cq_peak_loop_amx(int64_t iters)
 {
     tilecfg cfg;
     load_tiles_16x64(&cfg);
+    amx_kb = 64;
     _tile_zero(0); _tile_zero(1); _tile_zero(2); _tile_zero(3);
     _tile_zero(4); _tile_zero(5); _tile_zero(6); _tile_zero(7);
     for (int64_t i = 0; i < iters; i++) {
@@ -101,7 +127,7 @@ double cq_peak_loop_amx(int64_t iters)
         _tile_dpbssd(2, 5, 6);
         _tile_dpbssd(3, 5, 7);
     }
-    _tile_release();
+    cq_amx_release();
     return (double)iters * 4.0 * 16384.0;
 }
 CQ_TARGET_END
