@@ -65,6 +65,7 @@ _LAZY = {
     "load_into": ("io", "load_into"),
     "save_pretrained": ("adapters.hf", "save_pretrained"),  # torch / transformers models (imports torch)
     "from_pretrained": ("adapters.hf", "from_pretrained"),
+    "fuse": ("adapters.torch_fused", "fuse"),  # BERT-family blocks on cquant's C kernels (imports torch)
     "QuantScheme": ("scheme", "QuantScheme"),
     "calibrate": ("calibration", "calibrate"),
     "smooth": ("smoothing", "smooth"),

@@ -1,0 +1,225 @@
+"""Fused transformer blocks for quantized torch models: :func:`fuse` (imports torch).
+
+After :func:`cquant.Quantizer.quantize_dynamic` a transformers BERT-family model runs cquant's int8
+linears, but everything between them (residual add + LayerNorm, GELU, attention softmax) is still
+torch float32, about half of the encode time of all-MiniLM-L6-v2. ``fuse(model)`` swaps the blocks
+around the quantized linears for modules that run those parts on cquant's C kernels too, in the
+linear's output buffer (no extra tensor per op):
+
+- ``*SelfOutput`` / ``*Output`` (``dense`` -> ``dropout`` -> ``LayerNorm(h + input)``):
+  :func:`cquant.ops.add_layer_norm` over the linear's output, in place;
+- ``*Intermediate`` (``dense`` -> exact GELU): :func:`cquant.ops.gelu_inplace`;
+- ``*SelfAttention`` of transformers 5 (query / key / value, bidirectional, no cache):
+  :func:`cquant.ops.attention` on the (B, T, H) projections, the padding mask as a key bias.
+
+Each fused module is the original one with its class swapped for a subclass of it (the same
+children, parameters, buffers and ``state_dict`` keys; a fused module pickles and deep-copies).
+Outside the fast path (training mode, tracing / export / compile, a dtype other than float32, a
+device other than the CPU, a mask or argument the fast path does not take) it runs the original
+forward, unchanged. Under autograd the output joins the graph and refuses backward, as the
+quantized linears do (a quantized model is for inference). Numerics: the C LayerNorm, GELU and
+softmax are float32 like torch's but not bit-identical to them (a few ulps; the tests bound it).
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .. import ops
+from .torch import _NoBackward, _graph_mode
+
+__all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
+
+_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def _quantized_linear(mod: Any) -> bool:
+    return type(mod).__name__ == "QuantizedTorchLinear" and getattr(mod, "qforward", None) is not None
+
+
+def _fast(x: Any) -> bool:
+    """x can take the numpy fast path: a float32 CPU tensor, not traced, exported or compiled."""
+    return (type(x) is torch.Tensor and x.dtype == torch.float32 and x.device.type == "cpu"
+            and not _graph_mode(x))
+
+
+def _out(y: np.ndarray, *inputs: "torch.Tensor") -> "torch.Tensor":
+    """y as a tensor; joined to the inputs' autograd graph (refusing backward, as the quantized
+    linears do) when one of them requires grad."""
+    t = torch.from_numpy(y)
+    for x in inputs:
+        if x.requires_grad and torch.is_grad_enabled():
+            return _NoBackward.apply(x, t)
+    return t
+
+
+def _np(x: "torch.Tensor") -> np.ndarray:
+    return (x if x.is_contiguous() else x.contiguous()).detach().numpy()
+
+
+def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
+    """The quantized linear's numpy forward (a fresh float32 array)."""
+    return lin.qforward(x)
+
+
+class _Fused:
+    """Mixin of the fused classes: ``_hf_forward`` is the original class's forward."""
+
+    _cquant_fused = True
+
+    def _hf_forward(self, *args: Any, **kwargs: Any) -> Any:
+        return _base_of(type(self)).forward(self, *args, **kwargs)
+
+    def __reduce_ex__(self, protocol: int) -> Any:
+        # the fused class is made per original class: pickled as (original class, fused kind, state)
+        return (_rebuild, (_base_of(type(self)), type(self).__mro__[1], self.__dict__.copy()))
+
+
+def _base_of(cls: type) -> type:
+    """The original (transformers) class a fused class was made from."""
+    return next(c for c in cls.__mro__[1:] if not issubclass(c, _Fused))
+
+
+def _rebuild(base: type, kind: type, state: Dict[str, Any]) -> Any:
+    obj = object.__new__(_fused_class(base, kind))
+    obj.__dict__.update(state)
+    return obj
+
+
+class FusedOutput(_Fused):
+    """``LayerNorm(dropout(dense(h)) + input)`` with the add and LayerNorm in one C pass per row,
+    written over the linear's output."""
+
+    def forward(self, hidden_states: Any, input_tensor: Any) -> Any:
+        if self.training or not (_fast(hidden_states) and _fast(input_tensor)) \
+                or input_tensor.shape[:-1] != hidden_states.shape[:-1]:
+            return self._hf_forward(hidden_states, input_tensor)
+        ln = self.LayerNorm
+        y = _linear_np(self.dense, _np(hidden_states))
+        if y.shape != tuple(input_tensor.shape):
+            return self._hf_forward(hidden_states, input_tensor)
+        ops.add_layer_norm(y, _np(input_tensor), ln.weight.detach().numpy(), ln.bias.detach().numpy(),
+                           float(ln.eps), out=y)
+        return _out(y, hidden_states, input_tensor)
+
+
+class FusedIntermediate(_Fused):
+    """``gelu(dense(h))``, the exact (erf) GELU over the linear's output in place."""
+
+    def forward(self, hidden_states: Any) -> Any:
+        if self.training or not _fast(hidden_states):
+            return self._hf_forward(hidden_states)
+        return _out(ops.gelu_inplace(_linear_np(self.dense, _np(hidden_states))), hidden_states)
+
+
+def _key_bias(mask: Any, b: int, t: int) -> Tuple[bool, Optional[np.ndarray]]:
+    """(ok, (B, T) additive key bias or None) from a transformers attention mask: None (no
+    padding), or a (B, 1, T, T) bool mask whose rows are all the same key mask. ok False: a mask
+    the fast path does not take (causal, per-query, float, other shapes)."""
+    if mask is None:
+        return True, None
+    if type(mask) is not torch.Tensor or mask.dtype != torch.bool or tuple(mask.shape) not in ((b, 1, t, t), (b, 1, 1, t)):
+        return False, None
+    keys = mask[:, 0, :1, :]
+    if mask.shape[2] > 1 and not bool((mask[:, 0] == keys).all()):
+        return False, None
+    keys = keys[:, 0].numpy()
+    bias = np.where(keys, np.float32(0.0), np.finfo(np.float32).min).astype(np.float32)
+    return True, bias
+
+
+class FusedSelfAttention(_Fused):
+    """Bidirectional self-attention: q, k, v by the quantized linears, then one C call
+    (:func:`cquant.ops.attention`) for softmax(q k^T * scaling + key mask) v on every head."""
+
+    def forward(self, hidden_states: Any, attention_mask: Any = None, cache: Any = None, **kwargs: Any) -> Any:
+        extra = {k for k, v in kwargs.items() if v is not None} - {"position_ids", "encoder_hidden_states"}
+        if (self.training or cache is not None or kwargs.get("encoder_hidden_states") is not None or extra
+                or getattr(self, "is_decoder", False) or getattr(self, "is_causal", False)
+                or not _fast(hidden_states) or hidden_states.dim() != 3):
+            return self._hf_forward(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
+        b, t, _ = hidden_states.shape
+        ok, bias = _key_bias(attention_mask, b, t)
+        if not ok:
+            return self._hf_forward(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
+        x = _np(hidden_states)
+        q = _linear_np(self.query, x)
+        k = _linear_np(self.key, x)
+        v = _linear_np(self.value, x)
+        ctx = ops.attention(q, k, v, int(self.num_attention_heads), bias, scale=float(self.scaling))
+        return _out(ctx, hidden_states), None
+
+
+def _fused_class(base: type, kind: type) -> type:
+    key = (base, kind)
+    cls = _CLASSES.get(key)
+    if cls is None:
+        cls = type(f"Fused{base.__name__}", (kind, base), {"__module__": __name__,
+                                                          "__qualname__": f"Fused{base.__name__}"})
+        _CLASSES[key] = cls
+    return cls
+
+
+def _children(mod: "torch.nn.Module") -> Dict[str, "torch.nn.Module"]:
+    return dict(mod.named_children())
+
+
+def _kind(mod: "torch.nn.Module") -> Tuple[Optional[type], str]:
+    """The fused kind a transformers block can take, or (None, why not)."""
+    name = type(mod).__name__
+    ch = _children(mod)
+    if name.endswith("Output") and set(ch) == {"dense", "LayerNorm", "dropout"}:
+        ln = ch["LayerNorm"]
+        if not _quantized_linear(ch["dense"]):
+            return None, "its dense layer is not quantized"
+        if (type(ln) is not torch.nn.LayerNorm or len(ln.normalized_shape) != 1 or ln.weight is None
+                or ln.bias is None or ln.weight.dtype != torch.float32):
+            return None, "its LayerNorm is not a float32 affine LayerNorm over the last axis"
+        if list(inspect.signature(type(mod).forward).parameters)[1:] != ["hidden_states", "input_tensor"]:
+            return None, "unknown forward signature"
+        return FusedOutput, ""
+    if name.endswith("Intermediate") and set(ch) == {"dense", "intermediate_act_fn"}:
+        act = ch["intermediate_act_fn"]
+        exact = (type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu) \
+            or (type(act) is torch.nn.GELU and act.approximate == "none")
+        if not _quantized_linear(ch["dense"]):
+            return None, "its dense layer is not quantized"
+        if not exact:
+            return None, f"activation {type(act).__name__} is not the exact GELU"
+        return FusedIntermediate, ""
+    if name.endswith("SelfAttention") and {"query", "key", "value"} <= set(ch):
+        if not all(_quantized_linear(ch[n]) for n in ("query", "key", "value")):
+            return None, "its projections are not all quantized"
+        params = list(inspect.signature(type(mod).forward).parameters)
+        if params[1:4] != ["hidden_states", "attention_mask", "cache"]:
+            return None, "not the transformers 5 self-attention signature"
+        if not all(hasattr(mod, a) for a in ("num_attention_heads", "scaling")):
+            return None, "no num_attention_heads / scaling"
+        cfg = getattr(mod, "config", None)
+        if getattr(cfg, "position_embedding_type", "absolute") not in (None, "absolute"):
+            return None, "relative position embeddings"
+        return FusedSelfAttention, ""
+    return None, ""
+
+
+def fuse(model: "torch.nn.Module") -> List[str]:
+    """Swap the BERT-family blocks of a quantized torch model (``*SelfOutput`` / ``*Output``,
+    ``*Intermediate``, ``*SelfAttention``) for fused ones running on cquant's C kernels (see the
+    module docstring). In place; returns the names of the fused modules. A block whose linears are
+    not quantized, or that differs from the known structure, is left as it is."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    done: List[str] = []
+    for name, mod in list(model.named_modules()):
+        if isinstance(mod, _Fused):
+            done.append(name)
+            continue
+        kind, _why = _kind(mod)
+        if kind is None:
+            continue
+        mod.__class__ = _fused_class(type(mod), kind)
+        done.append(name)
+    return done

@@ -1,0 +1,124 @@
+"""cquant.fuse: transformers BERT-family blocks around the quantized linears run on cquant's C
+LayerNorm, GELU and attention (cquant.adapters.torch_fused). Checked on a small BertModel built
+from a BertConfig (no download): same structure and state_dict, outputs close to the unfused
+quantized model (weight-only, so no activation rounding flips), masks, fallbacks, pickling."""
+import copy
+import pickle
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+import cquant  # noqa: E402
+from cquant import ops  # noqa: E402
+from cquant.adapters.torch_fused import FusedIntermediate, FusedOutput, FusedSelfAttention, fuse  # noqa: E402
+
+
+def _bert(seed=0, act="gelu"):
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64, hidden_act=act)
+    return transformers.BertModel(cfg).eval()
+
+
+def _inputs(seed=1, b=3, t=11, pad=True):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, 120, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    if pad:
+        mask[1, 7:] = 0
+        mask[2, 3:] = 0
+    return ids, mask
+
+
+def _run(m, ids, mask):
+    with torch.inference_mode():
+        return m(input_ids=ids, attention_mask=mask).last_hidden_state.numpy()
+
+
+@pytest.mark.parametrize("mode", ["weight_only", "dynamic"])
+def test_fused_matches_unfused(mode):
+    q = cquant.Quantizer.quantize_dynamic(_bert(), mode=mode)
+    f = copy.deepcopy(q)
+    names = fuse(f)
+    kinds = {type(mod).__mro__[1] for n, mod in f.named_modules() if n in names}
+    assert kinds == {FusedOutput, FusedIntermediate, FusedSelfAttention}
+    assert len(names) == 2 * 4                                    # 4 blocks per layer
+    assert list(f.state_dict()) == list(q.state_dict())           # same keys, same tensors
+    for k, v in q.state_dict().items():
+        assert torch.equal(v, f.state_dict()[k]), k
+    ids, mask = _inputs()
+    a, b = _run(q, ids, mask), _run(f, ids, mask)
+    valid = mask.numpy().astype(bool)
+    if mode == "weight_only":  # float everywhere: only the LayerNorm / GELU / softmax roundings differ
+        np.testing.assert_allclose(b[valid], a[valid], rtol=2e-4, atol=2e-4)
+    else:  # int8 activations: a rounding flip now and then, same accuracy
+        cos = (a[valid] * b[valid]).sum(-1) / np.linalg.norm(a[valid], axis=-1) / np.linalg.norm(b[valid], axis=-1)
+        assert cos.min() > 0.999
+
+
+def test_fast_path_runs_and_no_mask_too(monkeypatch):
+    f = cquant.Quantizer.quantize_dynamic(_bert(), mode="weight_only")
+    q = copy.deepcopy(f)
+    fuse(f)
+    calls = []
+    for name in ("attention", "add_layer_norm", "gelu_inplace"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    for pad in (True, False):
+        calls.clear()
+        ids, mask = _inputs(pad=pad)
+        out = _run(f, ids, mask)
+        assert calls.count("attention") == 2 and calls.count("add_layer_norm") == 4 and calls.count("gelu_inplace") == 2
+        valid = mask.numpy().astype(bool)
+        np.testing.assert_allclose(out[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
+
+
+def test_fallbacks_keep_torch_semantics():
+    q = cquant.Quantizer.quantize_dynamic(_bert(), mode="weight_only")
+    f = copy.deepcopy(q)
+    fuse(f)
+    ids, mask = _inputs()
+    # autograd enabled (LayerNorm weights require grad): fast path, output refuses backward
+    out = f(input_ids=ids, attention_mask=mask).last_hidden_state
+    assert out.requires_grad
+    with pytest.raises(RuntimeError, match="inference"):
+        out.sum().backward()
+    # float64 hidden states (a .double() model) are not the fast path's: the original forward runs
+    blk = f.encoder.layer[0].intermediate
+    x = torch.randn(2, 5, 64, dtype=torch.float64)
+    with torch.inference_mode():
+        got = blk(x.float())
+        want = torch.nn.functional.gelu(blk.dense(x.float()))
+    torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    # a per-query (causal-like) mask is not a key mask: the original attention runs
+    att = f.encoder.layer[0].attention.self
+    h = torch.randn(2, 6, 64)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()[None, None].expand(2, 1, 6, 6)
+    with torch.inference_mode():
+        got, _ = att(h, attention_mask=causal)
+        want, _ = type(att).__mro__[3].forward(att, h, attention_mask=causal)  # the transformers class
+    torch.testing.assert_close(got, want)
+
+
+def test_pickle_deepcopy_and_idempotent():
+    f = cquant.Quantizer.quantize_dynamic(_bert(), mode="dynamic")
+    first = fuse(f)
+    assert fuse(f) == first                                      # already fused: nothing changes
+    ids, mask = _inputs()
+    want = _run(f, ids, mask)
+    for g in (pickle.loads(pickle.dumps(f)), copy.deepcopy(f)):
+        np.testing.assert_array_equal(_run(g, ids, mask), want)
+        assert type(g.encoder.layer[0].output).__name__ == "FusedBertOutput"
+
+
+def test_unquantized_or_other_blocks_are_left_alone():
+    m = _bert()
+    assert fuse(m) == []                                         # float model: linears not quantized
+    q = cquant.Quantizer.quantize_dynamic(_bert(act="gelu_new"), mode="dynamic")
+    names = fuse(q)                                              # tanh GELU: the intermediate stays
+    assert not any(n.endswith("intermediate") for n in names) and names
+    with pytest.raises(TypeError):
+        fuse("not a module")
