@@ -5,9 +5,9 @@
 
 What it does (each step only if its packages are installed):
 1. BERT in cquant.nn (no torch): float32 embeddings of SENTENCES, then quantized copies
-   (dynamic per-channel, weight-only per-channel, dynamic per-group 64, and the first two after
-   SmoothQuant-style smoothing calibrated on cquant.bert.CALIBRATION_SENTENCES): mean / min cosine
-   vs float32.
+   (dynamic per-channel, weight-only per-channel, dynamic per-group 64, static per-channel, and
+   dynamic / static / weight-only after SmoothQuant-style smoothing; smoothing and the static
+   activation scales calibrated on cquant.bert.CALIBRATION_SENTENCES): mean / min cosine vs float32.
 2. transformers AutoModel (torch) from the same folder: float32 reference (checks the numpy BERT),
    torch.ao quantize_dynamic, and the same model through cquant's PyTorch adapter.
 3. Encode time of all sentences (batches of 32, best of --repeats) for each variant, same thread count.
@@ -160,10 +160,17 @@ def run(model_dir: str, threads: Optional[int] = None, repeats: int = 3, timing:
         qe = quantized_encoder(enc, **kw)
         res[label] = cosine_stats(qe.encode(sentences), ref)
         encoders[label] = qe
+    # static activations: one scale per layer, calibrated on CALIBRATION_SENTENCES (max|x| / 127)
+    cal = enc.calibration_batches(CALIBRATION_SENTENCES)
+    label = "cquant int8 static per_channel"
+    qe = quantized_encoder(enc, mode="static", calibration=cal)
+    res[label] = cosine_stats(qe.encode(sentences), ref)
+    encoders[label] = qe
     # SmoothQuant-style smoothing (calibrated on CALIBRATION_SENTENCES, not on the evaluation set)
     smoothed = SentenceEncoder(copy.deepcopy(enc.model), enc.tokenizer, enc.max_seq_length, enc.normalize)
     smoothed.smooth(CALIBRATION_SENTENCES)
     for label, kw in (("cquant int8 dynamic per_channel +smooth", dict(mode="dynamic")),
+                      ("cquant int8 static per_channel +smooth", dict(mode="static", calibration=cal)),
                       ("cquant int8 weight_only per_channel +smooth", dict(mode="weight_only"))):
         qe = quantized_encoder(smoothed, **kw)
         res[label] = cosine_stats(qe.encode(sentences), ref)

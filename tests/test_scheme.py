@@ -23,7 +23,7 @@ def test_defaults_names_and_text():
     dict(bits=3), dict(bits=True), dict(granularity="per_row"), dict(granularity="per_group"),
     dict(granularity="per_group", group_size=0), dict(granularity="per_group", group_size=6),
     dict(granularity="per_group", group_size=8.0), dict(granularity="per_group", group_size=True),
-    dict(granularity="per_channel", group_size=32), dict(activations="static"), dict(activations="int8"),
+    dict(granularity="per_channel", group_size=32), dict(activations="Static"), dict(activations="int8"),
 ])
 def test_invalid_schemes_raise(kwargs):
     with pytest.raises(errors.ValueError):

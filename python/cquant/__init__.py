@@ -75,6 +75,7 @@ _LAZY = {
     "smoothing": ("smoothing", None),
     "qat": ("qat", None),  # quantization-aware training (imports torch)
     "budget": ("budget", None),
+    "embedding": ("embedding", None),  # int8 embedding tables (Quantizer(..., embeddings=True))
 }
 
 

@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import errors, nn, ops
+from .embedding import QuantizedEmbedding
 from .smoothing import Smoothed, smooth
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
@@ -271,42 +272,12 @@ class BertModel(nn.Module):
         return self.pooler(hidden)
 
 
-# ---- int8 embedding tables -------------------------------------------------------------------------
-
-class QuantizedEmbedding(nn.Module):
-    """An embedding table stored as int8 codes with one float32 scale per row (``weight_q``,
-    ``weight_scale``; the same rule as per-channel weights). A lookup dequantizes only the rows it
-    gathers. For BERT the word-embedding table is half of the checkpoint."""
-
-    def __init__(self, weight_q: np.ndarray, weight_scale: np.ndarray):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = (int(d) for d in weight_q.shape)
-        self.weight_q = np.ascontiguousarray(weight_q, dtype=np.int8)
-        self.weight_scale = np.ascontiguousarray(weight_scale, dtype=np.float32)
-
-    @classmethod
-    def from_embedding(cls, emb: nn.Embedding) -> "QuantizedEmbedding":
-        from . import ops
-        q, s = ops.quantize(emb.weight, granularity="per_channel", name="embedding")
-        return cls(q, s)
-
-    def forward(self, ids: Any) -> np.ndarray:
-        ids = np.asarray(ids)
-        if ids.dtype.kind not in "iu":
-            raise errors.TypeError(f"Embedding ids must be integers, got dtype {ids.dtype}")
-        if ids.size and (ids.min() < 0 or ids.max() >= self.num_embeddings):
-            raise errors.ValueError(f"Embedding ids must be in [0, {self.num_embeddings})")
-        out = self.weight_q[ids].astype(np.float32)
-        out *= self.weight_scale[ids][..., None]
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8 per-row"
-
+# ---- int8 embedding tables (the layer is generic: cquant.embedding; kept importable from here) -------
 
 def quantize_embeddings(model: nn.Module, include: Sequence[str] = ("*word_embeddings",)) -> List[str]:
     """Replace the :class:`cquant.nn.Embedding` modules whose names match ``include`` (fnmatch globs)
-    by :class:`QuantizedEmbedding` (int8 rows + per-row scales). Returns their names."""
+    by :class:`QuantizedEmbedding` (int8 rows + per-row scales). Returns their names. (The general
+    form, with tied tables handled, is ``cquant.Quantizer(..., embeddings=patterns)``.)"""
     import fnmatch
     done = []
     for name, mod in list(model.named_modules()):

@@ -174,6 +174,11 @@ def _same_file(a: str, b: str) -> bool:
 
 
 def _check_scheme(args: argparse.Namespace) -> None:
+    if getattr(args, "mode", None) == "static":
+        raise CliError("--mode static needs calibration data (each layer's activation scale is measured on "
+                       "real inputs), which the command line does not take: quantize in Python with "
+                       "cquant.Quantizer.quantize_dynamic(model, mode='static', calibration=batches), then "
+                       "cquant.save(model, path)")
     if args.granularity == "per_group":
         if not args.group_size:
             raise CliError("--granularity per_group needs --group-size (e.g. 32, 64 or 128)")
@@ -714,9 +719,10 @@ def _positional(args: argparse.Namespace, dest: str) -> None:
 
 
 def _scheme_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mode", choices=sorted(ops.MODES), default="dynamic",
+    p.add_argument("--mode", choices=sorted(ops.MODES) + ["static"], default="dynamic",
                    help="how the layer runs: int8 activations at run time (dynamic) or float activations "
-                        "with int8 weights (weight_only); stored per layer in the checkpoint")
+                        "with int8 weights (weight_only); stored per layer in the checkpoint. static "
+                        "(calibrated activation scales) needs calibration data: Python API only")
     p.add_argument("--granularity", choices=("per_tensor", "per_channel", "per_group"), default="per_channel")
     p.add_argument("--group-size", type=int, default=None, help="columns per scale with per_group")
     p.add_argument("--bits", type=int, choices=(8, 4), default=8,

@@ -87,8 +87,9 @@ def _children(obj: Any) -> List[Tuple[str, Any, _Site]]:
         for name, m in obj._modules.items():
             if m is not None:
                 out.append((name, m, _Site(obj, name, "module")))
+        hidden = getattr(type(obj), "_cquant_unwalked", ())  # e.g. the Linear a tied QuantizedEmbedding reads
         for name, v in vars(obj).items():
-            if name not in ("_parameters", "_modules", "training"):
+            if name not in ("_parameters", "_modules", "training") and name not in hidden:
                 out.append((name, v, _Site(obj, name, "attr")))
     elif isinstance(obj, list):
         out = [(str(i), v, _Site(obj, i, "item")) for i, v in enumerate(obj)]

@@ -19,15 +19,25 @@ tensor                 dtype    shape                meaning
 ``L.weight_scale``     F32      (1,) / (N,) /        per_tensor / per_channel / per_group scales;
                                 (N, K/g)             weight ~= weight_q * scale of its slice
 ``L.bias``             F32 (*)  (N,)                 optional bias
+``L.act_scale``        F32      (1,)                 ``"static"`` layers only: the calibrated activation
+                                                     scale (finite, > 0); every row of x is quantized
+                                                     with it (codes clamped to [-127, 127])
 =====================  =======  ===================  ==================================================
 
 (*) always written as F32 (also from an F16/BF16 source); readers also accept an F16/BF16/F64 bias,
 which earlier versions of ``cquant quantize`` copied unchanged.
 Every other tensor of the model (embeddings, norms, layers left in float) is stored under its usual
-``state_dict`` name with its dtype unchanged (BF16 and F16 included). An embedding table quantized by
-``cquant quantize --embeddings`` is a layer like the others (``kind`` ``"embedding"``: per_channel,
-no bias, shape (rows, dim)); ``load_into`` installs it as :class:`cquant.bert.QuantizedEmbedding` in
-a :mod:`cquant.nn` model and as a dequantized float table in a torch ``nn.Embedding``.
+``state_dict`` name with its dtype unchanged (BF16 and F16 included). An int8 embedding table
+(``cquant quantize --embeddings``, or a model quantized with ``Quantizer(..., embeddings=True)``) is a
+layer like the others (``kind`` ``"embedding"``: per_channel, no bias, shape (rows, dim)).
+``load_into`` installs it as a :class:`cquant.embedding.QuantizedEmbedding` in a :mod:`cquant.nn`
+model, and as a ``QuantizedTorchEmbedding`` in a torch model when the ``nn.Embedding`` can take one
+(its forward is torch's, no ``max_norm``, and its weight is not tied to a module that stays float);
+otherwise (and for a table stored as a ``"linear"`` layer) as the dequantized float table.
+A table tied to a quantized Linear (GPT-2's ``wte`` and ``lm_head``: the same per_channel int8
+codes) is stored once: ``cquant.tied`` (metadata, optional) is a JSON object ``{table: linear}``; the
+table has no tensors and no ``cquant.layers`` entry of its own, ``linear`` must be a per_channel
+int8 ``"linear"`` layer of the file, and loading makes the table read that layer's codes.
 A *sharded* checkpoint is ``NAME.safetensors.index.json`` (``{"metadata": {...}, "weight_map":
 {tensor: shard file}}``) plus the shards next to it; each shard is itself a cquant checkpoint
 holding whole layers (its ``cquant.layers`` lists the layers it holds). :func:`open_checkpoint`,
@@ -35,7 +45,7 @@ holding whole layers (its ``cquant.layers`` lists the layers it holds). :func:`o
 The header's ``__metadata__`` (string -> string) holds:
 
 - ``cquant.format_version``: ``"1"``; ``cquant.version``: the writer's cquant version;
-- ``cquant.layers``: JSON object ``{L: {"mode": "dynamic"|"weight_only",
+- ``cquant.layers``: JSON object ``{L: {"mode": "dynamic"|"weight_only"|"static",
   "granularity": "per_tensor"|"per_channel"|"per_group", "group_size": int|null, "shape": [N, K],
   "bias": bool, "layout": "out_in"|"in_out", "kind": "linear"|"embedding" (optional),
   "bits": 8|4 (optional, 8 when absent)}}``. ``layout`` says how the *source* layer stored its
@@ -92,6 +102,7 @@ KEY_VERSION = "cquant.format_version"
 KEY_LAYERS = "cquant.layers"
 KEY_MODEL = "cquant.model"
 KEY_CQ_VERSION = "cquant.version"
+KEY_TIED = "cquant.tied"  # {embedding table: the Linear layer whose per_channel int8 codes it shares}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -723,6 +734,9 @@ class Checkpoint:
     kinds: Dict[str, str] = field(default_factory=dict)  # name -> "embedding" (absent: a Linear)
     tensors: Dict[str, np.ndarray] = field(default_factory=dict)
     metadata: Dict[str, str] = field(default_factory=dict)
+    #: embedding table -> the Linear layer whose codes it shares (``cquant.tied``); such a table is in
+    #: ``layers`` (the same QuantizedWeight as that layer) but has no tensors of its own
+    tied: Dict[str, str] = field(default_factory=dict)
 
     @property
     def format_version(self) -> Optional[str]:
@@ -737,19 +751,26 @@ class Checkpoint:
     def layer_keys(self) -> List[str]:
         keys = []
         for name, qf in self.layers.items():
+            if name in self.tied:
+                continue
             p = _prefix(name)
-            keys += [p + "weight_q", p + "weight_scale"] + ([p + "bias"] if qf.bias is not None else [])
+            keys += [p + "weight_q", p + "weight_scale"] + ([p + "bias"] if qf.bias is not None else []) \
+                + ([p + "act_scale"] if getattr(qf, "act_scale", None) is not None else [])
         return keys
 
     def state_dict(self) -> Dict[str, np.ndarray]:
         """Flat name -> array, as stored in the file (codes canonical (N, K))."""
         out: Dict[str, np.ndarray] = {}
         for name, qf in self.layers.items():
+            if name in self.tied:
+                continue
             p = _prefix(name)
             out[p + "weight_q"] = _stored_codes(qf.qweight)
             out[p + "weight_scale"] = qf.qweight.scale
             if qf.bias is not None:
                 out[p + "bias"] = qf.bias
+            if getattr(qf, "act_scale", None) is not None:
+                out[p + "act_scale"] = np.array([qf.act_scale], dtype=np.float32)
         out.update(self.tensors)
         return out
 
@@ -774,6 +795,8 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
         tensors[p + "weight_scale"] = qf.qweight.scale
         if qf.bias is not None:
             tensors[p + "bias"] = np.ascontiguousarray(qf.bias, dtype=np.float32)
+        if getattr(qf, "act_scale", None) is not None:
+            tensors[p + "act_scale"] = np.array([qf.act_scale], dtype=np.float32)
         layers[name] = _layer_meta(qf.mode, qf.qweight, qf.bias is not None, layout)
 
     if is_torch_module(obj):
@@ -820,12 +843,51 @@ def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]]
     return tensors, layers, model_meta
 
 
+def _embedding_layers(obj: Any, tensors: Dict[str, np.ndarray], layers: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """The int8 embedding tables of a :mod:`cquant.nn` or torch model: a ``"kind": "embedding"`` entry
+    in ``layers`` for each (its codes and scales are in ``tensors``, from the ``state_dict``), except a
+    table tied to a quantized Linear of the model, which is not stored: returned as ``{table: linear}``
+    (``cquant.tied``). A tied table whose Linear is not in the model is stored with codes of its own."""
+    from . import nn
+    from .adapters import is_torch_module
+    from .embedding import QuantizedEmbedding
+    if is_torch_module(obj):
+        from .adapters.torch_embedding import QuantizedTorchEmbedding
+        cls: type = QuantizedTorchEmbedding
+    elif isinstance(obj, nn.Module):
+        cls = QuantizedEmbedding
+    else:
+        return {}
+    mods = list(obj.named_modules())
+    name_of = {id(m): n for n, m in mods}
+    ties: Dict[str, str] = {}
+    for name, m in mods:
+        if not isinstance(m, cls):
+            continue
+        qw = m.qweight
+        tie = m.tied_to
+        if tie is not None:
+            target = name_of.get(id(tie))
+            if target is not None and target in layers and layers[target].get("kind", "linear") == "linear" \
+                    and name not in layers:
+                ties[name] = target
+                continue
+            p = _prefix(name)
+            tensors[p + "weight_q"] = qw.q
+            tensors[p + "weight_scale"] = qw.scale
+        layers[name] = {**_layer_meta("weight_only", qw, False), "kind": "embedding"}
+    return ties
+
+
 def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a quantized model (cquant.nn, torch via the adapter, duck-typed) or a mapping
     ``name -> array | quantized layer`` to ``path`` as a cquant checkpoint (see the module docstring
     for the layout). The file is written to a temporary name and renamed: never left half-written."""
     tensors, layers, model_meta = _collect(obj)
+    ties = _embedding_layers(obj, tensors, layers)
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    if ties:
+        meta[KEY_TIED] = json.dumps(ties, separators=(",", ":"))
     meta[KEY_VERSION] = FORMAT_VERSION
     from . import __version__
     meta[KEY_CQ_VERSION] = __version__
@@ -855,7 +917,7 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
 # Validating a checkpoint's metadata and quantized-layer tensors (load, load_into, cquant report)
 # --------------------------------------------------------------------------------------------------
 
-_MODES = ("dynamic", "weight_only")
+_MODES = ("dynamic", "weight_only", "static")  # "static": a L.act_scale tensor holds the activation scale
 _GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 _LAYOUTS = ("out_in", "in_out")
 _KINDS = ("linear", "embedding")  # "embedding": an embedding table stored as int8 rows (per_channel)
@@ -962,12 +1024,18 @@ def check_layer_tensors(path: str, spec: LayerSpec, info: Mapping[str, Tuple[str
     want = [("weight_q", (codes[0],), codes[1]), ("weight_scale", ("F32",), spec.scale_shape)]
     if spec.bias:
         want.append(("bias", _BIAS_DTYPES, (spec.shape[0],)))
+    if spec.mode == "static":
+        want.append(("act_scale", ("F32",), (1,)))
+    elif spec.key("act_scale") in info:
+        raise CheckpointError(f"{path}: tensor {spec.key('act_scale')!r} is a static activation scale, but layer "
+                              f"{spec.name!r} has mode {spec.mode!r} (only \"static\" layers have one)")
     for suffix, dtypes, shape in want:
         key = spec.key(suffix)
         got = info.get(key)
         if got is None:
             raise CheckpointError(f"{path}: layer {spec.name!r} is listed in {KEY_LAYERS!r}"
                                   + (" with \"bias\": true" if suffix == "bias" else "")
+                                  + (" with \"mode\": \"static\"" if suffix == "act_scale" else "")
                                   + f" but tensor {key!r} is missing")
         dt, shp = got
         if dt not in dtypes:
@@ -979,8 +1047,9 @@ def check_layer_tensors(path: str, spec: LayerSpec, info: Mapping[str, Tuple[str
 
 
 def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndarray,
-                       bias: Optional[np.ndarray]) -> None:
-    """Codes in [-127, 127], finite non-negative scales, a finite bias."""
+                       bias: Optional[np.ndarray], act_scale: Optional[np.ndarray] = None) -> None:
+    """Codes in [-127, 127], finite non-negative scales, a finite bias, a finite positive float32
+    activation scale (static layers)."""
     if spec.bits == 4:
         if q.size and int(q.min()) < -7:
             raise CheckpointError(f"{path}: tensor {spec.key('weight_q')!r} holds the int4 code -8; codes must "
@@ -992,6 +1061,11 @@ def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndar
                               "scales; scales must be finite and >= 0")
     if bias is not None and not np.isfinite(bias).all():
         raise CheckpointError(f"{path}: tensor {spec.key('bias')!r} holds NaN or Inf")
+    if act_scale is not None:
+        a = np.asarray(act_scale)
+        if a.dtype != np.float32 or a.size != 1 or not np.isfinite(a).all() or not (a > 0).all():
+            raise CheckpointError(f"{path}: tensor {spec.key('act_scale')!r} is {_short(a.tolist())} "
+                                  f"({a.dtype}); a static activation scale is one finite float32 > 0")
 
 
 def _reader_array(r: Union[SafetensorsReader, ShardedReader], name: str) -> np.ndarray:
@@ -1027,17 +1101,51 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
             q = unpack_int4(q, spec.shape[1])
         s = arrays.pop(spec.key("weight_scale"))
         b = arrays.pop(spec.key("bias")) if spec.bias else None
-        check_layer_values(p, spec, q, s, b)
+        a = arrays.pop(spec.key("act_scale")) if spec.mode == "static" else None
+        check_layer_values(p, spec, q, s, b, a)
         try:
             qw = ops.QuantizedWeight.from_codes(q, s, spec.granularity, spec.group_size, bits=spec.bits)
-            ck.layers[name] = QuantizedLinearForward(qw, None if b is None else b.astype(np.float32), spec.mode)
+            ck.layers[name] = QuantizedLinearForward(qw, None if b is None else b.astype(np.float32), spec.mode,
+                                                     None if a is None else float(a.reshape(())))
         except errors.QuantizationError as e:
             raise CheckpointError(f"{p}: layer {name!r}: {e}") from None
         ck.layouts[name] = spec.layout
         if spec.kind != "linear":
             ck.kinds[name] = spec.kind
+    _read_ties(p, meta, specs, ck, arrays)
     ck.tensors = arrays
     return ck
+
+
+def _read_ties(path: str, meta: Mapping[str, str], specs: Mapping[str, "LayerSpec"], ck: "Checkpoint",
+               arrays: Mapping[str, np.ndarray]) -> None:
+    """``cquant.tied``: each table becomes a layer of ``ck`` sharing its Linear's QuantizedWeight."""
+    from .quantization import QuantizedLinearForward
+    raw = meta.get(KEY_TIED)
+    if raw is None:
+        return
+    where = f"{path}: metadata {KEY_TIED!r}"
+    try:
+        ties = json.loads(raw)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{where} is not valid JSON") from None
+    if not isinstance(ties, dict):
+        raise CheckpointError(f"{where} must be a JSON object (embedding table -> Linear layer)")
+    for table, target in ties.items():
+        if not isinstance(target, str):
+            raise CheckpointError(f"{where}: table {table!r} maps to {_short(target)}, not a layer name")
+        if table in specs or any(k in arrays for k in (_prefix(table) + "weight_q", _prefix(table) + "weight_scale")):
+            raise CheckpointError(f"{where}: table {table!r} also has a layer or tensors of its own")
+        spec = specs.get(target)
+        if spec is None or target in ties:
+            raise CheckpointError(f"{where}: table {table!r} is tied to {target!r}, which is not a layer of the file")
+        if spec.kind != "linear" or spec.granularity != "per_channel" or spec.bits != 8:
+            raise CheckpointError(f"{where}: table {table!r} is tied to {target!r}, which is not a per_channel int8 "
+                                  "linear layer (a table shares only per-row int8 codes)")
+        ck.layers[table] = QuantizedLinearForward(ck.layers[target].qweight, None, "weight_only")
+        ck.layouts[table] = "out_in"
+        ck.kinds[table] = "embedding"
+        ck.tied[table] = target
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1204,23 +1312,36 @@ def _embedding_table(name: str, qf: Any, rows_dim: Tuple[int, int]) -> None:
 
 def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
     from . import nn
-    from .bert import QuantizedEmbedding
+    from .embedding import QuantizedEmbedding, can_share
     from .quantization import QuantizedLinear
     replaced = []
     ck_tensors = dict(ck.tensors)
     layer_keys = set(ck.layer_keys())
+    tied = getattr(ck, "tied", {})
+    installed: Dict[str, Any] = {}
     try:
-        for name, qf in ck.layers.items():
+        # tied tables after the Linears whose codes they read
+        for name, qf in sorted(ck.layers.items(), key=lambda kv: kv[0] in tied):
             if not name:
                 raise CheckpointError("a checkpoint of a single layer cannot be installed into a model; "
                                       "use Checkpoint.layers[''] directly")
             parent, mod, last = _nn_submodule(model, name)
+            if name in tied and not isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
+                raise CheckpointError(f"layer {name!r} is an embedding table tied to {tied[name]!r}; the model has "
+                                      f"a {type(mod).__name__} there")
             if isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
-                # an embedding table quantized by `cquant quantize` (--embeddings, or --include): int8 rows
-                # with one scale each is QuantizedEmbedding's own format; other scales are dequantized
+                # an int8 table (Quantizer(embeddings=...), `cquant quantize --embeddings`, or --include):
+                # int8 rows with one scale each is QuantizedEmbedding's own format; other scales are dequantized
                 _embedding_table(name, qf, (mod.num_embeddings, mod.embedding_dim))
-                if qf.qweight.granularity == "per_channel":
-                    new_e: Any = QuantizedEmbedding(qf.qweight.q, qf.qweight.scale)
+                pad = getattr(mod, "padding_idx", None)
+                if name in tied:
+                    target = installed.get(tied[name])
+                    if not isinstance(target, QuantizedLinear):
+                        raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a "
+                                              "Linear layer of the model")
+                    new_e: Any = QuantizedEmbedding(tie=target, padding_idx=pad)
+                elif can_share(qf.qweight):
+                    new_e = QuantizedEmbedding(qweight=qf.qweight, padding_idx=pad)
                 else:
                     new_e = nn.Embedding(mod.num_embeddings, mod.embedding_dim, rng=0)
                     p = _prefix(name)
@@ -1235,8 +1356,9 @@ def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
             if (mod.out_features, mod.in_features) != tuple(qf.qweight.shape):
                 raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, model "
                                       f"(out, in) = {(mod.out_features, mod.in_features)}")
-            new = QuantizedLinear(qf.qweight, qf.bias, qf.mode)
+            new = QuantizedLinear(qf.qweight, qf.bias, qf.mode, qf.act_scale)
             parent._modules[last] = new
+            installed[name] = new
             replaced.append((parent, last, mod))
         expected = set(model.state_dict())
         given = set(ck_tensors) | layer_keys
@@ -1331,6 +1453,10 @@ def _load_into_duck(model: Any, ck: Checkpoint) -> Any:
     """Validate every layer first (path, type, shape), then install all; a failure while installing
     (e.g. a class that refuses an attribute) puts back what was changed, so the model is either
     fully loaded or untouched."""
+    if getattr(ck, "tied", None):
+        raise CheckpointError(f"layer(s) {', '.join(sorted(ck.tied))} are embedding tables tied to a Linear layer; "
+                              "duck-typed models have no embedding layer: load this checkpoint into the "
+                              "cquant.nn or torch model it was saved from")
     plan = []
     for name, qf in ck.layers.items():
         obj = _duck_layer(model, name)
@@ -1369,21 +1495,37 @@ def _load_into_duck(model: Any, ck: Checkpoint) -> Any:
 
 
 def _embeddings_as_tensors(model: Any, ck: Checkpoint) -> Checkpoint:
-    """For a torch model: checkpoint layers that are ``nn.Embedding`` tables in the model (an embedding
-    quantized by ``cquant quantize --embeddings``) become float tensors ``L.weight`` (dequantized
-    int8 rows) copied into the table; the other layers are left to the adapter."""
+    """For a torch model: checkpoint layers that are embedding tables in the model stay layers (the
+    adapter installs a ``QuantizedTorchEmbedding``) when they are int8 tables (kind ``"embedding"``,
+    per-row int8 codes) and the ``nn.Embedding`` can take one (torch's forward, no ``max_norm``, a
+    weight not tied to a module that stays float); the others become float tensors ``L.weight``
+    (dequantized rows) copied into the table (a tie to a float module is kept)."""
     import torch
+    from .adapters.torch import _param_owners
+    from .adapters.torch_embedding import QuantizedTorchEmbedding, embedding_problem
+    from .embedding import can_share
     subs = dict(model.named_modules())
-    emb = {n: m for n, m in subs.items() if n in ck.layers and isinstance(m, torch.nn.Embedding)}
+    emb = {n: m for n, m in subs.items() if n in ck.layers
+           and isinstance(m, (torch.nn.Embedding, QuantizedTorchEmbedding))}
     if not emb:
         return ck
+    owners = _param_owners(model)
     out = Checkpoint(layers=dict(ck.layers), layouts=dict(ck.layouts), kinds=dict(ck.kinds),
-                     tensors=dict(ck.tensors), metadata=ck.metadata)
+                     tensors=dict(ck.tensors), metadata=ck.metadata, tied=dict(getattr(ck, "tied", {})))
     for name, m in emb.items():
-        qf = out.layers.pop(name)
+        qf = out.layers[name]
+        _embedding_table(name, qf, (m.num_embeddings, m.embedding_dim))
+        if isinstance(m, QuantizedTorchEmbedding):  # already int8: the codes are installed as they are
+            out.kinds[name] = "embedding"
+            continue
+        floats = [n for n, o in owners.get(id(m.weight), []) if o is not m and n not in ck.layers]
+        if (ck.kinds.get(name) == "embedding" and can_share(qf.qweight) and qf.bias is None
+                and not embedding_problem(m) and not floats):
+            continue
+        out.layers.pop(name)
         out.layouts.pop(name, None)
         out.kinds.pop(name, None)
-        _embedding_table(name, qf, (m.num_embeddings, m.embedding_dim))
+        out.tied.pop(name, None)
         out.tensors[_prefix(name) + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
     return out
 

@@ -334,6 +334,10 @@ def prepare(model: torch.nn.Module, scheme: Any = None, *, include: Any = None, 
         raise errors.ValueError(f"train_forward must be one of {TRAIN_FORWARDS}, got {train_forward!r}")
     default, rules = _normalize_scheme(scheme)
     default = default or QuantScheme()
+    if any(sc is not None and sc.activations == "static" for sc in [default] + [v for _k, v in rules]):
+        raise errors.ValueError("qat.prepare: static activations (calibrated scales) are not available in QAT, "
+                                "which fake-quantizes activations per row as dynamic mode does: use a dynamic or "
+                                "weight_only scheme")
     if not inplace:
         model = copy.deepcopy(model)
     already = {id(m) for _, m in qat_layers(model)}

@@ -30,6 +30,21 @@ dicts. Each object is visited once (cycles and shared sub-trees are safe: object
 ``id``). Layer paths are dotted: attribute names, list indices and dict keys, e.g.
 ``encoder.layer.0.attention.query``.
 
+Static activations
+------------------
+``mode="static"`` (or a scheme with ``activations="static"``, e.g. ``"static per_channel"``) needs
+``calibration=`` batches: the float model runs on them (again after smoothing, so a layer sees its
+smoothed input, ``x * (1/s)`` inside a pre-scale wrapper) and each layer stores ``act_scale`` =
+``max|x| / 127`` over every row of every batch (float32; :attr:`Quantizer.act_scales`). At run time
+every row is quantized with that scale (codes clamped to [-127, 127]) instead of its own
+``max|row| / 127``: no per-row max pass, but inputs larger than anything seen in calibration clip
+and small rows get few codes, so it is usually less accurate than dynamic. Per-channel activation
+ranges are evened out by smoothing (``smoothing=``: ``1/s`` folded into the preceding LayerNorm /
+Linear where exact), which is how static works per channel. A selected layer the batches never
+reached gets dynamic activations instead, the reason in its record (``strict=True``: an error
+listing those layers). The scale travels with the layer: ``state_dict`` (``<name>.act_scale``),
+checkpoints (:func:`cquant.save`), pickling, the torch adapter (a buffer) and its traced op.
+
 Which layers are quantized (the recognition rule)
 -------------------------------------------------
 An object is a Linear layer when
@@ -41,9 +56,10 @@ An object is a Linear layer when
 3. it has a ``forward`` method or is callable; ``bias``, if present and not None, is a 1-D array of
    ``out_features`` values.
 
-Never quantized, whatever ``include`` says: objects whose class name names an embedding, a
-convolution or a normalization (``Embedding``, ``Conv*``/``Convolution``, ``*Norm``, e.g.
-``LayerNorm``, ``RMSNorm``, GPT-2's transposed ``Conv1D``), and weights that are not 2-D.
+Never quantized as Linear layers, whatever ``include`` says: objects whose class name names an
+embedding, a convolution or a normalization (``Embedding``, ``Conv*``/``Convolution``, ``*Norm``, e.g.
+``LayerNorm``, ``RMSNorm``, GPT-2's transposed ``Conv1D``), and weights that are not 2-D (embedding
+tables have their own opt-in, ``embeddings=``: see "Embedding tables" below).
 
 ``include`` / ``exclude`` are layer names or :func:`fnmatch.fnmatchcase` glob patterns matched
 against the full dotted path (``"encoder.layer.0.attention.query"``, ``"*.query"``, ``"encoder.*"``;
@@ -70,6 +86,26 @@ What quantizing a layer does
 - A layer that is already quantized is skipped, so quantizing twice is harmless.
 - ``inplace=False`` deep-copies the model first and leaves the original untouched.
 
+Embedding tables (opt-in)
+-------------------------
+``embeddings=True`` (``Quantizer(..., embeddings=True)`` or ``quantize_dynamic(model,
+embeddings=True)``; or names / globs of the tables, e.g. ``embeddings="*word_embeddings"``) also
+stores embedding tables as int8 rows with one float32 scale each (:mod:`cquant.embedding`): a
+:class:`cquant.nn.Embedding` becomes a :class:`cquant.embedding.QuantizedEmbedding`, a
+``torch.nn.Embedding`` a ``QuantizedTorchEmbedding`` (:mod:`cquant.adapters.torch`). The default
+(``False``) keeps every table in float. ``exclude`` applies to tables too; ``include`` and ``scheme``
+select Linear layers only. Duck-typed trees (the ``"objects"`` front-end, a root that is not a
+:class:`cquant.nn.Module`) have no embedding protocol: their tables are skipped, with that reason.
+Tables whose class overrides ``forward`` (or a torch ``max_norm``) are skipped, with the reason.
+
+Ties: a table whose weight is the very array (torch: Parameter) of a Linear being quantized
+(GPT-2's ``lm_head.weight`` is ``wte.weight``) is quantized once: per-row int8 codes of the
+``(vocab, dim)`` table are the per_channel int8 codes of the ``(out, in)`` Linear weight, whatever the
+mode, so the table reads the Linear's :class:`~cquant.ops.QuantizedWeight` (measured bytes count it
+once, a checkpoint stores it once). When that Linear gets another scheme (per_group, per_tensor,
+int4: different codes), or stays float, the table is skipped with that reason instead of being
+stored twice.
+
 Every layer-like object seen (anything with a ``weight``, or a Linear by name) gets a
 :class:`LayerRecord` in ``Quantizer.summary`` saying whether it was quantized or why it was skipped;
 a one-line summary (and the skips, grouped by reason) goes to the ``"cquant"`` logger at INFO level.
@@ -80,7 +116,7 @@ import copy
 import logging
 import re
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -94,6 +130,7 @@ from .frontends import (  # noqa: F401  (the walk and the recognition rule; io.p
     Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
     _looks_like_layer, _match, _never_reason, _Site, _slot_names, _walk,
 )
+from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share
 from .scheme import QuantScheme
 from .scheme import normalize as _normalize_scheme
 from .scheme import resolve as _resolve_scheme
@@ -105,7 +142,7 @@ __all__ = [
 
 logger = logging.getLogger("cquant")
 
-MODES = ("dynamic", "weight_only")
+MODES = ("dynamic", "weight_only", "static")
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
 
 # --------------------------------------------------------------------------------------------------
@@ -116,6 +153,28 @@ def _check_mode(mode: Any) -> str:
     if mode not in MODES:
         raise errors.ValueError(f"mode must be one of {MODES}, got {mode!r}")
     return mode
+
+
+def _check_act_scale(mode: str, act_scale: Any) -> Optional[float]:
+    """The activation scale of a ``"static"`` layer as a Python float holding a float32 value
+    (finite, > 0); None for the other modes (which take none)."""
+    if mode != "static":
+        if act_scale is not None:
+            raise errors.ValueError(f"act_scale is only used with mode='static' (got mode={mode!r})")
+        return None
+    if act_scale is None:
+        raise errors.ValueError("mode='static' needs act_scale, the calibrated activation scale (a float32 "
+                                "> 0; cquant.calibrate(...).static_scale(name), or let the Quantizer "
+                                "calibrate: quantize_dynamic(model, mode='static', calibration=batches))")
+    a = np.asarray(act_scale)
+    if a.size != 1 or a.dtype.kind not in "fiu":
+        raise errors.TypeError(f"act_scale must be one real number, got {type(act_scale).__name__} "
+                               f"{getattr(a, 'dtype', '')} of shape {a.shape}")
+    with np.errstate(over="ignore"):
+        v = np.float32(a.reshape(()))
+    if not (np.isfinite(v) and v > 0):
+        raise errors.ValueError(f"act_scale must be a finite float32 > 0, got {act_scale!r}")
+    return float(v)
 
 
 def _check_bias(bias: Optional[np.ndarray], out_features: int) -> Optional[np.ndarray]:
@@ -136,17 +195,20 @@ def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
 
 class QuantizedLinearForward:
     """The forward of a quantized Linear: ``x: (..., in_features) -> (..., out_features)`` float32 via
-    :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias), so it
-    pickles and deep-copies."""
+    :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias) and,
+    in ``"static"`` mode, ``act_scale`` (a float: every row of x is quantized with it), so it pickles
+    and deep-copies."""
 
     _cquant_qforward = True  # marker: cquant.frontends recognises quantized layers by it
     _cquant_x_mul = True     # marker: __call__ takes x_mul (a smoothing pre-scale applied in the kernel)
+    act_scale: Optional[float] = None  # static mode only (instances pickled before it existed: None)
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
-                 mode: str = "dynamic"):
+                 mode: str = "dynamic", act_scale: Optional[float] = None):
         self.qweight = qweight
         self.mode = _check_mode(mode)
         self.bias = _check_bias(bias, qweight.shape[0])
+        self.act_scale = _check_act_scale(self.mode, act_scale)
 
     @property
     def in_features(self) -> int:
@@ -167,34 +229,41 @@ class QuantizedLinearForward:
 
     def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
         """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing)."""
+        if self.act_scale is not None:  # static: the dynamic kernel with one fixed scale
+            return ops.linear(x, self.qweight, self.bias, mode="dynamic", x_mul=x_mul, x_scale=self.act_scale)
         if x_mul is None:
             return ops.linear(x, self.qweight, self.bias, mode=self.mode)
         return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
 
     def __repr__(self) -> str:
+        act = f", act_scale={self.act_scale!r}" if self.act_scale is not None else ""
         return (f"QuantizedLinearForward(in_features={self.in_features}, out_features={self.out_features}, "
-                f"{self.scheme}, bias={self.bias is not None})")
+                f"{self.scheme}{act}, bias={self.bias is not None})")
 
 
 class QuantizedLinear(nn.Module):
     """A :class:`cquant.nn.Linear` whose weight is int8: ``forward(x) = ops.linear(x, qweight, bias, mode)``.
 
     Attributes: ``in_features``, ``out_features``, ``qweight`` (:class:`cquant.ops.QuantizedWeight`),
-    ``bias`` (float32 parameter or None), ``mode``. ``state_dict()`` stores the weight as
-    ``<name>.weight_q`` (canonical (N, K) int8 codes) and ``<name>.weight_scale``.
+    ``bias`` (float32 parameter or None), ``mode``, ``act_scale`` (``"static"`` mode: the calibrated
+    activation scale, a float; else None). ``state_dict()`` stores the weight as ``<name>.weight_q``
+    (canonical (N, K) int8 codes) and ``<name>.weight_scale``, and a static layer's scale as
+    ``<name>.act_scale`` (float32, shape (1,)).
     """
 
     _cquant_qforward = True
     _cquant_x_mul = True
+    act_scale: Optional[float] = None
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
-                 mode: str = "dynamic"):
+                 mode: str = "dynamic", act_scale: Optional[float] = None):
         super().__init__()
         self.in_features = int(qweight.shape[1])
         self.out_features = int(qweight.shape[0])
         self.mode = _check_mode(mode)
         self.qweight = qweight
         self.bias = _check_bias(bias, self.out_features)
+        self.act_scale = _check_act_scale(self.mode, act_scale)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str = "dynamic", granularity: str = "per_channel",
@@ -210,6 +279,8 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
         """x: (..., in_features) float -> (..., out_features) float32. ``x_mul`` (in_features,): the
         input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass)."""
+        if self.act_scale is not None:  # static: the dynamic kernel with one fixed scale
+            return ops.linear(x, self.qweight, self.bias, mode="dynamic", x_mul=x_mul, x_scale=self.act_scale)
         if x_mul is None:
             return ops.linear(x, self.qweight, self.bias, mode=self.mode)
         return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
@@ -222,17 +293,27 @@ class QuantizedLinear(nn.Module):
         super()._save_to_state_dict(dest, prefix)
         dest[prefix + "weight_q"] = self.qweight.q
         dest[prefix + "weight_scale"] = self.qweight.scale
+        if self.act_scale is not None:
+            dest[prefix + "act_scale"] = np.array([self.act_scale], dtype=np.float32)
 
     def _load_plan(self, state: Mapping[str, Any], prefix: str, plan: List[Callable[[], None]],
                    used: set, missing: List[str], mismatched: list) -> None:
         super()._load_plan(state, prefix, plan, used, missing, mismatched)
         kq, ks = prefix + "weight_q", prefix + "weight_scale"
-        absent = [k for k in (kq, ks) if k not in state]
+        keys = (kq, ks) + ((prefix + "act_scale",) if self.act_scale is not None else ())
+        absent = [k for k in keys if k not in state]
         missing.extend(absent)
-        used.update(k for k in (kq, ks) if k in state)
+        used.update(k for k in keys if k in state)
         if absent:
             return
         q, s = np.asarray(state[kq]), np.asarray(state[ks])
+        act = None
+        if self.act_scale is not None:
+            a = np.asarray(state[prefix + "act_scale"])
+            if a.shape not in ((1,), ()):
+                mismatched.append((prefix + "act_scale", (1,), a.shape))
+                return
+            act = _check_act_scale("static", a)
         bad = False
         if q.shape != tuple(self.qweight.shape):
             mismatched.append((kq, tuple(self.qweight.shape), q.shape))
@@ -245,10 +326,13 @@ class QuantizedLinear(nn.Module):
         new = ops.QuantizedWeight.from_codes(q, s, self.qweight.granularity, self.qweight.group_size,
                                              bits=self.qweight.bits)
         plan.append(lambda: setattr(self, "qweight", new))
+        if act is not None:
+            plan.append(lambda: setattr(self, "act_scale", act))
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, {self.scheme}")
+                f"bias={self.bias is not None}, {self.scheme}"
+                + (f", act_scale={self.act_scale!r}" if self.act_scale is not None else ""))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -326,6 +410,33 @@ class _Plan:
     shared_with: Optional[str] = None
     scheme: QuantScheme = QuantScheme()
     note: str = ""
+    act_scale: Optional[float] = None  # static schemes: the calibrated activation scale
+
+
+@dataclass
+class _EmbPlan:
+    """An embedding table to store as int8 rows (``tie``: the Linear plan whose codes it reads)."""
+    name: str
+    obj: Any
+    sites: List[Optional[_Site]]
+    weight: np.ndarray
+    tie: Optional[_Plan] = None
+    qweight: Optional[ops.QuantizedWeight] = None
+    shared_with: Optional[str] = None
+
+
+def _embedding_patterns(embeddings: Any) -> Tuple[str, ...]:
+    """``embeddings=``: False/None (off), True (every table), or table names / globs."""
+    if embeddings is None or embeddings is False:
+        return ()
+    if embeddings is True:
+        return ("*",)
+    if isinstance(embeddings, (bool, int, float)):
+        raise errors.TypeError(f"embeddings must be True, False or table names / globs, got {embeddings!r}")
+    pats = _as_patterns(embeddings, "embeddings")
+    if not pats:
+        raise errors.ValueError("embeddings=[] names no table; pass False to keep every table in float")
+    return pats
 
 
 def _probe_layouts(plans: List[_Plan]) -> Tuple[List[_Plan], List[LayerRecord]]:
@@ -377,7 +488,7 @@ class Quantizer:
 
     def __init__(self, mode: str = "dynamic", granularity: str = "per_channel",
                  group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None,
-                 *, scheme: Any = None, strict: bool = False):
+                 *, scheme: Any = None, strict: bool = False, embeddings: Any = False):
         base = QuantScheme.from_args(mode, granularity, group_size)
         default, rules = _normalize_scheme(scheme)
         #: the scheme of every layer that no per-layer rule names (a :class:`QuantScheme`)
@@ -390,6 +501,9 @@ class Quantizer:
         self.group_size = self.scheme.group_size
         self.include = _as_patterns(include, "include")
         self.exclude = _as_patterns(exclude, "exclude")
+        #: embedding tables to store as int8 rows: () (the default: none), ("*",) (``embeddings=True``)
+        #: or the names / globs given (see "Embedding tables" in the module docstring)
+        self.embeddings: Tuple[str, ...] = _embedding_patterns(embeddings)
         self.summary: List[LayerRecord] = []
         #: what :meth:`quantize_dynamic` measured and did before quantizing (None if not asked)
         self.calibration: Optional[_calibration.Calibration] = None
@@ -397,6 +511,33 @@ class Quantizer:
         #: what the accuracy budget measured and chose (``min_cosine=``; None if not asked)
         self.budget: Optional[_budget.BudgetResult] = None
         self._budget_rules: Dict[str, Tuple[Optional[QuantScheme], str]] = {}
+        #: static schemes: layer name -> calibrated activation scale (``max|x| / 127`` over the
+        #: calibration batches, measured after smoothing); None until calibration batches are given
+        self.act_scales: Optional[Dict[str, float]] = None
+        self._static_missing: List[str] = []
+
+    def _uses_static(self) -> bool:
+        return self.scheme.activations == "static" or any(
+            v is not None and v.activations == "static" for _k, v in self.rules)
+
+    def _static_fit(self, name: str, s: QuantScheme, note: str) -> Tuple[QuantScheme, str]:
+        """A static scheme for a layer the calibration never reached: dynamic activations instead,
+        the reason in ``note`` (the layer is remembered for ``strict``)."""
+        if s.activations != "static" or (self.act_scales is not None and name in self.act_scales):
+            return s, note
+        self._static_missing.append(_display(name))
+        why = ("static: the calibration batches never reached this layer (no activation statistics): "
+               "dynamic activations instead")
+        return replace(s, activations="dynamic"), "; ".join(filter(None, [note, why]))
+
+    def _check_static_missing(self) -> None:
+        if self.strict and self._static_missing:
+            names = self._static_missing
+            raise errors.ValueError(
+                f"static activations need calibration statistics, but the calibration batches never reached "
+                f"{len(names)} selected layer(s): {', '.join(names[:20])}"
+                + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
+                + " (strict=True; without it they get dynamic activations, the reason recorded)")
 
     def scheme_for(self, name: str, layer: Any, k: int) -> Tuple[Optional[QuantScheme], str]:
         """``(scheme, note)`` for layer ``name`` with ``k`` input columns: the per-layer rule or the
@@ -408,13 +549,13 @@ class Quantizer:
                 if s is None:
                     return None, note
                 s2, fit = s.for_k(k, False, _display(name))
-                return s2, "; ".join(filter(None, [note, fit]))
+                return self._static_fit(name, s2, "; ".join(filter(None, [note, fit])))
         s, key = _resolve_scheme(name, layer, self.scheme, self.rules)
         if key == "" and name.endswith(".linear"):  # inside a smoothing wrapper: its name counts too
             s, key = _resolve_scheme(name[: -len(".linear")], layer, self.scheme, self.rules)
         if s is None:
             return None, f"kept in float by scheme rule {key!r}"
-        return s.for_k(k, self.strict, _display(name))
+        return self._static_fit(name, *s.for_k(k, self.strict, _display(name)))
 
     @classmethod
     def quantize_dynamic(cls, model: Any, mode: str = "dynamic", granularity: str = "per_channel",
@@ -422,11 +563,18 @@ class Quantizer:
                          exclude: Patterns = None, inplace: bool = True, *, scheme: Any = None,
                          strict: bool = False, calibration: Any = None, smoothing: Any = None,
                          min_cosine: Optional[float] = None, min_row_cosine: Optional[float] = None,
-                         refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
+                         refine: Sequence[Any] = _budget.DEFAULT_REFINE, embeddings: Any = False) -> Any:
         """One-call form: ``Quantizer(mode, ...).quantize(model, inplace, ...)``. Returns the model.
 
+        ``embeddings``: also store embedding tables as int8 rows (``True``, or table names / globs;
+        default ``False``: tables stay float). A table tied to a quantized output Linear shares its
+        codes (see "Embedding tables" in the module docstring).
+
         ``calibration``: batches to run the float model on (arrays, tuples of positional arguments,
-        or dicts of keyword arguments, e.g. a tokenizer's output); needed by ``smoothing``.
+        or dicts of keyword arguments, e.g. a tokenizer's output); needed by ``smoothing`` and by
+        ``mode="static"`` (static activations: each layer quantizes every input row with one scale,
+        ``max|x| / 127`` over these batches, stored in the layer; see "Static activations" in the
+        module docstring).
         ``smoothing``: SmoothQuant strength ``alpha`` in [0, 1] (``True`` = 0.5), or ``"auto"`` (the
         strength with the smallest int8 error, per group of layers sharing an input): activation outliers
         are moved into the weights before quantizing (:func:`cquant.smoothing.smooth`), folded into
@@ -439,7 +587,8 @@ class Quantizer:
         arguments to keep the summary, calibration, smoothing and budget results as data, or call
         :func:`report` on the result.
         """
-        q = cls(mode, granularity, group_size, include, exclude, scheme=scheme, strict=strict)
+        q = cls(mode, granularity, group_size, include, exclude, scheme=scheme, strict=strict,
+                embeddings=embeddings)
         return q.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
                                       min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
 
@@ -448,9 +597,11 @@ class Quantizer:
                              min_row_cosine: Optional[float] = None,
                              refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
         """Calibrate and smooth (if asked), apply the accuracy budget (if asked), then quantize.
-        Fills :attr:`calibration`, :attr:`smoothing`, :attr:`budget` and :attr:`summary`."""
+        Fills :attr:`calibration`, :attr:`smoothing`, :attr:`budget` and :attr:`summary` (and
+        :attr:`act_scales` for static schemes)."""
         self.budget = None
         self._budget_rules = {}
+        self.act_scales = None
         budgeted = min_cosine is not None or min_row_cosine is not None
         if budgeted:
             if min_cosine is None:
@@ -483,12 +634,24 @@ class Quantizer:
             self.calibration = self.smoothing.calibration
         else:
             self.calibration = _calibration.calibrate(model, batches, include=self.include, exclude=self.exclude)
+        if self._uses_static() or (budgeted and any(r.activations == "static" for r in refine)):
+            smoothed = smoothing is not None and smoothing is not False
+            self.act_scales = self._static_scales(model, batches, smoothed)
         if budgeted:
             self._apply_budget(model, batches, float(min_cosine), min_row_cosine, refine)  # type: ignore[arg-type]
         out = self._quantize(model, inplace=True)
         if self.budget is not None:
             logger.info("%s", self.budget.summary())
         return out
+
+    def _static_scales(self, model: Any, batches: List[Any], smoothed: bool) -> Dict[str, float]:
+        """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32, at least
+        the smallest normal float32). After smoothing the model runs again: the scales are those of
+        the smoothed inputs (a layer in a pre-scale wrapper sees ``x * (1/s)``, the product its kernel
+        quantizes)."""
+        cal = _calibration.calibrate(model, batches) if smoothed or self.calibration is None else self.calibration
+        tiny = np.finfo(np.float32).tiny
+        return {name: float(max(st.static_scale()[0], tiny)) for name, st in cal.items()}
 
     def _clone(self, scheme: Optional[QuantScheme] = None) -> "Quantizer":
         """A Quantizer with the same selection; ``scheme``: every selected layer on that scheme
@@ -497,6 +660,8 @@ class Quantizer:
         q.scheme = scheme or self.scheme
         q.rules = self.rules if scheme is None else tuple((k, None) for k, v in self.rules if v is None)
         q.mode, q.granularity, q.group_size = q.scheme.mode, q.scheme.granularity, q.scheme.group_size
+        q.act_scales = self.act_scales
+        q.embeddings = self.embeddings
         return q
 
     def _apply_budget(self, model: Any, batches: List[Any], min_cosine: float, min_row_cosine: Optional[float],
@@ -567,7 +732,8 @@ class Quantizer:
             if scheme is None:
                 skipped.append(LayerRecord(_display(path), shape, "skipped", note, wb + bb, wb + bb, ""))
                 continue
-            plan = _Plan(path, obj, [site], w, b, scheme=scheme, note=note)
+            plan = _Plan(path, obj, [site], w, b, scheme=scheme, note=note,
+                         act_scale=self.act_scales[path] if scheme.activations == "static" else None)
             plans[id(obj)] = plan
             order.append(plan)
         unmatched = [p for p in self.include if p not in matched_includes]
@@ -604,13 +770,13 @@ class Quantizer:
         bias32 = None if plan.bias is None else np.ascontiguousarray(plan.bias, dtype=np.float32)
         replaceable = all(s is not None and s.kind != "tuple" for s in plan.sites)
         if isinstance(obj, nn.Linear) and replaceable:
-            new = QuantizedLinear(qw, bias32, plan.scheme.mode)
+            new = QuantizedLinear(qw, bias32, plan.scheme.mode, plan.act_scale)
             object.__setattr__(new, "training", obj.training)
             for s in plan.sites:
                 assert s is not None
                 _replace_at(s, obj, new, undo)
             return new
-        fwd = QuantizedLinearForward(qw, bias32, plan.scheme.mode)
+        fwd = QuantizedLinearForward(qw, bias32, plan.scheme.mode, plan.act_scale)
         _set_attr(obj, "forward", fwd, undo)
         _set_attr(obj, "weight", None, undo)
         if plan.bias is not None and bias32 is not plan.bias:
@@ -639,11 +805,18 @@ class Quantizer:
         if calibration is None and smoothing is None and min_cosine is None and min_row_cosine is None:
             self.budget = None
             self._budget_rules = {}
+            self.act_scales = None
             return self._quantize(model, inplace)
         return self.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
                                          min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
 
     def _quantize(self, model: Any, inplace: bool = True) -> Any:
+        if self.act_scales is None and self._uses_static():
+            raise errors.ValueError(
+                "static activations (mode='static') need calibration batches to measure each layer's "
+                "activation scale: pass calibration=, e.g. Quantizer.quantize_dynamic(model, mode='static', "
+                "calibration=batches) or Quantizer(mode='static').quantize(model, calibration=batches)")
+        self._static_missing = []
         if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
             return self._quantize_torch(model, inplace)
         if model is None or isinstance(model, (np.ndarray, np.generic, int, float, complex, str, bytes)):
@@ -652,16 +825,28 @@ class Quantizer:
         if not inplace:
             model = copy.deepcopy(model)
         plans, skipped, unmatched = self._select(model)
+        self._check_static_missing()
         plans, probe_skips = _probe_layouts(plans)
         skipped += probe_skips
         for pat in unmatched:
             logger.warning("include pattern %r matched no layer", pat)
+        emb_plans, emb_skips = self._select_embeddings(model, plans)
+        if emb_plans or emb_skips:  # their records replace the walk's "never quantized" ones
+            seen = {r.name for r in emb_skips} | {_display(e.name) for e in emb_plans}
+            skipped = [r for r in skipped if r.name not in seen] + emb_skips
         self._prepare(plans)
+        self._prepare_embeddings(emb_plans)
         undo: List[Callable[[], None]] = []
+        installed: Dict[int, Any] = {}
         try:
             for p in plans:
                 new = self._install(p, undo)
+                installed[id(p)] = new
                 if p.name == "":
+                    model = new
+            for e in emb_plans:
+                new = self._install_embedding(e, installed, undo)
+                if e.name == "":
                     model = new
         except BaseException:
             for step in reversed(undo):
@@ -681,9 +866,136 @@ class Quantizer:
                                                        f"(quantized once)"]))
             records.append(LayerRecord(_display(p.name), tuple(p.weight.shape), "quantized", note,
                                        int(before), int(after), _scheme(p.scheme.mode, p.qweight)))
+        for e in emb_plans:
+            assert e.qweight is not None
+            if e.tie is not None:
+                before = after = 0
+                note = (f"weight tied to {_display(e.tie.name)!r}: quantized once, the table reads its "
+                        "per_channel int8 codes")
+            elif e.shared_with is not None:
+                before = after = 0
+                note = f"weight shared with {_display(e.shared_with)!r} (quantized once)"
+            else:
+                before, after, note = e.weight.nbytes, e.qweight.nbytes, ""
+            records.append(LayerRecord(_display(e.name), tuple(e.weight.shape), "quantized", note,
+                                       int(before), int(after), EMBEDDING_SCHEME))
         self.summary = records + skipped
         self._log_summary(records, skipped)
         return model
+
+    def _select_embeddings(self, model: Any, plans: List[_Plan]) -> Tuple[List[_EmbPlan], List[LayerRecord]]:
+        """The embedding tables to quantize (``embeddings=``) and the records of those skipped; ties
+        with the Linear ``plans`` resolved (see "Embedding tables" in the module docstring)."""
+        if not self.embeddings:
+            return [], []
+        nn_front = isinstance(model, nn.Module)
+        by_obj = {id(p.obj): p for p in plans}
+        holders: Dict[int, List[Tuple[str, Any]]] = {}   # id(weight array) -> (path, object) holding it
+        cands: Dict[int, _EmbPlan] = {}
+        skips: List[LayerRecord] = []
+
+        def skip(path: str, w: Any, why: str) -> None:
+            nb = w.nbytes if isinstance(w, np.ndarray) else 0
+            shape = tuple(w.shape) if isinstance(w, np.ndarray) else None
+            skips.append(LayerRecord(_display(path), shape, "skipped", why, nb, nb, ""))
+
+        for path, obj, site, revisit in _walk(model, stop=lambda o: _quantized_forward_of(o) is not None):
+            if revisit:
+                if id(obj) in cands:
+                    cands[id(obj)].sites.append(site)
+                continue
+            if _quantized_forward_of(obj) is not None:
+                continue
+            if isinstance(obj, QuantizedEmbedding):
+                skips.append(LayerRecord(_display(path), (obj.num_embeddings, obj.embedding_dim), "skipped",
+                                         "already quantized", 0, 0, EMBEDDING_SCHEME))
+                continue
+            w = _get(obj, "weight")
+            if isinstance(w, np.ndarray):
+                holders.setdefault(id(w), []).append((path, obj))
+            never = _never_reason(obj) or ""
+            if not never.startswith("embedding"):
+                continue
+            if not (isinstance(obj, nn.Embedding) and nn_front):
+                if isinstance(w, np.ndarray):
+                    skip(path, w, f"embedding ({type(obj).__name__}): embeddings= quantizes cquant.nn.Embedding "
+                                  "tables of cquant.nn models and torch.nn.Embedding tables; duck-typed "
+                                  "models have no embedding protocol")
+                continue
+            why = ""
+            if type(obj).forward is not nn.Embedding.forward:
+                why = f"{type(obj).__name__} overrides Embedding.forward: replacing it would change what it computes"
+            elif not (isinstance(w, np.ndarray) and w.ndim == 2 and w.dtype.kind == "f" and w.size):
+                why = "weight is not a non-empty 2-D float array"
+            elif _match(path, self.exclude) is not None:
+                why = f"excluded by pattern {_match(path, self.exclude)!r}"
+            elif _match(path, self.embeddings) is None:
+                why = f"not matched by embeddings={list(self.embeddings)!r}"
+            if why:
+                skip(path, w, why)
+                continue
+            cands[id(obj)] = _EmbPlan(path, obj, [site], w)
+        # held in a tuple: cannot be replaced
+        for key, e in list(cands.items()):
+            if any(s is not None and s.kind == "tuple" for s in e.sites):
+                skip(e.name, e.weight, "held in a tuple: the table cannot be replaced there")
+                del cands[key]
+        # ties, to a fixed point (a table skipped makes another one sharing its array float-tied)
+        changed = True
+        while changed:
+            changed = False
+            for key, e in list(cands.items()):
+                others = [(n, o) for n, o in holders.get(id(e.weight), []) if o is not e.obj]
+                floats = [(n, o) for n, o in others if id(o) not in by_obj and id(o) not in cands]
+                partners = [by_obj[id(o)] for _n, o in others if id(o) in by_obj]
+                why = ""
+                if floats:
+                    n, o = floats[0]
+                    why = (f"weight tied to {_display(n)!r} ({type(o).__name__}, not quantized): kept float32 "
+                           "so that it is stored once")
+                elif partners:
+                    p = partners[0]
+                    if p.scheme.granularity == "per_channel" and p.scheme.bits == 8:
+                        e.tie = p
+                    else:
+                        why = (f"weight tied to {_display(p.name)!r}, quantized {p.scheme}: its codes are not "
+                               "per-row int8, so the table cannot share them and would be stored twice; kept "
+                               "float32 (quantize that layer per_channel int8 to share)")
+                if why:
+                    skip(e.name, e.weight, why)
+                    del cands[key]
+                    changed = True
+        return list(cands.values()), skips
+
+    def _prepare_embeddings(self, emb_plans: List[_EmbPlan]) -> None:
+        """Check and quantize every selected table (after the Linears: a tied table takes its
+        Linear's codes); raises naming the table before anything is modified."""
+        first: Dict[int, _EmbPlan] = {}
+        for e in emb_plans:
+            if e.tie is not None:
+                e.qweight = e.tie.qweight
+                assert can_share(e.qweight, e.weight.shape)
+                continue
+            done = first.get(id(e.weight))
+            if done is not None:
+                e.qweight, e.shared_with = done.qweight, done.name
+                continue
+            ops.check_finite(e.weight, f"{_display(e.name)}.weight")
+            try:
+                e.qweight = ops.quantize_weight(e.weight, granularity="per_channel")
+            except errors.QuantizationError as exc:
+                raise _renamed(exc, f"embedding {_display(e.name)!r}: {exc}") from exc
+            first[id(e.weight)] = e
+
+    def _install_embedding(self, e: _EmbPlan, installed: Dict[int, Any], undo: List[Callable[[], None]]) -> Any:
+        tie = _quantized_forward_of(installed[id(e.tie)]) if e.tie is not None else None
+        new = QuantizedEmbedding(qweight=None if tie is not None else e.qweight, tie=tie,
+                                 padding_idx=getattr(e.obj, "padding_idx", None))
+        object.__setattr__(new, "training", e.obj.training)
+        for s in e.sites:
+            if s is not None:
+                _replace_at(s, e.obj, new, undo)
+        return new
 
     def _quantize_torch(self, model: Any, inplace: bool) -> Any:
         """A torch model goes through :func:`cquant.adapters.quantize_torch`, once per distinct
@@ -703,13 +1015,19 @@ class Quantizer:
             groups.setdefault(scheme, []).append(ref.name)
             if note:
                 notes[_display(ref.name)] = note
-        if len(groups) <= 1 and not kept and not self.include:
+        fast = len(groups) <= 1 and not kept and not self.include
+        if fast and self.strict and next(iter(groups), self.scheme).activations == "static":
+            self._static_missing += _attention_parts_without_scales(model, self.exclude, self.act_scales or {})
+        self._check_static_missing()
+        if fast:
             only = next(iter(groups), self.scheme)
-            return adapters.quantize_torch(_AdapterArgs(only, (), self.exclude, self), model, True)
+            return adapters.quantize_torch(_AdapterArgs(only, (), self.exclude, self, embeddings=self.embeddings,
+                                                        act_scales=self.act_scales), model, True)
         records: List[LayerRecord] = []
         others: Dict[str, LayerRecord] = {}
         for scheme, names in groups.items():
-            args = _AdapterArgs(scheme, tuple(_glob_escape(n) for n in names), self.exclude, None)
+            args = _AdapterArgs(scheme, tuple(_glob_escape(n) for n in names), self.exclude, None,
+                                embeddings=self.embeddings, act_scales=self.act_scales)
             model = adapters.quantize_torch(args, model, True)
             records += [r for r in args.summary if r.status == "quantized"]
             for r in args.summary:
@@ -742,6 +1060,19 @@ class Quantizer:
             logger.info("  skipped (%s): %s", reason, shown)
 
 
+def _attention_parts_without_scales(model: Any, exclude: Tuple[str, ...], scales: Mapping[str, float]) -> List[str]:
+    """The projections of a torch model's ``nn.MultiheadAttention`` modules (quantized as
+    ``<attn>.q_proj`` ...) that have no static activation scale: the calibration never sees them
+    (the attention calls no Linear module)."""
+    import torch  # the model is a torch module: torch is already imported
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.MultiheadAttention) and _match(name, exclude) is None:
+            parts = [f"{name}.{p}" if name else p for p in ("q_proj", "k_proj", "v_proj", "out_proj")]
+            out += [_display(p) for p in parts if p not in scales]
+    return out
+
+
 def _check_refine(refine: Any) -> Tuple[QuantScheme, ...]:
     """``refine=`` (schemes or names, tried in order before float) -> a tuple of QuantSchemes."""
     if refine is None:
@@ -766,6 +1097,8 @@ class _AdapterArgs:
     exclude: Tuple[str, ...]
     owner: Optional["Quantizer"]
     summary: List[LayerRecord] = None  # type: ignore[assignment]
+    embeddings: Tuple[str, ...] = ()   # embedding tables to quantize too (every call: ties resolve in one)
+    act_scales: Optional[Dict[str, float]] = None  # static schemes: layer name -> activation scale
 
     @property
     def mode(self) -> str:
@@ -846,13 +1179,22 @@ class ReportRow:
 
 
 def report(model: Any) -> List[ReportRow]:
-    """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order."""
+    """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order
+    (int8 embedding tables too: scheme ``"int8 embedding per_channel"``, shape ``(rows, dim)``)."""
     if adapters.is_torch_module(model):
         from .adapters.torch import report as torch_report
         return torch_report(model)
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}
     for path, obj, _site, revisit in _walk(model, stop=lambda o: _quantized_forward_of(o) is not None):
+        if isinstance(obj, QuantizedEmbedding) and not revisit:  # int8 table (a tied one shares its codes)
+            qw, name = obj.qweight, _display(path)
+            n, k = (int(d) for d in qw.shape)
+            first = owner.setdefault(id(qw), name)
+            own = first == name
+            rows.append(ReportRow(name, (n, k), EMBEDDING_SCHEME, n * k * 4 if own else 0,
+                                  int(qw.nbytes) if own else 0, None if own else first))
+            continue
         qf = _quantized_forward_of(obj)
         if revisit or qf is None:
             continue

@@ -28,6 +28,11 @@ Fallback
 kernel constraint). A layer whose K does not fit gets the same scheme with ``per_channel`` weights
 instead, and the reason is recorded (``LayerRecord.reason``, the log); ``strict=True`` makes that an
 error naming the layer.
+
+``activations="static"`` needs each layer's activation scale, calibrated by the Quantizer on its
+``calibration=`` batches (after smoothing, on the smoothed inputs). A layer the batches never reached
+(no statistics) gets the same scheme with dynamic activations instead, the reason recorded the same
+way; with ``strict=True`` it is an error listing every such layer.
 """
 from __future__ import annotations
 
@@ -43,15 +48,16 @@ from . import errors
 __all__ = ["QuantScheme", "ACTIVATIONS", "GRANULARITIES", "MODES", "BITS", "resolve", "SchemeSpec"]
 
 GRANULARITIES = ("per_tensor", "per_channel", "per_group")
-#: activation handling: "dynamic" (per-row int8 at run time) or "none" (weight-only: float32
-#: activations, weights dequantized inside the kernel). "static" (calibrated scales) needs kernels
-#: that are not built yet.
-ACTIVATIONS = ("dynamic", "none")
+#: activation handling: "dynamic" (per-row int8 at run time), "static" (int8 with one scale per
+#: layer, calibrated ahead of time: ``max|x| / 127`` over the calibration batches, see
+#: :mod:`cquant.calibration`) or "none" (weight-only: float32 activations, weights dequantized inside
+#: the kernel).
+ACTIVATIONS = ("dynamic", "static", "none")
 #: the Quantizer's ``mode`` names for each activation handling
-MODES = {"dynamic": "dynamic", "weight_only": "none"}
+MODES = {"dynamic": "dynamic", "static": "static", "weight_only": "none"}
 BITS = (8, 4)
 
-_NAME_RE = re.compile(r"^\s*(?:int(?P<bits>\d+)\s+)?(?:(?P<mode>dynamic|weight_only)\s+)?"
+_NAME_RE = re.compile(r"^\s*(?:int(?P<bits>\d+)\s+)?(?:(?P<mode>dynamic|static|weight_only)\s+)?"
                       r"(?P<gran>per_tensor|per_channel|per_group)(?:\((?:g=)?(?P<g>\d+)\))?\s*$")
 
 
@@ -61,7 +67,8 @@ class QuantScheme:
 
     ``bits``: weight bits (8, or 4: codes in [-7, 7], two per byte). ``granularity``: ``"per_tensor"``, ``"per_channel"`` (one scale per
     output row) or ``"per_group"`` (one scale per ``group_size`` consecutive input columns of a row).
-    ``activations``: ``"dynamic"`` (per-row int8 at run time) or ``"none"`` (weight-only).
+    ``activations``: ``"dynamic"`` (per-row int8 at run time), ``"static"`` (int8 with a calibrated
+    per-layer scale: the Quantizer needs calibration batches) or ``"none"`` (weight-only).
     """
     bits: int = 8
     granularity: str = "per_channel"
@@ -84,9 +91,6 @@ class QuantScheme:
         elif g is not None:
             raise errors.ValueError(f"group_size is only used with granularity='per_group' "
                                     f"(got group_size={g!r} with {self.granularity!r})")
-        if self.activations == "static":
-            raise errors.ValueError("activations='static' (calibrated activation scales) is not available "
-                                    "yet: use 'dynamic' or 'none'")
         if self.activations not in ACTIVATIONS:
             raise errors.ValueError(f"activations must be one of {ACTIVATIONS}, got {self.activations!r}")
 
@@ -94,14 +98,14 @@ class QuantScheme:
     @classmethod
     def from_args(cls, mode: str = "dynamic", granularity: str = "per_channel",
                   group_size: Optional[int] = None, bits: int = 8) -> "QuantScheme":
-        """From the Quantizer's historical arguments (``mode`` is ``"dynamic"`` or ``"weight_only"``)."""
+        """From the Quantizer's arguments (``mode`` is ``"dynamic"``, ``"static"`` or ``"weight_only"``)."""
         if not isinstance(mode, str) or mode not in MODES:
             raise errors.ValueError(f"mode must be one of {tuple(MODES)}, got {mode!r}")
         return cls(bits=bits, granularity=granularity, group_size=group_size, activations=MODES[mode])
 
     @classmethod
     def parse(cls, text: str) -> "QuantScheme":
-        """``"per_channel"``, ``"per_group(64)"``, ``"weight_only per_tensor"``,
+        """``"per_channel"``, ``"per_group(64)"``, ``"weight_only per_tensor"``, ``"static per_channel"``,
         ``"int8 dynamic per_group(32)"`` (what ``str(scheme)`` gives) -> QuantScheme."""
         m = _NAME_RE.match(text) if isinstance(text, str) else None
         if m is None:
@@ -129,8 +133,9 @@ class QuantScheme:
     # -- views ----------------------------------------------------------------------------------------
     @property
     def mode(self) -> str:
-        """The kernel mode: ``"dynamic"`` or ``"weight_only"``."""
-        return "weight_only" if self.activations == "none" else "dynamic"
+        """The layer mode: ``"dynamic"``, ``"static"`` (the dynamic kernel with a fixed activation
+        scale) or ``"weight_only"``."""
+        return "weight_only" if self.activations == "none" else self.activations
 
     @property
     def name(self) -> str:

@@ -34,4 +34,5 @@ def quantize_torch(quantizer: Any, model: Any, inplace: bool = True) -> Any:
     return quantize_module(model, mode=quantizer.mode, granularity=quantizer.granularity,
                            group_size=quantizer.group_size, include=quantizer.include,
                            exclude=quantizer.exclude, inplace=inplace, quantizer=quantizer,
-                           bits=getattr(quantizer, "bits", 8))
+                           bits=getattr(quantizer, "bits", 8), embeddings=getattr(quantizer, "embeddings", ()),
+                           act_scales=getattr(quantizer, "act_scales", None))

@@ -14,10 +14,13 @@ Directory layout written by :func:`save_pretrained`:
 - ``cquant-model.safetensors``, or past ``max_shard_size`` the shards
   ``cquant-model-00001-of-0000N.safetensors`` and ``cquant-model.safetensors.index.json`` (the
   usual ``{"metadata": {"total_size": ...}, "weight_map": {tensor: file}}``). Tensors are the
-  model's ``state_dict``: ``L.weight_q`` (int8 (out, in) codes), ``L.weight_scale``, ``L.bias`` for
-  each quantized layer ``L`` and every other tensor under its own name and dtype; each file is also a
+  model's ``state_dict``: ``L.weight_q`` (int8 (out, in) codes), ``L.weight_scale``, ``L.bias`` (and
+  ``L.act_scale`` for a static layer) for each quantized layer ``L`` and every other tensor under its own name and dtype; each file is also a
   cquant checkpoint (``cquant.format_version`` and ``cquant.layers`` in its metadata), readable by
   ``cquant.load``. Tied tensors (``lm_head.weight`` = ``transformer.wte.weight``) are stored once.
+  Int8 embedding tables (``Quantizer(..., embeddings=True)``) are listed under ``"embeddings"`` in
+  ``cquant_config.json`` (``{name: {"shape", "padding_idx", "tied_to"}}``); a table tied to a
+  quantized Linear (``"tied_to"``) has no tensors: it reads that layer's codes.
 
 The weight files are deliberately not named ``model.safetensors``: transformers' own
 ``from_pretrained`` would otherwise load the float layers and silently leave the quantized ones at
@@ -49,7 +52,7 @@ WEIGHTS_NAME = "cquant-model.safetensors"
 WEIGHTS_INDEX_NAME = "cquant-model.safetensors.index.json"
 CONFIG_NAME = "cquant_config.json"
 FORMAT_VERSION = "1"
-_LAYER_KEYS = ("weight_q", "weight_scale", "bias")
+_LAYER_KEYS = ("weight_q", "weight_scale", "bias", "act_scale")
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -85,6 +88,22 @@ def _layer_meta(m: QuantizedTorchLinear) -> Dict[str, Any]:
             "layout": "in_out" if m.source == "Conv1D" else "out_in", "source": m.source}
 
 
+def _embedding_meta(model: "torch.nn.Module") -> Dict[str, Dict[str, Any]]:
+    """``{name: {"shape", "padding_idx", "tied_to"}}`` of the int8 embedding tables of ``model``."""
+    from .torch_embedding import QuantizedTorchEmbedding
+    mods = list(model.named_modules())
+    name_of = {id(m): n for n, m in mods}
+    out: Dict[str, Dict[str, Any]] = {}
+    for name, m in mods:
+        if isinstance(m, QuantizedTorchEmbedding):
+            tie = m.tied_to
+            if tie is not None and id(tie) not in name_of:
+                raise errors.ValueError(f"embedding {name!r} is tied to a quantized layer that is not in the model")
+            out[name] = {"shape": [int(m.num_embeddings), int(m.embedding_dim)], "padding_idx": m.padding_idx,
+                         "tied_to": None if tie is None else name_of[id(tie)]}
+    return out
+
+
 def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
                     max_shard_size: Union[int, str] = "2GB", metadata: Optional[Dict[str, str]] = None) -> List[str]:
     """Write a cquant-quantized torch model to ``save_directory`` (see the module docstring for the
@@ -98,7 +117,8 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     layers = {name: _layer_meta(m) for name, m in model.named_modules() if isinstance(m, QuantizedTorchLinear)}
-    if not layers:
+    embeddings = _embedding_meta(model)
+    if not layers and not embeddings:
         raise errors.ValueError("the model has no cquant quantized layer: quantize it first "
                                 "(cquant.Quantizer.quantize_dynamic(model))")
     attentions = [{"name": name, "embed_dim": m.embed_dim, "num_heads": m.num_heads, "batch_first": m.batch_first}
@@ -183,6 +203,7 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
     cls = type(model)
     cq = {"format_version": FORMAT_VERSION, "cquant_version": __version__, "model_class": cls.__name__,
           "model_module": cls.__module__, "layers": layers, "attentions": attentions, "tied": tied,
+          **({"embeddings": embeddings} if embeddings else {}),
           "files": names}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cq, f, indent=2)
@@ -247,6 +268,33 @@ def _set_tensor(model: "torch.nn.Module", key: str, value: "torch.Tensor") -> No
         raise errors.ValueError(f"tied tensor {key!r} is not a parameter or buffer of the model")
 
 
+def _embeddings_from(d: str, model: "torch.nn.Module", cq: Dict[str, Any], tensors: Dict[str, "torch.Tensor"],
+                     new: Dict[str, "torch.nn.Module"]) -> None:
+    """The int8 embedding tables of ``cquant_config.json`` into ``new`` (name -> module to install)."""
+    from .torch_embedding import QuantizedTorchEmbedding
+    for name, em in cq.get("embeddings", {}).items():
+        try:
+            old = model.get_submodule(name) if name else model
+        except AttributeError:
+            raise errors.ValueError(f"{d}: the model built from the config has no sub-module {name!r}") from None
+        w = getattr(old, "weight", None)
+        dtype = w.dtype if isinstance(w, torch.Tensor) and w.dtype.is_floating_point else torch.float32
+        tie = em.get("tied_to")
+        if tie is not None:
+            target = new.get(tie)
+            if not isinstance(target, QuantizedTorchLinear):
+                raise errors.ValueError(f"{d}: embedding {name!r} is tied to {tie!r}, which is not a quantized layer")
+            new[name] = QuantizedTorchEmbedding(None, em.get("padding_idx"), tie=target, dtype=dtype)
+            continue
+        p = _pfx(name)
+        try:
+            q, s = tensors.pop(p + "weight_q"), tensors.pop(p + "weight_scale")
+        except KeyError as e:
+            raise errors.ValueError(f"{d}: embedding {name!r}: tensor {e} is missing") from None
+        qw = ops.QuantizedWeight.from_codes(q.numpy(), s.to(torch.float32).numpy(), "per_channel")
+        new[name] = QuantizedTorchEmbedding(qw, em.get("padding_idx"), dtype=dtype)
+
+
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
 
@@ -296,16 +344,24 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
         except KeyError as e:
             raise errors.ValueError(f"{d}: layer {name!r}: tensor {e} is missing") from None
         b = tensors.pop(p + "bias", None) if lm.get("bias") else None
+        act = None
+        if lm.get("mode") == "static":
+            act = tensors.pop(p + "act_scale", None)
+            if act is None or act.dtype != torch.float32 or act.numel() != 1:
+                raise errors.ValueError(f"{d}: static layer {name!r}: tensor {p + 'act_scale'!r} (one float32) "
+                                        "is missing or malformed")
         qw = ops.QuantizedWeight.from_codes(q.numpy(), s.to(torch.float32).numpy(), lm["granularity"],
                                             lm.get("group_size"))
         bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
-        new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"]),
+        new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"],
+                                                                None if act is None else float(act.reshape(()).item())),
                                          source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))
     for a in cq.get("attentions", []):
         aname = a["name"]
         parts = [new.pop(_pfx(aname) + s) for s in ("q_proj", "k_proj", "v_proj", "out_proj")]
         new[aname] = QuantizedMultiheadAttention(a["embed_dim"], a["num_heads"], *parts,
                                                  batch_first=a.get("batch_first", False))
+    _embeddings_from(d, model, cq, tensors, new)
     subs = dict(model.named_modules())
     sites, _ = _module_sites(model)
     for name, mod in new.items():

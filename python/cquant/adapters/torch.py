@@ -25,6 +25,14 @@ Tied weights: a weight shared by several quantized layers is quantized once and 
 whose weight is tied to a module that stays float (GPT-2's ``lm_head`` and its ``wte`` embedding) is
 skipped with that reason: quantizing it would store the weight twice and save nothing.
 
+Embedding tables (opt-in, ``embeddings=True`` or table names / globs): a ``torch.nn.Embedding``
+becomes a :class:`~cquant.adapters.torch_embedding.QuantizedTorchEmbedding` (int8 rows, one float32
+scale each). A table tied to a Linear quantized per_channel int8 (``lm_head``/``wte``) reads that
+Linear's codes: both are quantized once and stay tied. With any other scheme for the Linear (per_group,
+per_tensor, int4), or a Linear kept float, the table is skipped with the reason (and so is the Linear,
+by the rule above), never stored twice. Subclasses overriding ``Embedding.forward`` and tables with
+``max_norm`` are skipped with the reason.
+
 Memory: after the model is rewired, the float32 weights of quantized layers are no longer referenced
 by it. When they live in a file mapping (``from_pretrained`` of a safetensors checkpoint maps the
 file and every weight is a view of it, so dropping the tensors does not unmap anything), the pages
@@ -36,9 +44,11 @@ What the quantized module does
 ------------------------------
 :class:`QuantizedTorchLinear` keeps the quantized weight as numpy arrays (int8 codes packed for the
 kernels, float32 scales, float32 bias) and shows them to torch as buffers sharing that memory:
-``packed`` (non-persistent: the packed format depends on the CPU), ``weight_scale`` and ``bias``.
+``packed`` (non-persistent: the packed format depends on the CPU), ``weight_scale``, ``bias`` and, for
+a static layer (``mode="static"``), ``act_scale`` (float32, shape (1,)).
 ``state_dict()`` holds ``<name>.weight_q`` (the canonical ``(out, in)`` int8 codes, unpacked on
-demand, so memory holds one copy), ``<name>.weight_scale`` and ``<name>.bias``; ``load_state_dict``
+demand, so memory holds one copy), ``<name>.weight_scale``, ``<name>.bias`` (and
+``<name>.act_scale``); ``load_state_dict``
 into a model quantized with the same settings restores them bit-exactly (the codes are repacked).
 Its forward:
 
@@ -74,7 +84,8 @@ from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_ops import inference_only_message
 
-__all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "quantize_module",
+__all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
+           "quantize_module",
            "report", "to_numpy", "is_conv1d", "quantized_layers", "install_checkpoint"]
 
 logger = logging.getLogger("cquant")
@@ -163,6 +174,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         self.register_buffer("packed", _shared_tensor(qw.packed), persistent=False)
         self.register_buffer("weight_scale", _shared_tensor(qw.scale))
         self.register_buffer("bias", None if qf.bias is None else _shared_tensor(qf.bias))
+        self.register_buffer("act_scale", None if qf.act_scale is None else
+                             torch.tensor([qf.act_scale], dtype=torch.float32))  # static mode only
 
     def _sync_packed(self) -> None:
         """The weight repacks itself for another path (``set_isa``): follow it."""
@@ -182,6 +195,11 @@ class QuantizedTorchLinear(torch.nn.Module):
     @property
     def scheme(self) -> str:
         return self.qforward.scheme
+
+    @property
+    def act_scale_value(self) -> Optional[float]:
+        """The static activation scale (``mode == "static"``), else None."""
+        return self.qforward.act_scale
 
     @property
     def bias_array(self) -> Optional[np.ndarray]:
@@ -234,7 +252,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         qw = self.qforward.qweight
         xf = x if dtype == torch.float32 else x.to(torch.float32)
         y = torch.ops.cquant.linear(xf, self.packed, self.weight_scale, self.bias, int(qw.shape[0]),
-                                    int(qw.shape[1]), qw.granularity, int(qw.group_size or 0), self.mode)
+                                    int(qw.shape[1]), qw.granularity, int(qw.group_size or 0), self.mode,
+                                    float(self.qforward.act_scale or 0.0))
         return y if dtype == torch.float32 else y.to(dtype)
 
     # ---- inference only ----------------------------------------------------------------------------
@@ -258,7 +277,7 @@ class QuantizedTorchLinear(torch.nn.Module):
     # ---- state_dict ----------------------------------------------------------------------------------
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         destination[prefix + "weight_q"] = torch.from_numpy(self.qforward.qweight.q)
-        for name in ("weight_scale", "bias"):
+        for name in ("weight_scale", "bias", "act_scale"):
             b = self._buffers.get(name)
             if b is not None:
                 destination[prefix + name] = b if keep_vars else b.detach()
@@ -266,21 +285,25 @@ class QuantizedTorchLinear(torch.nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
         qw = self.qforward.qweight
-        kq, ks, kb = prefix + "weight_q", prefix + "weight_scale", prefix + "bias"
+        kq, ks, kb, ka = prefix + "weight_q", prefix + "weight_scale", prefix + "bias", prefix + "act_scale"
         has_bias = self.qforward.bias is not None
+        static = self.qforward.act_scale is not None
+        keys = (kq, ks) + ((kb,) if has_bias else ()) + ((ka,) if static else ())
         if strict:
             for key in state_dict:
-                if key.startswith(prefix) and key not in (kq, ks) + ((kb,) if has_bias else ()):
+                if key.startswith(prefix) and key not in keys:
                     if "." not in key[len(prefix):]:
                         unexpected_keys.append(key)
-        absent = [k for k in (kq, ks) + ((kb,) if has_bias else ()) if k not in state_dict]
+        absent = [k for k in keys if k not in state_dict]
         if absent:
             missing_keys.extend(absent)
             return
         q, s = state_dict[kq], state_dict[ks]
         b = state_dict[kb] if has_bias else None
+        a = state_dict[ka] if static else None
         n, k = qw.shape
-        want = [(kq, q, (n, k)), (ks, s, tuple(qw.scale.shape))] + ([(kb, b, (n,))] if has_bias else [])
+        want = [(kq, q, (n, k)), (ks, s, tuple(qw.scale.shape))] + ([(kb, b, (n,))] if has_bias else []) \
+            + ([(ka, a, (1,))] if static else [])
         bad = False
         for key, t, shape in want:
             if not isinstance(t, torch.Tensor):
@@ -296,13 +319,17 @@ class QuantizedTorchLinear(torch.nn.Module):
         if q.dtype != torch.int8:
             error_msgs.append(f"{kq}: expected int8 codes, got {q.dtype}")
             return
+        if a is not None and a.dtype != torch.float32:
+            error_msgs.append(f"{ka}: expected a float32 activation scale, got {a.dtype}")
+            return
         try:
             new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(),
                                                     s.detach().cpu().to(torch.float32).numpy(),
                                                     qw.granularity, qw.group_size, bits=qw.bits)
             bias = None if b is None else np.array(b.detach().cpu().to(torch.float32).numpy(),
                                                    dtype=np.float32, copy=True)
-            qf = QuantizedLinearForward(new_qw, bias, self.mode)
+            qf = QuantizedLinearForward(new_qw, bias, self.mode,
+                                        None if a is None else float(a.detach().cpu().reshape(()).item()))
         except errors.QuantizationError as e:
             error_msgs.append(f"{prefix or '<root>'}: {e}")
             return
@@ -480,6 +507,26 @@ class _Plan:
     sites: List[Tuple["torch.nn.Module", str]] = field(default_factory=list)
 
 
+@dataclass
+class _EmbPlan:
+    """An ``nn.Embedding`` to store as int8 rows (``tie``: the Linear plan whose codes it reads)."""
+    name: str
+    mod: "torch.nn.Module"
+    sites: List[Tuple["torch.nn.Module", str]]
+    tie: Optional[_Plan] = None
+    qweight: Optional[ops.QuantizedWeight] = None
+    shared_with: Optional[str] = None
+
+
+@dataclass
+class _EmbSelection:
+    """``embeddings=`` for one :func:`_select` call: the table patterns, whether the Linears' scheme
+    gives per-row int8 codes a tied table can share, and (out) the tables selected."""
+    patterns: Tuple[str, ...]
+    tie_ok: bool
+    plans: List[_EmbPlan] = field(default_factory=list)
+
+
 def _match(name: str, patterns: Sequence[str]) -> Optional[str]:
     for p in patterns:
         if fnmatch.fnmatchcase(name, p):
@@ -569,18 +616,28 @@ def _param_owners(model: "torch.nn.Module") -> Dict[int, List[Tuple[str, "torch.
     return owners
 
 
-def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[str]
-            ) -> Tuple[List[_Plan], List[LayerRecord]]:
+def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[str],
+            emb: Optional[_EmbSelection] = None) -> Tuple[List[_Plan], List[LayerRecord]]:
+    from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
     sites, parents = _module_sites(model)
     plans: List[_Plan] = []
     skipped: List[LayerRecord] = []
     for name, mod in model.named_modules():
         disp = name or "<root>"
-        if isinstance(mod, QuantizedTorchLinear):
+        if isinstance(mod, (QuantizedTorchLinear, QuantizedTorchEmbedding)):
             skipped.append(LayerRecord(disp, tuple(mod.qweight.shape), "skipped", "already quantized", 0, 0,
                                        mod.scheme))
             continue
         kind, why = _classify(mod, parents.get(id(mod)))
+        if kind is None and emb is not None and isinstance(mod, torch.nn.Embedding):
+            why = embedding_problem(mod)
+            if not why and _match(name, exclude) is not None:
+                why = f"excluded by pattern {_match(name, exclude)!r}"
+            elif not why and _match(name, emb.patterns) is None:
+                why = f"not matched by embeddings={list(emb.patterns)!r}"
+            if not why:
+                emb.plans.append(_EmbPlan(name, mod, sites.get(id(mod), [])))
+                continue
         w = getattr(mod, "weight", None)
         if kind == "mha":
             w = mod.in_proj_weight if mod._qkv_same_embed_dim else None
@@ -604,25 +661,56 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
             layout = kind[len("linear_"):]
             plans.append(_Plan(name, mod, "linear", [_Part("", w, getattr(mod, "bias", None), layout, id(w))],
                                sites.get(id(mod), [])))
-    # ties: a weight also registered by a module that stays float would be stored twice
+    # ties: a weight also registered by a module that stays float would be stored twice; an embedding
+    # table tied to a Linear quantized per_channel int8 shares its codes (to a fixed point: a module
+    # left float can make another one tied to it stay float)
     owners = _param_owners(model)
     planned = {id(p.mod) for p in plans}
     for sub in {id(m): m for p in plans if p.kind == "mha" for m in p.mod.modules()}.values():
         planned.add(id(sub))
-    kept: List[_Plan] = []
-    for p in plans:
-        if p.kind == "linear":
-            others = [(n, m) for n, m in owners.get(id(p.mod.weight), []) if id(m) not in planned]
-            if others:
-                n, m = others[0]
-                w = p.mod.weight
+    embs = emb.plans if emb is not None else []
+    plan_of = {id(p.mod): p for p in plans if p.kind == "linear"}
+    changed = True
+    while changed:
+        changed = False
+        for e in list(embs):
+            w = e.mod.weight
+            others = [(n, m) for n, m in owners.get(id(w), []) if m is not e.mod]
+            floats = [(n, m) for n, m in others if id(m) not in planned and all(m is not f.mod for f in embs)]
+            partners = [plan_of[id(m)] for _n, m in others if id(m) in plan_of and id(m) in planned]
+            why = ""
+            if floats:
+                n, m = floats[0]
+                why = (f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
+                       "so that it is stored once")
+            elif partners:
+                p = partners[0]
+                if emb is not None and emb.tie_ok and p.parts[0].layout == "out_in":
+                    e.tie = p
+                else:
+                    why = (f"weight tied to {p.name or '<root>'!r}, which is not quantized per_channel int8: its "
+                           "codes are not per-row int8, so the table cannot share them and would be stored "
+                           "twice; kept float32 (quantize that layer per_channel int8 to share)")
+            if why:
                 wb = int(w.numel() * w.element_size())
-                skipped.append(LayerRecord(
-                    p.name or "<root>", tuple(w.shape), "skipped",
-                    f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
-                    "so that it is stored once", wb, wb, ""))
-                continue
-        kept.append(p)
+                skipped.append(LayerRecord(e.name or "<root>", tuple(w.shape), "skipped", why, wb, wb, ""))
+                embs.remove(e)
+                changed = True
+        for p in plans:
+            if p.kind == "linear" and id(p.mod) in planned:
+                others = [(n, m) for n, m in owners.get(id(p.mod.weight), []) if id(m) not in planned
+                          and all(m is not e.mod for e in embs)]
+                if others:
+                    n, m = others[0]
+                    w = p.mod.weight
+                    wb = int(w.numel() * w.element_size())
+                    skipped.append(LayerRecord(
+                        p.name or "<root>", tuple(w.shape), "skipped",
+                        f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
+                        "so that it is stored once", wb, wb, ""))
+                    planned.discard(id(p.mod))
+                    changed = True
+    kept = [p for p in plans if p.kind != "linear" or id(p.mod) in planned]
     return kept, skipped
 
 
@@ -655,6 +743,33 @@ def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int], bi
             del arr
             if part.share_key is not None:
                 done[part.share_key] = (disp, part)
+
+
+def _prepare_embeddings(embs: List[_EmbPlan]) -> None:
+    """Quantize every selected table, per row (after :func:`_prepare`: a tied table takes its Linear's
+    codes); raises naming the table, nothing in the model changes."""
+    done: Dict[int, _EmbPlan] = {}
+    for e in embs:
+        if e.tie is not None:
+            e.qweight = e.tie.parts[0].qweight
+            continue
+        w = e.mod.weight
+        first = done.get(id(w))
+        if first is not None:
+            e.qweight, e.shared_with = first.qweight, first.name or "<root>"
+            continue
+        disp = e.name or "<root>"
+        arr = to_numpy(w, f"{disp}.weight")
+        try:
+            ops.check_finite(arr, f"{disp}.weight")
+            e.qweight = ops.quantize_weight(arr, granularity="per_channel", name=f"{disp}.weight")
+        except errors.QuantizationError as exc:
+            try:
+                raise type(exc)(f"embedding {disp!r}: {exc}") from exc
+            except builtins.TypeError:  # pragma: no cover - unusual constructor
+                raise exc
+        del arr
+        done[id(w)] = e
 
 
 # --------------------------------------------------------------------------------------------------
@@ -773,39 +888,59 @@ def _disable_fast_paths(model: "torch.nn.Module") -> List[str]:
 
 def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity: str = "per_channel",
                     group_size: Optional[int] = None, include: Any = None, exclude: Any = None,
-                    inplace: bool = True, quantizer: Any = None, bits: int = 8) -> "torch.nn.Module":
+                    inplace: bool = True, quantizer: Any = None, bits: int = 8,
+                    act_scales: Optional[Dict[str, float]] = None, embeddings: Any = ()) -> "torch.nn.Module":
     """Replace the Linear / Conv1D / MultiheadAttention layers of ``model`` by quantized modules.
 
     Returns the model (a deep copy when ``inplace=False``; a new module when ``model`` itself is a
     Linear), in eval mode. Every weight is checked and quantized before the model is touched: a
     NaN/Inf weight or a bad ``group_size`` raises naming the layer and leaves the model as it was.
     ``quantizer`` (a :class:`cquant.Quantizer`) receives the per-layer ``summary``. ``bits``: 8,
-    or 4 (int4 codes, two per byte).
+    or 4 (int4 codes, two per byte). ``mode="static"`` needs ``act_scales`` (module name -> calibrated
+    activation scale, e.g. ``Quantizer.act_scales``; ``q_proj``... of an attention are named
+    ``<attn>.q_proj``); a layer missing from it gets dynamic activations, the reason recorded.
+    ``embeddings``: ``True`` or names / globs of ``nn.Embedding`` tables to store as int8 rows too
+    (default: none; see the module docstring for tied tables).
     """
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
-    if mode not in ops.MODES:
-        raise errors.ValueError(f"mode must be one of {sorted(ops.MODES)}, got {mode!r}")
+    if mode not in ops.MODES and mode != "static":
+        raise errors.ValueError(f"mode must be one of {sorted(ops.MODES) + ['static']}, got {mode!r}")
+    if mode == "static" and act_scales is None:
+        raise errors.ValueError("mode='static' needs act_scales (calibrated per layer): use "
+                                "cquant.Quantizer.quantize_dynamic(model, mode='static', calibration=batches)")
     include, exclude = _patterns(include), _patterns(exclude)
     if not inplace:
         model = copy.deepcopy(model)
-    plans, skipped = _select(model, include, exclude)
+    emb_pats = ("*",) if embeddings is True else () if embeddings in (None, False) else _patterns(embeddings)
+    emb = _EmbSelection(emb_pats, granularity == "per_channel" and bits == 8) if emb_pats else None
+    plans, skipped = _select(model, include, exclude, emb)
+    embs = emb.plans if emb is not None else []
     for pat in include:
         if not any(fnmatch.fnmatchcase(p.name, pat) for p in plans):
             logger.warning("include pattern %r matched no quantizable layer", pat)
     _prepare(plans, granularity, group_size, bits)
-    if model.training and plans:
+    _prepare_embeddings(embs)
+    if model.training and (plans or embs):
         logger.info("quantize: the model was in training mode; quantized models are for inference, "
                     "it is switched to eval mode")
     records: List[LayerRecord] = []
     released: List["torch.Tensor"] = []
+    installed: Dict[int, "torch.nn.Module"] = {}
     for p in plans:
         news = {}
         for part in p.parts:
             assert part.qweight is not None
             source = ("Conv1D" if part.layout == "in_out" else
                       type(p.mod).__name__ if p.kind == "linear" else "MultiheadAttention")
-            news[part.suffix] = QuantizedTorchLinear(QuantizedLinearForward(part.qweight, part.bias_np, mode),
+            lmode, act, static_note = mode, None, ""
+            if mode == "static":
+                assert act_scales is not None
+                act = act_scales.get(".".join(s for s in (p.name, part.suffix) if s))
+                if act is None:
+                    lmode, static_note = "dynamic", ("static: the calibration batches never reached this layer "
+                                                     "(no activation statistics): dynamic activations instead")
+            news[part.suffix] = QuantizedTorchLinear(QuantizedLinearForward(part.qweight, part.bias_np, lmode, act),
                                                      source=source)
             w = part.weight
             wb = int(w.numel() * w.element_size())
@@ -814,6 +949,7 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
                 before, after, note = wb + bb, part.qweight.nbytes + bb, ""
             else:
                 before, after, note = bb, bb, f"weight shared with {part.shared_with!r} (quantized once)"
+            note = "; ".join(filter(None, [static_note, note]))
             full = ".".join(s for s in (p.name, part.suffix) if s) or "<root>"
             records.append(LayerRecord(full, tuple(part.qweight.shape), "quantized", note, before, after,
                                        news[part.suffix].scheme))
@@ -825,6 +961,7 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
                                               dropout=m.dropout)
         else:
             new = news[""]
+        installed[id(p)] = new
         for parent, cname in p.sites:
             parent._modules[cname] = new
         if p.name == "":
@@ -832,6 +969,31 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
         for part in p.parts:
             part.weight = part.bias = None  # type: ignore[assignment]
         p.mod = None  # type: ignore[assignment]  # drop our reference to the float layer
+    if embs:
+        from .torch_embedding import QuantizedTorchEmbedding
+    for e in embs:
+        assert e.qweight is not None
+        w = e.mod.weight
+        tie = installed[id(e.tie)] if e.tie is not None else None
+        new_e = QuantizedTorchEmbedding(None if tie is not None else e.qweight, e.mod.padding_idx, tie=tie,
+                                        dtype=w.dtype)
+        wb = int(w.numel() * w.element_size())
+        if e.tie is not None:
+            before, after, note = 0, 0, (f"weight tied to {e.tie.name or '<root>'!r}: quantized once, the table "
+                                         "reads its per_channel int8 codes")
+        elif e.shared_with is not None:
+            before, after, note = 0, 0, f"weight shared with {e.shared_with!r} (quantized once)"
+        else:
+            before, after, note = wb, e.qweight.nbytes, ""
+        records.append(LayerRecord(e.name or "<root>", tuple(e.qweight.shape), "quantized", note, before, after,
+                                   new_e.scheme))
+        released.append(w)
+        for parent, cname in e.sites:
+            parent._modules[cname] = new_e
+        if e.name == "":
+            model = new_e
+        e.mod = None  # type: ignore[assignment]
+    embs.clear()
     plans.clear()
     model.eval()
     fast = _disable_fast_paths(model)
@@ -860,9 +1022,18 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
 
 def report(model: "torch.nn.Module") -> List[ReportRow]:
     """One :class:`cquant.quantization.ReportRow` per quantized layer of a torch model."""
+    from .torch_embedding import QuantizedTorchEmbedding
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}
     for name, m in model.named_modules():
+        if isinstance(m, QuantizedTorchEmbedding):  # int8 table (a tied one shares its Linear's codes)
+            qw = m.qweight
+            n, k = qw.shape
+            first = owner.setdefault(id(qw), name)
+            own = first == name
+            rows.append(ReportRow(name, (n, k), m.scheme, n * k * 4 if own else 0, qw.nbytes if own else 0,
+                                  None if own else first))
+            continue
         if not isinstance(m, QuantizedTorchLinear):
             continue
         qw = m.qweight
@@ -926,11 +1097,18 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     changed. ``strict``: the keys must match, except that checkpoint tensors naming a non-persistent
     buffer of the model (e.g. transformers' ``embeddings.position_ids``) are ignored and a tied
     weight (e.g. ``lm_head.weight`` tied to ``wte.weight``) is satisfied by any of its names.
+    A layer of kind ``"embedding"`` replaces an ``nn.Embedding`` by a ``QuantizedTorchEmbedding``
+    (``cquant.load_into`` leaves here only the tables it can install quantized); one listed in
+    ``ck.tied`` reads the codes of the Linear layer it is tied to.
     """
+    from ..embedding import can_share
     from ..io import CheckpointError
+    from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
     subs = dict(model.named_modules())
     plans: List[Tuple[str, "torch.nn.Module", QuantizedLinearForward, str]] = []
     mha_plans: Dict[str, "torch.nn.MultiheadAttention"] = {}
+    emb_plans: List[Tuple[str, "torch.nn.Module", QuantizedLinearForward]] = []
+    kinds, tied = getattr(ck, "kinds", {}), getattr(ck, "tied", {})
     for name, qf in ck.layers.items():
         mod = subs.get(name)
         parent_name, _, last = name.rpartition(".")
@@ -940,6 +1118,17 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
             continue
         if mod is None:
             raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
+        if kinds.get(name) == "embedding" and isinstance(mod, (torch.nn.Embedding, QuantizedTorchEmbedding)):
+            rows = (int(mod.num_embeddings), int(mod.embedding_dim))
+            if tuple(qf.qweight.shape) != rows:
+                raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, the model's "
+                                      f"embedding (num_embeddings, embedding_dim) = {rows}")
+            why = "" if isinstance(mod, QuantizedTorchEmbedding) else embedding_problem(mod)
+            if why or not can_share(qf.qweight) or qf.bias is not None:
+                raise CheckpointError(f"embedding {name!r}: cannot install an int8 table there"
+                                      + (f" ({why})" if why else " (not per-row int8 codes without a bias)"))
+            emb_plans.append((name, mod, qf))
+            continue
         if isinstance(mod, QuantizedTorchLinear):
             shape, source = (mod.out_features, mod.in_features), mod.source
         elif isinstance(mod, torch.nn.Linear):
@@ -966,7 +1155,12 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         mha_new.append((aname, mha, QuantizedMultiheadAttention(
             mha.embed_dim, mha.num_heads, layers["q_proj"], layers["k_proj"], layers["v_proj"],
             layers["out_proj"], batch_first=mha.batch_first, dropout=mha.dropout)))
-    qnames = {p[0] for p in plans} | set(mha_plans)
+    linear_names = {p[0] for p in plans}
+    for name, _mod, _qf in emb_plans:
+        if name in tied and tied[name] not in linear_names:
+            raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a Linear layer "
+                                  "of the checkpoint installed in this model")
+    qnames = linear_names | set(mha_plans) | {e[0] for e in emb_plans}
 
     def in_layer(key: str) -> bool:
         return any(key.startswith(_pfx(n)) and ("." not in key[len(_pfx(n)):] or n in mha_plans)
@@ -993,8 +1187,10 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         logger.info("load_into: ignored %d checkpoint tensor(s) that are non-persistent buffers of the "
                     "model: %s", len(ignored), ", ".join(ignored[:5]))
     sites, _ = _module_sites(model)
+    new_of: Dict[str, "torch.nn.Module"] = {}
     for name, mod, qf, source in plans:
         new = QuantizedTorchLinear(qf, source=source)
+        new_of[name] = new
         if name == "":
             model = new
         for parent, cname in sites.get(id(mod), []):
@@ -1002,12 +1198,28 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     for _aname, mha, new in mha_new:
         for parent, cname in sites.get(id(mha), []):
             parent._modules[cname] = new
+    for name, mod, qf in emb_plans:
+        dtype = mod.out_dtype if isinstance(mod, QuantizedTorchEmbedding) else mod.weight.dtype
+        t = tied.get(name)
+        new = QuantizedTorchEmbedding(None if t is not None else qf.qweight, mod.padding_idx,
+                                      tie=new_of[t] if t is not None else None, dtype=dtype)
+        if name == "":
+            model = new
+        for parent, cname in sites.get(id(mod), []):
+            parent._modules[cname] = new
     with torch.no_grad():
         live = model.state_dict(keep_vars=True)
         for k, v in ck.tensors.items():
             if k in live and k in own:
                 live[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
-    if plans or mha_new:
+    if plans or mha_new or emb_plans:
         model.eval()
         _disable_fast_paths(model)
     return model
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the embedding layer lives in torch_embedding (it imports this module)
+    if name == "QuantizedTorchEmbedding":
+        from .torch_embedding import QuantizedTorchEmbedding
+        return QuantizedTorchEmbedding
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
