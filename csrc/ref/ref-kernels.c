@@ -151,5 +151,11 @@ static void facc_fold_ref(int n, const int32_t *acc, const int32_t *comp, float 
     }
 }
 
+static int absmax_mul_ref(const float *x, const float *mul, int64_t n, float *prod, float *amax)
+{
+    for (int64_t i = 0; i < n; i++) prod[i] = x[i] * mul[i];
+    return absmax_ref(prod, n, amax);
+}
+
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
-                                           facc_fold_ref};
+                                           facc_fold_ref, absmax_mul_ref};

@@ -172,6 +172,9 @@ typedef struct {
      * j < n (a multiple of 16): the kernels' CQ_OUT_FACC epilogue, bit for bit, for the drivers
      * that fold raw per-group sums themselves (the per-group GEMV). */
     void (*facc_fold)(int n, const int32_t *acc, const int32_t *comp, float sx, const float *ws, float *facc);
+    /* prod[i] = x[i] * m[i] (float32 product) and max |prod[i]| into *amax in one pass; returns 1 if
+     * every product is finite (the activation quantizer's pre-scale, cq_linear_ex's x_mul). */
+    int (*absmax_mul)(const float *x, const float *m, int64_t n, float *prod, float *amax);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
 #ifdef CQ_X86

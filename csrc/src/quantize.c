@@ -52,13 +52,14 @@ static void quant_row_tiled(const quant_ctx *c, int64_t r, const float *src, flo
 static void quant_act_row(const quant_ctx *c, int64_t r, float *buf)
 {
     const float *src = c->w + r * c->k;
-    if (c->mul) { /* the product rounded to float32, as numpy's x * mul: then the usual rule */
-        const float *mul = c->mul;
-        for (int64_t i = 0; i < c->k; i++) buf[i] = src[i] * mul[i];
-        src = buf;
-    }
     float amax;
-    int finite = c->kern->absmax(src, c->k, &amax); /* also for a static scale: NaN/Inf rows */
+    int finite;
+    if (c->mul) { /* the product rounded to float32, as numpy's x * mul (into buf), then the usual rule */
+        finite = c->kern->absmax_mul(src, c->mul, c->k, buf, &amax);
+        src = buf;
+    } else {
+        finite = c->kern->absmax(src, c->k, &amax); /* also for a static scale: NaN/Inf rows */
+    }
     float s = !finite ? NAN : c->fixed > 0.0f ? c->fixed : scale_of(amax);
     c->scales[r] = s;
     if (c->tiled) {
