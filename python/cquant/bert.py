@@ -32,6 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from . import errors, nn, ops
+from .checkpoint_file import SafetensorsReader
 from .embedding import QuantizedEmbedding
 from .smoothing import Smoothed, smooth
 
@@ -327,7 +328,6 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = 
 def load_safetensors(path: str) -> Dict[str, np.ndarray]:
     """All tensors of a safetensors file as numpy arrays (own copies; BF16/F16 -> float32).
     Uses cquant's own reader: needs neither torch nor the safetensors package."""
-    from .io import SafetensorsReader
     out: Dict[str, np.ndarray] = {}
     with SafetensorsReader(path) as r:
         for name, info in r.infos.items():

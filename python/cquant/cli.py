@@ -58,7 +58,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import errors, ops
+from . import __version__, bench, errors, ops
 from .quantization import format_bytes
 from .io import (_ST_SIZE, FORMAT_VERSION, INDEX_SUFFIX, KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION,
                  CheckpointError, StreamWriter, TensorInfo, atomic_path, check_format_version,
@@ -413,7 +413,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if not layers:
             print(f"cquant: warning: no tensor of {src} was selected for quantization; copying it as is",
                   file=sys.stderr)
-        from . import __version__
         base_meta = {k: v for k, v in r.metadata.items() if not k.startswith("cquant.")}
         base_meta.update({KEY_VERSION: FORMAT_VERSION, KEY_CQ_VERSION: __version__})
 
@@ -659,7 +658,6 @@ def _dist_version(name: str) -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from . import __version__
     rows = [["cquant", __version__], ["C core", ops.native_version()], ["ISA in use", ops.isa()],
             ["ISAs available", ", ".join(ops.available_isas())], ["threads", str(ops.get_num_threads())],
             ["CQUANT_ISA", os.environ.get("CQUANT_ISA", "(unset)")], ["numpy", np.__version__],
@@ -671,7 +669,6 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace, rest: Sequence[str]) -> int:
-    from . import bench
     return int(bench.main(list(rest)) or 0)
 
 
@@ -741,7 +738,6 @@ def _scheme_args(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
     p = _Parser(prog="cquant", description="int8 post-training quantization for CPU inference")
     p.add_argument("--version", action="version", version=f"cquant {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)

@@ -25,7 +25,7 @@ import numpy as np
 
 import cquant
 
-from . import models
+from . import models, nn
 from .quantization import GRANULARITIES, Quantizer, model_nbytes, report
 
 try:  # optional progress bar
@@ -166,7 +166,6 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
 
 def _linear_bytes(model: Any) -> int:
     """Bytes held by the Linear layers: measured arrays (float weights+biases, or report() rows)."""
-    from . import nn
     rows = report(model)
     if rows:
         return sum(r.bytes_after for r in rows)
@@ -179,7 +178,6 @@ def _linear_bytes(model: Any) -> int:
 
 
 def _linear_layers(model: Any) -> Iterable[Any]:
-    from . import nn
     return (m for _, m in model.named_modules() if isinstance(m, nn.Linear))
 
 

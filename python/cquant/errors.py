@@ -39,3 +39,8 @@ class IsaError(builtins.RuntimeError, QuantizationError):
 
 class NativeError(builtins.RuntimeError, QuantizationError):
     """Any other status reported by the C core (out of memory, internal error)."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a (valid, complete) safetensors / cquant checkpoint, or one that does not fit
+    the model it is loaded into. (Also importable as ``cquant.io.CheckpointError``.)"""

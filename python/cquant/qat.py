@@ -58,6 +58,7 @@ import torch
 
 from . import errors, ops
 from .adapters import torch as _tad
+from .quantization import Quantizer
 from .scheme import QuantScheme, normalize as _normalize_scheme, resolve as _resolve_scheme
 
 __all__ = ["prepare", "convert", "to_float", "QATLinear", "qat_layers", "fake_quantize_weight",
@@ -419,7 +420,6 @@ def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
 
     ``inplace=False`` (default) leaves the prepared model as it is (training can go on); with
     ``inplace=True`` the given model is consumed (use the returned one)."""
-    from .quantization import Quantizer
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     layers = qat_layers(model)

@@ -1182,7 +1182,7 @@ def report(model: Any) -> List[ReportRow]:
     """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order
     (int8 embedding tables too: scheme ``"int8 embedding per_channel"``, shape ``(rows, dim)``)."""
     if adapters.is_torch_module(model):
-        from .adapters.torch import report as torch_report
+        from .adapters.torch import report as torch_report  # optional dependency: torch
         return torch_report(model)
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}

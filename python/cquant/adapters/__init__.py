@@ -30,7 +30,7 @@ def is_torch_tensor(obj: Any) -> bool:
 def quantize_torch(quantizer: Any, model: Any, inplace: bool = True) -> Any:
     """Quantize a ``torch.nn.Module`` with the settings of a :class:`cquant.Quantizer` (fills its
     ``summary``). The hook :meth:`cquant.Quantizer.quantize` calls for torch models."""
-    from .torch import quantize_module
+    from .torch import quantize_module  # optional dependency: torch
     return quantize_module(model, mode=quantizer.mode, granularity=quantizer.granularity,
                            group_size=quantizer.group_size, include=quantizer.include,
                            exclude=quantizer.exclude, inplace=inplace, quantizer=quantizer,

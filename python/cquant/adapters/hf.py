@@ -41,10 +41,12 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from .. import errors, ops
+from .. import __version__, errors, ops
+from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION
 from ..quantization import QuantizedLinearForward
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
+from .torch_embedding import QuantizedTorchEmbedding
 
 __all__ = ["save_pretrained", "from_pretrained", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "CONFIG_NAME"]
 
@@ -90,7 +92,6 @@ def _layer_meta(m: QuantizedTorchLinear) -> Dict[str, Any]:
 
 def _embedding_meta(model: "torch.nn.Module") -> Dict[str, Dict[str, Any]]:
     """``{name: {"shape", "padding_idx", "tied_to"}}`` of the int8 embedding tables of ``model``."""
-    from .torch_embedding import QuantizedTorchEmbedding
     mods = list(model.named_modules())
     name_of = {id(m): n for n, m in mods}
     out: Dict[str, Dict[str, Any]] = {}
@@ -112,8 +113,6 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
         from safetensors.torch import save_file
     except ImportError:
         raise ImportError("cquant.save_pretrained needs the safetensors package: pip install safetensors") from None
-    from .. import __version__
-    from ..io import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION
     if not isinstance(model, torch.nn.Module):
         raise errors.TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     layers = {name: _layer_meta(m) for name, m in model.named_modules() if isinstance(m, QuantizedTorchLinear)}
@@ -271,7 +270,6 @@ def _set_tensor(model: "torch.nn.Module", key: str, value: "torch.Tensor") -> No
 def _embeddings_from(d: str, model: "torch.nn.Module", cq: Dict[str, Any], tensors: Dict[str, "torch.Tensor"],
                      new: Dict[str, "torch.nn.Module"]) -> None:
     """The int8 embedding tables of ``cquant_config.json`` into ``new`` (name -> module to install)."""
-    from .torch_embedding import QuantizedTorchEmbedding
     for name, em in cq.get("embeddings", {}).items():
         try:
             old = model.get_submodule(name) if name else model

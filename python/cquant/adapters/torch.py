@@ -72,7 +72,6 @@ import fnmatch
 import logging
 import math
 import sys
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -80,19 +79,19 @@ import numpy as np
 import torch
 
 from .. import errors, ops
+from ..embedding import can_share
+from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
-from .torch_ops import inference_only_message
+from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
+                         _shared_tensor, inference_only_message)
+from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
            "quantize_module",
            "report", "to_numpy", "is_conv1d", "quantized_layers", "install_checkpoint"]
 
 logger = logging.getLogger("cquant")
-
-
-class AutogradError(builtins.RuntimeError, errors.QuantizationError):
-    """A quantized layer was asked to train or to take part in a backward (it is inference only)."""
 
 
 def to_numpy(t: "torch.Tensor", name: str = "tensor") -> np.ndarray:
@@ -115,38 +114,6 @@ def is_conv1d(mod: "torch.nn.Module") -> bool:
     w = getattr(mod, "weight", None)
     return (type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2
             and int(getattr(mod, "nf", -1)) == int(w.shape[1]))
-
-
-def _shared_tensor(a: np.ndarray) -> "torch.Tensor":
-    """A torch tensor sharing ``a``'s memory (read-only arrays too: cquant never writes through it)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(a)
-
-
-def _graph_mode(x: Any) -> bool:
-    """True when the forward is being captured (trace, export, compile, fx) rather than run."""
-    return (type(x) is not torch.Tensor or torch._C._get_tracing_state() is not None
-            or torch.compiler.is_compiling())
-
-
-class _NoBackward(torch.autograd.Function):
-    """Identity on the output ``y`` that joins the graph of ``x`` and refuses to backpropagate."""
-
-    @staticmethod
-    def forward(ctx, x, y):  # type: ignore[override]
-        return y
-
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        raise AutogradError(inference_only_message("a model with cquant quantized layers"))
-
-
-def _refuse_train(mode: bool, what: str) -> None:
-    if not isinstance(mode, bool):
-        raise errors.ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
-    if mode:
-        raise AutogradError(inference_only_message(what) + " Call model.eval() to leave training mode.")
 
 
 class QuantizedTorchLinear(torch.nn.Module):
@@ -618,7 +585,6 @@ def _param_owners(model: "torch.nn.Module") -> Dict[int, List[Tuple[str, "torch.
 
 def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[str],
             emb: Optional[_EmbSelection] = None) -> Tuple[List[_Plan], List[LayerRecord]]:
-    from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
     sites, parents = _module_sites(model)
     plans: List[_Plan] = []
     skipped: List[LayerRecord] = []
@@ -969,8 +935,6 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
         for part in p.parts:
             part.weight = part.bias = None  # type: ignore[assignment]
         p.mod = None  # type: ignore[assignment]  # drop our reference to the float layer
-    if embs:
-        from .torch_embedding import QuantizedTorchEmbedding
     for e in embs:
         assert e.qweight is not None
         w = e.mod.weight
@@ -1022,7 +986,6 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
 
 def report(model: "torch.nn.Module") -> List[ReportRow]:
     """One :class:`cquant.quantization.ReportRow` per quantized layer of a torch model."""
-    from .torch_embedding import QuantizedTorchEmbedding
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}
     for name, m in model.named_modules():
@@ -1101,9 +1064,6 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     (``cquant.load_into`` leaves here only the tables it can install quantized); one listed in
     ``ck.tied`` reads the codes of the Linear layer it is tied to.
     """
-    from ..embedding import can_share
-    from ..io import CheckpointError
-    from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
     subs = dict(model.named_modules())
     plans: List[Tuple[str, "torch.nn.Module", QuantizedLinearForward, str]] = []
     mha_plans: Dict[str, "torch.nn.MultiheadAttention"] = {}
@@ -1216,10 +1176,3 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         model.eval()
         _disable_fast_paths(model)
     return model
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the embedding layer lives in torch_embedding (it imports this module)
-    if name == "QuantizedTorchEmbedding":
-        from .torch_embedding import QuantizedTorchEmbedding
-        return QuantizedTorchEmbedding
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

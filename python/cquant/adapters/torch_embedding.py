@@ -31,7 +31,7 @@ import torch
 
 from .. import errors, ops
 from ..embedding import EMBEDDING_SCHEME, can_share, check_ids, lookup, padded_rows_view
-from .torch import _graph_mode, _refuse_train, _shared_tensor
+from .torch_base import _graph_mode, _refuse_train, _shared_tensor
 
 __all__ = ["QuantizedTorchEmbedding", "embedding_problem"]
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from .. import ops
-from .torch import _NoBackward, _graph_mode
+from .torch_base import _NoBackward, _graph_mode
 
 __all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
 

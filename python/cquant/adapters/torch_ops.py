@@ -29,21 +29,14 @@ from typing import Optional
 import torch
 
 from .. import errors, ops
+from .torch_base import AutogradError, inference_only_message
 
 __all__ = ["linear", "OP_NAME", "inference_only_message"]
 
 OP_NAME = "cquant::linear"
 
 
-def inference_only_message(what: str = "this model") -> str:
-    return (f"cquant: {what} is quantized for inference only: the int8 kernels have no backward. "
-            "Run it in eval mode under torch.inference_mode() or torch.no_grad(). To train, fine-tune "
-            "the float32 model and quantize it again, or use quantization-aware training (QAT): "
-            "cquant.qat.prepare(float_model, scheme), train, then cquant.qat.convert(model).")
-
-
 def _autograd_error(what: str) -> Exception:
-    from .torch import AutogradError
     return AutogradError(inference_only_message(what))
 
 
