@@ -28,12 +28,16 @@ import cquant
 from . import models, nn
 from .quantization import GRANULARITIES, Quantizer, model_nbytes, report
 
-try:  # optional progress bar
-    from tqdm import tqdm as _tqdm
-except ImportError:  # pragma: no cover - depends on the environment
-    _tqdm = None
-
 __all__ = ["main", "run", "compare_outputs", "time_forward", "time_blocks"]
+
+
+def _progress_bar(total: int) -> Any:
+    """A tqdm bar on stderr, or None when tqdm is not installed."""
+    try:
+        from tqdm import tqdm  # optional dependency: tqdm (imported on use, not with cquant.demo)
+    except ImportError:  # pragma: no cover - depends on the environment
+        return None
+    return tqdm(total=total, desc="cquant demo", file=sys.stderr, leave=False)
 
 
 def compare_outputs(y: np.ndarray, y_ref: np.ndarray) -> Dict[str, float]:
@@ -104,8 +108,7 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
     seq = min(seq, config.max_seq)
     steps = ["build float32 model", "quantize weight_only", "quantize dynamic",
              "compare float32", "compare int8 weight_only", "compare int8 dynamic, then time all three"]
-    bar = _tqdm(total=len(steps), desc="cquant demo", file=sys.stderr, leave=False) \
-        if (progress and _tqdm is not None) else None
+    bar = _progress_bar(len(steps)) if progress else None
 
     def step(i: int) -> None:
         if bar is not None:

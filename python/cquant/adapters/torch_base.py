@@ -1,0 +1,62 @@
+"""What every torch adapter module shares (imports torch): the inference-only error and message, and
+the small helpers the quantized modules use. The lowest of the torch adapter modules: it imports
+nothing of cquant but :mod:`cquant.errors`, so :mod:`cquant.adapters.torch`,
+:mod:`~cquant.adapters.torch_ops`, :mod:`~cquant.adapters.torch_embedding` and
+:mod:`~cquant.adapters.torch_fused` import it (and each other) at module level without a cycle.
+:class:`AutogradError` stays importable from :mod:`cquant.adapters.torch`.
+"""
+from __future__ import annotations
+
+import builtins
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import errors
+
+__all__ = ["AutogradError", "inference_only_message"]
+
+
+class AutogradError(builtins.RuntimeError, errors.QuantizationError):
+    """A quantized layer was asked to train or to take part in a backward (it is inference only)."""
+
+
+def inference_only_message(what: str = "this model") -> str:
+    return (f"cquant: {what} is quantized for inference only: the int8 kernels have no backward. "
+            "Run it in eval mode under torch.inference_mode() or torch.no_grad(). To train, fine-tune "
+            "the float32 model and quantize it again, or use quantization-aware training (QAT): "
+            "cquant.qat.prepare(float_model, scheme), train, then cquant.qat.convert(model).")
+
+
+def _shared_tensor(a: np.ndarray) -> "torch.Tensor":
+    """A torch tensor sharing ``a``'s memory (read-only arrays too: cquant never writes through it)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.from_numpy(a)
+
+
+def _graph_mode(x: Any) -> bool:
+    """True when the forward is being captured (trace, export, compile, fx) rather than run."""
+    return (type(x) is not torch.Tensor or torch._C._get_tracing_state() is not None
+            or torch.compiler.is_compiling())
+
+
+class _NoBackward(torch.autograd.Function):
+    """Identity on the output ``y`` that joins the graph of ``x`` and refuses to backpropagate."""
+
+    @staticmethod
+    def forward(ctx, x, y):  # type: ignore[override]
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        raise AutogradError(inference_only_message("a model with cquant quantized layers"))
+
+
+def _refuse_train(mode: bool, what: str) -> None:
+    if not isinstance(mode, bool):
+        raise errors.ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
+    if mode:
+        raise AutogradError(inference_only_message(what) + " Call model.eval() to leave training mode.")
