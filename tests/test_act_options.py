@@ -88,8 +88,9 @@ def test_bad_options_are_refused():
         ops.linear(x, qw, x_mul=np.ones(15, F32))
     bad = np.ones(16, F32)
     bad[4] = np.nan
-    with pytest.raises(errors.NonFiniteError):
-        ops.linear(x, qw, x_mul=bad)
+    for mode in ("dynamic", "weight_only"):
+        with pytest.raises(errors.NonFiniteError, match="x_mul"):
+            ops.linear(x, qw, mode=mode, x_mul=bad)
     for s in (0.0, -1.0, float("nan"), float("inf"), 1e-50, 1e50):
         with pytest.raises(ValueError):
             ops.linear(x, qw, x_scale=s)

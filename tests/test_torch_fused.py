@@ -122,3 +122,72 @@ def test_unquantized_or_other_blocks_are_left_alone():
     assert not any(n.endswith("intermediate") for n in names) and names
     with pytest.raises(TypeError):
         fuse("not a module")
+
+
+def test_probe_refuses_a_block_whose_forward_differs():
+    """X-MOD's SelfOutput has dense / LayerNorm / dropout and the (hidden_states, input_tensor)
+    signature, but applies no LayerNorm (its attention does): names cannot tell, the probe does."""
+    if not hasattr(transformers, "XmodConfig"):
+        pytest.skip("transformers without X-MOD")
+    torch.manual_seed(0)
+    cfg = transformers.XmodConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=40, languages=["en_XX"])
+    m = transformers.XmodModel(cfg).eval()
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, torch.nn.LayerNorm):
+                mod.weight.uniform_(0.5, 2.0)
+                mod.bias.uniform_(-1, 1)
+    q = cquant.Quantizer.quantize_dynamic(m, mode="weight_only")
+    f = copy.deepcopy(q)
+    names = fuse(f)
+    assert "encoder.layer.0.attention.output" not in names
+    ids, mask = _inputs(t=9)
+    ids = ids % 100
+    with torch.inference_mode():
+        lang = torch.zeros(ids.shape[0], dtype=torch.long)
+        a = q(input_ids=ids, attention_mask=mask, lang_ids=lang).last_hidden_state.numpy()
+        b = f(input_ids=ids, attention_mask=mask, lang_ids=lang).last_hidden_state.numpy()
+    valid = mask.numpy().astype(bool)
+    np.testing.assert_allclose(b[valid], a[valid], rtol=2e-4, atol=2e-4)
+
+
+def test_fuse_after_smoothing_and_with_hooks(monkeypatch):
+    """Smoothing's pre-scale wrappers are fused too (1/s into the kernel); forward hooks on a
+    linear (calibration, user hooks) make the block run its original forward, so they fire."""
+    m = _bert()
+    ids, mask = _inputs()
+    batches = [dict(input_ids=ids, attention_mask=mask)]
+    q = cquant.Quantizer.quantize_dynamic(m, mode="weight_only", calibration=batches, smoothing=0.5, inplace=False)
+    assert any(type(mod).__name__ == "SmoothedTorchLinear" for mod in q.modules())
+    f = copy.deepcopy(q)
+    assert len(fuse(f)) == 8
+    valid = mask.numpy().astype(bool)
+    np.testing.assert_allclose(_run(f, ids, mask)[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
+    seen = []
+    h = f.encoder.layer[0].intermediate.dense.register_forward_hook(lambda *a: seen.append(1))
+    _run(f, ids, mask)
+    assert seen == [1]
+    h.remove()
+    calls = []
+    real = ops.gelu_inplace
+    monkeypatch.setattr(ops, "gelu_inplace", lambda x: (calls.append(1), real(x))[1])
+    _run(f, ids, mask)
+    assert len(calls) == 2                                       # hook gone: the fast path again
+
+
+def test_eager_float_mask_is_fused(monkeypatch):
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128, max_position_embeddings=64)
+    cfg._attn_implementation = "eager"
+    q = cquant.Quantizer.quantize_dynamic(transformers.BertModel(cfg).eval(), mode="weight_only")
+    f = copy.deepcopy(q)
+    fuse(f)
+    calls = []
+    real = ops.attention
+    monkeypatch.setattr(ops, "attention", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    ids, mask = _inputs()
+    valid = mask.numpy().astype(bool)
+    np.testing.assert_allclose(_run(f, ids, mask)[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
+    assert calls == [1]

@@ -36,7 +36,7 @@ enum cq_status {
     CQ_ERR_NULL = -1,         /* a required pointer is NULL */
     CQ_ERR_SHAPE = -2,        /* a size is <= 0 where it must be positive, or sizes disagree */
     CQ_ERR_GROUP = -3,        /* group_size is not a positive multiple of 4 dividing k */
-    CQ_ERR_NONFINITE = -4,    /* NaN or Inf in a weight */
+    CQ_ERR_NONFINITE = -4,    /* NaN or Inf in a weight (or in cq_linear_ex's x_mul) */
     CQ_ERR_OVERFLOW = -5,     /* a size whose byte count or whose int32 sums would overflow */
     CQ_ERR_NOMEM = -6,        /* out of memory */
     CQ_ERR_ISA = -7,          /* the requested instruction set is not available */

@@ -10,7 +10,7 @@ const char *cq_strerror(int status)
     case CQ_ERR_NULL: return "a required pointer is NULL";
     case CQ_ERR_SHAPE: return "invalid shape: sizes must be positive and agree";
     case CQ_ERR_GROUP: return "invalid group_size: it must be a positive multiple of 4 that divides k";
-    case CQ_ERR_NONFINITE: return "the weight holds NaN or Inf";
+    case CQ_ERR_NONFINITE: return "NaN or Inf in a weight (or in cq_linear_ex's x_mul)";
     case CQ_ERR_OVERFLOW: return "size too large: a byte count or an int32 sum would overflow";
     case CQ_ERR_NOMEM: return "out of memory";
     case CQ_ERR_ISA: return "the requested instruction set is not available on this CPU or in this build";

@@ -603,6 +603,8 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
                 raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
         st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, xs,
                               _from_buffer("float[]", y))
+        if st == lib.CQ_ERR_NONFINITE and x_mul is not None:  # the only non-finite input C refuses here
+            raise errors.NonFiniteError("linear: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
     if st:
         _raise(st, "linear")
     return y

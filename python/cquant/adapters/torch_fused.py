@@ -23,6 +23,7 @@ softmax are float32 like torch's but not bit-identical to them (a few ulps; the 
 from __future__ import annotations
 
 import inspect
+import logging
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
@@ -33,11 +34,29 @@ from .torch_base import _NoBackward, _graph_mode
 
 __all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
 
+logger = logging.getLogger("cquant")
+
 _CLASSES: Dict[Tuple[type, type], type] = {}
 
 
 def _quantized_linear(mod: Any) -> bool:
+    """A quantized linear (or one inside a smoothing pre-scale wrapper) the fast path can call."""
+    if type(mod).__name__ == "SmoothedTorchLinear":
+        mod = getattr(mod, "linear", None)
     return type(mod).__name__ == "QuantizedTorchLinear" and getattr(mod, "qforward", None) is not None
+
+
+def _hooked(*mods: Any) -> bool:
+    """Forward hooks anywhere they would fire on these linears (the fast path would skip them:
+    then the original forward runs, so that calibration and user hooks see every call)."""
+    from torch.nn.modules import module as _m
+    if _m._global_forward_hooks or _m._global_forward_pre_hooks:
+        return True
+    for mod in mods:
+        for m in (mod, getattr(mod, "linear", None)):
+            if m is not None and (m._forward_hooks or m._forward_pre_hooks):
+                return True
+    return False
 
 
 def _fast(x: Any) -> bool:
@@ -61,7 +80,10 @@ def _np(x: "torch.Tensor") -> np.ndarray:
 
 
 def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
-    """The quantized linear's numpy forward (a fresh float32 array)."""
+    """The quantized linear's numpy forward (a fresh float32 array); a smoothing wrapper's 1/s
+    goes into the kernel (x_mul), as the wrapper itself does."""
+    if type(lin).__name__ == "SmoothedTorchLinear":
+        return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy())
     return lin.qforward(x)
 
 
@@ -95,7 +117,7 @@ class FusedOutput(_Fused):
 
     def forward(self, hidden_states: Any, input_tensor: Any) -> Any:
         if self.training or not (_fast(hidden_states) and _fast(input_tensor)) \
-                or input_tensor.shape[:-1] != hidden_states.shape[:-1]:
+                or input_tensor.shape[:-1] != hidden_states.shape[:-1] or _hooked(self.dense):
             return self._hf_forward(hidden_states, input_tensor)
         ln = self.LayerNorm
         y = _linear_np(self.dense, _np(hidden_states))
@@ -110,23 +132,29 @@ class FusedIntermediate(_Fused):
     """``gelu(dense(h))``, the exact (erf) GELU over the linear's output in place."""
 
     def forward(self, hidden_states: Any) -> Any:
-        if self.training or not _fast(hidden_states):
+        if self.training or not _fast(hidden_states) or _hooked(self.dense):
             return self._hf_forward(hidden_states)
         return _out(ops.gelu_inplace(_linear_np(self.dense, _np(hidden_states))), hidden_states)
 
 
 def _key_bias(mask: Any, b: int, t: int) -> Tuple[bool, Optional[np.ndarray]]:
     """(ok, (B, T) additive key bias or None) from a transformers attention mask: None (no
-    padding), or a (B, 1, T, T) bool mask whose rows are all the same key mask. ok False: a mask
-    the fast path does not take (causal, per-query, float, other shapes)."""
+    padding), a (B, 1, T, T) / (B, 1, 1, T) bool mask (sdpa: True = attend) or float32 additive
+    mask (eager: 0 or a large negative number) whose rows are all the same key mask. ok False: a
+    mask the fast path does not take (causal, per-query, other dtypes or shapes)."""
     if mask is None:
         return True, None
-    if type(mask) is not torch.Tensor or mask.dtype != torch.bool or tuple(mask.shape) not in ((b, 1, t, t), (b, 1, 1, t)):
+    if (type(mask) is not torch.Tensor or mask.dtype not in (torch.bool, torch.float32)
+            or tuple(mask.shape) not in ((b, 1, t, t), (b, 1, 1, t))):
         return False, None
     keys = mask[:, 0, :1, :]
     if mask.shape[2] > 1 and not bool((mask[:, 0] == keys).all()):
         return False, None
     keys = keys[:, 0].numpy()
+    if mask.dtype == torch.float32:
+        if not np.isfinite(keys).all() and not (np.isfinite(keys) | (keys == -np.inf)).all():
+            return False, None
+        return True, np.ascontiguousarray(keys, dtype=np.float32)
     bias = np.where(keys, np.float32(0.0), np.finfo(np.float32).min).astype(np.float32)
     return True, bias
 
@@ -139,7 +167,8 @@ class FusedSelfAttention(_Fused):
         extra = {k for k, v in kwargs.items() if v is not None} - {"position_ids", "encoder_hidden_states"}
         if (self.training or cache is not None or kwargs.get("encoder_hidden_states") is not None or extra
                 or getattr(self, "is_decoder", False) or getattr(self, "is_causal", False)
-                or not _fast(hidden_states) or hidden_states.dim() != 3):
+                or not _fast(hidden_states) or hidden_states.dim() != 3
+                or _hooked(self.query, self.key, self.value)):
             return self._hf_forward(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
         b, t, _ = hidden_states.shape
         ok, bias = _key_bias(attention_mask, b, t)
@@ -205,11 +234,48 @@ def _kind(mod: "torch.nn.Module") -> Tuple[Optional[type], str]:
     return None, ""
 
 
+def _probe(mod: "torch.nn.Module", kind: type) -> str:
+    """Run the original forward and the fused one on the same small random input; '' if they
+    agree (the linears see identical inputs, so only LayerNorm / GELU / softmax rounding may
+    differ), else why not. Structure and names alone cannot tell a block whose forward does
+    something else with the same children (X-MOD's SelfOutput has a LayerNorm it does not apply)."""
+    g = torch.Generator().manual_seed(0)
+    ch = _children(mod)
+    first = ch["query"] if kind is FusedSelfAttention else ch["dense"]
+    first = getattr(first, "linear", first)
+    k = int(first.in_features)
+    x = torch.randn(2, 5, k, generator=g)
+    args: Tuple[Any, ...] = (x,)
+    if kind is FusedOutput:
+        args = (x, torch.randn(2, 5, int(first.out_features), generator=g))
+    base = type(mod)
+    try:
+        with torch.inference_mode():
+            want = base.forward(mod, *args)
+            mod.__class__ = _fused_class(base, kind)
+            try:
+                got = mod.forward(*args)
+            finally:
+                mod.__class__ = base
+    except Exception as e:  # noqa: BLE001 - a block the fast path cannot run is simply not fused
+        return f"probe failed: {type(e).__name__}: {e}"
+    if kind is FusedSelfAttention:
+        want, got = want[0], got[0]
+    if not isinstance(want, torch.Tensor) or not isinstance(got, torch.Tensor) or want.shape != got.shape:
+        return "its forward returns something else"
+    err = float((want - got).abs().max())
+    scale = float(want.abs().max()) + 1e-30
+    if not err <= 1e-4 * scale:
+        return f"its forward differs from the fused computation (max |diff| {err:.3g} of {scale:.3g})"
+    return ""
+
+
 def fuse(model: "torch.nn.Module") -> List[str]:
     """Swap the BERT-family blocks of a quantized torch model (``*SelfOutput`` / ``*Output``,
     ``*Intermediate``, ``*SelfAttention``) for fused ones running on cquant's C kernels (see the
-    module docstring). In place; returns the names of the fused modules. A block whose linears are
-    not quantized, or that differs from the known structure, is left as it is."""
+    module docstring). In place; returns the names of the fused modules. A candidate block is
+    checked first: its original forward and the fused one must agree on a random input (else it is
+    left as it is, logged with the reason, as is a block whose linears are not quantized)."""
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
     done: List[str] = []
@@ -217,8 +283,12 @@ def fuse(model: "torch.nn.Module") -> List[str]:
         if isinstance(mod, _Fused):
             done.append(name)
             continue
-        kind, _why = _kind(mod)
-        if kind is None:
+        kind, why = _kind(mod)
+        if kind is not None:
+            why = _probe(mod, kind)
+        if kind is None or why:
+            if why:
+                logger.info("fuse: %s (%s) left as it is: %s", name, type(mod).__name__, why)
             continue
         mod.__class__ = _fused_class(type(mod), kind)
         done.append(name)
