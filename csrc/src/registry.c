@@ -55,33 +55,33 @@ enum {
 
 static const cq_ukernel UKERNELS[] = {
     /* scalar references: any nr (a multiple of 16) */
-    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, (void *)cq_ref_qd8_gemm, 0, 0, 0},
-    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, (void *)cq_ref_qd8_gemm_u8, 0, 0, 0},
-    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0},
-    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0},
-    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0},
-    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0},
-    {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, (void *)cq_ref_qd8_gemm, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, (void *)cq_ref_qd8_gemm_u8, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0, NULL},
+    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0, NULL},
+    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0, NULL},
+    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL},
+    {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0, NULL},
 #ifdef HAVE_AVX2
-    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0},
-    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0},
-    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0},
-    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0},
-    {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL},
+    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0, NULL},
+    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0, NULL},
+    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL},
+    {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AVX512
-    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0},
-    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0, 0},
-    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0, 0},
-    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0},
-    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0},
-    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0},
-    {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0, 0, NULL},
+    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0, NULL},
+    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL},
+    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL},
+    {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AVXVNNI
-    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0, 0},
+    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AMX
     {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32, 1,
