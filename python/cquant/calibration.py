@@ -146,7 +146,8 @@ def calibrate(model: Any, batches: Any, include: Patterns = None, exclude: Patte
     raises propagates, with the model restored.
     """
     blist = batch_list(batches)
-    refs = fe.linear_layers(model, include, exclude)
+    front = fe.for_model(model)
+    refs = front.layers(model, include, exclude)
     if not refs:
         raise errors.ValueError(f"{type(model).__name__} has no Linear layer to calibrate")
     stats = {r.name: LayerStats.empty(r.name, r.in_features, keep_rows) for r in refs}
@@ -159,4 +160,4 @@ def calibrate(model: Any, batches: Any, include: Patterns = None, exclude: Patte
         for b in blist:
             fe.call(model, b)
     never = [n for n, s in stats.items() if s.calls == 0]
-    return Calibration({n: s for n, s in stats.items() if s.calls}, len(blist), fe.frontend(model), never)
+    return Calibration({n: s for n, s in stats.items() if s.calls}, len(blist), front.name, never)

@@ -22,7 +22,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from . import errors
+from . import errors, ops
 from .errors import CheckpointError
 
 FORMAT_VERSION = "1"
@@ -602,3 +602,43 @@ class atomic_path:
         self._remove_tmp()
         if isinstance(ev, OSError) and tmp is not None and ev.filename == tmp:  # name the user's path
             raise CheckpointError(f"{self.path}: cannot write ({ev.strerror or ev})") from None
+
+
+# --------------------------------------------------------------------------------------------------
+# How a quantized layer is stored (cquant.io, the front-ends' checkpoint state, the CLI)
+# --------------------------------------------------------------------------------------------------
+
+def _layer_meta(mode: str, qw: ops.QuantizedWeight, has_bias: bool, layout: str = "out_in") -> Dict[str, Any]:
+    meta = {"mode": mode, "granularity": qw.granularity, "group_size": qw.group_size,
+            "shape": [int(qw.shape[0]), int(qw.shape[1])], "bias": bool(has_bias), "layout": layout}
+    if qw.bits != 8:
+        meta["bits"] = qw.bits
+    return meta
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int4 codes (N, K) in [-7, 7] -> uint8 (N, ceil(K/2)): k = 2i in the low nibble of byte i, k =
+    2i + 1 in the high one (the checkpoint layout; the kernels' packed format is another)."""
+    n, k = q.shape
+    u = (q.astype(np.uint8) & 15)
+    if k % 2:
+        u = np.concatenate([u, np.zeros((n, 1), np.uint8)], axis=1)
+    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
+
+
+def unpack_int4(b: np.ndarray, k: int) -> np.ndarray:
+    """Inverse of :func:`pack_int4`: int8 codes (N, k) in [-8, 7] (-8 is refused by the caller)."""
+    b = np.asarray(b, dtype=np.uint8)
+    q = np.empty((b.shape[0], 2 * b.shape[1]), dtype=np.int8)
+    q[:, 0::2] = (((b & 15) ^ 8).astype(np.int16) - 8).astype(np.int8)
+    q[:, 1::2] = (((b >> 4) ^ 8).astype(np.int16) - 8).astype(np.int8)
+    return np.ascontiguousarray(q[:, :k])
+
+
+def _stored_codes(qw: ops.QuantizedWeight) -> np.ndarray:
+    """``weight_q`` as a checkpoint stores it: int8 codes, or int4 codes two per byte."""
+    return pack_int4(qw.q) if qw.bits == 4 else qw.q
+
+
+def _prefix(name: str) -> str:
+    return f"{name}." if name else ""

@@ -4,6 +4,12 @@ Three front-ends: ``"nn"`` (a :mod:`cquant.nn` module tree), ``"objects"`` (a du
 Python objects, lists, dicts) and ``"torch"`` (a ``torch.nn.Module``; torch is never imported here: a
 torch model can only exist if the caller imported it, so ``sys.modules["torch"]`` is used).
 
+The front-end protocol: :func:`for_model` returns the :class:`FrontEnd` object of a model
+(:data:`NN`, :data:`OBJECTS`, or ``cquant.adapters.torch_frontend.TORCH``, imported only for a torch
+model). The Quantizer, :func:`cquant.quantization.report`, ``cquant.save`` / ``cquant.load_into``,
+calibration and smoothing call its methods (find layers, replace one, quantize, report, the tensors to
+save, install a checkpoint, rescale / wrap a layer) and never test the model's kind themselves.
+
 What this module gives the Quantizer, calibration, smoothing and compare:
 
 - :func:`linear_layers`: the Linear layers (float or quantized) with dotted names, in model order;
@@ -26,15 +32,18 @@ import fnmatch
 import re
 import sys
 import types
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import errors, nn, ops
 from .adapters import is_torch_module, is_torch_tensor
+from .checkpoint_file import CheckpointError, _layer_meta, _prefix, _stored_codes
+from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share
 
-__all__ = ["LayerRef", "frontend", "linear_layers", "norm_layers", "batch_list", "run", "call",
+__all__ = ["FrontEnd", "NnFrontEnd", "DuckFrontEnd", "NN", "OBJECTS", "for_model", "CheckpointState", "ReportRow",
+           "LayerRef", "frontend", "linear_layers", "norm_layers", "batch_list", "run", "call",
            "output_array", "as_numpy", "intercept", "find_module", "replace_module",
            "quantized_forward_of"]
 
@@ -269,65 +278,18 @@ def _torch() -> Any:
     return sys.modules["torch"]
 
 
-def _torch_linear_sizes(mod: Any) -> Optional[Tuple[int, int]]:
-    """(in, out) of a float torch Linear (keeping Linear.forward) or GPT-2 Conv1D, else None."""
-    torch = _torch()
-    w = getattr(mod, "weight", None)
-    if isinstance(mod, torch.nn.Linear):
-        if type(mod).forward is not torch.nn.Linear.forward or type(mod).__name__.startswith("NonDynamically"):
-            return None
-        return int(mod.in_features), int(mod.out_features)
-    if type(mod).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.dim() == 2 and hasattr(mod, "nf"):
-        return int(w.shape[0]), int(w.shape[1])
-    return None
-
-
 def linear_layers(model: Any, include: Patterns = None, exclude: Patterns = None,
                   quantized: Optional[bool] = None) -> List[LayerRef]:
     """The Linear layers of ``model`` in model order (each object once). ``quantized``: None for
     both kinds, True / False for only quantized / only float ones. ``include``/``exclude``: names or
-    fnmatch globs on the dotted name (``exclude`` wins)."""
-    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    refs: List[LayerRef] = []
-    if is_torch_module(model):
-        for name, mod in model.named_modules():
-            qf = quantized_forward_of(mod)
-            if qf is not None:
-                refs.append(LayerRef(name, mod, int(qf.in_features), int(qf.out_features), True))
-                continue
-            sizes = _torch_linear_sizes(mod)
-            if sizes is not None:
-                refs.append(LayerRef(name, mod, sizes[0], sizes[1], False))
-    else:
-        for path, obj, _site, revisit in _walk(model, stop=lambda o: quantized_forward_of(o) is not None):
-            if revisit:
-                continue
-            qf = quantized_forward_of(obj)
-            if qf is not None:
-                refs.append(LayerRef(path, obj, int(qf.in_features), int(qf.out_features), True))
-            elif _looks_like_layer(obj) and _check_layer(obj, relaxed=False)[0]:
-                w = _get(obj, "weight")
-                refs.append(LayerRef(path, obj, int(w.shape[1]), int(w.shape[0]), False))
-    return [r for r in refs
-            if (quantized is None or r.quantized == quantized)
-            and (not inc or _match(r.name, inc) is not None) and _match(r.name, exc) is None]
+    fnmatch globs on the dotted name (``exclude`` wins). :meth:`FrontEnd.layers` of its front-end."""
+    return for_model(model).layers(model, include, exclude, quantized)
 
 
 def norm_layers(model: Any) -> List[Tuple[str, Any]]:
-    """LayerNorm / RMSNorm layers with a 1-D affine ``weight`` (``nn`` and ``torch`` models)."""
-    out = []
-    if is_torch_module(model):
-        torch = _torch()
-        for name, mod in model.named_modules():
-            w = getattr(mod, "weight", None)
-            if re.search(r"(Layer|RMS)Norm", type(mod).__name__) and isinstance(w, torch.Tensor) and w.dim() == 1:
-                out.append((name, mod))
-    elif isinstance(model, nn.Module):
-        for name, mod in model.named_modules():
-            w = mod._parameters.get("weight")
-            if re.search(r"(Layer|RMS)Norm", type(mod).__name__) and isinstance(w, np.ndarray) and w.ndim == 1:
-                out.append((name, mod))
-    return out
+    """LayerNorm / RMSNorm layers with a 1-D affine ``weight`` (``nn`` and ``torch`` models):
+    :meth:`FrontEnd.norm_layers` of its front-end."""
+    return for_model(model).norm_layers(model)
 
 
 def find_module(model: Any, name: str) -> Any:
@@ -348,6 +310,547 @@ def replace_module(model: Any, old: Any, new: Any) -> int:
                 parent._modules[key] = new
                 n += 1
     return n
+
+
+# --------------------------------------------------------------------------------------------------
+# The front-end protocol: what quantization, checkpoints, reports, calibration and smoothing need
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ReportRow:
+    """One quantized layer of a model, as :func:`cquant.quantization.report` finds it.
+
+    ``bytes_before`` = ``N*K*4`` + bias bytes (the float32 layer); ``bytes_after`` = the bytes the
+    layer actually holds (``QuantizedWeight.nbytes + bias.nbytes``). A weight shared by several
+    layers is counted under the first; later rows count only their bias and name it in ``shared_with``.
+    """
+    name: str
+    shape: Tuple[int, int]
+    scheme: str
+    bytes_before: int
+    bytes_after: int
+    shared_with: Optional[str] = None
+
+
+@dataclass
+class CheckpointState:
+    """What :func:`cquant.save` writes for a model: ``tensors`` (name -> array, in file order),
+    ``layers`` (``cquant.layers`` entries), ``model_meta`` (``cquant.model``, or None) and ``ties``
+    (``cquant.tied``: embedding table -> the Linear layer whose codes it reads)."""
+    tensors: Dict[str, np.ndarray]
+    layers: Dict[str, Dict[str, Any]]
+    model_meta: Optional[Dict[str, Any]] = None
+    ties: Dict[str, str] = field(default_factory=dict)
+
+
+class FrontEnd:
+    """One kind of model (see the module docstring). :func:`for_model` gives the object for a model;
+    the operations (Quantizer, report, save / load_into, calibration, smoothing) call it and never
+    look at the model's kind themselves.
+
+    - ``name``: ``"nn"``, ``"objects"`` or ``"torch"`` (``Calibration.frontend``, messages);
+    - ``embeddings``: whether ``Quantizer(embeddings=...)`` can quantize its embedding tables;
+    - ``smoothable``: whether :func:`cquant.smooth` can rescale and replace its modules;
+    - :meth:`layers`: the Linear layers (float and/or quantized) with dotted names, in model order;
+    - :meth:`norm_layers`: LayerNorm / RMSNorm layers (candidates for smoothing folds);
+    - :meth:`replace`: put a new module where an old one is registered;
+    - :meth:`quantize`: quantize the model's layers with a :class:`cquant.Quantizer`'s settings;
+    - :meth:`report`: one :class:`ReportRow` per quantized layer;
+    - :meth:`state_tensors`: the :class:`CheckpointState` :func:`cquant.save` writes;
+    - :meth:`install`: install a :class:`cquant.io.Checkpoint` (``cquant.load_into``);
+    - :meth:`set_param`, :meth:`weight_in_out`, :meth:`smoothed`: what :func:`cquant.smooth` needs
+      to rescale a layer's parameters and wrap it.
+    """
+    name = ""
+    embeddings = False
+    smoothable = False
+
+    def layers(self, model: Any, include: Patterns = None, exclude: Patterns = None,
+               quantized: Optional[bool] = None) -> List[LayerRef]:
+        raise NotImplementedError
+
+    def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
+        raise NotImplementedError
+
+    def replace(self, model: Any, old: Any, new: Any) -> int:
+        raise NotImplementedError
+
+    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
+        raise NotImplementedError
+
+    def report(self, model: Any) -> List[ReportRow]:
+        raise NotImplementedError
+
+    def state_tensors(self, model: Any) -> CheckpointState:
+        raise NotImplementedError
+
+    def install(self, model: Any, checkpoint: Any, strict: bool = True) -> Any:
+        raise NotImplementedError
+
+    def set_param(self, mod: Any, name: str, value: np.ndarray) -> None:
+        """Give layer ``mod`` a new parameter ``name`` (a float32 array; never written in place)."""
+        setattr(mod, name, np.ascontiguousarray(value, dtype=np.float32))
+
+    def weight_in_out(self, mod: Any) -> bool:
+        """Whether ``mod`` stores its weight as (in, out) (GPT-2's ``Conv1D``), not (out, in)."""
+        return False
+
+    def smoothed(self, mod: Any, inv_scale: np.ndarray) -> Any:
+        """A smoothing pre-scale wrapper of this front-end around ``mod``, or None for the default
+        (:class:`cquant.smoothing.Smoothed`, a cquant.nn module)."""
+        return None
+
+    def __repr__(self) -> str:
+        return f"<cquant front-end {self.name!r}>"
+
+
+def _filter_refs(refs: List[LayerRef], inc: Tuple[str, ...], exc: Tuple[str, ...],
+                 quantized: Optional[bool]) -> List[LayerRef]:
+    """``refs`` of the kind asked (``quantized``), matched by ``inc`` (if any) and not by ``exc``."""
+    return [r for r in refs
+            if (quantized is None or r.quantized == quantized)
+            and (not inc or _match(r.name, inc) is not None) and _match(r.name, exc) is None]
+
+
+def _tree_layers(model: Any) -> List[LayerRef]:
+    """The Linear layers of a cquant.nn or duck-typed tree (the walk of :func:`_walk`)."""
+    refs: List[LayerRef] = []
+    for path, obj, _site, revisit in _walk(model, stop=lambda o: quantized_forward_of(o) is not None):
+        if revisit:
+            continue
+        qf = quantized_forward_of(obj)
+        if qf is not None:
+            refs.append(LayerRef(path, obj, int(qf.in_features), int(qf.out_features), True))
+        elif _looks_like_layer(obj) and _check_layer(obj, relaxed=False)[0]:
+            w = _get(obj, "weight")
+            refs.append(LayerRef(path, obj, int(w.shape[1]), int(w.shape[0]), False))
+    return refs
+
+
+def _tree_report(model: Any) -> List[ReportRow]:
+    """:meth:`FrontEnd.report` of a cquant.nn or duck-typed tree, in walk order."""
+    rows: List[ReportRow] = []
+    owner: Dict[int, str] = {}
+    for path, obj, _site, revisit in _walk(model, stop=lambda o: _tree_qforward(o) is not None):
+        if isinstance(obj, QuantizedEmbedding) and not revisit:  # int8 table (a tied one shares its codes)
+            qw, name = obj.qweight, _display(path)
+            n, k = (int(d) for d in qw.shape)
+            first = owner.setdefault(id(qw), name)
+            own = first == name
+            rows.append(ReportRow(name, (n, k), EMBEDDING_SCHEME, n * k * 4 if own else 0,
+                                  int(qw.nbytes) if own else 0, None if own else first))
+            continue
+        qf = _tree_qforward(obj)
+        if revisit or qf is None:
+            continue
+        qw = qf.qweight
+        n, k = (int(d) for d in qw.shape)
+        bias_b = int(qf.bias.nbytes) if qf.bias is not None else 0
+        name = _display(path)
+        first = owner.get(id(qw))
+        if first is None:
+            owner[id(qw)] = name
+            before = n * k * 4 + bias_b
+            after = int(qw.nbytes) + bias_b
+        else:
+            before = after = bias_b
+        rows.append(ReportRow(name, (n, k), qf.scheme, before, after, first))
+    return rows
+
+
+def _add_layer(tensors: Dict[str, np.ndarray], layers: Dict[str, Dict[str, Any]], name: str, qf: Any,
+               layout: str = "out_in") -> None:
+    """A quantized layer's tensors and ``cquant.layers`` entry, as a checkpoint stores them."""
+    p = _prefix(name)
+    tensors[p + "weight_q"] = _stored_codes(qf.qweight)
+    tensors[p + "weight_scale"] = qf.qweight.scale
+    if qf.bias is not None:
+        tensors[p + "bias"] = np.ascontiguousarray(qf.bias, dtype=np.float32)
+    if getattr(qf, "act_scale", None) is not None:
+        tensors[p + "act_scale"] = np.array([qf.act_scale], dtype=np.float32)
+    layers[name] = _layer_meta(qf.mode, qf.qweight, qf.bias is not None, layout)
+
+
+def embedding_entries(obj: Any, cls: type, tensors: Dict[str, np.ndarray],
+                      layers: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
+    """The int8 embedding tables (instances of ``cls``) of a :mod:`cquant.nn` or torch model: a
+    ``"kind": "embedding"`` entry in ``layers`` for each (its codes and scales are in ``tensors``, from
+    the ``state_dict``), except a table tied to a quantized Linear of the model, which is not stored:
+    returned as ``{table: linear}`` (``cquant.tied``). A tied table whose Linear is not in the model
+    is stored with codes of its own."""
+    mods = list(obj.named_modules())
+    name_of = {id(m): n for n, m in mods}
+    ties: Dict[str, str] = {}
+    for name, m in mods:
+        if not isinstance(m, cls):
+            continue
+        qw = m.qweight
+        tie = m.tied_to
+        if tie is not None:
+            target = name_of.get(id(tie))
+            if target is not None and target in layers and layers[target].get("kind", "linear") == "linear" \
+                    and name not in layers:
+                ties[name] = target
+                continue
+            p = _prefix(name)
+            tensors[p + "weight_q"] = qw.q
+            tensors[p + "weight_scale"] = qw.scale
+        layers[name] = {**_layer_meta("weight_only", qw, False), "kind": "embedding"}
+    return ties
+
+
+class NnFrontEnd(FrontEnd):
+    """:mod:`cquant.nn` module trees."""
+    name = "nn"
+    embeddings = True
+    smoothable = True
+
+    def layers(self, model: Any, include: Patterns = None, exclude: Patterns = None,
+               quantized: Optional[bool] = None) -> List[LayerRef]:
+        inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+        return _filter_refs(_tree_layers(model), inc, exc, quantized)
+
+    def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
+        out = []
+        for name, mod in model.named_modules():
+            w = mod._parameters.get("weight")
+            if re.search(r"(Layer|RMS)Norm", type(mod).__name__) and isinstance(w, np.ndarray) and w.ndim == 1:
+                out.append((name, mod))
+        return out
+
+    def replace(self, model: Any, old: Any, new: Any) -> int:
+        return replace_module(model, old, new)
+
+    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
+        return quantizer._quantize_tree(model, inplace, self)
+
+    def report(self, model: Any) -> List[ReportRow]:
+        return _tree_report(model)
+
+    def state_tensors(self, model: Any) -> CheckpointState:
+        obj = model
+        tensors: Dict[str, np.ndarray] = {}
+        layers: Dict[str, Dict[str, Any]] = {}
+        model_meta = None
+        for name, m in obj.named_modules():
+            if _is_qlinear(m):
+                layers[name] = _layer_meta(m.mode, m.qweight, m.bias is not None)
+        for k, v in obj.state_dict().items():
+            tensors[k] = v
+        for name, m in obj.named_modules():  # int4 codes: two per byte in the file
+            if _is_qlinear(m) and m.qweight.bits == 4:
+                tensors[_prefix(name) + "weight_q"] = _stored_codes(m.qweight)
+        cfg = getattr(obj, "cquant_config", None)
+        if callable(cfg) and hasattr(type(obj), "from_cquant_config"):
+            model_meta = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "config": cfg()}
+        ties = embedding_entries(obj, QuantizedEmbedding, tensors, layers)
+        return CheckpointState(tensors, layers, model_meta, ties)
+
+    def install(self, model: Any, checkpoint: Any, strict: bool = True) -> Any:
+        return _load_into_nn(model, checkpoint, strict)
+
+
+class DuckFrontEnd(FrontEnd):
+    """Duck-typed trees of plain Python objects, lists and dicts (and, for :func:`cquant.save`,
+    state mappings ``name -> array | quantized layer``)."""
+    name = "objects"
+
+    def layers(self, model: Any, include: Patterns = None, exclude: Patterns = None,
+               quantized: Optional[bool] = None) -> List[LayerRef]:
+        inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+        return _filter_refs(_tree_layers(model), inc, exc, quantized)
+
+    def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
+        return []
+
+    def replace(self, model: Any, old: Any, new: Any) -> int:
+        """Every place of the tree (attribute, list item, dict value) holding ``old``; tuples
+        cannot be changed and are left as they are."""
+        n = 0
+        for _path, _obj, site, _revisit in _walk(model, stop=lambda o: o is old):
+            if _obj is old and site is not None and site.kind != "tuple":
+                if site.kind in ("module", "attr"):
+                    setattr(site.container, site.key, new)
+                else:
+                    site.container[site.key] = new
+                n += 1
+        return n
+
+    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
+        return quantizer._quantize_tree(model, inplace, self)
+
+    def report(self, model: Any) -> List[ReportRow]:
+        return _tree_report(model)
+
+    def state_tensors(self, model: Any) -> CheckpointState:
+        obj = model
+        tensors: Dict[str, np.ndarray] = {}
+        layers: Dict[str, Dict[str, Any]] = {}
+
+        def add_layer(name: str, qf: Any, layout: str = "out_in") -> None:
+            _add_layer(tensors, layers, name, qf, layout)
+
+        if isinstance(obj, Mapping) and all(
+                isinstance(v, np.ndarray) or _is_qforward(v) or np.isscalar(v)
+                for v in obj.values()):  # a state mapping (else: a duck-typed model held in a dict)
+            for k, v in obj.items():
+                if _is_qforward(v):
+                    add_layer(str(k), v)
+                elif isinstance(v, np.ndarray) or np.isscalar(v):
+                    tensors[str(k)] = np.asarray(v)
+                else:
+                    raise errors.TypeError(f"cannot save {k!r}: {type(v).__name__} is neither an array nor a quantized layer")
+        else:  # a duck-typed model quantized by cquant.Quantizer: its quantized layers
+            for path, o, _site, revisit in _walk(obj, stop=lambda o: _tree_qforward(o) is not None):
+                qf = _tree_qforward(o)
+                if qf is not None and not revisit:
+                    add_layer(path, qf)
+            if not layers:
+                raise errors.TypeError(f"nothing to save: {type(obj).__name__} is not a cquant.nn module, a torch "
+                                       "module, a mapping, nor a model with quantized layers")
+        return CheckpointState(tensors, layers, None, {})
+
+    def install(self, model: Any, checkpoint: Any, strict: bool = True) -> Any:
+        return _load_into_duck(model, checkpoint)
+
+
+NN = NnFrontEnd()
+OBJECTS = DuckFrontEnd()
+
+
+def for_model(model: Any) -> FrontEnd:
+    """The front-end of ``model``: the torch one (:mod:`cquant.adapters.torch_frontend`, imported
+    only for a ``torch.nn.Module``, i.e. when the caller already imported torch), :data:`NN` for a
+    :class:`cquant.nn.Module`, else :data:`OBJECTS`."""
+    if is_torch_module(model):
+        from .adapters.torch_frontend import TORCH  # optional dependency: torch (a torch model: the caller imported it)
+        return TORCH
+    return NN if isinstance(model, nn.Module) else OBJECTS
+
+
+def _is_qlinear(obj: Any) -> bool:
+    """A :class:`cquant.quantization.QuantizedLinear` (a cquant.nn module that is a quantized layer)."""
+    return isinstance(obj, nn.Module) and _is_qforward(obj)
+
+
+def _is_qlf(obj: Any) -> bool:
+    """A :class:`cquant.quantization.QuantizedLinearForward`."""
+    return _is_qforward(obj) and not isinstance(obj, nn.Module)
+
+
+def _tree_qforward(obj: Any) -> Any:
+    """The quantized forward carried by ``obj`` in a cquant.nn or duck tree (a QuantizedLinear, or
+    the QuantizedLinearForward of a converted duck layer), or None."""
+    if _is_qlinear(obj):
+        return obj
+    d = getattr(obj, "__dict__", None)
+    if isinstance(d, dict) and _is_qlf(d.get("forward")):
+        return d["forward"]
+    return None
+
+
+# --------------------------------------------------------------------------------------------------
+# Installing a checkpoint (cquant.load_into) into a cquant.nn or duck-typed model
+# --------------------------------------------------------------------------------------------------
+
+def _nn_submodule(model: Any, name: str) -> Tuple[Any, Any, str]:
+    """(parent, module, last name) for a dotted path in a cquant.nn tree."""
+    parent, mod, last = None, model, ""
+    for part in name.split("."):
+        nxt = mod._modules.get(part) if hasattr(mod, "_modules") else None
+        if nxt is None:
+            raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
+        parent, mod, last = mod, nxt, part
+    return parent, mod, last
+
+
+def _embedding_table(name: str, qf: Any, rows_dim: Tuple[int, int]) -> None:
+    """A checkpoint layer installed into an embedding: same (rows, dim), no bias."""
+    if tuple(int(d) for d in qf.qweight.shape) != tuple(rows_dim):
+        raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, the model's embedding "
+                              f"(num_embeddings, embedding_dim) = {tuple(rows_dim)}")
+    if qf.bias is not None:
+        raise CheckpointError(f"layer {name!r} has a bias; the model has an embedding there")
+
+
+def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:
+    replaced = []
+    ck_tensors = dict(ck.tensors)
+    layer_keys = set(ck.layer_keys())
+    tied = getattr(ck, "tied", {})
+    installed: Dict[str, Any] = {}
+    try:
+        # tied tables after the Linears whose codes they read
+        for name, qf in sorted(ck.layers.items(), key=lambda kv: kv[0] in tied):
+            if not name:
+                raise CheckpointError("a checkpoint of a single layer cannot be installed into a model; "
+                                      "use Checkpoint.layers[''] directly")
+            parent, mod, last = _nn_submodule(model, name)
+            if name in tied and not isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
+                raise CheckpointError(f"layer {name!r} is an embedding table tied to {tied[name]!r}; the model has "
+                                      f"a {type(mod).__name__} there")
+            if isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
+                # an int8 table (Quantizer(embeddings=...), `cquant quantize --embeddings`, or --include):
+                # int8 rows with one scale each is QuantizedEmbedding's own format; other scales are dequantized
+                _embedding_table(name, qf, (mod.num_embeddings, mod.embedding_dim))
+                pad = getattr(mod, "padding_idx", None)
+                if name in tied:
+                    target = installed.get(tied[name])
+                    if not _is_qlinear(target):
+                        raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a "
+                                              "Linear layer of the model")
+                    new_e: Any = QuantizedEmbedding(tie=target, padding_idx=pad)
+                elif can_share(qf.qweight):
+                    new_e = QuantizedEmbedding(qweight=qf.qweight, padding_idx=pad)
+                else:
+                    new_e = nn.Embedding(mod.num_embeddings, mod.embedding_dim, rng=0)
+                    p = _prefix(name)
+                    layer_keys -= {p + "weight_q", p + "weight_scale"}
+                    layer_keys.add(p + "weight")
+                    ck_tensors[p + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
+                parent._modules[last] = new_e
+                replaced.append((parent, last, mod))
+                continue
+            if not (isinstance(mod, nn.Linear) or _is_qlinear(mod)):
+                raise CheckpointError(f"checkpoint layer {name!r} is a Linear, the model has a {type(mod).__name__}")
+            if (mod.out_features, mod.in_features) != tuple(qf.qweight.shape):
+                raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, model "
+                                      f"(out, in) = {(mod.out_features, mod.in_features)}")
+            new = qf.as_module()
+            parent._modules[last] = new
+            installed[name] = new
+            replaced.append((parent, last, mod))
+        expected = set(model.state_dict())
+        given = set(ck_tensors) | layer_keys
+        missing, unexpected = sorted(expected - given), sorted(given - expected)
+        if strict and (missing or unexpected):
+            raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
+                s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
+                            f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
+        try:
+            model.load_state_dict({k: v for k, v in ck_tensors.items() if k in expected}, strict=False)
+        except nn.StateDictError as e:
+            raise CheckpointError(f"checkpoint does not fit the model: {e}") from None
+    except Exception:
+        for parent, last, mod in reversed(replaced):
+            parent._modules[last] = mod
+        raise
+    return model
+
+
+_MISSING = object()
+_NOT_LAYERS = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
+               np.ndarray, np.generic, list, tuple, dict, str, bytes, bytearray, int, float, complex, bool,
+               type(None))
+
+
+def _own_attr(obj: Any, name: str) -> Any:
+    """``obj``'s own attribute ``name`` (instance ``__dict__`` or a slot), never a class attribute,
+    property or ``__getattr__`` result: the names a checkpoint can reach are the ones the
+    Quantizer walks. ``_MISSING`` if absent."""
+    d = getattr(obj, "__dict__", None)
+    if isinstance(d, dict) and name in d:
+        return d[name]
+    for klass in type(obj).__mro__:
+        slots = klass.__dict__.get("__slots__", ())
+        if name in ((slots,) if isinstance(slots, str) else slots):
+            return getattr(obj, name, _MISSING)
+    return _MISSING
+
+
+def _duck_layer(model: Any, name: str) -> Any:
+    """The object at dotted path ``name`` of a duck-typed model (list/tuple index, dict key or own
+    attribute). Private and dunder components (``_x``, ``__class__``) are refused: installing a
+    forward there would change a class, not a layer."""
+    obj = model
+    for part in name.split(".") if name else []:
+        if not part or part.startswith("_"):
+            raise CheckpointError(f"checkpoint layer {name!r}: path component {part!r} is empty, private or "
+                                  "a dunder; refusing to install there")
+        if isinstance(obj, (list, tuple)):
+            if not (part.isascii() and part.isdigit()) or int(part) >= len(obj):
+                raise CheckpointError(f"the model has no layer {name!r} (no item {part!r} in a "
+                                      f"{type(obj).__name__} of {len(obj)})")
+            obj = obj[int(part)]
+        elif isinstance(obj, dict):
+            if part not in obj:
+                raise CheckpointError(f"the model has no layer {name!r} (no key {part!r})")
+            obj = obj[part]
+        else:
+            nxt = _own_attr(obj, part)
+            if nxt is _MISSING:
+                raise CheckpointError(f"the model has no layer {name!r} ({type(obj).__name__} has no "
+                                      f"attribute {part!r})")
+            obj = nxt
+    if isinstance(obj, _NOT_LAYERS):
+        raise CheckpointError(f"checkpoint layer {name!r} names a {type(obj).__name__}, not a layer object")
+    return obj
+
+
+def _duck_shape(obj: Any, layout: str) -> Optional[Tuple[int, int]]:
+    """(out, in) of a duck-typed layer: from its weight ((out, in), or (in, out) for an ``in_out``
+    layer), a quantized forward already installed, or in_features/out_features."""
+    w = _own_attr(obj, "weight")
+    if w is not _MISSING and w is not None:
+        try:
+            shp = tuple(int(d) for d in np.shape(w))
+        except Exception:  # noqa: BLE001 - an object numpy cannot size: no shape
+            shp = ()
+        if len(shp) == 2:
+            return (shp[1], shp[0]) if layout == "in_out" else (shp[0], shp[1])
+        return None
+    fwd = _own_attr(obj, "forward")
+    if _is_qlf(fwd):
+        return (fwd.out_features, fwd.in_features)
+    fi, fo = _own_attr(obj, "in_features"), _own_attr(obj, "out_features")
+    if isinstance(fi, (int, np.integer)) and isinstance(fo, (int, np.integer)):
+        return (int(fo), int(fi))
+    return None
+
+
+def _load_into_duck(model: Any, ck: Any) -> Any:
+    """Validate every layer first (path, type, shape), then install all; a failure while installing
+    (e.g. a class that refuses an attribute) puts back what was changed, so the model is either
+    fully loaded or untouched."""
+    if getattr(ck, "tied", None):
+        raise CheckpointError(f"layer(s) {', '.join(sorted(ck.tied))} are embedding tables tied to a Linear layer; "
+                              "duck-typed models have no embedding layer: load this checkpoint into the "
+                              "cquant.nn or torch model it was saved from")
+    plan = []
+    for name, qf in ck.layers.items():
+        obj = _duck_layer(model, name)
+        want = tuple(int(d) for d in qf.qweight.shape)
+        got = _duck_shape(obj, ck.layouts.get(name, "out_in"))
+        if got is None:
+            raise CheckpointError(f"layer {name!r}: cannot tell the (out, in) shape of the model's "
+                                  f"{type(obj).__name__} (no 2-D weight, no in_features/out_features); "
+                                  "refusing to install an unchecked layer")
+        if got != want:
+            raise CheckpointError(f"layer {name!r}: checkpoint shape (out, in) = {want}, the model's layer "
+                                  f"has {got}")
+        plan.append((obj, qf))
+    undo: List[Callable[[], None]] = []
+
+    def put(obj: Any, attr: str, value: Any) -> None:
+        old = _own_attr(obj, attr)
+        setattr(obj, attr, value)
+        undo.append(lambda: delattr(obj, attr) if old is _MISSING else setattr(obj, attr, old))
+
+    try:
+        for obj, qf in plan:
+            put(obj, "forward", qf)
+            if _own_attr(obj, "weight") is not _MISSING:
+                put(obj, "weight", None)
+            if _own_attr(obj, "bias") is not _MISSING:
+                put(obj, "bias", qf.bias)
+    except BaseException:
+        for step in reversed(undo):
+            try:
+                step()
+            except Exception:  # noqa: BLE001 - best effort; the original error is what matters
+                pass
+        raise
+    return model
 
 
 # --------------------------------------------------------------------------------------------------

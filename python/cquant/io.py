@@ -79,24 +79,22 @@ from __future__ import annotations
 import json
 import logging
 import os
-import types
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
-from . import __version__, errors, nn, ops
-from .adapters import is_torch_module
+from . import __version__, errors, ops
+from . import frontends as fe
 from .bert import BertConfig, BertModel
 from .checkpoint_file import (  # noqa: F401  (the file layer, re-exported: these names were defined here)
     CheckpointError, FORMAT_VERSION, KEY_VERSION, KEY_LAYERS, KEY_MODEL, KEY_CQ_VERSION, KEY_TIED, PathLike,
     _ST_TO_NP, _ST_SIZE, _NP_TO_ST, FLOAT_DTYPES, st_dtype, _short, BF16Bits, bf16_to_f32, TensorInfo,
     _open_regular, _is_int, _no_duplicate_keys, _MAX_DIMS, _MAX_ARRAY_BYTES, SafetensorsReader, INDEX_SUFFIX,
     CHECKPOINT_NAMES, _MAX_INDEX, resolve_checkpoint, is_index_path, _shard_name_ok, ShardedReader,
-    open_checkpoint, StreamWriter, _umask, atomic_path,
+    open_checkpoint, StreamWriter, _umask, atomic_path, _layer_meta, pack_int4, unpack_int4, _stored_codes, _prefix,
 )
-from .embedding import QuantizedEmbedding, can_share
-from .quantization import QuantizedLinear, QuantizedLinearForward, _quantized_forward_of, _walk
+from .quantization import QuantizedLinearForward
 
 __all__ = ["save", "load", "load_into", "Checkpoint", "FORMAT_VERSION", "SafetensorsReader",
            "StreamWriter", "CheckpointError", "atomic_path", "register_loadable", "LayerSpec",
@@ -107,42 +105,6 @@ __all__ = ["save", "load", "load_into", "Checkpoint", "FORMAT_VERSION", "Safeten
 # --------------------------------------------------------------------------------------------------
 # Checkpoints in memory
 # --------------------------------------------------------------------------------------------------
-
-def _layer_meta(mode: str, qw: ops.QuantizedWeight, has_bias: bool, layout: str = "out_in") -> Dict[str, Any]:
-    meta = {"mode": mode, "granularity": qw.granularity, "group_size": qw.group_size,
-            "shape": [int(qw.shape[0]), int(qw.shape[1])], "bias": bool(has_bias), "layout": layout}
-    if qw.bits != 8:
-        meta["bits"] = qw.bits
-    return meta
-
-
-def pack_int4(q: np.ndarray) -> np.ndarray:
-    """int4 codes (N, K) in [-7, 7] -> uint8 (N, ceil(K/2)): k = 2i in the low nibble of byte i, k =
-    2i + 1 in the high one (the checkpoint layout; the kernels' packed format is another)."""
-    n, k = q.shape
-    u = (q.astype(np.uint8) & 15)
-    if k % 2:
-        u = np.concatenate([u, np.zeros((n, 1), np.uint8)], axis=1)
-    return np.ascontiguousarray(u[:, 0::2] | (u[:, 1::2] << 4))
-
-
-def unpack_int4(b: np.ndarray, k: int) -> np.ndarray:
-    """Inverse of :func:`pack_int4`: int8 codes (N, k) in [-8, 7] (-8 is refused by the caller)."""
-    b = np.asarray(b, dtype=np.uint8)
-    q = np.empty((b.shape[0], 2 * b.shape[1]), dtype=np.int8)
-    q[:, 0::2] = (((b & 15) ^ 8).astype(np.int16) - 8).astype(np.int8)
-    q[:, 1::2] = (((b >> 4) ^ 8).astype(np.int16) - 8).astype(np.int8)
-    return np.ascontiguousarray(q[:, :k])
-
-
-def _stored_codes(qw: ops.QuantizedWeight) -> np.ndarray:
-    """``weight_q`` as a checkpoint stores it: int8 codes, or int4 codes two per byte."""
-    return pack_int4(qw.q) if qw.bits == 4 else qw.q
-
-
-def _prefix(name: str) -> str:
-    return f"{name}." if name else ""
-
 
 @dataclass
 class Checkpoint:
@@ -202,105 +164,12 @@ class Checkpoint:
                 f"{len(self.tensors)} other tensor(s))")
 
 
-def _collect(obj: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, Dict[str, Any]], Optional[Dict[str, Any]]]:
-    """(tensors, layer metadata, model metadata) of a model or state mapping."""
-
-    tensors: Dict[str, np.ndarray] = {}
-    layers: Dict[str, Dict[str, Any]] = {}
-    model_meta = None
-
-    def add_layer(name: str, qf: Any, layout: str = "out_in") -> None:
-        p = _prefix(name)
-        tensors[p + "weight_q"] = _stored_codes(qf.qweight)
-        tensors[p + "weight_scale"] = qf.qweight.scale
-        if qf.bias is not None:
-            tensors[p + "bias"] = np.ascontiguousarray(qf.bias, dtype=np.float32)
-        if getattr(qf, "act_scale", None) is not None:
-            tensors[p + "act_scale"] = np.array([qf.act_scale], dtype=np.float32)
-        layers[name] = _layer_meta(qf.mode, qf.qweight, qf.bias is not None, layout)
-
-    if is_torch_module(obj):
-        import torch  # optional dependency: torch (a torch model: the caller imported it)
-        from .adapters.torch import QuantizedTorchLinear  # optional dependency: torch
-        for k, v in obj.state_dict().items():  # bfloat16 (no numpy dtype) is stored as BF16 bits
-            v = v.detach().cpu().contiguous()
-            tensors[k] = (BF16Bits.wrap(v.view(torch.int16).numpy().view(np.uint16))
-                          if v.dtype == torch.bfloat16 else v.numpy())
-        for name, m in obj.named_modules():  # after the state_dict: codes, f32 scales and an f32 bias
-            if isinstance(m, QuantizedTorchLinear):
-                add_layer(name, m.qforward, "in_out" if m.source == "Conv1D" else "out_in")
-    elif isinstance(obj, nn.Module):
-        for name, m in obj.named_modules():
-            if isinstance(m, QuantizedLinear):
-                layers[name] = _layer_meta(m.mode, m.qweight, m.bias is not None)
-        for k, v in obj.state_dict().items():
-            tensors[k] = v
-        for name, m in obj.named_modules():  # int4 codes: two per byte in the file
-            if isinstance(m, QuantizedLinear) and m.qweight.bits == 4:
-                tensors[_prefix(name) + "weight_q"] = _stored_codes(m.qweight)
-        cfg = getattr(obj, "cquant_config", None)
-        if callable(cfg) and hasattr(type(obj), "from_cquant_config"):
-            model_meta = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "config": cfg()}
-    elif isinstance(obj, Mapping) and all(
-            isinstance(v, (np.ndarray, QuantizedLinear, QuantizedLinearForward)) or np.isscalar(v)
-            for v in obj.values()):  # a state mapping (else: a duck-typed model held in a dict)
-        for k, v in obj.items():
-            if isinstance(v, (QuantizedLinear, QuantizedLinearForward)):
-                add_layer(str(k), v)
-            elif isinstance(v, np.ndarray) or np.isscalar(v):
-                tensors[str(k)] = np.asarray(v)
-            else:
-                raise errors.TypeError(f"cannot save {k!r}: {type(v).__name__} is neither an array nor a quantized layer")
-    else:  # a duck-typed model quantized by cquant.Quantizer: its quantized layers
-        for path, o, _site, revisit in _walk(obj, stop=lambda o: _quantized_forward_of(o) is not None):
-            qf = _quantized_forward_of(o)
-            if qf is not None and not revisit:
-                add_layer(path, qf)
-        if not layers:
-            raise errors.TypeError(f"nothing to save: {type(obj).__name__} is not a cquant.nn module, a torch "
-                                   "module, a mapping, nor a model with quantized layers")
-    return tensors, layers, model_meta
-
-
-def _embedding_layers(obj: Any, tensors: Dict[str, np.ndarray], layers: Dict[str, Dict[str, Any]]) -> Dict[str, str]:
-    """The int8 embedding tables of a :mod:`cquant.nn` or torch model: a ``"kind": "embedding"`` entry
-    in ``layers`` for each (its codes and scales are in ``tensors``, from the ``state_dict``), except a
-    table tied to a quantized Linear of the model, which is not stored: returned as ``{table: linear}``
-    (``cquant.tied``). A tied table whose Linear is not in the model is stored with codes of its own."""
-    if is_torch_module(obj):
-        from .adapters.torch_embedding import QuantizedTorchEmbedding  # optional dependency: torch
-        cls: type = QuantizedTorchEmbedding
-    elif isinstance(obj, nn.Module):
-        cls = QuantizedEmbedding
-    else:
-        return {}
-    mods = list(obj.named_modules())
-    name_of = {id(m): n for n, m in mods}
-    ties: Dict[str, str] = {}
-    for name, m in mods:
-        if not isinstance(m, cls):
-            continue
-        qw = m.qweight
-        tie = m.tied_to
-        if tie is not None:
-            target = name_of.get(id(tie))
-            if target is not None and target in layers and layers[target].get("kind", "linear") == "linear" \
-                    and name not in layers:
-                ties[name] = target
-                continue
-            p = _prefix(name)
-            tensors[p + "weight_q"] = qw.q
-            tensors[p + "weight_scale"] = qw.scale
-        layers[name] = {**_layer_meta("weight_only", qw, False), "kind": "embedding"}
-    return ties
-
-
 def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None) -> None:
     """Write a quantized model (cquant.nn, torch via the adapter, duck-typed) or a mapping
     ``name -> array | quantized layer`` to ``path`` as a cquant checkpoint (see the module docstring
     for the layout). The file is written to a temporary name and renamed: never left half-written."""
-    tensors, layers, model_meta = _collect(obj)
-    ties = _embedding_layers(obj, tensors, layers)
+    state = fe.for_model(obj).state_tensors(obj)
+    tensors, layers, model_meta, ties = state.tensors, state.layers, state.model_meta, state.ties
     meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if ties:
         meta[KEY_TIED] = json.dumps(ties, separators=(",", ":"))
@@ -700,241 +569,6 @@ def load(path: PathLike, build: bool = True) -> Any:
 # Installing a checkpoint into a model
 # --------------------------------------------------------------------------------------------------
 
-def _nn_submodule(model: Any, name: str) -> Tuple[Any, Any, str]:
-    """(parent, module, last name) for a dotted path in a cquant.nn tree."""
-    parent, mod, last = None, model, ""
-    for part in name.split("."):
-        nxt = mod._modules.get(part) if hasattr(mod, "_modules") else None
-        if nxt is None:
-            raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
-        parent, mod, last = mod, nxt, part
-    return parent, mod, last
-
-
-def _embedding_table(name: str, qf: Any, rows_dim: Tuple[int, int]) -> None:
-    """A checkpoint layer installed into an embedding: same (rows, dim), no bias."""
-    if tuple(int(d) for d in qf.qweight.shape) != tuple(rows_dim):
-        raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, the model's embedding "
-                              f"(num_embeddings, embedding_dim) = {tuple(rows_dim)}")
-    if qf.bias is not None:
-        raise CheckpointError(f"layer {name!r} has a bias; the model has an embedding there")
-
-
-def _load_into_nn(model: Any, ck: Checkpoint, strict: bool) -> Any:
-    replaced = []
-    ck_tensors = dict(ck.tensors)
-    layer_keys = set(ck.layer_keys())
-    tied = getattr(ck, "tied", {})
-    installed: Dict[str, Any] = {}
-    try:
-        # tied tables after the Linears whose codes they read
-        for name, qf in sorted(ck.layers.items(), key=lambda kv: kv[0] in tied):
-            if not name:
-                raise CheckpointError("a checkpoint of a single layer cannot be installed into a model; "
-                                      "use Checkpoint.layers[''] directly")
-            parent, mod, last = _nn_submodule(model, name)
-            if name in tied and not isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
-                raise CheckpointError(f"layer {name!r} is an embedding table tied to {tied[name]!r}; the model has "
-                                      f"a {type(mod).__name__} there")
-            if isinstance(mod, (nn.Embedding, QuantizedEmbedding)):
-                # an int8 table (Quantizer(embeddings=...), `cquant quantize --embeddings`, or --include):
-                # int8 rows with one scale each is QuantizedEmbedding's own format; other scales are dequantized
-                _embedding_table(name, qf, (mod.num_embeddings, mod.embedding_dim))
-                pad = getattr(mod, "padding_idx", None)
-                if name in tied:
-                    target = installed.get(tied[name])
-                    if not isinstance(target, QuantizedLinear):
-                        raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a "
-                                              "Linear layer of the model")
-                    new_e: Any = QuantizedEmbedding(tie=target, padding_idx=pad)
-                elif can_share(qf.qweight):
-                    new_e = QuantizedEmbedding(qweight=qf.qweight, padding_idx=pad)
-                else:
-                    new_e = nn.Embedding(mod.num_embeddings, mod.embedding_dim, rng=0)
-                    p = _prefix(name)
-                    layer_keys -= {p + "weight_q", p + "weight_scale"}
-                    layer_keys.add(p + "weight")
-                    ck_tensors[p + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
-                parent._modules[last] = new_e
-                replaced.append((parent, last, mod))
-                continue
-            if not isinstance(mod, (nn.Linear, QuantizedLinear)):
-                raise CheckpointError(f"checkpoint layer {name!r} is a Linear, the model has a {type(mod).__name__}")
-            if (mod.out_features, mod.in_features) != tuple(qf.qweight.shape):
-                raise CheckpointError(f"layer {name!r}: checkpoint shape {tuple(qf.qweight.shape)}, model "
-                                      f"(out, in) = {(mod.out_features, mod.in_features)}")
-            new = QuantizedLinear(qf.qweight, qf.bias, qf.mode, qf.act_scale)
-            parent._modules[last] = new
-            installed[name] = new
-            replaced.append((parent, last, mod))
-        expected = set(model.state_dict())
-        given = set(ck_tensors) | layer_keys
-        missing, unexpected = sorted(expected - given), sorted(given - expected)
-        if strict and (missing or unexpected):
-            raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
-                s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
-                            f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
-        try:
-            model.load_state_dict({k: v for k, v in ck_tensors.items() if k in expected}, strict=False)
-        except nn.StateDictError as e:
-            raise CheckpointError(f"checkpoint does not fit the model: {e}") from None
-    except Exception:
-        for parent, last, mod in reversed(replaced):
-            parent._modules[last] = mod
-        raise
-    return model
-
-
-_MISSING = object()
-_NOT_LAYERS = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.MethodType,
-               np.ndarray, np.generic, list, tuple, dict, str, bytes, bytearray, int, float, complex, bool,
-               type(None))
-
-
-def _own_attr(obj: Any, name: str) -> Any:
-    """``obj``'s own attribute ``name`` (instance ``__dict__`` or a slot), never a class attribute,
-    property or ``__getattr__`` result: the names a checkpoint can reach are the ones the
-    Quantizer walks. ``_MISSING`` if absent."""
-    d = getattr(obj, "__dict__", None)
-    if isinstance(d, dict) and name in d:
-        return d[name]
-    for klass in type(obj).__mro__:
-        slots = klass.__dict__.get("__slots__", ())
-        if name in ((slots,) if isinstance(slots, str) else slots):
-            return getattr(obj, name, _MISSING)
-    return _MISSING
-
-
-def _duck_layer(model: Any, name: str) -> Any:
-    """The object at dotted path ``name`` of a duck-typed model (list/tuple index, dict key or own
-    attribute). Private and dunder components (``_x``, ``__class__``) are refused: installing a
-    forward there would change a class, not a layer."""
-    obj = model
-    for part in name.split(".") if name else []:
-        if not part or part.startswith("_"):
-            raise CheckpointError(f"checkpoint layer {name!r}: path component {part!r} is empty, private or "
-                                  "a dunder; refusing to install there")
-        if isinstance(obj, (list, tuple)):
-            if not (part.isascii() and part.isdigit()) or int(part) >= len(obj):
-                raise CheckpointError(f"the model has no layer {name!r} (no item {part!r} in a "
-                                      f"{type(obj).__name__} of {len(obj)})")
-            obj = obj[int(part)]
-        elif isinstance(obj, dict):
-            if part not in obj:
-                raise CheckpointError(f"the model has no layer {name!r} (no key {part!r})")
-            obj = obj[part]
-        else:
-            nxt = _own_attr(obj, part)
-            if nxt is _MISSING:
-                raise CheckpointError(f"the model has no layer {name!r} ({type(obj).__name__} has no "
-                                      f"attribute {part!r})")
-            obj = nxt
-    if isinstance(obj, _NOT_LAYERS):
-        raise CheckpointError(f"checkpoint layer {name!r} names a {type(obj).__name__}, not a layer object")
-    return obj
-
-
-def _duck_shape(obj: Any, layout: str) -> Optional[Tuple[int, int]]:
-    """(out, in) of a duck-typed layer: from its weight ((out, in), or (in, out) for an ``in_out``
-    layer), a quantized forward already installed, or in_features/out_features."""
-    w = _own_attr(obj, "weight")
-    if w is not _MISSING and w is not None:
-        try:
-            shp = tuple(int(d) for d in np.shape(w))
-        except Exception:  # noqa: BLE001 - an object numpy cannot size: no shape
-            shp = ()
-        if len(shp) == 2:
-            return (shp[1], shp[0]) if layout == "in_out" else (shp[0], shp[1])
-        return None
-    fwd = _own_attr(obj, "forward")
-    if isinstance(fwd, QuantizedLinearForward):
-        return (fwd.out_features, fwd.in_features)
-    fi, fo = _own_attr(obj, "in_features"), _own_attr(obj, "out_features")
-    if isinstance(fi, (int, np.integer)) and isinstance(fo, (int, np.integer)):
-        return (int(fo), int(fi))
-    return None
-
-
-def _load_into_duck(model: Any, ck: Checkpoint) -> Any:
-    """Validate every layer first (path, type, shape), then install all; a failure while installing
-    (e.g. a class that refuses an attribute) puts back what was changed, so the model is either
-    fully loaded or untouched."""
-    if getattr(ck, "tied", None):
-        raise CheckpointError(f"layer(s) {', '.join(sorted(ck.tied))} are embedding tables tied to a Linear layer; "
-                              "duck-typed models have no embedding layer: load this checkpoint into the "
-                              "cquant.nn or torch model it was saved from")
-    plan = []
-    for name, qf in ck.layers.items():
-        obj = _duck_layer(model, name)
-        want = tuple(int(d) for d in qf.qweight.shape)
-        got = _duck_shape(obj, ck.layouts.get(name, "out_in"))
-        if got is None:
-            raise CheckpointError(f"layer {name!r}: cannot tell the (out, in) shape of the model's "
-                                  f"{type(obj).__name__} (no 2-D weight, no in_features/out_features); "
-                                  "refusing to install an unchecked layer")
-        if got != want:
-            raise CheckpointError(f"layer {name!r}: checkpoint shape (out, in) = {want}, the model's layer "
-                                  f"has {got}")
-        plan.append((obj, qf))
-    undo: List[Callable[[], None]] = []
-
-    def put(obj: Any, attr: str, value: Any) -> None:
-        old = _own_attr(obj, attr)
-        setattr(obj, attr, value)
-        undo.append(lambda: delattr(obj, attr) if old is _MISSING else setattr(obj, attr, old))
-
-    try:
-        for obj, qf in plan:
-            put(obj, "forward", qf)
-            if _own_attr(obj, "weight") is not _MISSING:
-                put(obj, "weight", None)
-            if _own_attr(obj, "bias") is not _MISSING:
-                put(obj, "bias", qf.bias)
-    except BaseException:
-        for step in reversed(undo):
-            try:
-                step()
-            except Exception:  # noqa: BLE001 - best effort; the original error is what matters
-                pass
-        raise
-    return model
-
-
-def _embeddings_as_tensors(model: Any, ck: Checkpoint) -> Checkpoint:
-    """For a torch model: checkpoint layers that are embedding tables in the model stay layers (the
-    adapter installs a ``QuantizedTorchEmbedding``) when they are int8 tables (kind ``"embedding"``,
-    per-row int8 codes) and the ``nn.Embedding`` can take one (torch's forward, no ``max_norm``, a
-    weight not tied to a module that stays float); the others become float tensors ``L.weight``
-    (dequantized rows) copied into the table (a tie to a float module is kept)."""
-    import torch  # optional dependency: torch (a torch model: the caller imported it)
-    from .adapters.torch import _param_owners  # optional dependency: torch
-    from .adapters.torch_embedding import QuantizedTorchEmbedding, embedding_problem  # optional dependency: torch
-    subs = dict(model.named_modules())
-    emb = {n: m for n, m in subs.items() if n in ck.layers
-           and isinstance(m, (torch.nn.Embedding, QuantizedTorchEmbedding))}
-    if not emb:
-        return ck
-    owners = _param_owners(model)
-    out = Checkpoint(layers=dict(ck.layers), layouts=dict(ck.layouts), kinds=dict(ck.kinds),
-                     tensors=dict(ck.tensors), metadata=ck.metadata, tied=dict(getattr(ck, "tied", {})))
-    for name, m in emb.items():
-        qf = out.layers[name]
-        _embedding_table(name, qf, (m.num_embeddings, m.embedding_dim))
-        if isinstance(m, QuantizedTorchEmbedding):  # already int8: the codes are installed as they are
-            out.kinds[name] = "embedding"
-            continue
-        floats = [n for n, o in owners.get(id(m.weight), []) if o is not m and n not in ck.layers]
-        if (ck.kinds.get(name) == "embedding" and can_share(qf.qweight) and qf.bias is None
-                and not embedding_problem(m) and not floats):
-            continue
-        out.layers.pop(name)
-        out.layouts.pop(name, None)
-        out.kinds.pop(name, None)
-        out.tied.pop(name, None)
-        out.tensors[_prefix(name) + "weight"] = ops.dequantize(qf.qweight).astype(np.float32)
-    return out
-
-
 def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], strict: bool = True) -> Any:
     """Install a checkpoint's quantized layers (and its other tensors) into ``model``; returns it.
 
@@ -952,12 +586,7 @@ def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], stric
     else:
         ck, where = read_checkpoint(path_or_checkpoint), os.fspath(path_or_checkpoint)
     try:
-        if isinstance(model, nn.Module):
-            return _load_into_nn(model, ck, strict)
-        if is_torch_module(model):
-            from .adapters.torch import install_checkpoint  # optional dependency: torch
-            return install_checkpoint(model, _embeddings_as_tensors(model, ck), strict)
-        return _load_into_duck(model, ck)
+        return fe.for_model(model).install(model, ck, strict)
     except CheckpointError as e:
         if where and not str(e).startswith(where):
             raise CheckpointError(f"{where}: {e}") from None

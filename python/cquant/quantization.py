@@ -117,7 +117,7 @@ import logging
 import re
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -127,7 +127,7 @@ from . import frontends as _frontends
 from . import adapters, errors, nn, ops
 from . import smoothing as _smoothing
 from .frontends import (  # noqa: F401  (the walk and the recognition rule; io.py imports _walk from here)
-    Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
+    ReportRow, Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
     _looks_like_layer, _match, _never_reason, _Site, _slot_names, _walk,
 )
 from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share
@@ -235,6 +235,10 @@ class QuantizedLinearForward:
             return ops.linear(x, self.qweight, self.bias, mode=self.mode)
         return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
 
+    def as_module(self) -> "QuantizedLinear":
+        """This layer as a :class:`cquant.nn` module (what ``load_into`` installs in a cquant.nn model)."""
+        return QuantizedLinear(self.qweight, self.bias, self.mode, self.act_scale)
+
     def __repr__(self) -> str:
         act = f", act_scale={self.act_scale!r}" if self.act_scale is not None else ""
         return (f"QuantizedLinearForward(in_features={self.in_features}, out_features={self.out_features}, "
@@ -284,6 +288,10 @@ class QuantizedLinear(nn.Module):
         if x_mul is None:
             return ops.linear(x, self.qweight, self.bias, mode=self.mode)
         return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
+
+    def as_module(self) -> "QuantizedLinear":
+        """A new QuantizedLinear with this one's weight, bias, mode and activation scale."""
+        return QuantizedLinear(self.qweight, self.bias, self.mode, self.act_scale)
 
     def dequantized_weight(self) -> np.ndarray:
         """The (out, in) float32 weight the layer effectively uses (a new array)."""
@@ -368,14 +376,7 @@ def _call_subclass(base: type) -> type:
     return sub
 
 
-def _quantized_forward_of(obj: Any) -> Optional[Union[QuantizedLinear, QuantizedLinearForward]]:
-    """The quantized forward carried by ``obj`` (a QuantizedLinear, or a converted duck layer)."""
-    if isinstance(obj, QuantizedLinear):
-        return obj
-    d = getattr(obj, "__dict__", None)
-    if isinstance(d, dict) and isinstance(d.get("forward"), QuantizedLinearForward):
-        return d["forward"]
-    return None
+_quantized_forward_of = _frontends._tree_qforward  # a QuantizedLinear, or a converted duck layer's forward
 
 
 # --------------------------------------------------------------------------------------------------
@@ -817,8 +818,10 @@ class Quantizer:
                 "activation scale: pass calibration=, e.g. Quantizer.quantize_dynamic(model, mode='static', "
                 "calibration=batches) or Quantizer(mode='static').quantize(model, calibration=batches)")
         self._static_missing = []
-        if adapters.is_torch_module(model):  # torch.nn.Module: cquant.adapters.torch (never imports torch itself)
-            return self._quantize_torch(model, inplace)
+        return _frontends.for_model(model).quantize(self, model, inplace)
+
+    def _quantize_tree(self, model: Any, inplace: bool, front: "_frontends.FrontEnd") -> Any:
+        """:meth:`FrontEnd.quantize` of the cquant.nn and duck-typed front-ends: walk, plan, install."""
         if model is None or isinstance(model, (np.ndarray, np.generic, int, float, complex, str, bytes)):
             raise errors.TypeError(f"expected a model (a cquant.nn module, a torch module or a tree of "
                                    f"objects with Linear layers), got {type(model).__name__}")
@@ -830,7 +833,7 @@ class Quantizer:
         skipped += probe_skips
         for pat in unmatched:
             logger.warning("include pattern %r matched no layer", pat)
-        emb_plans, emb_skips = self._select_embeddings(model, plans)
+        emb_plans, emb_skips = self._select_embeddings(model, plans, front)
         if emb_plans or emb_skips:  # their records replace the walk's "never quantized" ones
             seen = {r.name for r in emb_skips} | {_display(e.name) for e in emb_plans}
             skipped = [r for r in skipped if r.name not in seen] + emb_skips
@@ -883,12 +886,13 @@ class Quantizer:
         self._log_summary(records, skipped)
         return model
 
-    def _select_embeddings(self, model: Any, plans: List[_Plan]) -> Tuple[List[_EmbPlan], List[LayerRecord]]:
+    def _select_embeddings(self, model: Any, plans: List[_Plan], front: "_frontends.FrontEnd"
+                           ) -> Tuple[List[_EmbPlan], List[LayerRecord]]:
         """The embedding tables to quantize (``embeddings=``) and the records of those skipped; ties
         with the Linear ``plans`` resolved (see "Embedding tables" in the module docstring)."""
         if not self.embeddings:
             return [], []
-        nn_front = isinstance(model, nn.Module)
+        nn_front = front.embeddings  # the tree front-end with an embedding protocol (cquant.nn)
         by_obj = {id(p.obj): p for p in plans}
         holders: Dict[int, List[Tuple[str, Any]]] = {}   # id(weight array) -> (path, object) holding it
         cands: Dict[int, _EmbPlan] = {}
@@ -1162,55 +1166,11 @@ def _renamed(e: Exception, message: str) -> Exception:
 # Reports and measured memory
 # --------------------------------------------------------------------------------------------------
 
-@dataclass(frozen=True)
-class ReportRow:
-    """One quantized layer of a model, as :func:`report` finds it.
-
-    ``bytes_before`` = ``N*K*4`` + bias bytes (the float32 layer); ``bytes_after`` = the bytes the
-    layer actually holds (``QuantizedWeight.nbytes + bias.nbytes``). A weight shared by several
-    layers is counted under the first; later rows count only their bias and name it in ``shared_with``.
-    """
-    name: str
-    shape: Tuple[int, int]
-    scheme: str
-    bytes_before: int
-    bytes_after: int
-    shared_with: Optional[str] = None
-
-
 def report(model: Any) -> List[ReportRow]:
-    """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn or duck-typed), in walk order
-    (int8 embedding tables too: scheme ``"int8 embedding per_channel"``, shape ``(rows, dim)``)."""
-    if adapters.is_torch_module(model):
-        from .adapters.torch import report as torch_report  # optional dependency: torch
-        return torch_report(model)
-    rows: List[ReportRow] = []
-    owner: Dict[int, str] = {}
-    for path, obj, _site, revisit in _walk(model, stop=lambda o: _quantized_forward_of(o) is not None):
-        if isinstance(obj, QuantizedEmbedding) and not revisit:  # int8 table (a tied one shares its codes)
-            qw, name = obj.qweight, _display(path)
-            n, k = (int(d) for d in qw.shape)
-            first = owner.setdefault(id(qw), name)
-            own = first == name
-            rows.append(ReportRow(name, (n, k), EMBEDDING_SCHEME, n * k * 4 if own else 0,
-                                  int(qw.nbytes) if own else 0, None if own else first))
-            continue
-        qf = _quantized_forward_of(obj)
-        if revisit or qf is None:
-            continue
-        qw = qf.qweight
-        n, k = (int(d) for d in qw.shape)
-        bias_b = int(qf.bias.nbytes) if qf.bias is not None else 0
-        name = _display(path)
-        first = owner.get(id(qw))
-        if first is None:
-            owner[id(qw)] = name
-            before = n * k * 4 + bias_b
-            after = int(qw.nbytes) + bias_b
-        else:
-            before = after = bias_b
-        rows.append(ReportRow(name, (n, k), qf.scheme, before, after, first))
-    return rows
+    """One :class:`ReportRow` per quantized layer of ``model`` (cquant.nn, duck-typed or torch), in
+    model order (int8 embedding tables too: scheme ``"int8 embedding per_channel"``, shape
+    ``(rows, dim)``): :meth:`cquant.frontends.FrontEnd.report` of its front-end."""
+    return _frontends.for_model(model).report(model)
 
 
 def format_bytes(n: float) -> str:

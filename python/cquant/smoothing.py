@@ -125,10 +125,6 @@ def smoothing_scales(absmax: np.ndarray, wmax: np.ndarray, alpha: float) -> np.n
 # (never in place: a weight tied to another module keeps its values there)
 # --------------------------------------------------------------------------------------------------
 
-def _is_torch(obj: Any) -> bool:
-    return fe.is_torch_module(obj)
-
-
 def _get_param(mod: Any, name: str) -> Optional[np.ndarray]:
     p = getattr(mod, name, None)
     if p is None:
@@ -136,43 +132,30 @@ def _get_param(mod: Any, name: str) -> Optional[np.ndarray]:
     return np.array(fe.as_numpy(p), dtype=np.float32, copy=True)
 
 
-def _set_param(mod: Any, name: str, value: np.ndarray) -> None:
-    if _is_torch(mod):
-        torch = fe._torch()
-        old = getattr(mod, name)
-        new = torch.from_numpy(np.ascontiguousarray(value)).to(dtype=old.dtype)
-        setattr(mod, name, torch.nn.Parameter(new, requires_grad=old.requires_grad))
-    else:
-        setattr(mod, name, np.ascontiguousarray(value, dtype=np.float32))
-
-
-def _conv1d(mod: Any) -> bool:
-    return _is_torch(mod) and type(mod).__name__ == "Conv1D"
-
-
-def _weight(mod: Any) -> np.ndarray:
+def _weight(front: fe.FrontEnd, mod: Any) -> np.ndarray:
     w = _get_param(mod, "weight")
     assert w is not None
-    return np.ascontiguousarray(w.T) if _conv1d(mod) else w
+    return np.ascontiguousarray(w.T) if front.weight_in_out(mod) else w
 
 
-def _set_weight(mod: Any, w: np.ndarray) -> None:
-    _set_param(mod, "weight", np.ascontiguousarray(w.T) if _conv1d(mod) else w)
+def _set_weight(front: fe.FrontEnd, mod: Any, w: np.ndarray) -> None:
+    front.set_param(mod, "weight", np.ascontiguousarray(w.T) if front.weight_in_out(mod) else w)
 
 
 class _Journal:
     """Undo log of parameter / module changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, front: fe.FrontEnd) -> None:
+        self.front = front
         self.steps: List[Callable[[], None]] = []
 
     def param(self, mod: Any, name: str, value: np.ndarray) -> None:
         old = getattr(mod, name)
-        _set_param(mod, name, value)
+        self.front.set_param(mod, name, value)
         self.steps.append(lambda: setattr(mod, name, old))
 
     def weight(self, mod: Any, w: np.ndarray) -> None:
-        self.param(mod, "weight", np.ascontiguousarray(w.T) if _conv1d(mod) else w)
+        self.param(mod, "weight", np.ascontiguousarray(w.T) if self.front.weight_in_out(mod) else w)
 
     def undo(self) -> None:
         for step in reversed(self.steps):
@@ -263,17 +246,18 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     auto = alpha == "auto"
     if not auto and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
         raise errors.ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
-    kind = fe.frontend(model)
-    if kind == "objects":
+    front = fe.for_model(model)
+    kind = front.name
+    if not front.smoothable:
         raise errors.TypeError("smoothing needs a cquant.nn or torch model (it replaces and rescales "
                                f"modules); got {type(model).__name__}")
     blist = fe.batch_list(batches)
-    refs = fe.linear_layers(model, quantized=False)
+    refs = front.layers(model, quantized=False)
     if not refs:
         raise errors.ValueError(f"{type(model).__name__} has no float Linear layer to smooth")
     linears = {r.name: r for r in refs}
-    selected = {r.name for r in fe.linear_layers(model, include, exclude, quantized=False)}
-    norms = fe.norm_layers(model)
+    selected = {r.name for r in front.layers(model, include, exclude, quantized=False)}
+    norms = front.norm_layers(model)
     norm_refs = [fe.LayerRef(n, m, 0, 0, False) for n, m in norms]
 
     # one pass per batch: statistics of every layer input; on the first batch also which object
@@ -327,7 +311,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         if not any(m in selected for m in members):
             continue
         absmax = np.max([stats[m].absmax for m in members], axis=0)
-        weights = {m: _weight(linears[m].obj) for m in members}
+        weights = {m: _weight(front, linears[m].obj) for m in members}
         wmax = np.max([np.abs(weights[m]).max(axis=0) for m in members], axis=0)
         if auto:
             x = stats[members[0]].samples
@@ -355,12 +339,12 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         done = False
         notes = []
         for how, src in candidates:
-            j = _Journal()
+            j = _Journal(front)
             if not _fold(model, j, how, src, s, linears, dict(norms)):
                 notes.append(f"cannot fold into {src}")
                 continue
             for m in members:
-                j.weight(linears[m].obj, _weight(linears[m].obj) * s[None, :])
+                j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
             change = check()
             if change <= tolerance:
                 groups.append(SmoothedGroup(members, s, how, src, note=why))
@@ -380,9 +364,11 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         inv = (1.0 / s).astype(np.float32)
         for m in members:
             mod = linears[m].obj
-            _set_weight(mod, _weight(mod) * s[None, :])
-            wrapper = _wrapper(mod, inv)
-            if fe.replace_module(model, mod, wrapper) == 0:  # the model is the layer itself
+            _set_weight(front, mod, _weight(front, mod) * s[None, :])
+            wrapper = front.smoothed(mod, inv)
+            if wrapper is None:  # the front-end has no wrapper of its own: a cquant.nn one
+                wrapper = Smoothed(mod, inv)
+            if front.replace(model, mod, wrapper) == 0:  # the model is the layer itself
                 raise errors.ValueError(f"cannot wrap {m!r}: it is not a registered sub-module")
         groups.append(SmoothedGroup(members, s, "prescale", note="; ".join([why] * bool(why) + notes)))
     change = check()
@@ -412,15 +398,8 @@ def _fold(model: Any, j: _Journal, how: str, src: str, s: np.ndarray, linears: D
     ref = linears.get(src)
     if ref is None or ref.out_features != s.shape[0]:
         return False
-    j.weight(ref.obj, _weight(ref.obj) / s[:, None])
+    j.weight(ref.obj, _weight(j.front, ref.obj) / s[:, None])
     b = _get_param(ref.obj, "bias")
     if b is not None:
         j.param(ref.obj, "bias", b / s)
     return True
-
-
-def _wrapper(mod: Any, inv: np.ndarray) -> Any:
-    if _is_torch(mod):
-        from .adapters.torch_smoothing import SmoothedTorchLinear  # optional dependency: torch
-        return SmoothedTorchLinear(mod, inv)
-    return Smoothed(mod, inv)
