@@ -2,6 +2,7 @@
 round trips through state_dict / pickle / cquant.save / load / load_into."""
 import copy
 import json
+import os
 import pickle
 
 import numpy as np
@@ -362,8 +363,9 @@ def test_torch_state_dict_pickle_and_trace_round_trip():
     torch.save(m, buf)
     buf.seek(0)
     assert torch.equal(torch.load(buf, weights_only=False)(ids), y)
-    traced = torch.jit.trace(m.wte, (ids,))
-    assert torch.equal(traced(ids), m.wte(ids))
+    if not os.environ.get("CQUANT_SANITIZER"):  # torch.jit.trace aborts under ASan (Makefile: ASAN_DESELECT)
+        traced = torch.jit.trace(m.wte, (ids,))
+        assert torch.equal(traced(ids), m.wte(ids))
 
 
 @needs_torch
