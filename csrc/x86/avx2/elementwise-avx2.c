@@ -7,15 +7,23 @@ CQ_TARGET_BEGIN("avx2,fma")
 #include <math.h>
 #include <string.h>
 
-static int absmax_avx2(const float *x, int64_t n, float *amax)
+/* max |v| over n floats and whether all are finite, v = x, or x * mul stored into prod (the
+ * activation quantizer's pre-scale); mul NULL is a compile-time constant in absmax_avx2. */
+CQ_INLINE int absmax_core(const float *x, const float *mul, float *prod, int64_t n, float *amax)
 {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     const __m256 big = _mm256_set1_ps(3.402823466e38f);
     __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= n; i += 16) {
-        __m256 a0 = _mm256_and_ps(_mm256_loadu_ps(x + i), absmask);
-        __m256 a1 = _mm256_and_ps(_mm256_loadu_ps(x + i + 8), absmask);
+        __m256 v0 = _mm256_loadu_ps(x + i), v1 = _mm256_loadu_ps(x + i + 8);
+        if (mul) {
+            v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(mul + i));
+            v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(mul + i + 8));
+            _mm256_storeu_ps(prod + i, v0);
+            _mm256_storeu_ps(prod + i + 8, v1);
+        }
+        __m256 a0 = _mm256_and_ps(v0, absmask), a1 = _mm256_and_ps(v1, absmask);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, big, _CMP_NLE_UQ));
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a1, big, _CMP_NLE_UQ));
         m0 = _mm256_max_ps(m0, a0);
@@ -28,13 +36,17 @@ static int absmax_avx2(const float *x, int64_t n, float *amax)
     for (int j = 0; j < 8; j++) m = tmp[j] > m ? tmp[j] : m;
     int finite = _mm256_movemask_ps(bad) == 0;
     for (; i < n; i++) {
-        float a = fabsf(x[i]);
+        float v = x[i];
+        if (mul) prod[i] = v = v * mul[i];
+        float a = fabsf(v);
         if (!(a <= 3.402823466e38f)) finite = 0;
         else if (a > m) m = a;
     }
     *amax = m;
     return finite;
 }
+
+static int absmax_avx2(const float *x, int64_t n, float *amax) { return absmax_core(x, NULL, NULL, n, amax); }
 
 CQ_INLINE __m256i q8(const float *x, __m256 s, __m256 lo, __m256 hi)
 {
@@ -139,35 +151,7 @@ static void facc_fold_avx2(int n, const int32_t *acc, const int32_t *comp, float
 /* The pre-scaled row and its absmax in one pass (the product stored for the quantize pass). */
 static int absmax_mul_avx2(const float *x, const float *mul, int64_t n, float *prod, float *amax)
 {
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 big = _mm256_set1_ps(3.402823466e38f);
-    __m256 m0 = _mm256_setzero_ps(), m1 = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16) {
-        __m256 p0 = _mm256_mul_ps(_mm256_loadu_ps(x + i), _mm256_loadu_ps(mul + i));
-        __m256 p1 = _mm256_mul_ps(_mm256_loadu_ps(x + i + 8), _mm256_loadu_ps(mul + i + 8));
-        _mm256_storeu_ps(prod + i, p0);
-        _mm256_storeu_ps(prod + i + 8, p1);
-        __m256 a0 = _mm256_and_ps(p0, absmask), a1 = _mm256_and_ps(p1, absmask);
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, big, _CMP_NLE_UQ));
-        bad = _mm256_or_ps(bad, _mm256_cmp_ps(a1, big, _CMP_NLE_UQ));
-        m0 = _mm256_max_ps(m0, a0);
-        m1 = _mm256_max_ps(m1, a1);
-    }
-    m0 = _mm256_max_ps(m0, m1);
-    float tmp[8];
-    _mm256_storeu_ps(tmp, m0);
-    float m = 0.0f;
-    for (int j = 0; j < 8; j++) m = tmp[j] > m ? tmp[j] : m;
-    int finite = _mm256_movemask_ps(bad) == 0;
-    for (; i < n; i++) {
-        prod[i] = x[i] * mul[i];
-        float a = fabsf(prod[i]);
-        if (!(a <= 3.402823466e38f)) finite = 0;
-        else if (a > m) m = a;
-    }
-    *amax = m;
-    return finite;
+    return absmax_core(x, mul, prod, n, amax);
 }
 
 CQ_TARGET_END

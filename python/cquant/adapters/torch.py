@@ -84,7 +84,7 @@ from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
-                         _shared_tensor, inference_only_message)
+                         _shared_tensor, _state_shapes_ok, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
@@ -271,17 +271,7 @@ class QuantizedTorchLinear(torch.nn.Module):
         n, k = qw.shape
         want = [(kq, q, (n, k)), (ks, s, tuple(qw.scale.shape))] + ([(kb, b, (n,))] if has_bias else []) \
             + ([(ka, a, (1,))] if static else [])
-        bad = False
-        for key, t, shape in want:
-            if not isinstance(t, torch.Tensor):
-                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
-                                  f"got {type(t).__name__}.")
-                bad = True
-            elif tuple(t.shape) != shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(t.shape)} "
-                                  f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
-                bad = True
-        if bad:
+        if not _state_shapes_ok(want, error_msgs):
             return
         if q.dtype != torch.int8:
             error_msgs.append(f"{kq}: expected int8 codes, got {q.dtype}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import warnings
-from typing import Any
+from typing import Any, Iterable, List, Tuple
 
 import numpy as np
 import torch
@@ -60,3 +60,19 @@ def _refuse_train(mode: bool, what: str) -> None:
         raise errors.ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
     if mode:
         raise AutogradError(inference_only_message(what) + " Call model.eval() to leave training mode.")
+
+
+def _state_shapes_ok(want: Iterable[Tuple[str, Any, Tuple[int, ...]]], error_msgs: List[str]) -> bool:
+    """``_load_from_state_dict`` check of the quantized modules: each (key, value, shape) must be a
+    tensor of that shape; torch's own messages appended to ``error_msgs`` otherwise. True if all are."""
+    ok = True
+    for key, t, shape in want:
+        if not isinstance(t, torch.Tensor):
+            error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
+                              f"got {type(t).__name__}.")
+            ok = False
+        elif tuple(t.shape) != shape:
+            error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(t.shape)} "
+                              f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
+            ok = False
+    return ok

@@ -31,7 +31,7 @@ import torch
 
 from .. import errors, ops
 from ..embedding import EMBEDDING_SCHEME, can_share, check_ids, lookup, padded_rows_view
-from .torch_base import _graph_mode, _refuse_train, _shared_tensor
+from .torch_base import _graph_mode, _refuse_train, _shared_tensor, _state_shapes_ok
 
 __all__ = ["QuantizedTorchEmbedding", "embedding_problem"]
 
@@ -194,17 +194,7 @@ class QuantizedTorchEmbedding(torch.nn.Module):
             return
         q, s = state_dict[kq], state_dict[ks]
         n, d = self.num_embeddings, self.embedding_dim
-        bad = False
-        for key, t, shape in ((kq, q, (n, d)), (ks, s, (n,))):
-            if not isinstance(t, torch.Tensor):
-                error_msgs.append(f'While copying the parameter named "{key}", expected torch.Tensor, '
-                                  f"got {type(t).__name__}.")
-                bad = True
-            elif tuple(t.shape) != shape:
-                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(t.shape)} "
-                                  f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
-                bad = True
-        if bad:
+        if not _state_shapes_ok(((kq, q, (n, d)), (ks, s, (n,))), error_msgs):
             return
         if q.dtype != torch.int8:
             error_msgs.append(f"{kq}: expected int8 codes, got {q.dtype}")
