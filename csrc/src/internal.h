@@ -64,6 +64,7 @@ typedef void (*cq_i4_row_fn)(const uint8_t *src, int nb, int8_t *lo, int8_t *hi)
 void cq_i4_row_ref(const uint8_t *src, int nb, int8_t *lo, int8_t *hi);
 #ifdef CQ_X86
 void cq_i4_row_avx2(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* nb % 32 == 0 */
+void cq_i4_row_avx512bw(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* nb % 64 == 0 */
 #endif
 cq_i4_row_fn cq_i4_row_for(int isa); /* the best the path allows (registry.c) */
 void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,

@@ -183,9 +183,12 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format)
     return NULL;
 }
 
-/* The int4 expansion step (exact on every path: the SIMD one only where the path allows AVX2). */
+/* The int4 expansion step (exact on every path: the SIMD ones only where the path allows them). */
 cq_i4_row_fn cq_i4_row_for(int active_isa)
 {
+#ifdef HAVE_AVX512
+    if (allowed(active_isa, CQ_ISA_AVX512)) return cq_i4_row_avx512bw;
+#endif
 #ifdef HAVE_AVX2
     if (allowed(active_isa, CQ_ISA_AVX2)) return cq_i4_row_avx2;
 #endif
