@@ -262,3 +262,16 @@ def test_torch_prescale_runs_inside_the_kernel(monkeypatch):
         want = wrapped[0].linear(x * torch.from_numpy(inv)).numpy()  # the multiply outside, as before
     assert seen == [True, False]
     np.testing.assert_array_equal(got, want)
+
+
+def test_torch_prescale_stays_float32_when_cast_and_calibration_object_refused():
+    torch = pytest.importorskip("torch")
+    from cquant.adapters.torch_smoothing import SmoothedTorchLinear
+    inv = np.array([1.0 + 2.0 ** -20, 3.0, 0.1], np.float32)   # not representable in float16
+    w = SmoothedTorchLinear(torch.nn.Linear(3, 2), inv).half()
+    assert w.inv_scale.dtype == torch.float32 and np.array_equal(w.inv_scale.numpy(), inv)
+    assert w.linear.weight.dtype == torch.float16
+    model = PreNorm()
+    cal = cquant.calibrate(model, _batches())
+    with pytest.raises(errors.TypeError, match="Calibration"):
+        Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=cal, smoothing=0.5)

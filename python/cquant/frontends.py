@@ -859,6 +859,9 @@ def _load_into_duck(model: Any, ck: Any) -> Any:
 
 def batch_list(batches: Any) -> List[Any]:
     """``batches`` as a list: an iterable of batches, or one bare array / tensor / dict."""
+    if type(batches).__name__ == "Calibration" and type(batches).__module__ == "cquant.calibration":
+        raise errors.TypeError("batches must be model inputs; got a cquant Calibration (the statistics "
+                               "cquant.calibrate returned): pass the batches it was computed from")
     if isinstance(batches, (np.ndarray, Mapping)) or is_torch_tensor(batches):
         return [batches]
     if isinstance(batches, (str, bytes)) or batches is None:

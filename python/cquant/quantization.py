@@ -646,8 +646,9 @@ class Quantizer:
         return out
 
     def _static_scales(self, model: Any, batches: List[Any], smoothed: bool) -> Dict[str, float]:
-        """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32, at least
-        the smallest normal float32). After smoothing the model runs again: the scales are those of
+        """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32; 1.0 for a
+        layer whose calibration inputs were all zero, as for an all-zero weight row; at least the
+        smallest normal float32). After smoothing the model runs again: the scales are those of
         the smoothed inputs (a layer in a pre-scale wrapper sees ``x * (1/s)``, the product its kernel
         quantizes)."""
         cal = _calibration.calibrate(model, batches) if smoothed or self.calibration is None else self.calibration

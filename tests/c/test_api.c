@@ -22,6 +22,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <math.h>
 #include <string.h>
 #include <time.h>
 
@@ -193,6 +194,70 @@ static void test_small_run(void)
                 CHECK(err < 0.1 && err > -0.1, "small linear close to the float layer");
             }
     }
+    free(packed);
+}
+
+/* cq_linear_ex: x_mul gives what cq_linear gives on the multiplied x (the float32 product), in both
+ * modes; x_scale (static activations) gives what the contract says for a row quantized with that
+ * one scale; bad options are refused with a status and nothing written. */
+static void test_linear_ex(void)
+{
+    enum { n = 5, k = 24, m = 3 };
+    float w[n * k], s[n], bias[n], x[m * k], xm[m * k], mul[k], y0[m * n], y1[m * n];
+    int8_t q[n * k];
+    for (int i = 0; i < n * k; i++) w[i] = (float)((i * 7) % 13 - 6) / 6.0f;
+    for (int i = 0; i < n; i++) bias[i] = 0.5f * (float)i - 1.0f;
+    for (int i = 0; i < k; i++) mul[i] = 0.25f + 0.125f * (float)(i % 9);
+    for (int i = 0; i < m * k; i++) {
+        x[i] = (float)((i * 5) % 11 - 5) * 0.37f;
+        xm[i] = x[i] * mul[i % k];
+    }
+    EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
+    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, n, k, 0));
+    CHECK(packed != NULL, "malloc");
+    if (!packed) return;
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+        EXPECT_STATUS(cq_linear(mode, xm, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, y0), CQ_OK);
+        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0.0f, y1), CQ_OK);
+        CHECK(memcmp(y0, y1, sizeof y0) == 0, "x_mul: bit-identical to cq_linear on x * x_mul");
+        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0.0f, y1), CQ_OK);
+        EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, y0), CQ_OK);
+        CHECK(memcmp(y0, y1, sizeof y0) == 0, "cq_linear_ex(NULL, 0) is cq_linear");
+    }
+    /* static: codes clamp(round(x / xs)), y = (float)sum * (xs * s_j) + b_j (sums exact) */
+    const float xs = 0.05f;
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, xs, y1), CQ_OK);
+    for (int r = 0; r < m; r++)
+        for (int j = 0; j < n; j++) {
+            int32_t acc = 0;
+            for (int i = 0; i < k; i++) {
+                float c = nearbyintf(x[r * k + i] / xs);
+                c = c > 127.0f ? 127.0f : c < -127.0f ? -127.0f : c;
+                acc += (int32_t)c * q[j * k + i];
+            }
+            float want = (float)acc * (xs * s[j]) + bias[j];
+            CHECK(y1[r * n + j] == want, "static activations: the contract's codes and epilogue");
+        }
+    /* refused: bad x_scale, static weight-only, non-finite x_mul, y over x_mul */
+    const float nanv = NAN, infv = INFINITY;
+    for (int i = 0; i < m * n; i++) y1[i] = -7.0f;
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, -1.0f, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, nanv, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, infv, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, xs, y1), CQ_ERR_ARG);
+    mul[3] = nanv;
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0.0f, y1), CQ_ERR_NONFINITE);
+    mul[3] = 1.0f;
+    {
+        float ym[m * n + k];
+        for (int i = 0; i < k; i++) ym[i] = 1.0f;
+        EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, ym, 0.0f, ym),
+                      CQ_ERR_ALIAS);
+    }
+    int untouched = 1;
+    for (int i = 0; i < m * n; i++) untouched &= y1[i] == -7.0f;
+    CHECK(untouched, "a refused cq_linear_ex writes nothing");
     free(packed);
 }
 
@@ -477,6 +542,7 @@ int main(void)
     test_bad_arguments();
     test_small_run();
     test_linear_alias();
+    test_linear_ex();
     test_isa_error();
     test_shutdown();
     printf("%d passed, %d failed\n", checks - failures, failures);

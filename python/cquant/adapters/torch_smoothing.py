@@ -10,7 +10,8 @@ __all__ = ["SmoothedTorchLinear"]
 
 class SmoothedTorchLinear(torch.nn.Module):
     """``linear(x * inv_scale)``: a Linear (or a quantized one, after the Quantizer ran) whose input
-    channels were rescaled by smoothing. ``inv_scale`` is a float32 buffer (in ``state_dict``)."""
+    channels were rescaled by smoothing. ``inv_scale`` is a float32 buffer (in ``state_dict``); it stays
+    float32 when the model is cast (``.half()``), the product being formed in the input's dtype."""
 
     def __init__(self, linear: torch.nn.Module, inv_scale: np.ndarray):
         super().__init__()
@@ -22,6 +23,13 @@ class SmoothedTorchLinear(torch.nn.Module):
             return self.linear(x, x_mul=self.inv_scale)
         s = self.inv_scale if x.dtype == torch.float32 else self.inv_scale.to(x.dtype)
         return self.linear(x * s)
+
+    def _apply(self, fn, recurse=True):  # .half() / .to(dtype): the pre-scale stays float32
+        keep = self.inv_scale
+        out = super()._apply(fn, recurse)
+        if self.inv_scale.dtype != torch.float32:  # the float32 values, not their rounded copy
+            self.inv_scale = keep.to(device=self.inv_scale.device)
+        return out
 
     def extra_repr(self) -> str:
         return f"in_features={self.inv_scale.numel()}"
