@@ -1,4 +1,4 @@
-/* fuzz_linear.c - cq_linear, both modes, every scheme, on a fuzzed ISA path, thread count and
+/* fuzz_linear.c - cq_linear (and cq_linear_ex's x_mul / x_scale), both modes, every scheme, on a fuzzed ISA path, thread count and
  * packed format (AUTO, N16K4 or N64K4: every format runs on every path, the other one on a slower
  * kernel). Shapes: m in [0, 24] (now and then 64, which the AMX config takes), k in [1, 300],
  * n in [1, 40] (or up to 130); activations with NaN/Inf/subnormal/huge values; optional bias. Two
@@ -134,6 +134,38 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     }
     free(qx); free(sx);
 done:
+    /* cq_linear_ex: a fuzzed pre-scale x_mul must give exactly cq_linear on the float32 product
+     * x * x_mul (a NaN/Inf in it: CQ_ERR_NONFINITE); a fuzzed static scale x_scale is taken when
+     * finite > 0 (0: per-row scales), refused otherwise, and a refused call writes nothing */
+    if (m > 0 && !raw) {
+        float *mul = fz_alloc(sizeof(float) * (size_t)k), *xm = fz_alloc(sizeof(float) * (size_t)(m * k));
+        float *y1 = fz_alloc(sizeof(float) * (size_t)(m * n)), *y2 = fz_alloc(sizeof(float) * (size_t)(m * n));
+        fz_floats(&r, mul, k);
+        int mul_ok = fz_all_finite(mul, k);
+        for (int64_t i = 0; i < m * k; i++) xm[i] = x[i] * mul[i % k];
+        for (int64_t i = 0; i < m * n; i++) y1[i] = 1234.5f;
+        int st1 = cq_linear_ex(mode, x, m, k, packed, s, scheme, group, n, bias, mul, 0.0f, y1);
+        if (!mul_ok) {
+            fz_expect(st1 == CQ_ERR_NONFINITE, "x_mul with NaN/Inf gave %d", st1);
+            for (int64_t i = 0; i < m * n; i++) fz_expect(y1[i] == 1234.5f, "refused call wrote y");
+        } else {
+            fz_expect(st1 == CQ_OK, "linear_ex x_mul gave %d", st1);
+            fz_expect(cq_linear(mode, xm, m, k, packed, s, scheme, group, n, bias, y2) == CQ_OK, "linear on x*mul");
+            for (int64_t i = 0; i < m * n; i++)
+                fz_expect(y1[i] == y2[i] || (isnan(y1[i]) && isnan(y2[i])),
+                          "x_mul: y[%lld] = %.9g, on x * x_mul %.9g (mode %d)", (long long)i, y1[i], y2[i], mode);
+        }
+        float xs;
+        fz_floats(&r, &xs, 1);
+        int st3 = cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, scheme, group, n, bias, NULL, xs, y1);
+        if (xs == 0.0f || (xs > 0.0f && isfinite(xs)))
+            fz_expect(st3 == CQ_OK, "x_scale %g gave %d", xs, st3);
+        else
+            fz_expect(st3 == CQ_ERR_ARG, "x_scale %g gave %d", xs, st3);
+        fz_expect(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, scheme, group, n, bias, NULL, 0.5f, y1)
+                  == CQ_ERR_ARG, "static weight-only not refused");
+        free(mul); free(xm); free(y1); free(y2);
+    }
     free(w); free(s); free(x); free(y); free(bias); free(q); free(packed);
     return 0;
 }
