@@ -401,3 +401,26 @@ def test_load_into_mha_from_cquant_save(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), enc(x), rtol=0, atol=0)
     assert np.array_equal(fresh.self_attn.q_proj.qweight.q, enc.self_attn.q_proj.qweight.q)
+
+
+@pytest.mark.parametrize("scheme", ["int4 dynamic per_group(32)", "int4 weight_only per_channel", "static"])
+def test_save_pretrained_int4_and_static_round_trip(tmp_path, scheme):
+    """int4 codes (two per byte) and static activation scales survive save_pretrained /
+    from_pretrained bit for bit, without the float32 weights."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128)
+    m = transformers.BertModel(cfg).eval()
+    kw = dict(mode="static", calibration=[dict(input_ids=torch.randint(0, 100, (2, 7)))]) if scheme == "static" \
+        else dict(scheme=scheme)
+    q = cquant.Quantizer.quantize_dynamic(m, inplace=False, **kw)
+    cquant.save_pretrained(q, str(tmp_path))
+    r = cquant.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(q(input_ids=ids).last_hidden_state, r(input_ids=ids).last_hidden_state)
+    lin = r.encoder.layer[0].intermediate.dense
+    assert type(lin).__name__ == "QuantizedTorchLinear"
+    assert lin.qweight.bits == (4 if "int4" in scheme else 8)
+    assert (lin.act_scale_value is not None) == (scheme == "static")

@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from .. import __version__, errors, ops
-from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION
+from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
 from ..quantization import QuantizedLinearForward
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
@@ -85,9 +85,12 @@ def _parse_size(size: Union[int, str]) -> int:
 
 def _layer_meta(m: QuantizedTorchLinear) -> Dict[str, Any]:
     qw = m.qweight
-    return {"mode": m.mode, "granularity": qw.granularity, "group_size": qw.group_size,
+    meta = {"mode": m.mode, "granularity": qw.granularity, "group_size": qw.group_size,
             "shape": [int(qw.shape[0]), int(qw.shape[1])], "bias": m.bias_array is not None,
             "layout": "in_out" if m.source == "Conv1D" else "out_in", "source": m.source}
+    if qw.bits != 8:  # int4: weight_q stored two codes per byte (U8 (N, ceil(K/2)), as cquant.save)
+        meta["bits"] = int(qw.bits)
+    return meta
 
 
 def _embedding_meta(model: "torch.nn.Module") -> Dict[str, Dict[str, Any]]:
@@ -147,6 +150,10 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
         if sp is not None:
             storages.add(sp)
         tensors[k] = t.cpu()
+    for name, lm in layers.items():  # int4 codes: two per byte in the file
+        key = _pfx(name) + "weight_q"
+        if lm.get("bits") == 4 and key in tensors:
+            tensors[key] = torch.from_numpy(pack_int4(tensors[key].numpy()))
 
     # groups (a quantized layer's tensors stay in one file), then shards
     def owner(key: str) -> Optional[str]:
@@ -348,8 +355,18 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
             if act is None or act.dtype != torch.float32 or act.numel() != 1:
                 raise errors.ValueError(f"{d}: static layer {name!r}: tensor {p + 'act_scale'!r} (one float32) "
                                         "is missing or malformed")
-        qw = ops.QuantizedWeight.from_codes(q.numpy(), s.to(torch.float32).numpy(), lm["granularity"],
-                                            lm.get("group_size"))
+        bits = lm.get("bits", 8)
+        if bits not in (4, 8):
+            raise errors.ValueError(f"{d}: layer {name!r}: bits must be 4 or 8, got {bits!r}")
+        codes = q.numpy()
+        if bits == 4:  # two codes per byte, k = 2i in the low nibble of byte i
+            k = int(lm["shape"][1])
+            if q.dtype != torch.uint8 or tuple(q.shape) != (int(lm["shape"][0]), (k + 1) // 2):
+                raise errors.ValueError(f"{d}: int4 layer {name!r}: {p + 'weight_q'!r} must be uint8 of shape "
+                                        f"({lm['shape'][0]}, {(k + 1) // 2}), got {q.dtype} {tuple(q.shape)}")
+            codes = unpack_int4(codes, k)
+        qw = ops.QuantizedWeight.from_codes(codes, s.to(torch.float32).numpy(), lm["granularity"],
+                                            lm.get("group_size"), bits=bits)
         bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
         new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"],
                                                                 None if act is None else float(act.reshape(()).item())),
