@@ -118,6 +118,8 @@ def classify(ins):
         return "amx", 16 * 16 * 64, 8192
     if AMX_F_RE.match(mn):
         return "amxf", 16 * 16 * 32, 8192
+    if mn == "vpermps":  # a table lookup standing for a multiply (the int4 GEMV: T_k[nibble] = x_k * q)
+        return "lut", w // 32, w
     return None
 
 
@@ -216,7 +218,9 @@ class Loop:
         self.label = label
         self.items = items                     # label ... backward jump, inclusive
         self.ins = [v for k, v in items if k == "ins"]
-        self.muls = [i for i in self.ins if classify(i)]
+        # vpermps counts as a multiply only in the int4 weight-only GEMVs, whose codes it looks up
+        # (x_k * q from a 16-entry table); elsewhere it is a permute
+        self.muls = [i for i in self.ins if classify(i) and (classify(i)[0] != "lut" or "qc4w" in func)]
         has_madd8 = any(classify(i)[0] == "i8madd" for i in self.muls)
         self.macs = 0
         self.counts = {}
@@ -911,6 +915,11 @@ def selftest():
     check(classify("vfmadd132pd %zmm1, %zmm2, %zmm3")[1] == 8, "pd MACs")
     check(classify("tdpbssd %tmm1, %tmm2, %tmm0")[1] == 16384, "AMX MACs")
     check(classify("vpaddd %zmm1, %zmm2, %zmm3") is None, "vpaddd is not a multiply")
+    check(classify("vpermps %zmm1, %zmm2, %zmm3")[:2] == ("lut", 16), "int4 lookup: 16 MACs a zmm")
+    lut = Loop("k_qc4w", ".L1", [("label", ".L1"), ("ins", "vpermps %zmm1, %zmm2, %zmm3"),
+                                 ("ins", "vaddps %zmm3, %zmm4, %zmm4"), ("ins", "jne .L1")])
+    other = Loop("gelu", ".L1", [("label", ".L1"), ("ins", "vpermps %zmm1, %zmm2, %zmm3"), ("ins", "jne .L1")])
+    check(lut.macs == 16 and other.muls == [], "vpermps is a multiply in qc4w GEMVs only")
     check(reg_form("pmaddubsw (%rax), %xmm3", 0) == "pmaddubsw\t%xmm0, %xmm2", "SSE reg form")
     r = parse_mca(SELFTEST_MCA)
     check(r.get("total_cycles") == 2611 and r.get("iterations") == 200 and r.get("block_rthroughput") == 3.5,
