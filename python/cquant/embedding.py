@@ -124,7 +124,22 @@ def _check_padding_idx(padding_idx: Any, n: int) -> Optional[int]:
     return p + n if p < 0 else p
 
 
-class QuantizedEmbedding(nn.Module):
+class TiedCodes:
+    """The codes of an int8 embedding table (cquant.nn and torch): its own ``_qweight``, or those of
+    the quantized Linear it is tied to (``_cquant_tie``, kept out of the module's children)."""
+
+    @property
+    def tied_to(self) -> Any:
+        """The quantized layer whose codes this table reads, or None."""
+        return self.__dict__.get("_cquant_tie")
+
+    @property
+    def qweight(self) -> ops.QuantizedWeight:
+        tie = self.__dict__.get("_cquant_tie")
+        return tie.qweight if tie is not None else self.__dict__["_qweight"]
+
+
+class QuantizedEmbedding(TiedCodes, nn.Module):
     """An embedding table stored as int8 codes with one float32 scale per row.
 
     ``QuantizedEmbedding(weight_q, weight_scale)`` builds it from canonical ``(rows, dim)`` int8 codes
@@ -187,16 +202,6 @@ class QuantizedEmbedding(nn.Module):
         return cls(tie=layer, padding_idx=padding_idx)
 
     # -- the codes ----------------------------------------------------------------------------------
-    @property
-    def tied_to(self) -> Any:
-        """The quantized layer whose codes this table reads, or None."""
-        return self.__dict__.get("_cquant_tie")
-
-    @property
-    def qweight(self) -> ops.QuantizedWeight:
-        tie = self.__dict__.get("_cquant_tie")
-        return tie.qweight if tie is not None else self.__dict__["_qweight"]
-
     @property
     def weight_q(self) -> np.ndarray:
         """Canonical ``(rows, dim)`` int8 codes (a new array, unpacked)."""

@@ -499,7 +499,17 @@ def embedding_entries(obj: Any, cls: type, tensors: Dict[str, np.ndarray],
     return ties
 
 
-class NnFrontEnd(FrontEnd):
+class _TreeFrontEnd(FrontEnd):
+    """What the two torch-free front-ends share: the Quantizer's tree walk and its report."""
+
+    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
+        return quantizer._quantize_tree(model, inplace, self)
+
+    def report(self, model: Any) -> List[ReportRow]:
+        return _tree_report(model)
+
+
+class NnFrontEnd(_TreeFrontEnd):
     """:mod:`cquant.nn` module trees."""
     name = "nn"
     embeddings = True
@@ -520,12 +530,6 @@ class NnFrontEnd(FrontEnd):
 
     def replace(self, model: Any, old: Any, new: Any) -> int:
         return replace_module(model, old, new)
-
-    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
-        return quantizer._quantize_tree(model, inplace, self)
-
-    def report(self, model: Any) -> List[ReportRow]:
-        return _tree_report(model)
 
     def state_tensors(self, model: Any) -> CheckpointState:
         obj = model
@@ -550,7 +554,7 @@ class NnFrontEnd(FrontEnd):
         return _load_into_nn(model, checkpoint, strict)
 
 
-class DuckFrontEnd(FrontEnd):
+class DuckFrontEnd(_TreeFrontEnd):
     """Duck-typed trees of plain Python objects, lists and dicts (and, for :func:`cquant.save`,
     state mappings ``name -> array | quantized layer``)."""
     name = "objects"
@@ -575,12 +579,6 @@ class DuckFrontEnd(FrontEnd):
                     site.container[site.key] = new
                 n += 1
         return n
-
-    def quantize(self, quantizer: Any, model: Any, inplace: bool) -> Any:
-        return quantizer._quantize_tree(model, inplace, self)
-
-    def report(self, model: Any) -> List[ReportRow]:
-        return _tree_report(model)
 
     def state_tensors(self, model: Any) -> CheckpointState:
         obj = model

@@ -193,6 +193,14 @@ def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
     return f"int{qweight.bits} {mode} {qweight.scheme}"
 
 
+def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray]) -> np.ndarray:
+    """The forward of both quantized Linear kinds: :func:`cquant.ops.linear` in the layer's mode; a
+    static layer runs the dynamic kernel with its one calibrated scale."""
+    if layer.act_scale is not None:
+        return ops.linear(x, layer.qweight, layer.bias, mode="dynamic", x_mul=x_mul, x_scale=layer.act_scale)
+    return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul)
+
+
 class QuantizedLinearForward:
     """The forward of a quantized Linear: ``x: (..., in_features) -> (..., out_features)`` float32 via
     :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias) and,
@@ -229,11 +237,7 @@ class QuantizedLinearForward:
 
     def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
         """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing)."""
-        if self.act_scale is not None:  # static: the dynamic kernel with one fixed scale
-            return ops.linear(x, self.qweight, self.bias, mode="dynamic", x_mul=x_mul, x_scale=self.act_scale)
-        if x_mul is None:
-            return ops.linear(x, self.qweight, self.bias, mode=self.mode)
-        return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
+        return _run(self, x, x_mul)
 
     def as_module(self) -> "QuantizedLinear":
         """This layer as a :class:`cquant.nn` module (what ``load_into`` installs in a cquant.nn model)."""
@@ -283,11 +287,7 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
         """x: (..., in_features) float -> (..., out_features) float32. ``x_mul`` (in_features,): the
         input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass)."""
-        if self.act_scale is not None:  # static: the dynamic kernel with one fixed scale
-            return ops.linear(x, self.qweight, self.bias, mode="dynamic", x_mul=x_mul, x_scale=self.act_scale)
-        if x_mul is None:
-            return ops.linear(x, self.qweight, self.bias, mode=self.mode)
-        return ops.linear(x, self.qweight, self.bias, mode=self.mode, x_mul=x_mul)
+        return _run(self, x, x_mul)
 
     def as_module(self) -> "QuantizedLinear":
         """A new QuantizedLinear with this one's weight, bias, mode and activation scale."""

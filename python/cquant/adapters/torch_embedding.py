@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from .. import errors, ops
-from ..embedding import EMBEDDING_SCHEME, can_share, check_ids, lookup, padded_rows_view
+from ..embedding import EMBEDDING_SCHEME, TiedCodes, can_share, check_ids, lookup, padded_rows_view
 from .torch_base import _graph_mode, _refuse_train, _shared_tensor, _state_shapes_ok
 
 __all__ = ["QuantizedTorchEmbedding", "embedding_problem"]
@@ -53,7 +53,7 @@ def embedding_problem(mod: "torch.nn.Module") -> str:
     return ""
 
 
-class QuantizedTorchEmbedding(torch.nn.Module):
+class QuantizedTorchEmbedding(TiedCodes, torch.nn.Module):
     """``torch.nn.Embedding`` with an int8 table (see the module docstring).
 
     ``QuantizedTorchEmbedding(qweight, padding_idx=None, dtype=torch.float32)`` (``dtype``: the dtype
@@ -97,16 +97,6 @@ class QuantizedTorchEmbedding(torch.nn.Module):
         if qw is not None:
             self.register_buffer("packed", _shared_tensor(qw.packed), persistent=False)
             self.register_buffer("weight_scale", _shared_tensor(qw.scale))
-
-    @property
-    def tied_to(self) -> Optional["torch.nn.Module"]:
-        """The quantized Linear whose codes this table reads, or None."""
-        return self.__dict__.get("_cquant_tie")
-
-    @property
-    def qweight(self) -> ops.QuantizedWeight:
-        tie = self.__dict__.get("_cquant_tie")
-        return tie.qweight if tie is not None else self.__dict__["_qweight"]
 
     @property
     def scheme(self) -> str:
