@@ -325,7 +325,8 @@ ASAN_DESELECT := --deselect tests/test_cli.py::test_quantize_streams_with_bounde
                  --ignore tests/test_torch_roundtrip.py --ignore tests/test_ray.py \
                  --ignore tests/test_torch_fused.py \
                  --deselect tests/test_bench_smoke.py::test_quick_with_installed_peers \
-                 --deselect tests/test_static.py::test_torch_trace_and_export_use_the_scale
+                 --deselect tests/test_static.py::test_torch_trace_and_export_use_the_scale \
+                 --deselect tests/test_rotation.py::test_torch_trace_uses_the_rotation
 ASAN_LIB = $(shell $(CC) -print-file-name=libasan.so)
 $(ASAN_PY)/.stamp: $(VENV)/.stamp-dev $(CSRCS) $(CHDRS) cbridge/build_native.py setup.py
 	rm -rf $(ASAN_PY) && mkdir -p $(ASAN_PY)

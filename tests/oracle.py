@@ -227,3 +227,23 @@ def linear_weight_only(x, q, scale, granularity: str = "per_channel",
     gamma = (k + 2) * u / (1 - (k + 2) * u)
     budget = gamma * (np.einsum("mk,nk->mn", np.abs(x), np.abs(w)) + np.abs(b)) + 1e-300
     return y, budget
+
+
+def hadamard_rows(x, block: int, mul=None) -> np.ndarray:
+    """The x_hadamard rotation, written from its definition (cquant.h), independently of
+    cquant.ops.hadamard: v = x * mul in float32, then for h = 1, 2, ..., block / 2 in turn every pair
+    (i, i + h) with i % (2 h) < h becomes (v[i] + v[i + h], v[i] - v[i + h]), one float32 addition
+    each (element by element, as the contract states it)."""
+    v = np.array(x, dtype=np.float32, copy=True)
+    if mul is not None:
+        v = (v * np.asarray(mul, np.float32)).astype(np.float32)
+    rows = v.reshape(-1, v.shape[-1])
+    k = rows.shape[1]
+    h = 1
+    while h < block:
+        lo = np.array([i for i in range(k) if i % (2 * h) < h])
+        a, c = rows[:, lo].copy(), rows[:, lo + h].copy()
+        rows[:, lo] = a + c
+        rows[:, lo + h] = a - c
+        h *= 2
+    return rows.reshape(v.shape)

@@ -105,14 +105,97 @@ def test_bad_options_are_refused():
     xp = ffi.from_buffer("float[]", x)
     yp = ffi.from_buffer("float[]", y)
     for s in (-1.0, float("nan"), float("inf")):
-        assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, s, yp) \
+        assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, 0, s, yp) \
             == lib.CQ_ERR_ARG
-    assert lib.cq_linear_ex(lib.CQ_MODE_WEIGHT_ONLY, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, 0.5, yp) \
+    assert lib.cq_linear_ex(lib.CQ_MODE_WEIGHT_ONLY, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL, ffi.NULL, 0, 0.5, yp) \
         == lib.CQ_ERR_ARG
     mul = np.ones(16, F32)
     alias = np.empty(16, F32)
     assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL,
-                            ffi.from_buffer("float[]", alias), 0.0,
+                            ffi.from_buffer("float[]", alias), 0, 0.0,
                             ffi.from_buffer("float[]", alias)) == lib.CQ_ERR_ALIAS
     assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, xp, 2, 16, pk, ps, code, g, 8, ffi.NULL,
-                            ffi.from_buffer("float[]", mul), 0.0, yp) == lib.CQ_OK
+                            ffi.from_buffer("float[]", mul), 0, 0.0, yp) == lib.CQ_OK
+
+
+def _hadamard_matrix(b: int) -> np.ndarray:
+    h = np.ones((1, 1))
+    while h.shape[0] < b:
+        h = np.block([[h, h], [h, -h]])
+    return h
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES[:3], ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES[:3]])
+def test_rotation_matches_oracle(path, gran, group, bits):
+    """x_hadamard: the kernel quantizes exactly the oracle's rotated rows (every block size, with and
+    without x_mul, both modes, the heap buffer past K = 2048, a NaN row), on every ISA path."""
+    ran = 0
+    for k in (32, 96, 2048, 4096):
+        for b in (2, 4, 8, 16, 32, 64, 128, 256, 1024):
+            if k % b:
+                continue
+            for m in (1, 5, 40):
+                n = 24
+                w, x, mul, bias = _inputs(m, n, k, m * 7 + k + b)
+                if m > 3:
+                    x[3, k // 3] = np.nan
+                qw = _qw(w, gran, group, bits)
+                qo, so = oracle.quantize(w, gran, group, bits)
+                for mm in (None, mul):
+                    xr = oracle.hadamard_rows(x, b, mm)
+                    np.testing.assert_array_equal(ops.hadamard(x, b, mm), xr)
+                    y = ops.linear(x, qw, bias, x_mul=mm, x_hadamard=b)
+                    assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits)
+                    want = oracle.linear_dynamic(xr, qo, so, gran, group, bias, fma_groups=True)
+                    np.testing.assert_array_equal(y, want, err_msg=f"rotation M={m} K={k} b={b}")
+                    if m > 3:
+                        assert np.isnan(y[3]).all() and np.isfinite(np.delete(y, 3, axis=0)).all()
+                    xs = float(np.nanmax(np.abs(np.where(np.isfinite(xr), xr, 0))) / 127 / 4)
+                    want = oracle.linear_dynamic(xr, qo, so, gran, group, bias, fma_groups=True, x_scale=xs)
+                    np.testing.assert_array_equal(ops.linear(x, qw, bias, x_mul=mm, x_hadamard=b, x_scale=xs), want)
+                    xf = np.nan_to_num(x, nan=0.0)
+                    np.testing.assert_array_equal(
+                        ops.linear(xf, qw, bias, mode="weight_only", x_mul=mm, x_hadamard=b),
+                        ops.linear(oracle.hadamard_rows(xf, b, mm), qw, bias, mode="weight_only"))
+                ran += 1
+    assert ran
+
+
+def test_rotation_is_the_block_hadamard_and_keeps_the_product():
+    """The rotation is x @ blockdiag(H_b) (H_b H_b = b I), so rotating the weight as W H_b / b leaves
+    x W^T unchanged up to float rounding; an outlier column is spread over its block."""
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((6, 128)).astype(F32)
+    x[:, 5] *= 200.0
+    for b in (2, 16, 64, 128):
+        hb = np.kron(np.eye(128 // b), _hadamard_matrix(b))
+        np.testing.assert_allclose(ops.hadamard(x, b), x.astype(np.float64) @ hb, rtol=1e-5, atol=1e-3)
+    w = rng.standard_normal((32, 128)).astype(F32)
+    hb = np.kron(np.eye(2), _hadamard_matrix(64))
+    wr = (w.astype(np.float64) @ hb / 64).astype(F32)
+    qwr, qw = ops.quantize_weight(wr), ops.quantize_weight(w)
+    ref = x.astype(np.float64) @ w.T
+    err_rot = np.abs(ops.linear(x, qwr, x_hadamard=64) - ref).max()
+    err = np.abs(ops.linear(x, qw) - ref).max()
+    assert err_rot < err / 2  # the outlier column no longer sets every row's scale alone
+    yw = ops.linear(x, qwr, mode="weight_only", x_hadamard=64)
+    assert np.linalg.norm(yw - ref) < 1e-2 * np.linalg.norm(ref)  # the same function, int8 weights
+
+
+def test_bad_rotation_is_refused():
+    qw = ops.quantize_weight(np.ones((8, 48), F32))
+    x = np.ones((2, 48), F32)
+    for b in (1, 3, 6, 32, 64, -16):  # not a power of two >= 2, or not dividing K = 48
+        with pytest.raises(ValueError, match="x_hadamard"):
+            ops.linear(x, qw, x_hadamard=b)
+    with pytest.raises(TypeError):
+        ops.linear(x, qw, x_hadamard=16.0)
+    from cquant._native import ffi, lib
+    pk, ps, code, g = qw._native()[:4]
+    y = np.full((2, 8), 7.0, F32)
+    for b in (1, 3, 32, -2):
+        assert lib.cq_linear_ex(lib.CQ_MODE_DYNAMIC, ffi.from_buffer("float[]", x), 2, 48, pk, ps, code, g, 8,
+                                ffi.NULL, ffi.NULL, b, 0.0, ffi.from_buffer("float[]", y)) == lib.CQ_ERR_ARG
+    assert (y == 7.0).all()  # nothing written
+    big = np.full((1, 48), 3e38, F32)  # the rotated row overflows float32: a non-finite row, NaN out
+    assert np.isnan(ops.linear(big, qw, x_hadamard=16)).all()

@@ -222,11 +222,20 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
               const float *scales, int scheme, int64_t group_size, int64_t n,
               const float *bias, float *y);
 
-/* cq_linear with two activation options (cq_linear is this with NULL, 0):
+/* cq_linear with three activation options (cq_linear is this with NULL, 0, 0):
  *   x_mul (k floats, or NULL): the layer's input is x * x_mul (each column j of x times x_mul[j],
  *     the float32 product), applied inside the activation quantizer in dynamic mode (no extra pass
  *     over x) and by one pre-scaled copy of x in weight-only mode: SmoothQuant's 1 / s where it
  *     could not be folded into the preceding layer. Must be finite (CQ_ERR_NONFINITE otherwise).
+ *   x_hadamard: 0, or b, a power of two >= 2 dividing k (CQ_ERR_ARG otherwise): the layer's input
+ *     is then v = x * x_mul (or x) rotated by the unnormalised Walsh-Hadamard transform of each
+ *     block of b consecutive columns, in this order of float32 operations: for h = 1, 2, 4, ...,
+ *     b / 2, each pair (i, i + h) with i % (2 h) < h becomes (v[i] + v[i + h], v[i] - v[i + h]).
+ *     Bit-identical on every path; applied in the activation quantizer's pass (dynamic mode) or the
+ *     transformed copy (weight-only). The weight must have been rotated to match (W H / b for the
+ *     same blocks, up to the factors the caller moves into x_mul): rotation spreads an outlier
+ *     channel over its block, so per-row int8 scales fit every value (QuaRot-style). A row whose
+ *     rotated values overflow float32 is treated as a non-finite row (NaN outputs).
  *   x_scale: 0 for per-row dynamic scales; > 0 (finite) for static activations, dynamic mode
  *     only: every row is quantized with this scale, codes clamp(round_half_even(x / x_scale),
  *     -127, 127), and y = acc * (x_scale * sw) + b. A row of x holding NaN/Inf still gives a
@@ -234,7 +243,7 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
  * x_mul must not overlap y (CQ_ERR_ALIAS). */
 int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
-                 const float *x_mul, float x_scale, float *y);
+                 const float *x_mul, int64_t x_hadamard, float x_scale, float *y);
 
 /* Name of the micro-kernel the calling thread's last cq_linear / cq_gemm_s8s8s32 ran, e.g.
  * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. A call

@@ -157,5 +157,23 @@ static int absmax_mul_ref(const float *x, const float *mul, int64_t n, float *pr
     return absmax_ref(prod, n, amax);
 }
 
+/* The rotation of cq_linear_ex's x_hadamard, the order of operations that defines it: v = x (or the
+ * float32 products x[i] * mul[i]), then for h = 1, 2, 4, ..., b / 2 in turn, every pair (i, i + h)
+ * with i % (2 h) < h becomes (v[i] + v[i + h], v[i] - v[i + h]) (float32 additions): the unnormalised
+ * Walsh-Hadamard transform of each block of b consecutive values. Every path does these additions in
+ * this order, so the result is bit-identical everywhere. */
+static int hadamard_absmax_ref(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax)
+{
+    for (int64_t i = 0; i < n; i++) out[i] = mul ? x[i] * mul[i] : x[i];
+    for (int64_t h = 1; h < b; h *= 2)
+        for (int64_t i0 = 0; i0 < n; i0 += 2 * h)
+            for (int64_t i = i0; i < i0 + h; i++) {
+                const float a = out[i], c = out[i + h];
+                out[i] = a + c;
+                out[i + h] = a - c;
+            }
+    return absmax_ref(out, n, amax);
+}
+
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
-                                           facc_fold_ref, absmax_mul_ref};
+                                           facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref};

@@ -98,6 +98,8 @@ static int compiled(int isa)
 const cq_elementwise *cq_elementwise_for(int isa)
 {
 #ifdef CQ_X86
+    if ((isa == CQ_ISA_AVX512 || isa == CQ_ISA_AVX512VNNI || isa == CQ_ISA_AMX) && cq_elementwise_avx512.absmax)
+        return &cq_elementwise_avx512;
     if (isa != CQ_ISA_SCALAR && cq_elementwise_avx2.absmax) return &cq_elementwise_avx2;
 #else
     (void)isa;

@@ -176,10 +176,18 @@ typedef struct {
     /* prod[i] = x[i] * m[i] (float32 product) and max |prod[i]| into *amax in one pass; returns 1 if
      * every product is finite (the activation quantizer's pre-scale, cq_linear_ex's x_mul). */
     int (*absmax_mul)(const float *x, const float *m, int64_t n, float *prod, float *amax);
+    /* out = the Walsh-Hadamard rotation of x (or of the float32 products x[i] * mul[i], mul non-NULL)
+     * in blocks of b (a power of two >= 2 dividing n), unnormalised, in the order of operations that
+     * ref/ref-kernels.c's hadamard_absmax_ref defines (bit-exact on every path), and max |out[i]|
+     * into *amax; returns 1 if every out[i] is finite (cq_linear_ex's x_hadamard). */
+    int (*hadamard_absmax)(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
 #ifdef CQ_X86
 extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compiler cannot target it */
+extern const cq_elementwise cq_elementwise_avx512; /* the AVX-512 paths: avx2's with the zmm rotation */
+int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
+int cq_hadamard_absmax_avx512(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 #endif
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a
@@ -208,7 +216,8 @@ void cq_set_last_kernel(const char *name);
  * activations; codes clamp), else max|row| / 127. A non-finite row gets scale NaN and codes 0.
  * The activation quantizer of cq_linear (quantize.c). CQ_OK, or CQ_ERR_NOMEM (a k > 2048 buffer). */
 int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed);
+                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed,
+                          int64_t had);
 
 /* GELU of one float, the reference (ref/); SIMD kernels use it for tails. */
 float cq_gelu1(float x);

@@ -558,14 +558,17 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
               const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
               float *y)
 {
-    return cq_linear_ex(mode, x, m, k, packed, scales, scheme, group_size, n, bias, NULL, 0.0f, y);
+    return cq_linear_ex(mode, x, m, k, packed, scales, scheme, group_size, n, bias, NULL, 0, 0.0f, y);
 }
 
 int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
-                 const float *x_mul, float x_scale, float *y)
+                 const float *x_mul, int64_t x_hadamard, float x_scale, float *y)
 {
     if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
+    /* the rotation: 0 (none) or a power of two >= 2 that divides k */
+    if (x_hadamard != 0 && (x_hadamard < 2 || (x_hadamard & (x_hadamard - 1)) != 0 || k % x_hadamard != 0))
+        return CQ_ERR_ARG;
     /* a static scale: finite > 0, dynamic mode only (0 means per-row dynamic scales) */
     if (!(x_scale == 0.0f || (x_scale > 0.0f && x_scale <= 3.402823466e38f))) return CQ_ERR_ARG;
     if (x_scale != 0.0f && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
@@ -620,12 +623,18 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
         c.fcfg = cq_f32_config_for(isa, fmt);
         if (!c.fcfg) return CQ_ERR_FORMAT;
         float *xm = NULL;
-        if (x_mul) { /* weight-only kernels read float x as it is: one pre-scaled copy */
+        if (x_mul || x_hadamard) { /* weight-only kernels read float x as it is: one transformed copy */
             if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
             xm = (float *)cq_alloc64((size_t)(m * k) * sizeof(float));
             if (!xm) return CQ_ERR_NOMEM;
-            for (int64_t r = 0; r < m; r++)
-                for (int64_t i = 0; i < k; i++) xm[r * k + i] = x[r * k + i] * x_mul[i];
+            const cq_elementwise *ew = cq_elementwise_for(isa);
+            for (int64_t r = 0; r < m; r++) {
+                float amax;
+                if (x_hadamard)
+                    ew->hadamard_absmax(x + r * k, x_mul, k, x_hadamard, xm + r * k, &amax);
+                else
+                    for (int64_t i = 0; i < k; i++) xm[r * k + i] = x[r * k + i] * x_mul[i];
+            }
             x = xm;
         }
         c.x = x; c.xlda = k;
@@ -691,7 +700,7 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
     int64_t pad0 = tiled ? m / 16 * 16 : m;
     if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
     if (cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
-                              x_scale) != CQ_OK) {
+                              x_scale, x_hadamard) != CQ_OK) {
         free(qa);
         return CQ_ERR_NOMEM;
     }

@@ -21,6 +21,7 @@ typedef struct {
     float qmax;        /* 127 (int8) or 7 (int4 weights): scale = max|w| / qmax; 0 means 127 */
     const float *mul;  /* activations: x[r][i] * mul[i] (rounded to float32) is what is quantized */
     float fixed;       /* activations: > 0: this scale for every row (static), codes clamped */
+    int64_t had;       /* activations: > 0: the row (times mul) rotated in Hadamard blocks of had */
 } quant_ctx;
 
 static float scale_of_q(float amax, float qmax)
@@ -47,14 +48,17 @@ static void quant_row_tiled(const quant_ctx *c, int64_t r, const float *src, flo
     }
 }
 
-/* One row of activations (one scale group), pre-scaled by c->mul and/or with the fixed (static)
- * scale c->fixed; buf: k floats for the pre-scaled row (when c->mul). */
+/* One row of activations (one scale group), pre-scaled by c->mul, rotated (c->had) and/or with the
+ * fixed (static) scale c->fixed; buf: k floats for the transformed row (when c->mul or c->had). */
 static void quant_act_row(const quant_ctx *c, int64_t r, float *buf)
 {
     const float *src = c->w + r * c->k;
     float amax;
     int finite;
-    if (c->mul) { /* the product rounded to float32, as numpy's x * mul (into buf), then the usual rule */
+    if (c->had) { /* (x * mul) rotated in blocks (into buf, one pass in registers), then the usual rule */
+        finite = c->kern->hadamard_absmax(src, c->mul, c->k, c->had, buf, &amax);
+        src = buf;
+    } else if (c->mul) { /* the product rounded to float32, as numpy's x * mul (into buf), then the usual rule */
         finite = c->kern->absmax_mul(src, c->mul, c->k, buf, &amax);
         src = buf;
     } else {
@@ -81,7 +85,7 @@ static void quant_unit(void *vctx, int64_t u)
     if (r1 > c->n) r1 = c->n;
     if (c->activations) {
         float stackbuf[2048], *buf = stackbuf;
-        if (c->mul && c->k > 2048) {
+        if ((c->mul || c->had) && c->k > 2048) {
             buf = (float *)malloc((size_t)c->k * sizeof(float));
             if (!buf) { __atomic_store_n(&c->bad, 2, __ATOMIC_RELAXED); return; }
         }
@@ -106,13 +110,25 @@ static void quant_unit(void *vctx, int64_t u)
     }
 }
 
+/* Rows are quantized in parallel from 1e5 floats of work (a rotated row counts twice). Measured
+ * (Sapphire Rapids-class Xeon, 2 threads, dynamic (N, K) M, median us, quantizer threshold 1e6 ->
+ * 1e5): (384, 384) M = 640 301 -> 188, M = 320 148 -> 109, M = 160 59 -> 62 (one thread below 1e5:
+ * 61k floats); (384, 1536) M = 640 713 -> 532, M = 160 228 -> 132; (1536, 384) M = 640 671 -> 611.
+ * The division of the contract (x / s, ~1.3 cycles per float on this core) makes the pass too
+ * long to leave on one thread; 5e4 was no better (61k floats: 62 -> 66 us). */
+#ifndef QUANT_PAR_WORK
+#define QUANT_PAR_WORK 1.0e5
+#endif
 static void quantize_rows_parallel(quant_ctx *c)
 {
-    double work = (double)c->n * (double)c->k;
+    /* the rotation's stages cost about as much as the quantization itself: count them as work */
+    double work = (double)c->n * (double)c->k * (c->had ? 2.0 : 1.0);
     int64_t rpu = (int64_t)(65536 / c->k) + 1;
     c->rows_per_unit = rpu;
     int64_t nunits = cq_ceil_div(c->n, rpu);
-    cq_parallel_for(nunits, work < 1.0e6 ? 1 : cq_threads_for(work, nunits), quant_unit, c);
+    int t = cq_get_num_threads();
+    if (t > nunits) t = (int)nunits;
+    cq_parallel_for(nunits, work < QUANT_PAR_WORK || t < 1 ? 1 : t, quant_unit, c);
 }
 
 typedef struct {
@@ -164,9 +180,10 @@ int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme,
 }
 
 int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
-                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed)
+                          int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed,
+                          int64_t had)
 {
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f, mul, fixed};
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f, mul, fixed, had};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NOMEM : CQ_OK;
 }
@@ -178,7 +195,7 @@ static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, fl
     if (!x || !q || !scales) return CQ_ERR_NULL;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f);
+    return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f, 0);
 }
 
 int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales)

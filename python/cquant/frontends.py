@@ -395,9 +395,10 @@ class FrontEnd:
         """Whether ``mod`` stores its weight as (in, out) (GPT-2's ``Conv1D``), not (out, in)."""
         return False
 
-    def smoothed(self, mod: Any, inv_scale: np.ndarray) -> Any:
-        """A smoothing pre-scale wrapper of this front-end around ``mod``, or None for the default
-        (:class:`cquant.smoothing.Smoothed`, a cquant.nn module)."""
+    def smoothed(self, mod: Any, inv_scale: np.ndarray, hadamard: int = 0) -> Any:
+        """A smoothing pre-scale wrapper of this front-end around ``mod`` (input rotated in blocks of
+        ``hadamard`` when > 0), or None for the default (:class:`cquant.smoothing.Smoothed`, a
+        cquant.nn module)."""
         return None
 
     def __repr__(self) -> str:

@@ -534,7 +534,7 @@ _best_format_bits = lib.cq_best_format_bits
 
 
 def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=None,
-           x_scale=None) -> np.ndarray:
+           x_scale=None, x_hadamard: int = 0) -> np.ndarray:
     """y (..., N) float32 = x (..., K) through the quantized weight, plus bias (N,).
 
     mode="dynamic": rows of x quantized to int8 at run time, exact integer sums, scaled to float32.
@@ -544,6 +544,9 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     be folded away), applied inside the activation quantizer in dynamic mode (no extra pass over x).
     x_scale (float > 0, dynamic mode only): static activations: every row quantized with this scale
     (codes clamped to [-127, 127]) instead of its own ``max|row| / 127``.
+    x_hadamard (0, or a power of two b >= 2 dividing K): the input (``x * x_mul``) is rotated by the
+    unnormalised Walsh-Hadamard transform of each block of b columns (:func:`hadamard` gives it) in
+    the same pass; the weight must have been rotated to match (see :mod:`cquant.smoothing`).
 
     This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
@@ -582,7 +585,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
-    if x_mul is None and x_scale is None:
+    if x_mul is None and x_scale is None and not x_hadamard:
         st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                         _from_buffer("float[]", y))
     else:
@@ -601,13 +604,43 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
                 raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
             if mcode != MODES["dynamic"]:
                 raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
-        st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, xs,
+        hb = 0
+        if x_hadamard:
+            hb = _hadamard_block(x_hadamard, k)
+        st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs,
                               _from_buffer("float[]", y))
         if st == lib.CQ_ERR_NONFINITE and x_mul is not None:  # the only non-finite input C refuses here
             raise errors.NonFiniteError("linear: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
     if st:
         _raise(st, "linear")
     return y
+
+
+def _hadamard_block(b, k: int) -> int:
+    b = _int_arg(b, "x_hadamard")
+    if b < 2 or b & (b - 1) or k % b:
+        raise errors.ValueError(f"x_hadamard must be 0 or a power of two >= 2 that divides K={k}, got {b}")
+    return b
+
+
+def hadamard(x, block: int, x_mul=None) -> np.ndarray:
+    """The rotation of ``linear(..., x_hadamard=block)`` as a float32 array: ``v = x * x_mul`` (or x),
+    then the unnormalised Walsh-Hadamard transform of each block of ``block`` consecutive columns,
+    in the kernel's order of float32 operations (bit-identical to what the kernel quantizes; numpy,
+    for float paths and tests). ``H_b`` is symmetric and ``H_b @ H_b = block * I``."""
+    v = _float_array(x, "x")
+    k = v.shape[-1] if v.ndim else 0
+    b = _hadamard_block(block, k)
+    v = v * _float_array(x_mul, "x_mul") if x_mul is not None else v.copy()
+    shape = v.shape
+    h = 1
+    while h < b:
+        w = v.reshape(-1, k // (2 * h), 2, h)
+        a, c = w[:, :, 0, :].copy(), w[:, :, 1, :].copy()
+        w[:, :, 0, :] = a + c
+        w[:, :, 1, :] = a - c
+        h *= 2
+    return v.reshape(shape)
 
 
 def _int_arg(value, name: str) -> int:

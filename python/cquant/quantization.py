@@ -193,12 +193,13 @@ def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
     return f"int{qweight.bits} {mode} {qweight.scheme}"
 
 
-def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray]) -> np.ndarray:
+def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray], x_hadamard: int = 0) -> np.ndarray:
     """The forward of both quantized Linear kinds: :func:`cquant.ops.linear` in the layer's mode; a
     static layer runs the dynamic kernel with its one calibrated scale."""
     if layer.act_scale is not None:
-        return ops.linear(x, layer.qweight, layer.bias, mode="dynamic", x_mul=x_mul, x_scale=layer.act_scale)
-    return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul)
+        return ops.linear(x, layer.qweight, layer.bias, mode="dynamic", x_mul=x_mul, x_scale=layer.act_scale,
+                          x_hadamard=x_hadamard)
+    return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul, x_hadamard=x_hadamard)
 
 
 class QuantizedLinearForward:
@@ -208,7 +209,7 @@ class QuantizedLinearForward:
     and deep-copies."""
 
     _cquant_qforward = True  # marker: cquant.frontends recognises quantized layers by it
-    _cquant_x_mul = True     # marker: __call__ takes x_mul (a smoothing pre-scale applied in the kernel)
+    _cquant_x_mul = True     # marker: __call__ takes x_mul and x_hadamard (smoothing / rotation in the kernel)
     act_scale: Optional[float] = None  # static mode only (instances pickled before it existed: None)
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
@@ -235,9 +236,10 @@ class QuantizedLinearForward:
         """Bytes held: packed codes + scales + bias."""
         return int(self.qweight.nbytes + (self.bias.nbytes if self.bias is not None else 0))
 
-    def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
-        """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing)."""
-        return _run(self, x, x_mul)
+    def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0) -> np.ndarray:
+        """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing);
+        ``x_hadamard``: the input's block rotation (see :func:`cquant.ops.linear`), also in the kernel."""
+        return _run(self, x, x_mul, x_hadamard)
 
     def as_module(self) -> "QuantizedLinear":
         """This layer as a :class:`cquant.nn` module (what ``load_into`` installs in a cquant.nn model)."""
@@ -284,10 +286,11 @@ class QuantizedLinear(nn.Module):
     def scheme(self) -> str:
         return _scheme(self.mode, self.qweight)
 
-    def forward(self, x: Any, x_mul: Optional[np.ndarray] = None) -> np.ndarray:
+    def forward(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0) -> np.ndarray:
         """x: (..., in_features) float -> (..., out_features) float32. ``x_mul`` (in_features,): the
-        input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass)."""
-        return _run(self, x, x_mul)
+        input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass);
+        ``x_hadamard``: then rotated in blocks (see :func:`cquant.ops.linear`), in the same pass."""
+        return _run(self, x, x_mul, x_hadamard)
 
     def as_module(self) -> "QuantizedLinear":
         """A new QuantizedLinear with this one's weight, bias, mode and activation scale."""
@@ -564,7 +567,8 @@ class Quantizer:
                          exclude: Patterns = None, inplace: bool = True, *, scheme: Any = None,
                          strict: bool = False, calibration: Any = None, smoothing: Any = None,
                          min_cosine: Optional[float] = None, min_row_cosine: Optional[float] = None,
-                         refine: Sequence[Any] = _budget.DEFAULT_REFINE, embeddings: Any = False) -> Any:
+                         refine: Sequence[Any] = _budget.DEFAULT_REFINE, embeddings: Any = False,
+                         rotate: Any = False) -> Any:
         """One-call form: ``Quantizer(mode, ...).quantize(model, inplace, ...)``. Returns the model.
 
         ``embeddings``: also store embedding tables as int8 rows (``True``, or table names / globs;
@@ -580,6 +584,11 @@ class Quantizer:
         strength with the smallest int8 error, per group of layers sharing an input): activation outliers
         are moved into the weights before quantizing (:func:`cquant.smoothing.smooth`), folded into
         the preceding LayerNorm / Linear where that is exact.
+        ``rotate`` (with ``smoothing``): also rotate the input of every smoothed group that has no
+        exact fold (``True``, or a block size): a Walsh-Hadamard transform in blocks of up to 64
+        columns spreads the remaining outlier channels before the per-row scale is taken, and the
+        weights are rotated to match; the kernel does it in its activation pass
+        (:func:`cquant.smoothing.smooth`).
         ``min_cosine``: accuracy budget (:mod:`cquant.budget`): the mean row cosine of the model output
         against the float model on the calibration batches must reach it; the fewest, most sensitive
         layers are kept in float (or moved to a finer scheme of ``refine``, default ``per_group(32)``)
@@ -591,12 +600,13 @@ class Quantizer:
         q = cls(mode, granularity, group_size, include, exclude, scheme=scheme, strict=strict,
                 embeddings=embeddings)
         return q.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
-                                      min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
+                                      min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine,
+                                      rotate=rotate)
 
     def prepare_and_quantize(self, model: Any, calibration: Any = None, smoothing: Any = None,
                              inplace: bool = True, min_cosine: Optional[float] = None,
                              min_row_cosine: Optional[float] = None,
-                             refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
+                             refine: Sequence[Any] = _budget.DEFAULT_REFINE, rotate: Any = False) -> Any:
         """Calibrate and smooth (if asked), apply the accuracy budget (if asked), then quantize.
         Fills :attr:`calibration`, :attr:`smoothing`, :attr:`budget` and :attr:`summary` (and
         :attr:`act_scales` for static schemes)."""
@@ -624,6 +634,9 @@ class Quantizer:
             if calibration is None:
                 raise errors.ValueError("smoothing needs calibration batches: "
                                         "quantize_dynamic(model, calibration=batches, smoothing=0.5)")
+        elif rotate is not False and rotate is not None:
+            raise errors.ValueError("rotate runs inside smoothing's pre-scale wrappers: give smoothing too, "
+                                    "quantize_dynamic(model, calibration=batches, smoothing=0.5, rotate=True)")
         if calibration is None:
             return self._quantize(model, inplace=inplace)
         if not inplace:
@@ -631,7 +644,7 @@ class Quantizer:
         batches = _calibration.batch_list(calibration)
         if smoothing is not None and smoothing is not False:
             self.smoothing = _smoothing.smooth(model, batches, alpha=smoothing, include=self.include,
-                                               exclude=self.exclude)
+                                               exclude=self.exclude, rotate=rotate)
             self.calibration = self.smoothing.calibration
         else:
             self.calibration = _calibration.calibrate(model, batches, include=self.include, exclude=self.exclude)

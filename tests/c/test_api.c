@@ -219,15 +219,15 @@ static void test_linear_ex(void)
     EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
     for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
         EXPECT_STATUS(cq_linear(mode, xm, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, y0), CQ_OK);
-        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0.0f, y1), CQ_OK);
+        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0, 0.0f, y1), CQ_OK);
         CHECK(memcmp(y0, y1, sizeof y0) == 0, "x_mul: bit-identical to cq_linear on x * x_mul");
-        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0.0f, y1), CQ_OK);
+        EXPECT_STATUS(cq_linear_ex(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, 0.0f, y1), CQ_OK);
         EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, y0), CQ_OK);
         CHECK(memcmp(y0, y1, sizeof y0) == 0, "cq_linear_ex(NULL, 0) is cq_linear");
     }
     /* static: codes clamp(round(x / xs)), y = (float)sum * (xs * s_j) + b_j (sums exact) */
     const float xs = 0.05f;
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, xs, y1), CQ_OK);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, xs, y1), CQ_OK);
     for (int r = 0; r < m; r++)
         for (int j = 0; j < n; j++) {
             int32_t acc = 0;
@@ -242,17 +242,17 @@ static void test_linear_ex(void)
     /* refused: bad x_scale, static weight-only, non-finite x_mul, y over x_mul */
     const float nanv = NAN, infv = INFINITY;
     for (int i = 0; i < m * n; i++) y1[i] = -7.0f;
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, -1.0f, y1), CQ_ERR_ARG);
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, nanv, y1), CQ_ERR_ARG);
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, infv, y1), CQ_ERR_ARG);
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, xs, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, -1.0f, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, nanv, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, infv, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, NULL, 0, xs, y1), CQ_ERR_ARG);
     mul[3] = nanv;
-    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0.0f, y1), CQ_ERR_NONFINITE);
+    EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, mul, 0, 0.0f, y1), CQ_ERR_NONFINITE);
     mul[3] = 1.0f;
     {
         float ym[m * n + k];
         for (int i = 0; i < k; i++) ym[i] = 1.0f;
-        EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, ym, 0.0f, ym),
+        EXPECT_STATUS(cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, bias, ym, 0, 0.0f, ym),
                       CQ_ERR_ALIAS);
     }
     int untouched = 1;

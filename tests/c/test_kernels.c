@@ -794,6 +794,57 @@ static void test_gelu_table(const cq_elementwise *t, const char *name)
     free(x); free(y);
 }
 
+/* The x_hadamard rotation: bit-identical to the reference's, which is checked here against the
+ * definition written out (each block of b times the Sylvester matrix H_b, entry (i, j) = (-1)^
+ * popcount(i & j), summed in float64: the float32 stages must land within rounding of it). Every
+ * block size from 2 to 1024, with and without mul, outputs pre-filled with a sentinel plus a guard
+ * value past the end, a NaN, an Inf and a row that overflows when rotated. */
+static float a2_dummy;
+static void test_hadamard_table(const cq_elementwise *t, const char *name)
+{
+    const cq_elementwise *ref = &cq_elementwise_ref;
+    for (int n = 2; n <= 2048; n *= 2)
+        for (int b = 2; b <= n && b <= 1024; b *= 2) {
+            const int len = n * (b == n ? 1 : 3) / (b == n ? 1 : 2) / b * b; /* also non-power-of-two lengths */
+            float *x = (float *)xmalloc(sizeof(float) * (size_t)len), *mul = (float *)xmalloc(sizeof(float) * (size_t)len);
+            float *o1 = (float *)xmalloc(sizeof(float) * (size_t)(len + 1)), *o2 = (float *)xmalloc(sizeof(float) * (size_t)(len + 1));
+            for (int i = 0; i < len; i++) {
+                x[i] = rndf() * (i % 37 == 5 ? 300.0f : 3.0f); /* outliers, never constant */
+                mul[i] = 0.25f + 0.5f * (float)((i * 7) % 5);
+            }
+            for (int withmul = 0; withmul < 2; withmul++) {
+                const float *m = withmul ? mul : NULL;
+                for (int i = 0; i <= len; i++) o1[i] = o2[i] = -777.0f;
+                float a1 = -1.0f, a2 = -2.0f;
+                int f1 = ref->hadamard_absmax(x, m, len, b, o1, &a1), f2 = t->hadamard_absmax(x, m, len, b, o2, &a2);
+                CHECK(f1 == 1 && f2 == 1 && a1 == a2 && memcmp(o1, o2, sizeof(float) * (size_t)len) == 0,
+                      "%s hadamard n=%d b=%d mul=%d", name, len, b, withmul);
+                CHECK(o2[len] == -777.0f, "%s hadamard wrote past n=%d b=%d", name, len, b);
+                if (t == ref && b <= 256) { /* the reference against the definition */
+                    int bad = -1;
+                    for (int i0 = 0; i0 < len && bad < 0; i0 += b)
+                        for (int i = 0; i < b && bad < 0; i++) {
+                            double sum = 0.0, mag = 0.0;
+                            for (int j = 0; j < b; j++) {
+                                double v = (double)(m ? x[i0 + j] * m[i0 + j] : x[i0 + j]);
+                                sum += (__builtin_popcount((unsigned)(i & j)) & 1) ? -v : v;
+                                mag += fabs(v);
+                            }
+                            if (fabs((double)o1[i0 + i] - sum) > 1e-5 * mag + 1e-30) bad = i0 + i;
+                        }
+                    CHECK(bad < 0, "reference hadamard n=%d b=%d mul=%d at %d", len, b, withmul, bad);
+                }
+            }
+            x[len / 2] = NAN;
+            CHECK(t->hadamard_absmax(x, NULL, len, b, o2, &a2_dummy) == 0, "%s hadamard NaN n=%d b=%d", name, len, b);
+            x[len / 2] = INFINITY;
+            CHECK(t->hadamard_absmax(x, NULL, len, b, o2, &a2_dummy) == 0, "%s hadamard Inf n=%d b=%d", name, len, b);
+            for (int i = 0; i < len; i++) x[i] = 3.0e38f; /* finite, but the block sums overflow */
+            CHECK(t->hadamard_absmax(x, NULL, len, b, o2, &a2_dummy) == 0, "%s hadamard overflow n=%d b=%d", name, len, b);
+            free(x); free(mul); free(o1); free(o2);
+        }
+}
+
 static void test_elementwise(const cq_elementwise *t, const char *name)
 {
     const cq_elementwise *ref = &cq_elementwise_ref;
@@ -839,6 +890,7 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
         free(x); free(q1); free(q2); free(d1); free(d2);
     }
     test_gelu_table(t, name);
+    test_hadamard_table(t, name);
     printf("%-4s element-wise %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
 }
 
@@ -849,6 +901,9 @@ static void test_elementwise_tables(void)
     if (!cq_elementwise_avx2.absmax) printf("skip avx2: element-wise kernels not compiled\n");
     else if (!isa_runs(CQ_ISA_AVX2)) printf("skip avx2: element-wise kernels (this CPU lacks it)\n");
     else test_elementwise(&cq_elementwise_avx2, "avx2");
+    if (!cq_elementwise_avx512.absmax) printf("skip avx512: element-wise kernels not compiled\n");
+    else if (!isa_runs(CQ_ISA_AVX512)) printf("skip avx512: element-wise kernels (this CPU lacks it)\n");
+    else test_elementwise(&cq_elementwise_avx512, "avx512");
 #endif
 }
 

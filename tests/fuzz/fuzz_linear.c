@@ -144,7 +144,7 @@ done:
         int mul_ok = fz_all_finite(mul, k);
         for (int64_t i = 0; i < m * k; i++) xm[i] = x[i] * mul[i % k];
         for (int64_t i = 0; i < m * n; i++) y1[i] = 1234.5f;
-        int st1 = cq_linear_ex(mode, x, m, k, packed, s, scheme, group, n, bias, mul, 0.0f, y1);
+        int st1 = cq_linear_ex(mode, x, m, k, packed, s, scheme, group, n, bias, mul, 0, 0.0f, y1);
         if (!mul_ok) {
             fz_expect(st1 == CQ_ERR_NONFINITE, "x_mul with NaN/Inf gave %d", st1);
             for (int64_t i = 0; i < m * n; i++) fz_expect(y1[i] == 1234.5f, "refused call wrote y");
@@ -157,12 +157,12 @@ done:
         }
         float xs;
         fz_floats(&r, &xs, 1);
-        int st3 = cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, scheme, group, n, bias, NULL, xs, y1);
+        int st3 = cq_linear_ex(CQ_MODE_DYNAMIC, x, m, k, packed, s, scheme, group, n, bias, NULL, 0, xs, y1);
         if (xs == 0.0f || (xs > 0.0f && isfinite(xs)))
             fz_expect(st3 == CQ_OK, "x_scale %g gave %d", xs, st3);
         else
             fz_expect(st3 == CQ_ERR_ARG, "x_scale %g gave %d", xs, st3);
-        fz_expect(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, scheme, group, n, bias, NULL, 0.5f, y1)
+        fz_expect(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, scheme, group, n, bias, NULL, 0, 0.5f, y1)
                   == CQ_ERR_ARG, "static weight-only not refused");
         free(mul); free(xm); free(y1); free(y2);
     }

@@ -154,10 +154,115 @@ static int absmax_mul_avx2(const float *x, const float *mul, int64_t n, float *p
     return absmax_core(x, mul, prod, n, amax);
 }
 
+/* The Hadamard stages h = 1, 2, 4 (those below b) inside one vector of 8: lanes whose bit h is
+ * clear take a + c, the others a - c (a the lane below, c the lane above): the pairs and operands of
+ * the reference. One permute and one FMA per stage: fma(v, sign, swapped) = swapped + v or
+ * swapped - v, rounded once from an exact product (v * +-1), so it equals the add / sub. */
+CQ_INLINE __m256 fwht_in8(__m256 v, int64_t b)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), neg = _mm256_set1_ps(-1.0f);
+    v = _mm256_fmadd_ps(v, _mm256_blend_ps(one, neg, 0xAA), _mm256_permute_ps(v, 0xB1)); /* lanes 1 0 3 2 */
+    if (b >= 4) v = _mm256_fmadd_ps(v, _mm256_blend_ps(one, neg, 0xCC), _mm256_permute_ps(v, 0x4E));
+    if (b >= 8) v = _mm256_fmadd_ps(v, _mm256_blend_ps(one, neg, 0xF0), _mm256_permute2f128_ps(v, v, 0x01));
+    return v;
+}
+
+/* Running max of |v| as int32 bit patterns: for non-negative floats the integer order is the float
+ * order, and NaN / Inf patterns (>= 0x7f800000) are above every finite one, so the max also tells
+ * whether all were finite. */
+CQ_INLINE __m256i absmax_bits(__m256i mx, __m256 v)
+{
+    return _mm256_max_epi32(mx, _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fffffff)));
+}
+
+/* One block of nv * 8 values (nv = 1, 2, 4 or 8: blocks up to 64) in registers: loaded (times mul),
+ * every stage below 8 * nv, stored, and folded into the running max. */
+CQ_INLINE __m256i fwht_regs(const float *x, const float *mul, float *out, int nv, __m256i mx)
+{
+    __m256 r[8];
+    for (int j = 0; j < nv; j++) {
+        __m256 v = _mm256_loadu_ps(x + 8 * j);
+        if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + 8 * j));
+        r[j] = fwht_in8(v, 8);
+    }
+    for (int h = 1; h < nv; h *= 2)
+        for (int j = 0; j < nv; j++)
+            if (!(j & h)) {
+                const __m256 a = r[j], c = r[j + h];
+                r[j] = _mm256_add_ps(a, c);
+                r[j + h] = _mm256_sub_ps(a, c);
+            }
+    for (int j = 0; j < nv; j++) {
+        _mm256_storeu_ps(out + 8 * j, r[j]);
+        mx = absmax_bits(mx, r[j]);
+    }
+    return mx;
+}
+
+CQ_INLINE __m256i fwht_blocks(const float *x, const float *mul, int64_t n, int nv, float *out, __m256i mx)
+{
+    for (int64_t i = 0; i < n; i += 8 * nv) mx = fwht_regs(x + i, mul ? mul + i : NULL, out + i, nv, mx);
+    return mx;
+}
+
+int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax)
+{
+    __m256i mx = _mm256_setzero_si256();
+    if (b < 8) { /* blocks of 2 or 4: whole vectors, then the tail as the reference */
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            __m256 v = _mm256_loadu_ps(x + i);
+            if (mul) v = _mm256_mul_ps(v, _mm256_loadu_ps(mul + i));
+            v = fwht_in8(v, b);
+            _mm256_storeu_ps(out + i, v);
+            mx = absmax_bits(mx, v);
+        }
+        for (int64_t t = i; t < n; t++) out[t] = mul ? x[t] * mul[t] : x[t];
+        for (int64_t h = 1; h < b; h *= 2)
+            for (int64_t i0 = i; i0 < n; i0 += 2 * h)
+                for (int64_t t = i0; t < i0 + h; t++) {
+                    const float a = out[t], c = out[t + h];
+                    out[t] = a + c;
+                    out[t + h] = a - c;
+                }
+        for (int64_t t = i; t < n; t++) mx = absmax_bits(mx, _mm256_set1_ps(out[t]));
+    } else {
+        /* stages below 64 in registers; any larger stage as a pass over out (the row is in L1) */
+        if (b == 8) mx = fwht_blocks(x, mul, n, 1, out, mx);
+        else if (b == 16) mx = fwht_blocks(x, mul, n, 2, out, mx);
+        else if (b == 32) mx = fwht_blocks(x, mul, n, 4, out, mx);
+        else mx = fwht_blocks(x, mul, n, 8, out, mx);
+        if (b > 64) {
+            for (int64_t h = 64; h < b; h *= 2)
+                for (int64_t i0 = 0; i0 < n; i0 += 2 * h)
+                    for (int64_t t = i0; t < i0 + h; t += 8) {
+                        const __m256 a = _mm256_loadu_ps(out + t), c = _mm256_loadu_ps(out + t + h);
+                        _mm256_storeu_ps(out + t, _mm256_add_ps(a, c));
+                        _mm256_storeu_ps(out + t + h, _mm256_sub_ps(a, c));
+                    }
+            return absmax_core(out, NULL, NULL, n, amax);
+        }
+    }
+    int32_t tmp[8], m = 0;
+    _mm256_storeu_si256((__m256i *)tmp, mx);
+    for (int j = 0; j < 8; j++) m = tmp[j] > m ? tmp[j] : m;
+    if (m >= 0x7f800000) { *amax = 0.0f; return 0; }
+    memcpy(amax, &m, sizeof m);
+    return 1;
+}
+
 CQ_TARGET_END
 
 const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
-                                            facc_fold_avx2, absmax_mul_avx2};
+                                            facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2};
+#if CQ_CAN_TARGET_AVX512
+/* the AVX-512 paths: the same table with the zmm rotation (x86/avx512/hadamard-avx512.c) */
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
+                                              facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx512};
+#else
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0};
+#endif
 #elif defined(CQ_X86)
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -84,7 +84,7 @@ from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
-                         _shared_tensor, _state_shapes_ok, inference_only_message)
+                         _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
@@ -124,7 +124,7 @@ class QuantizedTorchLinear(torch.nn.Module):
     ``bias``. ``forward(x)``: ``x (..., in_features)`` CPU tensor -> ``(..., out_features)``.
     """
 
-    _cquant_x_mul = True  # forward takes x_mul (a smoothing pre-scale applied in the kernel)
+    _cquant_x_mul = True  # forward takes x_mul and x_hadamard (smoothing / rotation in the kernel)
 
     def __init__(self, qforward: QuantizedLinearForward, source: str = "Linear"):
         super().__init__()
@@ -173,12 +173,16 @@ class QuantizedTorchLinear(torch.nn.Module):
         return self.qforward.bias
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, x: "torch.Tensor", x_mul: "Optional[torch.Tensor]" = None) -> "torch.Tensor":
+    def forward(self, x: "torch.Tensor", x_mul: "Optional[torch.Tensor]" = None,
+                x_hadamard: int = 0) -> "torch.Tensor":
         """``x_mul`` (in_features,) float32 tensor: the input is ``x * x_mul`` (a smoothing
-        pre-scale), applied inside the kernel's activation pass."""
+        pre-scale), applied inside the kernel's activation pass; ``x_hadamard``: then rotated in
+        blocks of that size (:func:`cquant.ops.linear`), in the same pass."""
         if _graph_mode(x):
             if x_mul is not None:
                 x = x * (x_mul if x.dtype == torch.float32 else x_mul.to(x.dtype))
+            if x_hadamard:
+                x = hadamard_torch(x, x_hadamard)
             return self._forward_op(x)
         if not isinstance(x, torch.Tensor):
             raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
@@ -194,10 +198,11 @@ class QuantizedTorchLinear(torch.nn.Module):
         xf = x if dtype == torch.float32 else x.to(torch.float32)
         if not xf.is_contiguous():
             xf = xf.contiguous()
-        if x_mul is None:
+        if x_mul is None and not x_hadamard:
             y = torch.from_numpy(self.qforward(xf.detach().numpy()))
         else:
-            y = torch.from_numpy(self.qforward(xf.detach().numpy(), x_mul=x_mul.detach().numpy()))
+            y = torch.from_numpy(self.qforward(xf.detach().numpy(), x_mul=None if x_mul is None else
+                                               x_mul.detach().numpy(), x_hadamard=x_hadamard))
         if self.qforward.qweight.packed is not self._packed_src:
             self._sync_packed()
         if dtype != torch.float32:

@@ -30,6 +30,21 @@ def inference_only_message(what: str = "this model") -> str:
             "cquant.qat.prepare(float_model, scheme), train, then cquant.qat.convert(model).")
 
 
+def hadamard_torch(x: "torch.Tensor", block: int) -> "torch.Tensor":
+    """:func:`cquant.ops.hadamard` in torch (differentiable, traceable): the unnormalised
+    Walsh-Hadamard transform of each block of ``block`` columns, in the kernel's order of operations
+    (bit-identical to it in float32)."""
+    shape = x.shape
+    k = shape[-1]
+    h = 1
+    while h < block:
+        v = x.reshape(-1, k // (2 * h), 2, h)
+        a, c = v[:, :, 0, :], v[:, :, 1, :]
+        x = torch.stack((a + c, a - c), dim=2).reshape(shape)
+        h *= 2
+    return x
+
+
 def _shared_tensor(a: np.ndarray) -> "torch.Tensor":
     """A torch tensor sharing ``a``'s memory (read-only arrays too: cquant never writes through it)."""
     with warnings.catch_warnings():

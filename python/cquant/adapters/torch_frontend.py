@@ -128,8 +128,8 @@ class TorchFrontEnd(FrontEnd):
     def weight_in_out(self, mod: Any) -> bool:
         return type(mod).__name__ == "Conv1D"
 
-    def smoothed(self, mod: Any, inv_scale: np.ndarray) -> Any:
-        return SmoothedTorchLinear(mod, inv_scale)
+    def smoothed(self, mod: Any, inv_scale: np.ndarray, hadamard: int = 0) -> Any:
+        return SmoothedTorchLinear(mod, inv_scale, hadamard)
 
 
 TORCH = TorchFrontEnd()

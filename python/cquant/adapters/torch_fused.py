@@ -83,7 +83,7 @@ def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
     """The quantized linear's numpy forward (a fresh float32 array); a smoothing wrapper's 1/s
     goes into the kernel (x_mul), as the wrapper itself does."""
     if type(lin).__name__ == "SmoothedTorchLinear":
-        return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy())
+        return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy(), x_hadamard=lin.block)
     return lin.qforward(x)
 
 
