@@ -424,3 +424,35 @@ def test_save_pretrained_int4_and_static_round_trip(tmp_path, scheme):
     assert type(lin).__name__ == "QuantizedTorchLinear"
     assert lin.qweight.bits == (4 if "int4" in scheme else 8)
     assert (lin.act_scale_value is not None) == (scheme == "static")
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
+    """A smoothed (and rotated) model survives save_pretrained / from_pretrained bit for bit: the
+    pre-scale wrappers are rebuilt from their <name>.inv_scale tensors, the rotation's block size from
+    <name>.hadamard; a layer kept float inside a wrapper too. A lying block size is refused."""
+    transformers = _transformers()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
+                                  intermediate_size=128)
+    m = transformers.BertModel(cfg).eval()
+    cal = [dict(input_ids=torch.randint(0, 100, (2, 7)))]
+    q = cquant.Quantizer.quantize_dynamic(m, inplace=False, calibration=cal, smoothing=0.5, rotate=rotate,
+                                          scheme={"*intermediate.dense": None, "*": "int8 dynamic per_channel"})
+    wrapped = q.encoder.layer[0].attention.self.query
+    assert type(wrapped).__name__ == "SmoothedTorchLinear" and wrapped.block == (64 if rotate else 0)
+    assert type(q.encoder.layer[0].intermediate.dense.linear).__name__ == "Linear"   # kept float, wrapped
+    cquant.save_pretrained(q, str(tmp_path))
+    r = cquant.from_pretrained(str(tmp_path))
+    ids = torch.randint(0, 100, (2, 9))
+    with torch.inference_mode():
+        assert torch.equal(q(input_ids=ids).last_hidden_state, r(input_ids=ids).last_hidden_state)
+    assert r.encoder.layer[0].attention.self.query.block == (64 if rotate else 0)
+    if rotate:  # a block size that does not divide in_features: refused on load, nothing half-built returned
+        from safetensors.torch import load_file, save_file
+        f = str(tmp_path / "cquant-model.safetensors")
+        t = load_file(f)
+        t["encoder.layer.0.attention.self.query.hadamard"] = torch.tensor([48])
+        save_file(t, f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match="hadamard"):
+            cquant.from_pretrained(str(tmp_path))

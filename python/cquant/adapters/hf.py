@@ -300,6 +300,28 @@ def _embeddings_from(d: str, model: "torch.nn.Module", cq: Dict[str, Any], tenso
         new[name] = QuantizedTorchEmbedding(qw, em.get("padding_idx"), dtype=dtype)
 
 
+def _smoothing_wrappers(model: "torch.nn.Module", tensors: Dict[str, "torch.Tensor"]) -> None:
+    """Put a smoothing pre-scale wrapper (placeholder: its ``inv_scale`` and rotation come with the
+    other tensors) around every module the checkpoint smoothed (a ``<name>.inv_scale`` tensor), so
+    that ``<name>.linear`` (quantized or float) has a place to go."""
+    from .torch_smoothing import SmoothedTorchLinear
+    subs = dict(model.named_modules())
+    sites, _ = _module_sites(model)
+    for key in [k for k in tensors if k.endswith(".inv_scale")]:
+        name = key[: -len(".inv_scale")]
+        old = subs.get(name)
+        if old is None or type(old).__name__ == "SmoothedTorchLinear" or not sites.get(id(old)):
+            raise errors.ValueError(f"checkpoint tensor {key!r}: the model built from the config has no "
+                                    f"layer {name!r} to wrap")
+        inv = tensors[key]
+        if inv.dim() != 1 or inv.numel() != getattr(old, "in_features", inv.numel()):
+            raise errors.ValueError(f"checkpoint tensor {key!r} has shape {tuple(inv.shape)}, expected "
+                                    f"({getattr(old, 'in_features', '?')},)")
+        w = SmoothedTorchLinear(old, np.ones(inv.numel(), np.float32))
+        for parent, cname in sites[id(old)]:
+            parent._modules[cname] = w
+
+
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
 
@@ -377,6 +399,7 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
         new[aname] = QuantizedMultiheadAttention(a["embed_dim"], a["num_heads"], *parts,
                                                  batch_first=a.get("batch_first", False))
     _embeddings_from(d, model, cq, tensors, new)
+    _smoothing_wrappers(model, tensors)
     subs = dict(model.named_modules())
     sites, _ = _module_sites(model)
     for name, mod in new.items():
