@@ -22,9 +22,9 @@
 #endif
 
 #define CQ_VERSION_MAJOR 0
-#define CQ_VERSION_MINOR 2
+#define CQ_VERSION_MINOR 3
 #define CQ_VERSION_PATCH 0
-#define CQ_VERSION_STRING "0.2.0"
+#define CQ_VERSION_STRING "0.3.0"
 
 #ifdef __cplusplus
 extern "C" {

@@ -153,8 +153,28 @@ static void facc_fold_ref(int n, const int32_t *acc, const int32_t *comp, float 
 
 static int absmax_mul_ref(const float *x, const float *mul, int64_t n, float *prod, float *amax)
 {
-    for (int64_t i = 0; i < n; i++) prod[i] = x[i] * mul[i];
-    return absmax_ref(prod, n, amax);
+    float m = 0.0f;
+    int finite = 1;
+    for (int64_t i = 0; i < n; i++) {
+        const float v = x[i] * mul[i];
+        if (prod) prod[i] = v;
+        const float a = fabsf(v);
+        if (!(a <= 3.402823466e38f)) finite = 0;
+        else if (a > m) m = a;
+    }
+    *amax = m;
+    return finite;
+}
+
+/* quantize_ref of the float32 products x[i] * mul[i] (formed again, not read from memory) */
+static void quantize_mul_ref(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
+{
+    for (int64_t i = 0; i < n; i++) {
+        float r = nearbyintf((x[i] * mul[i]) / scale);
+        if (r > 127.0f) r = 127.0f;
+        if (r < -127.0f) r = -127.0f;
+        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+    }
 }
 
 /* The rotation of cq_linear_ex's x_hadamard, the order of operations that defines it: v = x (or the
@@ -176,4 +196,4 @@ static int hadamard_absmax_ref(const float *x, const float *mul, int64_t n, int6
 }
 
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
-                                           facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref};
+                                           facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref, quantize_mul_ref};

@@ -173,14 +173,18 @@ typedef struct {
      * j < n (a multiple of 16): the kernels' CQ_OUT_FACC epilogue, bit for bit, for the drivers
      * that fold raw per-group sums themselves (the per-group GEMV). */
     void (*facc_fold)(int n, const int32_t *acc, const int32_t *comp, float sx, const float *ws, float *facc);
-    /* prod[i] = x[i] * m[i] (float32 product) and max |prod[i]| into *amax in one pass; returns 1 if
-     * every product is finite (the activation quantizer's pre-scale, cq_linear_ex's x_mul). */
+    /* prod[i] = x[i] * m[i] (float32 product; not stored when prod is NULL) and max |prod[i]| into
+     * *amax in one pass; returns 1 if every product is finite (the activation quantizer's pre-scale,
+     * cq_linear_ex's x_mul). */
     int (*absmax_mul)(const float *x, const float *m, int64_t n, float *prod, float *amax);
     /* out = the Walsh-Hadamard rotation of x (or of the float32 products x[i] * mul[i], mul non-NULL)
      * in blocks of b (a power of two >= 2 dividing n), unnormalised, in the order of operations that
      * ref/ref-kernels.c's hadamard_absmax_ref defines (bit-exact on every path), and max |out[i]|
      * into *amax; returns 1 if every out[i] is finite (cq_linear_ex's x_hadamard). */
     int (*hadamard_absmax)(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
+    /* quantize of the float32 products x[i] * mul[i], formed again in registers (bit-identical to
+     * quantize on a stored product: the x_mul pass without the product's round trip to memory) */
+    void (*quantize_mul)(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
 #ifdef CQ_X86

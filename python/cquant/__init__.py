@@ -9,7 +9,7 @@ array layer on top; everything else (Quantizer, nn, io, cli) is built on ``cquan
 """
 from __future__ import annotations
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 try:
     from ._native import ffi as _ffi, lib as _lib

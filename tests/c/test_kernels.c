@@ -868,6 +868,22 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
             t->quantize(x, n, 0.05f, q2, flip);
             CHECK(memcmp(q1, q2, (size_t)n) == 0, "%s quantize clamp n=%d flip=%#x", name, n, flip);
         }
+        /* the pre-scaled forms (x_mul): the products formed in registers, stored or not */
+        {
+            float *mul = (float *)xmalloc(sizeof(float) * (size_t)n), *prod = (float *)xmalloc(sizeof(float) * (size_t)n);
+            for (int i = 0; i < n; i++) mul[i] = 0.01f + (float)((i * 13) % 17) * 0.37f;
+            float p1, p2, p3;
+            int g1 = ref->absmax_mul(x, mul, n, prod, &p1), g2 = t->absmax_mul(x, mul, n, NULL, &p2);
+            int g3 = t->absmax_mul(x, mul, n, prod, &p3);
+            CHECK(g1 == 1 && g2 == 1 && g3 == 1 && p1 == p2 && p1 == p3, "%s absmax_mul n=%d", name, n);
+            for (int flip = 0; flip <= 0x80; flip += 0x80) {
+                ref->quantize(prod, n, p1 / 127.0f, q1, flip);
+                memset(q2, 0x55, (size_t)n);
+                t->quantize_mul(x, mul, n, p1 / 127.0f, q2, flip);
+                CHECK(memcmp(q1, q2, (size_t)n) == 0, "%s quantize_mul n=%d flip=%#x", name, n, flip);
+            }
+            free(mul); free(prod);
+        }
         /* the reference itself: the contract in plain C */
         ref->quantize(x, n, s, q1, 0x80);
         int bad = -1;

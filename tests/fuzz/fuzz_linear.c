@@ -164,6 +164,34 @@ done:
             fz_expect(st3 == CQ_ERR_ARG, "x_scale %g gave %d", xs, st3);
         fz_expect(cq_linear_ex(CQ_MODE_WEIGHT_ONLY, x, m, k, packed, s, scheme, group, n, bias, NULL, 0, 0.5f, y1)
                   == CQ_ERR_ARG, "static weight-only not refused");
+        /* x_hadamard: a fuzzed block b; a power of two >= 2 dividing k must give exactly cq_linear on
+         * the rotation written out here (stages h = 1, 2, ..., b / 2 of float32 a + c, a - c), any
+         * other value CQ_ERR_ARG with nothing written */
+        if (mul_ok) {
+            int64_t b = (int64_t)1 << (fz_u8(&r) % 12);
+            if (fz_u8(&r) & 1) b += fz_u8(&r) % 3; /* sometimes not a power of two */
+            for (int64_t i = 0; i < m * n; i++) y1[i] = 1234.5f;
+            int st4 = cq_linear_ex(mode, x, m, k, packed, s, scheme, group, n, bias, mul, b, 0.0f, y1);
+            if (b >= 2 && (b & (b - 1)) == 0 && k % b == 0) {
+                fz_expect(st4 == CQ_OK, "x_hadamard %lld gave %d", (long long)b, st4);
+                for (int64_t h = 1; h < b; h *= 2)
+                    for (int64_t row = 0; row < m; row++)
+                        for (int64_t i0 = 0; i0 < k; i0 += 2 * h)
+                            for (int64_t i = i0; i < i0 + h; i++) {
+                                float a = xm[row * k + i], c = xm[row * k + i + h];
+                                xm[row * k + i] = a + c;
+                                xm[row * k + i + h] = a - c;
+                            }
+                fz_expect(cq_linear(mode, xm, m, k, packed, s, scheme, group, n, bias, y2) == CQ_OK, "rotated x");
+                for (int64_t i = 0; i < m * n; i++)
+                    fz_expect(y1[i] == y2[i] || (isnan(y1[i]) && isnan(y2[i])),
+                              "x_hadamard %lld: y[%lld] = %.9g, on the rotated x %.9g (mode %d)", (long long)b,
+                              (long long)i, y1[i], y2[i], mode);
+            } else {
+                fz_expect(st4 == CQ_ERR_ARG, "x_hadamard %lld gave %d", (long long)b, st4);
+                for (int64_t i = 0; i < m * n; i++) fz_expect(y1[i] == 1234.5f, "refused call wrote y");
+            }
+        }
         free(mul); free(xm); free(y1); free(y2);
     }
     free(w); free(s); free(x); free(y); free(bias); free(q); free(packed);

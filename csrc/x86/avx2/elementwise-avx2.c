@@ -20,8 +20,10 @@ CQ_INLINE int absmax_core(const float *x, const float *mul, float *prod, int64_t
         if (mul) {
             v0 = _mm256_mul_ps(v0, _mm256_loadu_ps(mul + i));
             v1 = _mm256_mul_ps(v1, _mm256_loadu_ps(mul + i + 8));
-            _mm256_storeu_ps(prod + i, v0);
-            _mm256_storeu_ps(prod + i + 8, v1);
+            if (prod) {
+                _mm256_storeu_ps(prod + i, v0);
+                _mm256_storeu_ps(prod + i + 8, v1);
+            }
         }
         __m256 a0 = _mm256_and_ps(v0, absmask), a1 = _mm256_and_ps(v1, absmask);
         bad = _mm256_or_ps(bad, _mm256_cmp_ps(a0, big, _CMP_NLE_UQ));
@@ -37,7 +39,10 @@ CQ_INLINE int absmax_core(const float *x, const float *mul, float *prod, int64_t
     int finite = _mm256_movemask_ps(bad) == 0;
     for (; i < n; i++) {
         float v = x[i];
-        if (mul) prod[i] = v = v * mul[i];
+        if (mul) {
+            v = v * mul[i];
+            if (prod) prod[i] = v;
+        }
         float a = fabsf(v);
         if (!(a <= 3.402823466e38f)) finite = 0;
         else if (a > m) m = a;
@@ -54,6 +59,33 @@ CQ_INLINE __m256i q8(const float *x, __m256 s, __m256 lo, __m256 hi)
     v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
     return _mm256_cvtps_epi32(v);
+}
+
+CQ_INLINE __m256i q8m(const float *x, const float *mul, __m256 s, __m256 lo, __m256 hi)
+{
+    __m256 v = _mm256_div_ps(_mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(mul)), s);
+    v = _mm256_round_ps(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
+    return _mm256_cvtps_epi32(v);
+}
+
+static void quantize_mul_avx2(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
+{
+    const __m256i flipv = _mm256_set1_epi8((char)flip);
+    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i a = q8m(x + i, mul + i, s, lo, hi), b = q8m(x + i + 8, mul + i + 8, s, lo, hi);
+        __m256i c = q8m(x + i + 16, mul + i + 16, s, lo, hi), d = q8m(x + i + 24, mul + i + 24, s, lo, hi);
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        _mm256_storeu_si256((__m256i *)(q + i), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), flipv));
+    }
+    for (; i < n; i++) {
+        float r = nearbyintf((x[i] * mul[i]) / scale);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+    }
 }
 
 static void quantize_avx2(const float *x, int64_t n, float scale, int8_t *q, int flip)
@@ -254,15 +286,17 @@ int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t
 CQ_TARGET_END
 
 const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
-                                            facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2};
+                                            facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2,
+                                            quantize_mul_avx2};
 #if CQ_CAN_TARGET_AVX512
 /* the AVX-512 paths: the same table with the zmm rotation (x86/avx512/hadamard-avx512.c) */
 const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
-                                              facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx512};
+                                              facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx512,
+                                              quantize_mul_avx2};
 #else
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif
 #elif defined(CQ_X86)
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0};
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif
