@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PKG = os.path.join(ROOT, "python", "cquant")
 
 METHODS = ("layers", "norm_layers", "replace", "quantize", "report", "state_tensors", "install",
-           "set_param", "weight_in_out", "smoothed")
+           "set_param", "weight_in_out", "smoothed", "unwrap")
 
 
 class DuckLinear:
@@ -249,6 +249,19 @@ def test_torch_smoothing_uses_the_torch_wrapper_and_parameters():
     assert isinstance(lin.bias, torch.nn.Parameter) and float(lin.bias.detach().abs().sum()) == 0
     assert not TORCH.weight_in_out(lin)
     assert fe.NN.smoothed(nn.Linear(2, 2), np.ones(2, np.float32)) is None
+
+
+def test_unwrap_recognises_the_smoothing_wrappers():
+    from cquant.smoothing import Smoothed
+    lin = nn.Linear(4, 3)
+    assert fe.NN.unwrap(Smoothed(lin, np.ones(4, np.float32))) is lin
+    assert fe.NN.unwrap(lin) is None and fe.OBJECTS.unwrap(DuckLinear(4, 3, np.random.default_rng(0))) is None
+    torch = pytest.importorskip("torch", reason="torch is not installed (optional)")
+    from cquant.adapters.torch_frontend import TORCH
+    from cquant.adapters.torch_smoothing import SmoothedTorchLinear
+    tlin = torch.nn.Linear(4, 3)
+    assert TORCH.unwrap(SmoothedTorchLinear(tlin, np.ones(4, np.float32))) is tlin
+    assert TORCH.unwrap(tlin) is None
 
 
 # --------------------------------------------------------------------------------------------------

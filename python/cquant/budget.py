@@ -52,7 +52,7 @@ import numpy as np
 
 from . import errors
 from . import frontends as fe
-from .compare import _invoke, _scheme_of, _units
+from .compare import _invoke, _linear_of, _scheme_of, _units
 
 __all__ = ["BudgetResult", "LayerSensitivity", "BudgetWarning", "plan", "cosine_rows", "DEFAULT_REFINE"]
 
@@ -220,8 +220,7 @@ class _Evaluator:
 def _nbytes(obj: Any) -> int:
     """Bytes a unit (a Linear, a quantized one, or a smoothing wrapper around one) holds in its
     weight + bias (the wrapper's pre-scale vector is not counted)."""
-    if type(obj).__name__ in ("Smoothed", "SmoothedTorchLinear"):
-        obj = obj.linear
+    obj = _linear_of(obj)
     qf = fe.quantized_forward_of(obj)
     if qf is not None:
         b = getattr(qf, "bias", None)
@@ -240,8 +239,7 @@ def _nbytes(obj: Any) -> int:
 
 
 def _float_weight_bytes(obj: Any) -> int:
-    if type(obj).__name__ in ("Smoothed", "SmoothedTorchLinear"):
-        obj = obj.linear
+    obj = _linear_of(obj)
     w = getattr(obj, "weight", None)
     if w is None:
         return 0

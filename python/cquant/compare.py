@@ -40,8 +40,6 @@ from .smoothing import INPUT_SCALES_ATTR, OUTPUT_SCALES_ATTR
 
 __all__ = ["compare", "Comparison", "LayerError"]
 
-_WRAPPERS = ("Smoothed", "SmoothedTorchLinear")
-
 
 @dataclass(frozen=True)
 class LayerError:
@@ -115,22 +113,26 @@ class _Acc:
 def _units(model: Any, quantized: Optional[bool]) -> Dict[str, fe.LayerRef]:
     """Layer name -> the unit to compare: the Linear itself, or the smoothing wrapper around it."""
     out: Dict[str, fe.LayerRef] = {}
-    torch_or_nn = fe.frontend(model) != "objects"
-    for r in fe.linear_layers(model, quantized=quantized):
+    front = fe.for_model(model)
+    for r in front.layers(model, quantized=quantized):
         name, obj = r.name, r.obj
-        if torch_or_nn and name.endswith(".linear"):
+        if front.name != "objects" and name.endswith(".linear"):
             parent_name = name[: -len(".linear")]
             parent = fe.find_module(model, parent_name)
-            if type(parent).__name__ in _WRAPPERS:
+            if front.unwrap(parent) is not None:
                 name, obj = parent_name, parent
         out[name] = fe.LayerRef(name, obj, r.in_features, r.out_features, r.quantized)
     return out
 
 
+def _linear_of(obj: Any) -> Any:
+    """A unit's Linear: ``obj`` itself, or the one it wraps if it is a smoothing wrapper."""
+    inner = fe.for_model(obj).unwrap(obj)
+    return obj if inner is None else inner
+
+
 def _scheme_of(obj: Any) -> str:
-    if type(obj).__name__ in _WRAPPERS:
-        obj = obj.linear
-    qf = fe.quantized_forward_of(obj)
+    qf = fe.quantized_forward_of(_linear_of(obj))
     return getattr(qf, "scheme", "") if qf is not None else "float"
 
 
@@ -143,9 +145,9 @@ def compare(float_model: Any, quantized_model: Any, batches: Any, sensitivity: b
     (see the module docstring). Both models must be of the same front-end, with the same layer
     names; the float model is only run, never modified."""
     blist = fe.batch_list(batches)
-    if fe.frontend(float_model) != fe.frontend(quantized_model):
-        raise errors.TypeError(f"models of different kinds: {fe.frontend(float_model)} and "
-                               f"{fe.frontend(quantized_model)}")
+    fkind, qkind = fe.for_model(float_model).name, fe.for_model(quantized_model).name
+    if fkind != qkind:
+        raise errors.TypeError(f"models of different kinds: {fkind} and {qkind}")
     funits = _units(float_model, quantized=None)
     qunits = _units(quantized_model, quantized=None)
     pairs = [n for n in qunits if n in funits and (qunits[n].quantized or _scheme_of(qunits[n].obj) != "float")]

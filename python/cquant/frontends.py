@@ -244,6 +244,10 @@ def _is_qforward(obj: Any) -> bool:
     return getattr(type(obj), "_cquant_qforward", False) is True
 
 
+def _is_smoothing_wrapper(obj: Any) -> bool:
+    return getattr(type(obj), "_cquant_smoothing_wrapper", False) is True
+
+
 def quantized_forward_of(obj: Any) -> Any:
     """The quantized forward a layer carries (a QuantizedLinear module itself, the
     QuantizedLinearForward of a converted duck layer or of a torch QuantizedTorchLinear), or None."""
@@ -359,7 +363,9 @@ class FrontEnd:
     - :meth:`state_tensors`: the :class:`CheckpointState` :func:`cquant.save` writes;
     - :meth:`install`: install a :class:`cquant.io.Checkpoint` (``cquant.load_into``);
     - :meth:`set_param`, :meth:`weight_in_out`, :meth:`smoothed`: what :func:`cquant.smooth` needs
-      to rescale a layer's parameters and wrap it.
+      to rescale a layer's parameters and wrap it;
+    - :meth:`unwrap`: the Linear inside a smoothing pre-scale wrapper (:func:`cquant.compare`, the
+      accuracy budget).
     """
     name = ""
     embeddings = False
@@ -400,6 +406,12 @@ class FrontEnd:
         ``hadamard`` when > 0), or None for the default (:class:`cquant.smoothing.Smoothed`, a
         cquant.nn module)."""
         return None
+
+    def unwrap(self, obj: Any) -> Any:
+        """The Linear (float or quantized) that ``obj`` wraps if it is a smoothing pre-scale wrapper
+        (:class:`cquant.smoothing.Smoothed`, ``SmoothedTorchLinear``: classes marked
+        ``_cquant_smoothing_wrapper = True``), else None."""
+        return obj.linear if _is_smoothing_wrapper(obj) else None
 
     def __repr__(self) -> str:
         return f"<cquant front-end {self.name!r}>"

@@ -72,6 +72,8 @@ class Smoothed(nn.Module):
     ``hadamard`` is a parameter (int64, shape (1,); 0: none), so it travels in state_dict and
     checkpoints; a state_dict without it (written before rotation existed) loads as 0."""
 
+    _cquant_smoothing_wrapper = True  # what FrontEnd.unwrap (cquant.frontends) recognises
+
     def __init__(self, linear: nn.Module, inv_scale: np.ndarray, hadamard: int = 0):
         super().__init__()
         self.linear = linear

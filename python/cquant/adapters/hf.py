@@ -44,6 +44,7 @@ import torch
 from .. import __version__, errors, ops
 from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
 from ..quantization import QuantizedLinearForward
+from .torch_smoothing import SmoothedTorchLinear
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
 from .torch_embedding import QuantizedTorchEmbedding
@@ -304,13 +305,12 @@ def _smoothing_wrappers(model: "torch.nn.Module", tensors: Dict[str, "torch.Tens
     """Put a smoothing pre-scale wrapper (placeholder: its ``inv_scale`` and rotation come with the
     other tensors) around every module the checkpoint smoothed (a ``<name>.inv_scale`` tensor), so
     that ``<name>.linear`` (quantized or float) has a place to go."""
-    from .torch_smoothing import SmoothedTorchLinear
     subs = dict(model.named_modules())
     sites, _ = _module_sites(model)
     for key in [k for k in tensors if k.endswith(".inv_scale")]:
         name = key[: -len(".inv_scale")]
         old = subs.get(name)
-        if old is None or type(old).__name__ == "SmoothedTorchLinear" or not sites.get(id(old)):
+        if old is None or getattr(type(old), "_cquant_smoothing_wrapper", False) or not sites.get(id(old)):
             raise errors.ValueError(f"checkpoint tensor {key!r}: the model built from the config has no "
                                     f"layer {name!r} to wrap")
         inv = tensors[key]

@@ -41,7 +41,7 @@ _CLASSES: Dict[Tuple[type, type], type] = {}
 
 def _quantized_linear(mod: Any) -> bool:
     """A quantized linear (or one inside a smoothing pre-scale wrapper) the fast path can call."""
-    if type(mod).__name__ == "SmoothedTorchLinear":
+    if getattr(type(mod), "_cquant_smoothing_wrapper", False):
         mod = getattr(mod, "linear", None)
     return type(mod).__name__ == "QuantizedTorchLinear" and getattr(mod, "qforward", None) is not None
 
@@ -82,7 +82,7 @@ def _np(x: "torch.Tensor") -> np.ndarray:
 def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
     """The quantized linear's numpy forward (a fresh float32 array); a smoothing wrapper's 1/s
     goes into the kernel (x_mul), as the wrapper itself does."""
-    if type(lin).__name__ == "SmoothedTorchLinear":
+    if getattr(type(lin), "_cquant_smoothing_wrapper", False):
         return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy(), x_hadamard=lin.block)
     return lin.qforward(x)
 

@@ -21,6 +21,8 @@ class SmoothedTorchLinear(torch.nn.Module):
     kernel once quantized). ``hadamard`` is an int64 buffer of shape (1,) (0: none); a state_dict
     without it (written before rotation existed) loads as 0."""
 
+    _cquant_smoothing_wrapper = True  # what FrontEnd.unwrap (cquant.frontends) recognises
+
     def __init__(self, linear: torch.nn.Module, inv_scale: np.ndarray, hadamard: int = 0):
         super().__init__()
         self.linear = linear
