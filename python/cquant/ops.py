@@ -591,12 +591,21 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     else:
         mp = _NULL
         if x_mul is not None:
-            xm = x_mul
-            if type(xm) is not np.ndarray or xm.dtype is not _F32 or not xm.flags.c_contiguous or not xm.flags.aligned:
-                xm = _float_array(xm, "x_mul")
-            if xm.shape != (k,):
-                raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
-            mp = _from_buffer("float[]", xm)
+            hit = _XMUL_PTRS.get(id(x_mul))
+            if hit is not None and hit[0] is x_mul and hit[0].shape == (k,) and hit[0].dtype is _F32:
+                mp = hit[1]
+            else:
+                xm = x_mul
+                if type(xm) is not np.ndarray or xm.dtype is not _F32 or not xm.flags.c_contiguous \
+                        or not xm.flags.aligned:
+                    xm = _float_array(xm, "x_mul")
+                if xm.shape != (k,):
+                    raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
+                mp = _from_buffer("float[]", xm)
+                if xm is x_mul:  # a layer's own pre-scale (read through the pointer on each call): keep it
+                    if len(_XMUL_PTRS) >= 256:
+                        _XMUL_PTRS.clear()
+                    _XMUL_PTRS[id(xm)] = (xm, mp)
         xs = 0.0
         if x_scale is not None:
             xs = _float_arg(x_scale, "x_scale")
@@ -614,6 +623,11 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     if st:
         _raise(st, "linear")
     return y
+
+
+#: id -> (array, cffi pointer) of the last x_mul arrays seen by linear() (the smoothing wrappers'
+#: pre-scales, passed on every call): the array is held, so the id cannot be reused while cached
+_XMUL_PTRS: dict = {}
 
 
 def _hadamard_block(b, k: int) -> int:

@@ -81,12 +81,15 @@ class Smoothed(nn.Module):
         self.hadamard = np.array([_check_block(hadamard, self.inv_scale.shape[-1])], dtype=np.int64)
 
     def forward(self, x: np.ndarray) -> np.ndarray:
-        b = int(self.hadamard[0])
-        if getattr(type(self.linear), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
-            return self.linear(x, x_mul=self.inv_scale, x_hadamard=b) if b else self.linear(x, x_mul=self.inv_scale)
+        # the registries read directly: this runs on every call of every smoothed layer
+        d = self.__dict__
+        p, lin = d["_parameters"], d["_modules"]["linear"]
+        inv, b = p["inv_scale"], int(p["hadamard"][0])
+        if getattr(type(lin), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
+            return lin(x, x_mul=inv, x_hadamard=b) if b else lin(x, x_mul=inv)
         if b:
-            return self.linear(ops.hadamard(x, b, self.inv_scale))
-        return self.linear(x * self.inv_scale)
+            return lin(ops.hadamard(x, b, inv))
+        return lin(x * inv)
 
     def _load_plan(self, state: Any, prefix: str, plan: List[Callable[[], None]], used: set,
                    missing: List[str], mismatched: list) -> None:

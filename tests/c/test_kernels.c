@@ -799,6 +799,53 @@ static void test_gelu_table(const cq_elementwise *t, const char *name)
  * popcount(i & j), summed in float64: the float32 stages must land within rounding of it). Every
  * block size from 2 to 1024, with and without mul, outputs pre-filled with a sentinel plus a guard
  * value past the end, a NaN, an Inf and a row that overflows when rotated. */
+/* quantize (x / s, round half to even, clamp) against the reference on the cases a kernel that
+ * divides by multiplying with 1 / s could get wrong: exact half-integer quotients (s a power of
+ * two), their float neighbours, random values against random scales (10^6 values), scales whose
+ * reciprocal is not a normal float (subnormal s, static scales near FLT_MAX), huge quotients. */
+static void test_quantize_division(const cq_elementwise *t, const char *name)
+{
+    const cq_elementwise *ref = &cq_elementwise_ref;
+    enum { n = 4096 };
+    float *x = (float *)xmalloc(sizeof(float) * n), *mul = (float *)xmalloc(sizeof(float) * n);
+    int8_t *q1 = (int8_t *)xmalloc(n), *q2 = (int8_t *)xmalloc(n);
+    const float scales[] = {1.0f / 128.0f, 0.25f, 3.0f, 0.0137f, 1.0f / 127.0f, 0.5f / 127.0f, 1e-42f, 2e-39f,
+                            1e-20f, 1e30f, 3.0e38f, 7.77e-3f};
+    int bad = 0;
+    for (size_t si = 0; si < sizeof scales / sizeof scales[0]; si++) {
+        const float sc = scales[si];
+        for (int rep = 0; rep < 24; rep++) {
+            for (int i = 0; i < n; i++) {
+                const float k = (float)((int)(rnd() % 300) - 150) + 0.5f; /* half-integers, some past 127 */
+                float v = k * sc;                                              /* exact when sc is 2^e */
+                switch ((i + rep) % 4) {
+                case 0: break;
+                case 1: v = nextafterf(v, INFINITY); break;
+                case 2: v = nextafterf(v, -INFINITY); break;
+                default: v = rndf() * sc * 130.0f; break;                      /* anything in range */
+                }
+                x[i] = v;
+                mul[i] = (i % 7) ? 1.0f : 0.5f;
+            }
+            for (int flip = 0; flip <= 0x80; flip += 0x80) {
+                ref->quantize(x, n, sc, q1, flip);
+                t->quantize(x, n, sc, q2, flip);
+                bad += memcmp(q1, q2, n) != 0;
+                t->quantize_mul(x, mul, n, sc, q2, flip); /* the same on the products x * mul */
+                {
+                    float *p = (float *)xmalloc(sizeof(float) * n);
+                    for (int i = 0; i < n; i++) p[i] = x[i] * mul[i];
+                    ref->quantize(p, n, sc, q1, flip);
+                    free(p);
+                }
+                bad += memcmp(q1, q2, n) != 0;
+            }
+        }
+    }
+    CHECK(bad == 0, "%s quantize (division cases): %d mismatching blocks", name, bad);
+    free(x); free(mul); free(q1); free(q2);
+}
+
 static float a2_dummy;
 static void test_hadamard_table(const cq_elementwise *t, const char *name)
 {
@@ -907,6 +954,7 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
     }
     test_gelu_table(t, name);
     test_hadamard_table(t, name);
+    test_quantize_division(t, name);
     printf("%-4s element-wise %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
 }
 
