@@ -10,7 +10,7 @@ import pytest
 
 import cquant
 from cquant import errors, nn, ops
-from cquant.embedding import QuantizedEmbedding, gather_codes, lookup
+from cquant.embedding import QuantizedEmbedding, gather_codes, lookup, resolve_ties
 from cquant.io import KEY_LAYERS, KEY_TIED, CheckpointError, SafetensorsReader, StreamWriter
 from cquant.quantization import model_nbytes, report
 
@@ -170,6 +170,43 @@ def test_nn_tie_to_a_float_head_skips_the_table():
     qm = q.quantize(TinyLM(), inplace=False)
     assert type(qm.wte) is nn.Embedding and type(qm.lm_head) is nn.Linear
     assert "not quantized" in {r.name: r.reason for r in q.summary}["wte"]
+
+
+def test_resolve_ties_to_a_fixed_point():
+    """cquant.embedding.resolve_ties, the tie rule of both front-ends, on plain objects."""
+    class Mod:
+        def __init__(self, name):
+            self.name = name
+
+    class Plan:
+        def __init__(self, name, per_channel_int8):
+            self.name, self.per_channel_int8 = name, per_channel_int8
+
+    mods = {n: Mod(n) for n in ("a", "b", "f", "c", "head", "d", "head2", "e1", "e2", "g", "sub")}
+    plans = {id(mods["head"]): Plan("head", True), id(mods["head2"]): Plan("head2", False)}
+    arrays = [("a", "f", "b"), ("c", "head"), ("d", "head2"), ("e1", "e2"), ("g", "sub")]  # the holders of each
+    held = {n: [(h, mods[h]) for h in arr] for arr in arrays for n in arr}
+    tables = {id(mods[n]): mods[n] for n in ("a", "b", "c", "d", "e1", "e2", "g")}
+
+    def resolve(tables, holders=lambda t: held[t.name]):
+        return resolve_ties(tables, holders, lambda o: plans.get(id(o)), lambda p: p.per_channel_int8,
+                            quantized=lambda o: id(o) in plans or o is mods["sub"])
+
+    kept, dropped = resolve(tables)
+    assert len(tables) == 7                                                         # nothing is modified
+    # per_channel int8 codes: shared; another table only, or a quantized holder without a plan: own codes
+    assert [(t.name, p and p.name) for t, p in kept] == [("c", "head"), ("e1", None), ("e2", None), ("g", None)]
+    why = dict((t.name, r) for t, r in dropped)
+    assert list(why) == ["a", "b", "d"]
+    assert why["a"] == "weight tied to f.weight (Mod, not quantized): kept float32 so that it is stored once"
+    assert why["b"].startswith("weight tied to a.weight (Mod, not quantized)")     # a table left float
+    assert why["d"].startswith("weight tied to 'head2', which is not quantized per_channel int8") and \
+        "stored twice" in why["d"]
+    # a table that sees another one left float only in a later pass: still float (a fixed point)
+    one_way = {"b": [("b", mods["b"]), ("a", mods["a"])], "a": [("a", mods["a"]), ("f", mods["f"])]}
+    kept, dropped = resolve({id(mods[n]): mods[n] for n in ("b", "a")}, lambda t: one_way[t.name])
+    assert kept == [] and [(t.name, r.split(" (")[0]) for t, r in dropped] == [
+        ("a", "weight tied to f.weight"), ("b", "weight tied to a.weight")]
 
 
 def test_duck_typed_trees_have_no_embedding_protocol():

@@ -1,5 +1,6 @@
 """Int8 embedding tables: :class:`QuantizedEmbedding` (a :mod:`cquant.nn` layer) and the row lookup
-shared with the torch adapter's ``QuantizedTorchEmbedding``.
+shared with the torch adapter's ``QuantizedTorchEmbedding``, and :func:`resolve_ties`: the rule both
+front-ends follow for a table whose weight is tied to other layers.
 
 A table of ``(num_embeddings, embedding_dim)`` float weights is stored as int8 codes with one float32
 scale per row: exactly a per_channel :class:`cquant.ops.QuantizedWeight` of the table seen as an
@@ -19,14 +20,14 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, TypeVar
 
 import numpy as np
 
 from . import errors, nn, ops
 
 __all__ = ["QuantizedEmbedding", "EMBEDDING_SCHEME", "check_ids", "lookup", "gather_codes", "can_share",
-           "padded_rows_view"]
+           "padded_rows_view", "resolve_ties", "float_tie_reason"]
 
 logger = logging.getLogger("cquant")
 
@@ -37,12 +38,74 @@ _HEADER = 64                        # bytes of a packed buffer's header (cquant.
 _NR = {"n16k4": 16, "n64k4": 64}    # int8 formats: rows per panel
 _LAYOUT_OK: Dict[str, bool] = {}
 
+_T = TypeVar("_T")  # a candidate table (a front-end's plan for one embedding module)
+_P = TypeVar("_P")  # a quantized Linear's plan (anything with a ``name``: its dotted path)
+
 
 def can_share(qw: Any, shape: Optional[Tuple[int, int]] = None) -> bool:
     """True if ``qw`` holds the codes of an int8 table with one scale per row (per_channel, 8 bits),
     of ``shape`` when given: the codes an embedding table and an output Linear can share."""
     return (isinstance(qw, ops.QuantizedWeight) and qw.granularity == "per_channel" and qw.bits == 8
             and (shape is None or tuple(int(d) for d in qw.shape) == tuple(int(d) for d in shape)))
+
+
+def float_tie_reason(name: str, holder: Any) -> str:
+    """Why a layer whose weight is also held by ``holder`` (at path ``name``), which stays float, is kept
+    float too (a skip reason)."""
+    return (f"weight tied to {name or '<root>'}.weight ({type(holder).__name__}, not quantized): kept float32 "
+            "so that it is stored once")
+
+
+def resolve_ties(tables: Mapping[int, _T], holders: Callable[[_T], Iterable[Tuple[str, Any]]],
+                 plan_of: Callable[[Any], Optional[_P]], shareable: Callable[[_P], bool],
+                 quantized: Optional[Callable[[Any], bool]] = None
+                 ) -> Tuple[List[Tuple[_T, Optional[_P]]], List[Tuple[_T, str]]]:
+    """The ties of the embedding tables selected for int8, for every front-end (nothing is modified).
+
+    ``tables``: the candidate tables, in model order, keyed by ``id`` of the module each one is;
+    ``holders(table)``: every ``(path, object)`` holding the table's weight array (the table's own
+    module may be among them); ``plan_of(obj)``: the plan of ``obj`` if it is a quantized Linear, else None;
+    ``shareable(plan)``: whether a table can read that plan's codes (per_channel int8 of an ``(out, in)``
+    weight, see :func:`can_share`); ``quantized(obj)``: whether ``obj`` is quantized (default: it has a
+    plan; the torch adapter's sub-layers of a quantized attention are, without a plan of their own).
+
+    A table whose weight is also held by an object that stays float (neither quantized nor a candidate
+    table) stays float: it would be stored twice. Otherwise a table held by a quantized Linear reads that
+    Linear's codes if they can be shared, and stays float if not. A table left float is a float holder
+    for the others, to a fixed point.
+
+    Returns ``(kept, dropped)``: the tables still selected, in order, each with the plan whose codes it
+    reads (None: quantized on its own, or sharing its array with another kept table only), and the tables
+    kept float, in the order decided, each with the reason.
+    """
+    is_quantized = quantized if quantized is not None else (lambda obj: plan_of(obj) is not None)
+    left: Dict[int, _T] = dict(tables)
+    ties: Dict[int, _P] = {}
+    dropped: List[Tuple[_T, str]] = []
+    changed = True
+    while changed:
+        changed = False
+        for key, table in list(left.items()):
+            others = [(n, o) for n, o in holders(table) if id(o) != key and id(o) not in left]
+            floats = [(n, o) for n, o in others if not is_quantized(o)]
+            partners = [p for p in (plan_of(o) for _n, o in others if is_quantized(o)) if p is not None]
+            why = ""
+            if floats:
+                why = float_tie_reason(*floats[0])
+            elif partners:
+                p = partners[0]
+                if shareable(p):
+                    ties[key] = p
+                else:
+                    why = (f"weight tied to {p.name or '<root>'!r}, which is not quantized per_channel int8: "
+                           "its codes are not per-row int8, so the table cannot share them and would be stored "
+                           "twice; kept float32 (quantize that layer per_channel int8 to share)")
+            if why:
+                del left[key]
+                ties.pop(key, None)
+                dropped.append((table, why))
+                changed = True
+    return [(t, ties.get(key)) for key, t in left.items()], dropped
 
 
 def check_ids(ids: Any, num_embeddings: int) -> np.ndarray:

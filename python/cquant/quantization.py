@@ -130,7 +130,7 @@ from .frontends import (  # noqa: F401  (the walk and the recognition rule; io.p
     ReportRow, Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
     _looks_like_layer, _match, _never_reason, _Site, _slot_names, _walk,
 )
-from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share
+from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share, resolve_ties
 from .scheme import QuantScheme
 from .scheme import normalize as _normalize_scheme
 from .scheme import resolve as _resolve_scheme
@@ -959,31 +959,13 @@ class Quantizer:
                 skip(e.name, e.weight, "held in a tuple: the table cannot be replaced there")
                 del cands[key]
         # ties, to a fixed point (a table skipped makes another one sharing its array float-tied)
-        changed = True
-        while changed:
-            changed = False
-            for key, e in list(cands.items()):
-                others = [(n, o) for n, o in holders.get(id(e.weight), []) if o is not e.obj]
-                floats = [(n, o) for n, o in others if id(o) not in by_obj and id(o) not in cands]
-                partners = [by_obj[id(o)] for _n, o in others if id(o) in by_obj]
-                why = ""
-                if floats:
-                    n, o = floats[0]
-                    why = (f"weight tied to {_display(n)!r} ({type(o).__name__}, not quantized): kept float32 "
-                           "so that it is stored once")
-                elif partners:
-                    p = partners[0]
-                    if p.scheme.granularity == "per_channel" and p.scheme.bits == 8:
-                        e.tie = p
-                    else:
-                        why = (f"weight tied to {_display(p.name)!r}, quantized {p.scheme}: its codes are not "
-                               "per-row int8, so the table cannot share them and would be stored twice; kept "
-                               "float32 (quantize that layer per_channel int8 to share)")
-                if why:
-                    skip(e.name, e.weight, why)
-                    del cands[key]
-                    changed = True
-        return list(cands.values()), skips
+        kept, dropped = resolve_ties(cands, lambda e: holders.get(id(e.weight), []), lambda o: by_obj.get(id(o)),
+                                     lambda p: p.scheme.granularity == "per_channel" and p.scheme.bits == 8)
+        for e, why in dropped:
+            skip(e.name, e.weight, why)
+        for e, tie in kept:
+            e.tie = tie
+        return [e for e, _tie in kept], skips
 
     def _prepare_embeddings(self, emb_plans: List[_EmbPlan]) -> None:
         """Check and quantize every selected table (after the Linears: a tied table takes its

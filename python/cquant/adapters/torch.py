@@ -79,7 +79,7 @@ import numpy as np
 import torch
 
 from .. import errors, ops
-from ..embedding import can_share
+from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
@@ -629,48 +629,35 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
     planned = {id(p.mod) for p in plans}
     for sub in {id(m): m for p in plans if p.kind == "mha" for m in p.mod.modules()}.values():
         planned.add(id(sub))
-    embs = emb.plans if emb is not None else []
+    tables = {id(e.mod): e for e in (emb.plans if emb is not None else [])}
     plan_of = {id(p.mod): p for p in plans if p.kind == "linear"}
+    tie_ok = emb is not None and emb.tie_ok
     changed = True
-    while changed:
-        changed = False
-        for e in list(embs):
+    while changed:  # the tables, then the Linears tied to a module left float (which may leave a table float)
+        chosen, dropped = resolve_ties(
+            tables, lambda e: owners.get(id(e.mod.weight), []), lambda m: plan_of.get(id(m)),
+            lambda p: tie_ok and p.parts[0].layout == "out_in", quantized=lambda m: id(m) in planned)
+        for e, why in dropped:
             w = e.mod.weight
-            others = [(n, m) for n, m in owners.get(id(w), []) if m is not e.mod]
-            floats = [(n, m) for n, m in others if id(m) not in planned and all(m is not f.mod for f in embs)]
-            partners = [plan_of[id(m)] for _n, m in others if id(m) in plan_of and id(m) in planned]
-            why = ""
-            if floats:
-                n, m = floats[0]
-                why = (f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
-                       "so that it is stored once")
-            elif partners:
-                p = partners[0]
-                if emb is not None and emb.tie_ok and p.parts[0].layout == "out_in":
-                    e.tie = p
-                else:
-                    why = (f"weight tied to {p.name or '<root>'!r}, which is not quantized per_channel int8: its "
-                           "codes are not per-row int8, so the table cannot share them and would be stored "
-                           "twice; kept float32 (quantize that layer per_channel int8 to share)")
-            if why:
-                wb = int(w.numel() * w.element_size())
-                skipped.append(LayerRecord(e.name or "<root>", tuple(w.shape), "skipped", why, wb, wb, ""))
-                embs.remove(e)
-                changed = True
+            wb = int(w.numel() * w.element_size())
+            skipped.append(LayerRecord(e.name or "<root>", tuple(w.shape), "skipped", why, wb, wb, ""))
+        tables = {id(e.mod): e for e, _tie in chosen}
+        changed = False
         for p in plans:
             if p.kind == "linear" and id(p.mod) in planned:
                 others = [(n, m) for n, m in owners.get(id(p.mod.weight), []) if id(m) not in planned
-                          and all(m is not e.mod for e in embs)]
+                          and id(m) not in tables]
                 if others:
-                    n, m = others[0]
                     w = p.mod.weight
                     wb = int(w.numel() * w.element_size())
-                    skipped.append(LayerRecord(
-                        p.name or "<root>", tuple(w.shape), "skipped",
-                        f"weight tied to {n or '<root>'}.weight ({type(m).__name__}, not quantized): kept float32 "
-                        "so that it is stored once", wb, wb, ""))
+                    skipped.append(LayerRecord(p.name or "<root>", tuple(w.shape), "skipped",
+                                               float_tie_reason(*others[0]), wb, wb, ""))
                     planned.discard(id(p.mod))
                     changed = True
+    for e, tie in chosen:
+        e.tie = tie
+    if emb is not None:
+        emb.plans[:] = [e for e, _tie in chosen]
     kept = [p for p in plans if p.kind != "linear" or id(p.mod) in planned]
     return kept, skipped
 
