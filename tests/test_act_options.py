@@ -199,3 +199,81 @@ def test_bad_rotation_is_refused():
     assert (y == 7.0).all()  # nothing written
     big = np.full((1, 48), 3e38, F32)  # the rotated row overflows float32: a non-finite row, NaN out
     assert np.isnan(ops.linear(big, qw, x_hadamard=16)).all()
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
+def test_linear_multi_is_the_separate_calls(path, gran, group, bits):
+    """ops.linear_multi (C cq_linear_multi: one activation pass for several weights on the same x)
+    gives each weight exactly what its own ops.linear call gives, in both modes, with every
+    activation option, M = 1 (GEMV) to 300, weights of different N and packed formats."""
+    rng = np.random.default_rng(11)
+    for k, ns, m in ((64, (64, 7, 130), 1), (96, (16, 64), 5), (2048, (300, 64, 64), 40), (128, (1152,), 300)):
+        ws = [(rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-1, 1, (n, 1))).astype(F32) for n in ns]
+        qws = [_qw(w, gran, group, bits) for w in ws]
+        biases = [(rng.standard_normal(n)).astype(F32) if i != 1 else None for i, n in enumerate(ns)]
+        x = (rng.standard_normal((m, k)) * 3).astype(F32)
+        x[:, 5] *= 30.0
+        mul = (10.0 ** rng.uniform(-1, 1, k)).astype(F32)
+        for mode in ("dynamic", "weight_only"):
+            opts = [{}, dict(x_mul=mul), dict(x_mul=mul, x_hadamard=32)]
+            if mode == "dynamic":
+                opts += [dict(x_scale=0.05), dict(x_mul=mul, x_hadamard=16, x_scale=0.2)]
+            for kw in opts:
+                ys = ops.linear_multi(x, qws, biases, mode, **kw)
+                assert len(ys) == len(qws)
+                for qw, b, y in zip(qws, biases, ys):
+                    np.testing.assert_array_equal(y, ops.linear(x, qw, b, mode, **kw),
+                                                  err_msg=f"K={k} N={qw.shape[0]} M={m} {mode} {sorted(kw)}")
+    # leading dimensions kept, no bias list
+    x3 = rng.standard_normal((2, 3, 64)).astype(F32)
+    qa, qb = (ops.quantize_weight(rng.standard_normal((n, 64)).astype(F32)) for n in (8, 16))
+    ya, yb = ops.linear_multi(x3, [qa, qb])
+    assert ya.shape == (2, 3, 8) and yb.shape == (2, 3, 16)
+    np.testing.assert_array_equal(yb, ops.linear(x3, qb))
+
+
+def test_linear_multi_refusals():
+    rng = np.random.default_rng(2)
+    qa = ops.quantize_weight(rng.standard_normal((8, 64)).astype(F32))
+    qb = ops.quantize_weight(rng.standard_normal((8, 32)).astype(F32))
+    qg = ops.quantize_weight(rng.standard_normal((8, 64)).astype(F32), "per_group", 32)
+    x = rng.standard_normal((3, 64)).astype(F32)
+    with pytest.raises(ValueError, match="share K"):
+        ops.linear_multi(x, [qa, qb])
+    with pytest.raises(ValueError, match="share K"):
+        ops.linear_multi(x, [qa, qg])
+    with pytest.raises(ValueError):
+        ops.linear_multi(x, [])
+    with pytest.raises(ValueError, match="biases"):
+        ops.linear_multi(x, [qa, qa], [None])
+    with pytest.raises(TypeError):
+        ops.linear_multi(x, [qa, "w"])
+    with pytest.raises(errors.ShapeError):
+        ops.linear_multi(x[:, :32], [qa])
+    bad = np.ones(64, F32)
+    bad[3] = np.inf
+    with pytest.raises(errors.NonFiniteError):
+        ops.linear_multi(x, [qa, qa], x_mul=bad)
+    # C: an output over another linear's weight or output is refused before anything is written
+    from cquant._native import ffi, lib
+    caches = [q._native() for q in (qa, qa)]
+    y0 = np.full((3, 8), 5.0, F32)
+    y1 = np.full((3, 8), 5.0, F32)
+    pk = ffi.new("void *[]", [ffi.cast("void *", c[0]) for c in caches])
+    ps = ffi.new("float *[]", [c[1] for c in caches])
+    ns = ffi.new("int64_t[]", [8, 8])
+    xp = ffi.from_buffer("float[]", x)
+    same = ffi.new("float *[]", [ffi.from_buffer("float[]", y0), ffi.from_buffer("float[]", y0)])
+    assert lib.cq_linear_multi(lib.CQ_MODE_DYNAMIC, xp, 3, 64, 2, pk, ps, caches[0][2], caches[0][3], ns,
+                               ffi.NULL, ffi.NULL, 0, 0.0, same) == lib.CQ_ERR_ALIAS
+    over_scale = ffi.new("float *[]", [ffi.from_buffer("float[]", y1), ffi.cast("float *", caches[1][1])])
+    assert lib.cq_linear_multi(lib.CQ_MODE_DYNAMIC, xp, 3, 64, 2, pk, ps, caches[0][2], caches[0][3], ns,
+                               ffi.NULL, ffi.NULL, 0, 0.0, over_scale) == lib.CQ_ERR_ALIAS
+    assert (y0 == 5.0).all() and (y1 == 5.0).all()
+    ok = ffi.new("float *[]", [ffi.from_buffer("float[]", y0), ffi.from_buffer("float[]", y1)])
+    for count in (0, -1, 65):
+        assert lib.cq_linear_multi(lib.CQ_MODE_DYNAMIC, xp, 3, 64, count, pk, ps, caches[0][2], caches[0][3], ns,
+                                   ffi.NULL, ffi.NULL, 0, 0.0, ok) == lib.CQ_ERR_ARG
+    assert lib.cq_linear_multi(lib.CQ_MODE_DYNAMIC, xp, 3, 64, 2, pk, ps, caches[0][2], caches[0][3], ns,
+                               ffi.NULL, ffi.NULL, 0, 0.0, ok) == lib.CQ_OK
+    np.testing.assert_array_equal(y0, ops.linear(x, qa))

@@ -207,3 +207,31 @@ def test_torch_trace_uses_the_rotation():
         eager = rot(x)
         traced = torch.jit.trace(rot, (x,), check_trace=False)
         np.testing.assert_array_equal(traced(x).numpy(), eager.numpy())
+
+
+@pytest.mark.parametrize("kw", [{}, dict(smoothing=0.5), dict(smoothing=0.5, rotate=True), dict(mode="static")])
+def test_bert_attention_shares_one_activation_pass(monkeypatch, kw):
+    """cquant.bert's query/key/value (bare or in one smoothing group) run through one
+    ops.linear_multi call, bit-identical to three calls; not while calibration watches the layers."""
+    import cquant.bert as bert
+    model = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    mask[0, 6:] = 0
+    q = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=[(ids, mask)] if kw else None, **kw)
+    calls = []
+    real = ops.linear_multi
+
+    def spy(*a, **k):
+        calls.append(len(a[1]))
+        return real(*a, **k)
+    monkeypatch.setattr(ops, "linear_multi", spy)
+    shared = q(ids, mask)
+    assert calls == [3, 3]                                  # one call per layer, three weights each
+    monkeypatch.setattr(bert, "forward_shared", lambda layers, x: None)
+    np.testing.assert_array_equal(shared, q(ids, mask))     # the same as one by one
+    monkeypatch.undo()
+    calls.clear()
+    monkeypatch.setattr(ops, "linear_multi", spy)
+    cquant.calibrate(q, [(ids, mask)])                      # watched layers: one by one
+    assert calls == []

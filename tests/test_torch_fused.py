@@ -191,3 +191,21 @@ def test_eager_float_mask_is_fused(monkeypatch):
     valid = mask.numpy().astype(bool)
     np.testing.assert_allclose(_run(f, ids, mask)[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
     assert calls == [1]
+
+
+@pytest.mark.parametrize("kw", [{}, dict(smoothing=0.5, rotate=True)])
+def test_fused_attention_quantizes_its_input_once(monkeypatch, kw):
+    """The fused self-attention runs query, key and value through one ops.linear_multi call (one
+    activation pass; with smoothing and rotation too) whose outputs are those of the three calls."""
+    from cquant.adapters import torch_fused
+    ids, mask = _inputs()
+    cal = [dict(input_ids=ids, attention_mask=mask)] if kw else None
+    q = cquant.Quantizer.quantize_dynamic(_bert(), calibration=cal, inplace=False, **kw)
+    fuse(q)
+    calls = []
+    real = ops.linear_multi
+    monkeypatch.setattr(ops, "linear_multi", lambda *a, **k: (calls.append(len(a[1])), real(*a, **k))[1])
+    shared = _run(q, ids, mask)
+    assert calls == [3, 3]
+    monkeypatch.setattr(torch_fused, "_linears_np", lambda lins, x: [torch_fused._linear_np(lin, x) for lin in lins])
+    np.testing.assert_array_equal(_run(q, ids, mask), shared)

@@ -245,6 +245,21 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                  const float *x_mul, int64_t x_hadamard, float x_scale, float *y);
 
+/* cq_linear_multi: count (1 .. CQ_MULTI_MAX) linears on the same input x (m x k), e.g. attention's
+ * query, key and value projections, with one activation pass for all (quantization, x_mul,
+ * x_hadamard, x_scale: as cq_linear_ex; done once where the weights' kernels read the same
+ * activation layout, which they do for the same k, scheme and packed format), then each weight's
+ * product: y[i] (m x n[i]) = what cq_linear_ex(mode, x, m, k, packed[i], scales[i], scheme,
+ * group_size, n[i], bias ? bias[i] : NULL, x_mul, x_hadamard, x_scale, y[i]) gives, bit for bit.
+ * bias may be NULL (no bias anywhere) or hold NULL entries. Every check of every linear is made
+ * before anything is written; no y[i] may overlap x, x_mul, another linear's inputs or another y
+ * (CQ_ERR_ALIAS). cq_last_kernel names the last linear's kernel. */
+#define CQ_MULTI_MAX 64
+int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, const void *const *packed,
+                    const float *const *scales, int scheme, int64_t group_size, const int64_t *n,
+                    const float *const *bias, const float *x_mul, int64_t x_hadamard, float x_scale,
+                    float *const *y);
+
 /* Name of the micro-kernel the calling thread's last cq_linear / cq_gemm_s8s8s32 ran, e.g.
  * "qd8_f32_qc8w_gemm_6x64c4_avx512vnni" (type, tile, ISA); "" before any call. Static string. A call
  * that fails its checks, or has m == 0, runs nothing and leaves it unchanged. */

@@ -561,9 +561,21 @@ int cq_linear(int mode, const float *x, int64_t m, int64_t k, const void *packed
     return cq_linear_ex(mode, x, m, k, packed, scales, scheme, group_size, n, bias, NULL, 0, 0.0f, y);
 }
 
-int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
-                 const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
-                 const float *x_mul, int64_t x_hadamard, float x_scale, float *y)
+/* What cq_linear_multi's linears share: the activation pass, kept for the next weight when it
+ * reads the same layout (dynamic: the quantized rows; weight-only: the transformed copy of x). */
+typedef struct {
+    int8_t *qa;        /* dynamic: codes (mpad x lda) followed by the m row scales; owned */
+    int u8, tiled, gemv;
+    int64_t lda, mpad;
+    float *xm;         /* weight-only: x * x_mul (rotated), or NULL; owned */
+} act_cache;
+
+/* One linear. check_only: every check (nothing written, nothing allocated), then CQ_OK. ac: NULL,
+ * or the activation pass shared with the other linears of a cq_linear_multi call. */
+static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                       const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                       const float *x_mul, int64_t x_hadamard, float x_scale, float *y, int check_only,
+                       act_cache *ac)
 {
     if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
     /* the rotation: 0 (none) or a power of two >= 2 that divides k */
@@ -622,8 +634,11 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
     if (mode == CQ_MODE_WEIGHT_ONLY) {
         c.fcfg = cq_f32_config_for(isa, fmt);
         if (!c.fcfg) return CQ_ERR_FORMAT;
+        if (check_only) return CQ_OK;
         float *xm = NULL;
-        if (x_mul || x_hadamard) { /* weight-only kernels read float x as it is: one transformed copy */
+        if ((x_mul || x_hadamard) && ac && ac->xm) {
+            x = ac->xm; /* the copy the previous weight made */
+        } else if (x_mul || x_hadamard) { /* weight-only kernels read float x as it is: one transformed copy */
             if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
             xm = (float *)cq_alloc64((size_t)(m * k) * sizeof(float));
             if (!xm) return CQ_ERR_NOMEM;
@@ -636,6 +651,10 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
                     for (int64_t i = 0; i < k; i++) xm[r * k + i] = x[r * k + i] * x_mul[i];
             }
             x = xm;
+            if (ac) { /* kept for the next weight (freed by the caller) */
+                ac->xm = xm;
+                xm = NULL;
+            }
         }
         c.x = x; c.xlda = k;
         if (m < WO_GEMM_MIN_M) {
@@ -691,18 +710,30 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
     /* rows the kernel reads: whole blocks of pad_rows (zero codes past m) */
     int64_t mpad = c.qcfg->pad_rows && !gemv ? cq_ceil_div(m, c.qcfg->pad_rows) * c.qcfg->pad_rows : m;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
-    int8_t *qa = (int8_t *)cq_alloc64((size_t)(mpad * lda) + (size_t)m * sizeof(float));
-    if (!qa) return CQ_ERR_NOMEM;
-    float *sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
+    if (check_only) return CQ_OK;
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
-    /* padding rows: zero codes (in the tiled layout they share the last block with rows < m, which
-     * the quantizer then writes over) */
-    int64_t pad0 = tiled ? m / 16 * 16 : m;
-    if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
-    if (cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
-                              x_scale, x_hadamard) != CQ_OK) {
-        free(qa);
-        return CQ_ERR_NOMEM;
+    int8_t *qa;
+    float *sx;
+    if (ac && ac->qa && ac->u8 == c.u8 && ac->tiled == tiled && ac->gemv == gemv && ac->lda == lda && ac->mpad == mpad) {
+        qa = ac->qa; /* the previous weight's activation pass, in the layout this kernel reads */
+        sx = (float *)(void *)(qa + mpad * lda);
+    } else {
+        qa = (int8_t *)cq_alloc64((size_t)(mpad * lda) + (size_t)m * sizeof(float));
+        if (!qa) return CQ_ERR_NOMEM;
+        sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
+        /* padding rows: zero codes (in the tiled layout they share the last block with rows < m,
+         * which the quantizer then writes over) */
+        int64_t pad0 = tiled ? m / 16 * 16 : m;
+        if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
+        if (cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
+                                  x_scale, x_hadamard) != CQ_OK) {
+            free(qa);
+            return CQ_ERR_NOMEM;
+        }
+        if (ac) { /* kept for the next weight (the caller frees the last one) */
+            free(ac->qa);
+            ac->qa = qa; ac->u8 = c.u8; ac->tiled = tiled; ac->gemv = gemv; ac->lda = lda; ac->mpad = mpad;
+        }
     }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     /* int4: a unit expands its panel's blocks once for all its rows, so units take as many rows
@@ -718,6 +749,51 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
         int64_t nunits = c.np * c.nmb;
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
     }
-    free(qa);
+    if (!ac) free(qa);
     return CQ_OK;
+}
+
+int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                 const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                 const float *x_mul, int64_t x_hadamard, float x_scale, float *y)
+{
+    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale, y,
+                       0, NULL);
+}
+
+int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, const void *const *packed,
+                    const float *const *scales, int scheme, int64_t group_size, const int64_t *n,
+                    const float *const *bias, const float *x_mul, int64_t x_hadamard, float x_scale,
+                    float *const *y)
+{
+    if (count < 1 || count > CQ_MULTI_MAX) return CQ_ERR_ARG;
+    if (!packed || !scales || !n || !y) return CQ_ERR_NULL;
+    /* every linear's own checks first, and no output over another linear's inputs or output: all
+     * refusals come before anything is written */
+    for (int i = 0; i < count; i++) {
+        int st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL,
+                             x_mul, x_hadamard, x_scale, y[i], 1, NULL);
+        if (st != CQ_OK) return st;
+    }
+    if (m == 0) return CQ_OK;
+    for (int i = 0; i < count; i++)
+        for (int j = 0; j < count; j++) {
+            if (i == j) continue;
+            cq_pack_header h;
+            cq_pack_read_header(packed[j], &h); /* checked above */
+            const int64_t ybytes = m * n[i] * 4, ns = cq_num_scales(scheme, n[j], k, group_size);
+            if (cq_overlap(y[i], ybytes, y[j], m * n[j] * 4) || cq_overlap(y[i], ybytes, scales[j], ns * 4) ||
+                (bias && bias[j] && cq_overlap(y[i], ybytes, bias[j], n[j] * 4)) ||
+                cq_overlap(y[i], ybytes, packed[j], h.sums_off + h.sums_bytes))
+                return CQ_ERR_ALIAS;
+        }
+    act_cache ac;
+    memset(&ac, 0, sizeof ac);
+    int st = CQ_OK;
+    for (int i = 0; i < count && st == CQ_OK; i++)
+        st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL, x_mul,
+                         x_hadamard, x_scale, y[i], 0, &ac);
+    free(ac.qa);
+    free(ac.xm);
+    return st;
 }

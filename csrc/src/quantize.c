@@ -180,7 +180,7 @@ int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme,
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
                    scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0, qmax,
-                   NULL, 0.0f};
+                   NULL, 0.0f, 0};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }

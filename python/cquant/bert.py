@@ -34,6 +34,7 @@ import numpy as np
 from . import errors, nn, ops
 from .checkpoint_file import SafetensorsReader
 from .embedding import QuantizedEmbedding
+from .quantization import forward_shared
 from .smoothing import Smoothed, smooth
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
@@ -128,9 +129,10 @@ class BertSelfAttention(nn.Module):
         softmax(q k^T / sqrt(dh) + mask) v on the (B, T, H) projections: the heads are column
         blocks of them, so there is no reshape, transpose or (B, heads, T, T) numpy temporary,
         and the context comes back as (B, T, H) for the output projection."""
-        q = self.query(x)
-        k = self.key(x)
-        v = self.value(x)
+        qkv = forward_shared((self.query, self.key, self.value), x)  # one activation pass, quantized
+        if qkv is None:
+            qkv = (self.query(x), self.key(x), self.value(x))
+        q, k, v = qkv
         return ops.attention(q, k, v, self.num_heads, mask_bias, scale=1.0 / math.sqrt(self.head_dim))
 
 

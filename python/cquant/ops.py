@@ -625,6 +625,85 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     return y
 
 
+def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_scale=None,
+                 x_hadamard: int = 0) -> list:
+    """``[linear(x, qws[i], biases[i], mode, x_mul=..., x_scale=..., x_hadamard=...) for i]``, bit for
+    bit, with one activation pass for all of them (C ``cq_linear_multi``): attention's query, key and
+    value projections read the same x, so it is quantized (pre-scaled, rotated) once instead of three
+    times. The weights must share K and their scheme (granularity, group size, bits); ``biases``: None
+    or one entry (or None) per weight. Returns a list of float32 arrays (..., N_i)."""
+    qws = list(qws)
+    if not qws or len(qws) > lib.CQ_MULTI_MAX:
+        raise errors.ValueError(f"linear_multi needs 1 to {lib.CQ_MULTI_MAX} weights, got {len(qws)}")
+    for qw in qws:
+        if not isinstance(qw, QuantizedWeight):
+            raise errors.TypeError(f"qws must hold QuantizedWeight objects, got {type(qw).__name__}")
+    bl = [None] * len(qws) if biases is None else list(biases)
+    if len(bl) != len(qws):
+        raise errors.ValueError(f"{len(bl)} biases for {len(qws)} weights")
+    k = qws[0].shape[1]
+    key = (qws[0].granularity, qws[0].group_size, qws[0].bits)
+    for qw in qws[1:]:
+        if qw.shape[1] != k or (qw.granularity, qw.group_size, qw.bits) != key:
+            raise errors.ValueError("linear_multi: the weights must share K and the scheme; got "
+                                    f"{[(q.shape, q.scheme) for q in qws]}")
+    mcode = MODES.get(mode) if type(mode) is str else None
+    if mcode is None:
+        raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous or not x.flags.aligned:
+        if np.ndim(x) == 0:
+            raise errors.ShapeError(f"x must have at least one dimension (..., K={k}), got a scalar")
+        x = _float_array(x, "x")
+    shape = x.shape
+    if not shape or shape[-1] != k:
+        raise errors.ShapeError(f"x has shape {shape}; its last dimension must be K={k}")
+    m = x.size // k
+    caches = [qw._native() if qw._cache is None or qw._cache[5] != _best_format_bits(qw.shape[0], qw._cache[6])
+              else qw._cache for qw in qws]
+    ys = [np.empty(shape[:-1] + (qw.shape[0],), dtype=_F32) for qw in qws]
+    if m == 0:
+        return ys
+    keep = []
+    bps = []
+    for qw, b in zip(qws, bl):
+        if b is None:
+            bps.append(_NULL)
+            continue
+        if type(b) is not np.ndarray or b.dtype is not _F32 or not b.flags.c_contiguous or not b.flags.aligned:
+            b = _float_array(b, "bias")
+        if b.shape != (qw.shape[0],):
+            raise errors.ShapeError(f"bias has shape {b.shape}, expected ({qw.shape[0]},)")
+        keep.append(b)
+        bps.append(_from_buffer("float[]", b))
+    mp = _NULL
+    if x_mul is not None:
+        xm = _float_array(x_mul, "x_mul")
+        if xm.shape != (k,):
+            raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
+        keep.append(xm)
+        mp = _from_buffer("float[]", xm)
+    xs = 0.0
+    if x_scale is not None:
+        xs = _float_arg(x_scale, "x_scale")
+        if not (0.0 < xs <= _FLT_MAX) or np.float32(xs) == 0:
+            raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
+        if mcode != MODES["dynamic"]:
+            raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
+    hb = _hadamard_block(x_hadamard, k) if x_hadamard else 0
+    pk = ffi.new("void *[]", [ffi.cast("void *", c[0]) for c in caches])
+    ps = ffi.new("float *[]", [c[1] for c in caches])
+    ns = ffi.new("int64_t[]", [qw.shape[0] for qw in qws])
+    bp = ffi.new("float *[]", bps)
+    yp = ffi.new("float *[]", [_from_buffer("float[]", y) for y in ys])
+    st = lib.cq_linear_multi(mcode, _from_buffer("float[]", x), m, k, len(qws), pk, ps, caches[0][2], caches[0][3],
+                             ns, bp, mp, hb, xs, yp)
+    if st == lib.CQ_ERR_NONFINITE and x_mul is not None:
+        raise errors.NonFiniteError("linear_multi: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
+    if st:
+        _raise(st, "linear_multi")
+    return ys
+
+
 #: id -> (array, cffi pointer) of the last x_mul arrays seen by linear() (the smoothing wrappers'
 #: pre-scales, passed on every call): the array is held, so the id cannot be reused while cached
 _XMUL_PTRS: dict = {}

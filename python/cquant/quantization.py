@@ -202,6 +202,50 @@ def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray], x_hadamard: int = 0) -
     return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul, x_hadamard=x_hadamard)
 
 
+def forward_shared(layers: Sequence[Any], x: Any) -> Optional[List[np.ndarray]]:
+    """The outputs of ``layers`` that all take the same input ``x`` (attention's query, key and
+    value), computed with one activation pass (:func:`cquant.ops.linear_multi`) when they can share
+    it: each a :class:`QuantizedLinear`, bare or in a smoothing wrapper with the same pre-scale
+    (values) and rotation, all with the same mode, static scale, K and scheme, and none being watched
+    (an instance-level ``forward`` / ``__call__``, as calibration and compare install). Otherwise None:
+    the caller runs them one by one. Bit-identical to calling them one by one."""
+    if not isinstance(x, np.ndarray):
+        return None
+    inner: List[QuantizedLinear] = []
+    mul: Optional[np.ndarray] = None
+    had = 0
+    for i, layer in enumerate(layers):
+        d = getattr(layer, "__dict__", {})
+        if "forward" in d or "__call__" in d:
+            return None
+        if type(layer) is _smoothing.Smoothed:
+            lin = d["_modules"]["linear"]
+            m_, h_ = d["_parameters"]["inv_scale"], int(d["_parameters"]["hadamard"][0])
+            if "forward" in lin.__dict__ or "__call__" in lin.__dict__:
+                return None
+        elif type(layer) is QuantizedLinear:
+            lin, m_, h_ = layer, None, 0
+        else:
+            return None
+        if type(lin) is not QuantizedLinear:
+            return None
+        if i == 0:
+            mul, had = m_, h_
+        elif h_ != had or (m_ is not mul and (m_ is None or mul is None or not np.array_equal(m_, mul))):
+            return None
+        inner.append(lin)
+    first = inner[0]
+    w0 = first.qweight
+    for lin in inner[1:]:
+        w = lin.qweight
+        if (lin.mode != first.mode or lin.act_scale != first.act_scale or w.shape[1] != w0.shape[1]
+                or (w.granularity, w.group_size, w.bits) != (w0.granularity, w0.group_size, w0.bits)):
+            return None
+    mode = "dynamic" if first.act_scale is not None else first.mode
+    return ops.linear_multi(x, [lin.qweight for lin in inner], [lin.bias for lin in inner], mode, x_mul=mul,
+                            x_scale=first.act_scale, x_hadamard=had)
+
+
 class QuantizedLinearForward:
     """The forward of a quantized Linear: ``x: (..., in_features) -> (..., out_features)`` float32 via
     :func:`cquant.ops.linear`. Holds only numpy arrays (the QuantizedWeight, the float32 bias) and,

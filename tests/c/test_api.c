@@ -261,6 +261,61 @@ static void test_linear_ex(void)
     free(packed);
 }
 
+/* cq_linear_multi: three weights (different n) on one x, both modes, with x_mul and a rotation:
+ * each output bit-identical to its own cq_linear_ex call; an output over another linear's weight
+ * refused before anything is written; a count outside 1..CQ_MULTI_MAX refused. */
+static void test_linear_multi(void)
+{
+    enum { k = 32, m = 5, nmax = 40 };
+    const int64_t ns[3] = {16, 40, 8};
+    float w[nmax * k], s[3][nmax], b[3][nmax], x[m * k], mul[k], y[3][m * nmax], yref[m * nmax];
+    int8_t q[nmax * k];
+    void *packed[3] = {NULL, NULL, NULL};
+    for (int i = 0; i < k; i++) mul[i] = 0.5f + 0.0625f * (float)(i % 7);
+    for (int i = 0; i < m * k; i++) x[i] = (float)((i * 7) % 23 - 11) * 0.21f;
+    for (int l = 0; l < 3; l++) {
+        for (int i = 0; i < ns[l] * k; i++) w[i] = (float)((i * (l + 3)) % 17 - 8) / 8.0f;
+        for (int j = 0; j < ns[l]; j++) b[l][j] = 0.25f * (float)(j - l);
+        EXPECT_STATUS(cq_quantize(w, ns[l], k, CQ_PER_CHANNEL, 0, q, s[l]), CQ_OK);
+        packed[l] = malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, ns[l], k, 0));
+        CHECK(packed[l] != NULL, "malloc");
+        if (!packed[l]) goto done;
+        EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, ns[l], k, 0, (int8_t *)packed[l]), CQ_OK);
+    }
+    {
+        const void *pk[3] = {packed[0], packed[1], packed[2]};
+        const float *sc[3] = {s[0], s[1], s[2]}, *bi[3] = {b[0], NULL, b[2]};
+        float *ys[3] = {y[0], y[1], y[2]};
+        for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++)
+            for (int opt = 0; opt < 3; opt++) {
+                const float *xm = opt ? mul : NULL;
+                const int64_t had = opt == 2 ? 16 : 0;
+                EXPECT_STATUS(cq_linear_multi(mode, x, m, k, 3, pk, sc, CQ_PER_CHANNEL, 0, ns, bi, xm, had, 0.0f, ys),
+                              CQ_OK);
+                for (int l = 0; l < 3; l++) {
+                    EXPECT_STATUS(cq_linear_ex(mode, x, m, k, pk[l], sc[l], CQ_PER_CHANNEL, 0, ns[l], bi[l], xm, had,
+                                               0.0f, yref), CQ_OK);
+                    CHECK(memcmp(y[l], yref, sizeof(float) * (size_t)(m * ns[l])) == 0,
+                          "cq_linear_multi: each output is its own cq_linear_ex");
+                }
+            }
+        /* refusals: nothing written */
+        for (int i = 0; i < m * nmax; i++) y[0][i] = -3.0f;
+        float *over[3] = {y[0], (float *)packed[0], y[2]};
+        EXPECT_STATUS(cq_linear_multi(CQ_MODE_DYNAMIC, x, m, k, 3, pk, sc, CQ_PER_CHANNEL, 0, ns, bi, NULL, 0, 0.0f,
+                                      over), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_linear_multi(CQ_MODE_DYNAMIC, x, m, k, 0, pk, sc, CQ_PER_CHANNEL, 0, ns, bi, NULL, 0, 0.0f,
+                                      ys), CQ_ERR_ARG);
+        EXPECT_STATUS(cq_linear_multi(CQ_MODE_DYNAMIC, x, m, k, CQ_MULTI_MAX + 1, pk, sc, CQ_PER_CHANNEL, 0, ns, bi,
+                                      NULL, 0, 0.0f, ys), CQ_ERR_ARG);
+        int untouched = 1;
+        for (int i = 0; i < m * nmax; i++) untouched &= y[0][i] == -3.0f;
+        CHECK(untouched, "a refused cq_linear_multi writes nothing");
+    }
+done:
+    for (int l = 0; l < 3; l++) free(packed[l]);
+}
+
 /* The output of cq_linear may not share a byte with x, scales, bias or the packed weight: in place
  * (y == x) used to give wrong results in weight-only mode. Refused before anything is written. */
 static void test_linear_alias(void)
@@ -543,6 +598,7 @@ int main(void)
     test_small_run();
     test_linear_alias();
     test_linear_ex();
+    test_linear_multi();
     test_isa_error();
     test_shutdown();
     printf("%d passed, %d failed\n", checks - failures, failures);

@@ -87,6 +87,30 @@ def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
     return lin.qforward(x)
 
 
+def _linears_np(lins: Any, x: np.ndarray) -> List[np.ndarray]:
+    """The numpy forwards of linears that read the same x (query, key, value), with one activation
+    pass (ops.linear_multi) when they can share it: the same mode, static scale, K, scheme, and
+    smoothing pre-scale / rotation (all bare, or all wrapped with equal values); else one by one.
+    Bit-identical either way."""
+    parts = []
+    for lin in lins:
+        if getattr(type(lin), "_cquant_smoothing_wrapper", False):
+            parts.append((lin.linear.qforward, lin.inv_scale.detach().numpy(), lin.block))
+        else:
+            parts.append((lin.qforward, None, 0))
+    (qf0, mul0, b0) = parts[0]
+    w0 = qf0.qweight
+    for qf, mul, b in parts[1:]:
+        w = qf.qweight
+        if (b != b0 or (mul is None) != (mul0 is None) or (mul is not None and not np.array_equal(mul, mul0))
+                or qf.mode != qf0.mode or qf.act_scale != qf0.act_scale or w.shape[1] != w0.shape[1]
+                or (w.granularity, w.group_size, w.bits) != (w0.granularity, w0.group_size, w0.bits)):
+            return [_linear_np(lin, x) for lin in lins]
+    mode = "dynamic" if qf0.act_scale is not None else qf0.mode
+    return ops.linear_multi(x, [qf.qweight for qf, _m, _b in parts], [qf.bias for qf, _m, _b in parts], mode,
+                            x_mul=mul0, x_scale=qf0.act_scale, x_hadamard=b0)
+
+
 class _Fused:
     """Mixin of the fused classes: ``_hf_forward`` is the original class's forward."""
 
@@ -175,9 +199,7 @@ class FusedSelfAttention(_Fused):
         if not ok:
             return self._hf_forward(hidden_states, attention_mask=attention_mask, cache=cache, **kwargs)
         x = _np(hidden_states)
-        q = _linear_np(self.query, x)
-        k = _linear_np(self.key, x)
-        v = _linear_np(self.value, x)
+        q, k, v = _linears_np((self.query, self.key, self.value), x)  # one activation pass
         ctx = ops.attention(q, k, v, int(self.num_attention_heads), bias, scale=float(self.scaling))
         return _out(ctx, hidden_states), None
 
