@@ -192,6 +192,8 @@ extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compil
 extern const cq_elementwise cq_elementwise_avx512; /* the AVX-512 paths: avx2's with the zmm rotation */
 int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 int cq_hadamard_absmax_avx512(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
+void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int flip);
+void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 #endif
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a

@@ -1,0 +1,64 @@
+/* quantize-avx512.c - the activation quantizer's code pass on zmm (the AVX-512 paths' element-wise
+ * table, x86/avx2/elementwise-avx2.c): q = clamp(round_half_even(v / s), -127, 127) ^ flip for
+ * v = x or the float32 product x * mul, bit-exact with ref/. As the AVX2 pass: v * (1 / s) where
+ * that provably rounds to the same integer (within 2^-15 of no half-integer, |q0| <= 128, a normal
+ * reciprocal), the true division otherwise; 16 lanes, the codes narrowed by vpmovsdb. */
+#include "target.h"
+#if CQ_CAN_TARGET_AVX512
+CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
+#include <immintrin.h>
+#include <math.h>
+
+CQ_INLINE __m128i q16(__m512 v, __m512 s, __m512 r, __m128i flip)
+{
+    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
+    const __m512 q0 = _mm512_mul_ps(v, r);
+    __m512 t = _mm512_roundscale_ps(q0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 d = _mm512_and_ps(_mm512_sub_ps(q0, t), absmask); /* exact (Sterbenz), in [0, 0.5] */
+    const __mmask16 ok = _mm512_cmp_ps_mask(d, _mm512_set1_ps(0.5f - 0x1p-15f), _CMP_LT_OQ) |
+                         _mm512_cmp_ps_mask(_mm512_and_ps(q0, absmask), _mm512_set1_ps(128.0f), _CMP_GT_OQ);
+    if (ok != 0xFFFF) t = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
+    return _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t)) /* t is integral */, flip);
+}
+
+CQ_INLINE __m512 recip_or_nan(float scale)
+{
+    const float r = 1.0f / scale;
+    return _mm512_set1_ps(r >= 1.17549435e-38f && r <= 3.402823466e38f ? r : NAN);
+}
+
+static void tail(const float *x, const float *mul, int64_t i, int64_t n, float scale, int8_t *q, int flip)
+{
+    for (; i < n; i++) {
+        float r = nearbyintf((mul ? x[i] * mul[i] : x[i]) / scale);
+        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+    }
+}
+
+void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int flip)
+{
+    const __m512 s = _mm512_set1_ps(scale), r = recip_or_nan(scale);
+    const __m128i f = _mm_set1_epi8((char)flip);
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        _mm_storeu_si128((__m128i *)(q + i), q16(_mm512_loadu_ps(x + i), s, r, f));
+        _mm_storeu_si128((__m128i *)(q + i + 16), q16(_mm512_loadu_ps(x + i + 16), s, r, f));
+    }
+    for (; i + 16 <= n; i += 16) _mm_storeu_si128((__m128i *)(q + i), q16(_mm512_loadu_ps(x + i), s, r, f));
+    tail(x, NULL, i, n, scale, q, flip);
+}
+
+void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
+{
+    const __m512 s = _mm512_set1_ps(scale), r = recip_or_nan(scale);
+    const __m128i f = _mm_set1_epi8((char)flip);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        _mm_storeu_si128((__m128i *)(q + i),
+                         q16(_mm512_mul_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(mul + i)), s, r, f));
+    tail(x, mul, i, n, scale, q, flip);
+}
+CQ_TARGET_END
+#endif
