@@ -725,15 +725,23 @@ def hadamard(x, block: int, x_mul=None) -> np.ndarray:
     k = v.shape[-1] if v.ndim else 0
     b = _hadamard_block(block, k)
     v = v * _float_array(x_mul, "x_mul") if x_mul is not None else v.copy()
+    return hadamard_stages(v, b)
+
+
+def hadamard_stages(v: np.ndarray, block: int) -> np.ndarray:
+    """The stages h = 1, 2, ..., block / 2 of the rotation applied to ``v`` in place (in its own
+    dtype: float32 for the kernel's values, float64 to rotate weights); returns ``v``. ``v`` is
+    C-contiguous and its last dimension a multiple of ``block``."""
     shape = v.shape
+    k = shape[-1]
     h = 1
-    while h < b:
+    while h < block:
         w = v.reshape(-1, k // (2 * h), 2, h)
         a, c = w[:, :, 0, :].copy(), w[:, :, 1, :].copy()
         w[:, :, 0, :] = a + c
         w[:, :, 1, :] = a - c
         h *= 2
-    return v.reshape(shape)
+    return v
 
 
 def _int_arg(value, name: str) -> int:

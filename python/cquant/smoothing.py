@@ -133,16 +133,7 @@ def rotation_block(k: int, rotate: Any) -> int:
 
 def _hadamard64(a: np.ndarray, b: int) -> np.ndarray:
     """``a @ blockdiag(H_b)`` in float64 (columns in blocks of b; H_b unnormalised, symmetric)."""
-    v = np.array(a, dtype=np.float64, copy=True)
-    k = v.shape[-1]
-    h = 1
-    while h < b:
-        w = v.reshape(-1, k // (2 * h), 2, h)
-        x0, x1 = w[:, :, 0, :].copy(), w[:, :, 1, :].copy()
-        w[:, :, 0, :] = x0 + x1
-        w[:, :, 1, :] = x0 - x1
-        h *= 2
-    return v
+    return ops.hadamard_stages(np.array(a, dtype=np.float64, order="C", copy=True), b)
 
 
 def rotation_signs(k: int) -> np.ndarray:

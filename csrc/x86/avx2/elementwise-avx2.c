@@ -100,7 +100,9 @@ CQ_INLINE __m256i q8m(const float *x, const float *mul, __m256 s, __m256 r, __m2
     return _mm256_cvtps_epi32(v);
 }
 
-static void quantize_mul_avx2(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
+/* The code pass of x, or of the float32 products x * mul (mul NULL: a compile-time constant in
+ * quantize_avx2, so one body serves both entries). */
+CQ_INLINE void quantize_core(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
 {
     const __m256i flipv = _mm256_set1_epi8((char)flip);
     const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
@@ -108,36 +110,37 @@ static void quantize_mul_avx2(const float *x, const float *mul, int64_t n, float
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-        __m256i a = q8m(x + i, mul + i, s, r, lo, hi), b = q8m(x + i + 8, mul + i + 8, s, r, lo, hi);
-        __m256i c = q8m(x + i + 16, mul + i + 16, s, r, lo, hi), d = q8m(x + i + 24, mul + i + 24, s, r, lo, hi);
+        __m256i a, b, c, d;
+        if (mul) {
+            a = q8m(x + i, mul + i, s, r, lo, hi);
+            b = q8m(x + i + 8, mul + i + 8, s, r, lo, hi);
+            c = q8m(x + i + 16, mul + i + 16, s, r, lo, hi);
+            d = q8m(x + i + 24, mul + i + 24, s, r, lo, hi);
+        } else {
+            a = q8(x + i, s, r, lo, hi);
+            b = q8(x + i + 8, s, r, lo, hi);
+            c = q8(x + i + 16, s, r, lo, hi);
+            d = q8(x + i + 24, s, r, lo, hi);
+        }
         __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), flipv));
     }
     for (; i < n; i++) {
-        float r = nearbyintf((x[i] * mul[i]) / scale);
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
+        float v = mul ? x[i] * mul[i] : x[i];
+        float t = nearbyintf(v / scale);
+        t = t > 127.0f ? 127.0f : (t < -127.0f ? -127.0f : t);
+        q[i] = (int8_t)((uint8_t)(int8_t)t ^ (uint8_t)flip);
     }
+}
+
+static void quantize_mul_avx2(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
+{
+    quantize_core(x, mul, n, scale, q, flip);
 }
 
 static void quantize_avx2(const float *x, int64_t n, float scale, int8_t *q, int flip)
 {
-    const __m256i flipv = _mm256_set1_epi8((char)flip);
-    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
-    const __m256 r = recip_or_nan(scale);
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    int64_t i = 0;
-    for (; i + 32 <= n; i += 32) {
-        __m256i a = q8(x + i, s, r, lo, hi), b = q8(x + i + 8, s, r, lo, hi);
-        __m256i c = q8(x + i + 16, s, r, lo, hi), d = q8(x + i + 24, s, r, lo, hi);
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
-        _mm256_storeu_si256((__m256i *)(q + i), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), flipv));
-    }
-    for (; i < n; i++) {
-        float r = nearbyintf(x[i] / scale);
-        r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
-        q[i] = (int8_t)((uint8_t)(int8_t)r ^ (uint8_t)flip);
-    }
+    quantize_core(x, NULL, n, scale, q, flip);
 }
 
 /* exp(v) for v in [-88, 0]: v = n ln2 + r with |r| <= ln2/2 (ln2 split in two parts so r is
