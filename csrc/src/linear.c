@@ -776,17 +776,18 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
         if (st != CQ_OK) return st;
     }
     if (m == 0) return CQ_OK;
-    for (int i = 0; i < count; i++)
-        for (int j = 0; j < count; j++) {
-            if (i == j) continue;
-            cq_pack_header h;
-            cq_pack_read_header(packed[j], &h); /* checked above */
-            const int64_t ybytes = m * n[i] * 4, ns = cq_num_scales(scheme, n[j], k, group_size);
-            if (cq_overlap(y[i], ybytes, y[j], m * n[j] * 4) || cq_overlap(y[i], ybytes, scales[j], ns * 4) ||
-                (bias && bias[j] && cq_overlap(y[i], ybytes, bias[j], n[j] * 4)) ||
-                cq_overlap(y[i], ybytes, packed[j], h.sums_off + h.sums_bytes))
+    for (int j = 0; j < count; j++) {
+        cq_pack_header h;
+        cq_pack_read_header(packed[j], &h); /* checked above */
+        const int64_t ns = cq_num_scales(scheme, n[j], k, group_size);
+        for (int i = 0; i < count; i++) {
+            const int64_t ybytes = m * n[i] * 4;
+            if (i != j && (cq_overlap(y[i], ybytes, y[j], m * n[j] * 4) || cq_overlap(y[i], ybytes, scales[j], ns * 4) ||
+                           (bias && bias[j] && cq_overlap(y[i], ybytes, bias[j], n[j] * 4)) ||
+                           cq_overlap(y[i], ybytes, packed[j], h.sums_off + h.sums_bytes)))
                 return CQ_ERR_ALIAS;
         }
+    }
     act_cache ac;
     memset(&ac, 0, sizeof ac);
     int st = CQ_OK;

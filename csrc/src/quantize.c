@@ -120,8 +120,8 @@ static void quant_unit(void *vctx, int64_t u)
  * (Sapphire Rapids-class Xeon, 2 threads, dynamic (N, K) M, median us, quantizer threshold 1e6 ->
  * 1e5): (384, 384) M = 640 301 -> 188, M = 320 148 -> 109, M = 160 59 -> 62 (one thread below 1e5:
  * 61k floats); (384, 1536) M = 640 713 -> 532, M = 160 228 -> 132; (1536, 384) M = 640 671 -> 611.
- * The division of the contract (x / s, ~1.3 cycles per float on this core) makes the pass too
- * long to leave on one thread; 5e4 was no better (61k floats: 62 -> 66 us). */
+ * (Measured while the code pass still divided every value; it is cheaper now, see the element-wise
+ * kernels, but still long enough to split.) 5e4 was no better (61k floats: 62 -> 66 us). */
 #ifndef QUANT_PAR_WORK
 #define QUANT_PAR_WORK 1.0e5
 #endif

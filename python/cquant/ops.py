@@ -551,22 +551,11 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
     """
-    cache = qw._cache if type(qw) is QuantizedWeight else None
-    if cache is None or cache[5] != _best_format_bits(qw.shape[0], cache[6]):
-        if not isinstance(qw, QuantizedWeight):
-            raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
-        cache = qw._native()
-    mcode = MODES.get(mode) if type(mode) is str else None
-    if mcode is None:
-        raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    if type(x) is not np.ndarray or x.dtype is not _F32 or not (xf := x.flags).c_contiguous or not xf.aligned:
-        if np.ndim(x) == 0:
-            raise errors.ShapeError(f"x must have at least one dimension (..., K={qw.shape[1]}), got a scalar")
-        x = _float_array(x, "x")
+    cache = _weight_cache(qw)
+    mcode = _mode_code(mode)
     n, k = qw.shape
+    x = _x_rows(x, k)
     shape = x.shape
-    if not shape or shape[-1] != k:
-        raise errors.ShapeError(f"x has shape {shape}; its last dimension must be K={k}")
     m = x.size // k
     y = np.empty(shape[:-1] + (n,), dtype=_F32)
     if m == 0:
@@ -577,11 +566,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     elif bias_cache is not None and bias_cache[0] is bias:
         bp = bias_cache[1]
     else:
-        b = bias
-        if type(b) is not np.ndarray or b.dtype is not _F32 or not (bf := b.flags).c_contiguous or not bf.aligned:
-            b = _float_array(b, "bias")
-        if b.shape != (n,):
-            raise errors.ShapeError(f"bias has shape {b.shape}, expected ({n},)")
+        b = _bias_array(bias, n)
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
@@ -589,40 +574,87 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                         _from_buffer("float[]", y))
     else:
-        mp = _NULL
-        if x_mul is not None:
-            hit = _XMUL_PTRS.get(id(x_mul))
-            if hit is not None and hit[0] is x_mul and hit[0].shape == (k,) and hit[0].dtype is _F32:
-                mp = hit[1]
-            else:
-                xm = x_mul
-                if type(xm) is not np.ndarray or xm.dtype is not _F32 or not xm.flags.c_contiguous \
-                        or not xm.flags.aligned:
-                    xm = _float_array(xm, "x_mul")
-                if xm.shape != (k,):
-                    raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
-                mp = _from_buffer("float[]", xm)
-                if xm is x_mul:  # a layer's own pre-scale (read through the pointer on each call): keep it
-                    if len(_XMUL_PTRS) >= 256:
-                        _XMUL_PTRS.clear()
-                    _XMUL_PTRS[id(xm)] = (xm, mp)
-        xs = 0.0
-        if x_scale is not None:
-            xs = _float_arg(x_scale, "x_scale")
-            if not (0.0 < xs <= _FLT_MAX) or np.float32(xs) == 0:  # finite and > 0 in float32
-                raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
-            if mcode != MODES["dynamic"]:
-                raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
-        hb = 0
-        if x_hadamard:
-            hb = _hadamard_block(x_hadamard, k)
+        mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
         st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs,
                               _from_buffer("float[]", y))
-        if st == lib.CQ_ERR_NONFINITE and x_mul is not None:  # the only non-finite input C refuses here
-            raise errors.NonFiniteError("linear: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
     if st:
-        _raise(st, "linear")
+        _linear_error(st, "linear", x_mul)
     return y
+
+
+def _weight_cache(qw) -> tuple:
+    """The weight's cached cffi pointers and scheme codes, (re)made where its packed format is not
+    the one the active path reads best."""
+    cache = qw._cache if type(qw) is QuantizedWeight else None
+    if cache is None or cache[5] != _best_format_bits(qw.shape[0], cache[6]):
+        if not isinstance(qw, QuantizedWeight):
+            raise errors.TypeError(f"qw must be a QuantizedWeight, got {type(qw).__name__}")
+        cache = qw._native()
+    return cache
+
+
+def _mode_code(mode) -> int:
+    mcode = MODES.get(mode) if type(mode) is str else None
+    if mcode is None:
+        raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
+    return mcode
+
+
+def _x_rows(x, k: int) -> np.ndarray:
+    """x as a float32 C-contiguous array whose last dimension is K (float32 C-contiguous input as
+    it is: no copy on the hot path)."""
+    if type(x) is not np.ndarray or x.dtype is not _F32 or not (xf := x.flags).c_contiguous or not xf.aligned:
+        if np.ndim(x) == 0:
+            raise errors.ShapeError(f"x must have at least one dimension (..., K={k}), got a scalar")
+        x = _float_array(x, "x")
+    if not x.shape or x.shape[-1] != k:
+        raise errors.ShapeError(f"x has shape {x.shape}; its last dimension must be K={k}")
+    return x
+
+
+def _bias_array(b, n: int) -> np.ndarray:
+    if type(b) is not np.ndarray or b.dtype is not _F32 or not (bf := b.flags).c_contiguous or not bf.aligned:
+        b = _float_array(b, "bias")
+    if b.shape != (n,):
+        raise errors.ShapeError(f"bias has shape {b.shape}, expected ({n},)")
+    return b
+
+
+def _act_args(x_mul, x_scale, x_hadamard, k: int, mcode: int) -> tuple:
+    """(x_mul pointer, x_scale, x_hadamard) for cq_linear_ex / cq_linear_multi, checked. A layer's
+    own pre-scale array keeps its pointer (``_XMUL_PTRS``)."""
+    mp = _NULL
+    if x_mul is not None:
+        hit = _XMUL_PTRS.get(id(x_mul))
+        if hit is not None and hit[0] is x_mul and hit[0].shape == (k,) and hit[0].dtype is _F32:
+            mp = hit[1]
+        else:
+            xm = x_mul
+            if type(xm) is not np.ndarray or xm.dtype is not _F32 or not xm.flags.c_contiguous \
+                    or not xm.flags.aligned:
+                xm = _float_array(xm, "x_mul")
+            if xm.shape != (k,):
+                raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
+            mp = _from_buffer("float[]", xm)
+            if xm is x_mul:  # a layer's own pre-scale (read through the pointer on each call): keep it
+                if len(_XMUL_PTRS) >= 256:
+                    _XMUL_PTRS.clear()
+                _XMUL_PTRS[id(xm)] = (xm, mp)
+    xs = 0.0
+    if x_scale is not None:
+        xs = _float_arg(x_scale, "x_scale")
+        if not (0.0 < xs <= _FLT_MAX) or np.float32(xs) == 0:  # finite and > 0 in float32
+            raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
+        if mcode != MODES["dynamic"]:
+            raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
+    hb = hadamard_block(x_hadamard, k) if x_hadamard else 0
+    return mp, xs, hb
+
+
+def _linear_error(st: int, what: str, x_mul) -> None:
+    if st == lib.CQ_ERR_NONFINITE and x_mul is not None:  # the only non-finite input C refuses here
+        raise errors.NonFiniteError(f"{what}: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
+    _raise(st, what)
 
 
 def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_scale=None,
@@ -635,9 +667,7 @@ def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_sc
     qws = list(qws)
     if not qws or len(qws) > lib.CQ_MULTI_MAX:
         raise errors.ValueError(f"linear_multi needs 1 to {lib.CQ_MULTI_MAX} weights, got {len(qws)}")
-    for qw in qws:
-        if not isinstance(qw, QuantizedWeight):
-            raise errors.TypeError(f"qws must hold QuantizedWeight objects, got {type(qw).__name__}")
+    caches = [_weight_cache(qw) for qw in qws]
     bl = [None] * len(qws) if biases is None else list(biases)
     if len(bl) != len(qws):
         raise errors.ValueError(f"{len(bl)} biases for {len(qws)} weights")
@@ -647,60 +677,23 @@ def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_sc
         if qw.shape[1] != k or (qw.granularity, qw.group_size, qw.bits) != key:
             raise errors.ValueError("linear_multi: the weights must share K and the scheme; got "
                                     f"{[(q.shape, q.scheme) for q in qws]}")
-    mcode = MODES.get(mode) if type(mode) is str else None
-    if mcode is None:
-        raise errors.ValueError(f"unknown mode {mode!r}; expected one of {sorted(MODES)}")
-    if type(x) is not np.ndarray or x.dtype is not _F32 or not x.flags.c_contiguous or not x.flags.aligned:
-        if np.ndim(x) == 0:
-            raise errors.ShapeError(f"x must have at least one dimension (..., K={k}), got a scalar")
-        x = _float_array(x, "x")
-    shape = x.shape
-    if not shape or shape[-1] != k:
-        raise errors.ShapeError(f"x has shape {shape}; its last dimension must be K={k}")
+    mcode = _mode_code(mode)
+    x = _x_rows(x, k)
     m = x.size // k
-    caches = [qw._native() if qw._cache is None or qw._cache[5] != _best_format_bits(qw.shape[0], qw._cache[6])
-              else qw._cache for qw in qws]
-    ys = [np.empty(shape[:-1] + (qw.shape[0],), dtype=_F32) for qw in qws]
+    ys = [np.empty(x.shape[:-1] + (qw.shape[0],), dtype=_F32) for qw in qws]
     if m == 0:
         return ys
-    keep = []
-    bps = []
-    for qw, b in zip(qws, bl):
-        if b is None:
-            bps.append(_NULL)
-            continue
-        if type(b) is not np.ndarray or b.dtype is not _F32 or not b.flags.c_contiguous or not b.flags.aligned:
-            b = _float_array(b, "bias")
-        if b.shape != (qw.shape[0],):
-            raise errors.ShapeError(f"bias has shape {b.shape}, expected ({qw.shape[0]},)")
-        keep.append(b)
-        bps.append(_from_buffer("float[]", b))
-    mp = _NULL
-    if x_mul is not None:
-        xm = _float_array(x_mul, "x_mul")
-        if xm.shape != (k,):
-            raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
-        keep.append(xm)
-        mp = _from_buffer("float[]", xm)
-    xs = 0.0
-    if x_scale is not None:
-        xs = _float_arg(x_scale, "x_scale")
-        if not (0.0 < xs <= _FLT_MAX) or np.float32(xs) == 0:
-            raise errors.ValueError(f"x_scale must be a finite float32 > 0, got {x_scale!r}")
-        if mcode != MODES["dynamic"]:
-            raise errors.ValueError("x_scale (static activations) needs mode='dynamic'")
-    hb = _hadamard_block(x_hadamard, k) if x_hadamard else 0
+    bs = [None if b is None else _bias_array(b, qw.shape[0]) for qw, b in zip(qws, bl)]
+    mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
     pk = ffi.new("void *[]", [ffi.cast("void *", c[0]) for c in caches])
     ps = ffi.new("float *[]", [c[1] for c in caches])
     ns = ffi.new("int64_t[]", [qw.shape[0] for qw in qws])
-    bp = ffi.new("float *[]", bps)
+    bp = ffi.new("float *[]", [_NULL if b is None else _from_buffer("float[]", b) for b in bs])
     yp = ffi.new("float *[]", [_from_buffer("float[]", y) for y in ys])
     st = lib.cq_linear_multi(mcode, _from_buffer("float[]", x), m, k, len(qws), pk, ps, caches[0][2], caches[0][3],
                              ns, bp, mp, hb, xs, yp)
-    if st == lib.CQ_ERR_NONFINITE and x_mul is not None:
-        raise errors.NonFiniteError("linear_multi: x_mul holds NaN or Inf (a smoothing pre-scale must be finite)")
     if st:
-        _raise(st, "linear_multi")
+        _linear_error(st, "linear_multi", x_mul)
     return ys
 
 
@@ -709,10 +702,13 @@ def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_sc
 _XMUL_PTRS: dict = {}
 
 
-def _hadamard_block(b, k: int) -> int:
-    b = _int_arg(b, "x_hadamard")
-    if b < 2 or b & (b - 1) or k % b:
-        raise errors.ValueError(f"x_hadamard must be 0 or a power of two >= 2 that divides K={k}, got {b}")
+def hadamard_block(b, k: int, what: str = "x_hadamard", allow_zero: bool = False) -> int:
+    """``b`` checked as a rotation block for K = ``k``: an int, a power of two >= 2 dividing k (or 0,
+    no rotation, where ``allow_zero``); TypeError / ValueError naming ``what`` otherwise."""
+    b = _int_arg(b, what)
+    if (b or not allow_zero) and (b < 2 or b & (b - 1) or k % b):
+        raise errors.ValueError(f"{what} must be {'0 or ' if allow_zero else ''}a power of two >= 2 that divides "
+                                f"K={k}, got {b}")
     return b
 
 
@@ -723,7 +719,7 @@ def hadamard(x, block: int, x_mul=None) -> np.ndarray:
     for float paths and tests). ``H_b`` is symmetric and ``H_b @ H_b = block * I``."""
     v = _float_array(x, "x")
     k = v.shape[-1] if v.ndim else 0
-    b = _hadamard_block(block, k)
+    b = hadamard_block(block, k, "block")
     v = v * _float_array(x_mul, "x_mul") if x_mul is not None else v.copy()
     return hadamard_stages(v, b)
 

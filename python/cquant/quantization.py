@@ -211,39 +211,42 @@ def forward_shared(layers: Sequence[Any], x: Any) -> Optional[List[np.ndarray]]:
     the caller runs them one by one. Bit-identical to calling them one by one."""
     if not isinstance(x, np.ndarray):
         return None
-    inner: List[QuantizedLinear] = []
-    mul: Optional[np.ndarray] = None
-    had = 0
-    for i, layer in enumerate(layers):
+    parts = []
+    for layer in layers:
         d = getattr(layer, "__dict__", {})
         if "forward" in d or "__call__" in d:
             return None
         if type(layer) is _smoothing.Smoothed:
             lin = d["_modules"]["linear"]
-            m_, h_ = d["_parameters"]["inv_scale"], int(d["_parameters"]["hadamard"][0])
             if "forward" in lin.__dict__ or "__call__" in lin.__dict__:
                 return None
+            parts.append((lin, d["_parameters"]["inv_scale"], int(d["_parameters"]["hadamard"][0])))
         elif type(layer) is QuantizedLinear:
-            lin, m_, h_ = layer, None, 0
+            parts.append((layer, None, 0))
         else:
             return None
-        if type(lin) is not QuantizedLinear:
+        if type(parts[-1][0]) is not QuantizedLinear:
             return None
-        if i == 0:
-            mul, had = m_, h_
-        elif h_ != had or (m_ is not mul and (m_ is None or mul is None or not np.array_equal(m_, mul))):
-            return None
-        inner.append(lin)
-    first = inner[0]
-    w0 = first.qweight
-    for lin in inner[1:]:
-        w = lin.qweight
-        if (lin.mode != first.mode or lin.act_scale != first.act_scale or w.shape[1] != w0.shape[1]
+    return linear_shared(parts, x)
+
+
+def linear_shared(parts: Sequence[Tuple[Any, Optional[np.ndarray], int]], x: np.ndarray
+                  ) -> Optional[List[np.ndarray]]:
+    """One :func:`cquant.ops.linear_multi` call for quantized layers reading the same ``x``: ``parts``
+    are ``(layer, x_mul or None, rotation block)`` with ``layer`` a quantized Linear of either front-end
+    (``qweight``, ``bias``, ``mode``, ``act_scale``). None when they cannot share one activation pass
+    (different mode, static scale, K, scheme, pre-scale values or rotation)."""
+    q0, mul0, b0 = parts[0]
+    w0 = q0.qweight
+    for q, mul, b in parts[1:]:
+        w = q.qweight
+        if (b != b0 or (mul is not mul0 and (mul is None or mul0 is None or not np.array_equal(mul, mul0)))
+                or q.mode != q0.mode or q.act_scale != q0.act_scale or w.shape[1] != w0.shape[1]
                 or (w.granularity, w.group_size, w.bits) != (w0.granularity, w0.group_size, w0.bits)):
             return None
-    mode = "dynamic" if first.act_scale is not None else first.mode
-    return ops.linear_multi(x, [lin.qweight for lin in inner], [lin.bias for lin in inner], mode, x_mul=mul,
-                            x_scale=first.act_scale, x_hadamard=had)
+    mode = "dynamic" if q0.act_scale is not None else q0.mode
+    return ops.linear_multi(x, [q.qweight for q, _m, _b in parts], [q.bias for q, _m, _b in parts], mode,
+                            x_mul=mul0, x_scale=q0.act_scale, x_hadamard=b0)
 
 
 class QuantizedLinearForward:

@@ -105,13 +105,8 @@ class Smoothed(nn.Module):
 
 
 def _check_block(b: Any, k: int, what: str = "hadamard") -> int:
-    """0, or a power of two >= 2 dividing ``k`` (the rotation's block size)."""
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
-        raise errors.TypeError(f"{what} must be an int, got {type(b).__name__}")
-    b = int(b)
-    if b and (b < 2 or b & (b - 1) or k % b):
-        raise errors.ValueError(f"{what} must be 0 or a power of two >= 2 dividing in_features={k}, got {b}")
-    return b
+    """0 (no rotation), or a rotation block for ``k`` inputs (:func:`cquant.ops.hadamard_block`)."""
+    return ops.hadamard_block(b, k, what, allow_zero=True)
 
 
 #: largest rotation block ``rotate=True`` uses: on all-MiniLM-L6-v2 (smoothing 0.5, 16 calibration

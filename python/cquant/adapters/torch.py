@@ -65,7 +65,6 @@ Its forward:
 """
 from __future__ import annotations
 
-import builtins
 import copy
 import ctypes
 import fnmatch
@@ -81,7 +80,7 @@ import torch
 from .. import errors, ops
 from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..errors import CheckpointError
-from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow
+from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
                          _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
@@ -684,10 +683,7 @@ def _prepare(plans: List[_Plan], granularity: str, group_size: Optional[int], bi
                 part.qweight = ops.quantize_weight(arr, granularity=granularity, group_size=group_size,
                                                    name=f"{disp}.weight", bits=bits)
             except errors.QuantizationError as e:
-                try:
-                    raise type(e)(f"layer {disp!r}: {e}") from e
-                except builtins.TypeError:  # pragma: no cover - unusual constructor
-                    raise e
+                raise _renamed(e, f"layer {disp!r}: {e}") from e
             del arr
             if part.share_key is not None:
                 done[part.share_key] = (disp, part)
@@ -712,10 +708,7 @@ def _prepare_embeddings(embs: List[_EmbPlan]) -> None:
             ops.check_finite(arr, f"{disp}.weight")
             e.qweight = ops.quantize_weight(arr, granularity="per_channel", name=f"{disp}.weight")
         except errors.QuantizationError as exc:
-            try:
-                raise type(exc)(f"embedding {disp!r}: {exc}") from exc
-            except builtins.TypeError:  # pragma: no cover - unusual constructor
-                raise exc
+            raise _renamed(exc, f"embedding {disp!r}: {exc}") from exc
         del arr
         done[id(w)] = e
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from .. import ops
+from ..quantization import linear_shared
 from .torch_base import _NoBackward, _graph_mode
 
 __all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
@@ -89,26 +90,12 @@ def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
 
 def _linears_np(lins: Any, x: np.ndarray) -> List[np.ndarray]:
     """The numpy forwards of linears that read the same x (query, key, value), with one activation
-    pass (ops.linear_multi) when they can share it: the same mode, static scale, K, scheme, and
-    smoothing pre-scale / rotation (all bare, or all wrapped with equal values); else one by one.
+    pass (:func:`cquant.quantization.linear_shared`) where they can share it, else one by one.
     Bit-identical either way."""
-    parts = []
-    for lin in lins:
-        if getattr(type(lin), "_cquant_smoothing_wrapper", False):
-            parts.append((lin.linear.qforward, lin.inv_scale.detach().numpy(), lin.block))
-        else:
-            parts.append((lin.qforward, None, 0))
-    (qf0, mul0, b0) = parts[0]
-    w0 = qf0.qweight
-    for qf, mul, b in parts[1:]:
-        w = qf.qweight
-        if (b != b0 or (mul is None) != (mul0 is None) or (mul is not None and not np.array_equal(mul, mul0))
-                or qf.mode != qf0.mode or qf.act_scale != qf0.act_scale or w.shape[1] != w0.shape[1]
-                or (w.granularity, w.group_size, w.bits) != (w0.granularity, w0.group_size, w0.bits)):
-            return [_linear_np(lin, x) for lin in lins]
-    mode = "dynamic" if qf0.act_scale is not None else qf0.mode
-    return ops.linear_multi(x, [qf.qweight for qf, _m, _b in parts], [qf.bias for qf, _m, _b in parts], mode,
-                            x_mul=mul0, x_scale=qf0.act_scale, x_hadamard=b0)
+    parts = [(lin.linear.qforward, lin.inv_scale.detach().numpy(), lin.block)
+             if getattr(type(lin), "_cquant_smoothing_wrapper", False) else (lin.qforward, None, 0) for lin in lins]
+    ys = linear_shared(parts, x)
+    return ys if ys is not None else [_linear_np(lin, x) for lin in lins]
 
 
 class _Fused:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .. import errors
+from .. import errors, ops
 from .torch_base import hadamard_torch
 
 __all__ = ["SmoothedTorchLinear"]
@@ -31,10 +31,7 @@ class SmoothedTorchLinear(torch.nn.Module):
         self.register_buffer("hadamard", torch.tensor([self.block], dtype=torch.int64))
 
     def _check(self, b: int, what: str = "hadamard") -> int:
-        k = self.inv_scale.numel()
-        if b and (b < 2 or b & (b - 1) or k % b):
-            raise errors.ValueError(f"{what} must be 0 or a power of two >= 2 dividing in_features={k}, got {b}")
-        return b
+        return ops.hadamard_block(b, self.inv_scale.numel(), what, allow_zero=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
