@@ -209,13 +209,15 @@ def linear_dynamic(x, q, scale, granularity: str = "per_channel", group_size: Op
 
 
 def linear_weight_only(x, q, scale, granularity: str = "per_channel",
-                       group_size: Optional[int] = None, bias=None):
+                       group_size: Optional[int] = None, bias=None, fixed24: bool = False):
     """Weight-only linear in float64: (y float64 (M, N), budget float64 (M, N)).
 
     The weight is the float32 dequantized one (float32(q) * scale, which the kernels form exactly
     like this); x is taken as float32. `budget` bounds the float32 error of any summation order
     of the K products plus the bias (gamma_{K+2} * sum |x_k w_k| + |b|, u = 2^-24), a K-scaled
-    budget rather than a magic number."""
+    budget rather than a magic number. fixed24: the int4 GEMV in integers (x24 kernels) rounds
+    each x[k] to a multiple of 2^(e - 21), max|x| in [2^e, 2^(e+1)), so it may be off by
+    2^-22 * max|x| more per element: + 2^-22 * max|x| * sum_k |w_k| (cquant.h)."""
     with np.errstate(over="ignore"):
         x = np.asarray(x).astype(F32).astype(np.float64)
     w = dequantize(q, scale, granularity, group_size).astype(np.float64)
@@ -226,6 +228,9 @@ def linear_weight_only(x, q, scale, granularity: str = "per_channel",
     u = 2.0 ** -24
     gamma = (k + 2) * u / (1 - (k + 2) * u)
     budget = gamma * (np.einsum("mk,nk->mn", np.abs(x), np.abs(w)) + np.abs(b)) + 1e-300
+    if fixed24:
+        amax = np.abs(x).max(axis=1) if x.shape[1] else np.zeros(x.shape[0])
+        budget = budget + 2.0 ** -22 * (1 + gamma) * amax[:, None] * np.abs(w).sum(axis=1)[None, :]
     return y, budget
 
 

@@ -52,18 +52,23 @@ def test_int4_linear_every_path(path, n, k, gran, group):  # noqa: F811
     x[3, 0] = np.nan
     want = oracle.linear_dynamic(x, qo, so, gran, group, bias, fma_groups=True)
     yo, budget = oracle.linear_weight_only(np.delete(x, 3, axis=0), qo, so, gran, group, bias)
+    # the int4 GEMV in integers (x as 24-bit fixed point) where the panels are 64 wide
+    x24 = path in ("avx512vnni", "amx") and qw.format.lower().startswith("n64")
+    _, budget24 = oracle.linear_weight_only(np.delete(x, 3, axis=0), qo, so, gran, group, bias, fixed24=True)
     for m in (1, 2, 5, 17, 40):
         y = ops.linear(x[:m], qw, bias)
         assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=4), m
         np.testing.assert_array_equal(y, want[:m], err_msg=f"M={m} {ops.last_kernel()}")
         xf = np.delete(x, 3, axis=0)[:m]
         yw = ops.linear(xf, qw, bias, mode="weight_only")
+        bud = budget
         if m < 4:  # codes expanded in registers by an int4 GEMV of the path
             kern = ops.last_kernel()
-            assert kern.startswith("f32_qc4w_gemv4"), kern
+            assert kern.startswith("x24_qc4w_gemv4" if x24 else "f32_qc4w_gemv4"), kern
             assert kern.endswith("_ref") == (path == "scalar"), kern
+            bud = budget24 if x24 else budget
         err = np.abs(yw.astype(np.float64) - yo[:m])
-        assert (err <= budget[:m]).all(), (m, ops.last_kernel(), float((err / budget[:m]).max()))
+        assert (err <= bud[:m]).all(), (m, ops.last_kernel(), float((err / bud[:m]).max()))
     assert qw.format == table_best_format(path, n).replace("k4", "k8i4")
 
 
@@ -118,3 +123,47 @@ def test_int4_refusals():
     with pytest.raises(errors.ValueError, match="4-bit"):
         ops.QuantizedWeight.from_codes(np.zeros((8, 16), np.int8), np.ones(8, np.float32), format="n64k8i4",
                                        bits=8)
+
+
+@pytest.mark.parametrize("isa", ["avx512vnni", "amx"])
+def test_int4_gemv_in_integers_falls_back_where_it_must(isa):
+    """The int4 weight-only GEMV in integers (x as 24-bit fixed point, x24_*) runs only on rows it
+    can represent and weights up to 4 MiB of codes; everything else takes the float GEMV, with the
+    same results the budget allows (the kernel that ran asserted)."""
+    if isa not in ops.available_isas():
+        pytest.skip(f"{isa} not available here")
+    rng = np.random.default_rng(11)
+    n, k = 128, 264
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    bias = rng.standard_normal(n).astype(np.float32)
+    qw = ops.quantize_weight(w, "per_group", 8, bits=4)
+    qo, so = oracle.quantize(w, "per_group", 8, bits=4)
+    ops.set_isa(isa)
+    try:
+        def run(x, want_x24):
+            y = ops.linear(x, qw, bias, mode="weight_only")
+            assert ops.last_kernel().startswith("x24_" if want_x24 else "f32_qc4w_gemv4"), ops.last_kernel()
+            return y
+
+        x = rng.standard_normal((2, k)).astype(np.float32)
+        x[1, 5] = 3e5  # one large channel: the others keep 2^-22 of it
+        yo, budget = oracle.linear_weight_only(x, qo, so, "per_group", 8, bias, fixed24=True)
+        y = run(x, True)
+        assert (np.abs(y - yo) <= budget).all()
+        np.testing.assert_array_equal(run(np.zeros((1, k), np.float32), True), bias[None, :])
+        for bad in (np.nan, np.inf):  # a non-finite row: the float GEMV, NaN / Inf in that row only
+            xb = x.copy()
+            xb[0, 7] = bad
+            yb = run(xb, False)
+            assert not np.isfinite(yb[0]).any()
+            assert (np.abs(yb[1] - yo[1]) <= budget[1]).all()
+        for scale in (1e-30, 1e30):  # max|x| outside [2^-60, 2^60]: the float GEMV
+            xs = (x * np.float32(scale)).astype(np.float32)
+            ys_o, ys_b = oracle.linear_weight_only(xs, qo, so, "per_group", 8, bias)
+            assert (np.abs(run(xs, False) - ys_o) <= ys_b).all()
+        big = ops.quantize_weight(rng.standard_normal((2048, 4104)).astype(np.float32), "per_channel", bits=4)
+        ops.linear(x[:, :1].repeat(4104, axis=1), big, mode="weight_only")  # 4.2 MB of codes
+        assert ops.last_kernel().startswith("f32_qc4w_gemv4"), ops.last_kernel()
+        assert big.format.lower().startswith("n64")
+    finally:
+        ops.set_isa("auto")

@@ -125,6 +125,26 @@ void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *cons
         }
 }
 
+/* Weight-only int4 GEMV with x as 24-bit fixed point digits (cq_x24_i4_gemv4_fn): the exact
+ * digit sums, then the float epilogue in the order every x24 kernel uses. */
+void cq_ref_x24_i4_gemv4(int nr, int64_t nk8, const int8_t *xd, int64_t xds, const int32_t *comp, float xs,
+                         const int8_t *const *panels, int64_t step, const float *ws, float *y)
+{
+    for (int p = 0; p < 4; p++)
+        for (int j = 0; j < nr; j++) {
+            int64_t a[3] = {0, 0, 0};
+            for (int64_t t = 0; t < nk8; t++)
+                for (int kk = 0; kk < 8; kk++) {
+                    unsigned v = (uint8_t)panels[p][t * step + 4 * j + (kk & 3)];
+                    int q8 = (int)(((kk < 4 ? v : v >> 4) & 15u) ^ 8u); /* code + 8 */
+                    for (int d = 0; d < 3; d++) a[d] += (int64_t)q8 * xd[d * xds + 8 * t + kk];
+                }
+            float f = fmaf(fmaf((float)(int32_t)(a[2] - comp[2]), 256.0f, (float)(int32_t)(a[1] - comp[1])), 256.0f,
+                           (float)(int32_t)(a[0] - comp[0]));
+            y[p * nr + j] = fmaf(f * xs, ws[p * nr + j], y[p * nr + j]);
+        }
+}
+
 /* The reference GELU: libm's erf in double (GELU(-Inf) = 0, where the formula gives -Inf * 0). */
 float cq_gelu1(float x)
 {
@@ -195,5 +215,12 @@ static int hadamard_absmax_ref(const float *x, const float *mul, int64_t n, int6
     return absmax_ref(out, n, amax);
 }
 
+void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd)
+{
+    for (int64_t r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
+}
+
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
-                                           facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref, quantize_mul_ref};
+                                           facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref, quantize_mul_ref,
+                                           cq_transpose_ref};

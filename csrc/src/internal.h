@@ -111,8 +111,17 @@ typedef void (*cq_f32_gemv4_fn)(int nr, int64_t nk4, const float *x, const int8_
 typedef void (*cq_f32_i4_gemv4_fn)(int nr, int64_t nk8, const float *x, const int8_t *const *panels,
                                    int64_t step, const float *ws, float *y);
 
+/* Weight-only int4 GEMV in integers (x86/avx512vnni/x24-qc4w-gemv-avx512vnni.c explains): x as 24-bit
+ * fixed point, x[k] = xs * (d2[k] * 65536 + d1[k] * 256 + d0[k]), digit plane d at xd + d * xds (8 * nk8
+ * bytes each), comp[d] = 8 * sum of plane d over these k; panels as cq_f32_i4_gemv4_fn. Per column,
+ * a_d = sum (code + 8) * d[k] - comp[d] (exact: nk8 <= CQ_X24_MAX_NK8), then
+ * y = fma(fma(fma((float)a2, 256, (float)a1), 256, (float)a0) * xs, ws, y). */
+typedef void (*cq_x24_i4_gemv4_fn)(int nr, int64_t nk8, const int8_t *xd, int64_t xds, const int32_t *comp,
+                                   float xs, const int8_t *const *panels, int64_t step, const float *ws, float *y);
+#define CQ_X24_MAX_NK8 4096 /* 15 * 128 * 8 * 4096 < 2^31 */
+
 /* The registry: every compiled micro-kernel, with a name that says type, tile and ISA. */
-enum { CQ_UK_QD8_GEMM, CQ_UK_QD8_GEMV4, CQ_UK_F32_DEQUANT, CQ_UK_F32_GEMM, CQ_UK_F32_GEMV4, CQ_UK_F32_I4_GEMV4 };
+enum { CQ_UK_QD8_GEMM, CQ_UK_QD8_GEMV4, CQ_UK_F32_DEQUANT, CQ_UK_F32_GEMM, CQ_UK_F32_GEMV4, CQ_UK_F32_I4_GEMV4, CQ_UK_X24_I4_GEMV4 };
 typedef struct {
     const char *name;
     int op;      /* CQ_UK_* */
@@ -151,6 +160,8 @@ typedef struct {
     const cq_ukernel *dequant, *gemm, *gemv4;
     int kc;                          /* k block dequantized at once (floats per column) */
     const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers */
+    const cq_ukernel *gemv4_i4_x24;  /* or NULL: the same in integers, x as 24-bit fixed point, where
+                                        the rows allow it (linear.c) */
 } cq_f32_config;
 /* group4: 0 for one int32 sum per output (per-channel, k within one chunk), else the k4 steps of one
  * summed group (per-group: its group; chunked per-channel: kp4) */
@@ -185,8 +196,12 @@ typedef struct {
     /* quantize of the float32 products x[i] * mul[i], formed again in registers (bit-identical to
      * quantize on a stored product: the x_mul pass without the product's round trip to memory) */
     void (*quantize_mul)(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
+    /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (1 <= cols <= 16): a copy, exact on
+     * every path (the per-group GEMVs' scale gather) */
+    void (*transpose)(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
+void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 #ifdef CQ_X86
 extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compiler cannot target it */
 extern const cq_elementwise cq_elementwise_avx512; /* the AVX-512 paths: avx2's with the zmm rotation */
@@ -194,6 +209,7 @@ int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t
 int cq_hadamard_absmax_avx512(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int flip);
 void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
+void cq_transpose_avx512(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 #endif
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a
@@ -242,6 +258,8 @@ void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *
                       const float *ws, float *y);
 void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *const *panels, int64_t step,
                          const float *ws, float *y);
+void cq_ref_x24_i4_gemv4(int nr, int64_t nk8, const int8_t *xd, int64_t xds, const int32_t *comp, float xs,
+                         const int8_t *const *panels, int64_t step, const float *ws, float *y);
 
 /* Thread pool (threads.c). Runs fn(ctx, u) for every u in [0, nunits), each exactly once, on up
  * to `threads` threads (the caller included). Which thread runs which unit must not matter to the

@@ -22,6 +22,8 @@ void cq_f32_qc8w_dequant_64c4_avx512f(int, int64_t, const int8_t *, const float 
 void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
 void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
 void cq_f32_qc4w_gemv4_1x256c8_avx512f(int, int64_t, const float *, const int8_t *const *, int64_t, const float *, float *);
+void cq_x24_qc4w_gemv4_1x256c8_avx512vnni(int, int64_t, const int8_t *, int64_t, const int32_t *, float,
+                                          const int8_t *const *, int64_t, const float *, float *);
 #define HAVE_AVX512 1
 #endif
 #if defined(CQ_X86) && CQ_CAN_TARGET_AVXVNNI
@@ -37,12 +39,12 @@ void cq_amx_release(void);
 
 /* Indices into UKERNELS, for the configs below. */
 enum {
-    REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, REF_F32_I4_GEMV4,
+    REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, REF_F32_I4_GEMV4, REF_X24_I4_GEMV4,
 #ifdef HAVE_AVX2
     AVX2_QD8_GEMM, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, AVX2_F32_I4_GEMV4,
 #endif
 #ifdef HAVE_AVX512
-    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4,
+    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4, VNNI_X24_I4_GEMV4,
 #endif
 #ifdef HAVE_AVXVNNI
     AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4,
@@ -62,6 +64,7 @@ static const cq_ukernel UKERNELS[] = {
     {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0, NULL},
     {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL},
     {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0, NULL},
+    {"x24_qc4w_gemv4_1x4Nc8_ref", CQ_UK_X24_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_x24_i4_gemv4, 0, 0, 0, NULL},
 #ifdef HAVE_AVX2
     {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0, NULL},
     {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL},
@@ -78,6 +81,7 @@ static const cq_ukernel UKERNELS[] = {
     {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL},
     {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL},
     {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0, NULL},
+    {"x24_qc4w_gemv4_1x256c8_avx512vnni", CQ_UK_X24_I4_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 0, (void *)cq_x24_qc4w_gemv4_1x256c8_avx512vnni, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AVXVNNI
     {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0, NULL},
@@ -143,16 +147,20 @@ static const cq_qd8_config QD8_CFG[] = {
     {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
     {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
 };
-/* {path, format, dequant, gemm, gemv4, kc, int4 gemv4} */
+/* {path, format, dequant, gemm, gemv4, kc, int4 gemv4, int4 gemv4 in integers (or NULL)} */
 static const cq_f32_config F32_CFG[] = {
 #ifdef HAVE_AVX512
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128, UK(F512_F32_I4_GEMV4)},
+    /* AVX-512 VNNI: the int4 GEMV in integers, x as 24-bit fixed point, for weights up to 4 MiB of
+     * codes (linear.c, x24_prepare, has the measurements) */
+    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128,
+     UK(F512_F32_I4_GEMV4), UK(VNNI_X24_I4_GEMV4)},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128, UK(F512_F32_I4_GEMV4), NULL},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4)},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4), NULL},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4)},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4)},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4), NULL},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4), NULL},
 };
 #define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 

@@ -712,6 +712,76 @@ static void test_f32_i4_gemv4(const cq_ukernel *uk)
             }
 }
 
+/* The int4 GEMV in integers: x as 24-bit fixed point digit planes (cq_x24_i4_gemv4_fn). The scalar
+ * reference against float64 (its digit sums exact, its epilogue within a few roundings), every
+ * other kernel bit for bit against the reference: digits at the extremes (-128, 127), all-15 and
+ * all-0 nibbles (codes 7 and -8... of the format's 16 values), every nk8 up to the driver's segment
+ * bound, outputs pre-filled and guarded. */
+static void test_x24_i4_gemv4(const cq_ukernel *uk)
+{
+    int nrs[2] = {uk->nr, 0}, nnr = 1;
+    if (uk->nr == 0) { nrs[0] = 16; nrs[1] = 64; nnr = 2; }
+    const int64_t nk8s[] = {1, 2, 3, 4, 7, 16, 33, 130, CQ_X24_MAX_NK8};
+    for (int ni = 0; ni < nnr; ni++)
+        for (int ki = 0; ki < (int)(sizeof nk8s / sizeof nk8s[0]); ki++)
+            for (int kind = 0; kind < 3; kind++) { /* 0 random, 1 extreme digits and codes, 2 mixed */
+                const int nr = nrs[ni];
+                const int64_t nk8 = nk8s[ki], step = 4 * 64, psz = nk8 * step, xds = 8 * nk8 + 8; /* panels of 64 (nr 16 reads slices) */
+                if (nk8 == CQ_X24_MAX_NK8 && kind != 1) continue;
+                int8_t *xd = (int8_t *)xmalloc((size_t)(3 * xds));
+                float *ws = (float *)xmalloc(sizeof(float) * (size_t)(4 * nr));
+                int8_t *pb = (int8_t *)xmalloc((size_t)(4 * psz + 64));
+                for (int64_t i = 0; i < 3 * xds; i++)
+                    xd[i] = kind == 1 ? (int8_t)((i / 3) % 2 ? 127 : -128) : (int8_t)(rand() & 255);
+                for (int i = 0; i < 4 * nr; i++) ws[i] = rnd_pos(0.5f, 2.0f) * 0.01f;
+                for (int64_t i = 0; i < 4 * psz + 64; i++)
+                    pb[i] = kind == 1 ? (int8_t)((i / 256) % 2 ? 0x77 : 0x88) : kind == 2 && (i % 7) == 0 ? (int8_t)0x77 : (int8_t)(rand() & 255);
+                int32_t comp[3];
+                for (int d = 0; d < 3; d++) {
+                    int32_t sum = 0;
+                    for (int64_t i = 0; i < 8 * nk8; i++) sum += xd[d * xds + i];
+                    comp[d] = 8 * sum;
+                }
+                const float xs = kind == 2 ? 0x1p-30f : 0x1p-21f;
+                const int8_t *panels[4] = {pb, pb + psz, pb + 2 * psz, pb + 3 * psz};
+                float *y = (float *)gb_new((size_t)(4 * nr), SENT_F32);
+                float *yr = (float *)gb_new((size_t)(4 * nr), SENT_F32);
+                float y0[4 * 64];
+                for (int i = 0; i < 4 * nr; i++) y0[i] = y[i] = yr[i] = rndf() * 10.0f;
+                ((cq_x24_i4_gemv4_fn)uk->fn)(nr, nk8, xd, xds, comp, xs, panels, step, ws, y);
+                cq_ref_x24_i4_gemv4(nr, nk8, xd, xds, comp, xs, panels, step, ws, yr);
+                int ok = 1;
+                char msg[200] = "";
+                for (int p = 0; p < 4 && ok; p++)
+                    for (int j = 0; j < nr && ok; j++) {
+                        int i = p * nr + j;
+                        if (memcmp(&y[i], &yr[i], 4) != 0) {
+                            snprintf(msg, sizeof msg, "y[%d][%d] = %.9g, reference %.9g", p, j, y[i], yr[i]);
+                            ok = 0;
+                            break;
+                        }
+                        if (uk->isa != CQ_ISA_SCALAR || nk8 > 130) continue;
+                        double sum = 0, mag = 0; /* the reference against float64 */
+                        for (int64_t t = 0; t < nk8; t++)
+                            for (int kk = 0; kk < 8; kk++) {
+                                unsigned v = (uint8_t)panels[p][t * step + 4 * j + (kk & 3)];
+                                int q = (int)(((kk < 4 ? v : v >> 4) & 15u) ^ 8u) - 8;
+                                double xv = (double)xs * (xd[8 * t + kk] + 256.0 * xd[xds + 8 * t + kk] + 65536.0 * xd[2 * xds + 8 * t + kk]);
+                                sum += xv * q; mag += fabs(xv * q);
+                            }
+                        double w = ws[i], e = y0[i] + w * sum, tol = 4 * 5.9604645e-08 * (fabs(y0[i]) + w * mag) + 1e-30;
+                        if (!(fabs((double)yr[i] - e) <= tol)) {
+                            snprintf(msg, sizeof msg, "reference y[%d][%d] = %.9g, float64 %.9g", p, j, yr[i], e);
+                            ok = 0;
+                        }
+                    }
+                if (ok && !gb_guards_ok(y, (size_t)(4 * nr), SENT_F32)) { snprintf(msg, sizeof msg, "wrote outside y"); ok = 0; }
+                CHECK(ok, "%s: nr=%d nk8=%lld kind=%d: %s", uk->name, nr, (long long)nk8, kind, msg);
+                gb_free(y); gb_free(yr);
+                free(xd); free(ws); free(pb);
+            }
+}
+
 static const char *op_name(int op)
 {
     switch (op) {
@@ -721,6 +791,7 @@ static const char *op_name(int op)
     case CQ_UK_F32_GEMM: return "f32 gemm";
     case CQ_UK_F32_GEMV4: return "f32 gemv4";
     case CQ_UK_F32_I4_GEMV4: return "f32 i4 gemv4";
+    case CQ_UK_X24_I4_GEMV4: return "x24 i4 gemv4";
     default: return "unknown op";
     }
 }
@@ -748,6 +819,7 @@ static int test_registry(void)
         case CQ_UK_F32_GEMM: test_f32_gemm(uk); break;
         case CQ_UK_F32_GEMV4: test_f32_gemv4(uk); break;
         case CQ_UK_F32_I4_GEMV4: test_f32_i4_gemv4(uk); break;
+        case CQ_UK_X24_I4_GEMV4: test_x24_i4_gemv4(uk); break;
         default: CHECK(0, "%s: unknown op %d", uk->name, uk->op); break;
         }
         printf("%-4s kernel %-40s %-10s %-11s %2dx%-2d%s  %5d checks  %6.2f s\n", failures == f0 ? "ok" : "FAIL",
@@ -847,6 +919,32 @@ static void test_quantize_division(const cq_elementwise *t, const char *name)
 }
 
 static float a2_dummy;
+/* transpose: an exact copy, every row count (whole blocks of 16 and tails) and column count 1..16,
+ * strides wider than the data; everything of dst outside the rows x cols block keeps its sentinel. */
+static void test_transpose_table(const cq_elementwise *t, const char *name)
+{
+    const int64_t rowss[] = {1, 2, 15, 16, 17, 33, 64, 67};
+    for (int ri = 0; ri < (int)(sizeof rowss / sizeof rowss[0]); ri++)
+        for (int cols = 1; cols <= 16; cols++) {
+            const int64_t rows = rowss[ri], lds = cols + 3, ldd = rows + 5;
+            float *src = (float *)xmalloc(sizeof(float) * (size_t)(rows * lds));
+            float *dst = (float *)gb_new((size_t)(cols * ldd), SENT_F32);
+            for (int64_t i = 0; i < rows * lds; i++) src[i] = rndf() * 100.0f;
+            t->transpose(src, lds, rows, cols, dst, ldd);
+            int ok = gb_guards_ok(dst, (size_t)(cols * ldd), SENT_F32);
+            for (int c = 0; c < cols && ok; c++)
+                for (int64_t r = 0; r < ldd && ok; r++) {
+                    uint32_t got;
+                    memcpy(&got, &dst[c * ldd + r], 4);
+                    if (r < rows) ok = memcmp(&dst[c * ldd + r], &src[r * lds + c], 4) == 0;
+                    else ok = got == SENT_F32;
+                }
+            CHECK(ok, "%s transpose rows=%lld cols=%d", name, (long long)rows, cols);
+            gb_free(dst);
+            free(src);
+        }
+}
+
 static void test_hadamard_table(const cq_elementwise *t, const char *name)
 {
     const cq_elementwise *ref = &cq_elementwise_ref;
@@ -955,6 +1053,7 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
     test_gelu_table(t, name);
     test_hadamard_table(t, name);
     test_quantize_division(t, name);
+    test_transpose_table(t, name);
     printf("%-4s element-wise %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
 }
 

@@ -323,17 +323,17 @@ CQ_TARGET_END
 
 const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
                                             facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2,
-                                            quantize_mul_avx2};
+                                            quantize_mul_avx2, cq_transpose_ref};
 #if CQ_CAN_TARGET_AVX512
 /* the AVX-512 paths: the same table with the zmm rotation and code pass (x86/avx512/hadamard-avx512.c,
  * quantize-avx512.c) */
 const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, absmax_avx2, cq_quantize_avx512, gelu_avx2, dequant_avx2,
                                               facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx512,
-                                              cq_quantize_mul_avx512};
+                                              cq_quantize_mul_avx512, cq_transpose_avx512};
 #else
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif
 #elif defined(CQ_X86)
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0};
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

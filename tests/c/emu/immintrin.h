@@ -286,4 +286,27 @@ static inline simde__m512 cq_emu_mm512_shuffle_f32x4(simde__m512 a, simde__m512 
 #define _mm512_shuffle_f32x4(a, b, imm) cq_emu_mm512_shuffle_f32x4((a), (b), (int)(imm))
 #endif
 
+/* ---- fused multiply-add ----
+ * SIMDe 0.7.4's portable _mm256_fmadd_ps / _mm512_fmadd_ps round twice (a * b, then + c); the
+ * instructions round once. Kernels whose epilogue is bit-identical to a reference's fmaf (the x24
+ * GEMV) need the single rounding: lane loops over fmaf. */
+#define CQ_EMU_FMADD(bits, lanes)                                                              \
+    typedef union {                                                                            \
+        simde__m##bits v;                                                                      \
+        float f32[lanes];                                                                      \
+    } cq_emu_fma##bits;                                                                        \
+    static inline simde__m##bits cq_emu_fmadd##bits(simde__m##bits a, simde__m##bits b, simde__m##bits c) \
+    {                                                                                          \
+        cq_emu_fma##bits x, y, z;                                                              \
+        x.v = a; y.v = b; z.v = c;                                                             \
+        for (int i = 0; i < (lanes); i++) z.f32[i] = fmaf(x.f32[i], y.f32[i], z.f32[i]);       \
+        return z.v;                                                                            \
+    }
+CQ_EMU_FMADD(512, 16)
+CQ_EMU_FMADD(256, 8)
+#undef _mm512_fmadd_ps
+#define _mm512_fmadd_ps(a, b, c) cq_emu_fmadd512(a, b, c)
+#undef _mm256_fmadd_ps
+#define _mm256_fmadd_ps(a, b, c) cq_emu_fmadd256(a, b, c)
+
 #endif
