@@ -115,7 +115,7 @@ typedef void (*cq_f32_i4_gemv4_fn)(int nr, int64_t nk8, const float *x, const in
  * fixed point, x[k] = xs * (d2[k] * 65536 + d1[k] * 256 + d0[k]), digit plane d at xd + d * xds (8 * nk8
  * bytes each), comp[d] = 8 * sum of plane d over these k; panels as cq_f32_i4_gemv4_fn. Per column,
  * a_d = sum (code + 8) * d[k] - comp[d] (exact: nk8 <= CQ_X24_MAX_NK8), then
- * y = fma(fma(fma((float)a2, 256, (float)a1), 256, (float)a0) * xs, ws, y). */
+ * f = fma(fma((float)a2, 256, (float)a1), 256, (float)a0), y = fma(f * xs, ws, y). */
 typedef void (*cq_x24_i4_gemv4_fn)(int nr, int64_t nk8, const int8_t *xd, int64_t xds, const int32_t *comp,
                                    float xs, const int8_t *const *panels, int64_t step, const float *ws, float *y);
 #define CQ_X24_MAX_NK8 4096 /* 15 * 128 * 8 * 4096 < 2^31 */

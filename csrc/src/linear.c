@@ -47,7 +47,7 @@ typedef struct {
     int32_t *c32;         /* gemm_s8s8s32 output */
     const cq_qd8_config *qcfg;
     const cq_f32_config *fcfg;
-    const cq_elementwise *ew; /* the path's element-wise kernels (facc_fold) */
+    const cq_elementwise *ew; /* the path's element-wise kernels */
     float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
     int i4;               /* int4 weight: blocks of its panels are expanded to int8 before use */
     const int8_t *codes4; /* int4 codes; panels of h4.nr rows, read as panels of nr (<= h4.nr) */
@@ -366,15 +366,9 @@ static void gather_scales(const lin_ctx *c, const int64_t *pp, int64_t g0, int64
 {
     const int nr = c->nr;
     for (int i = 0; i < 4; i++) {
-        if (c->scheme == CQ_PER_GROUP && (pp[i] + 1) * nr <= c->n) { /* whole panel: one transpose */
-            const float *src = c->scales + pp[i] * nr * c->ng + g0;
-            for (int j = 0; j < nr; j++) {
-                if (g0 + 2 * GB < c->ng) __builtin_prefetch(src + j * c->ng + 2 * GB);
-                if (g0 == 0 && GB < c->ng) __builtin_prefetch(src + j * c->ng + GB);
-            }
-            c->ew->transpose(src, c->ng, nr, (int)gn, &wsb[0][i * nr], 4 * MAXNR);
-            continue;
-        }
+        /* a whole panel of per-group scales: one register transpose (the per-row copy below took as
+         * long as the int4 GEMV kernel itself) */
+        const int whole = c->scheme == CQ_PER_GROUP && (pp[i] + 1) * nr <= c->n;
         for (int j = 0; j < nr; j++) {
             int64_t row = pp[i] * nr + j;
             if (row >= c->n) { for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = 0.0f; continue; }
@@ -382,8 +376,10 @@ static void gather_scales(const lin_ctx *c, const int64_t *pp, int64_t g0, int64
             const float *src = c->scales + row * c->ng + g0;
             if (g0 + 2 * GB < c->ng) __builtin_prefetch(src + 2 * GB);
             if (g0 == 0 && GB < c->ng) __builtin_prefetch(src + GB);
-            for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = src[g];
+            if (!whole)
+                for (int64_t g = 0; g < gn; g++) wsb[g][i * nr + j] = src[g];
         }
+        if (whole) c->ew->transpose(c->scales + pp[i] * nr * c->ng + g0, c->ng, nr, (int)gn, &wsb[0][i * nr], 4 * MAXNR);
     }
 }
 
@@ -419,6 +415,17 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
 
 /* ---- weight-only ------------------------------------------------------------------------------ */
 /* GEMV (M < 4): a unit is 4 consecutive panels read as concurrent streams. */
+/* int4: the 4 panels' slices of nr columns at step t8 of 8 k (16-column slices of 64-row panels on
+ * AVX2) */
+static void i4_slices(const lin_ctx *c, const int64_t *pp, int64_t t8, const int8_t **panels)
+{
+    const int64_t kp8 = c->kp4 / 2, step4 = 4 * (int64_t)c->h4.nr;
+    for (int i = 0; i < 4; i++) {
+        int64_t col = pp[i] * c->nr;
+        panels[i] = c->codes4 + ((col / c->h4.nr) * kp8 + t8) * step4 + (col % c->h4.nr) * 4;
+    }
+}
+
 static void wo_gemv4_unit(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -448,18 +455,12 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
                     const int64_t s0 = c->ng > 1 ? gi : 0, s1 = c->ng > 1 ? gi + 1 : c->nsegx;
                     for (int64_t sg = s0; sg < s1; sg++) {
                         const int64_t t8 = sg * c->seg8, n8 = kp8 - t8 < c->seg8 ? kp8 - t8 : c->seg8;
-                        for (int i = 0; i < 4; i++) {
-                            int64_t col = pp[i] * nr;
-                            panels[i] = c->codes4 + ((col / c->h4.nr) * kp8 + t8) * step4 + (col % c->h4.nr) * 4;
-                        }
+                        i4_slices(c, pp, t8, panels);
                         gemv_x24(nr, n8, c->xd + 3 * r * c->xds + 8 * t8, c->xds, c->xcomp + 3 * (r * c->nsegx + sg),
                                  c->xs[r], panels, step4, ws, y[r]);
                     }
                 } else if (c->i4) {
-                    for (int i = 0; i < 4; i++) {
-                        int64_t col = pp[i] * nr;
-                        panels[i] = c->codes4 + ((col / c->h4.nr) * kp8 + t0 / 2) * step4 + (col % c->h4.nr) * 4;
-                    }
+                    i4_slices(c, pp, t0 / 2, panels);
                     gemv_i4(nr, c->group4 / 2, xr + 4 * t0, panels, step4, ws, y[r]);
                 } else {
                     for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
@@ -494,19 +495,18 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
  * 0.234, (4096, 4096) 0.349 / 0.454 | 0.752 / 0.683, (4096, 11008) | 1.87 / 1.82; group 32
  * (768, 3072) 0.084 / 0.101 | 0.247 / 0.244, (4096, 4096) 0.583 / 0.708 | 1.16 / 1.11. A big weight
  * is more likely to be streamed (LLM decoding) than a small one (a BERT-sized model stays in L3). */
-enum { X24_EMIN = -60, X24_EMAX = 60, X24_SEG8 = CQ_X24_MAX_NK8 };
+enum { X24_EMIN = -60, X24_EMAX = 60 };
 #define X24_MAX_BYTES (4 << 20)
-static int x24_prepare(lin_ctx *c, int isa)
+static int x24_prepare(lin_ctx *c)
 {
     const cq_ukernel *uk = c->fcfg->gemv4_i4_x24;
     if (!uk || (uk->nr && uk->nr != c->nr)) return 0;
     if ((double)c->n * (double)(4 * c->kp4) / 2.0 > (double)X24_MAX_BYTES) return 0;
-    const cq_elementwise *ew = cq_elementwise_for(isa);
     const int64_t kp8 = c->kp4 / 2, k = c->k;
     int ex[WO_GEMM_MIN_M] = {0};
     for (int64_t r = 0; r < c->m; r++) {
         float amax = 0.0f;
-        if (!ew->absmax(c->x + r * c->xlda, k, &amax)) return 0;
+        if (!c->ew->absmax(c->x + r * c->xlda, k, &amax)) return 0;
         if (amax == 0.0f) { ex[r] = 21; continue; } /* xs = 1, every digit 0 */
         ex[r] = ilogbf(amax);
         if (ex[r] < X24_EMIN || ex[r] > X24_EMAX) return 0;
@@ -514,7 +514,7 @@ static int x24_prepare(lin_ctx *c, int isa)
     const int64_t xds = 8 * kp8;
     int64_t seg8, nseg;
     if (c->ng > 1) { seg8 = c->group4 / 2; nseg = c->ng; }
-    else { seg8 = X24_SEG8; nseg = cq_ceil_div(kp8, seg8); } /* per channel: L1 blocks (the kernel's two passes) */
+    else { seg8 = CQ_X24_MAX_NK8; nseg = cq_ceil_div(kp8, seg8); } /* per channel: chunks the int32 sums allow */
     if (seg8 > CQ_X24_MAX_NK8 || !cq_bytes_ok(3 * c->m, xds, 1) || !cq_bytes_ok(3 * c->m, nseg, 4)) return 0;
     size_t dbytes = (size_t)(3 * c->m * xds);
     dbytes = (dbytes + 63) / 64 * 64;
@@ -544,6 +544,40 @@ static int x24_prepare(lin_ctx *c, int isa)
     }
     c->xd = xd; c->xds = xds; c->xcomp = comp; c->seg8 = seg8; c->nsegx = nseg;
     return 1;
+}
+
+/* The float weight-only GEMV sums x * code per column and scales once at the end, so its float32
+ * sums could overflow where the GEMM (which dequantizes the weight first) and the true result are
+ * finite: a row whose bound 127 * k * max|x| passes 2^100 is scaled by an exact power of two 2^-e
+ * first and the outputs by 2^e after (before the bias, c->xup). The kernel reads whole steps of 4,
+ * so such rows, or a k that is not a multiple of 4, get a padded copy (*scratch, freed by the
+ * caller). CQ_OK or CQ_ERR_NOMEM. */
+static int wo_gemv_rows(lin_ctx *c, void **scratch)
+{
+    const int64_t m = c->m, k = c->k;
+    const float *x = c->x;
+    int need_copy = 4 * c->kp4 != k, ex[WO_GEMM_MIN_M] = {0};
+    for (int64_t r = 0; r < m; r++) {
+        float amax = 0.0f;
+        c->xup[r] = 1.0f;
+        if (c->ew->absmax(x + r * k, k, &amax) && (double)amax * 127.0 * (double)k > 0x1p100) {
+            frexp((double)amax * 127.0 * (double)k, &ex[r]);
+            ex[r] -= 100;
+            c->xup[r] = ldexpf(1.0f, ex[r]);
+            need_copy = 1;
+        }
+    }
+    if (need_copy) {
+        int64_t lda = 4 * c->kp4;
+        float *xp = (float *)calloc((size_t)(m * lda), sizeof(float));
+        if (!xp) return CQ_ERR_NOMEM;
+        for (int64_t r = 0; r < m; r++) {
+            const float down = ldexpf(1.0f, -ex[r]);
+            for (int64_t i = 0; i < k; i++) xp[r * lda + i] = x[r * k + i] * down;
+        }
+        c->x = xp; c->xlda = lda; *scratch = xp;
+    }
+    return CQ_OK;
 }
 
 /* One unit = a block of up to WO_MB rows of x times WO_COLS columns (WO_COLS / nr panels). The k
@@ -727,7 +761,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
 
     if (x_mul) { /* the pre-scale must be finite (a NaN would spread to every row) */
         float amax;
-        if (!cq_elementwise_for(isa)->absmax(x_mul, k, &amax)) return CQ_ERR_NONFINITE;
+        if (!c.ew->absmax(x_mul, k, &amax)) return CQ_ERR_NONFINITE;
     }
 
     if (mode == CQ_MODE_WEIGHT_ONLY) {
@@ -741,11 +775,10 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
             xm = (float *)cq_alloc64((size_t)(m * k) * sizeof(float));
             if (!xm) return CQ_ERR_NOMEM;
-            const cq_elementwise *ew = cq_elementwise_for(isa);
             for (int64_t r = 0; r < m; r++) {
                 float amax;
                 if (x_hadamard)
-                    ew->hadamard_absmax(x + r * k, x_mul, k, x_hadamard, xm + r * k, &amax);
+                    c.ew->hadamard_absmax(x + r * k, x_mul, k, x_hadamard, xm + r * k, &amax);
                 else
                     for (int64_t i = 0; i < k; i++) xm[r * k + i] = x[r * k + i] * x_mul[i];
             }
@@ -756,39 +789,10 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             }
         }
         c.x = x; c.xlda = k;
-        if (m < WO_GEMM_MIN_M && c.i4 && x24_prepare(&c, isa)) {
-            cq_set_last_kernel(c.fcfg->gemv4_i4_x24->name);
-            int64_t nunits = cq_ceil_div(c.np, 4);
-            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
-            free((void *)c.xd);
-        } else if (m < WO_GEMM_MIN_M) {
-            /* The GEMV sums x * code per column and scales once at the end, so its float32 sums
-             * could overflow where the GEMM (which dequantizes the weight first) and the true
-             * result are finite: a row whose bound 127 * k * max|x| passes 2^100 is scaled by an
-             * exact power of two 2^-e first and the outputs by 2^e after (before the bias). */
-            const cq_elementwise *ew = cq_elementwise_for(isa);
-            int need_copy = 4 * c.kp4 != k, ex[WO_GEMM_MIN_M] = {0};
-            for (int64_t r = 0; r < m; r++) {
-                float amax = 0.0f;
-                c.xup[r] = 1.0f;
-                if (ew->absmax(x + r * k, k, &amax) && (double)amax * 127.0 * (double)k > 0x1p100) {
-                    frexp((double)amax * 127.0 * (double)k, &ex[r]);
-                    ex[r] -= 100;
-                    c.xup[r] = ldexpf(1.0f, ex[r]);
-                    need_copy = 1;
-                }
-            }
-            if (need_copy) { /* the GEMV kernel reads whole steps of 4: pad x (and scale it) */
-                int64_t lda = 4 * c.kp4;
-                float *xp = (float *)calloc((size_t)(m * lda), sizeof(float));
-                if (!xp) { free(xm); return CQ_ERR_NOMEM; }
-                for (int64_t r = 0; r < m; r++) {
-                    const float down = ldexpf(1.0f, -ex[r]);
-                    for (int64_t i = 0; i < k; i++) xp[r * lda + i] = x[r * k + i] * down;
-                }
-                c.x = xp; c.xlda = lda; scratch = xp;
-            }
-            cq_set_last_kernel(c.i4 ? c.fcfg->gemv4_i4->name : c.fcfg->gemv4->name);
+        if (m < WO_GEMM_MIN_M) {
+            if (c.i4 && x24_prepare(&c)) scratch = (void *)c.xd; /* int4 in integers: x as fixed-point digits */
+            else if (wo_gemv_rows(&c, &scratch) != CQ_OK) { free(xm); return CQ_ERR_NOMEM; }
+            cq_set_last_kernel((c.xd ? c.fcfg->gemv4_i4_x24 : c.i4 ? c.fcfg->gemv4_i4 : c.fcfg->gemv4)->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
         } else {
@@ -829,7 +833,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
          * which the quantizer then writes over) */
         int64_t pad0 = tiled ? m / 16 * 16 : m;
         if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
-        if (cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
+        if (cq_quantize_rows_into(c.ew, x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
                                   x_scale, x_hadamard) != CQ_OK) {
             free(qa);
             return CQ_ERR_NOMEM;
@@ -847,7 +851,6 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     cq_set_last_kernel(uk->name);
     if (gemv) {
         int64_t nunits = cq_ceil_div(c.np, 4);
-        c.ew = cq_elementwise_for(isa);
         cq_parallel_for(nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit, &c);
     } else {
         int64_t nunits = c.np * c.nmb;
