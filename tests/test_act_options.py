@@ -171,6 +171,9 @@ def test_rotation_is_the_block_hadamard_and_keeps_the_product():
     for b in (2, 16, 64, 128):
         hb = np.kron(np.eye(128 // b), _hadamard_matrix(b))
         np.testing.assert_allclose(ops.hadamard(x, b), x.astype(np.float64) @ hb, rtol=1e-5, atol=1e-3)
+    for short in (np.ones(1, F32), np.ones(64, F32), np.ones((6, 128), F32)):  # never broadcast
+        with pytest.raises(errors.ShapeError, match="x_mul has shape"):
+            ops.hadamard(x, 64, short)
     w = rng.standard_normal((32, 128)).astype(F32)
     hb = np.kron(np.eye(2), _hadamard_matrix(64))
     wr = (w.astype(np.float64) @ hb / 64).astype(F32)

@@ -720,7 +720,13 @@ def hadamard(x, block: int, x_mul=None) -> np.ndarray:
     v = _float_array(x, "x")
     k = v.shape[-1] if v.ndim else 0
     b = hadamard_block(block, k, "block")
-    v = v * _float_array(x_mul, "x_mul") if x_mul is not None else v.copy()
+    if x_mul is not None:
+        xm = _float_array(x_mul, "x_mul")
+        if xm.shape != (k,):  # as linear(): no broadcasting of a short pre-scale
+            raise errors.ShapeError(f"x_mul has shape {xm.shape}, expected ({k},)")
+        v = v * xm
+    else:
+        v = v.copy()
     return hadamard_stages(v, b)
 
 
