@@ -319,6 +319,42 @@ def test_add_layer_norm_matches_numpy(path, rng, shape):
     np.testing.assert_array_equal(rc, y)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (2, 5, 384), (64, 1536), (4, 33), (2, 17), (3, 48)])
+def test_add_layer_norm_residual_mul(path, rng, shape):
+    """LayerNorm(x + residual * residual_mul) (smoothing folded into the LayerNorm that produced the
+    residual): bit for bit the plain kernel on the float32 product, on every path; in place too."""
+    x = rng.standard_normal(shape).astype(np.float32)
+    r = rng.standard_normal(shape).astype(np.float32)
+    m = np.exp(rng.standard_normal(shape[-1]) * 2).astype(np.float32)
+    g = rng.standard_normal(shape[-1]).astype(np.float32)
+    b = rng.standard_normal(shape[-1]).astype(np.float32)
+    want = ops.add_layer_norm(x, r * m, g, b, 1e-5)
+    np.testing.assert_array_equal(ops.add_layer_norm(x, r, g, b, 1e-5, residual_mul=m), want)
+    rc = r.copy()
+    assert ops.add_layer_norm(x, rc, g, b, 1e-5, out=rc, residual_mul=m) is rc
+    np.testing.assert_array_equal(rc, want)
+    np.testing.assert_array_equal(ops.add_layer_norm(x, r, residual_mul=np.ones(shape[-1], np.float32)),
+                                  ops.add_layer_norm(x, r))
+
+
+def test_add_layer_norm_residual_mul_errors(rng):
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    m = np.ones(8, np.float32)
+    with pytest.raises(errors.ValueError, match="needs a residual"):
+        ops.add_layer_norm(x, None, residual_mul=m)
+    with pytest.raises(errors.ShapeError):
+        ops.add_layer_norm(x, x, residual_mul=np.ones(7, np.float32))
+    with pytest.raises(errors.TypeError):
+        ops.add_layer_norm(x, x, residual_mul=np.ones(8, np.int32))
+    out = np.zeros(32, np.float32)
+    with pytest.raises(errors.ValueError, match="overlaps residual_mul"):
+        ops.add_layer_norm(x, x, out=out[:24].reshape(3, 8), residual_mul=out[16:24])
+    xp = ffi.cast("float *", ffi.from_buffer(x))
+    assert lib.cq_add_layer_norm_ex(xp, ffi.NULL, ffi.cast("float *", ffi.from_buffer(m)), 3, 8, ffi.NULL,
+                                    ffi.NULL, 1e-5, xp) == lib.CQ_ERR_NULL
+    assert lib.cq_add_layer_norm_ex(xp, xp, xp + 8, 3, 8, ffi.NULL, ffi.NULL, 1e-5, xp) == lib.CQ_ERR_ALIAS
+
+
 def test_add_layer_norm_errors(rng):
     x = rng.standard_normal((3, 8)).astype(np.float32)
     with pytest.raises(errors.ShapeError):

@@ -781,13 +781,13 @@ def test_unaligned_arrays_are_copied_before_c(monkeypatch):
     np.testing.assert_array_equal(ops.gelu(xu), ops.gelu(x))
     np.testing.assert_array_equal(ops.layer_norm(xu, _unaligned((16,), np.ones(16)), _unaligned((16,), np.zeros(16))),
                                   ops.layer_norm(x, np.ones(16, np.float32), np.zeros(16, np.float32)))
-    ops.add_layer_norm(xu, _unaligned((3, 16), x))
+    ops.add_layer_norm(xu, _unaligned((3, 16), x), residual_mul=_unaligned((16,), np.ones(16)))
     s = rng.standard_normal((2, 4, 4)).astype(np.float32)
     ops.softmax_rows(s.copy(), bias=_unaligned((2, 4), np.zeros(8)))
     qkv = _unaligned((1, 4, 8), rng.standard_normal(32))
     ops.attention(qkv, qkv, qkv, 2, mask_bias=_unaligned((1, 4), np.zeros(4)))
     ops.dequantize(qw2)
-    assert {"cq_linear", "cq_gelu", "cq_add_layer_norm", "cq_softmax_rows", "cq_attention"} <= set(spy.calls)
+    assert {"cq_linear", "cq_gelu", "cq_add_layer_norm_ex", "cq_softmax_rows", "cq_attention"} <= set(spy.calls)
     assert any(c.startswith("cq_quantize") for c in spy.calls)
     assert spy.bad == [], sorted(set(spy.bad))
     with pytest.raises(errors.TypeError, match="aligned"):       # in place: cannot be copied

@@ -119,13 +119,33 @@ def test_rotation_travels_in_state_dict_and_checkpoints(tmp_path):
     mask = np.ones((3, 10), np.int64)
     q = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=[(ids, mask)], smoothing=0.5, rotate=True)
     sd = q.state_dict()
-    assert int(sd["encoder.layer.0.intermediate.dense.hadamard"][0]) == 32   # K = 32 (hidden size)
+    # the FFN's second Linear (after GELU) has the only wrappers; the LayerNorm-fed groups are folded,
+    # with the residual multiplied back in the next block (its residual_scale travels too)
     assert int(sd["encoder.layer.0.output.dense.hadamard"][0]) == 64         # K = 64 (intermediate)
+    assert "encoder.layer.0.intermediate.dense.hadamard" not in sd
+    assert sd["encoder.layer.0.output.residual_scale"].shape == (32,)
+    assert sd["encoder.layer.1.attention.output.residual_scale"].shape == (32,)
     path = str(tmp_path / "rot.safetensors")
     cquant.save(q, path)
     back = cquant.load(path)
     np.testing.assert_array_equal(back(ids, mask), q(ids, mask))
     assert int(back.encoder.layer[0].output.dense.hadamard[0]) == 64
+    np.testing.assert_array_equal(back.encoder.layer[0].output.residual_scale, sd["encoder.layer.0.output.residual_scale"])
+    # a residual_scale of the wrong shape, or one the model has no place for, is refused
+    st = dict(sd)
+    st["encoder.layer.0.output.residual_scale"] = np.ones(31, np.float32)
+    with pytest.raises(ValueError, match="residual_scale"):
+        copy.deepcopy(q).load_state_dict(st)
+    with pytest.raises(ValueError, match="residual_scale"):
+        copy.deepcopy(model).load_state_dict(dict(copy.deepcopy(model).state_dict(),
+                                                  **{"encoder.layer.0.output.residual_scale": np.ones(32, np.float32)}))
+    from cquant.bert import BertModel
+    cfg = q.cquant_config()
+    assert cfg["residual_scaled"] == ["encoder.layer.0.attention.output", "encoder.layer.0.output",
+                                      "encoder.layer.1.attention.output", "encoder.layer.1.output"]
+    for bad in (["encoder.layer.0.intermediate"], ["encoder.layer.9.output"], ["nope"]):
+        with pytest.raises(errors.ValueError):
+            BertModel.from_cquant_config(dict(cfg, residual_scaled=bad))
     # a state_dict from before rotation (no .hadamard keys) loads as "no rotation"
     plain = copy.deepcopy(model)
     smooth(plain, [(ids, mask)], alpha=0.5)

@@ -164,11 +164,42 @@ def test_bert_blocks_fold_value_into_output_and_stay_exact():
     res = smooth(sm, [(ids, mask)], alpha=0.5)
     how = {tuple(g.layers): (g.how, g.folded_into) for g in res.groups}
     assert how[("encoder.layer.0.attention.output.dense",)] == ("linear", "encoder.layer.0.attention.self.value")
+    # post-norm: each LayerNorm output is also the residual of the next block; the fold goes into
+    # the LayerNorm and that block multiplies the residual back by s in its add + LayerNorm pass
     qkv = tuple(f"encoder.layer.1.attention.self.{n}" for n in ("query", "key", "value"))
-    assert how[qkv][0] == "prescale"                           # post-norm: the LayerNorm output is a residual
+    assert how[qkv] == ("layernorm", "encoder.layer.0.output.LayerNorm")
+    assert how[("encoder.layer.0.attention.self.query", "encoder.layer.0.attention.self.key",
+                "encoder.layer.0.attention.self.value")] == ("layernorm", "embeddings.LayerNorm")
+    assert how[("encoder.layer.1.intermediate.dense",)] == ("layernorm", "encoder.layer.1.attention.output.LayerNorm")
+    groups = {tuple(g.layers): g for g in res.groups}
+    assert groups[qkv].residual == ["encoder.layer.1.attention.output"]
+    assert groups[("encoder.layer.1.intermediate.dense",)].residual == ["encoder.layer.1.output"]
+    assert "residual scaled back in encoder.layer.1.output" in res.format()
+    np.testing.assert_array_equal(sm.encoder.layer[1].output.residual_scale, groups[("encoder.layer.1.intermediate.dense",)].scale)
+    # the FFN's second Linear reads GELU's output: no exact fold, a pre-scale wrapper
+    assert how[("encoder.layer.1.output.dense",)][0] == "prescale"
+    assert [n for n, m in sm.named_modules() if isinstance(m, Smoothed)] == [
+        "encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
     assert len(res.smoothed_layers) == 12
     valid = mask.astype(bool)
     assert _rel(sm(ids, mask)[valid], ref[valid]) < 1e-5
+    # quantized, the fold matches the pre-scale wrappers it replaces (the same s; float32 rounding
+    # of where 1/s is applied apart)
+    import contextlib
+    import cquant.smoothing as smoothing_mod
+    real = smoothing_mod._watch_residuals
+    try:
+        smoothing_mod._watch_residuals = lambda *a: contextlib.nullcontext()
+        wrapped = copy.deepcopy(model)
+        res_w = smooth(wrapped, [(ids, mask)], alpha=0.5)
+    finally:
+        smoothing_mod._watch_residuals = real
+    assert sum(isinstance(m, Smoothed) for _, m in wrapped.named_modules()) == 10
+    for a, b in zip(res.groups, res_w.groups):
+        np.testing.assert_array_equal(a.scale, b.scale)
+    q = Quantizer.quantize_dynamic(copy.deepcopy(sm))(ids, mask)[valid]
+    qw = Quantizer.quantize_dynamic(wrapped)(ids, mask)[valid]
+    assert _rel(q, qw) < 0.1 * _rel(qw, ref[valid])
     names = smooth_activations(copy.deepcopy(model), lambda m: m(ids, mask))   # the bert.py front
     assert sorted(names) == sorted(res.smoothed_layers)
 

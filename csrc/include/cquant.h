@@ -291,6 +291,15 @@ int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, cons
 int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *gamma,
                       const float *beta, float eps, float *y);
 
+/* cq_add_layer_norm with the residual's columns scaled: y = LayerNorm(x + residual * residual_mul)
+ * (the product residual[i] * residual_mul[i % k] rounded to float32, then the sum), residual_mul
+ * (k) or NULL (cq_add_layer_norm). A block whose residual stream was divided by residual_mul
+ * upstream (SmoothQuant folded into the LayerNorm that produced it: cquant.smoothing) adds the
+ * unscaled residual back in the same pass. residual_mul without residual: CQ_ERR_NULL; y
+ * overlapping residual_mul: CQ_ERR_ALIAS. */
+int cq_add_layer_norm_ex(const float *x, const float *residual, const float *residual_mul, int64_t m,
+                         int64_t k, const float *gamma, const float *beta, float eps, float *y);
+
 /* Softmax of each row of x (m, k), in place: x[r] = softmax(x[r] * scale + bias row), the maximum
  * subtracted first, float32. bias (NULL: none) is an additive mask with one row of k per
  * rows_per_bias consecutive rows of x: row r uses bias[(r / rows_per_bias) * k ...] (attention

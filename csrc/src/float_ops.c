@@ -14,19 +14,20 @@
 
 /* The SIMD row kernels (keep these prototypes identical to the ones in the x86 files).
  *   softmax_row: x[j] = softmax_j(x[j] * scale + (bias ? bias[j] : 0)), j < k, in place
- *   add_ln_row:  y = LayerNorm(x + (res ? res : 0)) with gamma/beta (NULL: 1/0); y may be x or res
+ *   add_ln_row:  y = LayerNorm(x + (res ? res * rmul : 0)) with gamma/beta (NULL: 1/0); rmul NULL:
+ *                1 (the product res[i] * rmul[i] rounded to float32, then the sum); y may be x or res
  *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo apart
  *   gelu:        y[i] = GELU(x[i]) */
 #if CQ_CAN_TARGET_AVX2
 void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y);
 void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                        int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
 #endif
 #if CQ_CAN_TARGET_AVX512
 void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                           const float *beta, float eps, float *y);
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
@@ -54,11 +55,14 @@ static void softmax_row_ref(float *x, int64_t k, const float *bias, float scale)
 
 /* Two passes per row (mean, then the centred sum of squares: no cancellation), each with 8
  * independent partial sums so the compiler can vectorize without reassociating a single sum. */
-static void add_ln_row_ref(const float *x, const float *res, int64_t k, const float *gamma,
-                           const float *beta, float eps, float *y)
+static void add_ln_row_ref(const float *x, const float *res, const float *rmul, int64_t k,
+                           const float *gamma, const float *beta, float eps, float *y)
 {
     if (res) {
-        for (int64_t i = 0; i < k; i++) y[i] = x[i] + res[i];
+        for (int64_t i = 0; i < k; i++) {
+            const float r = rmul ? res[i] * rmul[i] : res[i];
+            y[i] = x[i] + r;
+        }
         x = y;
     }
     float s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
@@ -111,7 +115,7 @@ static void attn_head_ref(const float *q, const float *k, const float *v, int64_
 /* ---- per-path kernels ----------------------------------------------------------------------- */
 typedef struct {
     void (*softmax_row)(float *x, int64_t k, const float *bias, float scale);
-    void (*add_ln_row)(const float *x, const float *res, int64_t k, const float *gamma,
+    void (*add_ln_row)(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                        const float *beta, float eps, float *y);
     void (*attn_head)(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                       int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
@@ -177,7 +181,7 @@ int cq_gelu(const float *x, int64_t n, float *y)
 /* ---- LayerNorm (+ residual) ----------------------------------------------------------------- */
 typedef struct {
     const fo_kernels *kern;
-    const float *x, *res, *gamma, *beta;
+    const float *x, *res, *rmul, *gamma, *beta;
     float *y;
     int64_t m, k, rows_per_unit;
     float eps;
@@ -188,24 +192,32 @@ static void ln_unit(void *vctx, int64_t u)
     ln_ctx *c = (ln_ctx *)vctx;
     int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit < c->m ? r0 + c->rows_per_unit : c->m;
     for (int64_t r = r0; r < r1; r++)
-        c->kern->add_ln_row(c->x + r * c->k, c->res ? c->res + r * c->k : NULL, c->k, c->gamma, c->beta,
-                            c->eps, c->y + r * c->k);
+        c->kern->add_ln_row(c->x + r * c->k, c->res ? c->res + r * c->k : NULL, c->rmul, c->k, c->gamma,
+                            c->beta, c->eps, c->y + r * c->k);
 }
 
-int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *gamma,
-                      const float *beta, float eps, float *y)
+int cq_add_layer_norm_ex(const float *x, const float *residual, const float *residual_mul, int64_t m,
+                         int64_t k, const float *gamma, const float *beta, float eps, float *y)
 {
     if (m < 0 || k <= 0) return CQ_ERR_SHAPE;
     if (!(eps >= 0.0f)) return CQ_ERR_ARG;
     if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
     if (m == 0) return CQ_OK;
-    if (!x || !y) return CQ_ERR_NULL;
+    if (!x || !y || (residual_mul && !residual)) return CQ_ERR_NULL;
+    /* every row reads residual_mul: y (written row by row) must not overlap it */
+    if (residual_mul && cq_overlap(y, m * k * 4, residual_mul, k * 4)) return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    ln_ctx c = {fo_for(isa), x, residual, gamma, beta, y, m, k, (16384 / k) + 1, eps};
+    ln_ctx c = {fo_for(isa), x, residual, residual_mul, gamma, beta, y, m, k, (16384 / k) + 1, eps};
     int64_t nunits = cq_ceil_div(m, c.rows_per_unit);
     cq_parallel_for(nunits, (double)m * k < 65536 ? 1 : cq_threads_for(8.0 * (double)m * k, nunits), ln_unit, &c);
     return CQ_OK;
+}
+
+int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *gamma,
+                      const float *beta, float eps, float *y)
+{
+    return cq_add_layer_norm_ex(x, residual, NULL, m, k, gamma, beta, eps, y);
 }
 
 int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, const float *beta,

@@ -144,19 +144,29 @@ def _scratch(y: Any, *inputs: np.ndarray) -> bool:
 
 
 class BertSelfOutput(nn.Module):
+    """``LayerNorm(dense(h) + residual * residual_scale)``. ``residual_scale`` (hidden,) is None
+    (1) unless smoothing folded its factor into the LayerNorm that produced the residual: that
+    LayerNorm's output also feeds the next Linears, whose inputs smoothing divides by s, so the
+    block multiplies the residual back by s, inside the add + LayerNorm pass (see
+    :func:`cquant.smoothing.smooth`; ``_cquant_residual_arg`` marks the capability)."""
+
+    _cquant_residual_arg = 1  # which forward argument is the residual (cquant.smoothing's fold)
+
     def __init__(self, c: BertConfig):
         super().__init__()
         self.dense = _linear(c.hidden_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.register_parameter("residual_scale", None)
 
     def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
         y = self.dense(h)
         ln = self.LayerNorm
+        rs = self.__dict__["_parameters"].get("residual_scale")
         if type(ln) is nn.LayerNorm and len(ln.normalized_shape) == 1:
-            # LayerNorm(y + residual) in one C pass per row, written over y (a fresh array)
+            # LayerNorm(y + residual (* residual_scale)) in one C pass per row, written over y (a fresh array)
             out = y if _scratch(y, h, residual) else None
-            return ops.add_layer_norm(y, residual, ln.weight, ln.bias, ln.eps, out=out)
-        y = y + residual
+            return ops.add_layer_norm(y, residual, ln.weight, ln.bias, ln.eps, out=out, residual_mul=rs)
+        y = y + (residual if rs is None else residual * rs)
         return ln(y)
 
 
@@ -188,6 +198,7 @@ class BertOutput(BertSelfOutput):
         nn.Module.__init__(self)
         self.dense = _linear(c.intermediate_size, c.hidden_size)
         self.LayerNorm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.register_parameter("residual_scale", None)
 
 
 class BertLayer(nn.Module):
@@ -239,15 +250,26 @@ class BertModel(nn.Module):
     def cquant_config(self) -> Dict[str, Any]:
         smoothed = [n for n, m in self.named_modules() if isinstance(m, Smoothed)]
         qemb = [n for n, m in self.named_modules() if isinstance(m, QuantizedEmbedding)]
+        rscaled = [n for n, m in self.named_modules()
+                   if isinstance(m, BertSelfOutput) and m._parameters.get("residual_scale") is not None]
         return {**asdict(self.config), **({"smoothed": smoothed} if smoothed else {}),
-                **({"quantized_embeddings": qemb} if qemb else {})}
+                **({"quantized_embeddings": qemb} if qemb else {}),
+                **({"residual_scaled": rscaled} if rscaled else {})}
 
     @classmethod
     def from_cquant_config(cls, cfg: Mapping[str, Any]) -> "BertModel":
         cfg = dict(cfg)
         smoothed = cfg.pop("smoothed", [])
         qemb = cfg.pop("quantized_embeddings", [])
+        rscaled = cfg.pop("residual_scaled", [])
         model = cls(BertConfig(**cfg))
+        for name in rscaled:  # placeholders; the checkpoint fills the values
+            parent, last = _parent(model, name)
+            blk = parent._modules[last]
+            if not isinstance(blk, BertSelfOutput):
+                raise errors.ValueError(f"checkpoint config: residual_scaled names {name!r}, which is not "
+                                        "a BERT output block")
+            blk.residual_scale = np.ones(model.config.hidden_size, np.float32)
         for name in qemb:
             parent, last = _parent(model, name)
             e = parent._modules[last]
@@ -294,11 +316,16 @@ def quantize_embeddings(model: nn.Module, include: Sequence[str] = ("*word_embed
 # ---- SmoothQuant-style activation smoothing (the generic transform lives in cquant.smoothing) -------
 
 def _parent(model: nn.Module, name: str) -> Tuple[nn.Module, str]:
-    parts = name.split(".")
+    """The module holding sub-module ``name`` (dotted) and its last name part; ValueError if the
+    model has no such sub-module (a checkpoint config naming one that does not exist)."""
+    parts = str(name).split(".")
     mod = model
-    for p in parts[:-1]:
-        mod = mod._modules[p]
-    return mod, parts[-1]
+    for p in parts:
+        sub = mod._modules.get(p) if isinstance(mod, nn.Module) else None
+        if sub is None:
+            raise errors.ValueError(f"checkpoint config names sub-module {name!r}, which this model does not have")
+        parent, mod = mod, sub
+    return parent, parts[-1]
 
 
 def smooth_activations(model: nn.Module, calibrate: Any, alpha: float = 0.5,

@@ -840,10 +840,12 @@ def gelu_inplace(x: np.ndarray) -> np.ndarray:
 
 
 def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
-                   out: Optional[np.ndarray] = None) -> np.ndarray:
+                   out: Optional[np.ndarray] = None, residual_mul=None) -> np.ndarray:
     """``LayerNorm(x + residual)`` over the last axis in one C pass per row (residual None: plain
     :func:`layer_norm`), optional weight and bias (K,). ``out``: a C-contiguous float32 array of
-    x's shape to write (may be x or residual), else a new array. float32, x's shape."""
+    x's shape to write (may be x or residual), else a new array. ``residual_mul`` (K,): the
+    residual's columns scaled first, ``LayerNorm(x + residual * residual_mul)`` (the float32
+    product, then the sum), in the same pass; it needs a residual. float32, x's shape."""
     _not_scalar(x, "x")
     x = _float_array(x, "x")
     if x.shape[-1] == 0:
@@ -855,6 +857,14 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
         if residual.shape != x.shape:
             raise errors.ShapeError(f"residual has shape {residual.shape}, expected {x.shape}")
         rptr = _ptr("float[]", residual)
+    mptr = ffi.NULL
+    if residual_mul is not None:
+        if residual is None:
+            raise errors.ValueError("add_layer_norm: residual_mul needs a residual")
+        rm = _float_array(residual_mul, "residual_mul")
+        if rm.shape != (k,):
+            raise errors.ShapeError(f"residual_mul has shape {rm.shape}, expected ({k},)")
+        mptr = _ptr("float[]", rm)
     ptrs = []
     for name, p in (("weight", weight), ("bias", bias)):
         if p is None:
@@ -879,8 +889,10 @@ def add_layer_norm(x, residual=None, weight=None, bias=None, eps: float = 1e-5,
                     == other.__array_interface__["data"][0] and out.strides == other.strides):
                 raise errors.ValueError("add_layer_norm out partly overlaps x or residual; pass the "
                                         "same array (in place) or a separate one")
-    _check(lib.cq_add_layer_norm(_ptr("float[]", x), rptr, x.size // k, k, ptrs[0], ptrs[1], eps,
-                                 _ptr("float[]", out)), "add_layer_norm")
+    if residual_mul is not None and np.may_share_memory(out, rm):
+        raise errors.ValueError("add_layer_norm out overlaps residual_mul")
+    _check(lib.cq_add_layer_norm_ex(_ptr("float[]", x), rptr, mptr, x.size // k, k, ptrs[0], ptrs[1], eps,
+                                    _ptr("float[]", out)), "add_layer_norm")
     return out
 
 

@@ -27,8 +27,13 @@ Layers that receive the *same* input (e.g. query, key and value) form a group wi
    the output projection (``*.self.value`` -> ``*.output.dense``, ``v_proj`` -> ``o_proj``/
    ``out_proj``), since attention mixes value rows per channel. Each candidate fold is *verified*:
    the first calibration batch is run again and the model output must match the output before
-   smoothing (relative error < ``tolerance``); a fold that changes the model (the LayerNorm's output
-   is also a residual, as in post-norm BERT) is undone. A fold costs nothing at run time.
+   smoothing (relative error < ``tolerance``); a fold that changes the model is undone. A fold
+   costs nothing at run time.
+   Where the LayerNorm's output is also a residual (post-norm BERT: the attention block's output
+   feeds the FFN and is added back after it), the fold needs the residual multiplied back by ``s``
+   where it is added: a block that can do that inside its add + LayerNorm pass declares which
+   argument is its residual (class attribute ``_cquant_residual_arg``: :class:`cquant.bert`'s
+   output blocks) and gets a ``residual_scale`` parameter; the fold is verified as above.
 2. Otherwise, with ``prescale=True``, each layer of the group is wrapped in :class:`Smoothed`
    (``linear(x * (1/s))``; for torch models a ``cquant.adapters.torch_smoothing.SmoothedTorchLinear``),
    which costs one multiply pass over the layer input per call. The quantizer quantizes the Linear
@@ -39,9 +44,10 @@ model's output is checked at the end.
 """
 from __future__ import annotations
 
+import contextlib
 import re
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -140,14 +146,16 @@ def rotation_signs(k: int) -> np.ndarray:
 @dataclass
 class SmoothedGroup:
     """Layers sharing one input and one smoothing scale ``scale`` (``s``, shape ``(K,)``).
-    ``how``: ``"layernorm"`` / ``"linear"`` (``1/s`` folded into ``folded_into``), ``"prescale"``
-    (wrappers) or ``"none"`` (left as it was; ``note`` says why)."""
+    ``how``: ``"layernorm"`` / ``"linear"`` (``1/s`` folded into ``folded_into``; ``residual``: the
+    blocks that multiply that LayerNorm's output back by ``s`` where they add it as a residual),
+    ``"prescale"`` (wrappers) or ``"none"`` (left as it was; ``note`` says why)."""
     layers: List[str]
     scale: np.ndarray
     how: str
     folded_into: Optional[str] = None
     note: str = ""
     hadamard: int = 0     # "prescale" with rotate: the rotation's block size
+    residual: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -165,7 +173,9 @@ class SmoothingResult:
         lines = [f"SmoothQuant alpha={self.alpha}: {len(self.smoothed_layers)} layer(s) smoothed "
                  f"(float output change {self.max_rel_change:.1e})"]
         for g in self.groups:
-            how = {"layernorm": f"folded into {g.folded_into}", "linear": f"folded into {g.folded_into}",
+            folded = f"folded into {g.folded_into}" + (
+                f", residual scaled back in {', '.join(g.residual)}" if g.residual else "")
+            how = {"layernorm": folded, "linear": folded,
                    "prescale": "pre-scale wrapper" + (f", rotated in blocks of {g.hadamard}" if g.hadamard else ""),
                    "none": "not smoothed"}[g.how]
             lines.append(f"  {', '.join(g.layers)}: {how}" + (f" ({g.note})" if g.note else ""))
@@ -356,8 +366,11 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             keep.extend((x, y))
         return y
 
+    # blocks that can scale their residual (cquant.nn modules marked _cquant_residual_arg): which
+    # object each received as its residual on the first batch
+    residual_of: Dict[int, List[Tuple[str, Any]]] = {}
     ref_out = None
-    with fe.intercept(list(refs) + norm_refs, watch):
+    with fe.intercept(list(refs) + norm_refs, watch), _watch_residuals(model, residual_of, produced, keep, tracing):
         for i, b in enumerate(blist):
             out = fe.run(model, b)
             if i == 0:
@@ -403,7 +416,10 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             continue
         candidates: List[Tuple[str, str]] = []
         prod = produced.get(key)
-        if prod is not None:
+        residual = residual_of.get(key, [])
+        if prod is not None and prod[0] == "layernorm" and residual:
+            candidates.append(("layernorm+residual", prod[1]))  # the plain fold would change the model
+        elif prod is not None:
             candidates.append(prod)
         if len(members) == 1:
             v = _attention_value(members[0], linears)
@@ -414,14 +430,24 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         notes = []
         for how, src in candidates:
             j = _Journal(front)
-            if not _fold(model, j, how, src, s, linears, dict(norms)):
+            rnames: List[str] = []
+            if how == "layernorm+residual":
+                how = "layernorm"
+                rnames = [n for n, _ in residual]
+                if not _fold(model, j, how, src, s, linears, dict(norms)):
+                    notes.append(f"cannot fold into {src}")
+                    continue
+                for _, blk in residual:
+                    old = blk._parameters.get("residual_scale")
+                    j.param(blk, "residual_scale", s if old is None else old * s)
+            elif not _fold(model, j, how, src, s, linears, dict(norms)):
                 notes.append(f"cannot fold into {src}")
                 continue
             for m in members:
                 j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
             change = check()
             if change <= tolerance:
-                groups.append(SmoothedGroup(members, s, how, src, note=why))
+                groups.append(SmoothedGroup(members, s, how, src, note=why, residual=rnames))
                 for m in members:
                     record[m] = record[m] * s if m in record else s
                 if how == "linear":
@@ -469,6 +495,40 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     if record_out:
         object.__setattr__(model, OUTPUT_SCALES_ATTR, record_out)
     return SmoothingResult(alpha if auto else float(alpha), groups, calibration, change)
+
+
+@contextlib.contextmanager
+def _watch_residuals(model: Any, seen: Dict[int, List[Tuple[str, Any]]], produced: Dict[int, Tuple[str, str]],
+                     keep: List[Any], tracing: List[bool]) -> Iterator[None]:
+    """While active (and ``tracing[0]``), a call of a cquant.nn block marked ``_cquant_residual_arg``
+    (the index of its residual argument) records ``id(residual) -> [(name, block)]`` in ``seen``,
+    and its output as produced by its LayerNorm (``produced[id(out)] = ("layernorm", name +
+    ".LayerNorm")``: the block runs that LayerNorm's parameters in its own add + LayerNorm pass,
+    over its dense layer's output buffer). Arguments and outputs are kept alive in ``keep``, so ids
+    stay unique."""
+    undo: List[Callable[[], None]] = []
+    named = model.named_modules() if isinstance(model, nn.Module) else ()
+    try:
+        for name, mod in named:
+            idx = getattr(type(mod), "_cquant_residual_arg", None)
+            if not isinstance(idx, int) or isinstance(idx, bool) or "forward" in mod.__dict__:
+                continue
+
+            def forward(*args: Any, _f: Callable[..., Any] = mod.forward, _i: int = idx, _n: str = name,
+                        _m: Any = mod, **kwargs: Any) -> Any:
+                out = _f(*args, **kwargs)
+                if tracing[0] and len(args) > _i:
+                    seen.setdefault(id(args[_i]), []).append((_n, _m))
+                    if isinstance(_m._modules.get("LayerNorm"), nn.LayerNorm):
+                        produced[id(out)] = ("layernorm", f"{_n}.LayerNorm")
+                    keep.extend((args[_i], out))
+                return out
+            object.__setattr__(mod, "forward", forward)
+            undo.append(lambda mod=mod: object.__delattr__(mod, "forward"))
+        yield
+    finally:
+        for step in reversed(undo):
+            step()
 
 
 def _fold(model: Any, j: _Journal, how: str, src: str, s: np.ndarray, linears: Dict[str, fe.LayerRef],

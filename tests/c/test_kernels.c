@@ -1527,6 +1527,25 @@ static void test_float_layers(int path)
             CHECK(!bad, "path %s: add_layer_norm k=%lld variant %d: %d values off", pn, (long long)k, variant, bad);
             if (variant != 1) CHECK(gb_guards_ok(y, (size_t)(m * k), SENT_F32), "add_layer_norm wrote outside y");
         }
+        { /* the residual's columns scaled (cq_add_layer_norm_ex): bit for bit the plain call on the
+           * float32 products, in place into the residual too */
+            float *rm = (float *)xmalloc(sizeof(float) * (size_t)k), *prod = (float *)xmalloc(sizeof(float) * (size_t)(m * k));
+            float *want = (float *)xmalloc(sizeof(float) * (size_t)(m * k));
+            for (int64_t i = 0; i < k; i++) rm[i] = 0.25f + 4.0f * fabsf(rndf());
+            for (int64_t i = 0; i < m * k; i++) prod[i] = res[i] * rm[i % k];
+            CHECK(cq_add_layer_norm(x0, prod, m, k, g, b, 1e-5f, want) == CQ_OK, "add_layer_norm");
+            CHECK(cq_add_layer_norm_ex(x0, res, rm, m, k, g, b, 1e-5f, y) == CQ_OK, "add_layer_norm_ex");
+            CHECK(!memcmp(y, want, sizeof(float) * (size_t)(m * k)), "path %s: add_layer_norm_ex k=%lld differs", pn,
+                  (long long)k);
+            CHECK(gb_guards_ok(y, (size_t)(m * k), SENT_F32), "add_layer_norm_ex wrote outside y");
+            memcpy(prod, res, sizeof(float) * (size_t)(m * k));
+            CHECK(cq_add_layer_norm_ex(x0, prod, rm, m, k, g, b, 1e-5f, prod) == CQ_OK, "add_layer_norm_ex in place");
+            CHECK(!memcmp(prod, want, sizeof(float) * (size_t)(m * k)), "path %s: add_layer_norm_ex in place k=%lld",
+                  pn, (long long)k);
+            CHECK(cq_add_layer_norm_ex(x0, NULL, rm, m, k, g, b, 1e-5f, y) == CQ_ERR_NULL, "rmul without residual");
+            CHECK(cq_add_layer_norm_ex(x0, res, prod, m, k, g, b, 1e-5f, prod) == CQ_ERR_ALIAS, "y over rmul");
+            free(rm); free(prod); free(want);
+        }
         free(x); free(res); free(g); free(b); gb_free(y); free(x0);
     }
     /* softmax rows with a mask bias shared by 2 rows, ragged k, special rows */

@@ -9,7 +9,7 @@ CQ_TARGET_BEGIN("avx2,fma")
 
 /* keep identical to the prototypes in src/float_ops.c */
 void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y);
 void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                        int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
@@ -105,12 +105,23 @@ void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale)
     }
 }
 
-void cq_add_ln_row_avx2(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t j = 0;
-    if (res) {
+    if (res && rmul) { /* x + (res * rmul rounded): a residual whose channels were divided by rmul */
+        for (; j < k; j += 8) {
+            const __m256i m = tail8(k - j);
+            const __m256 r = _mm256_mul_ps(_mm256_maskload_ps(res + j, m), _mm256_maskload_ps(rmul + j, m));
+            const __m256 a = _mm256_add_ps(_mm256_maskload_ps(x + j, m), r);
+            _mm256_maskstore_ps(y + j, m, a);
+            /* the same partial sums as without rmul (pairs into s0 / s1, the tail into s0) */
+            if ((j / 8) & 1 && j + 8 <= (k & ~(int64_t)15)) s1 = _mm256_add_ps(s1, a);
+            else s0 = _mm256_add_ps(s0, a);
+        }
+        x = y;
+    } else if (res) {
         for (; j + 16 <= k; j += 16) {
             const __m256 a = _mm256_add_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(res + j));
             const __m256 b = _mm256_add_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(res + j + 8));

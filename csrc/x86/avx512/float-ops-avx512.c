@@ -9,7 +9,7 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 
 /* keep identical to the prototypes in src/float_ops.c */
 void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                           const float *beta, float eps, float *y);
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
@@ -84,12 +84,23 @@ CQ_INLINE double hsum2_d(__m512 a, __m512 b)
 
 /* LayerNorm(x + res): pass 1 sums (and stores x + res into y), pass 2 the centred squares, pass 3
  * normalizes; two accumulators of 16 lanes each, reduced in double. y may be x or res. */
-void cq_add_ln_row_avx512(const float *x, const float *res, int64_t k, const float *gamma,
+void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                           const float *beta, float eps, float *y)
 {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t j = 0;
-    if (res) {
+    if (res && rmul) { /* x + (res * rmul rounded): a residual whose channels were divided by rmul */
+        /* the same partial sums as without rmul (pairs into s0 / s1, the tail into s0) */
+        for (; j < k; j += 16) {
+            const __mmask16 m = tail16(k - j);
+            const __m512 r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, res + j), _mm512_maskz_loadu_ps(m, rmul + j));
+            const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + j), r);
+            _mm512_mask_storeu_ps(y + j, m, a);
+            if ((j / 16) & 1 && j + 16 <= (k & ~(int64_t)31)) s1 = _mm512_add_ps(s1, a);
+            else s0 = _mm512_add_ps(s0, a);
+        }
+        x = y;
+    } else if (res) {
         for (; j + 32 <= k; j += 32) {
             const __m512 a = _mm512_add_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(res + j));
             const __m512 b = _mm512_add_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(res + j + 16));
