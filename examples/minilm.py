@@ -235,7 +235,8 @@ def interleaved(model_dir: str, threads: Optional[int], rounds: int) -> int:
     encs = {"plain dynamic": quantized_encoder(enc),
             "plain dynamic (a second copy)": quantized_encoder(enc),  # the noise floor between two instances
             "+ smoothing 0.5": quantized_encoder(enc, calibration=cal, smoothing=0.5),
-            "+ smoothing 0.5 + rotation": quantized_encoder(enc, calibration=cal, smoothing=0.5, rotate=True)}
+            "+ smoothing 0.5 + rotation": quantized_encoder(enc, calibration=cal, smoothing=0.5, rotate=True),
+            "+ smoothing + rotate='all'": quantized_encoder(enc, calibration=cal, smoothing=0.5, rotate="all")}
     times: Dict[str, List[float]] = {k: [] for k in encs}
     rng = np.random.default_rng(0)
     names = list(encs)
@@ -244,11 +245,14 @@ def interleaved(model_dir: str, threads: Optional[int], rounds: int) -> int:
             t = time.perf_counter()
             encs[names[i]].encode(SENTENCES)
             times[names[i]].append(time.perf_counter() - t)
-    base_min, base_med = min(times[names[0]]), float(np.median(times[names[0]]))
-    print(f"{len(SENTENCES)} sentences, {cquant.get_num_threads()} thread(s), {rounds} interleaved rounds")
+    base = np.array(times[names[0]])
+    print(f"{len(SENTENCES)} sentences, {cquant.get_num_threads()} thread(s), {rounds} interleaved rounds; "
+          "paired: the median over rounds of (this encode / the plain encode of the same round)")
     for k, v in times.items():
-        print(f"{k:30s} min {min(v) * 1e3:7.2f} ms ({min(v) / base_min:.3f})  "
-              f"median {np.median(v) * 1e3:7.2f} ms ({np.median(v) / base_med:.3f})")
+        a = np.array(v)
+        print(f"{k:30s} min {a.min() * 1e3:7.2f} ms ({a.min() / base.min():.3f})  "
+              f"median {np.median(a) * 1e3:7.2f} ms ({np.median(a) / np.median(base):.3f})  "
+              f"paired {np.median(a / base):.3f}")
     return 0
 
 

@@ -101,12 +101,35 @@ def test_rotation_runs_inside_the_kernel(monkeypatch, mode):
     np.testing.assert_array_equal(got, want)
 
 
+def test_rotate_all_wraps_and_rotates_the_post_norm_groups_too():
+    """rotate=True rotates the GELU-fed FFN output only (the LayerNorm-fed groups fold, with the
+    residual scaled back); rotate="all" gives those groups rotated wrappers instead."""
+    model = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    ref = model(ids, mask)
+    rotated = {}
+    for rot in (True, "all"):
+        m = copy.deepcopy(model)
+        res = smooth(m, [(ids, mask)], alpha=0.5, rotate=rot)
+        assert _rel(m(ids, mask), ref) < 1e-5
+        rotated[rot] = sorted(n for n, w in m.named_modules() if isinstance(w, Smoothed) and int(w.hadamard[0]))
+        if rot == "all":
+            assert all(b._parameters.get("residual_scale") is None
+                       for n, b in m.named_modules() if n.endswith("output") and hasattr(b, "LayerNorm"))
+            assert "rotate='all'" in res.format()
+    assert rotated[True] == ["encoder.layer.0.output.dense", "encoder.layer.1.output.dense"]
+    assert len(rotated["all"]) == 10 and set(rotated[True]) < set(rotated["all"])
+    one = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=[(ids, mask)], smoothing=0.5, rotate="all")
+    assert sum(isinstance(w, Smoothed) for _, w in one.named_modules()) == 10
+
+
 def test_rotation_is_refused_where_it_cannot_run():
     with pytest.raises(errors.ValueError, match="smoothing"):
         Quantizer.quantize_dynamic(PostNorm(), calibration=_batches(), rotate=True)
     with pytest.raises(errors.ValueError, match="prescale"):
         smooth(PostNorm(), _batches(), rotate=True, prescale=False)
-    for bad in (3, 1, 0.5, "yes", -4):
+    for bad in (3, 1, 0.5, "yes", "ALL", -4):
         with pytest.raises(errors.ValueError, match="rotate"):
             smooth(PostNorm(), _batches(), rotate=bad)
     with pytest.raises(errors.ValueError, match="hadamard"):

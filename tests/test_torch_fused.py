@@ -176,6 +176,46 @@ def test_fuse_after_smoothing_and_with_hooks(monkeypatch):
     assert len(calls) == 2                                       # hook gone: the fast path again
 
 
+def test_residual_scaled_blocks_fuse_pickle_and_trace(monkeypatch):
+    """Smoothing folds into BERT's post-norm LayerNorms: the output blocks that add that LayerNorm's
+    output as their residual become residual-scaled (the factor back in, a float32 buffer); fused,
+    the factor goes into the C add + LayerNorm pass (no extra pass); both pickle, deep-copy, cast
+    and trace."""
+    from cquant.adapters.torch_smoothing import ResidualScaled
+    m = _bert()
+    ids, mask = _inputs()
+    valid = mask.numpy().astype(bool)
+    batches = [dict(input_ids=ids, attention_mask=mask)]
+    ref = _run(m, ids, mask)
+    sm = copy.deepcopy(m)
+    res = cquant.smooth(sm, batches, alpha=0.5)
+    rs = [n for n, mod in sm.named_modules() if isinstance(mod, ResidualScaled)]
+    assert rs == ["encoder.layer.0.attention.output", "encoder.layer.0.output",
+                  "encoder.layer.1.attention.output", "encoder.layer.1.output"]
+    assert sum(g.how == "layernorm" and bool(g.residual) for g in res.groups) == 4
+    np.testing.assert_allclose(_run(sm, ids, mask)[valid], ref[valid], rtol=1e-4, atol=1e-4)   # float: unchanged
+    assert "encoder.layer.0.output.residual_scale" in sm.state_dict()
+    q = cquant.Quantizer.quantize_dynamic(sm, mode="weight_only", inplace=False)
+    f = copy.deepcopy(q)
+    assert len(fuse(f)) == 8
+    seen = []
+    real = ops.add_layer_norm
+    monkeypatch.setattr(ops, "add_layer_norm", lambda *a, **k: (seen.append(k.get("residual_mul") is not None),
+                                                                real(*a, **k))[1])
+    np.testing.assert_allclose(_run(f, ids, mask)[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
+    assert seen == [True] * 4                                   # every add + LayerNorm took the factor
+    np.testing.assert_array_equal(_run(copy.deepcopy(f), ids, mask), _run(f, ids, mask))
+    back = pickle.loads(pickle.dumps(f))
+    assert type(back.encoder.layer[0].output).__name__ == "FusedResidualScaledBertOutput"
+    np.testing.assert_array_equal(_run(back, ids, mask), _run(f, ids, mask))
+    np.testing.assert_array_equal(_run(pickle.loads(pickle.dumps(q)), ids, mask), _run(q, ids, mask))
+    h = copy.deepcopy(sm).half()
+    assert h.encoder.layer[0].output.residual_scale.dtype == torch.float32
+    with torch.no_grad():
+        traced = torch.jit.trace(sm, (ids, mask), strict=False)
+        np.testing.assert_allclose(traced(ids, mask)["last_hidden_state"].numpy(), _run(sm, ids, mask), rtol=1e-5, atol=1e-5)
+
+
 def test_eager_float_mask_is_fused(monkeypatch):
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=120, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,

@@ -430,7 +430,8 @@ def test_save_pretrained_int4_and_static_round_trip(tmp_path, scheme):
 def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
     """A smoothed (and rotated) model survives save_pretrained / from_pretrained bit for bit: the
     pre-scale wrappers are rebuilt from their <name>.inv_scale tensors, the rotation's block size from
-    <name>.hadamard; a layer kept float inside a wrapper too. A lying block size is refused."""
+    <name>.hadamard, the residual-scaled output blocks (smoothing folded into a post-norm LayerNorm)
+    from <name>.residual_scale; a layer kept float inside a wrapper too. Lying tensors are refused."""
     transformers = _transformers()
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=4,
@@ -438,21 +439,30 @@ def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
     m = transformers.BertModel(cfg).eval()
     cal = [dict(input_ids=torch.randint(0, 100, (2, 7)))]
     q = cquant.Quantizer.quantize_dynamic(m, inplace=False, calibration=cal, smoothing=0.5, rotate=rotate,
-                                          scheme={"*intermediate.dense": None, "*": "int8 dynamic per_channel"})
-    wrapped = q.encoder.layer[0].attention.self.query
+                                          scheme={"*output.dense": None, "*": "int8 dynamic per_channel"})
+    # the LayerNorm-fed groups fold (the next block scales its residual back); the GELU-fed FFN
+    # output keeps a wrapper (here around a layer kept float)
+    wrapped = q.encoder.layer[0].output.dense
     assert type(wrapped).__name__ == "SmoothedTorchLinear" and wrapped.block == (64 if rotate else 0)
-    assert type(q.encoder.layer[0].intermediate.dense.linear).__name__ == "Linear"   # kept float, wrapped
+    assert type(wrapped.linear).__name__ == "Linear"                                  # kept float, wrapped
+    assert type(q.encoder.layer[0].attention.self.query).__name__ == "QuantizedTorchLinear"
+    blocks = (q.encoder.layer[0].attention.output, q.encoder.layer[0].output)
+    assert all(type(b).__name__.startswith("ResidualScaled") for b in blocks)
     cquant.save_pretrained(q, str(tmp_path))
     r = cquant.from_pretrained(str(tmp_path))
     ids = torch.randint(0, 100, (2, 9))
     with torch.inference_mode():
         assert torch.equal(q(input_ids=ids).last_hidden_state, r(input_ids=ids).last_hidden_state)
-    assert r.encoder.layer[0].attention.self.query.block == (64 if rotate else 0)
-    if rotate:  # a block size that does not divide in_features: refused on load, nothing half-built returned
-        from safetensors.torch import load_file, save_file
-        f = str(tmp_path / "cquant-model.safetensors")
-        t = load_file(f)
-        t["encoder.layer.0.attention.self.query.hadamard"] = torch.tensor([48])
-        save_file(t, f, metadata={"format": "pt"})
-        with pytest.raises(ValueError, match="hadamard"):
+    assert r.encoder.layer[0].output.dense.block == (64 if rotate else 0)
+    assert torch.equal(r.encoder.layer[0].output.residual_scale, q.encoder.layer[0].output.residual_scale)
+    from safetensors.torch import load_file, save_file
+    f = str(tmp_path / "cquant-model.safetensors")
+    good = load_file(f)
+    bad = [("encoder.layer.0.attention.output.residual_scale", torch.ones(63), "residual_scale"),
+           ("encoder.layer.0.intermediate.residual_scale", torch.ones(64), "residual")]
+    if rotate:  # a block size that does not divide in_features
+        bad.append(("encoder.layer.0.output.dense.hadamard", torch.tensor([48]), "hadamard"))
+    for key, value, match in bad:  # refused on load, nothing half-built returned
+        save_file(dict(good, **{key: value}), f, metadata={"format": "pt"})
+        with pytest.raises(ValueError, match=match):
             cquant.from_pretrained(str(tmp_path))

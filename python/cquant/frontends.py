@@ -365,7 +365,9 @@ class FrontEnd:
     - :meth:`set_param`, :meth:`weight_in_out`, :meth:`smoothed`: what :func:`cquant.smooth` needs
       to rescale a layer's parameters and wrap it;
     - :meth:`unwrap`: the Linear inside a smoothing pre-scale wrapper (:func:`cquant.compare`, the
-      accuracy budget).
+      accuracy budget);
+    - :meth:`residual_blocks`, :meth:`scale_residual`: blocks that add a residual and can multiply it
+      by a per-channel factor in the same pass (smoothing's fold into a post-norm LayerNorm).
     """
     name = ""
     embeddings = False
@@ -412,6 +414,32 @@ class FrontEnd:
         (:class:`cquant.smoothing.Smoothed`, ``SmoothedTorchLinear``: classes marked
         ``_cquant_smoothing_wrapper = True``), else None."""
         return obj.linear if _is_smoothing_wrapper(obj) else None
+
+    def residual_blocks(self, model: Any) -> List[Tuple[str, Any, int]]:
+        """``(name, block, i)`` for each block that adds its forward's positional argument ``i`` as a
+        residual (before a LayerNorm) and can multiply that residual by a per-channel factor
+        (:meth:`scale_residual`); none by default."""
+        return []
+
+    def scale_residual(self, block: Any, s: np.ndarray) -> Callable[[], None]:
+        """Make ``block`` (from :meth:`residual_blocks`) multiply its residual by ``s`` too; returns
+        the function that undoes it."""
+        raise NotImplementedError
+
+    def watch_calls(self, obj: Any, fn: Callable[[Tuple[Any, ...], Any], None]) -> Callable[[], None]:
+        """After each call of module ``obj``, ``fn(positional args, output)``; returns the function
+        that stops it. (Default: an instance-level ``forward``; none on an object that has its own
+        already, which then goes unwatched.)"""
+        if "forward" in getattr(obj, "__dict__", {}) or not callable(getattr(obj, "forward", None)):
+            return lambda: None
+        inner = obj.forward
+
+        def forward(*args: Any, **kwargs: Any) -> Any:
+            out = inner(*args, **kwargs)
+            fn(args, out)
+            return out
+        object.__setattr__(obj, "forward", forward)
+        return lambda: object.__delattr__(obj, "forward")
 
     def __repr__(self) -> str:
         return f"<cquant front-end {self.name!r}>"
@@ -543,6 +571,22 @@ class NnFrontEnd(_TreeFrontEnd):
 
     def replace(self, model: Any, old: Any, new: Any) -> int:
         return replace_module(model, old, new)
+
+    def residual_blocks(self, model: Any) -> List[Tuple[str, Any, int]]:
+        out = []  # cquant.nn blocks marked _cquant_residual_arg with a residual_scale parameter slot
+        for name, mod in model.named_modules():
+            i = getattr(type(mod), "_cquant_residual_arg", None)
+            if type(i) is int and "residual_scale" in mod._parameters:
+                out.append((name, mod, i))
+        return out
+
+    def scale_residual(self, block: Any, s: np.ndarray) -> Callable[[], None]:
+        old = block._parameters["residual_scale"]
+        block.residual_scale = np.ascontiguousarray(s if old is None else old * s, dtype=np.float32)
+
+        def undo() -> None:
+            block._parameters["residual_scale"] = old
+        return undo
 
     def state_tensors(self, model: Any) -> CheckpointState:
         obj = model

@@ -635,7 +635,8 @@ class Quantizer:
         exact fold (``True``, or a block size): a Walsh-Hadamard transform in blocks of up to 64
         columns spreads the remaining outlier channels before the per-row scale is taken, and the
         weights are rotated to match; the kernel does it in its activation pass
-        (:func:`cquant.smoothing.smooth`).
+        (:func:`cquant.smoothing.smooth`). ``"all"``: the groups after a post-norm LayerNorm are
+        rotated too, instead of folded (more accurate, slower).
         ``min_cosine``: accuracy budget (:mod:`cquant.budget`): the mean row cosine of the model output
         against the float model on the calibration batches must reach it; the fewest, most sensitive
         layers are kept in float (or moved to a finer scheme of ``refine``, default ``per_group(32)``)

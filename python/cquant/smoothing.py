@@ -116,8 +116,9 @@ def _check_block(b: Any, k: int, what: str = "hadamard") -> int:
 
 
 #: largest rotation block ``rotate=True`` uses: on all-MiniLM-L6-v2 (smoothing 0.5, 16 calibration
-#: sentences, 72 held-out) blocks of 32 / 64 / 128 gave a minimum cosine of 0.99819 / 0.99873 /
-#: 0.99853 (mean 0.99968-0.9997), and each doubling adds a stage to the kernel's pass
+#: sentences, 72 held-out), with every wrapper rotated (``rotate="all"``), blocks of 32 / 64 / 128
+#: gave a minimum cosine of 0.99819 / 0.99863 / 0.99853 (mean 0.99968-0.9997), and each doubling
+#: adds a stage to the kernel's pass (``rotate=True``: see README "Rotation")
 ROTATE_BLOCK = 64
 
 
@@ -314,7 +315,9 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     int8 (dynamic, per-channel) output error on up to :data:`AUTO_ROWS` calibration rows.
     ``include``/``exclude``: names or globs of the Linear layers to smooth. ``rotate``: also rotate
     the input of every group that gets a pre-scale wrapper (no exact fold): True (blocks of up to
-    :data:`ROTATE_BLOCK`) or a block size (a power of two); the wrapper's input becomes
+    :data:`ROTATE_BLOCK`) or a block size (a power of two); ``"all"``: as True, and the groups whose
+    fold would need the residual scaled back (post-norm LayerNorm outputs, see the module docstring)
+    take a rotated wrapper instead (more accurate, a rotation pass more per call); the wrapper's input becomes
     ``hadamard((x / s) * d / sqrt(b))`` (``d`` fixed random signs) and the weights
     ``(W diag(s d)) H_b / sqrt(b)``, so the float model is unchanged, while an outlier channel is spread
     over its block of b columns before the per-row int8 scale is taken (QuaRot-style). The quantized
@@ -324,9 +327,12 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     auto = alpha == "auto"
     if not auto and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0):
         raise errors.ValueError(f"alpha must be in [0, 1] or 'auto', got {alpha!r}")
+    rotate_all = isinstance(rotate, str) and rotate == "all"
+    if rotate_all:
+        rotate = True
     if rotate is not True and rotate is not False and rotate is not None:
         if isinstance(rotate, bool) or not isinstance(rotate, (int, np.integer)) or rotate < 2 or rotate & (rotate - 1):
-            raise errors.ValueError(f"rotate must be True, False or a power of two >= 2, got {rotate!r}")
+            raise errors.ValueError(f"rotate must be True, False, 'all' or a power of two >= 2, got {rotate!r}")
         rotate = int(rotate)
     if rotate and not prescale:
         raise errors.ValueError("rotate needs prescale=True (the rotation runs in the pre-scale wrapper)")
@@ -370,7 +376,8 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     # object each received as its residual on the first batch
     residual_of: Dict[int, List[Tuple[str, Any]]] = {}
     ref_out = None
-    with fe.intercept(list(refs) + norm_refs, watch), _watch_residuals(model, residual_of, produced, keep, tracing):
+    with fe.intercept(list(refs) + norm_refs, watch), \
+            _watch_residuals(front, model, residual_of, produced, {n for n, _ in norms}, keep, tracing):
         for i, b in enumerate(blist):
             out = fe.run(model, b)
             if i == 0:
@@ -415,10 +422,14 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             groups.append(SmoothedGroup(members, s, "none", note="nothing to move (all-zero input or weight)"))
             continue
         candidates: List[Tuple[str, str]] = []
+        notes_pre: List[str] = []
         prod = produced.get(key)
         residual = residual_of.get(key, [])
         if prod is not None and prod[0] == "layernorm" and residual:
-            candidates.append(("layernorm+residual", prod[1]))  # the plain fold would change the model
+            if rotate_all:  # a rotated wrapper instead of the fold with the residual scaled back
+                notes_pre = [f"not folded into {prod[1]} (rotate='all')"]
+            else:
+                candidates.append(("layernorm+residual", prod[1]))  # the plain fold would change the model
         elif prod is not None:
             candidates.append(prod)
         if len(members) == 1:
@@ -427,7 +438,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                     and ("linear", v) not in candidates:
                 candidates.append(("linear", v))
         done = False
-        notes = []
+        notes = list(notes_pre)
         for how, src in candidates:
             j = _Journal(front)
             rnames: List[str] = []
@@ -438,8 +449,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                     notes.append(f"cannot fold into {src}")
                     continue
                 for _, blk in residual:
-                    old = blk._parameters.get("residual_scale")
-                    j.param(blk, "residual_scale", s if old is None else old * s)
+                    j.steps.append(front.scale_residual(blk, s))
             elif not _fold(model, j, how, src, s, linears, dict(norms)):
                 notes.append(f"cannot fold into {src}")
                 continue
@@ -498,33 +508,26 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
 
 
 @contextlib.contextmanager
-def _watch_residuals(model: Any, seen: Dict[int, List[Tuple[str, Any]]], produced: Dict[int, Tuple[str, str]],
-                     keep: List[Any], tracing: List[bool]) -> Iterator[None]:
-    """While active (and ``tracing[0]``), a call of a cquant.nn block marked ``_cquant_residual_arg``
-    (the index of its residual argument) records ``id(residual) -> [(name, block)]`` in ``seen``,
-    and its output as produced by its LayerNorm (``produced[id(out)] = ("layernorm", name +
-    ".LayerNorm")``: the block runs that LayerNorm's parameters in its own add + LayerNorm pass,
-    over its dense layer's output buffer). Arguments and outputs are kept alive in ``keep``, so ids
+def _watch_residuals(front: fe.FrontEnd, model: Any, seen: Dict[int, List[Tuple[str, Any]]],
+                     produced: Dict[int, Tuple[str, str]], norm_names: set, keep: List[Any],
+                     tracing: List[bool]) -> Iterator[None]:
+    """While active (and ``tracing[0]``), a call of a block that can scale its residual
+    (:meth:`FrontEnd.residual_blocks`) records ``id(residual) -> [(name, block)]`` in ``seen``, and
+    its output as produced by its ``LayerNorm`` child (cquant.bert's blocks run that LayerNorm's
+    parameters in their own add + LayerNorm pass, over the dense layer's output buffer, so the
+    LayerNorm module is never called). Arguments and outputs are kept alive in ``keep``, so ids
     stay unique."""
     undo: List[Callable[[], None]] = []
-    named = model.named_modules() if isinstance(model, nn.Module) else ()
-    try:
-        for name, mod in named:
-            idx = getattr(type(mod), "_cquant_residual_arg", None)
-            if not isinstance(idx, int) or isinstance(idx, bool) or "forward" in mod.__dict__:
-                continue
 
-            def forward(*args: Any, _f: Callable[..., Any] = mod.forward, _i: int = idx, _n: str = name,
-                        _m: Any = mod, **kwargs: Any) -> Any:
-                out = _f(*args, **kwargs)
-                if tracing[0] and len(args) > _i:
-                    seen.setdefault(id(args[_i]), []).append((_n, _m))
-                    if isinstance(_m._modules.get("LayerNorm"), nn.LayerNorm):
-                        produced[id(out)] = ("layernorm", f"{_n}.LayerNorm")
-                    keep.extend((args[_i], out))
-                return out
-            object.__setattr__(mod, "forward", forward)
-            undo.append(lambda mod=mod: object.__delattr__(mod, "forward"))
+    def record(name: str, block: Any, i: int, args: Tuple[Any, ...], out: Any) -> None:
+        if tracing[0] and len(args) > i:
+            seen.setdefault(id(args[i]), []).append((name, block))
+            if f"{name}.LayerNorm" in norm_names:
+                produced[id(out)] = ("layernorm", f"{name}.LayerNorm")
+            keep.extend((args[i], out))
+    try:
+        for name, mod, i in front.residual_blocks(model):
+            undo.append(front.watch_calls(mod, lambda args, out, _n=name, _m=mod, _i=i: record(_n, _m, _i, args, out)))
         yield
     finally:
         for step in reversed(undo):

@@ -44,7 +44,7 @@ import torch
 from .. import __version__, errors, ops
 from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
 from ..quantization import QuantizedLinearForward
-from .torch_smoothing import SmoothedTorchLinear
+from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_block
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
 from .torch_embedding import QuantizedTorchEmbedding
@@ -322,6 +322,24 @@ def _smoothing_wrappers(model: "torch.nn.Module", tensors: Dict[str, "torch.Tens
             parent._modules[cname] = w
 
 
+def _residual_scaled_blocks(model: "torch.nn.Module", tensors: Dict[str, "torch.Tensor"]) -> None:
+    """Make every output block the checkpoint has a ``<name>.residual_scale`` for (smoothing folded
+    into the LayerNorm that produced its residual) a residual-scaled one (placeholder values; the
+    checkpoint fills them)."""
+    subs = dict(model.named_modules())
+    for key in [k for k in tensors if k.endswith(".residual_scale")]:
+        name = key[: -len(".residual_scale")]
+        blk = subs.get(name)
+        if blk is None or not residual_block(blk):
+            raise errors.ValueError(f"checkpoint tensor {key!r}: the model built from the config has no "
+                                    f"output block {name!r} that can scale its residual")
+        rs = tensors[key]
+        width = blk.LayerNorm.normalized_shape[-1]
+        if rs.dim() != 1 or rs.numel() != width:
+            raise errors.ValueError(f"checkpoint tensor {key!r} has shape {tuple(rs.shape)}, expected ({width},)")
+        make_residual_scaled(blk, np.ones(width, np.float32))
+
+
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
 
@@ -400,6 +418,7 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
                                                  batch_first=a.get("batch_first", False))
     _embeddings_from(d, model, cq, tensors, new)
     _smoothing_wrappers(model, tensors)
+    _residual_scaled_blocks(model, tensors)
     subs = dict(model.named_modules())
     sites, _ = _module_sites(model)
     for name, mod in new.items():

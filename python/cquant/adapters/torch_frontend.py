@@ -17,7 +17,7 @@ from ..frontends import (CheckpointState, FrontEnd, LayerRef, Patterns, ReportRo
 from .torch import QuantizedTorchLinear, _param_owners, install_checkpoint
 from .torch import report as _torch_report
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
-from .torch_smoothing import SmoothedTorchLinear
+from .torch_smoothing import SmoothedTorchLinear, residual_block, scale_residual
 
 __all__ = ["TorchFrontEnd", "TORCH"]
 
@@ -130,6 +130,17 @@ class TorchFrontEnd(FrontEnd):
 
     def smoothed(self, mod: Any, inv_scale: np.ndarray, hadamard: int = 0) -> Any:
         return SmoothedTorchLinear(mod, inv_scale, hadamard)
+
+    def residual_blocks(self, model: Any) -> List[Tuple[str, Any, int]]:
+        # transformers' *Output blocks (LayerNorm(dropout(dense(h)) + input_tensor)); smoothing
+        # verifies the fold on the model output, so a block that computes something else is undone
+        return [(name, mod, 1) for name, mod in model.named_modules() if residual_block(mod)]
+
+    def scale_residual(self, block: Any, s: np.ndarray) -> Any:
+        return scale_residual(block, s)
+
+    def watch_calls(self, obj: Any, fn: Any) -> Any:
+        return obj.register_forward_hook(lambda m, args, out: fn(args, out)).remove
 
 
 TORCH = TorchFrontEnd()

@@ -32,6 +32,7 @@ import torch
 from .. import ops
 from ..quantization import linear_shared
 from .torch_base import _NoBackward, _graph_mode
+from .torch_smoothing import ResidualScaled, residual_base, residual_scaled_class
 
 __all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
 
@@ -107,8 +108,11 @@ class _Fused:
         return _base_of(type(self)).forward(self, *args, **kwargs)
 
     def __reduce_ex__(self, protocol: int) -> Any:
-        # the fused class is made per original class: pickled as (original class, fused kind, state)
-        return (_rebuild, (_base_of(type(self)), type(self).__mro__[1], self.__dict__.copy()))
+        # the fused class is made per original class: pickled as (original class, fused kind, state,
+        # whether it is residual-scaled: that class is made per original class too)
+        base = _base_of(type(self))
+        rs = issubclass(base, ResidualScaled)
+        return (_rebuild, (residual_base(base) if rs else base, type(self).__mro__[1], self.__dict__.copy(), rs))
 
 
 def _base_of(cls: type) -> type:
@@ -116,15 +120,16 @@ def _base_of(cls: type) -> type:
     return next(c for c in cls.__mro__[1:] if not issubclass(c, _Fused))
 
 
-def _rebuild(base: type, kind: type, state: Dict[str, Any]) -> Any:
-    obj = object.__new__(_fused_class(base, kind))
+def _rebuild(base: type, kind: type, state: Dict[str, Any], rs: bool = False) -> Any:
+    obj = object.__new__(_fused_class(residual_scaled_class(base) if rs else base, kind))
     obj.__dict__.update(state)
     return obj
 
 
 class FusedOutput(_Fused):
     """``LayerNorm(dropout(dense(h)) + input)`` with the add and LayerNorm in one C pass per row,
-    written over the linear's output."""
+    written over the linear's output (a residual-scaled block's ``input * residual_scale`` formed in
+    the same pass)."""
 
     def forward(self, hidden_states: Any, input_tensor: Any) -> Any:
         if self.training or not (_fast(hidden_states) and _fast(input_tensor)) \
@@ -134,8 +139,9 @@ class FusedOutput(_Fused):
         y = _linear_np(self.dense, _np(hidden_states))
         if y.shape != tuple(input_tensor.shape):
             return self._hf_forward(hidden_states, input_tensor)
+        rs = self._buffers.get("residual_scale") if isinstance(self, ResidualScaled) else None
         ops.add_layer_norm(y, _np(input_tensor), ln.weight.detach().numpy(), ln.bias.detach().numpy(),
-                           float(ln.eps), out=y)
+                           float(ln.eps), out=y, residual_mul=None if rs is None else rs.detach().numpy())
         return _out(y, hidden_states, input_tensor)
 
 

@@ -1,5 +1,5 @@
-"""The torch counterpart of :class:`cquant.smoothing.Smoothed` (imports torch; used by
-:func:`cquant.smoothing.smooth` on torch models only)."""
+"""The torch counterparts of :class:`cquant.smoothing.Smoothed` and of cquant.bert's residual-scaled
+output blocks (imports torch; used by :func:`cquant.smoothing.smooth` on torch models only)."""
 from __future__ import annotations
 
 import numpy as np
@@ -8,7 +8,7 @@ import torch
 from .. import errors, ops
 from .torch_base import hadamard_torch
 
-__all__ = ["SmoothedTorchLinear"]
+__all__ = ["SmoothedTorchLinear", "ResidualScaled", "residual_block", "make_residual_scaled", "scale_residual"]
 
 
 class SmoothedTorchLinear(torch.nn.Module):
@@ -63,3 +63,99 @@ class SmoothedTorchLinear(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.inv_scale.numel()}" + (f", hadamard={self.block}" if self.block else "")
+
+
+# ---- residual-scaled output blocks (smoothing folded into a post-norm LayerNorm) -----------------
+
+_RS_CLASSES: dict = {}
+
+
+def residual_block(mod: torch.nn.Module) -> bool:
+    """A transformers-style ``*Output`` block, ``LayerNorm(dropout(dense(h)) + input_tensor)``
+    (children ``dense``, ``LayerNorm``, ``dropout``; ``forward(hidden_states, input_tensor)``; a torch
+    LayerNorm): one that :func:`scale_residual` can make multiply its residual by a per-channel factor.
+    What the forward really computes is checked by smoothing (the model output must not change)."""
+    import inspect
+    cls = type(mod)
+    ch = dict(mod.named_children())
+    if not cls.__name__.endswith("Output") or set(ch) != {"dense", "LayerNorm", "dropout"}:
+        return False
+    if not isinstance(ch["LayerNorm"], torch.nn.LayerNorm):
+        return False
+    try:
+        params = list(inspect.signature(cls.forward).parameters)
+    except (TypeError, ValueError):
+        return False
+    return params[1:] == ["hidden_states", "input_tensor"]
+
+
+class ResidualScaled:
+    """Mixin of the residual-scaled blocks (:func:`residual_scaled_class`): the original forward on
+    ``input_tensor * residual_scale``. ``residual_scale`` is a float32 buffer (in ``state_dict``):
+    smoothing divided the LayerNorm output that is this block's residual by it (the same output
+    feeds the next Linears, whose weights took the factor), so the block multiplies it back. Under
+    :func:`cquant.fuse` the product is formed inside the C add + LayerNorm pass instead."""
+
+    _cquant_residual_arg = 1  # the residual is forward's second argument (cquant.smoothing's fold)
+
+    def forward(self, hidden_states: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
+        rs = self.residual_scale
+        r = input_tensor * (rs if rs.dtype == input_tensor.dtype else rs.to(input_tensor.dtype))
+        return residual_base(type(self)).forward(self, hidden_states, r)
+
+    def __reduce_ex__(self, protocol: int) -> object:
+        # the class is made per original class: pickled as (original class, state)
+        return (_rebuild_residual_scaled, (residual_base(type(self)), self.__dict__.copy()))
+
+    def _apply(self, fn, recurse=True):  # .half() / .to(dtype): the factor stays float32
+        keep = self.residual_scale
+        out = super()._apply(fn, recurse)
+        if self.residual_scale.dtype != torch.float32:
+            self.residual_scale = keep.to(device=self.residual_scale.device)
+        return out
+
+
+def residual_base(cls: type) -> type:
+    """The original block class of a residual-scaled (possibly also fused) class."""
+    mro = cls.__mro__
+    return mro[mro.index(ResidualScaled) + 1]
+
+
+def residual_scaled_class(base: type) -> type:
+    cls = _RS_CLASSES.get(base)
+    if cls is None:
+        name = f"ResidualScaled{base.__name__}"  # still ends with "Output" (cquant.fuse recognises it)
+        cls = type(name, (ResidualScaled, base), {"__module__": __name__, "__qualname__": name})
+        _RS_CLASSES[base] = cls
+    return cls
+
+
+def _rebuild_residual_scaled(base: type, state: dict) -> torch.nn.Module:
+    obj = object.__new__(residual_scaled_class(base))
+    obj.__dict__.update(state)
+    return obj
+
+
+def make_residual_scaled(mod: torch.nn.Module, scale: np.ndarray) -> None:
+    """Give output block ``mod`` (:func:`residual_block`) a ``residual_scale`` buffer (float32, its
+    hidden size), swapping its class for the residual-scaled subclass of it."""
+    if not isinstance(mod, ResidualScaled):
+        mod.__class__ = residual_scaled_class(type(mod))
+    mod.register_buffer("residual_scale", torch.from_numpy(np.array(scale, dtype=np.float32)))
+
+
+def scale_residual(mod: torch.nn.Module, s: np.ndarray):
+    """Multiply ``mod``'s residual by ``s`` too (a residual-scaled block from then on); returns a
+    function that undoes it."""
+    cls = type(mod)
+    old = mod._buffers.get("residual_scale") if isinstance(mod, ResidualScaled) else None
+    new = s if old is None else old.numpy() * s
+    make_residual_scaled(mod, new)
+
+    def undo() -> None:
+        if old is None:
+            del mod._buffers["residual_scale"]
+            mod.__class__ = cls
+        else:
+            mod.register_buffer("residual_scale", old)
+    return undo
