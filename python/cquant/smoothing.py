@@ -36,8 +36,9 @@ Layers that receive the *same* input (e.g. query, key and value) form a group wi
    output blocks) and gets a ``residual_scale`` parameter; the fold is verified as above.
 2. Otherwise, with ``prescale=True``, each layer of the group is wrapped in :class:`Smoothed`
    (``linear(x * (1/s))``; for torch models a ``cquant.adapters.torch_smoothing.SmoothedTorchLinear``),
-   which costs one multiply pass over the layer input per call. The quantizer quantizes the Linear
-   inside the wrapper. With ``prescale=False`` such groups are left unsmoothed.
+   whose multiply (and rotation, with ``rotate``) runs inside the quantized Linear's activation
+   pass, not as a pass of its own. The quantizer quantizes the Linear inside the wrapper. With
+   ``prescale=False`` such groups are left unsmoothed.
 
 The model computes the same function as before (to float32 rounding) in every case; the float
 model's output is checked at the end.
