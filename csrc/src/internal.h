@@ -269,6 +269,16 @@ typedef void (*cq_unit_fn)(void *ctx, int64_t unit);
 void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx);
 int cq_threads_for(double work, int64_t nunits);
 
+/* Per-calling-thread scratch (threads.c): cq_scratch_get returns a 64-byte aligned buffer of at
+ * least size bytes (NULL on failure) and its capacity in *cap; cq_scratch_put hands it back (NULL:
+ * nothing), and the thread keeps one such buffer (up to CQ_SCRATCH_KEEP bytes) for its next call,
+ * freed when the thread exits or calls cq_shutdown. Why: a fresh malloc of the activation codes
+ * each call came back from the kernel as new pages (glibc gives them back between calls), and
+ * faulting them in cost 15% of a (4096, 4096) M = 256 VNNI GEMM (~100 page faults per call). */
+#define CQ_SCRATCH_KEEP ((size_t)64 << 20)
+void *cq_scratch_get(size_t size, size_t *cap);
+void cq_scratch_put(void *p, size_t cap);
+
 /* Size checks shared by the entry points. */
 static inline int cq_mul_ok(int64_t a, int64_t b, int64_t *out)
 {

@@ -699,6 +699,7 @@ typedef struct {
     int8_t *qa;        /* dynamic: codes (mpad x lda) followed by the m row scales; owned */
     int u8, tiled, gemv;
     int64_t lda, mpad;
+    size_t qa_cap;     /* capacity of qa (cq_scratch_get) */
     float *xm;         /* weight-only: x * x_mul (rotated), or NULL; owned */
 } act_cache;
 
@@ -822,11 +823,13 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
     int8_t *qa;
     float *sx;
+    size_t qa_cap = 0;
     if (ac && ac->qa && ac->u8 == c.u8 && ac->tiled == tiled && ac->gemv == gemv && ac->lda == lda && ac->mpad == mpad) {
         qa = ac->qa; /* the previous weight's activation pass, in the layout this kernel reads */
         sx = (float *)(void *)(qa + mpad * lda);
     } else {
-        qa = (int8_t *)cq_alloc64((size_t)(mpad * lda) + (size_t)m * sizeof(float));
+        /* the calling thread's kept scratch (cq_scratch_get): no fresh pages to fault in per call */
+        qa = (int8_t *)cq_scratch_get((size_t)(mpad * lda) + (size_t)m * sizeof(float), &qa_cap);
         if (!qa) return CQ_ERR_NOMEM;
         sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
         /* padding rows: zero codes (in the tiled layout they share the last block with rows < m,
@@ -835,12 +838,13 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
         if (cq_quantize_rows_into(c.ew, x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
                                   x_scale, x_hadamard) != CQ_OK) {
-            free(qa);
+            cq_scratch_put(qa, qa_cap);
             return CQ_ERR_NOMEM;
         }
-        if (ac) { /* kept for the next weight (the caller frees the last one) */
-            free(ac->qa);
-            ac->qa = qa; ac->u8 = c.u8; ac->tiled = tiled; ac->gemv = gemv; ac->lda = lda; ac->mpad = mpad;
+        if (ac) { /* kept for the next weight (the caller hands the last one back) */
+            cq_scratch_put(ac->qa, ac->qa_cap);
+            ac->qa = qa; ac->qa_cap = qa_cap; ac->u8 = c.u8; ac->tiled = tiled; ac->gemv = gemv; ac->lda = lda;
+            ac->mpad = mpad;
         }
     }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
@@ -856,7 +860,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         int64_t nunits = c.np * c.nmb;
         cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
     }
-    if (!ac) free(qa);
+    if (!ac) cq_scratch_put(qa, qa_cap);
     return CQ_OK;
 }
 
@@ -901,7 +905,7 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
     for (int i = 0; i < count && st == CQ_OK; i++)
         st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL, x_mul,
                          x_hadamard, x_scale, y[i], 0, &ac);
-    free(ac.qa);
+    cq_scratch_put(ac.qa, ac.qa_cap);
     free(ac.xm);
     return st;
 }

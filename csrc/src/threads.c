@@ -155,9 +155,75 @@ void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx)
     pthread_mutex_unlock(&p->job_lock);
 }
 
+/* ---- per-thread scratch (internal.h) ---------------------------------------------------------- */
+typedef struct {
+    void *p;
+    size_t cap;
+} scratch_slot;
+static pthread_key_t g_scratch_key;
+static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
+static int g_scratch_ok;
+
+static void scratch_free(void *v)
+{
+    scratch_slot *s = (scratch_slot *)v;
+    if (s) free(s->p);
+    free(s);
+}
+static void scratch_init(void) { g_scratch_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
+
+static scratch_slot *scratch_slot_get(int create)
+{
+    pthread_once(&g_scratch_once, scratch_init);
+    if (!g_scratch_ok) return NULL;
+    scratch_slot *s = (scratch_slot *)pthread_getspecific(g_scratch_key);
+    if (!s && create) {
+        s = (scratch_slot *)calloc(1, sizeof *s);
+        if (s && pthread_setspecific(g_scratch_key, s) != 0) {
+            free(s);
+            s = NULL;
+        }
+    }
+    return s;
+}
+
+void *cq_scratch_get(size_t size, size_t *cap)
+{
+    scratch_slot *s = scratch_slot_get(0);
+    if (s && s->p && s->cap >= size) { /* the kept buffer is big enough: take it */
+        void *p = s->p;
+        *cap = s->cap;
+        s->p = NULL;
+        s->cap = 0;
+        return p;
+    }
+    void *p = cq_alloc64(size);
+    *cap = p ? size : 0;
+    return p;
+}
+
+void cq_scratch_put(void *p, size_t cap)
+{
+    if (!p) return;
+    scratch_slot *s = cap <= CQ_SCRATCH_KEEP ? scratch_slot_get(1) : NULL;
+    if (!s || (s->p && s->cap >= cap)) { /* not kept: too big, no slot, or a bigger one is kept */
+        free(p);
+        return;
+    }
+    free(s->p);
+    s->p = p;
+    s->cap = cap;
+}
+
 int cq_shutdown(void)
 {
     pool_t *p = &g_pool;
+    scratch_slot *sl = scratch_slot_get(0); /* the calling thread's kept scratch goes too */
+    if (sl) {
+        free(sl->p);
+        sl->p = NULL;
+        sl->cap = 0;
+    }
     pthread_mutex_lock(&p->job_lock); /* waits for a job in progress; new callers run alone */
     int n = p->nworkers;
     if (n > 0) {

@@ -21,6 +21,7 @@
  * CQ_TEST_EMU defined (kernels whose intrinsics SIMDe emulates: every emulated ISA "runs", and
  * the slowest cases are left out). Ends with "N passed, M failed"; exits non-zero on failure. */
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1784,6 +1785,54 @@ static void test_bad_args(void)
           strcmp(cq_version(), CQ_VERSION_STRING) == 0, "strings");
 }
 
+/* The calling thread's kept scratch (threads.c): a buffer handed back is handed out again for a
+ * request it covers (so the activation codes of the next linear reuse its pages), a bigger request
+ * gets a new one, a huge one is not kept, and cq_shutdown drops what is kept. */
+static void *scratch_thread(void *arg)
+{
+    size_t cap = 0;
+    void *p = cq_scratch_get(4096, &cap);
+    cq_scratch_put(p, cap); /* kept until this thread exits (its key destructor frees it) */
+    *(int *)arg = p != NULL && cap >= 4096;
+    return NULL;
+}
+
+static void test_scratch(void)
+{
+    size_t cap = 0, cap2 = 0;
+    void *a = cq_scratch_get(1000, &cap);
+    CHECK(a && cap >= 1000 && ((uintptr_t)a & 63) == 0, "scratch: 64-byte aligned, >= size");
+    memset(a, 1, 1000);
+    cq_scratch_put(a, cap);
+    void *b = cq_scratch_get(800, &cap2);
+    CHECK(b == a && cap2 == cap, "scratch: a kept buffer that covers the request is reused");
+    void *c = cq_scratch_get(800, &cap); /* nothing kept now: a new one */
+    CHECK(c && c != b, "scratch: taken buffers are not handed out twice");
+    cq_scratch_put(c, cap);
+    cq_scratch_put(b, cap2);             /* the same size kept already: freed */
+    void *d = cq_scratch_get(5000, &cap);
+    CHECK(d && cap >= 5000, "scratch: a bigger request gets a bigger buffer");
+    cq_scratch_put(d, cap);
+    void *e = cq_scratch_get(4000, &cap2);
+    CHECK(e == d, "scratch: the bigger buffer replaced the smaller one");
+    cq_scratch_put(e, cap2);
+    cq_shutdown();                       /* drops the calling thread's buffer */
+    void *f = cq_scratch_get(16, &cap);
+    CHECK(f && cap == 16, "scratch: nothing kept after cq_shutdown");
+    cq_scratch_put(f, cap);
+    cq_scratch_put(NULL, 0);
+    void *g = malloc(1);                 /* larger than CQ_SCRATCH_KEEP: freed at once, not kept */
+    cq_scratch_put(g, CQ_SCRATCH_KEEP + 1);
+    void *h = cq_scratch_get(8, &cap);
+    CHECK(h == f, "scratch: an oversized buffer is not kept");
+    cq_scratch_put(h, cap);
+    pthread_t th;
+    int ok = 0;
+    CHECK(pthread_create(&th, NULL, scratch_thread, &ok) == 0 && pthread_join(th, NULL) == 0 && ok,
+          "scratch: another thread has its own");
+    cq_shutdown();
+}
+
 int main(void)
 {
     double t0 = now_s();
@@ -1801,6 +1850,7 @@ int main(void)
         ran++;
     }
     cq_set_isa(CQ_ISA_AUTO);
+    test_scratch();
     test_packed_errors();
     test_bad_args();
     printf("%d kernels and %d paths tested in %.1f s\n", kernels, ran, now_s() - t0);
