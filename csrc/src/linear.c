@@ -700,7 +700,8 @@ typedef struct {
     int u8, tiled, gemv;
     int64_t lda, mpad;
     size_t qa_cap;     /* capacity of qa (cq_scratch_get) */
-    float *xm;         /* weight-only: x * x_mul (rotated), or NULL; owned */
+    float *xm;         /* weight-only: x * x_mul (rotated), or NULL; owned (cq_scratch_get) */
+    size_t xm_cap;
 } act_cache;
 
 /* One linear. check_only: every check (nothing written, nothing allocated), then CQ_OK. ac: NULL,
@@ -770,11 +771,12 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         if (!c.fcfg) return CQ_ERR_FORMAT;
         if (check_only) return CQ_OK;
         float *xm = NULL;
+        size_t xm_cap = 0;
         if ((x_mul || x_hadamard) && ac && ac->xm) {
             x = ac->xm; /* the copy the previous weight made */
         } else if (x_mul || x_hadamard) { /* weight-only kernels read float x as it is: one transformed copy */
             if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
-            xm = (float *)cq_alloc64((size_t)(m * k) * sizeof(float));
+            xm = (float *)cq_scratch_get((size_t)(m * k) * sizeof(float), &xm_cap);
             if (!xm) return CQ_ERR_NOMEM;
             for (int64_t r = 0; r < m; r++) {
                 float amax;
@@ -786,13 +788,14 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             x = xm;
             if (ac) { /* kept for the next weight (freed by the caller) */
                 ac->xm = xm;
+                ac->xm_cap = xm_cap;
                 xm = NULL;
             }
         }
         c.x = x; c.xlda = k;
         if (m < WO_GEMM_MIN_M) {
             if (c.i4 && x24_prepare(&c)) scratch = (void *)c.xd; /* int4 in integers: x as fixed-point digits */
-            else if (wo_gemv_rows(&c, &scratch) != CQ_OK) { free(xm); return CQ_ERR_NOMEM; }
+            else if (wo_gemv_rows(&c, &scratch) != CQ_OK) { cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
             cq_set_last_kernel((c.xd ? c.fcfg->gemv4_i4_x24 : c.i4 ? c.fcfg->gemv4_i4 : c.fcfg->gemv4)->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
@@ -803,7 +806,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemm_unit, &c);
         }
         free(scratch);
-        free(xm);
+        cq_scratch_put(xm, xm_cap);
         return CQ_OK;
     }
 
@@ -906,6 +909,6 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
         st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL, x_mul,
                          x_hadamard, x_scale, y[i], 0, &ac);
     cq_scratch_put(ac.qa, ac.qa_cap);
-    free(ac.xm);
+    cq_scratch_put(ac.xm, ac.xm_cap);
     return st;
 }
