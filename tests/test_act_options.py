@@ -281,3 +281,41 @@ def test_linear_multi_refusals():
     assert lib.cq_linear_multi(lib.CQ_MODE_DYNAMIC, xp, 3, 64, 2, pk, ps, caches[0][2], caches[0][3], ns,
                                ffi.NULL, ffi.NULL, 0, 0.0, ok) == lib.CQ_OK
     np.testing.assert_array_equal(y0, ops.linear(x, qa))
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
+def test_gelu_inside_the_kernel_is_the_separate_pass(path, gran, group, bits):
+    """ops.linear(..., activation="gelu") (C cq_linear_post: GELU on each block of outputs as the
+    kernel finishes it) is bit for bit ops.gelu(ops.linear(...)) on every path, in both modes, with
+    every activation option, for GEMVs (M = 1 and M < 4), tiles with ragged rows and columns,
+    per-group and chunked K; NaN / Inf rows keep their GELU."""
+    rng = np.random.default_rng(5)
+    for k, n, m in ((64, 7, 1), (96, 130, 3), (256, 300, 37), (128, 64, 200), (2048, 80, 9)):
+        w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-1, 1, (n, 1))).astype(F32)
+        qw = _qw(w, gran, group, bits)
+        x = (rng.standard_normal((m, k)) * 3).astype(F32)
+        b = rng.standard_normal(n).astype(F32)
+        mul = (10.0 ** rng.uniform(-1, 1, k)).astype(F32)
+        for mode in ("dynamic", "weight_only"):
+            opts = [{}, dict(x_mul=mul, x_hadamard=32)] + ([dict(x_scale=0.05)] if mode == "dynamic" else [])
+            for kw in opts:
+                want = ops.gelu(ops.linear(x, qw, b, mode, **kw))
+                got = ops.linear(x, qw, b, mode, activation="gelu", **kw)
+                np.testing.assert_array_equal(got, want, err_msg=f"K={k} N={n} M={m} {mode} {sorted(kw)}")
+    x = rng.standard_normal((3, 64)).astype(F32)
+    x[1, 5] = np.nan
+    qw = _qw(rng.standard_normal((20, 64)).astype(F32), gran, group, bits)
+    np.testing.assert_array_equal(ops.linear(x, qw, activation="gelu"), ops.gelu(ops.linear(x, qw)))
+
+
+def test_bad_activation_is_refused():
+    qw = ops.quantize_weight(np.ones((4, 8), F32))
+    x = np.ones((2, 8), F32)
+    for bad in ("relu", "GELU", 1, True):
+        with pytest.raises(errors.ValueError, match="activation"):
+            ops.linear(x, qw, activation=bad)
+    from cquant._native import ffi, lib
+    pk, ps, code, g = qw._native()[:4]
+    y = np.empty((2, 4), F32)
+    assert lib.cq_linear_post(ops.MODES["dynamic"], ffi.from_buffer("float[]", x), 2, 8, pk, ps, code, g, 4,
+                              ffi.NULL, ffi.NULL, 0, 0.0, 7, ffi.from_buffer("float[]", y)) == lib.CQ_ERR_ARG

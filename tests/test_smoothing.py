@@ -306,3 +306,32 @@ def test_torch_prescale_stays_float32_when_cast_and_calibration_object_refused()
     cal = cquant.calibrate(model, _batches())
     with pytest.raises(errors.TypeError, match="Calibration"):
         Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=cal, smoothing=0.5)
+
+
+@pytest.mark.parametrize("kw", [{}, dict(mode="weight_only"), dict(smoothing=0.5), dict(smoothing=0.5, rotate="all")])
+def test_bert_ffn_gelu_runs_in_the_kernel(monkeypatch, kw):
+    """cquant.bert's FFN input layer, quantized (bare or in a smoothing wrapper), takes the GELU into
+    its kernel (ops.linear(..., activation="gelu")): bit for bit the separate pass; a watched layer
+    (calibration, compare) runs the plain forward so the watcher sees the layer's own output."""
+    import cquant.bert as bert
+    model = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    mask[0, 6:] = 0
+    q = Quantizer.quantize_dynamic(copy.deepcopy(model), calibration=[(ids, mask)] if kw.get("smoothing") else None, **kw)
+    seen = []
+    real = cquant.ops.linear
+    monkeypatch.setattr(cquant.ops, "linear", lambda *a, **k: (seen.append(k.get("activation")), real(*a, **k))[1])
+    fused = q(ids, mask)
+    assert seen.count("gelu") == 2                       # one per layer
+    monkeypatch.setattr(bert, "_fusable", lambda layer: False)
+    np.testing.assert_array_equal(fused, q(ids, mask))   # the separate GELU pass: the same bits
+    monkeypatch.undo()
+    dense = q.encoder.layer[0].intermediate.dense
+    assert bert._fusable(dense)
+    object.__setattr__(dense, "forward", dense.forward)  # as an interceptor would
+    assert not bert._fusable(dense)
+    np.testing.assert_array_equal(fused, q(ids, mask))
+    object.__delattr__(dense, "forward")
+    cmp = cquant.compare(model, q, [(ids, mask)])        # watches every layer: still runs
+    assert cmp.layers

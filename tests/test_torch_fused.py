@@ -67,11 +67,16 @@ def test_fast_path_runs_and_no_mask_too(monkeypatch):
     for name in ("attention", "add_layer_norm", "gelu_inplace"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _r=real, _n=name, **k: (calls.append(_n), _r(*a, **k))[1])
+    real_linear = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *a, **k: (calls.append("linear+" + str(k.get("activation"))),
+                                                        real_linear(*a, **k))[1])
     for pad in (True, False):
         calls.clear()
         ids, mask = _inputs(pad=pad)
         out = _run(f, ids, mask)
-        assert calls.count("attention") == 2 and calls.count("add_layer_norm") == 4 and calls.count("gelu_inplace") == 2
+        assert calls.count("attention") == 2 and calls.count("add_layer_norm") == 4
+        # the GELU runs inside the FFN input layer's kernel, not as a pass of its own
+        assert calls.count("linear+gelu") == 2 and calls.count("gelu_inplace") == 0
         valid = mask.numpy().astype(bool)
         np.testing.assert_allclose(out[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
 
@@ -170,10 +175,10 @@ def test_fuse_after_smoothing_and_with_hooks(monkeypatch):
     assert seen == [1]
     h.remove()
     calls = []
-    real = ops.gelu_inplace
-    monkeypatch.setattr(ops, "gelu_inplace", lambda x: (calls.append(1), real(x))[1])
+    real = ops.linear
+    monkeypatch.setattr(ops, "linear", lambda *a, **k: (calls.append(k.get("activation")), real(*a, **k))[1])
     _run(f, ids, mask)
-    assert len(calls) == 2                                       # hook gone: the fast path again
+    assert calls.count("gelu") == 2                              # hook gone: the fast path again
 
 
 def test_residual_scaled_blocks_fuse_pickle_and_trace(monkeypatch):

@@ -245,6 +245,16 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                  const float *x_mul, int64_t x_hadamard, float x_scale, float *y);
 
+/* cq_linear_ex followed by an element-wise op on y, post: CQ_POST_NONE (cq_linear_ex) or
+ * CQ_POST_GELU (y = cq_gelu(y): BERT's FFN input layer). The op runs on each block of outputs as
+ * soon as the kernel has finished it (in cache), not as a second pass over y; the result is bit
+ * for bit cq_linear_ex then cq_gelu on the same path. CQ_ERR_ARG for another post. */
+#define CQ_POST_NONE 0
+#define CQ_POST_GELU 1
+int cq_linear_post(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                   const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                   const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y);
+
 /* cq_linear_multi: count (1 .. CQ_MULTI_MAX) linears on the same input x (m x k), e.g. attention's
  * query, key and value projections, with one activation pass for all (quantization, x_mul,
  * x_hadamard, x_scale: as cq_linear_ex; done once where the weights' kernels read the same

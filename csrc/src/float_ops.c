@@ -146,6 +146,21 @@ static const fo_kernels *fo_for(int isa)
 }
 
 /* ---- GELU --------------------------------------------------------------------------------- */
+/* The GELU kernel of a path: cq_gelu and cq_linear_post's CQ_POST_GELU use this one, so a fused
+ * GELU is bit for bit the separate pass (every kernel computes each element the same way wherever
+ * it sits in the array). per: its cost in flops per element (thread heuristic). */
+cq_gelu_fn cq_gelu_for(int isa, double *per)
+{
+    if (per) *per = 30.0;
+#if CQ_CAN_TARGET_AVX512
+    if (isa_avx512(isa)) { /* a table of 16 quartics: no division, no exp */
+        if (per) *per = 8.0;
+        return cq_gelu_avx512;
+    }
+#endif
+    return cq_elementwise_for(isa)->gelu;
+}
+
 typedef struct {
     void (*gelu)(const float *x, int64_t n, float *y);
     const float *x;
@@ -168,11 +183,8 @@ int cq_gelu(const float *x, int64_t n, float *y)
     if (!x || !y) return CQ_ERR_NULL;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    ew_ctx c = {cq_elementwise_for(isa)->gelu, x, y, n, 1 << 14};
-    double per = 30.0; /* flops per element */
-#if CQ_CAN_TARGET_AVX512
-    if (isa_avx512(isa)) { c.gelu = cq_gelu_avx512; per = 8.0; } /* a table of 16 quartics: no division, no exp */
-#endif
+    double per; /* flops per element */
+    ew_ctx c = {cq_gelu_for(isa, &per), x, y, n, 1 << 14};
     int64_t nunits = cq_ceil_div(n, c.chunk);
     cq_parallel_for(nunits, n < 65536 ? 1 : cq_threads_for(per * (double)n, nunits), gelu_unit, &c);
     return CQ_OK;

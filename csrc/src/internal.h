@@ -269,6 +269,10 @@ typedef void (*cq_unit_fn)(void *ctx, int64_t unit);
 void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx);
 int cq_threads_for(double work, int64_t nunits);
 
+/* The GELU kernel of a path (float_ops.c), and its cost in flops per element into *per (may be NULL). */
+typedef void (*cq_gelu_fn)(const float *x, int64_t n, float *y);
+cq_gelu_fn cq_gelu_for(int isa, double *per);
+
 /* Per-calling-thread scratch (threads.c): cq_scratch_get returns a 64-byte aligned buffer of at
  * least size bytes (NULL on failure) and its capacity in *cap; cq_scratch_put hands it back (NULL:
  * nothing), and the thread keeps one such buffer (up to CQ_SCRATCH_KEEP bytes) for its next call,

@@ -60,7 +60,53 @@ typedef struct {
     int64_t xds, seg8, nsegx;
     const int32_t *xcomp;
     float xs[4];
+    /* cq_linear_post: the element-wise op applied to each unit's outputs once they are final (in
+     * cache), or NULL; the unit function it wraps and which output block a unit writes */
+    cq_gelu_fn post;
+    cq_unit_fn inner;
+    int region;
 } lin_ctx;
+
+enum { REGION_PANEL_ROWS, REGION_GEMV4, REGION_WO_GEMM };
+
+/* The output block unit u of the running job wrote: rows [*r0, *r1), columns [*c0, *c1). */
+static void unit_region(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1, int64_t *c0, int64_t *c1)
+{
+    int64_t p0, p1, mbi;
+    if (c->region == REGION_PANEL_ROWS) { /* s8_unit: a panel's block of mb rows */
+        p0 = u / c->nmb; p1 = p0 + 1; mbi = u % c->nmb;
+    } else if (c->region == REGION_GEMV4) { /* GEMVs: 4 panels, every row */
+        p0 = 4 * u; p1 = p0 + 4; mbi = -1;
+    } else { /* wo_gemm_unit: WO_COLS / nr panels, a block of mb rows */
+        int64_t ppu = WO_COLS / c->nr, npg = cq_ceil_div(c->np, ppu);
+        p0 = (u % npg) * ppu; p1 = p0 + ppu; mbi = u / npg;
+    }
+    *r0 = mbi < 0 ? 0 : mbi * c->mb;
+    *r1 = mbi < 0 ? c->m : (*r0 + c->mb < c->m ? *r0 + c->mb : c->m);
+    *c0 = p0 * c->nr;
+    *c1 = p1 * c->nr < c->n ? p1 * c->nr : c->n;
+}
+
+/* A unit, then the post-op over the outputs it wrote (still in L1 / L2): no second pass over y. */
+static void post_unit(void *vctx, int64_t u)
+{
+    const lin_ctx *c = (const lin_ctx *)vctx;
+    c->inner(vctx, u);
+    int64_t r0, r1, c0, c1;
+    unit_region(c, u, &r0, &r1, &c0, &c1);
+    for (int64_t r = r0; r < r1; r++) c->post(c->y + r * c->n + c0, c1 - c0, c->y + r * c->n + c0);
+}
+
+/* parallel_for over the units of fn, with the post-op (if any) fused into each unit. */
+static void run_units(lin_ctx *c, int64_t nunits, int threads, cq_unit_fn fn, int region)
+{
+    if (c->post) {
+        c->inner = fn;
+        c->region = region;
+        fn = post_unit;
+    }
+    cq_parallel_for(nunits, threads, fn, c);
+}
 
 static const int8_t *panel_at(const lin_ctx *c, int64_t p, int64_t t)
 {
@@ -708,10 +754,11 @@ typedef struct {
  * or the activation pass shared with the other linears of a cq_linear_multi call. */
 static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const void *packed,
                        const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
-                       const float *x_mul, int64_t x_hadamard, float x_scale, float *y, int check_only,
-                       act_cache *ac)
+                       const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y,
+                       int check_only, act_cache *ac)
 {
     if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
+    if (post != CQ_POST_NONE && post != CQ_POST_GELU) return CQ_ERR_ARG;
     /* the rotation: 0 (none) or a power of two >= 2 that divides k */
     if (x_hadamard != 0 && (x_hadamard < 2 || (x_hadamard & (x_hadamard - 1)) != 0 || k % x_hadamard != 0))
         return CQ_ERR_ARG;
@@ -747,6 +794,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     c.codes = cq_pack_codes(packed); c.sums = cq_pack_sums(packed, &h);
     c.scales = scales; c.bias = bias; c.y = y;
     c.ew = cq_elementwise_for(isa);
+    c.post = post == CQ_POST_GELU ? cq_gelu_for(isa, NULL) : NULL;
     double work = (double)m * (double)n * (double)k;
     void *scratch = NULL;
     int fmt = h.format;
@@ -798,12 +846,12 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             else if (wo_gemv_rows(&c, &scratch) != CQ_OK) { cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
             cq_set_last_kernel((c.xd ? c.fcfg->gemv4_i4_x24 : c.i4 ? c.fcfg->gemv4_i4 : c.fcfg->gemv4)->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
-            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemv4_unit, &c);
+            run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemv4_unit, REGION_GEMV4);
         } else {
             cq_set_last_kernel(c.fcfg->gemm->name);
             c.mb = WO_MB; c.nmb = cq_ceil_div(m, WO_MB);
             int64_t nunits = cq_ceil_div(c.np, WO_COLS / c.nr) * c.nmb;
-            cq_parallel_for(nunits, cq_threads_for(work, nunits), wo_gemm_unit, &c);
+            run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemm_unit, REGION_WO_GEMM);
         }
         free(scratch);
         cq_scratch_put(xm, xm_cap);
@@ -858,10 +906,11 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     cq_set_last_kernel(uk->name);
     if (gemv) {
         int64_t nunits = cq_ceil_div(c.np, 4);
-        cq_parallel_for(nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit, &c);
+        run_units(&c, nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit,
+                  REGION_GEMV4);
     } else {
         int64_t nunits = c.np * c.nmb;
-        cq_parallel_for(nunits, cq_threads_for(work, nunits), s8_unit, &c);
+        run_units(&c, nunits, cq_threads_for(work, nunits), s8_unit, REGION_PANEL_ROWS);
     }
     if (!ac) cq_scratch_put(qa, qa_cap);
     return CQ_OK;
@@ -871,8 +920,16 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                  const float *x_mul, int64_t x_hadamard, float x_scale, float *y)
 {
-    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale, y,
-                       0, NULL);
+    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
+                       CQ_POST_NONE, y, 0, NULL);
+}
+
+int cq_linear_post(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                   const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                   const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y)
+{
+    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
+                       post, y, 0, NULL);
 }
 
 int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, const void *const *packed,
@@ -886,7 +943,7 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
      * refusals come before anything is written */
     for (int i = 0; i < count; i++) {
         int st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL,
-                             x_mul, x_hadamard, x_scale, y[i], 1, NULL);
+                             x_mul, x_hadamard, x_scale, CQ_POST_NONE, y[i], 1, NULL);
         if (st != CQ_OK) return st;
     }
     if (m == 0) return CQ_OK;
@@ -907,7 +964,7 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
     int st = CQ_OK;
     for (int i = 0; i < count && st == CQ_OK; i++)
         st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL, x_mul,
-                         x_hadamard, x_scale, y[i], 0, &ac);
+                         x_hadamard, x_scale, CQ_POST_NONE, y[i], 0, &ac);
     cq_scratch_put(ac.qa, ac.qa_cap);
     cq_scratch_put(ac.xm, ac.xm_cap);
     return st;

@@ -530,11 +530,13 @@ _F32 = np.dtype(np.float32)
 _FLT_MAX = float(np.finfo(np.float32).max)
 _NULL = ffi.NULL
 _cq_linear = lib.cq_linear
+#: ``linear(..., activation=)`` names -> C post-op codes
+_POSTS = {"gelu": lib.CQ_POST_GELU}
 _best_format_bits = lib.cq_best_format_bits
 
 
 def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=None,
-           x_scale=None, x_hadamard: int = 0) -> np.ndarray:
+           x_scale=None, x_hadamard: int = 0, activation: Optional[str] = None) -> np.ndarray:
     """y (..., N) float32 = x (..., K) through the quantized weight, plus bias (N,).
 
     mode="dynamic": rows of x quantized to int8 at run time, exact integer sums, scaled to float32.
@@ -547,6 +549,9 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     x_hadamard (0, or a power of two b >= 2 dividing K): the input (``x * x_mul``) is rotated by the
     unnormalised Walsh-Hadamard transform of each block of b columns (:func:`hadamard` gives it) in
     the same pass; the weight must have been rotated to match (see :mod:`cquant.smoothing`).
+    activation (None or "gelu"): y = :func:`gelu` (y), applied to each block of outputs as the
+    kernel finishes it (C ``cq_linear_post``: no second pass over y), bit for bit the same as
+    ``gelu(linear(...))``.
 
     This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
@@ -570,7 +575,14 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
-    if x_mul is None and x_scale is None and not x_hadamard:
+    if activation is not None:
+        post = _POSTS.get(activation) if type(activation) is str else None
+        if post is None:
+            raise errors.ValueError(f"unknown activation {activation!r}; expected None or one of {sorted(_POSTS)}")
+        mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
+        st = lib.cq_linear_post(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs, post,
+                                _from_buffer("float[]", y))
+    elif x_mul is None and x_scale is None and not x_hadamard:
         st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                         _from_buffer("float[]", y))
     else:

@@ -193,13 +193,15 @@ def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
     return f"int{qweight.bits} {mode} {qweight.scheme}"
 
 
-def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray], x_hadamard: int = 0) -> np.ndarray:
+def _run(layer: Any, x: Any, x_mul: Optional[np.ndarray], x_hadamard: int = 0,
+         activation: Optional[str] = None) -> np.ndarray:
     """The forward of both quantized Linear kinds: :func:`cquant.ops.linear` in the layer's mode; a
     static layer runs the dynamic kernel with its one calibrated scale."""
     if layer.act_scale is not None:
         return ops.linear(x, layer.qweight, layer.bias, mode="dynamic", x_mul=x_mul, x_scale=layer.act_scale,
-                          x_hadamard=x_hadamard)
-    return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul, x_hadamard=x_hadamard)
+                          x_hadamard=x_hadamard, activation=activation)
+    return ops.linear(x, layer.qweight, layer.bias, mode=layer.mode, x_mul=x_mul, x_hadamard=x_hadamard,
+                      activation=activation)
 
 
 def forward_shared(layers: Sequence[Any], x: Any) -> Optional[List[np.ndarray]]:
@@ -257,6 +259,7 @@ class QuantizedLinearForward:
 
     _cquant_qforward = True  # marker: cquant.frontends recognises quantized layers by it
     _cquant_x_mul = True     # marker: __call__ takes x_mul and x_hadamard (smoothing / rotation in the kernel)
+    _cquant_activation = True  # marker: __call__ takes activation="gelu" (fused into the kernel's output)
     act_scale: Optional[float] = None  # static mode only (instances pickled before it existed: None)
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
@@ -283,10 +286,12 @@ class QuantizedLinearForward:
         """Bytes held: packed codes + scales + bias."""
         return int(self.qweight.nbytes + (self.bias.nbytes if self.bias is not None else 0))
 
-    def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0) -> np.ndarray:
+    def __call__(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0,
+                 activation: Optional[str] = None) -> np.ndarray:
         """``x_mul``: a per-input-column factor applied inside the kernel (``x * x_mul``; smoothing);
-        ``x_hadamard``: the input's block rotation (see :func:`cquant.ops.linear`), also in the kernel."""
-        return _run(self, x, x_mul, x_hadamard)
+        ``x_hadamard``: the input's block rotation (see :func:`cquant.ops.linear`), also in the kernel;
+        ``activation``: None or ``"gelu"``, applied to the outputs inside the kernel."""
+        return _run(self, x, x_mul, x_hadamard, activation)
 
     def as_module(self) -> "QuantizedLinear":
         """This layer as a :class:`cquant.nn` module (what ``load_into`` installs in a cquant.nn model)."""
@@ -310,6 +315,7 @@ class QuantizedLinear(nn.Module):
 
     _cquant_qforward = True
     _cquant_x_mul = True
+    _cquant_activation = True
     act_scale: Optional[float] = None
 
     def __init__(self, qweight: ops.QuantizedWeight, bias: Optional[np.ndarray] = None,
@@ -333,11 +339,13 @@ class QuantizedLinear(nn.Module):
     def scheme(self) -> str:
         return _scheme(self.mode, self.qweight)
 
-    def forward(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0) -> np.ndarray:
+    def forward(self, x: Any, x_mul: Optional[np.ndarray] = None, x_hadamard: int = 0,
+                activation: Optional[str] = None) -> np.ndarray:
         """x: (..., in_features) float -> (..., out_features) float32. ``x_mul`` (in_features,): the
         input is ``x * x_mul``, applied inside the kernel (a smoothing pre-scale: no extra pass);
-        ``x_hadamard``: then rotated in blocks (see :func:`cquant.ops.linear`), in the same pass."""
-        return _run(self, x, x_mul, x_hadamard)
+        ``x_hadamard``: then rotated in blocks (see :func:`cquant.ops.linear`), in the same pass;
+        ``activation`` (None or ``"gelu"``): applied to each block of outputs inside the kernel."""
+        return _run(self, x, x_mul, x_hadamard, activation)
 
     def as_module(self) -> "QuantizedLinear":
         """A new QuantizedLinear with this one's weight, bias, mode and activation scale."""

@@ -80,6 +80,7 @@ class Smoothed(nn.Module):
     checkpoints; a state_dict without it (written before rotation existed) loads as 0."""
 
     _cquant_smoothing_wrapper = True  # what FrontEnd.unwrap (cquant.frontends) recognises
+    _cquant_activation = True         # forward takes activation="gelu" (see QuantizedLinear)
 
     def __init__(self, linear: nn.Module, inv_scale: np.ndarray, hadamard: int = 0):
         super().__init__()
@@ -87,12 +88,19 @@ class Smoothed(nn.Module):
         self.inv_scale = np.ascontiguousarray(inv_scale, dtype=np.float32)
         self.hadamard = np.array([_check_block(hadamard, self.inv_scale.shape[-1])], dtype=np.int64)
 
-    def forward(self, x: np.ndarray) -> np.ndarray:
+    def forward(self, x: np.ndarray, activation: Optional[str] = None) -> np.ndarray:
         # the registries read directly: this runs on every call of every smoothed layer
         d = self.__dict__
         p, lin = d["_parameters"], d["_modules"]["linear"]
         inv, b = p["inv_scale"], int(p["hadamard"][0])
+        if activation is not None and not (getattr(type(lin), "_cquant_activation", False) is True
+                                           and "forward" not in lin.__dict__ and "__call__" not in lin.__dict__):
+            if activation != "gelu":
+                raise errors.ValueError(f"unknown activation {activation!r}; expected None or 'gelu'")
+            return ops.gelu(self.forward(x))  # a float or watched inner layer: the op after it
         if getattr(type(lin), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
+            if activation is not None:
+                return lin(x, x_mul=inv, x_hadamard=b, activation=activation)
             return lin(x, x_mul=inv, x_hadamard=b) if b else lin(x, x_mul=inv)
         if b:
             return lin(ops.hadamard(x, b, inv))

@@ -167,30 +167,37 @@ CQ_INLINE __m256 exp_neg(__m256 v)
 /* GELU through erf(z) = 1 - t (a1 + t (a2 + ...)) e^{-z^2}, t = 1 / (1 + p z), z >= 0: the
  * rational approximation of Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7); odd in z. z is
  * clamped to 6, where erf is 1 in float32. */
-static void gelu_avx2(const float *x, int64_t n, float *y)
+CQ_INLINE __m256 gelu8(__m256 v)
 {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
+    const __m256 z = _mm256_min_ps(_mm256_and_ps(u, absmask), _mm256_set1_ps(6.0f));
+    const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
+    __m256 poly = _mm256_set1_ps(1.061405429f);
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
+    poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
+    poly = _mm256_mul_ps(poly, t);
+    const __m256 e = exp_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
+    const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f));
+    /* erf(u) = sign(u) * erf(|u|); a NaN x keeps NaN through v * (...) */
+    const __m256 erf_u = _mm256_or_ps(erf_abs, _mm256_andnot_ps(absmask, u));
+    const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), erf_u));
+    /* +-Inf: 0.5 * Inf * 2 = Inf, and -Inf * 0 would be NaN: GELU(-Inf) = 0 (-0) */
+    return _mm256_blendv_ps(g, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ));
+}
+
+/* The tail is a masked vector too, so every element gets the same formula wherever it sits (a GELU
+ * fused into a linear's output tiles, cq_linear_post, is then bit for bit the separate pass). */
+static void gelu_avx2(const float *x, int64_t n, float *y)
+{
     int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        const __m256 v = _mm256_loadu_ps(x + i);
-        const __m256 u = _mm256_mul_ps(v, _mm256_set1_ps(0.70710678118654752f));
-        const __m256 z = _mm256_min_ps(_mm256_and_ps(u, absmask), _mm256_set1_ps(6.0f));
-        const __m256 t = _mm256_div_ps(_mm256_set1_ps(1.0f), _mm256_fmadd_ps(z, _mm256_set1_ps(0.3275911f), _mm256_set1_ps(1.0f)));
-        __m256 poly = _mm256_set1_ps(1.061405429f);
-        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-1.453152027f));
-        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(1.421413741f));
-        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(-0.284496736f));
-        poly = _mm256_fmadd_ps(poly, t, _mm256_set1_ps(0.254829592f));
-        poly = _mm256_mul_ps(poly, t);
-        const __m256 e = exp_neg(_mm256_mul_ps(_mm256_sub_ps(_mm256_setzero_ps(), z), z));
-        const __m256 erf_abs = _mm256_fnmadd_ps(poly, e, _mm256_set1_ps(1.0f));
-        /* erf(u) = sign(u) * erf(|u|); a NaN x keeps NaN through v * (...) */
-        const __m256 erf_u = _mm256_or_ps(erf_abs, _mm256_andnot_ps(absmask, u));
-        const __m256 g = _mm256_mul_ps(_mm256_mul_ps(_mm256_set1_ps(0.5f), v), _mm256_add_ps(_mm256_set1_ps(1.0f), erf_u));
-        /* +-Inf: 0.5 * Inf * 2 = Inf, and -Inf * 0 would be NaN: GELU(-Inf) = 0 (-0) */
-        _mm256_storeu_ps(y + i, _mm256_blendv_ps(g, _mm256_setzero_ps(), _mm256_cmp_ps(v, _mm256_set1_ps(-INFINITY), _CMP_EQ_OQ)));
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, gelu8(_mm256_loadu_ps(x + i)));
+    if (i < n) {
+        const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)(n - i)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_maskstore_ps(y + i, m, gelu8(_mm256_maskload_ps(x + i, m)));
     }
-    for (; i < n; i++) y[i] = cq_gelu1(x[i]);
 }
 
 static void dequant_avx2(const int8_t *q, int64_t n, float scale, float *out)

@@ -81,12 +81,13 @@ def _np(x: "torch.Tensor") -> np.ndarray:
     return (x if x.is_contiguous() else x.contiguous()).detach().numpy()
 
 
-def _linear_np(lin: Any, x: np.ndarray) -> np.ndarray:
+def _linear_np(lin: Any, x: np.ndarray, activation: Optional[str] = None) -> np.ndarray:
     """The quantized linear's numpy forward (a fresh float32 array); a smoothing wrapper's 1/s
-    goes into the kernel (x_mul), as the wrapper itself does."""
+    goes into the kernel (x_mul), as the wrapper itself does; ``activation`` ("gelu") too."""
     if getattr(type(lin), "_cquant_smoothing_wrapper", False):
-        return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy(), x_hadamard=lin.block)
-    return lin.qforward(x)
+        return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy(), x_hadamard=lin.block,
+                                   activation=activation)
+    return lin.qforward(x, activation=activation)
 
 
 def _linears_np(lins: Any, x: np.ndarray) -> List[np.ndarray]:
@@ -146,12 +147,13 @@ class FusedOutput(_Fused):
 
 
 class FusedIntermediate(_Fused):
-    """``gelu(dense(h))``, the exact (erf) GELU over the linear's output in place."""
+    """``gelu(dense(h))``, the exact (erf) GELU on each block of the linear's output inside the
+    kernel (``cquant.ops.linear(..., activation="gelu")``: no second pass)."""
 
     def forward(self, hidden_states: Any) -> Any:
         if self.training or not _fast(hidden_states) or _hooked(self.dense):
             return self._hf_forward(hidden_states)
-        return _out(ops.gelu_inplace(_linear_np(self.dense, _np(hidden_states))), hidden_states)
+        return _out(_linear_np(self.dense, _np(hidden_states), "gelu"), hidden_states)
 
 
 def _key_bias(mask: Any, b: int, t: int) -> Tuple[bool, Optional[np.ndarray]]:
