@@ -335,3 +335,23 @@ def test_bert_ffn_gelu_runs_in_the_kernel(monkeypatch, kw):
     object.__delattr__(dense, "forward")
     cmp = cquant.compare(model, q, [(ids, mask)])        # watches every layer: still runs
     assert cmp.layers
+
+
+def test_residual_scale_owns_its_array_and_refuses_nan():
+    model = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    mask = np.ones((3, 10), np.int64)
+    sm = copy.deepcopy(model)
+    res = smooth(sm, [(ids, mask)], alpha=0.5)
+    g = next(g for g in res.groups if g.residual)
+    blk = sm.encoder.layer[1].attention.output
+    assert blk.residual_scale is not g.scale and not np.shares_memory(blk.residual_scale, g.scale)
+    keep = g.scale.copy()
+    st = dict(sm.state_dict())
+    st["encoder.layer.1.attention.output.residual_scale"] = np.ones_like(blk.residual_scale)
+    sm.load_state_dict(st)                          # copies into the parameter in place
+    np.testing.assert_array_equal(g.scale, keep)    # the smoothing result is not changed by it
+    for bad in (np.full(32, np.nan, np.float32), np.zeros(32, np.float32), -np.ones(32, np.float32)):
+        st["encoder.layer.1.attention.output.residual_scale"] = bad
+        with pytest.raises(ValueError, match="residual_scale"):
+            copy.deepcopy(sm).load_state_dict(st)

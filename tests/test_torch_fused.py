@@ -194,11 +194,19 @@ def test_residual_scaled_blocks_fuse_pickle_and_trace(monkeypatch):
     ref = _run(m, ids, mask)
     sm = copy.deepcopy(m)
     res = cquant.smooth(sm, batches, alpha=0.5)
+    # only the LayerNorm inside each layer folds (its output is no hidden state); those whose output
+    # is a layer's output (the hidden states transformers returns) keep wrappers
     rs = [n for n, mod in sm.named_modules() if isinstance(mod, ResidualScaled)]
-    assert rs == ["encoder.layer.0.attention.output", "encoder.layer.0.output",
-                  "encoder.layer.1.attention.output", "encoder.layer.1.output"]
-    assert sum(g.how == "layernorm" and bool(g.residual) for g in res.groups) == 4
+    assert rs == ["encoder.layer.0.output", "encoder.layer.1.output"]
+    assert sum(g.how == "layernorm" and bool(g.residual) for g in res.groups) == 2
     np.testing.assert_allclose(_run(sm, ids, mask)[valid], ref[valid], rtol=1e-4, atol=1e-4)   # float: unchanged
+    pickle.dumps(sm)             # smoothing's checks of the hidden states left no capturing hooks behind
+    with torch.inference_mode():  # (on copies: transformers' own hooks would stay on these)
+        hs = copy.deepcopy(sm)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        hs0 = copy.deepcopy(m)(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states
+    assert len(hs) == 3
+    for a, b in zip(hs, hs0):                                   # every hidden state unchanged too
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-4)
     assert "encoder.layer.0.output.residual_scale" in sm.state_dict()
     q = cquant.Quantizer.quantize_dynamic(sm, mode="weight_only", inplace=False)
     f = copy.deepcopy(q)
@@ -208,7 +216,7 @@ def test_residual_scaled_blocks_fuse_pickle_and_trace(monkeypatch):
     monkeypatch.setattr(ops, "add_layer_norm", lambda *a, **k: (seen.append(k.get("residual_mul") is not None),
                                                                 real(*a, **k))[1])
     np.testing.assert_allclose(_run(f, ids, mask)[valid], _run(q, ids, mask)[valid], rtol=2e-4, atol=2e-4)
-    assert seen == [True] * 4                                   # every add + LayerNorm took the factor
+    assert seen == [False, True, False, True]                   # the FFN blocks' add + LayerNorm took the factor
     np.testing.assert_array_equal(_run(copy.deepcopy(f), ids, mask), _run(f, ids, mask))
     back = pickle.loads(pickle.dumps(f))
     assert type(back.encoder.layer[0].output).__name__ == "FusedResidualScaledBertOutput"
@@ -254,3 +262,42 @@ def test_fused_attention_quantizes_its_input_once(monkeypatch, kw):
     assert calls == [3, 3]
     monkeypatch.setattr(torch_fused, "_linears_np", lambda lins, x: [torch_fused._linear_np(lin, x) for lin in lins])
     np.testing.assert_array_equal(_run(q, ids, mask), shared)
+
+
+def test_residual_scale_on_a_fused_block_and_through_load_into(tmp_path):
+    """A block fused first and residual-scaled afterwards applies the factor once (fused again on
+    the residual-scaled class); a cquant.save'd smoothed model loads into a fresh one (load_into)
+    with its residual-scaled blocks rebuilt, and a NaN factor is refused."""
+    from cquant.adapters.torch_smoothing import scale_residual
+    q = cquant.Quantizer.quantize_dynamic(_bert(), mode="weight_only")
+    fuse(q)
+    blk = q.encoder.layer[0].output
+    h = torch.randn(2, 5, 128)
+    r = torch.randn(2, 5, 64)
+    two = np.full(64, 2.0, np.float32)
+    with torch.inference_mode():
+        want = blk(h, r * 2)
+        undo = scale_residual(blk, two)
+        assert type(blk).__name__ == "FusedResidualScaledBertOutput"
+        np.testing.assert_allclose(blk(h, r).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+        hook = blk.dense.register_forward_hook(lambda *a: None)  # the fallback (original) forward: once, no recursion
+        np.testing.assert_allclose(blk(h, r).numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+        hook.remove()
+        undo()
+        assert type(blk).__name__ == "FusedBertOutput" and "residual_scale" not in blk._buffers
+    m = _bert()
+    ids, mask = _inputs()
+    sm = cquant.Quantizer.quantize_dynamic(m, calibration=[dict(input_ids=ids, attention_mask=mask)],
+                                           smoothing=0.5, inplace=False)
+    path = str(tmp_path / "s.safetensors")
+    cquant.save(sm, path)
+    fresh = _bert()
+    for name, mod in sm.named_modules():  # the pre-scale wrappers: as the user rebuilds them
+        if type(mod).__name__ == "SmoothedTorchLinear":
+            parent = fresh.get_submodule(name.rsplit(".", 1)[0])
+            from cquant.adapters.torch_smoothing import SmoothedTorchLinear
+            setattr(parent, name.rsplit(".", 1)[1],
+                    SmoothedTorchLinear(getattr(parent, name.rsplit(".", 1)[1]), np.ones(mod.inv_scale.numel(), np.float32)))
+    back = cquant.load_into(fresh, path)
+    assert type(back.encoder.layer[0].output).__name__ == "ResidualScaledBertOutput"
+    np.testing.assert_array_equal(_run(back, ids, mask), _run(sm, ids, mask))

@@ -440,14 +440,16 @@ def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
     cal = [dict(input_ids=torch.randint(0, 100, (2, 7)))]
     q = cquant.Quantizer.quantize_dynamic(m, inplace=False, calibration=cal, smoothing=0.5, rotate=rotate,
                                           scheme={"*output.dense": None, "*": "int8 dynamic per_channel"})
-    # the LayerNorm-fed groups fold (the next block scales its residual back); the GELU-fed FFN
-    # output keeps a wrapper (here around a layer kept float)
+    # the FFN input folds into the LayerNorm in front of it (the FFN block scales its residual back);
+    # query/key/value (their LayerNorm's output is a hidden state) and the GELU-fed FFN output keep
+    # wrappers (the latter here around a layer kept float)
     wrapped = q.encoder.layer[0].output.dense
     assert type(wrapped).__name__ == "SmoothedTorchLinear" and wrapped.block == (64 if rotate else 0)
     assert type(wrapped.linear).__name__ == "Linear"                                  # kept float, wrapped
-    assert type(q.encoder.layer[0].attention.self.query).__name__ == "QuantizedTorchLinear"
-    blocks = (q.encoder.layer[0].attention.output, q.encoder.layer[0].output)
-    assert all(type(b).__name__.startswith("ResidualScaled") for b in blocks)
+    assert type(q.encoder.layer[0].attention.self.query).__name__ == "SmoothedTorchLinear"
+    assert type(q.encoder.layer[0].intermediate.dense).__name__ == "QuantizedTorchLinear"
+    assert type(q.encoder.layer[0].output).__name__.startswith("ResidualScaled")
+    assert not type(q.encoder.layer[0].attention.output).__name__.startswith("ResidualScaled")
     cquant.save_pretrained(q, str(tmp_path))
     r = cquant.from_pretrained(str(tmp_path))
     ids = torch.randint(0, 100, (2, 9))
@@ -458,7 +460,8 @@ def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
     from safetensors.torch import load_file, save_file
     f = str(tmp_path / "cquant-model.safetensors")
     good = load_file(f)
-    bad = [("encoder.layer.0.attention.output.residual_scale", torch.ones(63), "residual_scale"),
+    bad = [("encoder.layer.0.output.residual_scale", torch.ones(63), "residual_scale"),
+           ("encoder.layer.0.output.residual_scale", torch.full((64,), float("nan")), "residual_scale"),
            ("encoder.layer.0.intermediate.residual_scale", torch.ones(64), "residual")]
     if rotate:  # a block size that does not divide in_features
         bad.append(("encoder.layer.0.output.dense.hadamard", torch.tensor([48]), "hadamard"))

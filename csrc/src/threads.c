@@ -172,6 +172,19 @@ static void scratch_free(void *v)
 }
 static void scratch_init(void) { g_scratch_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
 
+/* At unload (dlclose) or exit: the key goes, so a thread that exits after the library is unmapped
+ * runs no destructor of ours (its kept buffer, if any, is not freed: call cq_shutdown first). */
+__attribute__((destructor)) static void scratch_fini(void)
+{
+    if (g_scratch_ok) {
+        scratch_slot *s = (scratch_slot *)pthread_getspecific(g_scratch_key);
+        scratch_free(s);
+        pthread_setspecific(g_scratch_key, NULL);
+        pthread_key_delete(g_scratch_key);
+        g_scratch_ok = 0;
+    }
+}
+
 static scratch_slot *scratch_slot_get(int create)
 {
     pthread_once(&g_scratch_once, scratch_init);
@@ -220,9 +233,8 @@ int cq_shutdown(void)
     pool_t *p = &g_pool;
     scratch_slot *sl = scratch_slot_get(0); /* the calling thread's kept scratch goes too */
     if (sl) {
-        free(sl->p);
-        sl->p = NULL;
-        sl->cap = 0;
+        scratch_free(sl);
+        pthread_setspecific(g_scratch_key, NULL);
     }
     pthread_mutex_lock(&p->job_lock); /* waits for a job in progress; new callers run alone */
     int n = p->nworkers;

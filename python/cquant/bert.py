@@ -180,6 +180,15 @@ class BertSelfOutput(nn.Module):
         y = y + (residual if rs is None else residual * rs)
         return ln(y)
 
+    def _load_plan(self, state: Any, prefix: str, plan: List[Any], used: set, missing: List[str],
+                   mismatched: list) -> None:
+        key = prefix + "residual_scale"
+        if key in state and self._parameters.get("residual_scale") is not None:
+            v = np.asarray(state[key])
+            if v.dtype.kind != "f" or v.ndim != 1 or not np.all(np.isfinite(v)) or not np.all(v > 0):
+                raise errors.ValueError(f"{key} must be a 1-D float array of finite values > 0")
+        super()._load_plan(state, prefix, plan, used, missing, mismatched)
+
 
 class BertAttention(nn.Module):
     def __init__(self, c: BertConfig):

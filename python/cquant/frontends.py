@@ -582,7 +582,7 @@ class NnFrontEnd(_TreeFrontEnd):
 
     def scale_residual(self, block: Any, s: np.ndarray) -> Callable[[], None]:
         old = block._parameters["residual_scale"]
-        block.residual_scale = np.ascontiguousarray(s if old is None else old * s, dtype=np.float32)
+        block.residual_scale = np.array(s if old is None else old * s, dtype=np.float32, copy=True)  # own array
 
         def undo() -> None:
             block._parameters["residual_scale"] = old
@@ -998,6 +998,78 @@ def output_array(out: Any) -> np.ndarray:
 def run(model: Any, batch: Any) -> np.ndarray:
     """:func:`call`, then :func:`output_array` (a copy: later runs cannot overwrite it)."""
     return np.array(output_array(call(model, batch)), dtype=np.float32, copy=True)
+
+
+def _takes_hidden_states(model: Any) -> bool:
+    """The model's forward takes ``output_hidden_states``: as a parameter, or through ``**kwargs``
+    on a model whose config has the field (transformers 5 passes it so)."""
+    import inspect
+    fwd = getattr(model, "forward", None)
+    try:
+        params = inspect.signature(fwd).parameters if fwd is not None else {}
+    except (TypeError, ValueError):
+        return False
+    if "output_hidden_states" in params:
+        return True
+    return any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()) and \
+        hasattr(getattr(model, "config", None), "output_hidden_states")
+
+
+def run_all(model: Any, batch: Any) -> List[np.ndarray]:
+    """Every float array the model returns for ``batch`` (copies, in output order), with the hidden
+    states too where its forward takes ``output_hidden_states`` and the batch is a dict that does
+    not set it (transformers models): what a change to the model must leave alone, not only the
+    first output (smoothing's folds are verified on all of them)."""
+    if isinstance(batch, Mapping) and "output_hidden_states" not in batch and _takes_hidden_states(model):
+        batch = {**batch, "output_hidden_states": True}
+    out: List[np.ndarray] = []
+
+    def walk(o: Any) -> None:
+        if o is None or isinstance(o, (str, bytes, bool, int, float)):
+            return
+        if isinstance(o, Mapping):
+            for v in o.values():
+                walk(v)
+        elif isinstance(o, (tuple, list)):
+            for v in o:
+                walk(v)
+        elif isinstance(o, np.ndarray) or is_torch_tensor(o):
+            a = as_numpy(o)
+            if a.dtype.kind == "f":
+                out.append(np.array(a, dtype=np.float32, copy=True))
+    with _no_new_hooks(model):
+        walk(call(model, batch))
+    if not out:
+        out.append(run(model, batch))
+    return out
+
+
+@contextlib.contextmanager
+def _no_new_hooks(model: Any) -> Iterator[None]:
+    """Forward hooks (and the flag saying so) that a torch model installs on itself during the call
+    are removed afterwards: transformers 5 installs its hidden-state capturing hooks (local
+    functions) on the first ``output_hidden_states`` call, after which the model no longer
+    pickles; asking for the hidden states to check a change must leave no trace."""
+    if not is_torch_module(model):
+        yield
+        return
+    mods = list(model.modules())
+    before = [set(m._forward_hooks) for m in mods]
+    flag = "_output_capturing_hooks_installed"
+    flags = [(m, flag in m.__dict__, m.__dict__.get(flag)) for m in mods]
+    try:
+        yield
+    finally:
+        for m, keep in zip(mods, before):
+            for hid in [h for h in m._forward_hooks if h not in keep]:
+                del m._forward_hooks[hid]
+                for d in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
+                    getattr(m, d, {}).pop(hid, None)
+        for m, had, v in flags:
+            if had:
+                m.__dict__[flag] = v
+            else:
+                m.__dict__.pop(flag, None)
 
 
 # --------------------------------------------------------------------------------------------------

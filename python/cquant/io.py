@@ -497,7 +497,7 @@ def _check_bert_config(path: str, cfg: Dict[str, Any], ck: "Checkpoint") -> None
     for i in range(c["num_hidden_layers"]):  # stops at the first layer the file does not hold
         need(f"encoder.layer.{i}.intermediate.dense", (c["intermediate_size"], h),
              "'num_hidden_layers', 'intermediate_size'")
-    for f in ("smoothed", "quantized_embeddings"):
+    for f in ("smoothed", "quantized_embeddings", "residual_scaled"):
         names = cfg.get(f, [])
         if not isinstance(names, list) or not all(isinstance(n, str) and _safe_path(n) for n in names):
             raise CheckpointError(f"{where} field {f!r} must be a list of module names")

@@ -558,6 +558,8 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     """
     cache = _weight_cache(qw)
     mcode = _mode_code(mode)
+    if activation is not None and (type(activation) is not str or activation not in _POSTS):
+        raise errors.ValueError(f"unknown activation {activation!r}; expected None or one of {sorted(_POSTS)}")
     n, k = qw.shape
     x = _x_rows(x, k)
     shape = x.shape
@@ -576,9 +578,7 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
     if activation is not None:
-        post = _POSTS.get(activation) if type(activation) is str else None
-        if post is None:
-            raise errors.ValueError(f"unknown activation {activation!r}; expected None or one of {sorted(_POSTS)}")
+        post = _POSTS[activation]
         mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
         st = lib.cq_linear_post(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs, post,
                                 _from_buffer("float[]", y))

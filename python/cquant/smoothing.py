@@ -31,9 +31,14 @@ Layers that receive the *same* input (e.g. query, key and value) form a group wi
    costs nothing at run time.
    Where the LayerNorm's output is also a residual (post-norm BERT: the attention block's output
    feeds the FFN and is added back after it), the fold needs the residual multiplied back by ``s``
-   where it is added: a block that can do that inside its add + LayerNorm pass declares which
-   argument is its residual (class attribute ``_cquant_residual_arg``: :class:`cquant.bert`'s
-   output blocks) and gets a ``residual_scale`` parameter; the fold is verified as above.
+   where it is added: a block that can do that inside its add + LayerNorm pass
+   (:meth:`cquant.frontends.FrontEnd.residual_blocks`: :class:`cquant.bert`'s output blocks, which
+   get a ``residual_scale`` parameter; transformers' ``*Output`` blocks, swapped for a
+   residual-scaled subclass with a ``residual_scale`` buffer) multiplies it back; the fold is
+   verified as above, on every array the model returns (a transformers model's hidden states too:
+   there a LayerNorm whose output is a layer's output, the residual stream, does not fold; the one
+   inside each layer, in front of the FFN, does). In cquant.nn models the layers' own outputs
+   (not returned) are then in the smoothed basis; the model output is unchanged.
 2. Otherwise, with ``prescale=True``, each layer of the group is wrapped in :class:`Smoothed`
    (``linear(x * (1/s))``; for torch models a ``cquant.adapters.torch_smoothing.SmoothedTorchLinear``),
    whose multiply (and rotation, with ``rotate``) runs inside the quantized Linear's activation
@@ -381,8 +386,8 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             keep.extend((x, y))
         return y
 
-    # blocks that can scale their residual (cquant.nn modules marked _cquant_residual_arg): which
-    # object each received as its residual on the first batch
+    # blocks that can scale their residual (FrontEnd.residual_blocks: cquant.bert's output blocks,
+    # transformers' *Output blocks): which object each received as its residual on the first batch
     residual_of: Dict[int, List[Tuple[str, Any]]] = {}
     ref_out = None
     with fe.intercept(list(refs) + norm_refs, watch), \
@@ -407,8 +412,15 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     record: Dict[str, np.ndarray] = dict(getattr(model, INPUT_SCALES_ATTR, None) or {})
     record_out: Dict[str, np.ndarray] = dict(getattr(model, OUTPUT_SCALES_ATTR, None) or {})
 
+    # every array the model returns (transformers: the hidden states too, which a fold into a
+    # LayerNorm that produces the residual stream would change), before anything is changed
+    ref_all = fe.run_all(model, blist[0])
+
     def check() -> float:
-        return _rel_change(fe.run(model, blist[0]), ref_out)
+        outs = fe.run_all(model, blist[0])
+        if len(outs) != len(ref_all):
+            return float("inf")
+        return max(_rel_change(a, b) for a, b in zip(outs, ref_all))
 
     for key, members in by_input.items():
         if not any(m in selected for m in members):
@@ -468,9 +480,9 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             if change <= tolerance:
                 groups.append(SmoothedGroup(members, s, how, src, note=why, residual=rnames))
                 for m in members:
-                    record[m] = record[m] * s if m in record else s
+                    record[m] = record[m] * s if m in record else s.copy()
                 if how == "linear":
-                    record_out[src] = record_out[src] * s if src in record_out else s
+                    record_out[src] = record_out[src] * s if src in record_out else s.copy()
                 done = True
                 break
             j.undo()

@@ -44,7 +44,7 @@ import torch
 from .. import __version__, errors, ops
 from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
 from ..quantization import QuantizedLinearForward
-from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_block
+from .torch_smoothing import SmoothedTorchLinear, check_residual_scale, make_residual_scaled, residual_block
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
 from .torch_embedding import QuantizedTorchEmbedding
@@ -337,6 +337,7 @@ def _residual_scaled_blocks(model: "torch.nn.Module", tensors: Dict[str, "torch.
         width = blk.LayerNorm.normalized_shape[-1]
         if rs.dim() != 1 or rs.numel() != width:
             raise errors.ValueError(f"checkpoint tensor {key!r} has shape {tuple(rs.shape)}, expected ({width},)")
+        check_residual_scale(rs, key)
         make_residual_scaled(blk, np.ones(width, np.float32))
 
 

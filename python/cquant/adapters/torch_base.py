@@ -91,3 +91,25 @@ def _state_shapes_ok(want: Iterable[Tuple[str, Any, Tuple[int, ...]]], error_msg
                               f"from checkpoint, the shape in current model is {torch.Size(shape)}.")
             ok = False
     return ok
+
+
+# ---- the per-class subclasses cquant.fuse makes (kept here: torch_fused and torch_smoothing both
+# need them, and torch_fused imports torch_smoothing) -------------------------------------------
+_FUSED_CLASSES: dict = {}
+
+
+def fused_class(base: type, kind: type) -> type:
+    """The fused subclass of ``base`` (a transformers block class) for fused ``kind`` (one per pair)."""
+    key = (base, kind)
+    cls = _FUSED_CLASSES.get(key)
+    if cls is None:
+        cls = type(f"Fused{base.__name__}", (kind, base), {"__module__": kind.__module__,
+                                                          "__qualname__": f"Fused{base.__name__}"})
+        _FUSED_CLASSES[key] = cls
+    return cls
+
+
+def fused_base(cls: type) -> type:
+    """The original (transformers) class a fused class was made from (the fused kinds set
+    ``_cquant_fused``)."""
+    return next(c for c in cls.__mro__[1:] if not getattr(c, "_cquant_fused", False))

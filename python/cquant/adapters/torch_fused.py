@@ -8,7 +8,8 @@ linear's output buffer (no extra tensor per op):
 
 - ``*SelfOutput`` / ``*Output`` (``dense`` -> ``dropout`` -> ``LayerNorm(h + input)``):
   :func:`cquant.ops.add_layer_norm` over the linear's output, in place;
-- ``*Intermediate`` (``dense`` -> exact GELU): :func:`cquant.ops.gelu_inplace`;
+- ``*Intermediate`` (``dense`` -> exact GELU): the GELU inside the linear's kernel
+  (``cquant.ops.linear(..., activation="gelu")``);
 - ``*SelfAttention`` of transformers 5 (query / key / value, bidirectional, no cache):
   :func:`cquant.ops.attention` on the (B, T, H) projections, the padding mask as a key bias.
 
@@ -31,14 +32,12 @@ import torch
 
 from .. import ops
 from ..quantization import linear_shared
-from .torch_base import _NoBackward, _graph_mode
+from .torch_base import _NoBackward, _graph_mode, fused_base, fused_class
 from .torch_smoothing import ResidualScaled, residual_base, residual_scaled_class
 
 __all__ = ["fuse", "FusedOutput", "FusedIntermediate", "FusedSelfAttention"]
 
 logger = logging.getLogger("cquant")
-
-_CLASSES: Dict[Tuple[type, type], type] = {}
 
 
 def _quantized_linear(mod: Any) -> bool:
@@ -116,9 +115,7 @@ class _Fused:
         return (_rebuild, (residual_base(base) if rs else base, type(self).__mro__[1], self.__dict__.copy(), rs))
 
 
-def _base_of(cls: type) -> type:
-    """The original (transformers) class a fused class was made from."""
-    return next(c for c in cls.__mro__[1:] if not issubclass(c, _Fused))
+_base_of = fused_base  # the original (transformers) class a fused class was made from
 
 
 def _rebuild(base: type, kind: type, state: Dict[str, Any], rs: bool = False) -> Any:
@@ -199,14 +196,7 @@ class FusedSelfAttention(_Fused):
         return _out(ctx, hidden_states), None
 
 
-def _fused_class(base: type, kind: type) -> type:
-    key = (base, kind)
-    cls = _CLASSES.get(key)
-    if cls is None:
-        cls = type(f"Fused{base.__name__}", (kind, base), {"__module__": __name__,
-                                                          "__qualname__": f"Fused{base.__name__}"})
-        _CLASSES[key] = cls
-    return cls
+_fused_class = fused_class
 
 
 def _children(mod: "torch.nn.Module") -> Dict[str, "torch.nn.Module"]:

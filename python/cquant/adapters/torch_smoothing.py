@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from .. import errors, ops
-from .torch_base import hadamard_torch
+from .torch_base import fused_base, fused_class, hadamard_torch
 
 __all__ = ["SmoothedTorchLinear", "ResidualScaled", "residual_block", "make_residual_scaled", "scale_residual"]
 
@@ -138,10 +138,23 @@ def _rebuild_residual_scaled(base: type, state: dict) -> torch.nn.Module:
 
 def make_residual_scaled(mod: torch.nn.Module, scale: np.ndarray) -> None:
     """Give output block ``mod`` (:func:`residual_block`) a ``residual_scale`` buffer (float32, its
-    hidden size), swapping its class for the residual-scaled subclass of it."""
+    hidden size), swapping its class for the residual-scaled subclass of it (of its original class,
+    fused again, for a block :func:`cquant.fuse` already fused: the factor is applied once)."""
+    check_residual_scale(scale, "residual_scale")
+    cls = type(mod)
     if not isinstance(mod, ResidualScaled):
-        mod.__class__ = residual_scaled_class(type(mod))
+        if getattr(cls, "_cquant_fused", False):
+            mod.__class__ = fused_class(residual_scaled_class(fused_base(cls)), cls.__mro__[1])
+        else:
+            mod.__class__ = residual_scaled_class(cls)
     mod.register_buffer("residual_scale", torch.from_numpy(np.array(scale, dtype=np.float32)))
+
+
+def check_residual_scale(scale: object, what: str) -> None:
+    """A residual factor must be finite and > 0 (a NaN or 0 would silently wreck every output)."""
+    a = np.asarray(scale.detach().float().numpy() if isinstance(scale, torch.Tensor) else scale, dtype=np.float64)
+    if a.ndim != 1 or not np.all(np.isfinite(a)) or not np.all(a > 0):
+        raise errors.ValueError(f"{what} must be a 1-D array of finite values > 0")
 
 
 def scale_residual(mod: torch.nn.Module, s: np.ndarray):
