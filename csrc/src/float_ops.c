@@ -17,7 +17,7 @@
  *   add_ln_row:  y = LayerNorm(x + (res ? res * rmul : 0)) with gamma/beta (NULL: 1/0); rmul NULL:
  *                1 (the product res[i] * rmul[i] rounded to float32, then the sum); y may be x or res
  *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo apart
- *   gelu:        y[i] = GELU(x[i]) */
+ *   (GELU: the element-wise tables' gelu, internal.h) */
 #if CQ_CAN_TARGET_AVX2
 void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
 void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
@@ -31,7 +31,6 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
                           const float *beta, float eps, float *y);
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
-void cq_gelu_avx512(const float *x, int64_t n, float *y);
 #endif
 
 /* ---- scalar references ------------------------------------------------------------------------ */
@@ -146,21 +145,6 @@ static const fo_kernels *fo_for(int isa)
 }
 
 /* ---- GELU --------------------------------------------------------------------------------- */
-/* The GELU kernel of a path: cq_gelu and cq_linear_post's CQ_POST_GELU use this one, so a fused
- * GELU is bit for bit the separate pass (every kernel computes each element the same way wherever
- * it sits in the array). per: its cost in flops per element (thread heuristic). */
-cq_gelu_fn cq_gelu_for(int isa, double *per)
-{
-    if (per) *per = 30.0;
-#if CQ_CAN_TARGET_AVX512
-    if (isa_avx512(isa)) { /* a table of 16 quartics: no division, no exp */
-        if (per) *per = 8.0;
-        return cq_gelu_avx512;
-    }
-#endif
-    return cq_elementwise_for(isa)->gelu;
-}
-
 typedef struct {
     void (*gelu)(const float *x, int64_t n, float *y);
     const float *x;
@@ -183,8 +167,11 @@ int cq_gelu(const float *x, int64_t n, float *y)
     if (!x || !y) return CQ_ERR_NULL;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    double per; /* flops per element */
-    ew_ctx c = {cq_gelu_for(isa, &per), x, y, n, 1 << 14};
+    /* the path's GELU (the element-wise table's: cq_linear_post's CQ_POST_GELU runs the same one,
+     * so a fused GELU is bit for bit this pass); flops per element for the thread count, AVX-512's
+     * being a table of 16 quartics (no division, no exp) */
+    ew_ctx c = {cq_elementwise_for(isa)->gelu, x, y, n, 1 << 14};
+    const double per = isa_avx512(isa) ? 8.0 : 30.0;
     int64_t nunits = cq_ceil_div(n, c.chunk);
     cq_parallel_for(nunits, n < 65536 ? 1 : cq_threads_for(per * (double)n, nunits), gelu_unit, &c);
     return CQ_OK;

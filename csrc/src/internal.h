@@ -177,6 +177,8 @@ typedef struct {
     /* q[i] = clamp(round_half_even(x[i] / scale), -127, 127) ^ flip (flip 0: s8 codes; 0x80: u8
      * codes + 128); x finite, scale finite > 0. */
     void (*quantize)(const float *x, int64_t n, float scale, int8_t *q, int flip);
+    /* y[i] = GELU(x[i]), each element by the same formula wherever it sits (cq_gelu and the fused
+     * CQ_POST_GELU both run this one) */
     void (*gelu)(const float *x, int64_t n, float *y);
     /* out[i] = (float)q[i] * scale (bit-exact on every path). */
     void (*dequant)(const int8_t *q, int64_t n, float scale, float *out);
@@ -210,6 +212,7 @@ int cq_hadamard_absmax_avx512(const float *x, const float *mul, int64_t n, int64
 void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int flip);
 void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 void cq_transpose_avx512(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
+void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-ops-avx512.c */
 #endif
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a
@@ -269,9 +272,7 @@ typedef void (*cq_unit_fn)(void *ctx, int64_t unit);
 void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx);
 int cq_threads_for(double work, int64_t nunits);
 
-/* The GELU kernel of a path (float_ops.c), and its cost in flops per element into *per (may be NULL). */
 typedef void (*cq_gelu_fn)(const float *x, int64_t n, float *y);
-cq_gelu_fn cq_gelu_for(int isa, double *per);
 
 /* Per-calling-thread scratch (threads.c): cq_scratch_get returns a 64-byte aligned buffer of at
  * least size bytes (NULL on failure) and its capacity in *cap; cq_scratch_put hands it back (NULL:

@@ -794,7 +794,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     c.codes = cq_pack_codes(packed); c.sums = cq_pack_sums(packed, &h);
     c.scales = scales; c.bias = bias; c.y = y;
     c.ew = cq_elementwise_for(isa);
-    c.post = post == CQ_POST_GELU ? cq_gelu_for(isa, NULL) : NULL;
+    c.post = post == CQ_POST_GELU ? c.ew->gelu : NULL;
     double work = (double)m * (double)n * (double)k;
     void *scratch = NULL;
     int fmt = h.format;
@@ -920,8 +920,8 @@ int cq_linear_ex(int mode, const float *x, int64_t m, int64_t k, const void *pac
                  const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                  const float *x_mul, int64_t x_hadamard, float x_scale, float *y)
 {
-    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
-                       CQ_POST_NONE, y, 0, NULL);
+    return cq_linear_post(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
+                          CQ_POST_NONE, y);
 }
 
 int cq_linear_post(int mode, const float *x, int64_t m, int64_t k, const void *packed,

@@ -105,26 +105,28 @@ void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale)
     }
 }
 
+/* 8 values of the residual from j (all, or lanes m), times rmul's where rmul is given (the float32
+ * product) */
+CQ_INLINE __m256 res8u(const float *res, const float *rmul, int64_t j)
+{
+    const __m256 r = _mm256_loadu_ps(res + j);
+    return rmul ? _mm256_mul_ps(r, _mm256_loadu_ps(rmul + j)) : r;
+}
+CQ_INLINE __m256 res8(const float *res, const float *rmul, int64_t j, __m256i m)
+{
+    const __m256 r = _mm256_maskload_ps(res + j, m);
+    return rmul ? _mm256_mul_ps(r, _mm256_maskload_ps(rmul + j, m)) : r;
+}
+
 void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y)
 {
     __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
     int64_t j = 0;
-    if (res && rmul) { /* x + (res * rmul rounded): a residual whose channels were divided by rmul */
-        for (; j < k; j += 8) {
-            const __m256i m = tail8(k - j);
-            const __m256 r = _mm256_mul_ps(_mm256_maskload_ps(res + j, m), _mm256_maskload_ps(rmul + j, m));
-            const __m256 a = _mm256_add_ps(_mm256_maskload_ps(x + j, m), r);
-            _mm256_maskstore_ps(y + j, m, a);
-            /* the same partial sums as without rmul (pairs into s0 / s1, the tail into s0) */
-            if ((j / 8) & 1 && j + 8 <= (k & ~(int64_t)15)) s1 = _mm256_add_ps(s1, a);
-            else s0 = _mm256_add_ps(s0, a);
-        }
-        x = y;
-    } else if (res) {
+    if (res) { /* x + res, or x + (res * rmul rounded): a residual whose channels were divided by rmul */
         for (; j + 16 <= k; j += 16) {
-            const __m256 a = _mm256_add_ps(_mm256_loadu_ps(x + j), _mm256_loadu_ps(res + j));
-            const __m256 b = _mm256_add_ps(_mm256_loadu_ps(x + j + 8), _mm256_loadu_ps(res + j + 8));
+            const __m256 a = _mm256_add_ps(_mm256_loadu_ps(x + j), res8u(res, rmul, j));
+            const __m256 b = _mm256_add_ps(_mm256_loadu_ps(x + j + 8), res8u(res, rmul, j + 8));
             _mm256_storeu_ps(y + j, a);
             _mm256_storeu_ps(y + j + 8, b);
             s0 = _mm256_add_ps(s0, a);
@@ -132,7 +134,7 @@ void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int
         }
         for (; j < k; j += 8) {
             const __m256i m = tail8(k - j);
-            const __m256 a = _mm256_add_ps(_mm256_maskload_ps(x + j, m), _mm256_maskload_ps(res + j, m));
+            const __m256 a = _mm256_add_ps(_mm256_maskload_ps(x + j, m), res8(res, rmul, j, m));
             _mm256_maskstore_ps(y + j, m, a);
             s0 = _mm256_add_ps(s0, a);
         }

@@ -82,6 +82,13 @@ CQ_INLINE double hsum2_d(__m512 a, __m512 b)
     return _mm512_reduce_add_pd(_mm512_add_pd(lo, hi));
 }
 
+/* 16 values of the residual from j (lanes m), times rmul's where rmul is given (the float32 product) */
+CQ_INLINE __m512 res16(const float *res, const float *rmul, int64_t j, __mmask16 m)
+{
+    const __m512 r = _mm512_maskz_loadu_ps(m, res + j);
+    return rmul ? _mm512_mul_ps(r, _mm512_maskz_loadu_ps(m, rmul + j)) : r;
+}
+
 /* LayerNorm(x + res): pass 1 sums (and stores x + res into y), pass 2 the centred squares, pass 3
  * normalizes; two accumulators of 16 lanes each, reduced in double. y may be x or res. */
 void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
@@ -89,21 +96,10 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
 {
     __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
     int64_t j = 0;
-    if (res && rmul) { /* x + (res * rmul rounded): a residual whose channels were divided by rmul */
-        /* the same partial sums as without rmul (pairs into s0 / s1, the tail into s0) */
-        for (; j < k; j += 16) {
-            const __mmask16 m = tail16(k - j);
-            const __m512 r = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, res + j), _mm512_maskz_loadu_ps(m, rmul + j));
-            const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + j), r);
-            _mm512_mask_storeu_ps(y + j, m, a);
-            if ((j / 16) & 1 && j + 16 <= (k & ~(int64_t)31)) s1 = _mm512_add_ps(s1, a);
-            else s0 = _mm512_add_ps(s0, a);
-        }
-        x = y;
-    } else if (res) {
+    if (res) { /* x + res, or x + (res * rmul rounded): a residual whose channels were divided by rmul */
         for (; j + 32 <= k; j += 32) {
-            const __m512 a = _mm512_add_ps(_mm512_loadu_ps(x + j), _mm512_loadu_ps(res + j));
-            const __m512 b = _mm512_add_ps(_mm512_loadu_ps(x + j + 16), _mm512_loadu_ps(res + j + 16));
+            const __m512 a = _mm512_add_ps(_mm512_loadu_ps(x + j), res16(res, rmul, j, 0xffff));
+            const __m512 b = _mm512_add_ps(_mm512_loadu_ps(x + j + 16), res16(res, rmul, j + 16, 0xffff));
             _mm512_storeu_ps(y + j, a);
             _mm512_storeu_ps(y + j + 16, b);
             s0 = _mm512_add_ps(s0, a);
@@ -111,7 +107,7 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
         }
         for (; j < k; j += 16) {
             const __mmask16 m = tail16(k - j);
-            const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + j), _mm512_maskz_loadu_ps(m, res + j));
+            const __m512 a = _mm512_add_ps(_mm512_maskz_loadu_ps(m, x + j), res16(res, rmul, j, m));
             _mm512_mask_storeu_ps(y + j, m, a);
             s0 = _mm512_add_ps(s0, a);
         }
