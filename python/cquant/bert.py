@@ -35,7 +35,7 @@ from . import errors, nn, ops
 from .checkpoint_file import SafetensorsReader
 from .embedding import QuantizedEmbedding
 from .quantization import forward_shared
-from .smoothing import Smoothed, smooth
+from .smoothing import Smoothed, check_residual_scale, smooth
 
 __all__ = ["BertConfig", "BertModel", "SentenceEncoder", "Smoothed", "smooth_activations", "mean_pool",
            "QuantizedEmbedding", "quantize_embeddings",
@@ -184,9 +184,7 @@ class BertSelfOutput(nn.Module):
                    mismatched: list) -> None:
         key = prefix + "residual_scale"
         if key in state and self._parameters.get("residual_scale") is not None:
-            v = np.asarray(state[key])
-            if v.dtype.kind != "f" or v.ndim != 1 or not np.all(np.isfinite(v)) or not np.all(v > 0):
-                raise errors.ValueError(f"{key} must be a 1-D float array of finite values > 0")
+            check_residual_scale(state[key], key)
         super()._load_plan(state, prefix, plan, used, missing, mismatched)
 
 

@@ -577,18 +577,14 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
-    if activation is not None:
-        post = _POSTS[activation]
-        mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
-        st = lib.cq_linear_post(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs, post,
-                                _from_buffer("float[]", y))
-    elif x_mul is None and x_scale is None and not x_hadamard:
+    if x_mul is None and x_scale is None and not x_hadamard and activation is None:
         st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                         _from_buffer("float[]", y))
     else:
         mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
-        st = lib.cq_linear_ex(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs,
-                              _from_buffer("float[]", y))
+        st = lib.cq_linear_post(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs,
+                                _POSTS[activation] if activation is not None else lib.CQ_POST_NONE,
+                                _from_buffer("float[]", y))
     if st:
         _linear_error(st, "linear", x_mul)
     return y

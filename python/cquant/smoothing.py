@@ -124,6 +124,15 @@ class Smoothed(nn.Module):
         super()._load_plan(state, prefix, plan, used, missing, mismatched)
 
 
+def check_residual_scale(scale: Any, what: str) -> np.ndarray:
+    """A residual factor (``residual_scale``, a numpy array or a tensor) as float32, refused unless it
+    is a 1-D float array of finite values > 0 (a NaN or 0 would silently wreck every output)."""
+    a = fe.as_numpy(scale)
+    if a.dtype.kind != "f" or a.ndim != 1 or not np.all(np.isfinite(a)) or not np.all(a > 0):
+        raise errors.ValueError(f"{what} must be a 1-D float array of finite values > 0")
+    return a
+
+
 def _check_block(b: Any, k: int, what: str = "hadamard") -> int:
     """0 (no rotation), or a rotation block for ``k`` inputs (:func:`cquant.ops.hadamard_block`)."""
     return ops.hadamard_block(b, k, what, allow_zero=True)
@@ -389,15 +398,11 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     # blocks that can scale their residual (FrontEnd.residual_blocks: cquant.bert's output blocks,
     # transformers' *Output blocks): which object each received as its residual on the first batch
     residual_of: Dict[int, List[Tuple[str, Any]]] = {}
-    ref_out = None
     with fe.intercept(list(refs) + norm_refs, watch), \
             _watch_residuals(front, model, residual_of, produced, {n for n, _ in norms}, keep, tracing):
-        for i, b in enumerate(blist):
-            out = fe.run(model, b)
-            if i == 0:
-                ref_out = out
-                tracing[0] = False
-    assert ref_out is not None
+        for b in blist:
+            fe.run(model, b)
+            tracing[0] = False
     calibration = _cal.Calibration({n: s for n, s in stats.items() if s.calls}, len(blist), kind,
                                    [n for n, s in stats.items() if not s.calls])
 
@@ -442,43 +447,35 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         if np.all(s == 1):
             groups.append(SmoothedGroup(members, s, "none", note="nothing to move (all-zero input or weight)"))
             continue
-        candidates: List[Tuple[str, str]] = []
-        notes_pre: List[str] = []
+        # fold candidates: (kind, producer, the blocks that must scale that output back where they
+        # add it as a residual: a LayerNorm output that is also a residual; a plain fold would change
+        # the model there)
+        candidates: List[Tuple[str, str, List[Tuple[str, Any]]]] = []
+        notes: List[str] = []
         prod = produced.get(key)
-        residual = residual_of.get(key, [])
-        if prod is not None and prod[0] == "layernorm" and residual:
-            if rotate_all:  # a rotated wrapper instead of the fold with the residual scaled back
-                notes_pre = [f"not folded into {prod[1]} (rotate='all')"]
-            else:
-                candidates.append(("layernorm+residual", prod[1]))  # the plain fold would change the model
+        residual = residual_of.get(key, []) if prod is not None and prod[0] == "layernorm" else []
+        if residual and rotate_all:  # a rotated wrapper instead of the fold with the residual scaled back
+            notes.append(f"not folded into {prod[1]} (rotate='all')")
         elif prod is not None:
-            candidates.append(prod)
+            candidates.append((prod[0], prod[1], residual))
         if len(members) == 1:
             v = _attention_value(members[0], linears)
             if v is not None and linears[v].out_features == linears[members[0]].in_features \
-                    and ("linear", v) not in candidates:
-                candidates.append(("linear", v))
+                    and not any(c[:2] == ("linear", v) for c in candidates):
+                candidates.append(("linear", v, []))
         done = False
-        notes = list(notes_pre)
-        for how, src in candidates:
+        for how, src, res_blocks in candidates:
             j = _Journal(front)
-            rnames: List[str] = []
-            if how == "layernorm+residual":
-                how = "layernorm"
-                rnames = [n for n, _ in residual]
-                if not _fold(model, j, how, src, s, linears, dict(norms)):
-                    notes.append(f"cannot fold into {src}")
-                    continue
-                for _, blk in residual:
-                    j.steps.append(front.scale_residual(blk, s))
-            elif not _fold(model, j, how, src, s, linears, dict(norms)):
+            if not _fold(model, j, how, src, s, linears, dict(norms)):
                 notes.append(f"cannot fold into {src}")
                 continue
+            for _, blk in res_blocks:
+                j.steps.append(front.scale_residual(blk, s))
             for m in members:
                 j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
             change = check()
             if change <= tolerance:
-                groups.append(SmoothedGroup(members, s, how, src, note=why, residual=rnames))
+                groups.append(SmoothedGroup(members, s, how, src, note=why, residual=[n for n, _ in res_blocks]))
                 for m in members:
                     record[m] = record[m] * s if m in record else s.copy()
                 if how == "linear":

@@ -44,7 +44,7 @@ import torch
 from .. import __version__, errors, ops
 from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
 from ..quantization import QuantizedLinearForward
-from .torch_smoothing import SmoothedTorchLinear, check_residual_scale, make_residual_scaled, residual_block
+from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
 from .torch_embedding import QuantizedTorchEmbedding
@@ -326,19 +326,13 @@ def _residual_scaled_blocks(model: "torch.nn.Module", tensors: Dict[str, "torch.
     """Make every output block the checkpoint has a ``<name>.residual_scale`` for (smoothing folded
     into the LayerNorm that produced its residual) a residual-scaled one (placeholder values; the
     checkpoint fills them)."""
-    subs = dict(model.named_modules())
-    for key in [k for k in tensors if k.endswith(".residual_scale")]:
-        name = key[: -len(".residual_scale")]
-        blk = subs.get(name)
-        if blk is None or not residual_block(blk):
+    found = residual_scales_in(model, tensors)
+    for key in tensors:
+        if key.endswith(".residual_scale") and key not in found:
             raise errors.ValueError(f"checkpoint tensor {key!r}: the model built from the config has no "
-                                    f"output block {name!r} that can scale its residual")
-        rs = tensors[key]
-        width = blk.LayerNorm.normalized_shape[-1]
-        if rs.dim() != 1 or rs.numel() != width:
-            raise errors.ValueError(f"checkpoint tensor {key!r} has shape {tuple(rs.shape)}, expected ({width},)")
-        check_residual_scale(rs, key)
-        make_residual_scaled(blk, np.ones(width, np.float32))
+                                    f"output block {key[: -len('.residual_scale')]!r} that can scale its residual")
+    for blk in found.values():
+        make_residual_scaled(blk, np.ones(int(blk.LayerNorm.normalized_shape[-1]), np.float32))
 
 
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":

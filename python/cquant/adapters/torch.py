@@ -85,7 +85,7 @@ from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
                          _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
-from .torch_smoothing import check_residual_scale, make_residual_scaled, residual_block
+from .torch_smoothing import make_residual_scaled, residual_scales_in
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
            "quantize_module",
@@ -1105,14 +1105,9 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     own = {k: v for k, v in model.state_dict().items() if not in_layer(k)}
     # output blocks the checkpoint scaled the residual of (smoothing folded into a post-norm
     # LayerNorm): made residual-scaled below, once every check has passed
-    subs = dict(model.named_modules())
-    rs_new: Dict[str, "torch.nn.Module"] = {}
-    for k in ck.tensors:
-        blk = subs.get(k[: -len(".residual_scale")]) if k.endswith(".residual_scale") else None
-        if k not in own and blk is not None and residual_block(blk):
-            check_residual_scale(np.asarray(ck.tensors[k]), k)
-            rs_new[k] = blk
-            own[k] = torch.empty(int(blk.LayerNorm.normalized_shape[-1]))
+    rs_new = {k: blk for k, blk in residual_scales_in(model, ck.tensors).items() if k not in own}
+    for k, blk in rs_new.items():
+        own[k] = torch.empty(int(blk.LayerNorm.normalized_shape[-1]))
     aliases = _aliases(model)
     ignored = sorted(k for k in ck.tensors if k not in own and k in _non_persistent(model))
     missing = sorted(k for k in own if k not in ck.tensors

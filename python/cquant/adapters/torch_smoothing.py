@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from .. import errors, ops
+from ..smoothing import check_residual_scale
 from .torch_base import fused_base, fused_class, hadamard_torch
 
 __all__ = ["SmoothedTorchLinear", "ResidualScaled", "residual_block", "make_residual_scaled", "scale_residual"]
@@ -140,7 +141,7 @@ def make_residual_scaled(mod: torch.nn.Module, scale: np.ndarray) -> None:
     """Give output block ``mod`` (:func:`residual_block`) a ``residual_scale`` buffer (float32, its
     hidden size), swapping its class for the residual-scaled subclass of it (of its original class,
     fused again, for a block :func:`cquant.fuse` already fused: the factor is applied once)."""
-    check_residual_scale(scale, "residual_scale")
+    check_residual_scale(np.asarray(scale, dtype=np.float32), "residual_scale")
     cls = type(mod)
     if not isinstance(mod, ResidualScaled):
         if getattr(cls, "_cquant_fused", False):
@@ -150,11 +151,22 @@ def make_residual_scaled(mod: torch.nn.Module, scale: np.ndarray) -> None:
     mod.register_buffer("residual_scale", torch.from_numpy(np.array(scale, dtype=np.float32)))
 
 
-def check_residual_scale(scale: object, what: str) -> None:
-    """A residual factor must be finite and > 0 (a NaN or 0 would silently wreck every output)."""
-    a = np.asarray(scale.detach().float().numpy() if isinstance(scale, torch.Tensor) else scale, dtype=np.float64)
-    if a.ndim != 1 or not np.all(np.isfinite(a)) or not np.all(a > 0):
-        raise errors.ValueError(f"{what} must be a 1-D array of finite values > 0")
+def residual_scales_in(model: torch.nn.Module, tensors: Any) -> dict:
+    """``{key: block}`` for the ``<name>.residual_scale`` entries of checkpoint ``tensors`` whose
+    block in ``model`` is an output block (:func:`residual_block`) without a factor yet, each value
+    checked (shape, finite, > 0). Nothing is changed; :func:`make_residual_scaled` installs them."""
+    subs = dict(model.named_modules())
+    out = {}
+    for key in tensors:
+        blk = subs.get(key[: -len(".residual_scale")]) if key.endswith(".residual_scale") else None
+        if blk is None or isinstance(blk, ResidualScaled) or not residual_block(blk):
+            continue
+        a = check_residual_scale(tensors[key], key)
+        width = int(blk.LayerNorm.normalized_shape[-1])
+        if a.shape != (width,):
+            raise errors.ValueError(f"checkpoint tensor {key!r} has shape {tuple(a.shape)}, expected ({width},)")
+        out[key] = blk
+    return out
 
 
 def scale_residual(mod: torch.nn.Module, s: np.ndarray):
