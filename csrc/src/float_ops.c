@@ -12,26 +12,7 @@
 #include <string.h>
 #include "target.h"
 
-/* The SIMD row kernels (keep these prototypes identical to the ones in the x86 files).
- *   softmax_row: x[j] = softmax_j(x[j] * scale + (bias ? bias[j] : 0)), j < k, in place
- *   add_ln_row:  y = LayerNorm(x + (res ? res * rmul : 0)) with gamma/beta (NULL: 1/0); rmul NULL:
- *                1 (the product res[i] * rmul[i] rounded to float32, then the sum); y may be x or res
- *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo apart
- *   (GELU: the element-wise tables' gelu, internal.h) */
-#if CQ_CAN_TARGET_AVX2
-void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
-                        const float *beta, float eps, float *y);
-void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
-                       int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
-#endif
-#if CQ_CAN_TARGET_AVX512
-void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
-                          const float *beta, float eps, float *y);
-void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
-                         int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
-#endif
+/* The SIMD row kernels: internal.h. (GELU: the element-wise tables' gelu.) */
 
 /* ---- scalar references ------------------------------------------------------------------------ */
 static void softmax_row_ref(float *x, int64_t k, const float *bias, float scale)

@@ -213,6 +213,23 @@ void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int f
 void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 void cq_transpose_avx512(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-ops-avx512.c */
+/* The float-ops row kernels (x86/avx2/float-ops-avx2.c, x86/avx512/float-ops-avx512.c; the
+ * references and drivers in float_ops.c):
+ *   softmax_row: x[j] = softmax_j(x[j] * scale + (bias ? bias[j] : 0)), j < k, in place
+ *   add_ln_row:  y = LayerNorm(x + (res ? res * rmul : 0)) with gamma/beta (NULL: 1/0); rmul NULL:
+ *                1 (the product res[i] * rmul[i] rounded to float32, then the sum); y may be x or res
+ *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo
+ *                apart (scratch: float_ops.c's header comment) */
+void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
+void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
+                        const float *beta, float eps, float *y);
+void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
+                       int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
+void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale);
+void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
+                          const float *beta, float eps, float *y);
+void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
+                         int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
 #endif
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a

@@ -7,12 +7,7 @@ CQ_TARGET_BEGIN("avx2,fma")
 #include <immintrin.h>
 #include <math.h>
 
-/* keep identical to the prototypes in src/float_ops.c */
-void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
-                        const float *beta, float eps, float *y);
-void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
-                       int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
+/* prototypes: internal.h */
 
 /* lanes [0, n) set (n clamped to [0, 8]) */
 CQ_INLINE __m256i tail8(int64_t n)

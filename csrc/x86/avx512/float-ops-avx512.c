@@ -7,13 +7,7 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #include <immintrin.h>
 #include <math.h>
 
-/* keep identical to the prototypes in src/float_ops.c */
-void cq_softmax_row_avx512(float *x, int64_t k, const float *bias, float scale);
-void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
-                          const float *beta, float eps, float *y);
-void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
-                         int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
-void cq_gelu_avx512(const float *x, int64_t n, float *y);
+/* prototypes: internal.h */
 
 CQ_INLINE __mmask16 tail16(int64_t n) { return n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u); }
 
