@@ -298,8 +298,12 @@ typedef void (*cq_gelu_fn)(const float *x, int64_t n, float *y);
  * each call came back from the kernel as new pages (glibc gives them back between calls), and
  * faulting them in cost 15% of a (4096, 4096) M = 256 VNNI GEMM (~100 page faults per call). */
 #define CQ_SCRATCH_KEEP ((size_t)64 << 20)
+/* All threads together keep at most CQ_SCRATCH_TOTAL bytes (a buffer over the budget is freed,
+ * not kept): many long-lived caller threads with large inputs would otherwise hold 64 MiB each. */
+#define CQ_SCRATCH_TOTAL ((size_t)256 << 20)
 void *cq_scratch_get(size_t size, size_t *cap);
 void cq_scratch_put(void *p, size_t cap);
+size_t cq_scratch_kept(void); /* bytes kept now, all threads (for tests) */
 
 /* Size checks shared by the entry points. */
 static inline int cq_mul_ok(int64_t a, int64_t b, int64_t *out)

@@ -163,11 +163,15 @@ typedef struct {
 static pthread_key_t g_scratch_key;
 static pthread_once_t g_scratch_once = PTHREAD_ONCE_INIT;
 static int g_scratch_ok;
+static size_t g_scratch_kept; /* bytes kept by all threads together (atomic), <= CQ_SCRATCH_TOTAL */
 
 static void scratch_free(void *v)
 {
     scratch_slot *s = (scratch_slot *)v;
-    if (s) free(s->p);
+    if (s) {
+        if (s->p) __atomic_fetch_sub(&g_scratch_kept, s->cap, __ATOMIC_RELAXED);
+        free(s->p);
+    }
     free(s);
 }
 static void scratch_init(void) { g_scratch_ok = pthread_key_create(&g_scratch_key, scratch_free) == 0; }
@@ -206,6 +210,7 @@ void *cq_scratch_get(size_t size, size_t *cap)
     if (s && s->p && s->cap >= size) { /* the kept buffer is big enough: take it */
         void *p = s->p;
         *cap = s->cap;
+        __atomic_fetch_sub(&g_scratch_kept, s->cap, __ATOMIC_RELAXED);
         s->p = NULL;
         s->cap = 0;
         return p;
@@ -223,10 +228,21 @@ void cq_scratch_put(void *p, size_t cap)
         free(p);
         return;
     }
+    /* the budget of all threads: reserve cap first (a smaller kept buffer it replaces is counted
+     * until it is freed below, so the total never exceeds CQ_SCRATCH_TOTAL even for a moment) */
+    size_t kept = __atomic_add_fetch(&g_scratch_kept, cap, __ATOMIC_RELAXED);
+    if (kept > CQ_SCRATCH_TOTAL) {
+        __atomic_fetch_sub(&g_scratch_kept, cap, __ATOMIC_RELAXED);
+        free(p);
+        return;
+    }
+    if (s->p) __atomic_fetch_sub(&g_scratch_kept, s->cap, __ATOMIC_RELAXED);
     free(s->p);
     s->p = p;
     s->cap = cap;
 }
+
+size_t cq_scratch_kept(void) { return __atomic_load_n(&g_scratch_kept, __ATOMIC_RELAXED); }
 
 int cq_shutdown(void)
 {

@@ -1797,6 +1797,20 @@ static void *scratch_thread(void *arg)
     return NULL;
 }
 
+/* Keeps one CQ_SCRATCH_KEEP buffer if the budget allows, then holds it (waits at the barrier
+ * twice: once all threads have handed theirs back, and until the count was checked). */
+static pthread_barrier_t g_scratch_barrier;
+static void *scratch_budget_thread(void *arg)
+{
+    (void)arg;
+    size_t cap;
+    void *p = cq_scratch_get(CQ_SCRATCH_KEEP, &cap); /* never touched: no pages faulted in */
+    cq_scratch_put(p, cap);
+    pthread_barrier_wait(&g_scratch_barrier);
+    pthread_barrier_wait(&g_scratch_barrier);
+    return NULL;
+}
+
 static void test_scratch(void)
 {
     size_t cap = 0, cap2 = 0;
@@ -1831,6 +1845,19 @@ static void test_scratch(void)
     CHECK(pthread_create(&th, NULL, scratch_thread, &ok) == 0 && pthread_join(th, NULL) == 0 && ok,
           "scratch: another thread has its own");
     cq_shutdown();
+    CHECK(cq_scratch_kept() == 0, "scratch: nothing counted as kept once every buffer is freed");
+    /* the budget of all threads: 5 threads each keeping CQ_SCRATCH_KEEP would pass CQ_SCRATCH_TOTAL */
+    pthread_t ths[6];
+    pthread_barrier_init(&g_scratch_barrier, NULL, 7);
+    for (int i = 0; i < 6; i++)
+        CHECK(pthread_create(&ths[i], NULL, scratch_budget_thread, NULL) == 0, "scratch: thread");
+    pthread_barrier_wait(&g_scratch_barrier); /* every thread has handed its buffer back */
+    CHECK(cq_scratch_kept() == CQ_SCRATCH_TOTAL / CQ_SCRATCH_KEEP * CQ_SCRATCH_KEEP,
+          "scratch: the threads together keep no more than the budget");
+    pthread_barrier_wait(&g_scratch_barrier);
+    for (int i = 0; i < 6; i++) pthread_join(ths[i], NULL);
+    pthread_barrier_destroy(&g_scratch_barrier);
+    CHECK(cq_scratch_kept() == 0, "scratch: threads' buffers uncounted when they exit");
 }
 
 int main(void)
