@@ -809,3 +809,121 @@ def test_cli_quantizes_a_file_whose_tensors_are_unaligned(tmp_path, capsys):
         np.testing.assert_array_equal(r.tensor("fc.weight_q"), ops.quantize(w)[0])
     rc, out, err = run_cli(["report", src], capsys)
     assert rc == 0, err
+
+
+# ---- smoothing then a failure: the model as it was (review 2026-11-30) ----------------------------
+
+def _smooth_model():
+    from cquant import nn
+    return nn.Sequential(nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2))
+
+
+def _same_model(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return repr(a) == repr(b) and sa.keys() == sb.keys() and all(
+        np.array_equal(sa[k], sb[k], equal_nan=True) for k in sa)
+
+
+def test_smoothing_then_failure_leaves_the_model_untouched():
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    # a NaN weight: NonFiniteError naming the layer, before smoothing changes anything
+    m = _smooth_model()
+    m[2].weight[0, 0] = np.nan
+    ref = copy.deepcopy(m)
+    with pytest.raises(errors.NonFiniteError, match="'2'"):
+        cquant.Quantizer.quantize_dynamic(m, calibration=[x], smoothing=0.5)
+    assert _same_model(m, ref)
+    # a scheme that does not fit, refused by quantization after smoothing ran: smoothing undone
+    for rotate in (False, True):
+        m = _smooth_model()
+        ref = copy.deepcopy(m)
+        with pytest.raises(errors.ValueError, match="does not fit"):
+            cquant.Quantizer.quantize_dynamic(m, calibration=[x], smoothing=0.5, granularity="per_group",
+                                              group_size=12, strict=True, rotate=rotate)
+        assert _same_model(m, ref) and not hasattr(m, "_cquant_input_scales")
+        np.testing.assert_array_equal(m(x), ref(x))
+
+
+def test_smoothing_tolerates_a_nan_calibration_row():
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    x[1, 3] = np.nan  # calibration skips such rows' statistics; the fold check must not call it a change
+    m = cquant.Quantizer.quantize_dynamic(_smooth_model(), calibration=[x], smoothing=0.5)
+    assert np.isfinite(m(x[[0, 2, 3]])).all()
+
+
+def test_smoothing_failure_inside_smooth_undoes_its_folds(monkeypatch):
+    from cquant import smoothing
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    calls = []
+    real = smoothing.rotation_block
+
+    def boom(k, rotate):  # fails after the first group was smoothed
+        calls.append(k)
+        if len(calls) > 1:
+            raise RuntimeError("injected")
+        return real(k, rotate)
+    monkeypatch.setattr(smoothing, "rotation_block", boom)
+    from cquant import nn
+    m2 = nn.Sequential(nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2), nn.GELU(),
+                       nn.Linear(8, 4, rng=3))
+    ref2 = copy.deepcopy(m2)
+    with pytest.raises(RuntimeError, match="injected"):
+        smoothing.smooth(m2, [x], alpha=0.5, rotate=True)
+    assert len(calls) == 2 and _same_model(m2, ref2)
+
+
+# ---- state_dict loads refuse what checkpoints refuse ----------------------------------------------
+
+@pytest.mark.parametrize("key, value, err", [("0.weight_scale", np.nan, errors.NonFiniteError),
+                                             ("0.weight_scale", np.inf, errors.NonFiniteError),
+                                             ("0.weight_scale", -0.01, errors.ValueError),
+                                             ("0.bias", np.nan, errors.NonFiniteError)])
+def test_nn_load_state_dict_refuses_bad_values(key, value, err):
+    from cquant import nn
+    m = cquant.Quantizer.quantize_dynamic(nn.Sequential(nn.Linear(16, 8, rng=1)))
+    sd = {k: v.copy() for k, v in m.state_dict().items()}
+    before = {k: v.copy() for k, v in sd.items()}
+    sd[key][0] = value
+    with pytest.raises(err, match=key.replace(".", r"\.")):
+        m.load_state_dict(sd)
+    assert all(np.array_equal(m.state_dict()[k], before[k]) for k in before)  # nothing installed
+
+
+def test_nn_load_state_dict_refuses_integer_scales():
+    from cquant import nn
+    m = cquant.Quantizer.quantize_dynamic(nn.Sequential(nn.Linear(16, 8, rng=1)))
+    sd = dict(m.state_dict())
+    sd["0.weight_scale"] = np.ones(8, np.int64)
+    with pytest.raises(errors.TypeError, match="0.weight_scale"):
+        m.load_state_dict(sd)
+
+
+def test_quantized_weight_refuses_bad_scales():
+    qw = ops.quantize_weight(np.random.default_rng(0).standard_normal((8, 16)).astype(np.float32))
+    for bad, err in ((-qw.scale, errors.ValueError), (qw.scale * np.nan, errors.NonFiniteError),
+                     (qw.scale.astype(np.int64), errors.TypeError)):
+        with pytest.raises(err):
+            ops.QuantizedWeight(qw.packed, bad, qw.shape, qw.granularity, qw.group_size)
+    neg = pickle.loads(pickle.dumps(qw))
+    neg.scale = -qw.scale  # a crafted pickle with negative scales
+    with pytest.raises(errors.ValueError, match="negative"):
+        pickle.loads(pickle.dumps(neg))
+
+
+def test_torch_load_state_dict_refuses_bad_values():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    tm = cquant.Quantizer.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(16, 8)))
+    x = torch.randn(3, 16)
+    y0 = tm(x)
+    for key, value, msg in (("0.weight_scale", float("nan"), "NaN"), ("0.weight_scale", -1.0, "negative"),
+                            ("0.bias", float("inf"), "NaN or Inf")):
+        sd = {k: v.clone() for k, v in tm.state_dict().items()}
+        sd[key][0] = value
+        with pytest.raises(RuntimeError, match=msg):
+            tm.load_state_dict(sd)
+    sd = {k: v.clone() for k, v in tm.state_dict().items()}
+    sd["0.weight_scale"] = sd["0.weight_scale"].to(torch.int64)
+    with pytest.raises(RuntimeError, match="expected float scales"):
+        tm.load_state_dict(sd)
+    assert torch.equal(tm(x), y0)

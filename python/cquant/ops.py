@@ -289,10 +289,17 @@ class QuantizedWeight:
             raise errors.ValueError(
                 f"packed is not a packed weight of shape {(n, k)} for {granularity}"
                 + (f" (group_size {group_size})" if granularity == "per_group" else ""))
-        scale = np.require(scale, np.float32, _CA)
+        scale_in = np.asarray(scale)
+        if scale_in.dtype.kind != "f":  # integer scales are a wrong tensor, not a rounding choice
+            raise errors.TypeError(f"scale must be a float array, got {scale_in.dtype}")
+        scale = np.require(scale_in, np.float32, _CA)
         if scale.shape != _scale_shape(granularity, n, k, group_size):
             raise errors.ShapeError(f"scale has shape {scale.shape}, expected "
                                     f"{_scale_shape(granularity, n, k, group_size)} for {granularity}")
+        if not np.isfinite(scale).all():
+            raise errors.NonFiniteError("scale holds NaN or Inf; scales must be finite and >= 0")
+        if (scale < 0).any():
+            raise errors.ValueError("scale holds negative values; scales must be finite and >= 0")
         self.packed = packed
         self.scale = scale
         self.shape = (n, k)
@@ -404,9 +411,10 @@ class QuantizedWeight:
             raise errors.ValueError(f"pickled QuantizedWeight: shape must be two positive ints, got {shape!r}")
         if not isinstance(gran, str) or not (g is None or type(g) is int):
             raise errors.TypeError("pickled QuantizedWeight: granularity must be a str and group_size an int or None")
-        self.__init__(packed, scale, shape, gran, g)  # header vs shape, size, scheme, scale shape
-        if not np.isfinite(self.scale).all():
-            raise errors.NonFiniteError("pickled QuantizedWeight: scale holds NaN or Inf")
+        try:  # header vs shape, size, scheme, scale shape and values
+            self.__init__(packed, scale, shape, gran, g)
+        except errors.NonFiniteError as e:
+            raise errors.NonFiniteError(f"pickled QuantizedWeight: {e}") from None
         q = self.q  # codes back out of the (now size-checked) buffer
         if q.size and int(q.min()) == -128:
             raise errors.ValueError("pickled QuantizedWeight: codes hold -128; codes must be in [-127, 127]")

@@ -303,6 +303,17 @@ class QuantizedLinearForward:
                 f"{self.scheme}{act}, bias={self.bias is not None})")
 
 
+def _weight_from_state(q: Any, s: Any, like: ops.QuantizedWeight, kq: str, ks: str) -> ops.QuantizedWeight:
+    """The QuantizedWeight of state_dict codes ``q`` and scales ``s`` in the scheme of ``like``;
+    bad values (codes out of range, NaN / Inf / negative or integer scales) refused naming the key."""
+    try:
+        return ops.QuantizedWeight.from_codes(np.asarray(q), np.asarray(s), like.granularity, like.group_size,
+                                              bits=like.bits)
+    except (errors.ValueError, errors.TypeError) as e:
+        bad = kq if "code" in str(e) else ks
+        raise type(e)(f"{bad}: {e}") from None
+
+
 class QuantizedLinear(nn.Module):
     """A :class:`cquant.nn.Linear` whose weight is int8: ``forward(x) = ops.linear(x, qweight, bias, mode)``.
 
@@ -389,8 +400,12 @@ class QuantizedLinear(nn.Module):
             bad = True
         if bad:
             return
-        new = ops.QuantizedWeight.from_codes(q, s, self.qweight.granularity, self.qweight.group_size,
-                                             bits=self.qweight.bits)
+        new = _weight_from_state(q, s, self.qweight, kq, ks)
+        kb = prefix + "bias"
+        if self.bias is not None and kb in state:  # the values a checkpoint load refuses (io.check_layer_values)
+            b = np.asarray(state[kb])
+            if b.dtype.kind == "f" and not np.isfinite(b).all():
+                raise errors.NonFiniteError(f"{kb} holds NaN or Inf")
         plan.append(lambda: setattr(self, "qweight", new))
         if act is not None:
             plan.append(lambda: setattr(self, "act_scale", act))
@@ -698,18 +713,26 @@ class Quantizer:
         if not inplace:
             model = copy.deepcopy(model)
         batches = _calibration.batch_list(calibration)
-        if smoothing is not None and smoothing is not False:
+        smoothed = smoothing is not None and smoothing is not False
+        if smoothed:
             self.smoothing = _smoothing.smooth(model, batches, alpha=smoothing, include=self.include,
                                                exclude=self.exclude, rotate=rotate)
             self.calibration = self.smoothing.calibration
         else:
             self.calibration = _calibration.calibrate(model, batches, include=self.include, exclude=self.exclude)
-        if self._uses_static() or (budgeted and any(r.activations == "static" for r in refine)):
-            smoothed = smoothing is not None and smoothing is not False
-            self.act_scales = self._static_scales(model, batches, smoothed)
-        if budgeted:
-            self._apply_budget(model, batches, float(min_cosine), min_row_cosine, refine)  # type: ignore[arg-type]
-        out = self._quantize(model, inplace=True)
+        try:
+            if self._uses_static() or (budgeted and any(r.activations == "static" for r in refine)):
+                self.act_scales = self._static_scales(model, batches, smoothed)
+            if budgeted:
+                self._apply_budget(model, batches, float(min_cosine), min_row_cosine, refine)  # type: ignore[arg-type]
+            out = self._quantize(model, inplace=True)
+        except BaseException:
+            # the model as it was before smoothing (quantization itself leaves it untouched when it
+            # refuses: it plans every layer before installing any)
+            if smoothed and self.smoothing is not None and self.smoothing._undo is not None:
+                self.smoothing._undo()
+                self.smoothing._undo = None
+            raise
         if self.budget is not None:
             logger.info("%s", self.budget.summary())
         return out

@@ -188,6 +188,9 @@ class SmoothingResult:
     groups: List[SmoothedGroup]
     calibration: _cal.Calibration
     max_rel_change: float = 0.0   # float model output change over the first batch (rounding only)
+    # undoes every change smooth() made to the model (prepare_and_quantize calls it when a later
+    # step fails, so the model is left as it was); None once used or for a result made by hand
+    _undo: Optional[Callable[[], None]] = field(default=None, repr=False, compare=False)
 
     @property
     def smoothed_layers(self) -> List[str]:
@@ -238,6 +241,19 @@ def _set_weight(front: fe.FrontEnd, mod: Any, w: np.ndarray) -> None:
     front.set_param(mod, "weight", np.ascontiguousarray(w.T) if front.weight_in_out(mod) else w)
 
 
+def _attr_restore(obj: Any, attr: str) -> Callable[[], None]:
+    """A step that puts ``obj.attr`` back as it is now (absent: deleted again)."""
+    missing = object()
+    old = obj.__dict__.get(attr, missing)
+
+    def restore() -> None:
+        if old is missing:
+            obj.__dict__.pop(attr, None)
+        else:
+            object.__setattr__(obj, attr, old)
+    return restore
+
+
 class _Journal:
     """Undo log of parameter / module changes."""
 
@@ -279,10 +295,16 @@ def _attention_value(name: str, linears: Dict[str, fe.LayerRef]) -> Optional[str
 
 
 def _rel_change(y: np.ndarray, ref: np.ndarray) -> float:
+    """Relative change of ``y`` from ``ref`` over the finite entries of ``ref``; inf if the shapes or
+    the non-finite entries differ (a NaN in a calibration row gives NaN outputs in that row, before
+    and after smoothing: those are not a change)."""
     if y.shape != ref.shape:
         return float("inf")
-    d = np.linalg.norm((y.astype(np.float64) - ref).ravel())
-    n = np.linalg.norm(ref.astype(np.float64).ravel())
+    fin = np.isfinite(ref)
+    if not np.array_equal(np.isfinite(y), fin):
+        return float("inf")
+    d = np.linalg.norm((y.astype(np.float64)[fin] - ref.astype(np.float64)[fin]).ravel())
+    n = np.linalg.norm(ref.astype(np.float64)[fin].ravel())
     if not np.isfinite(d):
         return float("inf")
     return float(d / n) if n > 0 else float(d)
@@ -370,6 +392,8 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         raise errors.ValueError(f"{type(model).__name__} has no float Linear layer to smooth")
     linears = {r.name: r for r in refs}
     selected = {r.name for r in front.layers(model, include, exclude, quantized=False)}
+    for name in sorted(selected):  # as quantization refuses them, before anything is changed
+        ops.check_finite(_weight(front, linears[name].obj), f"layer {name!r} weight")
     norms = front.norm_layers(model)
     norm_refs = [fe.LayerRef(n, m, 0, 0, False) for n, m in norms]
 
@@ -427,102 +451,111 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             return float("inf")
         return max(_rel_change(a, b) for a, b in zip(outs, ref_all))
 
-    for key, members in by_input.items():
-        if not any(m in selected for m in members):
-            continue
-        absmax = np.max([stats[m].absmax for m in members], axis=0)
-        weights = {m: _weight(front, linears[m].obj) for m in members}
-        wmax = np.max([np.abs(weights[m]).max(axis=0) for m in members], axis=0)
-        if auto:
-            x = stats[members[0]].samples
-            if x is None or not x.size:
-                groups.append(SmoothedGroup(members, np.ones_like(absmax), "none", note="no calibration rows"))
+    # every change below goes into one journal: a failure anywhere (here, or in a later step of
+    # the caller: SmoothingResult._undo) puts the model back as it was
+    journal = _Journal(front)
+    try:
+        for key, members in by_input.items():
+            if not any(m in selected for m in members):
                 continue
-            chosen, s, why = _choose_alpha(members, x, absmax, weights, wmax)
-            if chosen is None:
-                groups.append(SmoothedGroup(members, s, "none", note=why))
-                continue
-        else:
-            s, why = smoothing_scales(absmax, wmax, alpha), ""
-        if np.all(s == 1):
-            groups.append(SmoothedGroup(members, s, "none", note="nothing to move (all-zero input or weight)"))
-            continue
-        # fold candidates: (kind, producer, the blocks that must scale that output back where they
-        # add it as a residual: a LayerNorm output that is also a residual; a plain fold would change
-        # the model there)
-        candidates: List[Tuple[str, str, List[Tuple[str, Any]]]] = []
-        notes: List[str] = []
-        prod = produced.get(key)
-        residual = residual_of.get(key, []) if prod is not None and prod[0] == "layernorm" else []
-        if residual and rotate_all:  # a rotated wrapper instead of the fold with the residual scaled back
-            notes.append(f"not folded into {prod[1]} (rotate='all')")
-        elif prod is not None:
-            candidates.append((prod[0], prod[1], residual))
-        if len(members) == 1:
-            v = _attention_value(members[0], linears)
-            if v is not None and linears[v].out_features == linears[members[0]].in_features \
-                    and not any(c[:2] == ("linear", v) for c in candidates):
-                candidates.append(("linear", v, []))
-        done = False
-        for how, src, res_blocks in candidates:
-            j = _Journal(front)
-            if not _fold(model, j, how, src, s, linears, dict(norms)):
-                notes.append(f"cannot fold into {src}")
-                continue
-            for _, blk in res_blocks:
-                j.steps.append(front.scale_residual(blk, s))
-            for m in members:
-                j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
-            change = check()
-            if change <= tolerance:
-                groups.append(SmoothedGroup(members, s, how, src, note=why, residual=[n for n, _ in res_blocks]))
-                for m in members:
-                    record[m] = record[m] * s if m in record else s.copy()
-                if how == "linear":
-                    record_out[src] = record_out[src] * s if src in record_out else s.copy()
-                done = True
-                break
-            j.undo()
-            notes.append(f"folding into {src} would change the model output ({change:.1e})")
-        if done:
-            continue
-        if not prescale:
-            groups.append(SmoothedGroup(members, s, "none", note="; ".join(notes + ["no exact fold, prescale=False"])))
-            continue
-        block = rotation_block(s.shape[0], rotate) if rotate else 0
-        if block:
-            d = rotation_signs(s.shape[0])
-            inv = (d / (s.astype(np.float64) * np.sqrt(block))).astype(np.float32)
-            notes.append(f"rotated in blocks of {block}")
-        else:
-            inv = (1.0 / s).astype(np.float32)
-            if rotate:
-                notes.append(f"not rotated: in_features {s.shape[0]} is odd")
-        for m in members:
-            mod = linears[m].obj
-            w = _weight(front, mod)
-            if block:
-                w = (_hadamard64(w.astype(np.float64) * (s.astype(np.float64) * d)[None, :], block)
-                     / np.sqrt(block)).astype(np.float32)
+            absmax = np.max([stats[m].absmax for m in members], axis=0)
+            weights = {m: _weight(front, linears[m].obj) for m in members}
+            wmax = np.max([np.abs(weights[m]).max(axis=0) for m in members], axis=0)
+            if auto:
+                x = stats[members[0]].samples
+                if x is None or not x.size:
+                    groups.append(SmoothedGroup(members, np.ones_like(absmax), "none", note="no calibration rows"))
+                    continue
+                chosen, s, why = _choose_alpha(members, x, absmax, weights, wmax)
+                if chosen is None:
+                    groups.append(SmoothedGroup(members, s, "none", note=why))
+                    continue
             else:
-                w = w * s[None, :]
-            _set_weight(front, mod, w)
-            wrapper = front.smoothed(mod, inv, block)
-            if wrapper is None:  # the front-end has no wrapper of its own: a cquant.nn one
-                wrapper = Smoothed(mod, inv, block)
-            if front.replace(model, mod, wrapper) == 0:  # the model is the layer itself
-                raise errors.ValueError(f"cannot wrap {m!r}: it is not a registered sub-module")
-        groups.append(SmoothedGroup(members, s, "prescale", note="; ".join([why] * bool(why) + notes),
-                                    hadamard=block))
-    change = check()
-    if change > 10 * tolerance:
-        raise errors.QuantizationError(f"smoothing changed the float model output by {change:.1e} "
-                                       f"(> {10 * tolerance:.0e}); this is a bug, please report it")
-    if record:
-        object.__setattr__(model, INPUT_SCALES_ATTR, record)
-    if record_out:
-        object.__setattr__(model, OUTPUT_SCALES_ATTR, record_out)
-    return SmoothingResult(alpha if auto else float(alpha), groups, calibration, change)
+                s, why = smoothing_scales(absmax, wmax, alpha), ""
+            if np.all(s == 1):
+                groups.append(SmoothedGroup(members, s, "none", note="nothing to move (all-zero input or weight)"))
+                continue
+            # fold candidates: (kind, producer, the blocks that must scale that output back where they
+            # add it as a residual: a LayerNorm output that is also a residual; a plain fold would change
+            # the model there)
+            candidates: List[Tuple[str, str, List[Tuple[str, Any]]]] = []
+            notes: List[str] = []
+            prod = produced.get(key)
+            residual = residual_of.get(key, []) if prod is not None and prod[0] == "layernorm" else []
+            if residual and rotate_all:  # a rotated wrapper instead of the fold with the residual scaled back
+                notes.append(f"not folded into {prod[1]} (rotate='all')")
+            elif prod is not None:
+                candidates.append((prod[0], prod[1], residual))
+            if len(members) == 1:
+                v = _attention_value(members[0], linears)
+                if v is not None and linears[v].out_features == linears[members[0]].in_features \
+                        and not any(c[:2] == ("linear", v) for c in candidates):
+                    candidates.append(("linear", v, []))
+            done = False
+            for how, src, res_blocks in candidates:
+                j = _Journal(front)
+                if not _fold(model, j, how, src, s, linears, dict(norms)):
+                    notes.append(f"cannot fold into {src}")
+                    continue
+                for _, blk in res_blocks:
+                    j.steps.append(front.scale_residual(blk, s))
+                for m in members:
+                    j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
+                change = check()
+                if change <= tolerance:
+                    journal.steps.extend(j.steps)  # kept: undone only if the whole smoothing is
+                    groups.append(SmoothedGroup(members, s, how, src, note=why, residual=[n for n, _ in res_blocks]))
+                    for m in members:
+                        record[m] = record[m] * s if m in record else s.copy()
+                    if how == "linear":
+                        record_out[src] = record_out[src] * s if src in record_out else s.copy()
+                    done = True
+                    break
+                j.undo()
+                notes.append(f"folding into {src} would change the model output ({change:.1e})")
+            if done:
+                continue
+            if not prescale:
+                groups.append(SmoothedGroup(members, s, "none", note="; ".join(notes + ["no exact fold, prescale=False"])))
+                continue
+            block = rotation_block(s.shape[0], rotate) if rotate else 0
+            if block:
+                d = rotation_signs(s.shape[0])
+                inv = (d / (s.astype(np.float64) * np.sqrt(block))).astype(np.float32)
+                notes.append(f"rotated in blocks of {block}")
+            else:
+                inv = (1.0 / s).astype(np.float32)
+                if rotate:
+                    notes.append(f"not rotated: in_features {s.shape[0]} is odd")
+            for m in members:
+                mod = linears[m].obj
+                w = _weight(front, mod)
+                if block:
+                    w = (_hadamard64(w.astype(np.float64) * (s.astype(np.float64) * d)[None, :], block)
+                         / np.sqrt(block)).astype(np.float32)
+                else:
+                    w = w * s[None, :]
+                journal.weight(mod, w)
+                wrapper = front.smoothed(mod, inv, block)
+                if wrapper is None:  # the front-end has no wrapper of its own: a cquant.nn one
+                    wrapper = Smoothed(mod, inv, block)
+                if front.replace(model, mod, wrapper) == 0:  # the model is the layer itself
+                    raise errors.ValueError(f"cannot wrap {m!r}: it is not a registered sub-module")
+                journal.steps.append(lambda _w=wrapper, _m=mod: front.replace(model, _w, _m))
+            groups.append(SmoothedGroup(members, s, "prescale", note="; ".join([why] * bool(why) + notes),
+                                        hadamard=block))
+        change = check()
+        if change > 10 * tolerance:
+            raise errors.QuantizationError(f"smoothing changed the float model output by {change:.1e} "
+                                           f"(> {10 * tolerance:.0e}); this is a bug, please report it")
+        for attr, value in ((INPUT_SCALES_ATTR, record), (OUTPUT_SCALES_ATTR, record_out)):
+            if value:
+                journal.steps.append(_attr_restore(model, attr))
+                object.__setattr__(model, attr, value)
+    except BaseException:
+        journal.undo()
+        raise
+    return SmoothingResult(alpha if auto else float(alpha), groups, calibration, change, _undo=journal.undo)
 
 
 @contextlib.contextmanager

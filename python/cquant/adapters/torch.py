@@ -284,6 +284,13 @@ class QuantizedTorchLinear(torch.nn.Module):
         if a is not None and a.dtype != torch.float32:
             error_msgs.append(f"{ka}: expected a float32 activation scale, got {a.dtype}")
             return
+        if not s.is_floating_point():  # refused by checkpoints too: a wrong tensor, not a rounding choice
+            error_msgs.append(f"{ks}: expected float scales, got {s.dtype}")
+            return
+        if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
+            error_msgs.append(f"{kb}: the bias must be finite floats (got {b.dtype}"
+                              + (")" if not b.is_floating_point() else ", holding NaN or Inf)"))
+            return
         try:
             new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(),
                                                     s.detach().cpu().to(torch.float32).numpy(),
@@ -293,7 +300,7 @@ class QuantizedTorchLinear(torch.nn.Module):
             qf = QuantizedLinearForward(new_qw, bias, self.mode,
                                         None if a is None else float(a.detach().cpu().reshape(()).item()))
         except errors.QuantizationError as e:
-            error_msgs.append(f"{prefix or '<root>'}: {e}")
+            error_msgs.append(f"{ks if str(e).startswith('scale') else prefix or '<root>'}: {e}")
             return
         self._install(qf)
 
