@@ -469,3 +469,56 @@ def test_save_pretrained_smoothed_round_trip(tmp_path, rotate):
         save_file(dict(good, **{key: value}), f, metadata={"format": "pt"})
         with pytest.raises(ValueError, match=match):
             cquant.from_pretrained(str(tmp_path))
+
+
+def test_from_pretrained_refuses_lying_files(tmp_path):
+    """What cquant.load refuses, from_pretrained refuses too, as a CheckpointError naming the file:
+    NaN / negative scales, a NaN bias, malformed cquant_config.json fields, a truncated weight file,
+    a tie between tensors of different shapes (review 2026-11-30)."""
+    transformers = _transformers()
+    import json
+    import shutil
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                  intermediate_size=64, max_position_embeddings=16)
+    src = tmp_path / "src"
+    cquant.save_pretrained(cquant.Quantizer.quantize_dynamic(transformers.BertModel(cfg).eval()), src)
+    lin = "encoder.layer.0.attention.output.dense"
+    weights, conf = "cquant-model.safetensors", "cquant_config.json"
+
+    def tensor(key, fn):
+        def go(d):
+            with safe_open(str(d / weights), "pt") as f:
+                meta = f.metadata()
+            t = load_file(str(d / weights))
+            fn(t[key])
+            save_file(t, str(d / weights), metadata=meta)
+        return go
+
+    def config(fn):
+        def go(d):
+            c = json.loads((d / conf).read_text())
+            fn(c)
+            (d / conf).write_text(json.dumps(c))
+        return go
+
+    cases = [
+        (tensor(lin + ".weight_scale", lambda t: t.__setitem__(0, float("nan"))), "NaN"),
+        (tensor(lin + ".weight_scale", lambda t: t.__setitem__(0, -1.0)), "negative"),
+        (tensor(lin + ".bias", lambda t: t.__setitem__(0, float("nan"))), "finite"),
+        (config(lambda c: c.__setitem__("layers", [])), "layers must be a JSON object"),
+        (config(lambda c: c["layers"][lin].pop("granularity")), "granularity"),
+        (lambda d: (d / conf).write_text("{oops"), "not valid JSON"),
+        (lambda d: os.truncate(d / weights, os.path.getsize(d / weights) - 100), "safetensors"),
+        (config(lambda c: c.__setitem__("tied", {"embeddings.position_embeddings.weight":
+                                                 "embeddings.word_embeddings.weight"})), "cannot be one tensor"),
+    ]
+    for i, (edit, msg) in enumerate(cases):
+        d = tmp_path / f"case{i}"
+        shutil.copytree(src, d)
+        edit(d)
+        with pytest.raises(cquant.errors.CheckpointError, match=msg):
+            cquant.from_pretrained(d)
+    cquant.from_pretrained(src)  # the untouched copy still loads

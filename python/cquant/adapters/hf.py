@@ -260,7 +260,10 @@ def _read_tensors(directory: str, cq: Dict[str, Any]) -> Dict[str, "torch.Tensor
         path = os.path.join(directory, fname)
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: weight file listed in {CONFIG_NAME} is missing")
-        out.update(load_file(path))
+        try:
+            out.update(load_file(path))
+        except Exception as e:  # safetensors' own errors (a truncated or corrupted file)
+            raise errors.CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
     return out
 
 
@@ -347,8 +350,27 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
     cpath = os.path.join(d, CONFIG_NAME)
     if not os.path.exists(cpath):
         raise FileNotFoundError(f"{cpath} not found: {d} was not written by cquant.save_pretrained")
-    with open(cpath) as f:
-        cq = json.load(f)
+    try:
+        with open(cpath, encoding="utf-8") as f:
+            cq = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise errors.CheckpointError(f"{cpath}: not valid JSON ({e})") from None
+    for key, kind in (("", dict), ("layers", dict), ("tied", dict), ("embeddings", dict), ("attentions", list),
+                      ("files", list)):
+        v = cq if key == "" else (cq.get(key) if isinstance(cq, dict) else None)
+        if (key == "" or v is not None) and not isinstance(v, kind):
+            raise errors.CheckpointError(f"{cpath}: {key or 'the file'} must be a JSON "
+                                         f"{'object' if kind is dict else 'array'}, got {type(v).__name__}")
+    try:
+        return _from_pretrained(d, cpath, cq, model_class, config)
+    except errors.QuantizationError:
+        raise
+    except (KeyError, TypeError, IndexError, AttributeError, ValueError) as e:
+        # a field of cquant_config.json missing or of the wrong type (our own errors pass as they are)
+        raise errors.CheckpointError(f"{cpath}: malformed entry ({type(e).__name__}: {e})") from e
+
+
+def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, config: Any) -> "torch.nn.Module":
     if str(cq.get("format_version")) != FORMAT_VERSION:
         raise errors.ValueError(f"{cpath}: format version {cq.get('format_version')!r} is not supported "
                                 f"(this cquant reads {FORMAT_VERSION})")
@@ -400,8 +422,15 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
                 raise errors.ValueError(f"{d}: int4 layer {name!r}: {p + 'weight_q'!r} must be uint8 of shape "
                                         f"({lm['shape'][0]}, {(k + 1) // 2}), got {q.dtype} {tuple(q.shape)}")
             codes = unpack_int4(codes, k)
-        qw = ops.QuantizedWeight.from_codes(codes, s.to(torch.float32).numpy(), lm["granularity"],
-                                            lm.get("group_size"), bits=bits)
+        try:  # codes in range, finite >= 0 float scales, a finite bias: as cquant.load refuses them
+            if not s.is_floating_point():
+                raise errors.TypeError(f"scales must be floats, got {s.dtype}")
+            qw = ops.QuantizedWeight.from_codes(codes, s.to(torch.float32).numpy(), lm["granularity"],
+                                                lm.get("group_size"), bits=bits)
+            if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
+                raise errors.NonFiniteError(f"{p + 'bias'!r} must hold finite floats")
+        except errors.QuantizationError as e:
+            raise errors.CheckpointError(f"{d}: layer {name!r}: {e}") from None
         bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
         new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"],
                                                                 None if act is None else float(act.reshape(()).item())),
@@ -433,6 +462,9 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
     for alias, src in cq.get("tied", {}).items():
         if src not in live:
             raise errors.ValueError(f"{d}: tied tensor {alias!r} refers to {src!r}, which the model lacks")
+        if alias in live and tuple(live[alias].shape) != tuple(live[src].shape):
+            raise errors.CheckpointError(f"{d}: tied tensor {alias!r} has shape {tuple(live[alias].shape)}, "
+                                         f"{src!r} {tuple(live[src].shape)}: they cannot be one tensor")
         _set_tensor(model, alias, live[src])
     left = [n for n, t in list(model.named_parameters(remove_duplicate=False)) + list(model.named_buffers())
             if t is not None and t.device.type == "meta"]
