@@ -556,3 +556,26 @@ def test_torch_save_pretrained_from_pretrained_gpt2(tmp_path):
     assert m.transformer.h[1].mlp.c_fc.qforward.act_scale == g.transformer.h[1].mlp.c_fc.qforward.act_scale
     with torch.no_grad():
         torch.testing.assert_close(m(ids).logits, ref, rtol=0, atol=0)
+
+
+def test_static_layer_without_finite_calibration_input_falls_back_to_dynamic():
+    """A layer reached only by NaN rows (or by batches of zero rows) has no statistics: dynamic
+    activations with the reason recorded, and strict=True refuses, as for a layer never reached
+    (it took the scale 1.0 silently: review 2026-11-30)."""
+    from cquant import nn
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((8, 16)) * 0.05).astype(np.float32)
+    nan_rows = np.where(np.eye(8, 16, dtype=bool), np.nan, x).astype(np.float32)  # layer 2 sees NaN only
+
+    def fresh():
+        return nn.Sequential(nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2))
+    for batches, blind in (([nan_rows], ["2"]), ([x[:0]], ["0", "2"])):
+        with pytest.raises(cquant.errors.ValueError, match="no finite input"):
+            cquant.Quantizer(mode="static", strict=True).quantize(fresh(), calibration=batches)
+        q = cquant.Quantizer(mode="static")
+        m = q.quantize(fresh(), calibration=batches)
+        why = {r.name: r.reason for r in q.summary}
+        for name in blind:
+            assert "held no finite value" in why[name] and "dynamic activations instead" in why[name]
+        ref = fresh()(x)
+        assert np.linalg.norm(m(x) - ref) / np.linalg.norm(ref) < 0.05

@@ -99,6 +99,11 @@ class LayerStats:
         self.rows += int(x2.shape[0])
 
     @property
+    def saw_finite(self) -> bool:
+        """Whether any finite input value was seen (not: no rows, or NaN / Inf everywhere)."""
+        return bool(np.isfinite(self.max).any())
+
+    @property
     def tensor_absmax(self) -> float:
         """max |x| over all channels (what a per-tensor static scale needs)."""
         return float(self.absmax.max()) if self.absmax.size else 0.0

@@ -589,6 +589,7 @@ class Quantizer:
         #: calibration batches, measured after smoothing); None until calibration batches are given
         self.act_scales: Optional[Dict[str, float]] = None
         self._static_missing: List[str] = []
+        self._static_blind: set = set()  # layers reached whose calibration inputs held no finite value
 
     def _uses_static(self) -> bool:
         return self.scheme.activations == "static" or any(
@@ -600,7 +601,9 @@ class Quantizer:
         if s.activations != "static" or (self.act_scales is not None and name in self.act_scales):
             return s, note
         self._static_missing.append(_display(name))
-        why = ("static: the calibration batches never reached this layer (no activation statistics): "
+        why = ("static: the calibration inputs of this layer held no finite value (NaN / Inf or no rows): "
+               "dynamic activations instead" if name in self._static_blind else
+               "static: the calibration batches never reached this layer (no activation statistics): "
                "dynamic activations instead")
         return replace(s, activations="dynamic"), "; ".join(filter(None, [note, why]))
 
@@ -609,7 +612,7 @@ class Quantizer:
             names = self._static_missing
             raise errors.ValueError(
                 f"static activations need calibration statistics, but the calibration batches never reached "
-                f"{len(names)} selected layer(s): {', '.join(names[:20])}"
+                f"(or gave no finite input to) {len(names)} selected layer(s): {', '.join(names[:20])}"
                 + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
                 + " (strict=True; without it they get dynamic activations, the reason recorded)")
 
@@ -745,7 +748,10 @@ class Quantizer:
         quantizes)."""
         cal = _calibration.calibrate(model, batches) if smoothed or self.calibration is None else self.calibration
         tiny = np.finfo(np.float32).tiny
-        return {name: float(max(st.static_scale()[0], tiny)) for name, st in cal.items()}
+        # a layer reached whose inputs held no finite value (every row NaN / Inf, or no rows) has
+        # no statistics either: dynamic activations, as for a layer never reached (_static_fit)
+        self._static_blind = {name for name, st in cal.items() if not st.saw_finite}
+        return {name: float(max(st.static_scale()[0], tiny)) for name, st in cal.items() if st.saw_finite}
 
     def _clone(self, scheme: Optional[QuantScheme] = None) -> "Quantizer":
         """A Quantizer with the same selection; ``scheme``: every selected layer on that scheme
@@ -755,6 +761,7 @@ class Quantizer:
         q.rules = self.rules if scheme is None else tuple((k, None) for k, v in self.rules if v is None)
         q.mode, q.granularity, q.group_size = q.scheme.mode, q.scheme.granularity, q.scheme.group_size
         q.act_scales = self.act_scales
+        q._static_blind = self._static_blind
         q.embeddings = self.embeddings
         return q
 
