@@ -105,6 +105,14 @@ def test_report_float_and_quantized(tmp_path, capsys):
     assert rc == 0 and "--reference" in out
     rc, out, _ = run(["report", dst, "--reference", src, "--top", "2"], capsys)
     assert rc == 0 and len(out.splitlines()) == 5
+    rc, _, err = run(["report", dst, "--reference", src, "--top", "-1"], capsys)  # was: the best row dropped
+    assert rc == 2 and "--top must be >= 0" in err
+    nan = dict(arrays)
+    nan["bad.weight"] = arrays["bad.weight"].copy()
+    nan["bad.weight"][1, 1] = np.nan
+    write_checkpoint(tmp_path / "nan.safetensors", nan)
+    rc, _, err = run(["report", dst, "--reference", tmp_path / "nan.safetensors"], capsys)
+    assert rc == 2 and "holds NaN or Inf" in err and err.count("\n") == 1
 
 
 def test_info_and_bench_help(capsys):

@@ -927,3 +927,26 @@ def test_torch_load_state_dict_refuses_bad_values():
     with pytest.raises(RuntimeError, match="expected float scales"):
         tm.load_state_dict(sd)
     assert torch.equal(tm(x), y0)
+
+
+def test_raw_python_errors_become_cquant_errors():
+    """Arguments of the wrong kind get cquant's errors, not IndexError / unhashable-type TypeError
+    (review 2026-11-30)."""
+    with pytest.raises(errors.TypeError, match="must be a str"):
+        ops.set_isa(["avx2"])
+    with pytest.raises(errors.ShapeError, match="at least one dimension"):
+        ops.hadamard(np.float32(1), 2)
+    with pytest.raises(errors.ValueError, match=">= 0"):
+        ops.best_format(-1)
+
+
+def test_torch_lazy_linear_is_skipped_with_a_reason():
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Linear(8, 4))
+    q = cquant.Quantizer()
+    out = q.quantize(m)
+    why = {r.name: (r.status, r.reason) for r in q.summary}
+    assert why["0"][0] == "skipped" and "not initialized" in why["0"][1] and why["1"][0] == "quantized"
+    assert isinstance(out[0], torch.nn.LazyLinear)
+    cal = cquant.calibrate(torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Linear(8, 4)), [torch.randn(2, 5)])
+    assert list(cal) == ["1"]  # the lazy layer had no sizes when the statistics were set up

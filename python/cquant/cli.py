@@ -567,6 +567,8 @@ def _metrics(w: np.ndarray, wq: np.ndarray) -> Tuple[float, float, float]:
 
 def cmd_report(args: argparse.Namespace) -> int:
     _check_scheme(args)
+    if args.top < 0:
+        raise CliError(f"--top must be >= 0 (0: every layer), got {args.top}")
     rows: List[Tuple[float, List[str]]] = []
     with open_checkpoint(args.checkpoint) as r:
         path = r.path
@@ -599,6 +601,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                             raise CliError(f"{args.reference}: tensor {wname!r} is {t.dtype} {list(t.shape)}; "
                                            f"layer {layer!r} of {path} needs a float tensor of shape {list(want)}")
                         w = ref.float32(wname)
+                        if not np.isfinite(w).all():  # the metrics of a NaN reference mean nothing
+                            raise CliError(f"{args.reference}: tensor {wname!r} holds NaN or Inf")
                         if spec.layout == "in_out":
                             w = w.T
                         qw = ops.QuantizedWeight.from_codes(np.array(q), np.array(s), spec.granularity,
@@ -636,7 +640,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                                   format_bytes((qw.q.nbytes if qw.bits == 8 else qw.shape[0] * ((qw.shape[1] + 1) // 2)) + qw.scale.nbytes), f"{sq:.2f}", f"{mx:.3g}", f"{cos:.6f}"]))
             note = "  (float checkpoint: quantized in memory with the scheme in the table)"
     rows.sort(key=lambda kv: kv[0])  # worst (lowest SQNR) first
-    shown = rows if not args.top else rows[:args.top]
+    shown = rows if not args.top else rows[:args.top]  # --top >= 0: checked before any file is read
     print(f"{path}: {len(rows)} quantized layer(s), worst first{note}")
     print(_table(("layer", "shape (out x in)", "scheme", "int8 bytes", "SQNR dB", "max|err|", "cosine"),
                  [r for _, r in shown], right=(3, 4, 5, 6)))

@@ -105,7 +105,9 @@ def set_isa(name: str) -> str:
     """Force a path by name, or 'auto' (CQUANT_ISA if set, else the best). Returns the path in use.
 
     Raises IsaError if this CPU or build cannot run it, ValueError for an unknown name."""
-    name = name.lower() if isinstance(name, str) else name
+    if not isinstance(name, str):
+        raise errors.TypeError(f"ISA name must be a str, got {type(name).__name__}")
+    name = name.lower()
     if name == "auto":
         if lib.cq_set_isa(lib.CQ_ISA_AUTO) != 0:
             raise errors.IsaError(_isa_message("cannot select the kernel path"))
@@ -142,7 +144,10 @@ def last_kernel() -> str:
 def best_format(n: int = 0) -> str:
     """Packed weight format the active path's best kernels read for a weight of n output rows
     ('n16k4' or 'n64k4'; small n keep panels of 16 so that padding stays small)."""
-    code = lib.cq_best_format(int(n))
+    n = _int_arg(n, "n")
+    if n < 0:
+        raise errors.ValueError(f"n (output rows) must be >= 0, got {n}")
+    code = lib.cq_best_format(n)
     if code < 0:
         _raise(code, "best_format")
     return _FORMAT_NAMES[code]
@@ -734,7 +739,9 @@ def hadamard(x, block: int, x_mul=None) -> np.ndarray:
     in the kernel's order of float32 operations (bit-identical to what the kernel quantizes; numpy,
     for float paths and tests). ``H_b`` is symmetric and ``H_b @ H_b = block * I``."""
     v = _float_array(x, "x")
-    k = v.shape[-1] if v.ndim else 0
+    if v.ndim == 0:
+        raise errors.ShapeError("x must have at least one dimension (the rotated columns are its last)")
+    k = v.shape[-1]
     b = hadamard_block(block, k, "block")
     if x_mul is not None:
         xm = _float_array(x_mul, "x_mul")

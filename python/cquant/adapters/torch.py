@@ -529,6 +529,8 @@ def _classify(mod: "torch.nn.Module", parent: Optional["torch.nn.Module"]) -> Tu
     """(kind, "") if ``mod`` is quantizable ("linear_out_in", "linear_in_out", "mha"), else (None,
     reason); reason "" means: not a layer."""
     w = getattr(mod, "weight", None)
+    if isinstance(w, torch.nn.parameter.UninitializedParameter):  # LazyLinear before its first call
+        return None, f"{type(mod).__name__}: weight is not initialized yet (run the model once first)"
     if isinstance(mod, torch.nn.MultiheadAttention):
         why = QuantizedMultiheadAttention.unsupported(mod)
         if why:
@@ -609,8 +611,11 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
         w = getattr(mod, "weight", None)
         if kind == "mha":
             w = mod.in_proj_weight if mod._qkv_same_embed_dim else None
-        shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.device.type != "meta" else None
-        wb = int(w.numel() * w.element_size()) if isinstance(w, torch.Tensor) else 0
+        if isinstance(w, torch.nn.parameter.UninitializedParameter):  # no shape or size yet
+            shape, wb = None, 0
+        else:
+            shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.device.type != "meta" else None
+            wb = int(w.numel() * w.element_size()) if isinstance(w, torch.Tensor) else 0
         if kind is not None:
             exc = _match(name, exclude)
             if exc is not None:

@@ -25,6 +25,8 @@ __all__ = ["TorchFrontEnd", "TORCH"]
 def _torch_linear_sizes(mod: Any) -> Optional[Tuple[int, int]]:
     """(in, out) of a float torch Linear (keeping Linear.forward) or GPT-2 Conv1D, else None."""
     w = getattr(mod, "weight", None)
+    if isinstance(w, torch.nn.parameter.UninitializedParameter):  # a lazy module not run yet: no sizes
+        return None
     if isinstance(mod, torch.nn.Linear):
         if type(mod).forward is not torch.nn.Linear.forward or type(mod).__name__.startswith("NonDynamically"):
             return None
