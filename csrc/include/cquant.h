@@ -201,7 +201,8 @@ int cq_packed_info(const void *packed, int64_t size, int64_t *n, int64_t *k, int
 
 /* ---- kernels --------------------------------------------------------------------------------- */
 /* c (m, n) int32 = a (m, k) int8 times b (n, k) int8 transposed, exactly.
- * Codes must be in [-127, 127] (CQ_ERR_RANGE otherwise); k <= CQ_MAX_K_S32 (CQ_ERR_OVERFLOW). */
+ * Codes must be in [-127, 127] (CQ_ERR_RANGE otherwise); k <= CQ_MAX_K_S32 (CQ_ERR_OVERFLOW);
+ * c overlapping a or b: CQ_ERR_ALIAS. */
 int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int64_t k, int32_t *c);
 
 /* y (m, n) float32 = x (m, k) float32 through a linear layer with packed int8 weight (n, k),
@@ -287,17 +288,19 @@ int cq_peak_gmacs(int kind, double *gmacs);
 
 /* ---- float32 helpers for the layers around the linear ones ------------------------------------ */
 /* y[i] = x[i] / 2 * (1 + erf(x[i] / sqrt(2)))  (exact GELU, as BERT uses it), n >= 0 elements;
- * y may be x (in place). Absolute error <= 1e-6 + 3e-7 * |x| against a double-precision reference
+ * y may be x (in place); any other overlap: CQ_ERR_ALIAS. Absolute error <= 1e-6 + 3e-7 * |x| against a double-precision reference
  * on every path; NaN stays NaN, +-Inf gives +Inf / 0. */
 int cq_gelu(const float *x, int64_t n, float *y);
 
 /* Layer normalization of each row of x (m, k): y = (x - mean) / sqrt(var + eps) * gamma + beta,
- * biased variance; gamma and beta (k) may be NULL (1 and 0). eps >= 0. y may be x. */
+ * biased variance; gamma and beta (k) may be NULL (1 and 0). eps >= 0. y may be x; y overlapping
+ * x otherwise, or gamma / beta: CQ_ERR_ALIAS. */
 int cq_layer_norm(const float *x, int64_t m, int64_t k, const float *gamma, const float *beta,
                   float eps, float *y);
 
 /* y = LayerNorm(x + residual) per row of (m, k), as cq_layer_norm, in one call (residual NULL:
- * cq_layer_norm). y may be x or residual. */
+ * cq_layer_norm). y may be x or residual (in place); any other overlap of y with x, residual, gamma
+ * or beta: CQ_ERR_ALIAS. */
 int cq_add_layer_norm(const float *x, const float *residual, int64_t m, int64_t k, const float *gamma,
                       const float *beta, float eps, float *y);
 
@@ -325,7 +328,7 @@ int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t r
  * out with row stride ldo), ld and ldo >= heads * head_dim (ld = 3 * heads * head_dim reads a
  * fused QKV projection). mask_bias (batch, seq) is added to the scores of every query row of its
  * batch (0 for tokens, -Inf or a large negative number for padding), or NULL. The softmax is
- * cq_softmax_rows'. out must not overlap q, k or v. CQ_ERR_NOMEM if its scratch
+ * cq_softmax_rows'. out overlapping q, k, v or mask_bias: CQ_ERR_ALIAS. CQ_ERR_NOMEM if its scratch
  * (about (3 * head_dim + 40) * seq floats per unit of work) cannot be allocated. */
 int cq_attention(const float *q, const float *k, const float *v, int64_t ld, int64_t batch, int64_t seq,
                  int64_t heads, int64_t head_dim, const float *mask_bias, float scale, float *out, int64_t ldo);

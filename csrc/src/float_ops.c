@@ -146,6 +146,7 @@ int cq_gelu(const float *x, int64_t n, float *y)
     if (!cq_bytes_ok(n, 1, 4)) return CQ_ERR_OVERFLOW;
     if (n == 0) return CQ_OK;
     if (!x || !y) return CQ_ERR_NULL;
+    if (y != x && cq_overlap(y, n * 4, x, n * 4)) return CQ_ERR_ALIAS; /* in place, or apart */
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     /* the path's GELU (the element-wise table's: cq_linear_post's CQ_POST_GELU runs the same one,
@@ -184,8 +185,13 @@ int cq_add_layer_norm_ex(const float *x, const float *residual, const float *res
     if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
     if (m == 0) return CQ_OK;
     if (!x || !y || (residual_mul && !residual)) return CQ_ERR_NULL;
-    /* every row reads residual_mul: y (written row by row) must not overlap it */
-    if (residual_mul && cq_overlap(y, m * k * 4, residual_mul, k * 4)) return CQ_ERR_ALIAS;
+    /* every row reads residual_mul, gamma and beta: y (written row by row) must not overlap them;
+     * y is x or residual (in place), or apart from both */
+    const int64_t yb = m * k * 4;
+    if ((residual_mul && cq_overlap(y, yb, residual_mul, k * 4)) || (gamma && cq_overlap(y, yb, gamma, k * 4)) ||
+        (beta && cq_overlap(y, yb, beta, k * 4)) || (y != x && cq_overlap(y, yb, x, yb)) ||
+        (residual && y != residual && cq_overlap(y, yb, residual, yb)))
+        return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     ln_ctx c = {fo_for(isa), x, residual, residual_mul, gamma, beta, y, m, k, (16384 / k) + 1, eps};
@@ -277,6 +283,12 @@ int cq_attention(const float *q, const float *k, const float *v, int64_t ld, int
     if (!cq_mul_ok(head_dim + 8 + 2 * dhp, ldk, &per) || !cq_bytes_ok(per, 1024, 4)) return CQ_ERR_OVERFLOW; /* <= 4 units per thread */
     if (rows == 0) return CQ_OK;
     if (!q || !k || !v || !out) return CQ_ERR_NULL;
+    { /* out is written while other units still read q, k, v and the mask: no overlap with any */
+        const int64_t in_b = ((rows - 1) * ld + width) * 4, out_b = ((rows - 1) * ldo + width) * 4;
+        if (cq_overlap(out, out_b, q, in_b) || cq_overlap(out, out_b, k, in_b) || cq_overlap(out, out_b, v, in_b) ||
+            (mask_bias && cq_overlap(out, out_b, mask_bias, rows * 4)))
+            return CQ_ERR_ALIAS;
+    }
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     double work = 4.0 * (double)pairs * (double)seq * (double)seq * (double)head_dim;

@@ -17,6 +17,7 @@
 #include <stddef.h>
 #include <stdlib.h>
 #include <stdint.h>
+#include <string.h>
 #include "cquant.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -52,9 +53,17 @@ typedef struct {
  * or CQ_ERR_FORMAT. */
 int cq_pack_read_header(const void *packed, cq_pack_header *h);
 static inline const int8_t *cq_pack_codes(const void *packed) { return (const int8_t *)packed + CQ_PACK_HEADER; }
-static inline const int32_t *cq_pack_sums(const void *packed, const cq_pack_header *h)
+/* The column sums' bytes: int32 values that may sit at any address (the caller's packed buffer
+ * need not be aligned), so they are read with memcpy (cq_load_i32), never through an int32_t *. */
+static inline const unsigned char *cq_pack_sums(const void *packed, const cq_pack_header *h)
 {
-    return (const int32_t *)(const void *)((const char *)packed + h->sums_off);
+    return (const unsigned char *)packed + h->sums_off;
+}
+static inline int32_t cq_load_i32(const unsigned char *p)
+{
+    int32_t v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
 int cq_format_is_i4(int format);

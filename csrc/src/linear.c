@@ -40,7 +40,7 @@ typedef struct {
     const int8_t *qa;     /* dynamic / gemm: int8 (or u8) activations (lda = 4 * kp4) */
     const float *sx;      /* dynamic: per-row activation scales */
     const int8_t *codes;  /* packed codes */
-    const int32_t *sums;  /* packed column sums */
+    const unsigned char *sums; /* packed column sums (int32 at any alignment: cq_load_i32) */
     const float *scales;
     const float *bias;
     float *y;
@@ -148,8 +148,8 @@ static void panel_bias(const lin_ctx *c, int64_t p, float *b)
 /* 128 * column sums of segment s of panel p (the u8 compensation), modulo 2^32. */
 static void panel_comp(const lin_ctx *c, int64_t p, int64_t s, int32_t *comp)
 {
-    const int32_t *src = c->sums + (p * c->nseg + s) * c->nr;
-    for (int j = 0; j < c->nr; j++) comp[j] = (int32_t)((uint32_t)src[j] * 128u);
+    const unsigned char *src = c->sums + 4 * (p * c->nseg + s) * c->nr;
+    for (int j = 0; j < c->nr; j++) comp[j] = (int32_t)((uint32_t)cq_load_i32(src + 4 * j) * 128u);
 }
 
 /* 128 * column sums of steps [t0, t0 + nt) of panel p, read from the codes (the rare chunked case). */
@@ -686,6 +686,8 @@ int cq_gemm_s8s8s32(const int8_t *a, const int8_t *b, int64_t m, int64_t n, int6
     if (!a || !b || !c) return CQ_ERR_NULL;
     if (k > CQ_MAX_K_S32) return CQ_ERR_OVERFLOW;
     if (!cq_bytes_ok(m, k, 1) || !cq_bytes_ok(n, k, 1) || !cq_bytes_ok(m, n, 4)) return CQ_ERR_OVERFLOW;
+    /* c is written by some units while others still read a (in place, on some paths) and b */
+    if (cq_overlap(c, m * n * 4, a, m * k) || cq_overlap(c, m * n * 4, b, n * k)) return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     for (int64_t i = 0; i < m * k; i++)

@@ -183,7 +183,8 @@ static void pack_unit(void *vctx, int64_t p)
         }
 sums:
     if (!h->sums_bytes) return;
-    int32_t *sums = (int32_t *)(void *)(c->packed + h->sums_off) + p * h->nseg * nr;
+    /* int32 values at any alignment (the caller's buffer): stored with memcpy */
+    unsigned char *sums = (unsigned char *)c->packed + h->sums_off + 4 * p * h->nseg * nr;
     for (int64_t s = 0; s < h->nseg; s++)
         for (int j = 0; j < nr; j++) {
             uint32_t acc = 0; /* modulo 2^32: only segments short enough for exact int32 use it */
@@ -196,7 +197,8 @@ sums:
                     acc += (uint32_t)part;
                 }
             }
-            sums[s * nr + j] = (int32_t)acc;
+            int32_t v = (int32_t)acc;
+            memcpy(sums + 4 * (s * nr + j), &v, sizeof v);
         }
 }
 

@@ -367,6 +367,84 @@ static void test_linear_alias(void)
     free(packed);
 }
 
+/* The other entry points that write while they read: an output overlapping an input other than
+ * the documented in-place cases is CQ_ERR_ALIAS, and nothing is written (review 2026-11-30: these
+ * gave status 0 and a wrong result). */
+static void test_other_alias(void)
+{
+    static float buf[4096];
+    static int8_t a8[256], b8[256];
+    static int32_t c32[256];
+    for (int i = 0; i < 4096; i++) buf[i] = (float)(i % 13) * 0.25f - 1.5f;
+    for (int i = 0; i < 256; i++) { a8[i] = (int8_t)(i % 9 - 4); b8[i] = (int8_t)(i % 7 - 3); }
+    float keep[4096];
+    memcpy(keep, buf, sizeof keep);
+    /* gemm_s8s8s32: c over a or b (c as int32 over int8 storage) */
+    {
+        static int32_t ab32[128];
+        int8_t *a = (int8_t *)(void *)ab32;
+        for (int i = 0; i < 64; i++) a[i] = (int8_t)(i % 5 - 2);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a, b8, 4, 4, 16, ab32), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a8, a, 4, 4, 16, ab32 + 12), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_gemm_s8s8s32(a8, b8, 4, 4, 16, c32), CQ_OK);
+    }
+    /* GELU: in place is fine, a shifted output is not */
+    EXPECT_STATUS(cq_gelu(buf, 100, buf + 1), CQ_ERR_ALIAS);
+    EXPECT_STATUS(cq_gelu(buf + 1, 100, buf), CQ_ERR_ALIAS);
+    CHECK(memcmp(keep, buf, sizeof keep) == 0, "a refused cq_gelu writes nothing");
+    /* LayerNorm: y is x or residual, or apart; not shifted, not over gamma / beta */
+    EXPECT_STATUS(cq_layer_norm(buf, 4, 64, NULL, NULL, 1e-5f, buf + 64), CQ_ERR_ALIAS);
+    EXPECT_STATUS(cq_add_layer_norm(buf, buf + 1024, 4, 64, NULL, NULL, 1e-5f, buf + 1024 + 32), CQ_ERR_ALIAS);
+    EXPECT_STATUS(cq_layer_norm(buf, 4, 64, buf + 2048, NULL, 1e-5f, buf + 2048 - 100), CQ_ERR_ALIAS);
+    EXPECT_STATUS(cq_layer_norm(buf, 4, 64, NULL, buf + 2048, 1e-5f, buf + 2048 - 100), CQ_ERR_ALIAS);
+    CHECK(memcmp(keep, buf, sizeof keep) == 0, "a refused LayerNorm writes nothing");
+    /* attention (batch 1, seq 4, 2 heads of 8: width 16): out over q, k, v or the mask */
+    {
+        const float *q = buf, *k = buf + 16, *v = buf + 32; /* a fused QKV projection, ld 48 */
+        EXPECT_STATUS(cq_attention(q, k, v, 48, 1, 4, 2, 8, NULL, 0.35f, buf + 32, 48), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_attention(q, k, v, 48, 1, 4, 2, 8, NULL, 0.35f, buf + 100, 16), CQ_ERR_ALIAS);
+        EXPECT_STATUS(cq_attention(q, k, v, 48, 1, 4, 2, 8, buf + 1000, 0.35f, buf + 998, 16), CQ_ERR_ALIAS);
+        CHECK(memcmp(keep, buf, sizeof keep) == 0, "a refused cq_attention writes nothing");
+        EXPECT_STATUS(cq_attention(q, k, v, 48, 1, 4, 2, 8, buf + 1000, 0.35f, buf + 2000, 16), CQ_OK);
+    }
+    /* the documented in-place cases still work */
+    EXPECT_STATUS(cq_gelu(buf, 100, buf), CQ_OK);
+    EXPECT_STATUS(cq_layer_norm(buf, 4, 64, NULL, NULL, 1e-5f, buf), CQ_OK);
+    EXPECT_STATUS(cq_add_layer_norm(buf, buf + 1024, 4, 64, NULL, NULL, 1e-5f, buf + 1024), CQ_OK);
+}
+
+/* A packed weight at any address (e.g. read from a file at an odd offset): the header and the
+ * column sums are read byte-wise, so the results equal those of an aligned copy (under the
+ * sanitizer build, -fno-sanitize-recover=undefined also proves there is no misaligned access). */
+static void test_unaligned_packed(void)
+{
+    enum { M = 5, N = 192, K = 36 }; /* N64K4 (with column sums) on the AVX-512 paths */
+    static int8_t q[N * K];
+    static float s[N], x[M * K], y0[M * N], y1[M * N];
+    for (int i = 0; i < N * K; i++) q[i] = (int8_t)((i * 37) % 255 - 127);
+    for (int i = 0; i < N; i++) s[i] = 0.01f + 0.001f * (float)i;
+    for (int i = 0; i < M * K; i++) x[i] = (float)(i % 11) * 0.3f - 1.4f;
+    int64_t psize = cq_packed_size(CQ_FORMAT_AUTO, N, K, 0);
+    CHECK(psize > 0, "packed size");
+    if (psize <= 0) return;
+    char *base = (char *)malloc((size_t)psize + 128);
+    CHECK(base != NULL, "malloc");
+    if (!base) return;
+    char *aligned = base + (64 - (uintptr_t)base % 64) % 64;
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, aligned), CQ_OK);
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+        EXPECT_STATUS(cq_linear(mode, x, M, K, aligned, s, CQ_PER_CHANNEL, 0, N, NULL, y0), CQ_OK);
+        for (int off = 1; off < 8; off += 2) {
+            char *odd = aligned + off;
+            EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, odd), CQ_OK);
+            EXPECT_STATUS(cq_linear(mode, x, M, K, odd, s, CQ_PER_CHANNEL, 0, N, NULL, y1), CQ_OK);
+            CHECK(memcmp(y0, y1, sizeof y0) == 0, "a packed weight at an odd address gives the same result");
+        }
+        EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, aligned), CQ_OK);
+    }
+    free(base);
+}
+
 /* cq_isa_error: "" while the selection works; the reason after a CQUANT_ISA that cannot be used
  * (unknown name, or a path this CPU/build lacks) and after a refused cq_set_isa; cleared again by a
  * selection that succeeds. */
@@ -597,6 +675,8 @@ int main(void)
     test_bad_arguments();
     test_small_run();
     test_linear_alias();
+    test_other_alias();
+    test_unaligned_packed();
     test_linear_ex();
     test_linear_multi();
     test_isa_error();
