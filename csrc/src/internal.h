@@ -163,6 +163,8 @@ typedef struct {
     int pad_rows;    /* the kernel reads whole blocks of this many activation rows */
     int kc4;         /* k steps per k block */
     int mb;          /* activation rows per unit of work */
+    int whole_k;     /* per-channel: each tile sweeps all of k in one call where the unit has enough
+                        rows or the weight is small (linear.c, WHOLE_K_*), else k blocks of kc4 */
 } cq_qd8_config;
 typedef struct {
     int isa, format;
