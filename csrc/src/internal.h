@@ -96,6 +96,10 @@ typedef struct {
     const float *sx, *sw, *bias;
     float *y, *facc;
     int64_t ldy;
+    /* optional, a hint: kernels that read it prefetch pf + t * pf_step into L2 at k step t (the
+     * driver points it at the next panel while this one is in L2: linear.c, NEXT_PANEL); NULL: none */
+    const int8_t *pf;
+    int64_t pf_step;
 } cq_qd8_out;
 typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
                                const int8_t *b, const cq_qd8_out *o);

@@ -287,7 +287,16 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
     }
     if (md->mode == CQ_OUT_F32) { o.sx = sx; o.bias = md->bias ? bias : NULL; o.y = y; o.ldy = ldy; }
     if (md->mode == CQ_OUT_FACC) { o.facc = facc; o.sx = sx; }
+    /* the driver's prefetch hint (half the runs): never changes a result */
+    int8_t *pfbuf = NULL;
+    if (rnd() % 2) {
+        static const int64_t pf_steps[3] = {0, 8, 64};
+        pfbuf = (int8_t *)xmalloc((size_t)(c->nk4 * 64 + 64));
+        o.pf = pfbuf;
+        o.pf_step = pf_steps[rnd() % 3];
+    }
     ((cq_qd8_gemm_fn)uk->fn)(mr, nr, c->nk4, a, c->lda, c->b, &o);
+    free(pfbuf);
 
     /* integer part of every output: s' (or, in I32 mode, the stored sum) */
     for (int r = 0; r < mr && ok; r++)

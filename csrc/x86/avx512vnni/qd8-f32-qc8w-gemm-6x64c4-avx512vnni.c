@@ -42,11 +42,16 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
     _mm_prefetch((const char *)(p) + CQ_PF_DIST + 64, _MM_HINT_T0);                               \
     _mm_prefetch((const char *)(p) + CQ_PF_DIST + 128, _MM_HINT_T0);                              \
     _mm_prefetch((const char *)(p) + CQ_PF_DIST + 192, _MM_HINT_T0);
+/* The driver's L2 prefetch of the next panel (cq_qd8_out.pf): one line per k step at most; none
+ * given: the step's own first line again (an L1 hit), so the loop has no branch. */
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         DECLS                                                                                     \
+        const char *pf = o->pf ? (const char *)o->pf : (const char *)b;                          \
+        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
+            _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
             const __m512i b0 = _mm512_loadu_si512((const void *)(b + t * STEP));                  \
             const __m512i b1 = _mm512_loadu_si512((const void *)(b + t * STEP + 64));             \
             const __m512i b2 = _mm512_loadu_si512((const void *)(b + t * STEP + 128));            \
