@@ -950,3 +950,41 @@ def test_torch_lazy_linear_is_skipped_with_a_reason():
     assert isinstance(out[0], torch.nn.LazyLinear)
     cal = cquant.calibrate(torch.nn.Sequential(torch.nn.LazyLinear(8), torch.nn.Linear(8, 4)), [torch.randn(2, 5)])
     assert list(cal) == ["1"]  # the lazy layer had no sizes when the statistics were set up
+
+
+def test_smoothing_failure_during_a_fold_check_undoes_that_fold(monkeypatch):
+    """An exception while a fold is being checked (the model's forward failing on the folded model:
+    transformers' T5 read .weight of a wrapper) undoes that fold too, not only the kept ones."""
+    from cquant import nn, smoothing
+    x = np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)
+    m = nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2))
+    ref = copy.deepcopy(m)
+    real = smoothing._rel_change
+
+    def boom(y, r):
+        raise RuntimeError("injected in the fold check")
+    monkeypatch.setattr(smoothing, "_rel_change", boom)
+    with pytest.raises(RuntimeError, match="injected"):
+        smoothing.smooth(m, [x], alpha=0.5)
+    monkeypatch.setattr(smoothing, "_rel_change", real)
+    assert _same_model(m, ref)
+    np.testing.assert_array_equal(m(x), ref(x))
+
+
+def test_torch_t5_quantizes_and_runs():
+    """transformers' T5 FFN reads ``self.wo.weight.dtype``: quantized (and smoothed) layers answer
+    ``weight`` with None, so the model runs (it raised AttributeError)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(num_layers=1, num_decoder_layers=1, d_model=32, d_ff=64, d_kv=8, num_heads=4,
+                                vocab_size=50)
+    ids = torch.randint(0, 50, (2, 5))
+    for kw in ({}, {"calibration": [{"input_ids": ids, "decoder_input_ids": ids}], "smoothing": 0.5}):
+        m = transformers.T5ForConditionalGeneration(cfg).eval()
+        with torch.no_grad():
+            ref = m(input_ids=ids, decoder_input_ids=ids).logits
+        q = cquant.Quantizer.quantize_dynamic(m, **kw)
+        with torch.no_grad():
+            y = q(input_ids=ids, decoder_input_ids=ids).logits
+        assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.99

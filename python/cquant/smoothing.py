@@ -494,6 +494,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             done = False
             for how, src, res_blocks in candidates:
                 j = _Journal(front)
+                journal.steps.append(j.undo)  # a failure in this attempt undoes it too (undo empties j)
                 if not _fold(model, j, how, src, s, linears, dict(norms)):
                     notes.append(f"cannot fold into {src}")
                     continue
@@ -502,8 +503,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                 for m in members:
                     j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
                 change = check()
-                if change <= tolerance:
-                    journal.steps.extend(j.steps)  # kept: undone only if the whole smoothing is
+                if change <= tolerance:  # kept: j stays in the journal, undone only if the whole smoothing is
                     groups.append(SmoothedGroup(members, s, how, src, note=why, residual=[n for n, _ in res_blocks]))
                     for m in members:
                         record[m] = record[m] * s if m in record else s.copy()

@@ -125,6 +125,9 @@ class QuantizedTorchLinear(torch.nn.Module):
     """
 
     _cquant_x_mul = True  # forward takes x_mul and x_hadamard (smoothing / rotation in the kernel)
+    #: no float weight: code that reads ``layer.weight`` to pick a dtype (transformers' T5 FFN:
+    #: ``isinstance(self.wo.weight, torch.Tensor) and ...``) sees None, as for a layer without one
+    weight = None
 
     def __init__(self, qforward: QuantizedLinearForward, source: str = "Linear"):
         super().__init__()

@@ -23,6 +23,9 @@ class SmoothedTorchLinear(torch.nn.Module):
     without it (written before rotation existed) loads as 0."""
 
     _cquant_smoothing_wrapper = True  # what FrontEnd.unwrap (cquant.frontends) recognises
+    #: as QuantizedTorchLinear.weight: code that reads ``layer.weight`` for its dtype sees None
+    #: (transformers' T5 FFN), the wrapped layer's weight being scaled for the wrapper's input
+    weight = None
 
     def __init__(self, linear: torch.nn.Module, inv_scale: np.ndarray, hadamard: int = 0):
         super().__init__()
