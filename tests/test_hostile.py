@@ -988,3 +988,28 @@ def test_torch_t5_quantizes_and_runs():
         with torch.no_grad():
             y = q(input_ids=ids, decoder_input_ids=ids).logits
         assert torch.nn.functional.cosine_similarity(y.flatten(), ref.flatten(), dim=0) > 0.99
+
+
+def test_torch_calibration_runs_in_eval_mode_and_keeps_the_mode():
+    """A freshly built torch model is in train mode: calibration, smoothing's checks and the budget
+    run it in eval mode (no dropout: the static scales were those of dropped-out activations), and
+    each module's own training flag is put back."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.GELU(), torch.nn.Dropout(0.5),
+                               torch.nn.Linear(32, 8))
+
+    def fresh():  # the same weights, in train mode
+        return copy.deepcopy(base).train()
+    x = torch.randn(64, 16)
+    ev = cquant.calibrate(fresh().eval(), [x])
+    m = fresh()
+    tr = cquant.calibrate(m, [x])
+    assert m.training and all(c.training for c in m.children())
+    np.testing.assert_array_equal(ev["3"].absmax, tr["3"].absmax)
+    q = cquant.Quantizer(mode="static")
+    q.quantize(fresh(), calibration=[x])
+    q2 = cquant.Quantizer(mode="static")
+    q2.quantize(fresh().eval(), calibration=[x])
+    assert q.act_scales == q2.act_scales
+    cquant.Quantizer.quantize_dynamic(fresh(), calibration=[x], smoothing=0.5)  # its checks hold

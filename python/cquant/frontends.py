@@ -942,7 +942,7 @@ def call(model: Any, batch: Any) -> Any:
     callable batch is called with the model (``lambda m: encoder.encode(sentences)``)."""
     if callable(batch) and not isinstance(batch, (np.ndarray, Mapping, tuple, list)) and not is_torch_tensor(batch):
         if is_torch_module(model):
-            with _torch().inference_mode():
+            with _torch().inference_mode(), _eval_mode(model):
                 return batch(model)
         return batch(model)
     if is_torch_module(model):
@@ -952,9 +952,26 @@ def call(model: Any, batch: Any) -> Any:
             batch = type(batch)(_to_torch(v) for v in batch)
         else:
             batch = _to_torch(batch)
-        with _torch().inference_mode():
+        with _torch().inference_mode(), _eval_mode(model):
             return _call(model, batch)
     return _call(model, batch)
+
+
+@contextlib.contextmanager
+def _eval_mode(model: Any) -> Iterator[None]:
+    """A torch model runs in eval mode (no dropout: a freshly built module is in train mode, and
+    calibration, smoothing's checks and the budget must see what inference computes); every
+    module's own ``training`` flag is put back afterwards. The flags are set directly, not through
+    ``train()`` (quantized layers refuse ``train(True)``)."""
+    mods = [m for _, m in model.named_modules(remove_duplicate=False)]
+    flags = [m.training for m in mods]
+    try:
+        for m in mods:
+            m.training = False
+        yield
+    finally:
+        for m, f in zip(mods, flags):
+            m.training = f
 
 
 def _call(model: Any, batch: Any) -> Any:
