@@ -522,3 +522,34 @@ def test_from_pretrained_refuses_lying_files(tmp_path):
         with pytest.raises(cquant.errors.CheckpointError, match=msg):
             cquant.from_pretrained(d)
     cquant.from_pretrained(src)  # the untouched copy still loads
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_save_pretrained_linears_sharing_a_weight(tmp_path, mode):
+    """Two Linears sharing one weight are quantized once; save_pretrained writes the codes and scales
+    once and from_pretrained gives both layers one QuantizedWeight again (it could not load the
+    directory: review 2026-11-30)."""
+    from safetensors import safe_open
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(64, 64)
+            self.b = torch.nn.Linear(64, 64)
+            self.b.weight = self.a.weight  # tied weights, own biases
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)))
+    torch.manual_seed(0)
+    x = torch.randn(3, 64)
+    m = cquant.Quantizer(**({"mode": "static"} if mode == "static" else {})).quantize(
+        M().eval(), **({"calibration": [x]} if mode == "static" else {}))
+    assert m.a.qforward.qweight is m.b.qforward.qweight
+    y = m(x)
+    cquant.save_pretrained(m, tmp_path)
+    with safe_open(str(tmp_path / "cquant-model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "a.weight_q" in keys and "b.weight_q" not in keys and "b.weight_scale" not in keys
+    m2 = cquant.from_pretrained(tmp_path, model_class=lambda cfg: M(), config=object())
+    assert m2.a.qforward.qweight is m2.b.qforward.qweight
+    assert torch.equal(m2(x), y)

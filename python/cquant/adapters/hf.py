@@ -151,6 +151,16 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
         if sp is not None:
             storages.add(sp)
         tensors[k] = t.cpu()
+    # layers sharing one QuantizedWeight (a weight shared by two Linears, quantized once): the codes
+    # once too (their scales already share memory, so the loop above tied them)
+    first_qw: Dict[int, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedTorchLinear):
+            key = _pfx(name) + "weight_q"
+            src = first_qw.setdefault(id(m.qforward.qweight), key)
+            if src != key and key in tensors and src in tensors:
+                del tensors[key]
+                tied[key] = src
     for name, lm in layers.items():  # int4 codes: two per byte in the file
         key = _pfx(name) + "weight_q"
         if lm.get("bits") == 4 and key in tensors:
@@ -338,6 +348,18 @@ def _residual_scaled_blocks(model: "torch.nn.Module", tensors: Dict[str, "torch.
         make_residual_scaled(blk, np.ones(int(blk.LayerNorm.normalized_shape[-1]), np.float32))
 
 
+def _static_scale_of(d: str, name: str, p: str, lm: Dict[str, Any], tensors: Dict[str, "torch.Tensor"]) -> Optional[float]:
+    """A static layer's activation scale from its ``act_scale`` tensor (taken out of ``tensors``),
+    or None for a dynamic / weight-only layer."""
+    if lm.get("mode") != "static":
+        return None
+    act = tensors.pop(p + "act_scale", None)
+    if act is None or act.dtype != torch.float32 or act.numel() != 1:
+        raise errors.ValueError(f"{d}: static layer {name!r}: tensor {p + 'act_scale'!r} (one float32) "
+                                "is missing or malformed")
+    return float(act.reshape(()).item())
+
+
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
 
@@ -396,22 +418,43 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
     with _parameters_on_meta():
         model = model_class(config)
     tensors = _read_tensors(d, cq)
+    tied_map = cq.get("tied", {})
+    layer_keys = {_pfx(n) + t for n in cq.get("layers", {}) for t in ("weight_q", "weight_scale")}
 
     # quantized layers
     new: Dict[str, "torch.nn.Module"] = {}
+    qw_of: Dict[str, Any] = {}  # a layer's weight_scale key -> its QuantizedWeight
+    scale_of: Dict[str, "torch.Tensor"] = {}  # and -> its scale tensor
     for name, lm in cq.get("layers", {}).items():
         p = _pfx(name)
+        kq, ks = p + "weight_q", p + "weight_scale"
+        # a layer that shares its weight with an earlier one (quantized once): the file ties its
+        # scales (and, since 2026-11-30, its codes) to that layer's; it gets that QuantizedWeight back
+        src_ks = tied_map.get(ks) if ks not in tensors else None
+        if src_ks is not None and src_ks in qw_of and kq not in tensors \
+                and tied_map.get(kq) == src_ks[: -len("weight_scale")] + "weight_q":
+            qw = qw_of[src_ks]
+            if [int(v) for v in lm["shape"]] != list(qw.shape) or lm["granularity"] != qw.granularity \
+                    or lm.get("bits", 8) != qw.bits:
+                raise errors.CheckpointError(f"{d}: layer {name!r} is tied to {src_ks!r}, whose weight has "
+                                             "another shape or scheme")
+            b = tensors.pop(p + "bias", None) if lm.get("bias") else None
+            if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
+                raise errors.CheckpointError(f"{d}: layer {name!r}: {p + 'bias'!r} must hold finite floats")
+            act = _static_scale_of(d, name, p, lm, tensors)
+            bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
+            new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"], act),
+                                             source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))
+            continue
+        if src_ks is not None and src_ks in scale_of:  # codes written again (saves before 2026-11-30)
+            tensors[ks] = scale_of[src_ks]
         try:
-            q, s = tensors.pop(p + "weight_q"), tensors.pop(p + "weight_scale")
+            q, s = tensors.pop(kq), tensors.pop(ks)
         except KeyError as e:
             raise errors.ValueError(f"{d}: layer {name!r}: tensor {e} is missing") from None
+        scale_of[ks] = s
         b = tensors.pop(p + "bias", None) if lm.get("bias") else None
-        act = None
-        if lm.get("mode") == "static":
-            act = tensors.pop(p + "act_scale", None)
-            if act is None or act.dtype != torch.float32 or act.numel() != 1:
-                raise errors.ValueError(f"{d}: static layer {name!r}: tensor {p + 'act_scale'!r} (one float32) "
-                                        "is missing or malformed")
+        act = _static_scale_of(d, name, p, lm, tensors)
         bits = lm.get("bits", 8)
         if bits not in (4, 8):
             raise errors.ValueError(f"{d}: layer {name!r}: bits must be 4 or 8, got {bits!r}")
@@ -431,9 +474,9 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
                 raise errors.NonFiniteError(f"{p + 'bias'!r} must hold finite floats")
         except errors.QuantizationError as e:
             raise errors.CheckpointError(f"{d}: layer {name!r}: {e}") from None
+        qw_of[ks] = qw
         bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
-        new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"],
-                                                                None if act is None else float(act.reshape(()).item())),
+        new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"], act),
                                          source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))
     for a in cq.get("attentions", []):
         aname = a["name"]
@@ -460,6 +503,8 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
         raise errors.ValueError(f"{d}: tensors the model does not have: {', '.join(result.unexpected_keys[:10])}")
     live = model.state_dict(keep_vars=True)
     for alias, src in cq.get("tied", {}).items():
+        if alias in layer_keys:  # resolved above: the layers share one QuantizedWeight
+            continue
         if src not in live:
             raise errors.ValueError(f"{d}: tied tensor {alias!r} refers to {src!r}, which the model lacks")
         if alias in live and tuple(live[alias].shape) != tuple(live[src].shape):
