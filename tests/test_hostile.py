@@ -1013,3 +1013,29 @@ def test_torch_calibration_runs_in_eval_mode_and_keeps_the_mode():
     q2.quantize(fresh().eval(), calibration=[x])
     assert q.act_scales == q2.act_scales
     cquant.Quantizer.quantize_dynamic(fresh(), calibration=[x], smoothing=0.5)  # its checks hold
+
+
+def test_smoothing_leaves_tied_weights_alone():
+    """A Linear whose weight is shared (an lm_head tied to the embedding) is not smoothed: rescaling
+    would untie it and the head would become a second, quantized copy (review 2026-11-30)."""
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+
+    class LM(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(100, 32)
+            self.norm = torch.nn.LayerNorm(32)
+            self.mix = torch.nn.Linear(32, 32)
+            self.head = torch.nn.Linear(32, 100, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.norm(self.mix(self.emb(ids))))
+    m = LM().eval()
+    ids = torch.randint(0, 100, (4, 7))
+    q = cquant.Quantizer()
+    out = q.quantize(m, calibration=[ids], smoothing=0.5)
+    assert out.head.weight is out.emb.weight  # still one tensor, still float
+    notes = " ".join(g.note for g in q.smoothing.groups)
+    assert "shared with emb" in notes

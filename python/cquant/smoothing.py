@@ -241,6 +241,17 @@ def _set_weight(front: fe.FrontEnd, mod: Any, w: np.ndarray) -> None:
     front.set_param(mod, "weight", np.ascontiguousarray(w.T) if front.weight_in_out(mod) else w)
 
 
+def _weight_holders(model: Any) -> Dict[int, List[str]]:
+    """id(parameter) -> the names of the modules that register it (cquant.nn and torch modules
+    both keep theirs in ``_parameters``): more than one name means a shared (tied) weight."""
+    out: Dict[int, List[str]] = {}
+    for name, mod in model.named_modules():
+        for p in getattr(mod, "_parameters", {}).values():
+            if p is not None:
+                out.setdefault(id(p), []).append(name)
+    return out
+
+
 def _attr_restore(obj: Any, attr: str) -> Callable[[], None]:
     """A step that puts ``obj.attr`` back as it is now (absent: deleted again)."""
     missing = object()
@@ -455,8 +466,17 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     # the caller: SmoothingResult._undo) puts the model back as it was
     journal = _Journal(front)
     try:
+        holders = _weight_holders(model)
         for key, members in by_input.items():
             if not any(m in selected for m in members):
+                continue
+            shared = [(m, holders[id(w)]) for m in members
+                      for w in [getattr(linears[m].obj, "weight", None)] if w is not None and len(holders.get(id(w), ())) > 1]
+            if shared:  # rescaling it would untie it (a tied lm_head would become a second, quantized copy)
+                m, names = shared[0]
+                others = [n for n in names if n != m]
+                groups.append(SmoothedGroup(members, np.ones(linears[members[0]].in_features, np.float32), "none",
+                                            note=f"{m}'s weight is shared with {', '.join(others[:3])}: not smoothed"))
                 continue
             absmax = np.max([stats[m].absmax for m in members], axis=0)
             weights = {m: _weight(front, linears[m].obj) for m in members}
