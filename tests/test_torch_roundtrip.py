@@ -553,3 +553,23 @@ def test_save_pretrained_linears_sharing_a_weight(tmp_path, mode):
     m2 = cquant.from_pretrained(tmp_path, model_class=lambda cfg: M(), config=object())
     assert m2.a.qforward.qweight is m2.b.qforward.qweight
     assert torch.equal(m2(x), y)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_load_into_checkpoint_of_smoothed_torch_model(tmp_path, rotate):
+    """cquant.save of a smoothed (and rotated) torch model, load_into a freshly built float model:
+    the pre-scale wrappers are rebuilt around the quantized layers (it refused: '<name>.linear' is
+    not a sub-module; review 2026-11-30)."""
+    torch.manual_seed(0)
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32)).eval()
+    x = torch.randn(16, 64) * torch.linspace(0.1, 8.0, 64)
+    m = cquant.Quantizer.quantize_dynamic(build(), calibration=[x], smoothing=0.5, rotate=rotate)
+    assert any(type(c).__name__ == "SmoothedTorchLinear" for c in m.modules())
+    path = str(tmp_path / "q.safetensors")
+    cquant.save(m, path)
+    m2 = cquant.load_into(build(), path)
+    assert torch.equal(m2(x), m(x))
+    assert [type(c).__name__ for c in m2.modules()] == [type(c).__name__ for c in m.modules()]

@@ -85,7 +85,7 @@ from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
 from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
                          _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
-from .torch_smoothing import make_residual_scaled, residual_scales_in
+from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
            "quantize_module",
@@ -1060,6 +1060,7 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     mha_plans: Dict[str, "torch.nn.MultiheadAttention"] = {}
     emb_plans: List[Tuple[str, "torch.nn.Module", QuantizedLinearForward]] = []
     kinds, tied = getattr(ck, "kinds", {}), getattr(ck, "tied", {})
+    wrap_plans: Dict[str, Tuple[str, np.ndarray, int]] = {}  # base -> (layer name, inv_scale, hadamard)
     for name, qf in ck.layers.items():
         mod = subs.get(name)
         parent_name, _, last = name.rpartition(".")
@@ -1067,6 +1068,24 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         if isinstance(parent, torch.nn.MultiheadAttention) and last in ("q_proj", "k_proj", "v_proj", "out_proj"):
             mha_plans[parent_name] = parent
             continue
+        if mod is None and name.endswith(".linear") and (_pfx(name[: -len(".linear")]) + "inv_scale") in ck.tensors:
+            # a layer smoothing wrapped (``<base>.linear`` with ``<base>.inv_scale``): the model's
+            # ``<base>`` gets the pre-scale wrapper around the quantized layer, as from_pretrained does
+            base = name[: -len(".linear")]
+            bmod = subs.get(base)
+            if bmod is not None and (isinstance(bmod, (torch.nn.Linear, QuantizedTorchLinear)) or is_conv1d(bmod)):
+                inv = np.asarray(ck.tensors[_pfx(base) + "inv_scale"])
+                had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
+                k_in = int(qf.qweight.shape[1])
+                if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
+                    raise CheckpointError(f"tensor {_pfx(base) + 'inv_scale'!r}: expected {k_in} finite non-zero "
+                                          f"floats, got {inv.dtype} {inv.shape}")
+                if had.shape != (1,) or had.dtype.kind not in "iu":
+                    raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
+                wrap_plans[base] = (name, inv.astype(np.float32), ops.hadamard_block(int(had[0]), k_in,
+                                                                                       _pfx(base) + "hadamard",
+                                                                                       allow_zero=True))
+                mod = bmod
         if mod is None:
             raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
         if kinds.get(name) == "embedding" and isinstance(mod, (torch.nn.Embedding, QuantizedTorchEmbedding)):
@@ -1111,7 +1130,8 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         if name in tied and tied[name] not in linear_names:
             raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a Linear layer "
                                   "of the checkpoint installed in this model")
-    qnames = linear_names | set(mha_plans) | {e[0] for e in emb_plans}
+    qnames = linear_names | set(mha_plans) | {e[0] for e in emb_plans} | set(wrap_plans)
+    consumed = {_pfx(b) + t for b in wrap_plans for t in ("inv_scale", "hadamard")}
 
     def in_layer(key: str) -> bool:
         return any(key.startswith(_pfx(n)) and ("." not in key[len(_pfx(n)):] or n in mha_plans)
@@ -1127,7 +1147,7 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     ignored = sorted(k for k in ck.tensors if k not in own and k in _non_persistent(model))
     missing = sorted(k for k in own if k not in ck.tensors
                      and not any(a in ck.tensors for a in aliases.get(k, ())))
-    unexpected = sorted(k for k in ck.tensors if k not in own and k not in ignored)
+    unexpected = sorted(k for k in ck.tensors if k not in own and k not in ignored and k not in consumed)
     if strict and (missing or unexpected):
         raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
             s for s in (f"missing: {', '.join(missing[:10])}" + (f" (+{len(missing) - 10} more)" if len(missing) > 10 else "")
@@ -1144,9 +1164,13 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
                     "model: %s", len(ignored), ", ".join(ignored[:5]))
     sites, _ = _module_sites(model)
     new_of: Dict[str, "torch.nn.Module"] = {}
+    wrapped = {v[0]: (b, v[1], v[2]) for b, v in wrap_plans.items()}
     for name, mod, qf, source in plans:
         new = QuantizedTorchLinear(qf, source=source)
         new_of[name] = new
+        if name in wrapped:  # smoothed in the checkpoint: the pre-scale wrapper goes where the layer was
+            _b, inv, had = wrapped[name]
+            new = SmoothedTorchLinear(new, inv, had)
         if name == "":
             model = new
         for parent, cname in sites.get(id(mod), []):
@@ -1170,6 +1194,9 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         for k, v in ck.tensors.items():
             if k in live and k in own:
                 live[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+    for m in model.modules():  # a copied rotation block: the wrapper's cached value follows it
+        if isinstance(m, SmoothedTorchLinear):
+            m.block = m._check(int(m.hadamard[0]))
     if plans or mha_new or emb_plans:
         model.eval()
         _disable_fast_paths(model)
