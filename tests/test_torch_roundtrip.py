@@ -573,3 +573,30 @@ def test_load_into_checkpoint_of_smoothed_torch_model(tmp_path, rotate):
     m2 = cquant.load_into(build(), path)
     assert torch.equal(m2(x), m(x))
     assert [type(c).__name__ for c in m2.modules()] == [type(c).__name__ for c in m.modules()]
+
+
+def test_save_and_load_into_module_registered_twice(tmp_path):
+    """A Linear registered under two names (self.c = self.a) is quantized once: cquant.save stores it
+    once and load_into (strict) installs it under both names (it wrote raw c.* tensors and refused
+    the file: review 2026-11-30)."""
+    import copy as _copy
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.Linear(32, 32)
+            self.c = self.a
+            self.t = torch.nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.t(self.c(torch.relu(self.a(x))))
+    torch.manual_seed(0)
+    f = M().eval()
+    x = torch.randn(4, 32)
+    m = cquant.Quantizer.quantize_dynamic(_copy.deepcopy(f))
+    path = str(tmp_path / "q.safetensors")
+    cquant.save(m, path)
+    ck = cquant.load(path)
+    assert sorted(ck.layers) == ["a", "t"] and not [k for k in ck.tensors if k.startswith("c.")]
+    m2 = cquant.load_into(_copy.deepcopy(f), path)
+    assert m2.a is m2.c and torch.equal(m2(x), m(x))

@@ -1133,6 +1133,13 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     qnames = linear_names | set(mha_plans) | {e[0] for e in emb_plans} | set(wrap_plans)
     consumed = {_pfx(b) + t for b in wrap_plans for t in ("inv_scale", "hadamard")}
 
+    # a replaced module registered under several names (a shared module): its keys under every name
+    names_of: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names_of.setdefault(id(m), []).append(n)
+    planned = {id(p[1]) for p in plans} | {id(m) for m in mha_plans.values()} | {id(e[1]) for e in emb_plans}
+    qnames = qnames | {n for i in planned for n in names_of.get(i, [])}
+
     def in_layer(key: str) -> bool:
         return any(key.startswith(_pfx(n)) and ("." not in key[len(_pfx(n)):] or n in mha_plans)
                    for n in qnames)

@@ -113,9 +113,16 @@ class TorchFrontEnd(FrontEnd):
             v = v.detach().cpu().contiguous()
             tensors[k] = (BF16Bits.wrap(v.view(torch.int16).numpy().view(np.uint16))
                           if v.dtype == torch.bfloat16 else v.numpy())
+        names_of: Dict[int, List[str]] = {}
+        for name, m in obj.named_modules(remove_duplicate=False):
+            names_of.setdefault(id(m), []).append(name)
         for name, m in obj.named_modules():  # after the state_dict: codes, f32 scales and an f32 bias
             if isinstance(m, QuantizedTorchLinear):
                 _add_layer(tensors, layers, name, m.qforward, "in_out" if m.source == "Conv1D" else "out_in")
+                for alias in names_of.get(id(m), []):  # the same module under another name: stored once
+                    if alias != name:
+                        for k in [k for k in tensors if k.startswith(alias + ".") and "." not in k[len(alias) + 1:]]:
+                            del tensors[k]
         ties = embedding_entries(obj, QuantizedTorchEmbedding, tensors, layers)
         return CheckpointState(tensors, layers, None, ties)
 
