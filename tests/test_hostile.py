@@ -1039,3 +1039,24 @@ def test_smoothing_leaves_tied_weights_alone():
     assert out.head.weight is out.emb.weight  # still one tensor, still float
     notes = " ".join(g.note for g in q.smoothing.groups)
     assert "shared with emb" in notes
+
+
+def test_torch_refused_train_and_device_move_leave_no_half_state():
+    """model.train() on a quantized model raises AutogradError; Module.train had already set the
+    root and the modules before the first quantized layer to training (dropout on): the whole model is
+    put back in eval mode first. A refused move to the meta device says the tensors moved before the
+    quantized layer lost their data (review 2026-11-30)."""
+    torch = pytest.importorskip("torch")
+    from cquant.adapters.torch import AutogradError
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16), torch.nn.Dropout(0.5), torch.nn.LayerNorm(16),
+                            torch.nn.Linear(16, 8))
+    cquant.Quantizer(include=["3"]).quantize(m)
+    x = torch.randn(4, 16)
+    y = m(x)
+    with pytest.raises(AutogradError, match="put back in eval mode"):
+        m.train()
+    assert not any(c.training for c in m.modules())
+    assert torch.equal(m(x), y)
+    with pytest.raises(cquant.errors.ValueError, match="rebuild or reload"):
+        m.to("meta")

@@ -82,7 +82,7 @@ from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
-from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_train,  # noqa: F401  (re-exported)
+from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_device, _refuse_train,  # noqa: F401
                          _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
@@ -237,10 +237,7 @@ class QuantizedTorchLinear(torch.nn.Module):
         return super().train(False)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / .half() / .cuda() ...
-        probe = fn(torch.empty(0))
-        if probe.device.type != "cpu":
-            raise errors.ValueError(f"cquant quantized layers run on the CPU; cannot move them to "
-                                    f"{probe.device}")
+        _refuse_device(fn, "them")
         return self  # dtype casts do not apply: the kernels compute in float32 and forward keeps the input dtype
 
     def __prepare_scriptable__(self):

@@ -8,6 +8,7 @@ nothing of cquant but :mod:`cquant.errors`, so :mod:`cquant.adapters.torch`,
 from __future__ import annotations
 
 import builtins
+import sys
 import warnings
 from typing import Any, Iterable, List, Tuple
 
@@ -70,11 +71,50 @@ class _NoBackward(torch.autograd.Function):
         raise AutogradError(inference_only_message("a model with cquant quantized layers"))
 
 
+def _outermost_self(code: Any) -> Any:
+    """The module whose ``code`` (``Module.train`` / ``Module._apply``) started the traversal that is
+    now running: the ``self`` of the outermost frame running that code on this thread, or None."""
+    root = None
+    f = sys._getframe(1)
+    while f is not None:
+        if f.f_code is code:
+            root = f.f_locals.get("self", root)
+        f = f.f_back
+    return root
+
+
 def _refuse_train(mode: bool, what: str) -> None:
+    """Refuse ``train(True)``. ``Module.train`` sets flags top-down, so the model's root and the modules
+    visited before this one are already in training mode (dropout on): the whole model is put back in
+    eval mode first, so that a refused call leaves no half-trained model behind."""
     if not isinstance(mode, bool):
         raise errors.ValueError(f"training mode is expected to be boolean, got {type(mode).__name__}")
     if mode:
-        raise AutogradError(inference_only_message(what) + " Call model.eval() to leave training mode.")
+        root = _outermost_self(torch.nn.Module.train.__code__)
+        if isinstance(root, torch.nn.Module):
+            root.train(False)
+        raise AutogradError(inference_only_message(what) + " The model was put back in eval mode (model.eval()).")
+
+
+def _refuse_device(fn: Any, what: str) -> None:
+    """Refuse an ``_apply`` (``.to()`` / ``.cuda()``) that moves tensors off the CPU. ``Module._apply``
+    converts children in order, so the modules converted before this one were already moved: they
+    are moved back to the CPU first (tensors moved to the meta device have no data to bring back:
+    then the error says the model must be rebuilt or reloaded)."""
+    probe = fn(torch.empty(0))
+    if probe.device.type == "cpu":
+        return
+    msg = f"cquant quantized layers run on the CPU; cannot move {what} to {probe.device}"
+    root = _outermost_self(torch.nn.Module._apply.__code__)
+    if isinstance(root, torch.nn.Module):
+        if probe.device.type == "meta":
+            if any(t.device.type == "meta" for t in list(root.parameters()) + list(root.buffers())):
+                msg += ("; the tensors moved before this layer are on the meta device now, without data: "
+                        "rebuild or reload the model")
+        else:
+            root._apply(lambda t: t.to("cpu") if t.device.type != "cpu" else t)
+            msg += " (the model stays on the CPU)"
+    raise errors.ValueError(msg)
 
 
 def _state_shapes_ok(want: Iterable[Tuple[str, Any, Tuple[int, ...]]], error_msgs: List[str]) -> bool:

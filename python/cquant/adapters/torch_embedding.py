@@ -31,7 +31,7 @@ import torch
 
 from .. import errors, ops
 from ..embedding import EMBEDDING_SCHEME, TiedCodes, can_share, check_ids, lookup, padded_rows_view
-from .torch_base import _graph_mode, _refuse_train, _shared_tensor, _state_shapes_ok
+from .torch_base import _graph_mode, _refuse_device, _refuse_train, _shared_tensor, _state_shapes_ok
 
 __all__ = ["QuantizedTorchEmbedding", "embedding_problem"]
 
@@ -149,9 +149,8 @@ class QuantizedTorchEmbedding(TiedCodes, torch.nn.Module):
         return super().train(False)
 
     def _apply(self, fn, recurse=True):  # .to() / .float() / .half() / .cuda() ...
+        _refuse_device(fn, "them")
         probe = fn(torch.empty(0, dtype=self.out_dtype))
-        if probe.device.type != "cpu":
-            raise errors.ValueError(f"cquant quantized layers run on the CPU; cannot move them to {probe.device}")
         if probe.dtype.is_floating_point:
             self.out_dtype = probe.dtype  # the codes stay int8; the output follows the model's float dtype
         return self
