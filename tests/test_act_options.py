@@ -319,3 +319,65 @@ def test_bad_activation_is_refused():
     y = np.empty((2, 4), F32)
     assert lib.cq_linear_post(ops.MODES["dynamic"], ffi.from_buffer("float[]", x), 2, 8, pk, ps, code, g, 4,
                               ffi.NULL, ffi.NULL, 0, 0.0, 7, ffi.from_buffer("float[]", y)) == lib.CQ_ERR_ARG
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
+def test_add_layer_norm_inside_the_kernel_is_the_separate_pass(path, gran, group, bits):
+    """ops.linear(..., activation=ops.AddLayerNorm(...)) (C cq_linear_add_ln: the add + LayerNorm
+    on each block of whole rows as the kernel finishes it, or a pass after the GEMVs and the
+    weight-only kernels) is bit for bit ops.add_layer_norm(ops.linear(...), ...) on every path, in
+    both modes, with every activation option, with and without the residual factor, gamma and beta;
+    a NaN row stays a NaN row."""
+    rng = np.random.default_rng(6)
+    for k, n, m in ((64, 7, 1), (96, 130, 3), (256, 300, 37), (128, 64, 200), (2048, 80, 9)):
+        w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-1, 1, (n, 1))).astype(F32)
+        qw = _qw(w, gran, group, bits)
+        x = (rng.standard_normal((m, k)) * 3).astype(F32)
+        b = rng.standard_normal(n).astype(F32)
+        res = rng.standard_normal((m, n)).astype(F32)
+        gam, bet = (rng.random(n) + 0.5).astype(F32), rng.standard_normal(n).astype(F32)
+        rmul = (10.0 ** rng.uniform(-1, 1, n)).astype(F32)
+        mul = (10.0 ** rng.uniform(-1, 1, k)).astype(F32)
+        for mode in ("dynamic", "weight_only"):
+            opts = [{}, dict(x_mul=mul, x_hadamard=32)] + ([dict(x_scale=0.05)] if mode == "dynamic" else [])
+            for kw in opts:
+                for ln in ((gam, bet, None), (None, None, rmul), (gam, bet, rmul)):
+                    want = ops.add_layer_norm(ops.linear(x, qw, b, mode, **kw), res, ln[0], ln[1], 1e-6,
+                                              residual_mul=ln[2])
+                    got = ops.linear(x, qw, b, mode, activation=ops.AddLayerNorm(res, ln[0], ln[1], 1e-6, ln[2]), **kw)
+                    np.testing.assert_array_equal(got, want, err_msg=f"K={k} N={n} M={m} {mode} {sorted(kw)}")
+    x = rng.standard_normal((5, 64)).astype(F32)
+    x[2, 7] = np.nan
+    qw = _qw(rng.standard_normal((20, 64)).astype(F32), gran, group, bits)
+    r = rng.standard_normal((5, 20)).astype(F32)
+    got = ops.linear(x, qw, activation=ops.AddLayerNorm(r))
+    np.testing.assert_array_equal(got, ops.add_layer_norm(ops.linear(x, qw), r))
+    assert np.isnan(got[2]).all() and np.isfinite(got[[0, 1, 3, 4]]).all()
+
+
+def test_add_layer_norm_post_op_refusals():
+    qw = ops.quantize_weight(np.ones((4, 8), F32))
+    x = np.ones((3, 8), F32)
+    with pytest.raises(errors.ShapeError, match="residual"):
+        ops.linear(x, qw, activation=ops.AddLayerNorm(np.ones((3, 5), F32)))
+    with pytest.raises(errors.ShapeError, match="weight"):
+        ops.linear(x, qw, activation=ops.AddLayerNorm(np.ones((3, 4), F32), np.ones(5, F32)))
+    with pytest.raises(errors.ValueError, match="eps"):
+        ops.AddLayerNorm(np.ones((3, 4), F32), eps=-1.0)
+    from cquant._native import ffi, lib
+    pk, ps, code, g = qw._native()[:4]
+    y = np.empty((3, 4), F32)
+    r = np.ones((3, 4), F32)
+    xp, yp, rp = (ffi.from_buffer("float[]", a) for a in (x, y, r))
+    d = ops.MODES["dynamic"]
+    assert lib.cq_linear_add_ln(d, xp, 3, 8, pk, ps, code, g, 4, ffi.NULL, ffi.NULL, 0, 0.0, ffi.NULL, ffi.NULL,
+                                ffi.NULL, ffi.NULL, 1e-5, yp) == lib.CQ_ERR_NULL
+    assert lib.cq_linear_add_ln(d, xp, 3, 8, pk, ps, code, g, 4, ffi.NULL, ffi.NULL, 0, 0.0, rp, ffi.NULL,
+                                ffi.NULL, ffi.NULL, -1.0, yp) == lib.CQ_ERR_ARG
+    assert lib.cq_linear_add_ln(d, xp, 3, 8, pk, ps, code, g, 4, ffi.NULL, ffi.NULL, 0, 0.0, yp, ffi.NULL,
+                                ffi.NULL, ffi.NULL, 1e-5, yp) == lib.CQ_ERR_ALIAS  # y over the residual
+    assert lib.cq_linear_add_ln(d, xp, 3, 8, pk, ps, code, g, 4, ffi.NULL, ffi.NULL, 0, 0.0, rp, ffi.NULL,
+                                yp, ffi.NULL, 1e-5, yp) == lib.CQ_ERR_ALIAS  # y over gamma
+    assert lib.cq_linear_add_ln(d, xp, 3, 8, pk, ps, code, g, 4, ffi.NULL, ffi.NULL, 0, 0.0, rp, ffi.NULL,
+                                ffi.NULL, ffi.NULL, 1e-5, yp) == lib.CQ_OK
+    np.testing.assert_array_equal(y, ops.add_layer_norm(ops.linear(x, qw), r))

@@ -256,6 +256,18 @@ int cq_linear_post(int mode, const float *x, int64_t m, int64_t k, const void *p
                    const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                    const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y);
 
+/* cq_linear_ex, then y = LayerNorm(y + residual * residual_mul) per row (m x n), as
+ * cq_add_layer_norm_ex(y, residual, residual_mul, m, n, gamma, beta, eps, y): BERT's output blocks.
+ * Where the kernel finishes whole rows (dynamic mode, M >= 2) the add + LayerNorm runs on each
+ * block of rows while it is in cache, not as a second pass over y; the result is bit for bit the
+ * two calls on the same path. residual (m x n) is required (CQ_ERR_NULL); residual_mul, gamma, beta
+ * (n) may be NULL; eps >= 0 (CQ_ERR_ARG). y must not overlap x, residual, residual_mul, gamma, beta
+ * or the weight's arrays (CQ_ERR_ALIAS). */
+int cq_linear_add_ln(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                     const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                     const float *x_mul, int64_t x_hadamard, float x_scale, const float *residual,
+                     const float *residual_mul, const float *gamma, const float *beta, float eps, float *y);
+
 /* cq_linear_multi: count (1 .. CQ_MULTI_MAX) linears on the same input x (m x k), e.g. attention's
  * query, key and value projections, with one activation pass for all (quantization, x_mul,
  * x_hadamard, x_scale: as cq_linear_ex; done once where the weights' kernels read the same

@@ -177,6 +177,14 @@ static void ln_unit(void *vctx, int64_t u)
                             c->beta, c->eps, c->y + r * c->k);
 }
 
+void cq_add_ln_rows(int isa, const float *x, const float *res, const float *rmul, int64_t rows, int64_t k,
+                    const float *gamma, const float *beta, float eps, float *y)
+{
+    const fo_kernels *kern = fo_for(isa);
+    for (int64_t r = 0; r < rows; r++)
+        kern->add_ln_row(x + r * k, res ? res + r * k : NULL, rmul, k, gamma, beta, eps, y + r * k);
+}
+
 int cq_add_layer_norm_ex(const float *x, const float *residual, const float *residual_mul, int64_t m,
                          int64_t k, const float *gamma, const float *beta, float eps, float *y)
 {

@@ -80,7 +80,16 @@ typedef struct {
     cq_unit_fn inner;
     int region;
     int threads; /* threads the job runs on (run_units) */
+    /* cq_linear_add_ln: y = LayerNorm(y + residual * residual_mul) per row, in the units that finish
+     * whole rows (s8_rows_unit), else as a pass after the linear */
+    const struct ln_args *ln;
+    int isa;
 } lin_ctx;
+
+typedef struct ln_args {
+    const float *residual, *residual_mul, *gamma, *beta;
+    float eps;
+} ln_args;
 
 enum { REGION_PANEL_ROWS, REGION_GEMV4, REGION_WO_GEMM };
 
@@ -268,7 +277,8 @@ static void s8_unit_run(void *vctx, int64_t u)
         int64_t pf_step = 0;
         const int64_t T = c->threads > 1 ? c->threads : 1, pbytes = c->kp4 * step;
         const int64_t steps = cq_ceil_div(rows, MR) * c->kp4;
-        if (!c->i4 && (double)c->np * (double)pbytes > (double)WHOLE_K_BYTES) { /* not for weights in L2 */
+        if (!c->i4 && !c->ln && (double)c->np * (double)pbytes > (double)WHOLE_K_BYTES) { /* not for weights in L2,
+                                                                                    nor in s8_rows_unit's order */
             if (c->nmb >= T) {
                 /* this thread runs about nmb / T units of panel p: each prefetches its share of p + 1 */
                 const int64_t nsh = cq_ceil_div(c->nmb, T), sh = cq_ceil_div(pbytes, nsh), i = (mbi / T) % nsh;
@@ -396,6 +406,20 @@ static void s8_unit(void *vctx, int64_t u)
     const lin_ctx *c = (const lin_ctx *)vctx;
     s8_unit_run(vctx, u);
     if (c->qcfg->gemm->release) c->qcfg->gemm->release(); /* AMX: the tile configuration */
+}
+
+/* cq_linear_add_ln: a unit is a block of mb rows through every panel (s8_unit_run's units of that
+ * row block, in panel order), then the add + LayerNorm of those rows while they are in cache: the
+ * same row kernel as cq_add_layer_norm_ex on the same values, so the same bits as the two calls. */
+static void s8_rows_unit(void *vctx, int64_t mbi)
+{
+    const lin_ctx *c = (const lin_ctx *)vctx;
+    for (int64_t p = 0; p < c->np; p++) s8_unit_run(vctx, p * c->nmb + mbi);
+    if (c->qcfg->gemm->release) c->qcfg->gemm->release(); /* AMX: the tile configuration */
+    const int64_t r0 = mbi * c->mb, r1 = r0 + c->mb < c->m ? r0 + c->mb : c->m;
+    const ln_args *ln = c->ln;
+    cq_add_ln_rows(c->isa, c->y + r0 * c->n, ln->residual + r0 * c->n, ln->residual_mul, r1 - r0, c->n,
+                   ln->gamma, ln->beta, ln->eps, c->y + r0 * c->n);
 }
 
 /* M = 1, per-channel / per-tensor: a unit is 4 consecutive panels read as 4 concurrent streams.
@@ -809,10 +833,11 @@ typedef struct {
 static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const void *packed,
                        const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
                        const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y,
-                       int check_only, act_cache *ac)
+                       int check_only, act_cache *ac, const ln_args *ln)
 {
     if (mode != CQ_MODE_WEIGHT_ONLY && mode != CQ_MODE_DYNAMIC) return CQ_ERR_ARG;
     if (post != CQ_POST_NONE && post != CQ_POST_GELU) return CQ_ERR_ARG;
+    if (ln && (post != CQ_POST_NONE || !(ln->eps >= 0.0f))) return CQ_ERR_ARG;
     /* the rotation: 0 (none) or a power of two >= 2 that divides k */
     if (x_hadamard != 0 && (x_hadamard < 2 || (x_hadamard & (x_hadamard - 1)) != 0 || k % x_hadamard != 0))
         return CQ_ERR_ARG;
@@ -838,6 +863,14 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         (bias && cq_overlap(y, m * n * 4, bias, n * 4)) || (x_mul && cq_overlap(y, m * n * 4, x_mul, k * 4)) ||
         cq_overlap(y, m * n * 4, packed, h.sums_off + h.sums_bytes))
         return CQ_ERR_ALIAS;
+    if (ln) { /* the LayerNorm's inputs are read while rows of y are written */
+        if (!ln->residual) return CQ_ERR_NULL;
+        if (cq_overlap(y, m * n * 4, ln->residual, m * n * 4) ||
+            (ln->residual_mul && cq_overlap(y, m * n * 4, ln->residual_mul, n * 4)) ||
+            (ln->gamma && cq_overlap(y, m * n * 4, ln->gamma, n * 4)) ||
+            (ln->beta && cq_overlap(y, m * n * 4, ln->beta, n * 4)))
+            return CQ_ERR_ALIAS;
+    }
 
     lin_ctx c;
     memset(&c, 0, sizeof c);
@@ -848,6 +881,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     c.codes = cq_pack_codes(packed); c.sums = cq_pack_sums(packed, &h);
     c.scales = scales; c.bias = bias; c.y = y;
     c.ew = cq_elementwise_for(isa);
+    c.isa = isa;
     c.post = post == CQ_POST_GELU ? c.ew->gelu : NULL;
     double work = (double)m * (double)n * (double)k;
     void *scratch = NULL;
@@ -909,7 +943,8 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         }
         free(scratch);
         cq_scratch_put(xm, xm_cap);
-        return CQ_OK;
+        return ln ? cq_add_layer_norm_ex(y, ln->residual, ln->residual_mul, m, n, ln->gamma, ln->beta, ln->eps, y)
+                  : CQ_OK;
     }
 
     /* dynamic: quantize rows of x (s8, or u8 for kernels that want it; zero-padded to whole
@@ -958,15 +993,22 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     if (c.i4 && m > c.mb) c.mb = MAXMB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);
+    int ln_done = 0;
     if (gemv) {
         int64_t nunits = cq_ceil_div(c.np, 4);
         run_units(&c, nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit,
                   REGION_GEMV4);
+    } else if (ln) { /* units of whole rows: the add + LayerNorm on each block as it is finished */
+        c.ln = ln;
+        run_units(&c, c.nmb, cq_threads_for(work, c.nmb), s8_rows_unit, REGION_PANEL_ROWS);
+        ln_done = 1;
     } else {
         int64_t nunits = c.np * c.nmb;
         run_units(&c, nunits, cq_threads_for(work, nunits), s8_unit, REGION_PANEL_ROWS);
     }
     if (!ac) cq_scratch_put(qa, qa_cap);
+    if (ln && !ln_done)
+        return cq_add_layer_norm_ex(y, ln->residual, ln->residual_mul, m, n, ln->gamma, ln->beta, ln->eps, y);
     return CQ_OK;
 }
 
@@ -983,7 +1025,18 @@ int cq_linear_post(int mode, const float *x, int64_t m, int64_t k, const void *p
                    const float *x_mul, int64_t x_hadamard, float x_scale, int post, float *y)
 {
     return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
-                       post, y, 0, NULL);
+                       post, y, 0, NULL, NULL);
+}
+
+int cq_linear_add_ln(int mode, const float *x, int64_t m, int64_t k, const void *packed,
+                     const float *scales, int scheme, int64_t group_size, int64_t n, const float *bias,
+                     const float *x_mul, int64_t x_hadamard, float x_scale, const float *residual,
+                     const float *residual_mul, const float *gamma, const float *beta, float eps, float *y)
+{
+    const ln_args ln = {residual, residual_mul, gamma, beta, eps};
+    if (m > 0 && !residual) return CQ_ERR_NULL;
+    return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
+                       CQ_POST_NONE, y, 0, NULL, &ln);
 }
 
 int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, const void *const *packed,
@@ -997,7 +1050,7 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
      * refusals come before anything is written */
     for (int i = 0; i < count; i++) {
         int st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL,
-                             x_mul, x_hadamard, x_scale, CQ_POST_NONE, y[i], 1, NULL);
+                             x_mul, x_hadamard, x_scale, CQ_POST_NONE, y[i], 1, NULL, NULL);
         if (st != CQ_OK) return st;
     }
     if (m == 0) return CQ_OK;
@@ -1018,7 +1071,7 @@ int cq_linear_multi(int mode, const float *x, int64_t m, int64_t k, int count, c
     int st = CQ_OK;
     for (int i = 0; i < count && st == CQ_OK; i++)
         st = linear_impl(mode, x, m, k, packed[i], scales[i], scheme, group_size, n[i], bias ? bias[i] : NULL, x_mul,
-                         x_hadamard, x_scale, CQ_POST_NONE, y[i], 0, &ac);
+                         x_hadamard, x_scale, CQ_POST_NONE, y[i], 0, &ac, NULL);
     cq_scratch_put(ac.qa, ac.qa_cap);
     cq_scratch_put(ac.xm, ac.xm_cap);
     return st;

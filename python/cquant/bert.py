@@ -170,9 +170,14 @@ class BertSelfOutput(nn.Module):
         self.register_parameter("residual_scale", None)
 
     def forward(self, h: np.ndarray, residual: np.ndarray) -> np.ndarray:
-        y = self.dense(h)
-        ln = self.LayerNorm
+        dense, ln = self.dense, self.LayerNorm
         rs = self.__dict__["_parameters"].get("residual_scale")
+        if type(ln) is nn.LayerNorm and len(ln.normalized_shape) == 1 and _fusable(dense) \
+                and isinstance(residual, np.ndarray):
+            # the add + LayerNorm inside the quantized kernel, on each block of rows it finishes
+            # (bit for bit the separate pass below)
+            return dense(h, activation=ops.AddLayerNorm(residual, ln.weight, ln.bias, ln.eps, rs))
+        y = dense(h)
         if type(ln) is nn.LayerNorm and len(ln.normalized_shape) == 1:
             # LayerNorm(y + residual (* residual_scale)) in one C pass per row, written over y (a fresh array)
             out = y if _scratch(y, h, residual) else None

@@ -23,7 +23,7 @@ __all__ = [
     "gemm_s8s8s32", "check_finite", "isa", "set_isa", "available_isas", "set_num_threads",
     "get_num_threads", "native_version", "GRANULARITIES", "MODES", "gelu", "layer_norm",
     "last_kernel", "best_format", "peak_gmacs", "quantize_rows_u8", "FORMATS",
-    "softmax_rows", "gelu_inplace", "add_layer_norm", "attention",
+    "softmax_rows", "gelu_inplace", "add_layer_norm", "attention", "AddLayerNorm",
 ]
 
 GRANULARITIES = {"per_tensor": lib.CQ_PER_TENSOR, "per_channel": lib.CQ_PER_CHANNEL,
@@ -545,6 +545,40 @@ _NULL = ffi.NULL
 _cq_linear = lib.cq_linear
 #: ``linear(..., activation=)`` names -> C post-op codes
 _POSTS = {"gelu": lib.CQ_POST_GELU}
+
+
+class AddLayerNorm:
+    """The post-op ``y = LayerNorm(y + residual * residual_mul)`` of :func:`linear` (``activation=``):
+    BERT's output blocks. ``residual``: y's shape; ``weight`` / ``bias`` / ``residual_mul``: (N,) or
+    None; ``eps`` >= 0. Checked and converted once, here; :meth:`apply` is the separate pass (bit for
+    bit what ``linear`` does inside its kernel's units)."""
+
+    __slots__ = ("residual", "weight", "bias", "eps", "residual_mul")
+
+    def __init__(self, residual, weight=None, bias=None, eps: float = 1e-5, residual_mul=None):
+        self.residual = _float_array(residual, "residual")
+        self.weight = None if weight is None else _float_array(weight, "weight")
+        self.bias = None if bias is None else _float_array(bias, "bias")
+        self.residual_mul = None if residual_mul is None else _float_array(residual_mul, "residual_mul")
+        eps = _float_arg(eps, "eps")
+        if not eps >= 0.0:
+            raise errors.ValueError(f"eps must be >= 0, got {eps}")
+        self.eps = eps
+
+    def apply(self, y: np.ndarray) -> np.ndarray:
+        """The add + LayerNorm as its own pass, over y in place."""
+        return add_layer_norm(y, self.residual, self.weight, self.bias, self.eps, out=y,
+                              residual_mul=self.residual_mul)
+
+    def _pointers(self, y_shape: tuple, n: int) -> tuple:
+        if self.residual.shape != y_shape:
+            raise errors.ShapeError(f"residual has shape {self.residual.shape}, expected {y_shape}")
+        ptrs = [_ptr("float[]", self.residual)]
+        for name, a in (("residual_mul", self.residual_mul), ("weight", self.weight), ("bias", self.bias)):
+            if a is not None and a.shape != (n,):
+                raise errors.ShapeError(f"layer_norm {name} has shape {a.shape}, expected ({n},)")
+            ptrs.append(_NULL if a is None else _ptr("float[]", a))
+        return tuple(ptrs)
 _best_format_bits = lib.cq_best_format_bits
 
 
@@ -564,15 +598,19 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
     the same pass; the weight must have been rotated to match (see :mod:`cquant.smoothing`).
     activation (None or "gelu"): y = :func:`gelu` (y), applied to each block of outputs as the
     kernel finishes it (C ``cq_linear_post``: no second pass over y), bit for bit the same as
-    ``gelu(linear(...))``.
+    ``gelu(linear(...))``. Or an :class:`AddLayerNorm`: ``y = LayerNorm(y + residual *
+    residual_mul)`` on each block of whole rows as the kernel finishes it (C ``cq_linear_add_ln``),
+    bit for bit ``add_layer_norm(linear(...), ...)``.
 
     This is the per-call hot path of every quantized layer: it is kept lean (cached cffi pointers
     for the weight and the last bias, no per-call conversion of float32 C-contiguous inputs).
     """
     cache = _weight_cache(qw)
     mcode = _mode_code(mode)
-    if activation is not None and (type(activation) is not str or activation not in _POSTS):
-        raise errors.ValueError(f"unknown activation {activation!r}; expected None or one of {sorted(_POSTS)}")
+    add_ln = activation if type(activation) is AddLayerNorm else None
+    if activation is not None and add_ln is None and (type(activation) is not str or activation not in _POSTS):
+        raise errors.ValueError(f"unknown activation {activation!r}; expected None, one of {sorted(_POSTS)} "
+                                "or an AddLayerNorm")
     n, k = qw.shape
     x = _x_rows(x, k)
     shape = x.shape
@@ -590,7 +628,12 @@ def linear(x, qw: QuantizedWeight, bias=None, mode: str = "dynamic", *, x_mul=No
         bp = _from_buffer("float[]", b)
         if b is bias:  # the layer's own float32 bias: keep its pointer (the buffer export pins it)
             qw._cache = (pk, ps, code, g, (bias, bp), fmt, bits)
-    if x_mul is None and x_scale is None and not x_hadamard and activation is None:
+    if add_ln is not None:
+        rp, rmp, gp, bep = add_ln._pointers(y.shape, n)
+        mp, xs, hb = _act_args(x_mul, x_scale, x_hadamard, k, mcode)
+        st = lib.cq_linear_add_ln(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp, mp, hb, xs,
+                                  rp, rmp, gp, bep, add_ln.eps, _from_buffer("float[]", y))
+    elif x_mul is None and x_scale is None and not x_hadamard and activation is None:
         st = _cq_linear(mcode, _from_buffer("float[]", x), m, k, pk, ps, code, g, n, bp,
                         _from_buffer("float[]", y))
     else:

@@ -100,9 +100,11 @@ class Smoothed(nn.Module):
         inv, b = p["inv_scale"], int(p["hadamard"][0])
         if activation is not None and not (getattr(type(lin), "_cquant_activation", False) is True
                                            and "forward" not in lin.__dict__ and "__call__" not in lin.__dict__):
+            if type(activation) is ops.AddLayerNorm:  # a float or watched inner layer: the op after it
+                return activation.apply(self.forward(x))
             if activation != "gelu":
-                raise errors.ValueError(f"unknown activation {activation!r}; expected None or 'gelu'")
-            return ops.gelu(self.forward(x))  # a float or watched inner layer: the op after it
+                raise errors.ValueError(f"unknown activation {activation!r}; expected None, 'gelu' or an AddLayerNorm")
+            return ops.gelu(self.forward(x))
         if getattr(type(lin), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
             if activation is not None:
                 return lin(x, x_mul=inv, x_hadamard=b, activation=activation)

@@ -445,6 +445,39 @@ static void test_unaligned_packed(void)
     free(base);
 }
 
+/* cq_linear_add_ln is bit for bit cq_linear_ex then cq_add_layer_norm_ex (every mode, M = 1 and a
+ * block of rows), and refuses a missing residual, a negative eps and y over the residual. */
+static void test_linear_add_ln(void)
+{
+    enum { M = 9, N = 40, K = 36 };
+    static int8_t q[N * K];
+    static float s[N], x[M * K], res[M * N], g[N], b[N], rm[N], y0[M * N], y1[M * N];
+    for (int i = 0; i < N * K; i++) q[i] = (int8_t)((i * 29) % 255 - 127);
+    for (int i = 0; i < N; i++) { s[i] = 0.01f + 0.001f * (float)i; g[i] = 1.0f + 0.01f * (float)i; b[i] = 0.1f * (float)(i % 5); rm[i] = 0.5f + 0.02f * (float)i; }
+    for (int i = 0; i < M * K; i++) x[i] = (float)(i % 11) * 0.3f - 1.4f;
+    for (int i = 0; i < M * N; i++) res[i] = (float)(i % 7) * 0.2f - 0.6f;
+    int64_t psize = cq_packed_size(CQ_FORMAT_AUTO, N, K, 0);
+    int8_t *packed = (int8_t *)malloc((size_t)psize);
+    CHECK(packed != NULL, "malloc");
+    if (!packed) return;
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, N, K, 0, packed), CQ_OK);
+    for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++)
+        for (int m = 1; m <= M; m += M - 1) {
+            EXPECT_STATUS(cq_linear_ex(mode, x, m, K, packed, s, CQ_PER_CHANNEL, 0, N, b, NULL, 0, 0.0f, y0), CQ_OK);
+            EXPECT_STATUS(cq_add_layer_norm_ex(y0, res, rm, m, N, g, b, 1e-5f, y0), CQ_OK);
+            EXPECT_STATUS(cq_linear_add_ln(mode, x, m, K, packed, s, CQ_PER_CHANNEL, 0, N, b, NULL, 0, 0.0f, res, rm,
+                                           g, b, 1e-5f, y1), CQ_OK);
+            CHECK(memcmp(y0, y1, sizeof(float) * (size_t)(m * N)) == 0, "fused add + LayerNorm = the two calls");
+        }
+    EXPECT_STATUS(cq_linear_add_ln(CQ_MODE_DYNAMIC, x, M, K, packed, s, CQ_PER_CHANNEL, 0, N, NULL, NULL, 0, 0.0f,
+                                   NULL, NULL, NULL, NULL, 1e-5f, y1), CQ_ERR_NULL);
+    EXPECT_STATUS(cq_linear_add_ln(CQ_MODE_DYNAMIC, x, M, K, packed, s, CQ_PER_CHANNEL, 0, N, NULL, NULL, 0, 0.0f,
+                                   res, NULL, NULL, NULL, -1.0f, y1), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_linear_add_ln(CQ_MODE_DYNAMIC, x, M, K, packed, s, CQ_PER_CHANNEL, 0, N, NULL, NULL, 0, 0.0f,
+                                   y1, NULL, NULL, NULL, 1e-5f, y1), CQ_ERR_ALIAS);
+    free(packed);
+}
+
 /* cq_isa_error: "" while the selection works; the reason after a CQUANT_ISA that cannot be used
  * (unknown name, or a path this CPU/build lacks) and after a refused cq_set_isa; cleared again by a
  * selection that succeeds. */
@@ -677,6 +710,7 @@ int main(void)
     test_linear_alias();
     test_other_alias();
     test_unaligned_packed();
+    test_linear_add_ln();
     test_linear_ex();
     test_linear_multi();
     test_isa_error();
