@@ -80,9 +80,10 @@ def _np(x: "torch.Tensor") -> np.ndarray:
     return (x if x.is_contiguous() else x.contiguous()).detach().numpy()
 
 
-def _linear_np(lin: Any, x: np.ndarray, activation: Optional[str] = None) -> np.ndarray:
+def _linear_np(lin: Any, x: np.ndarray, activation: Any = None) -> np.ndarray:
     """The quantized linear's numpy forward (a fresh float32 array); a smoothing wrapper's 1/s
-    goes into the kernel (x_mul), as the wrapper itself does; ``activation`` ("gelu") too."""
+    goes into the kernel (x_mul), as the wrapper itself does; ``activation`` ("gelu", or an
+    :class:`cquant.ops.AddLayerNorm`) too."""
     if getattr(type(lin), "_cquant_smoothing_wrapper", False):
         return lin.linear.qforward(x, x_mul=lin.inv_scale.detach().numpy(), x_hadamard=lin.block,
                                    activation=activation)
@@ -133,14 +134,15 @@ class FusedOutput(_Fused):
         if self.training or not (_fast(hidden_states) and _fast(input_tensor)) \
                 or input_tensor.shape[:-1] != hidden_states.shape[:-1] or _hooked(self.dense):
             return self._hf_forward(hidden_states, input_tensor)
-        ln = self.LayerNorm
-        y = _linear_np(self.dense, _np(hidden_states))
-        if y.shape != tuple(input_tensor.shape):
+        ln, dense = self.LayerNorm, self.dense
+        qf = dense.linear.qforward if getattr(type(dense), "_cquant_smoothing_wrapper", False) else dense.qforward
+        if tuple(hidden_states.shape[:-1]) + (int(qf.qweight.shape[0]),) != tuple(input_tensor.shape):
             return self._hf_forward(hidden_states, input_tensor)
         rs = self._buffers.get("residual_scale") if isinstance(self, ResidualScaled) else None
-        ops.add_layer_norm(y, _np(input_tensor), ln.weight.detach().numpy(), ln.bias.detach().numpy(),
-                           float(ln.eps), out=y, residual_mul=None if rs is None else rs.detach().numpy())
-        return _out(y, hidden_states, input_tensor)
+        # the add + LayerNorm inside the kernel, on each block of rows it finishes (cq_linear_add_ln)
+        post = ops.AddLayerNorm(_np(input_tensor), ln.weight.detach().numpy(), ln.bias.detach().numpy(),
+                                float(ln.eps), None if rs is None else rs.detach().numpy())
+        return _out(_linear_np(dense, _np(hidden_states), post), hidden_states, input_tensor)
 
 
 class FusedIntermediate(_Fused):
