@@ -235,10 +235,6 @@ void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-op
  *                1 (the product res[i] * rmul[i] rounded to float32, then the sum); y may be x or res
  *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo
  *                apart (scratch: float_ops.c's header comment) */
-/* rows of cq_add_layer_norm_ex on the calling thread, with the row kernel of path isa (float_ops.c:
- * the same bits as cq_add_layer_norm_ex; linear.c runs it on the blocks of rows it has finished) */
-void cq_add_ln_rows(int isa, const float *x, const float *res, const float *rmul, int64_t rows, int64_t k,
-                    const float *gamma, const float *beta, float eps, float *y);
 void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
 void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y);
@@ -250,6 +246,11 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
 void cq_attn_head_avx512(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,
                          int64_t dh, const float *bias, float scale, float *out, int64_t ldo, float *scratch);
 #endif
+
+/* rows of cq_add_layer_norm_ex on the calling thread, with the row kernel of path isa (float_ops.c:
+ * the same bits as cq_add_layer_norm_ex; linear.c runs it on the blocks of rows it has finished) */
+void cq_add_ln_rows(int isa, const float *x, const float *res, const float *rmul, int64_t rows, int64_t k,
+                    const float *gamma, const float *beta, float eps, float *y);
 
 /* Dispatch (dispatch.c): the active path (enum cq_isa), or a negative status if CQUANT_ISA names a
  * path that cannot run (then every kernel entry point returns CQ_ERR_ISA). */

@@ -993,7 +993,6 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     if (c.i4 && m > c.mb) c.mb = MAXMB;
     c.nmb = cq_ceil_div(m, c.mb);
     cq_set_last_kernel(uk->name);
-    int ln_done = 0;
     if (gemv) {
         int64_t nunits = cq_ceil_div(c.np, 4);
         run_units(&c, nunits, cq_threads_for(work, nunits), c.ng > 1 ? s8_gemv4_group_unit : s8_gemv4_unit,
@@ -1001,13 +1000,12 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     } else if (ln) { /* units of whole rows: the add + LayerNorm on each block as it is finished */
         c.ln = ln;
         run_units(&c, c.nmb, cq_threads_for(work, c.nmb), s8_rows_unit, REGION_PANEL_ROWS);
-        ln_done = 1;
     } else {
         int64_t nunits = c.np * c.nmb;
         run_units(&c, nunits, cq_threads_for(work, nunits), s8_unit, REGION_PANEL_ROWS);
     }
     if (!ac) cq_scratch_put(qa, qa_cap);
-    if (ln && !ln_done)
+    if (ln && gemv) /* the GEMVs' units are columns: the add + LayerNorm as a pass after them */
         return cq_add_layer_norm_ex(y, ln->residual, ln->residual_mul, m, n, ln->gamma, ln->beta, ln->eps, y);
     return CQ_OK;
 }
@@ -1034,7 +1032,6 @@ int cq_linear_add_ln(int mode, const float *x, int64_t m, int64_t k, const void 
                      const float *residual_mul, const float *gamma, const float *beta, float eps, float *y)
 {
     const ln_args ln = {residual, residual_mul, gamma, beta, eps};
-    if (m > 0 && !residual) return CQ_ERR_NULL;
     return linear_impl(mode, x, m, k, packed, scales, scheme, group_size, n, bias, x_mul, x_hadamard, x_scale,
                        CQ_POST_NONE, y, 0, NULL, &ln);
 }

@@ -20,7 +20,7 @@ from ._native import ffi, lib
 
 __all__ = [
     "QuantizedWeight", "quantize_weight", "quantize", "dequantize", "quantize_rows", "linear",
-    "gemm_s8s8s32", "check_finite", "isa", "set_isa", "available_isas", "set_num_threads",
+    "gemm_s8s8s32", "check_finite", "check_scales", "isa", "set_isa", "available_isas", "set_num_threads",
     "get_num_threads", "native_version", "GRANULARITIES", "MODES", "gelu", "layer_norm",
     "last_kernel", "best_format", "peak_gmacs", "quantize_rows_u8", "FORMATS",
     "softmax_rows", "gelu_inplace", "add_layer_norm", "attention", "AddLayerNorm",
@@ -191,6 +191,20 @@ def _ptr(ctype: str, arr: np.ndarray):
     return _from_buffer(ctype, arr)
 
 
+def check_scales(scale, name: str = "scale") -> np.ndarray:
+    """Weight scales as float32 (C-contiguous), refused unless float, finite and >= 0 (an integer
+    array is a wrong tensor, not a rounding choice); errors name ``name``."""
+    a = np.asarray(scale)
+    if a.dtype.kind != "f":
+        raise errors.TypeError(f"{name} must be a float array, got {a.dtype}")
+    a = np.require(a, np.float32, _CA)
+    if not np.isfinite(a).all():
+        raise errors.NonFiniteError(f"{name} holds NaN or Inf; scales must be finite and >= 0")
+    if (a < 0).any():
+        raise errors.ValueError(f"{name} holds negative values; scales must be finite and >= 0")
+    return a
+
+
 def check_finite(a: np.ndarray, name: str = "array") -> None:
     """Raise NonFiniteError naming `name` if `a` holds NaN or Inf."""
     arr = np.asarray(a)
@@ -294,17 +308,10 @@ class QuantizedWeight:
             raise errors.ValueError(
                 f"packed is not a packed weight of shape {(n, k)} for {granularity}"
                 + (f" (group_size {group_size})" if granularity == "per_group" else ""))
-        scale_in = np.asarray(scale)
-        if scale_in.dtype.kind != "f":  # integer scales are a wrong tensor, not a rounding choice
-            raise errors.TypeError(f"scale must be a float array, got {scale_in.dtype}")
-        scale = np.require(scale_in, np.float32, _CA)
+        scale = check_scales(scale)
         if scale.shape != _scale_shape(granularity, n, k, group_size):
             raise errors.ShapeError(f"scale has shape {scale.shape}, expected "
                                     f"{_scale_shape(granularity, n, k, group_size)} for {granularity}")
-        if not np.isfinite(scale).all():
-            raise errors.NonFiniteError("scale holds NaN or Inf; scales must be finite and >= 0")
-        if (scale < 0).any():
-            raise errors.ValueError("scale holds negative values; scales must be finite and >= 0")
         self.packed = packed
         self.scale = scale
         self.shape = (n, k)

@@ -305,13 +305,12 @@ class QuantizedLinearForward:
 
 def _weight_from_state(q: Any, s: Any, like: ops.QuantizedWeight, kq: str, ks: str) -> ops.QuantizedWeight:
     """The QuantizedWeight of state_dict codes ``q`` and scales ``s`` in the scheme of ``like``;
-    bad values (codes out of range, NaN / Inf / negative or integer scales) refused naming the key."""
+    bad values (NaN / Inf / negative or integer scales, codes out of range) refused naming the key."""
+    s = ops.check_scales(s, ks)
     try:
-        return ops.QuantizedWeight.from_codes(np.asarray(q), np.asarray(s), like.granularity, like.group_size,
-                                              bits=like.bits)
+        return ops.QuantizedWeight.from_codes(np.asarray(q), s, like.granularity, like.group_size, bits=like.bits)
     except (errors.ValueError, errors.TypeError) as e:
-        bad = kq if "code" in str(e) else ks
-        raise type(e)(f"{bad}: {e}") from None
+        raise type(e)(f"{kq}: {e}") from None
 
 
 class QuantizedLinear(nn.Module):

@@ -472,11 +472,12 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
         for key, members in by_input.items():
             if not any(m in selected for m in members):
                 continue
-            shared = [(m, holders[id(w)]) for m in members
-                      for w in [getattr(linears[m].obj, "weight", None)] if w is not None and len(holders.get(id(w), ())) > 1]
-            if shared:  # rescaling it would untie it (a tied lm_head would become a second, quantized copy)
-                m, names = shared[0]
-                others = [n for n in names if n != m]
+            # a weight shared with another module: rescaling it would untie it (a tied lm_head would
+            # become a second, quantized copy)
+            tied = [(m, [n for n in holders.get(id(linears[m].obj.weight), ()) if n != m]) for m in members]
+            tied = [(m, others) for m, others in tied if others]
+            if tied:
+                m, others = tied[0]
                 groups.append(SmoothedGroup(members, np.ones(linears[members[0]].in_features, np.float32), "none",
                                             note=f"{m}'s weight is shared with {', '.join(others[:3])}: not smoothed"))
                 continue

@@ -47,6 +47,7 @@ from ..quantization import QuantizedLinearForward
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
                     _pfx)
+from .torch_base import _finite_floats
 from .torch_embedding import QuantizedTorchEmbedding
 
 __all__ = ["save_pretrained", "from_pretrained", "WEIGHTS_NAME", "WEIGHTS_INDEX_NAME", "CONFIG_NAME"]
@@ -360,6 +361,31 @@ def _static_scale_of(d: str, name: str, p: str, lm: Dict[str, Any], tensors: Dic
     return float(act.reshape(()).item())
 
 
+def _layer_weight(d: str, name: str, p: str, lm: Dict[str, Any], tensors: Dict[str, Any]) -> Any:
+    """The QuantizedWeight of a checkpoint layer from its ``weight_q`` / ``weight_scale`` tensors (taken
+    out of ``tensors``): int4 codes unpacked, the values cquant.load refuses refused."""
+    try:
+        q, s = tensors.pop(p + "weight_q"), tensors.pop(p + "weight_scale")
+    except KeyError as e:
+        raise errors.ValueError(f"{d}: layer {name!r}: tensor {e} is missing") from None
+    bits = lm.get("bits", 8)
+    if bits not in (4, 8):
+        raise errors.ValueError(f"{d}: layer {name!r}: bits must be 4 or 8, got {bits!r}")
+    codes = q.numpy()
+    if bits == 4:  # two codes per byte, k = 2i in the low nibble of byte i
+        k = int(lm["shape"][1])
+        if q.dtype != torch.uint8 or tuple(q.shape) != (int(lm["shape"][0]), (k + 1) // 2):
+            raise errors.ValueError(f"{d}: int4 layer {name!r}: {p + 'weight_q'!r} must be uint8 of shape "
+                                    f"({lm['shape'][0]}, {(k + 1) // 2}), got {q.dtype} {tuple(q.shape)}")
+        codes = unpack_int4(codes, k)
+    try:  # codes in range, finite >= 0 float scales
+        sa = s.to(torch.float32).numpy() if s.is_floating_point() else s.numpy()  # integer scales: refused
+        return ops.QuantizedWeight.from_codes(codes, ops.check_scales(sa, p + "weight_scale"),
+                                              lm["granularity"], lm.get("group_size"), bits=bits)
+    except errors.QuantizationError as e:
+        raise errors.CheckpointError(f"{d}: layer {name!r}: {e}") from None
+
+
 def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = None) -> "torch.nn.Module":
     """Rebuild a model written by :func:`save_pretrained`, in eval mode, without float32 weights.
 
@@ -424,7 +450,6 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
     # quantized layers
     new: Dict[str, "torch.nn.Module"] = {}
     qw_of: Dict[str, Any] = {}  # a layer's weight_scale key -> its QuantizedWeight
-    scale_of: Dict[str, "torch.Tensor"] = {}  # and -> its scale tensor
     for name, lm in cq.get("layers", {}).items():
         p = _pfx(name)
         kq, ks = p + "weight_q", p + "weight_scale"
@@ -438,43 +463,14 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
                     or lm.get("bits", 8) != qw.bits:
                 raise errors.CheckpointError(f"{d}: layer {name!r} is tied to {src_ks!r}, whose weight has "
                                              "another shape or scheme")
-            b = tensors.pop(p + "bias", None) if lm.get("bias") else None
-            if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
-                raise errors.CheckpointError(f"{d}: layer {name!r}: {p + 'bias'!r} must hold finite floats")
-            act = _static_scale_of(d, name, p, lm, tensors)
-            bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
-            new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"], act),
-                                             source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))
-            continue
-        if src_ks is not None and src_ks in scale_of:  # codes written again (saves before 2026-11-30)
-            tensors[ks] = scale_of[src_ks]
-        try:
-            q, s = tensors.pop(kq), tensors.pop(ks)
-        except KeyError as e:
-            raise errors.ValueError(f"{d}: layer {name!r}: tensor {e} is missing") from None
-        scale_of[ks] = s
+        else:
+            if src_ks is not None and src_ks in qw_of:  # codes written again (saves before 2026-11-30)
+                tensors[ks] = torch.from_numpy(qw_of[src_ks].scale)
+            qw = qw_of[ks] = _layer_weight(d, name, p, lm, tensors)
         b = tensors.pop(p + "bias", None) if lm.get("bias") else None
+        if b is not None and not _finite_floats(b):  # as cquant.load refuses it
+            raise errors.CheckpointError(f"{d}: layer {name!r}: {p + 'bias'!r} must hold finite floats")
         act = _static_scale_of(d, name, p, lm, tensors)
-        bits = lm.get("bits", 8)
-        if bits not in (4, 8):
-            raise errors.ValueError(f"{d}: layer {name!r}: bits must be 4 or 8, got {bits!r}")
-        codes = q.numpy()
-        if bits == 4:  # two codes per byte, k = 2i in the low nibble of byte i
-            k = int(lm["shape"][1])
-            if q.dtype != torch.uint8 or tuple(q.shape) != (int(lm["shape"][0]), (k + 1) // 2):
-                raise errors.ValueError(f"{d}: int4 layer {name!r}: {p + 'weight_q'!r} must be uint8 of shape "
-                                        f"({lm['shape'][0]}, {(k + 1) // 2}), got {q.dtype} {tuple(q.shape)}")
-            codes = unpack_int4(codes, k)
-        try:  # codes in range, finite >= 0 float scales, a finite bias: as cquant.load refuses them
-            if not s.is_floating_point():
-                raise errors.TypeError(f"scales must be floats, got {s.dtype}")
-            qw = ops.QuantizedWeight.from_codes(codes, s.to(torch.float32).numpy(), lm["granularity"],
-                                                lm.get("group_size"), bits=bits)
-            if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
-                raise errors.NonFiniteError(f"{p + 'bias'!r} must hold finite floats")
-        except errors.QuantizationError as e:
-            raise errors.CheckpointError(f"{d}: layer {name!r}: {e}") from None
-        qw_of[ks] = qw
         bias = None if b is None else np.array(b.to(torch.float32).numpy(), dtype=np.float32, copy=True)
         new[name] = QuantizedTorchLinear(QuantizedLinearForward(qw, bias, lm["mode"], act),
                                          source=lm.get("source", "Conv1D" if lm.get("layout") == "in_out" else "Linear"))

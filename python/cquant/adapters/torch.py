@@ -82,8 +82,8 @@ from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
-from .torch_base import (AutogradError, _graph_mode, _NoBackward, _refuse_device, _refuse_train,  # noqa: F401
-                         _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
+from .torch_base import (AutogradError, _finite_floats, _graph_mode, _NoBackward, _refuse_device,  # noqa: F401
+                         _refuse_train, _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 
@@ -284,23 +284,23 @@ class QuantizedTorchLinear(torch.nn.Module):
         if a is not None and a.dtype != torch.float32:
             error_msgs.append(f"{ka}: expected a float32 activation scale, got {a.dtype}")
             return
-        if not s.is_floating_point():  # refused by checkpoints too: a wrong tensor, not a rounding choice
-            error_msgs.append(f"{ks}: expected float scales, got {s.dtype}")
+        if b is not None and not _finite_floats(b):
+            error_msgs.append(f"{kb}: the bias must hold finite floats, no NaN or Inf (got {b.dtype})")
             return
-        if b is not None and (not b.is_floating_point() or not bool(torch.isfinite(b).all())):
-            error_msgs.append(f"{kb}: the bias must be finite floats (got {b.dtype}"
-                              + (")" if not b.is_floating_point() else ", holding NaN or Inf)"))
+        try:  # the values a checkpoint load refuses (NaN / negative / integer scales) name their key
+            scales = ops.check_scales(s.detach().cpu().numpy(), ks)
+        except errors.QuantizationError as e:
+            error_msgs.append(str(e))
             return
         try:
-            new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(),
-                                                    s.detach().cpu().to(torch.float32).numpy(),
+            new_qw = ops.QuantizedWeight.from_codes(q.detach().cpu().contiguous().numpy(), scales,
                                                     qw.granularity, qw.group_size, bits=qw.bits)
             bias = None if b is None else np.array(b.detach().cpu().to(torch.float32).numpy(),
                                                    dtype=np.float32, copy=True)
             qf = QuantizedLinearForward(new_qw, bias, self.mode,
                                         None if a is None else float(a.detach().cpu().reshape(()).item()))
         except errors.QuantizationError as e:
-            error_msgs.append(f"{ks if str(e).startswith('scale') else prefix or '<root>'}: {e}")
+            error_msgs.append(f"{prefix or '<root>'}: {e}")
             return
         self._install(qf)
 
@@ -559,6 +559,14 @@ def _classify(mod: "torch.nn.Module", parent: Optional["torch.nn.Module"]) -> Tu
     out = (w.shape[0] if layout == "out_in" else w.shape[1]) if isinstance(w, torch.Tensor) and w.dim() == 2 else 0
     why = _weight_problem(w, b, out)
     return (None, why) if why else ("linear_" + layout, "")
+
+
+def _module_names(model: "torch.nn.Module") -> Dict[int, List[str]]:
+    """id(module) -> every name it is registered under (a shared module has several)."""
+    names: Dict[int, List[str]] = {}
+    for n, m in model.named_modules(remove_duplicate=False):
+        names.setdefault(id(m), []).append(n)
+    return names
 
 
 def _module_sites(model: "torch.nn.Module") -> Tuple[Dict[int, List[Tuple["torch.nn.Module", str]]],
@@ -1131,9 +1139,7 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     consumed = {_pfx(b) + t for b in wrap_plans for t in ("inv_scale", "hadamard")}
 
     # a replaced module registered under several names (a shared module): its keys under every name
-    names_of: Dict[int, List[str]] = {}
-    for n, m in model.named_modules(remove_duplicate=False):
-        names_of.setdefault(id(m), []).append(n)
+    names_of = _module_names(model)
     planned = {id(p[1]) for p in plans} | {id(m) for m in mha_plans.values()} | {id(e[1]) for e in emb_plans}
     qnames = qnames | {n for i in planned for n in names_of.get(i, [])}
 

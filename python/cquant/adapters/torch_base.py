@@ -71,6 +71,11 @@ class _NoBackward(torch.autograd.Function):
         raise AutogradError(inference_only_message("a model with cquant quantized layers"))
 
 
+def _finite_floats(t: "torch.Tensor") -> bool:
+    """A float tensor of finite values (what a bias must be, as checkpoints require)."""
+    return t.is_floating_point() and bool(torch.isfinite(t).all())
+
+
 def _outermost_self(code: Any) -> Any:
     """The module whose ``code`` (``Module.train`` / ``Module._apply``) started the traversal that is
     now running: the ``self`` of the outermost frame running that code on this thread, or None."""

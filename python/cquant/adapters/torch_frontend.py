@@ -14,7 +14,7 @@ from ..checkpoint_file import BF16Bits, _prefix
 from ..embedding import can_share
 from ..frontends import (CheckpointState, FrontEnd, LayerRef, Patterns, ReportRow, _add_layer, _as_patterns,
                          _embedding_table, _filter_refs, embedding_entries, quantized_forward_of, replace_module)
-from .torch import QuantizedTorchLinear, _param_owners, install_checkpoint
+from .torch import QuantizedTorchLinear, _module_names, _param_owners, install_checkpoint
 from .torch import report as _torch_report
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, residual_block, scale_residual
@@ -113,9 +113,7 @@ class TorchFrontEnd(FrontEnd):
             v = v.detach().cpu().contiguous()
             tensors[k] = (BF16Bits.wrap(v.view(torch.int16).numpy().view(np.uint16))
                           if v.dtype == torch.bfloat16 else v.numpy())
-        names_of: Dict[int, List[str]] = {}
-        for name, m in obj.named_modules(remove_duplicate=False):
-            names_of.setdefault(id(m), []).append(name)
+        names_of = _module_names(obj)
         for name, m in obj.named_modules():  # after the state_dict: codes, f32 scales and an f32 bias
             if isinstance(m, QuantizedTorchLinear):
                 _add_layer(tensors, layers, name, m.qforward, "in_out" if m.source == "Conv1D" else "out_in")
