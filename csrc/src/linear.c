@@ -462,13 +462,20 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
     float sx = c->sx[0];
     for (int i = 0; i < 4 && p0 + i < c->np; i++) {
         int64_t p = p0 + i, cols = cols_of(c, p);
-        panel_scales(c, p, 0, ws);
-        panel_bias(c, p, bb);
+        /* per channel: the panel's scales and bias read in place (the copies were half of this
+         * epilogue's time at (3072, 768)); the same products and sums either way */
+        const float *wsp = ws, *bp = bb;
+        if (c->scheme == CQ_PER_CHANNEL) wsp = c->scales + p * nr;
+        else panel_scales(c, p, 0, ws);
+        if (c->bias) bp = c->bias + p * nr;
+        else memset(bb, 0, sizeof bb);
         if (c->u8) panel_comp(c, p, 0, comp);
+        else memset(comp, 0, sizeof comp);
         float *yr = c->y + p * nr;
+        const int32_t *ar = acc + i * nr;
         for (int64_t j = 0; j < cols; j++) {
-            int32_t v = (int32_t)((uint32_t)acc[i * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
-            yr[j] = (float)v * cq_scale_product(sx, ws[j]) + bb[j];
+            int32_t v = (int32_t)((uint32_t)ar[j] - (uint32_t)comp[j]);
+            yr[j] = (float)v * cq_scale_product(sx, wsp[j]) + bp[j];
         }
     }
 }
@@ -487,6 +494,15 @@ enum { GB = 16 };
 static void gather_scales(const lin_ctx *c, const int64_t *pp, int64_t g0, int64_t gn, float (*wsb)[4 * MAXNR])
 {
     const int nr = c->nr;
+    if (c->scheme == CQ_PER_CHANNEL) { /* one scale per row: each panel's are nr consecutive floats
+                                         * (the general loop below was 4% of a (768, 768) M = 1 call) */
+        for (int i = 0; i < 4; i++) {
+            const int64_t row0 = pp[i] * nr, cols = c->n - row0 < nr ? c->n - row0 : nr;
+            memcpy(&wsb[0][i * nr], c->scales + row0, (size_t)cols * sizeof(float));
+            for (int64_t j = cols; j < nr; j++) wsb[0][i * nr + j] = 0.0f;
+        }
+        return;
+    }
     for (int i = 0; i < 4; i++) {
         /* a whole panel of per-group scales: one register transpose (the per-row copy below took as
          * long as the int4 GEMV kernel itself) */
@@ -563,7 +579,7 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     const int64_t step4 = 4 * (int64_t)c->h4.nr, kp8 = c->kp4 / 2;
     int64_t last = c->np - 1, pp[4];
     for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
-    memset(y, 0, sizeof y);
+    for (int64_t r = 0; r < c->m; r++) memset(y[r], 0, sizeof y[r]); /* the rows this call has (m < 4) */
     const cq_x24_i4_gemv4_fn gemv_x24 = c->xd ? (cq_x24_i4_gemv4_fn)c->fcfg->gemv4_i4_x24->fn : NULL;
     for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
         const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
