@@ -1,0 +1,92 @@
+"""Interleaved A/B of this checkout's cquant against another build of cquant, in one process.
+
+    git worktree add /tmp/old <commit> && (cd /tmp/old && python setup.py -q build_ext --inplace)
+    CQUANT_ISA=avx2 python tools/ab_versions.py /tmp/old/python/cquant [--threads 2] [--seconds 1.5]
+
+The other build's package is copied under the name ``cquant_other`` (its modules import each other
+relatively, and its extension module loads under any package name), so both run in the same
+process on the same inputs: the contenders alternate call by call (ABAB..., then BABA..), and the
+figure is the median of the paired ratios old / new (> 1: this checkout is faster). Dynamic outputs
+must be bit-identical (the integer sums are the contract); a difference stops the run.
+``CQUANT_ISA`` applies to both builds. What was measured with it is in README, "Measured performance".
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+SHAPES = [(768, 768), (4096, 4096), (4096, 11008)]
+MS = [1, 8, 64, 256]
+
+
+def _load_other(path: str):
+    if not os.path.isfile(os.path.join(path, "__init__.py")):
+        raise SystemExit(f"{path}: not a cquant package folder (no __init__.py)")
+    root = tempfile.mkdtemp(prefix="cquant-ab-")
+    shutil.copytree(path, os.path.join(root, "cquant_other"))
+    sys.path.insert(0, root)
+    import cquant  # noqa: F401  (this checkout first: its version check sees its own extension)
+    import cquant_other
+    return cquant_other
+
+
+def _time_pair(fa, fb, seconds: float) -> tuple:
+    ta, tb = [], []
+    end = time.perf_counter() + seconds
+    n = 0
+    while (n < 7 or time.perf_counter() < end) and n < 400:
+        for which in ((0, 1) if n % 2 == 0 else (1, 0)):
+            f, t = (fa, ta) if which == 0 else (fb, tb)
+            s = time.perf_counter()
+            f()
+            t.append(time.perf_counter() - s)
+        n += 1
+    a, b = np.array(ta), np.array(tb)
+    return float(np.median(a)), float(np.median(b)), float(np.median(a / b))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("other", help="the other build's python/cquant folder (built in place)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seconds", type=float, default=1.5, help="time per cell and mode")
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,... (the bench's)")
+    p.add_argument("--ms", default=",".join(map(str, MS)), help="M values (the bench's)")
+    a = p.parse_args(argv)
+    shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
+    ms = [int(v) for v in a.ms.split(",")]
+    other = _load_other(a.other)
+    import cquant
+    for m in (other, cquant):
+        m.ops.set_num_threads(a.threads)
+    print(f"ISA: other {other.ops.isa() if hasattr(other.ops, 'isa') else '?'}, this {cquant.ops.isa()}; "
+          f"threads {a.threads}")
+    rng = np.random.default_rng(0)
+    for k, n in shapes:
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        b = rng.standard_normal(n).astype(np.float32)
+        qo, qn = other.ops.quantize_weight(w), cquant.ops.quantize_weight(w)
+        for m in ms:
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            for mode in ("dynamic", "weight_only"):
+                def fo():
+                    return other.ops.linear(x, qo, b, mode=mode)
+
+                def fn():
+                    return cquant.ops.linear(x, qn, b, mode=mode)
+                if mode == "dynamic" and not np.array_equal(fo(), fn()):
+                    raise SystemExit(f"({k}, {n}) M={m}: dynamic outputs differ between the builds")
+                to, tn, r = _time_pair(fo, fn, a.seconds)
+                print(f"{k}x{n} M={m:3d} {mode:11s} other {to * 1e3:8.3f} ms  this {tn * 1e3:8.3f} ms  "
+                      f"other/this paired {r:.2f}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
