@@ -35,7 +35,7 @@ static int amx_permitted(void)
     }
     return st == 1;
 }
-static int cpu_has(int isa)
+static int cpu_has_uncached(int isa)
 {
     unsigned a, b, c, d;
     if (!__get_cpuid(1, &a, &b, &c, &d)) return 0;
@@ -56,7 +56,7 @@ static int cpu_has(int isa)
     if (isa == CQ_ISA_AMX) {
         int amx_tile = (d >> 24) & 1, amx_int8 = (d >> 25) & 1;
         int tile_state = (xcr0 & 0x60000) == 0x60000; /* XTILECFG, XTILEDATA */
-        return amx_tile && amx_int8 && tile_state && cpu_has(CQ_ISA_AVX512VNNI) && amx_permitted();
+        return amx_tile && amx_int8 && tile_state && cpu_has_uncached(CQ_ISA_AVX512VNNI) && amx_permitted();
     }
     if (isa == CQ_ISA_AVX512VNNI || isa == CQ_ISA_AVX512) {
         int f = (b >> 16) & 1, dq = (b >> 17) & 1, bw = (b >> 30) & 1, vl = (b >> 31) & 1;
@@ -66,6 +66,20 @@ static int cpu_has(int isa)
         return isa == CQ_ISA_AVX512 ? base : base && vnni;
     }
     return 0;
+}
+/* Asked once per path and remembered: CPUID traps to the hypervisor in a virtual machine, and the
+ * config lookup of every N16K4 call asks for AVX-VNNI (allowed() in registry.c): uncached, that was
+ * ~36 us of CPUID exits per call of a (64, 16) layer under KVM, 70% of its time. */
+static int cpu_has(int isa)
+{
+    static int known[8]; /* 0 unknown, 1 yes, 2 no */
+    if (isa < 0 || isa >= 8) return 0;
+    int st = __atomic_load_n(&known[isa], __ATOMIC_ACQUIRE);
+    if (st == 0) {
+        st = cpu_has_uncached(isa) ? 1 : 2;
+        __atomic_store_n(&known[isa], st, __ATOMIC_RELEASE);
+    }
+    return st == 1;
 }
 #else
 static int cpu_has(int isa) { (void)isa; return 0; }
