@@ -132,22 +132,22 @@ static const cq_qd8_config QD8_CFG[] = {
      * Per-group scales too, for groups of 32 k (tiles of 32 k) or a multiple of 64 k: (4096, 4096)
      * M=256, one thread, int8 group 128: 23.4 -> 12.8 ms, group 32: 39.5 -> 31.5 ms, int4 group 32:
      * 45.9 -> 28.1 ms against the VNNI 6x64 tile (2026-11-30, other work running on the machine). */
-    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 2, 32, 1024, 64},
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 2, 32, 1024, 64, 0},
 #endif
 #ifdef HAVE_AVX512
     /* whole k per tile call where it pays (linear.c, WHOLE_K_ROWS): (4096, 4096) M = 256 -8 to -10%;
      * the other paths' tiles measured no gain (avx512 / avxvnni / avx2 forced here: +-2%, +0-5%, +1-4%) */
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 1},
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0, 0},
 #endif
 #ifdef HAVE_AVXVNNI
-    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_QD8_GEMM), UK(AVX2_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_QD8_GEMM), UK(AVX2_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
 };
 /* {path, format, dequant, gemm, gemv4, kc, int4 gemv4, int4 gemv4 in integers (or NULL)} */
 static const cq_f32_config F32_CFG[] = {
