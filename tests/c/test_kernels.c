@@ -1178,7 +1178,7 @@ static int layout_ok(const void *packed, const int8_t *q, int64_t n, int64_t k, 
                     if (codes[((p * kp4 + t) * nr + j) * 4 + i] != want) return 0;
                 }
     if (h.sums_bytes > 0) {
-        const int32_t *sums = cq_pack_sums(packed, &h);
+        const unsigned char *sums = cq_pack_sums(packed, &h); /* int32 at any alignment: cq_load_i32 */
         if (h.sums_off % 64 || h.nseg != (gs ? nseg : 1)) return 0;
         for (int64_t p = 0; p < np; p++)
             for (int64_t s = 0; s < h.nseg; s++)
@@ -1187,7 +1187,7 @@ static int layout_ok(const void *packed, const int8_t *q, int64_t n, int64_t k, 
                     int64_t k0 = gs ? s * gs : 0, k1 = gs ? k0 + gs : k;
                     if (row < n)
                         for (int64_t c = k0; c < k1; c++) sum += q[row * k + c];
-                    if (sums[(p * h.nseg + s) * nr + j] != (int32_t)sum) return 0;
+                    if (cq_load_i32(sums + 4 * ((p * h.nseg + s) * nr + j)) != (int32_t)sum) return 0;
                 }
     }
     return 1;
