@@ -8,13 +8,21 @@ relatively, and its extension module loads under any package name), so both run 
 process on the same inputs: the contenders alternate call by call (ABAB..., then BABA..), and the
 figure is the median of the paired ratios old / new (> 1: this checkout is faster). Dynamic outputs
 must be bit-identical (the integer sums are the contract); a difference stops the run.
-``CQUANT_ISA`` applies to both builds. What was measured with it is in README, "Measured performance".
+
+Which package is imported first matters: a build against an identical copy of itself measured the
+first-imported one 2-6% faster on some cells (Sapphire Rapids-class Xeon, 2026-11-30; memory
+placement). So the tool runs every cell twice, in two child processes: this checkout imported
+first, then the other build imported first (as ``cquant``, from its own folder, with this checkout
+as the copy), and prints both ratios and their geometric mean, in which that bias cancels.
+``--one-order`` keeps only the first. ``CQUANT_ISA`` applies to both builds. What was measured with
+it is in README, "Measured performance".
 """
 from __future__ import annotations
 
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -51,6 +59,20 @@ def _time_pair(fa, fb, seconds: float) -> tuple:
     return float(np.median(a)), float(np.median(b)), float(np.median(a / b))
 
 
+def _child(args: list, pythonpath: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + args, env=env,
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        raise SystemExit(f"child failed ({r.returncode}):\n{r.stdout}{r.stderr}")
+    out = {}
+    for ln in r.stdout.splitlines():
+        if ln.startswith("CELL\t"):
+            _, key, t_other, t_this, ratio = ln.split("\t")
+            out[key] = (float(t_other), float(t_this), float(ratio))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("other", help="the other build's python/cquant folder (built in place)")
@@ -58,15 +80,33 @@ def main(argv=None) -> int:
     p.add_argument("--seconds", type=float, default=1.5, help="time per cell and mode")
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,... (the bench's)")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="M values (the bench's)")
+    p.add_argument("--one-order", action="store_true", help="only this checkout imported first")
+    p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
+    if not a.child:
+        import cquant
+        this_pkg = os.path.dirname(os.path.abspath(cquant.__file__))
+        other_pkg = os.path.abspath(a.other)
+        common = ["--threads", str(a.threads), "--seconds", str(a.seconds), "--shapes", a.shapes, "--ms", a.ms]
+        first = _child([other_pkg] + common, os.path.dirname(this_pkg))
+        second = {} if a.one_order else _child([this_pkg] + common, os.path.dirname(other_pkg))
+        print(f"threads {a.threads}; ratio = other / this time, median of paired calls (> 1: this checkout faster)")
+        for key, (t_o, t_t, r1) in first.items():
+            line = f"{key:34s} other {t_o * 1e3:8.3f} ms  this {t_t * 1e3:8.3f} ms  this first {r1:.3f}"
+            if key in second:
+                r2 = 1.0 / second[key][2]  # there "this" was the other build
+                line += f"  other first {r2:.3f}  both {float(np.sqrt(r1 * r2)):.3f}"
+            print(line, flush=True)
+        return 0
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     ms = [int(v) for v in a.ms.split(",")]
     other = _load_other(a.other)
     import cquant
     for m in (other, cquant):
         m.ops.set_num_threads(a.threads)
-    print(f"ISA: other {other.ops.isa() if hasattr(other.ops, 'isa') else '?'}, this {cquant.ops.isa()}; "
-          f"threads {a.threads}")
+    def isa(m):
+        return m.ops.isa() if hasattr(m.ops, "isa") else "?"
+    print(f"ISA: other {isa(other)}, this {isa(cquant)}; threads {a.threads}")
     rng = np.random.default_rng(0)
     for k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
@@ -83,8 +123,7 @@ def main(argv=None) -> int:
                 if mode == "dynamic" and not np.array_equal(fo(), fn()):
                     raise SystemExit(f"({k}, {n}) M={m}: dynamic outputs differ between the builds")
                 to, tn, r = _time_pair(fo, fn, a.seconds)
-                print(f"{k}x{n} M={m:3d} {mode:11s} other {to * 1e3:8.3f} ms  this {tn * 1e3:8.3f} ms  "
-                      f"other/this paired {r:.2f}", flush=True)
+                print(f"CELL\t{k}x{n} M={m} {mode}\t{to}\t{tn}\t{r}", flush=True)
     return 0
 
 

@@ -225,6 +225,8 @@ extern const cq_elementwise cq_elementwise_avx512; /* the AVX-512 paths: avx2's 
 int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 int cq_hadamard_absmax_avx512(const float *x, const float *mul, int64_t n, int64_t b, float *out, float *amax);
 void cq_quantize_avx512(const float *x, int64_t n, float scale, int8_t *q, int flip);
+int cq_absmax_avx512(const float *x, int64_t n, float *amax);
+int cq_absmax_mul_avx512(const float *x, const float *mul, int64_t n, float *prod, float *amax);
 void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 void cq_transpose_avx512(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-ops-avx512.c */

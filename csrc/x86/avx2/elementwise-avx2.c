@@ -332,11 +332,11 @@ const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_a
                                             facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2,
                                             quantize_mul_avx2, cq_transpose_ref};
 #if CQ_CAN_TARGET_AVX512
-/* the AVX-512 paths: the same table with the zmm GELU, rotation, code pass and transpose
- * (x86/avx512/float-ops-avx512.c, hadamard-avx512.c, quantize-avx512.c, transpose-avx512.c); AVX2
- * transposes with the reference loop */
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, absmax_avx2, cq_quantize_avx512, cq_gelu_avx512, dequant_avx2,
-                                              facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx512,
+/* the AVX-512 paths: the same table with the zmm row maximum, GELU, rotation, code pass and
+ * transpose (x86/avx512/float-ops-avx512.c, hadamard-avx512.c, quantize-avx512.c,
+ * transpose-avx512.c); AVX2 transposes with the reference loop */
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, cq_absmax_avx512, cq_quantize_avx512, cq_gelu_avx512, dequant_avx2,
+                                              facc_fold_avx2, cq_absmax_mul_avx512, cq_hadamard_absmax_avx512,
                                               cq_quantize_mul_avx512, cq_transpose_avx512};
 #else
 const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0};

@@ -1,4 +1,4 @@
-/* quantize-avx512.c - the activation quantizer's code pass on zmm (the AVX-512 paths' element-wise
+/* quantize-avx512.c - the activation quantizer's row maximum and code pass on zmm (the AVX-512 paths' element-wise
  * table, x86/avx2/elementwise-avx2.c): q = clamp(round_half_even(v / s), -127, 127) ^ flip for
  * v = x or the float32 product x * mul, bit-exact with ref/. As the AVX2 pass: v * (1 / s) where
  * that provably rounds to the same integer (within 2^-15 of no half-integer, |q0| <= 128, a normal
@@ -8,6 +8,7 @@
 CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #include <immintrin.h>
 #include <math.h>
+#include <string.h>
 
 CQ_INLINE __m128i q16(__m512 v, __m512 s, __m512 r, __m128i flip)
 {
@@ -20,6 +21,51 @@ CQ_INLINE __m128i q16(__m512 v, __m512 s, __m512 r, __m128i flip)
     if (ok != 0xFFFF) t = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     return _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t)) /* t is integral */, flip);
+}
+
+/* max |v| over n floats and whether all are finite (v = x, or x * mul, stored into prod unless NULL),
+ * as absmax_core in x86/avx2/elementwise-avx2.c: the max of the int32 bit patterns of |v| (NaN / Inf
+ * patterns above every finite one), here on zmm, four chains of 16 lanes, the tail masked. For rows
+ * in L1 / L2 it does the AVX2 pass's work in half the instructions. */
+CQ_INLINE int absmax512(const float *x, const float *mul, float *prod, int64_t n, float *amax)
+{
+    const __m512i absmask = _mm512_set1_epi32(0x7fffffff);
+    __m512i m0 = _mm512_setzero_si512(), m1 = m0, m2 = m0, m3 = m0;
+    int64_t i = 0;
+#define CQ_ABS16(acc, off, msk)                                                                      \
+    do {                                                                                           \
+        __m512 v = _mm512_maskz_loadu_ps((msk), x + i + (off));                                    \
+        if (mul) {                                                                                 \
+            v = _mm512_mul_ps(v, _mm512_maskz_loadu_ps((msk), mul + i + (off)));                   \
+            if (prod) _mm512_mask_storeu_ps(prod + i + (off), (msk), v);                           \
+        }                                                                                          \
+        acc = _mm512_max_epi32(acc, _mm512_and_si512(_mm512_castps_si512(v), absmask));            \
+    } while (0)
+    for (; i + 64 <= n; i += 64) {
+        CQ_ABS16(m0, 0, 0xFFFF);
+        CQ_ABS16(m1, 16, 0xFFFF);
+        CQ_ABS16(m2, 32, 0xFFFF);
+        CQ_ABS16(m3, 48, 0xFFFF);
+    }
+    for (; i + 16 <= n; i += 16) CQ_ABS16(m0, 0, 0xFFFF);
+    if (i < n) CQ_ABS16(m1, 0, (__mmask16)((1u << (n - i)) - 1u)); /* masked-off lanes read as 0 */
+#undef CQ_ABS16
+    int32_t tmp[16], m = 0; /* (a store and a loop: SIMDe, which tests this file, has no reduce_max) */
+    _mm512_storeu_si512((void *)tmp, _mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3)));
+    for (int j = 0; j < 16; j++) m = tmp[j] > m ? tmp[j] : m;
+    if (m >= 0x7f800000) {
+        *amax = 0.0f;
+        return 0;
+    }
+    memcpy(amax, &m, sizeof m);
+    return 1;
+}
+
+int cq_absmax_avx512(const float *x, int64_t n, float *amax) { return absmax512(x, NULL, NULL, n, amax); }
+
+int cq_absmax_mul_avx512(const float *x, const float *mul, int64_t n, float *prod, float *amax)
+{
+    return prod ? absmax512(x, mul, prod, n, amax) : absmax512(x, mul, NULL, n, amax);
 }
 
 CQ_INLINE __m512 recip_or_nan(float scale)
