@@ -50,9 +50,15 @@ CQ_INLINE int absmax512(const float *x, const float *mul, float *prod, int64_t n
     for (; i + 16 <= n; i += 16) CQ_ABS16(m0, 0, 0xFFFF);
     if (i < n) CQ_ABS16(m1, 0, (__mmask16)((1u << (n - i)) - 1u)); /* masked-off lanes read as 0 */
 #undef CQ_ABS16
-    int32_t tmp[16], m = 0; /* (a store and a loop: SIMDe, which tests this file, has no reduce_max) */
-    _mm512_storeu_si512((void *)tmp, _mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3)));
-    for (int j = 0; j < 16; j++) m = tmp[j] > m ? tmp[j] : m;
+    /* the 16 lanes' maximum in registers (SIMDe, which tests this file, has no reduce_max; and a
+     * zmm store into a local array became an aligned store GCC -O1 made of it, which faults on
+     * ASan's 32-byte aligned fake stack) */
+    const __m512i mz = _mm512_max_epi32(_mm512_max_epi32(m0, m1), _mm512_max_epi32(m2, m3));
+    const __m256i my = _mm256_max_epi32(_mm512_castsi512_si256(mz), _mm512_extracti64x4_epi64(mz, 1));
+    __m128i mx = _mm_max_epi32(_mm256_castsi256_si128(my), _mm256_extracti128_si256(my, 1));
+    mx = _mm_max_epi32(mx, _mm_shuffle_epi32(mx, 0x4E));
+    mx = _mm_max_epi32(mx, _mm_shuffle_epi32(mx, 0xB1));
+    const int32_t m = _mm_cvtsi128_si32(mx);
     if (m >= 0x7f800000) {
         *amax = 0.0f;
         return 0;
