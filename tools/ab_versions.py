@@ -60,7 +60,7 @@ def _time_pair(fa, fb, seconds: float) -> tuple:
 
 
 def _child(args: list, pythonpath: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=pythonpath + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (pythonpath, os.environ.get("PYTHONPATH")) if p))
     r = subprocess.run([sys.executable, os.path.abspath(__file__), "--child"] + args, env=env,
                        capture_output=True, text=True)
     if r.returncode != 0:
