@@ -283,13 +283,9 @@ def test_linear_multi_refusals():
     np.testing.assert_array_equal(y0, ops.linear(x, qa))
 
 
-@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
-def test_gelu_inside_the_kernel_is_the_separate_pass(path, gran, group, bits):
-    """ops.linear(..., activation="gelu") (C cq_linear_post: GELU on each block of outputs as the
-    kernel finishes it) is bit for bit ops.gelu(ops.linear(...)) on every path, in both modes, with
-    every activation option, for GEMVs (M = 1 and M < 4), tiles with ragged rows and columns,
-    per-group and chunked K; NaN / Inf rows keep their GELU."""
-    rng = np.random.default_rng(5)
+def _post_op_cases(rng, gran, group, bits):
+    """(qw, x, b, mode, kw, where) for the post-op tests: GEMVs (M = 1 and M < 4), tiles with ragged
+    rows and columns, per-group and chunked K, both modes, every activation option."""
     for k, n, m in ((64, 7, 1), (96, 130, 3), (256, 300, 37), (128, 64, 200), (2048, 80, 9)):
         w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-1, 1, (n, 1))).astype(F32)
         qw = _qw(w, gran, group, bits)
@@ -299,9 +295,20 @@ def test_gelu_inside_the_kernel_is_the_separate_pass(path, gran, group, bits):
         for mode in ("dynamic", "weight_only"):
             opts = [{}, dict(x_mul=mul, x_hadamard=32)] + ([dict(x_scale=0.05)] if mode == "dynamic" else [])
             for kw in opts:
-                want = ops.gelu(ops.linear(x, qw, b, mode, **kw))
-                got = ops.linear(x, qw, b, mode, activation="gelu", **kw)
-                np.testing.assert_array_equal(got, want, err_msg=f"K={k} N={n} M={m} {mode} {sorted(kw)}")
+                yield qw, x, b, mode, kw, f"K={k} N={n} M={m} {mode} {sorted(kw)}"
+
+
+@pytest.mark.parametrize("gran,group,bits", SCHEMES, ids=[f"{g}{s or ''}-int{b}" for g, s, b in SCHEMES])
+def test_gelu_inside_the_kernel_is_the_separate_pass(path, gran, group, bits):
+    """ops.linear(..., activation="gelu") (C cq_linear_post: GELU on each block of outputs as the
+    kernel finishes it) is bit for bit ops.gelu(ops.linear(...)) on every path, in both modes, with
+    every activation option, for GEMVs (M = 1 and M < 4), tiles with ragged rows and columns,
+    per-group and chunked K; NaN / Inf rows keep their GELU."""
+    rng = np.random.default_rng(5)
+    for qw, x, b, mode, kw, where in _post_op_cases(rng, gran, group, bits):
+        want = ops.gelu(ops.linear(x, qw, b, mode, **kw))
+        got = ops.linear(x, qw, b, mode, activation="gelu", **kw)
+        np.testing.assert_array_equal(got, want, err_msg=where)
     x = rng.standard_normal((3, 64)).astype(F32)
     x[1, 5] = np.nan
     qw = _qw(rng.standard_normal((20, 64)).astype(F32), gran, group, bits)
@@ -329,23 +336,15 @@ def test_add_layer_norm_inside_the_kernel_is_the_separate_pass(path, gran, group
     both modes, with every activation option, with and without the residual factor, gamma and beta;
     a NaN row stays a NaN row."""
     rng = np.random.default_rng(6)
-    for k, n, m in ((64, 7, 1), (96, 130, 3), (256, 300, 37), (128, 64, 200), (2048, 80, 9)):
-        w = (rng.standard_normal((n, k)) * 10.0 ** rng.uniform(-1, 1, (n, 1))).astype(F32)
-        qw = _qw(w, gran, group, bits)
-        x = (rng.standard_normal((m, k)) * 3).astype(F32)
-        b = rng.standard_normal(n).astype(F32)
+    for qw, x, b, mode, kw, where in _post_op_cases(rng, gran, group, bits):
+        n, m = qw.shape[0], x.shape[0]
         res = rng.standard_normal((m, n)).astype(F32)
         gam, bet = (rng.random(n) + 0.5).astype(F32), rng.standard_normal(n).astype(F32)
         rmul = (10.0 ** rng.uniform(-1, 1, n)).astype(F32)
-        mul = (10.0 ** rng.uniform(-1, 1, k)).astype(F32)
-        for mode in ("dynamic", "weight_only"):
-            opts = [{}, dict(x_mul=mul, x_hadamard=32)] + ([dict(x_scale=0.05)] if mode == "dynamic" else [])
-            for kw in opts:
-                for ln in ((gam, bet, None), (None, None, rmul), (gam, bet, rmul)):
-                    want = ops.add_layer_norm(ops.linear(x, qw, b, mode, **kw), res, ln[0], ln[1], 1e-6,
-                                              residual_mul=ln[2])
-                    got = ops.linear(x, qw, b, mode, activation=ops.AddLayerNorm(res, ln[0], ln[1], 1e-6, ln[2]), **kw)
-                    np.testing.assert_array_equal(got, want, err_msg=f"K={k} N={n} M={m} {mode} {sorted(kw)}")
+        for ln in ((gam, bet, None), (None, None, rmul), (gam, bet, rmul)):
+            want = ops.add_layer_norm(ops.linear(x, qw, b, mode, **kw), res, ln[0], ln[1], 1e-6, residual_mul=ln[2])
+            got = ops.linear(x, qw, b, mode, activation=ops.AddLayerNorm(res, ln[0], ln[1], 1e-6, ln[2]), **kw)
+            np.testing.assert_array_equal(got, want, err_msg=where)
     x = rng.standard_normal((5, 64)).astype(F32)
     x[2, 7] = np.nan
     qw = _qw(rng.standard_normal((20, 64)).astype(F32), gran, group, bits)

@@ -168,21 +168,25 @@ typedef struct {
     float eps;
 } ln_ctx;
 
+static void add_ln_rows(const fo_kernels *kern, const float *x, const float *res, const float *rmul, int64_t rows,
+                        int64_t k, const float *gamma, const float *beta, float eps, float *y)
+{
+    for (int64_t r = 0; r < rows; r++)
+        kern->add_ln_row(x + r * k, res ? res + r * k : NULL, rmul, k, gamma, beta, eps, y + r * k);
+}
+
 static void ln_unit(void *vctx, int64_t u)
 {
     ln_ctx *c = (ln_ctx *)vctx;
     int64_t r0 = u * c->rows_per_unit, r1 = r0 + c->rows_per_unit < c->m ? r0 + c->rows_per_unit : c->m;
-    for (int64_t r = r0; r < r1; r++)
-        c->kern->add_ln_row(c->x + r * c->k, c->res ? c->res + r * c->k : NULL, c->rmul, c->k, c->gamma,
-                            c->beta, c->eps, c->y + r * c->k);
+    add_ln_rows(c->kern, c->x + r0 * c->k, c->res ? c->res + r0 * c->k : NULL, c->rmul, r1 - r0, c->k, c->gamma,
+                c->beta, c->eps, c->y + r0 * c->k);
 }
 
 void cq_add_ln_rows(int isa, const float *x, const float *res, const float *rmul, int64_t rows, int64_t k,
                     const float *gamma, const float *beta, float eps, float *y)
 {
-    const fo_kernels *kern = fo_for(isa);
-    for (int64_t r = 0; r < rows; r++)
-        kern->add_ln_row(x + r * k, res ? res + r * k : NULL, rmul, k, gamma, beta, eps, y + r * k);
+    add_ln_rows(fo_for(isa), x, res, rmul, rows, k, gamma, beta, eps, y);
 }
 
 int cq_add_layer_norm_ex(const float *x, const float *residual, const float *residual_mul, int64_t m,

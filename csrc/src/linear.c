@@ -170,6 +170,23 @@ static void panel_bias(const lin_ctx *c, int64_t p, float *b)
     }
 }
 
+/* The same nr values as panel_scales / panel_bias, read in place where they lie contiguous (per-channel
+ * scales, a bias, of a whole panel), else copied into buf: the per-panel copies were half of the M = 1
+ * GEMV's epilogue at (3072, 768). */
+static const float *panel_scales_ref(const lin_ctx *c, int64_t p, float *buf)
+{
+    if (c->scheme == CQ_PER_CHANNEL && (p + 1) * c->nr <= c->n) return c->scales + p * c->nr;
+    panel_scales(c, p, 0, buf);
+    return buf;
+}
+
+static const float *panel_bias_ref(const lin_ctx *c, int64_t p, float *buf)
+{
+    if (c->bias && (p + 1) * c->nr <= c->n) return c->bias + p * c->nr;
+    panel_bias(c, p, buf);
+    return buf;
+}
+
 /* 128 * column sums of segment s of panel p (the u8 compensation), modulo 2^32. */
 static void panel_comp(const lin_ctx *c, int64_t p, int64_t s, int32_t *comp)
 {
@@ -462,19 +479,11 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
     float sx = c->sx[0];
     for (int i = 0; i < 4 && p0 + i < c->np; i++) {
         int64_t p = p0 + i, cols = cols_of(c, p);
-        /* per channel: the panel's scales and bias read in place (the copies were half of this
-         * epilogue's time at (3072, 768)); the same products and sums either way */
-        const float *wsp = ws, *bp = bb;
-        if (c->scheme == CQ_PER_CHANNEL) wsp = c->scales + p * nr;
-        else panel_scales(c, p, 0, ws);
-        if (c->bias) bp = c->bias + p * nr;
-        else memset(bb, 0, sizeof bb);
+        const float *wsp = panel_scales_ref(c, p, ws), *bp = panel_bias_ref(c, p, bb);
         if (c->u8) panel_comp(c, p, 0, comp);
-        else memset(comp, 0, sizeof comp);
         float *yr = c->y + p * nr;
-        const int32_t *ar = acc + i * nr;
         for (int64_t j = 0; j < cols; j++) {
-            int32_t v = (int32_t)((uint32_t)ar[j] - (uint32_t)comp[j]);
+            int32_t v = (int32_t)((uint32_t)acc[i * nr + j] - (c->u8 ? (uint32_t)comp[j] : 0u));
             yr[j] = (float)v * cq_scale_product(sx, wsp[j]) + bp[j];
         }
     }

@@ -1,8 +1,9 @@
 /* quantize-avx512.c - the activation quantizer's row maximum and code pass on zmm (the AVX-512
  * paths' element-wise table, x86/avx2/elementwise-avx2.c): q = clamp(round_half_even(v / s),
- * -127, 127) ^ flip for v = x or the float32 product x * mul, bit-exact with ref/. As the AVX2 pass: v * (1 / s) where
- * that provably rounds to the same integer (within 2^-15 of no half-integer, |q0| <= 128, a normal
- * reciprocal), the true division otherwise; 16 lanes, the codes narrowed by vpmovsdb. */
+ * -127, 127) ^ flip for v = x or the float32 product x * mul, bit-exact with ref/. As the AVX2
+ * pass: v * (1 / s) where that provably rounds to the same integer (within 2^-15 of no
+ * half-integer, |q0| <= 128, a normal reciprocal), the true division otherwise; 16 lanes, the codes
+ * narrowed by vpmovsdb. */
 #include "target.h"
 #if CQ_CAN_TARGET_AVX512
 CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
