@@ -32,7 +32,7 @@ WHEEL_TOOLS  := $(VENV)/.stamp-wheel-tools
 PYTEST_ARGS ?=
 
 .PHONY: docrefs all build venv test ctest ctest-avx512-emu pytest demo accuracy bench bench-deps ci-extras minilm qat lib clean install uninstall stage mca \
-        ctest-api ctest-noisa cexamples asan asan-c asan-py tsan fuzz fuzz-build fuzz-deps wheel test-wheel \
+        ctest-api ctest-noisa cexamples asan asan-c asan-py tsan test-build asan-build fuzz fuzz-build fuzz-deps wheel test-wheel \
         sdist wheel-tools
 all: build
 
@@ -141,6 +141,16 @@ pytest: build $(WHEEL_TOOLS)
 	$(VPY) -m pytest -q $(PYTEST_ARGS)
 
 test: docrefs ctest ctest-api cexamples pytest
+
+# Everything `make test` / `make asan` compile, and nothing they run, so that it can be built in
+# parallel first (.ci/run: make -j$(nproc) test-build asan-build; the test recipes then run one at a
+# time, as they do without it).
+test-build: build build/tests/test_kernels build/tests/test_api_c build/tests/test_api_cxx \
+            build/noisa/test_kernels build/noisa/test_api $(if $(SIMDE_H),build/emu/test_avx512_emu) \
+            $(foreach e,$(EXAMPLES),build/examples/$(e)-static build/examples/$(e)-shared build/examples/$(e)-pcstatic)
+asan-build: build/asan/test_kernels build/asan/test_api build/asan/test_concurrency \
+            $(foreach e,$(EXAMPLES),build/asan/example_$(e)) build/tsan/test_concurrency build/tsan/test_api \
+            build/asan/py/.stamp
 
 # Every *.md a source, header, test or doc names must exist (relative to the repository root or to
 # the naming file): a docstring once sent readers to a design document the repository lacks.
@@ -295,12 +305,18 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-o
 CFLAGS_ASAN := $(filter-out -O3,$(CFLAGS_LIB)) -O1 $(SAN_FLAGS)
 ASAN_ENV := ASAN_OPTIONS=detect_leaks=1:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1 \
             UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
-build/asan/%: tests/c/%.c $(CSRCS) $(CHDRS)
+# csrc/ is compiled once per sanitizer (objects under build/asan/obj, build/tsan/obj) and linked into
+# every test and example (compiling it into each program took ~44 s a program on a 2-vCPU Xeon)
+ASAN_OBJS := $(patsubst csrc/%.c,build/asan/obj/%.o,$(CSRCS))
+build/asan/obj/%.o: csrc/%.c $(CHDRS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
-build/asan/example_%: examples/c/%.c $(CSRCS) $(CHDRS)
+	$(CC) $(CFLAGS_ASAN) -c $< -o $@
+build/asan/test_%: tests/c/test_%.c $(ASAN_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ASAN) $< $(CSRCS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread
+build/asan/example_%: examples/c/%.c $(ASAN_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread
 define asan_example
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/example_$(1) $(ARGS_$(1)))
 
@@ -312,7 +328,7 @@ asan-c: build/asan/test_kernels build/asan/test_api build/asan/test_concurrency 
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/test_api)
 	$(foreach e,$(EXAMPLES),$(call asan_example,$(e)))
 	@for n in 1 2 3; do echo "CQUANT_NUM_THREADS=$$n"; \
-	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels >/dev/null || exit 1; done
+	  CQUANT_NUM_THREADS=$$n $(ASAN_ENV) ./build/asan/test_kernels --paths >/dev/null || exit 1; done
 
 ASAN_PY := build/asan/py
 # tests that measure memory (ASan's shadow memory and quarantine make RSS meaningless), torch
@@ -347,9 +363,15 @@ asan-py: $(ASAN_PY)/.stamp
 # ThreadSanitizer (data races in the pool, dispatch and thread-count changes): concurrent C callers
 # on every ISA path (tests/c/test_concurrency.c; test_kernels under TSan is clean too, but slow), and
 # tests/c/test_api.c (cq_shutdown joining and restarting the pool, also while kernels run).
-build/tsan/%: tests/c/%.c $(CSRCS) $(CHDRS)
+CFLAGS_TSAN := $(filter-out -O3,$(CFLAGS_LIB)) -O1 -g -fsanitize=thread
+TSAN_OBJS := $(patsubst csrc/%.c,build/tsan/obj/%.o,$(CSRCS))
+build/tsan/obj/%.o: csrc/%.c $(CHDRS)
 	@mkdir -p $(dir $@)
-	$(CC) $(filter-out -O3,$(CFLAGS_LIB)) -O1 -g -fsanitize=thread $< $(CSRCS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_TSAN) -c $< -o $@
+build/tsan/test_%: tests/c/test_%.c $(TSAN_OBJS)
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS_TSAN) $< $(TSAN_OBJS) -o $@ -lm -lpthread
+.SECONDARY: $(ASAN_OBJS) $(TSAN_OBJS)
 tsan: build/tsan/test_concurrency build/tsan/test_api
 	@$(call run_isas,TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_concurrency)
 	@# the pool's shutdown / lazy restart, and cq_shutdown racing kernels on another thread

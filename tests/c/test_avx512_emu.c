@@ -16,5 +16,6 @@
 int main(void)
 {
     printf("emulated build: AVX2 / AVX-512 kernel files compiled against SIMDe\n");
-    return test_kernels_main();
+    char *argv[] = {"test_avx512_emu", NULL};
+    return test_kernels_main(1, argv);
 }
