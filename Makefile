@@ -71,7 +71,7 @@ build/lib/cquant.map: csrc/include/cquant.h
 	  echo 'local: *; };'; } > $@
 build/lib/libcquant.so.$(CQ_VERSION): $(LIBOBJS) build/lib/cquant.map
 	$(CC) -shared -Wl,-soname,$(CQ_SONAME) -Wl,--version-script,build/lib/cquant.map \
-	    -o $@ $(LIBOBJS) -lm -lpthread
+	    -o $@ $(LIBOBJS) -lm -lpthread -ldl
 build/lib/libcquant.so: build/lib/libcquant.so.$(CQ_VERSION)
 	ln -sf libcquant.so.$(CQ_VERSION) build/lib/$(CQ_SONAME)
 	ln -sf libcquant.so.$(CQ_VERSION) $@
@@ -108,7 +108,7 @@ uninstall:
 # ---- tests ----
 build/tests/test_kernels: tests/c/test_kernels.c build/lib/libcquant.a
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_LIB) $< -o $@ build/lib/libcquant.a -lm -lpthread
+	$(CC) $(CFLAGS_LIB) $< -o $@ build/lib/libcquant.a -lm -lpthread -ldl
 ctest: build/tests/test_kernels ctest-avx512-emu
 	./build/tests/test_kernels
 
@@ -128,7 +128,7 @@ build/emu/%.o: csrc/%.c $(CHDRS) tests/c/emu/immintrin.h
 	    -Itests/c/emu -Icsrc/include -Icsrc/src -c $< -o $@
 build/emu/test_avx512_emu: tests/c/test_avx512_emu.c tests/c/test_kernels.c $(EMU_LINK)
 	$(CC) -O2 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasing -Icsrc/include -Icsrc/src -Itests/c \
-	    tests/c/test_avx512_emu.c $(EMU_LINK) -o $@ -lm -lpthread
+	    tests/c/test_avx512_emu.c $(EMU_LINK) -o $@ -lm -lpthread -ldl
 ctest-avx512-emu:
 ifneq ($(SIMDE_H),)
 	@$(MAKE) --no-print-directory build/emu/test_avx512_emu
@@ -212,11 +212,11 @@ run_isas = for isa in $(ISAS); do \
 	done
 build/tests/test_api_c: tests/c/test_api.c build/lib/libcquant.a csrc/include/cquant.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread
+	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread -ldl
 build/tests/test_api_cxx: tests/c/test_api.c build/lib/libcquant.a csrc/include/cquant.h
 	@mkdir -p $(dir $@)
 	$(CXX) -x c++ -std=c++11 -O2 -Wall -Wextra -Werror -pedantic-errors -Icsrc/include $< -x none \
-	    -o $@ build/lib/libcquant.a -lm -lpthread
+	    -o $@ build/lib/libcquant.a -lm -lpthread -ldl
 ctest-api: build/tests/test_api_c build/tests/test_api_cxx ctest-noisa
 	@$(call run_isas,./build/tests/test_api_c)
 	@$(call run_isas,./build/tests/test_api_cxx)
@@ -235,7 +235,7 @@ build/noisa/%.o: csrc/%.c $(CHDRS)
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS_LIB) $(NOISA_FLAGS) -c $< -o $@
 build/noisa/test_%: tests/c/test_%.c $(NOISA_OBJS)
-	$(CC) $(CFLAGS_LIB) $< $(NOISA_OBJS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_LIB) $< $(NOISA_OBJS) -o $@ -lm -lpthread -ldl
 .SECONDARY: $(NOISA_OBJS)
 ctest-noisa: build/noisa/test_kernels build/noisa/test_api
 	@./build/noisa/test_kernels > build/noisa/out.txt || { cat build/noisa/out.txt; exit 1; }
@@ -261,7 +261,7 @@ build/stage/.stamp: build/lib/libcquant.a build/lib/libcquant.so cquant.pc.in cq
 	touch $@
 build/examples/%-static: examples/c/%.c build/lib/libcquant.a csrc/include/cquant.h
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread
+	$(CC) $(CFLAGS_USER) -Icsrc/include $< -o $@ build/lib/libcquant.a -lm -lpthread -ldl
 # pc_link(module, fallback flags, output): build with pkg-config's flags for module (or the fallback)
 pc_link = if command -v $(PKG_CONFIG) >/dev/null 2>&1; then \
 	  flags="$$(PKG_CONFIG_PATH=$(STAGE)/lib/pkgconfig $(PKG_CONFIG) --cflags --libs $(1))"; \
@@ -274,7 +274,7 @@ build/examples/%-shared: examples/c/%.c build/stage/.stamp
 	@readelf -d $@ | grep -q 'NEEDED.*libcquant[.]so' || { echo "$@: not linked against libcquant.so"; exit 1; }
 build/examples/%-pcstatic: examples/c/%.c build/stage/.stamp
 	@mkdir -p $(dir $@)
-	@$(call pc_link,cquant-static,-I$(STAGE)/include $(STAGE)/lib/libcquant.a -lm -lpthread,$@)
+	@$(call pc_link,cquant-static,-I$(STAGE)/include $(STAGE)/lib/libcquant.a -lm -lpthread -ldl,$@)
 	@! readelf -d $@ | grep -q 'NEEDED.*libcquant' || { echo "$@: links libcquant.so, not the static library"; exit 1; }
 comma := ,
 $(CKPT)/.stamp: examples/c/write_checkpoint.py $(NATIVE_STAMP)
@@ -313,10 +313,10 @@ build/asan/obj/%.o: csrc/%.c $(CHDRS)
 	$(CC) $(CFLAGS_ASAN) -c $< -o $@
 build/asan/test_%: tests/c/test_%.c $(ASAN_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread -ldl
 build/asan/example_%: examples/c/%.c $(ASAN_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_ASAN) $< $(ASAN_OBJS) -o $@ -lm -lpthread -ldl
 define asan_example
 	@$(call run_isas,$(ASAN_ENV) ./build/asan/example_$(1) $(ARGS_$(1)))
 
@@ -370,7 +370,7 @@ build/tsan/obj/%.o: csrc/%.c $(CHDRS)
 	$(CC) $(CFLAGS_TSAN) -c $< -o $@
 build/tsan/test_%: tests/c/test_%.c $(TSAN_OBJS)
 	@mkdir -p $(dir $@)
-	$(CC) $(CFLAGS_TSAN) $< $(TSAN_OBJS) -o $@ -lm -lpthread
+	$(CC) $(CFLAGS_TSAN) $< $(TSAN_OBJS) -o $@ -lm -lpthread -ldl
 .SECONDARY: $(ASAN_OBJS) $(TSAN_OBJS)
 tsan: build/tsan/test_concurrency build/tsan/test_api
 	@$(call run_isas,TSAN_OPTIONS=halt_on_error=1 ./build/tsan/test_concurrency)
@@ -394,7 +394,7 @@ fuzz-deps:
 build/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz_common.h $(CSRCS) $(CHDRS)
 	@command -v $(CLANG) >/dev/null || { echo "$(CLANG) not found: run 'make fuzz-deps' first"; exit 1; }
 	@mkdir -p $(dir $@)
-	$(CLANG) $(FUZZ_FLAGS) $< $(CSRCS) -o $@ -lm -lpthread
+	$(CLANG) $(FUZZ_FLAGS) $< $(CSRCS) -o $@ -lm -lpthread -ldl
 fuzz-build: $(addprefix build/fuzz/,$(FUZZ_TARGETS))
 # Every target runs, whatever the others found: libFuzzer's fork mode keeps going after a crash or
 # a failed check (-ignore_crashes), writing each finding as build/fuzz/crash-<target>-*; at the end

@@ -72,7 +72,7 @@ ffibuilder.set_source(
     extra_compile_args=["-O3", "-std=c99", "-D_GNU_SOURCE", "-fno-strict-aliasing"]
     + shlex.split(os.environ.get("CQUANT_CFLAGS", "")),
     extra_link_args=shlex.split(os.environ.get("CQUANT_LDFLAGS", "")),
-    libraries=["m", "pthread"] if sys.platform != "win32" else [],
+    libraries=["m", "pthread", "dl"] if sys.platform != "win32" else [],
     py_limited_api=PY_LIMITED_API,
 )
 

@@ -2,6 +2,8 @@
 (SmoothQuant's 1/s applied inside the activation quantizer) and static activations ``x_scale`` (one
 calibrated scale for every row). Checked on every ISA path against the independent numpy oracle
 (tests/oracle.py), bit for bit in dynamic mode, and against the plain call on a pre-multiplied x."""
+import os
+
 import numpy as np
 import pytest
 
@@ -11,6 +13,9 @@ import oracle
 from test_oracle import expected_dynamic_kernel, path  # noqa: F401  (the per-ISA fixture)
 
 F32 = np.float32
+#: under `make asan-py` (2-5x slower per call): N = 64 (whole panels, no tail) is left out of the
+#: oracle grid, which keeps the tails, the heap buffer (K > 2048) and NaN rows where ASan looks
+SANITIZER = bool(os.environ.get("CQUANT_SANITIZER"))
 SCHEMES = [("per_channel", None, 8), ("per_group", 32, 8), ("per_tensor", None, 8), ("per_group", 32, 4),
            ("per_channel", None, 4)]
 
@@ -34,7 +39,7 @@ def _qw(w, gran, group, bits):
 def test_prescale_and_static_match_oracle(path, gran, group, bits):
     ran = 0
     for k in (32, 96, 2048, 2080):  # 2080: the quantizer's heap buffer (k > 2048)
-        for n in (7, 64, 130):
+        for n in (7, 130) if SANITIZER else (7, 64, 130):
             for m in (1, 2, 5, 40):
                 w, x, mul, bias = _inputs(m, n, k, m * 1000 + n * 10 + k)
                 if m > 3:

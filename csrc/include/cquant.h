@@ -121,6 +121,16 @@ int cq_set_num_threads(int n);
  * pool was started; kernels called afterwards still work and start the pool again when they need
  * it. Returns CQ_OK. */
 int cq_shutdown(void);
+/* Run the kernels' parallel loops on the thread team of an OpenMP runtime this process has already
+ * loaded (`path`: the shared library, e.g. torch's bundled libgomp.so.1; it must export
+ * GOMP_parallel, as libgomp and libiomp5 do) instead of the internal pool: where the process runs
+ * OpenMP work between cquant's kernels, that runtime's workers spin-wait on the cores the pool's
+ * workers would need. NULL: back to the internal pool. Never loads a library: CQ_ERR_ARG if `path`
+ * is not loaded or lacks the symbol (the setting is then unchanged). A fork()ed child goes back to
+ * the pool. Results do not depend on it. Waits for a job in progress. */
+int cq_use_openmp(const char *path);
+/* 1 while an OpenMP runtime's team runs the parallel loops (cq_use_openmp), else 0. */
+int cq_using_openmp(void);
 
 /* ---- quantization ------------------------------------------------------------------------- */
 /* Number of scales the scheme needs for an (n, k) tensor, or a negative status if the arguments

@@ -8,6 +8,7 @@
  * finds the pool busy runs its units itself, so concurrent callers never wait on each other.
  * A pthread_atfork handler resets the pool in a forked child (its workers do not exist there).
  * cq_shutdown() stops and joins the workers; the next job that wants them starts them again. */
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
@@ -55,6 +56,19 @@ static void run_units(pool_t *p)
     while ((u = __atomic_fetch_add(&p->next, 1, __ATOMIC_RELAXED)) < p->nunits) p->fn(p->ctx, u);
 }
 
+/* ---- an OpenMP runtime's team in place of the pool (cq_use_openmp) ----------------------------
+ * A process that runs another library's OpenMP work between cquant's kernels (torch: GELU,
+ * LayerNorm, attention between the Linear layers of a model quantized through the adapter) has
+ * that runtime's worker threads spin-waiting after every parallel region (libgomp's default), each
+ * on a core that one of the pool's workers then shares: measured (2 vCPUs, all-MiniLM-L6-v2 through
+ * the adapter) slower than torch's own int8 model. Run on that runtime's team instead, the spinning
+ * worker is the one that takes the next job. GOMP_parallel (libgomp; libiomp5 exports it too)
+ * runs fn(data) on num_threads threads, the caller among them, and returns when all are done. */
+typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
+static gomp_parallel_fn g_omp;    /* NULL: the pool; guarded by job_lock (read, set) */
+static void *g_omp_handle;        /* the dlopen handle that keeps the runtime mapped while used */
+static void omp_body(void *v) { run_units((pool_t *)v); }
+
 static void *worker_main(void *arg)
 {
     pool_t *p = &g_pool;
@@ -99,6 +113,8 @@ static void atfork_child(void)
     g_pool.sleepers = 0;
     g_pool.pending = 0;
     g_pool.stop = 0;
+    /* an OpenMP runtime's team does not survive fork() either (libgomp's would hang): the pool */
+    g_omp = NULL;
 }
 static void install_atfork(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
 
@@ -130,6 +146,15 @@ void cq_parallel_for(int64_t nunits, int threads, cq_unit_fn fn, void *ctx)
         return;
     }
     pthread_once(&g_atfork_once, install_atfork);
+    if (g_omp) { /* job_lock held: the runtime cannot change under us */
+        p->fn = fn;
+        p->ctx = ctx;
+        p->nunits = nunits;
+        __atomic_store_n(&p->next, 0, __ATOMIC_RELAXED);
+        g_omp(omp_body, p, (unsigned)threads, 0);
+        pthread_mutex_unlock(&p->job_lock);
+        return;
+    }
     int workers = grow(p, threads - 1);
     if (workers == 0) {
         pthread_mutex_unlock(&p->job_lock);
@@ -268,6 +293,38 @@ int cq_shutdown(void)
     }
     pthread_mutex_unlock(&p->job_lock);
     return CQ_OK;
+}
+
+int cq_use_openmp(const char *path)
+{
+    void *h = NULL;
+    gomp_parallel_fn f = NULL;
+    if (path) {
+        /* RTLD_NOLOAD: only a runtime this process has already loaded is shared, none is loaded */
+        h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        if (!h) return CQ_ERR_ARG;
+        void *sym = dlsym(h, "GOMP_parallel");
+        if (!sym) {
+            dlclose(h);
+            return CQ_ERR_ARG;
+        }
+        memcpy(&f, &sym, sizeof f); /* object pointer to function pointer without a cast warning */
+    }
+    pthread_mutex_lock(&g_pool.job_lock); /* waits for a job in progress */
+    void *old = g_omp_handle;
+    g_omp = f;
+    g_omp_handle = h;
+    pthread_mutex_unlock(&g_pool.job_lock);
+    if (old) dlclose(old);
+    return CQ_OK;
+}
+
+int cq_using_openmp(void)
+{
+    pthread_mutex_lock(&g_pool.job_lock);
+    int on = g_omp != NULL;
+    pthread_mutex_unlock(&g_pool.job_lock);
+    return on;
 }
 
 /* The one rule for CQUANT_NUM_THREADS (cquant's Python import warns with this same function):

@@ -4,7 +4,7 @@
  * Build against an installed cquant (make install PREFIX=...):
  *     cc -std=c99 quantize_and_run.c $(pkg-config --cflags --libs cquant) -o quantize_and_run
  * or statically against the build tree (make lib):
- *     cc -std=c99 -Icsrc/include quantize_and_run.c build/lib/libcquant.a -lm -lpthread
+ *     cc -std=c99 -Icsrc/include quantize_and_run.c build/lib/libcquant.a -lm -lpthread -ldl
  *
  * CQUANT_ISA=scalar|avx2|avx512vnni forces a kernel path (exit status 77 if this CPU or build
  * lacks it); CQUANT_NUM_THREADS sets the thread count. Exit status 0 when every check passes. */

@@ -135,6 +135,31 @@ def get_num_threads() -> int:
     return int(lib.cq_get_num_threads())
 
 
+def use_openmp(path: "str | os.PathLike[str] | None") -> None:
+    """Run the kernels' parallel loops on the thread team of an OpenMP runtime this process has
+    already loaded (``path``: its shared library, e.g. torch's bundled ``libgomp.so.1``) instead of
+    cquant's own pool; ``None``: back to the pool. The PyTorch adapter does this with torch's
+    runtime (see :func:`cquant.adapters.torch.share_torch_openmp`): torch's OpenMP workers spin-wait
+    after each torch op on the cores cquant's workers would need. Results do not depend on it.
+    ValueError if ``path`` is not a loaded library exporting ``GOMP_parallel`` (nothing is loaded)."""
+    if path is None:
+        _check(lib.cq_use_openmp(ffi.NULL), "use_openmp")
+        return
+    if not isinstance(path, (str, os.PathLike)):
+        raise errors.TypeError(f"path must be a str, an os.PathLike or None, got {type(path).__name__}")
+    raw = os.fsencode(path)
+    if b"\0" in raw:
+        raise errors.ValueError("path contains a NUL byte")
+    if lib.cq_use_openmp(raw) != lib.CQ_OK:
+        raise errors.ValueError(f"{os.fsdecode(raw)!r} is not an OpenMP runtime loaded in this process "
+                                "(a shared library already mapped that exports GOMP_parallel)")
+
+
+def using_openmp() -> bool:
+    """True while an OpenMP runtime's team runs the parallel loops (:func:`use_openmp`)."""
+    return bool(lib.cq_using_openmp())
+
+
 def last_kernel() -> str:
     """Name of the micro-kernel the calling thread's last :func:`linear` / :func:`gemm_s8s8s32` ran,
     e.g. ``"qd8_f32_qc8w_gemm_6x64c4_avx512vnni"`` (type, tile, ISA); ``""`` before any call."""

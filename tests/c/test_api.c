@@ -15,6 +15,7 @@
 #if !defined(_POSIX_C_SOURCE) && !defined(__cplusplus)
 #define _POSIX_C_SOURCE 200112L /* setenv / unsetenv (POSIX, not C99) */
 #endif
+#include <dlfcn.h>
 #include <pthread.h>
 #include <sys/types.h>
 #include <sys/wait.h>
@@ -686,6 +687,71 @@ static void run_shutdown_checks(float *w, float *x, float *y1, float *y2, float 
     }
 }
 
+/* cq_use_openmp: refused paths leave the pool; on an OpenMP runtime this program loads (the
+ * compiler's libgomp.so.1, where it exists) the kernels agree with the pool's results bit for bit,
+ * and a fork()ed child is back on the pool. Not under ThreadSanitizer: libgomp's barrier is not
+ * instrumented, so TSan would report the team's writes as races. */
+static void test_openmp(void)
+{
+    enum { n = 256, k = 256, m = 64 }; /* 4M multiply-adds: parallel */
+    float *w = (float *)malloc(sizeof(float) * n * k), *x = (float *)malloc(sizeof(float) * m * k);
+    float *y1 = (float *)malloc(sizeof(float) * m * n), *y2 = (float *)malloc(sizeof(float) * m * n);
+    float *s = (float *)malloc(sizeof(float) * n);
+    int8_t *q = (int8_t *)malloc((size_t)n * k);
+    int8_t *packed = (int8_t *)malloc((size_t)cq_packed_size(CQ_FORMAT_AUTO, n, k, 0));
+    int before_threads = cq_get_num_threads();
+    CHECK(w && x && y1 && y2 && s && q && packed, "malloc");
+    if (!(w && x && y1 && y2 && s && q && packed)) goto done;
+    for (int i = 0; i < n * k; i++) w[i] = (float)((i * 29) % 23 - 11) / 7.0f;
+    for (int i = 0; i < m * k; i++) x[i] = (float)((i * 5) % 13 - 6) / 3.0f;
+    EXPECT_STATUS(cq_quantize(w, n, k, CQ_PER_CHANNEL, 0, q, s), CQ_OK);
+    EXPECT_STATUS(cq_pack(CQ_FORMAT_AUTO, q, n, k, 0, packed), CQ_OK);
+    CHECK(cq_using_openmp() == 0, "the internal pool by default");
+    EXPECT_STATUS(cq_use_openmp("/nonexistent/libgomp.so.1"), CQ_ERR_ARG);
+    EXPECT_STATUS(cq_use_openmp("libc.so.6"), CQ_ERR_ARG); /* loaded, but no GOMP_parallel */
+    CHECK(cq_using_openmp() == 0, "a refused runtime leaves the pool");
+    EXPECT_STATUS(cq_use_openmp(NULL), CQ_OK);
+    EXPECT_STATUS(cq_set_num_threads(3), CQ_OK);
+#if !defined(__SANITIZE_THREAD__)
+    {
+        void *h = dlopen("libgomp.so.1", RTLD_NOW | RTLD_LOCAL);
+        if (!h) {
+            printf("  (no libgomp.so.1 here: cq_use_openmp's team not exercised)\n");
+            goto done;
+        }
+        EXPECT_STATUS(cq_use_openmp("libgomp.so.1"), CQ_OK);
+        CHECK(cq_using_openmp() == 1, "the OpenMP team in use");
+        for (int mode = CQ_MODE_WEIGHT_ONLY; mode <= CQ_MODE_DYNAMIC; mode++) {
+            EXPECT_STATUS(cq_use_openmp(NULL), CQ_OK);
+            EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y1), CQ_OK);
+            EXPECT_STATUS(cq_use_openmp("libgomp.so.1"), CQ_OK);
+            for (int rep = 0; rep < 3; rep++) {
+                memset(y2, 0xff, sizeof(float) * m * n);
+                EXPECT_STATUS(cq_linear(mode, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y2), CQ_OK);
+                CHECK(memcmp(y1, y2, sizeof(float) * m * n) == 0, "the OpenMP team gives the pool's results");
+            }
+        }
+        fflush(stdout);
+        pid_t pid = fork();
+        if (pid == 0) { /* the child: back on the pool, kernels work */
+            int ok = cq_using_openmp() == 0 &&
+                     cq_linear(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y2) == CQ_OK &&
+                     memcmp(y1, y2, sizeof(float) * m * n) == 0;
+            _exit(ok ? 0 : 1);
+        }
+        int status = -1;
+        CHECK(pid > 0 && waitpid(pid, &status, 0) == pid && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+              "a fork()ed child runs on the pool");
+        EXPECT_STATUS(cq_use_openmp(NULL), CQ_OK);
+        CHECK(cq_using_openmp() == 0, "back on the pool");
+        dlclose(h);
+    }
+#endif
+done:
+    cq_set_num_threads(before_threads);
+    free(w); free(x); free(y1); free(y2); free(s); free(q); free(packed);
+}
+
 int main(void)
 {
     int isa = cq_get_isa();
@@ -715,6 +781,7 @@ int main(void)
     test_linear_multi();
     test_isa_error();
     test_shutdown();
+    test_openmp();
     printf("%d passed, %d failed\n", checks - failures, failures);
     return failures ? 1 : 0;
 }

@@ -62,6 +62,12 @@ Its forward:
   graph holds a real op; ``torch.jit.script`` is refused with a clear error;
 - is inference only: ``.train()`` raises :class:`AutogradError`, and so does ``backward()`` through
   it (a forward in grad mode still works and returns a tensor whose backward raises).
+
+Threads: importing this module hands torch's OpenMP runtime to cquant (:func:`share_torch_openmp`),
+so the kernels' parallel loops run on torch's OpenMP threads instead of cquant's own pool. Between
+the quantized layers a model runs torch ops whose OpenMP workers then spin-wait (libgomp's default)
+on the cores cquant's workers would need; on torch's team the spinning worker takes cquant's next
+job instead. ``CQUANT_OPENMP=0`` keeps the own pool.
 """
 from __future__ import annotations
 
@@ -70,7 +76,9 @@ import ctypes
 import fnmatch
 import logging
 import math
+import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -89,9 +97,62 @@ from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual
 
 __all__ = ["AutogradError", "QuantizedTorchLinear", "QuantizedMultiheadAttention", "QuantizedTorchEmbedding",
            "quantize_module",
-           "report", "to_numpy", "is_conv1d", "quantized_layers", "install_checkpoint"]
+           "report", "to_numpy", "is_conv1d", "quantized_layers", "install_checkpoint", "torch_openmp_runtime",
+           "share_torch_openmp"]
 
 logger = logging.getLogger("cquant")
+
+#: shared-library names of the OpenMP runtimes torch builds use (GNU libgomp in the pip wheels,
+#: Intel's libiomp5 in some conda builds, LLVM's libomp); each exports GOMP_parallel
+_OMP_RUNTIMES = ("libgomp", "libiomp5", "libomp")
+
+
+def torch_openmp_runtime(maps: str = "/proc/self/maps") -> Optional[str]:
+    """The path of the OpenMP runtime torch's ops run on, as this process has it mapped: the one
+    inside torch's installation (the pip wheels bundle ``torch/lib/libgomp.so.1``), else the only
+    one mapped; None when there is none or it cannot be told which (or no ``/proc``)."""
+    try:
+        with open(maps, encoding="utf-8", errors="replace") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+    except OSError:
+        return None
+    found = sorted(p for p in paths if p.startswith("/") and os.path.basename(p).startswith(_OMP_RUNTIMES)
+                   and ".so" in os.path.basename(p))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))  # site-packages
+    mine = [p for p in found if p.startswith((os.path.join(root, "torch") + os.sep,
+                                              os.path.join(root, "torch.libs") + os.sep))]
+    if len(mine) == 1:
+        return mine[0]
+    return found[0] if len(found) == 1 and not mine else None
+
+
+def share_torch_openmp(enable: bool = True) -> Optional[str]:
+    """Run cquant's parallel loops on torch's OpenMP threads (``enable``; see the module
+    docstring) or on cquant's own pool (``enable=False``). Returns the runtime's path when shared,
+    else None (no runtime found: the pool stays). Done on import unless ``CQUANT_OPENMP=0``."""
+    if not enable:
+        ops.use_openmp(None)
+        return None
+    path = torch_openmp_runtime()
+    if path is None:
+        return None
+    try:
+        ops.use_openmp(path)
+    except errors.ValueError:  # mapped but not a runtime cquant can drive (no GOMP_parallel)
+        return None
+    return path
+
+
+def _share_on_import() -> None:
+    env = os.environ.get("CQUANT_OPENMP", "").strip()
+    if env not in ("", "0", "1"):
+        warnings.warn(f"CQUANT_OPENMP={env!r} ignored (expected 0 or 1): cquant's kernels run on torch's "
+                      "OpenMP threads", RuntimeWarning, stacklevel=3)
+    if env != "0":
+        share_torch_openmp()
+
+
+_share_on_import()
 
 
 def to_numpy(t: "torch.Tensor", name: str = "tensor") -> np.ndarray:
