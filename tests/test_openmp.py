@@ -109,6 +109,8 @@ def test_forked_child_is_back_on_the_pool(restore_runtime):
 # ---- the PyTorch adapter: torch's runtime shared on import -------------------------------------
 
 def _torch():
+    if os.environ.get("CQUANT_SANITIZER"):  # as the other torch tests (Makefile: ASAN_DESELECT)
+        pytest.skip("torch under the preloaded ASan runtime")
     return pytest.importorskip("torch", reason="torch is not installed (optional: pip install torch)")
 
 
