@@ -126,8 +126,9 @@ int cq_shutdown(void);
  * GOMP_parallel, as libgomp and libiomp5 do) instead of the internal pool: where the process runs
  * OpenMP work between cquant's kernels, that runtime's workers spin-wait on the cores the pool's
  * workers would need. NULL: back to the internal pool. Never loads a library: CQ_ERR_ARG if `path`
- * is not loaded or lacks the symbol (the setting is then unchanged). A fork()ed child goes back to
- * the pool. Results do not depend on it. Waits for a job in progress. */
+ * is not loaded or lacks the symbol (the setting is then unchanged). A runtime once accepted is
+ * never unmapped (RTLD_NODELETE: the team threads live in it). A fork()ed child goes back to the
+ * pool. Results do not depend on it. Waits for a job in progress. */
 int cq_use_openmp(const char *path);
 /* 1 while an OpenMP runtime's team runs the parallel loops (cq_use_openmp), else 0. */
 int cq_using_openmp(void);

@@ -66,7 +66,6 @@ static void run_units(pool_t *p)
  * runs fn(data) on num_threads threads, the caller among them, and returns when all are done. */
 typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
 static gomp_parallel_fn g_omp;    /* NULL: the pool; guarded by job_lock (read, set) */
-static void *g_omp_handle;        /* the dlopen handle that keeps the runtime mapped while used */
 static void omp_body(void *v) { run_units((pool_t *)v); }
 
 static void *worker_main(void *arg)
@@ -297,25 +296,22 @@ int cq_shutdown(void)
 
 int cq_use_openmp(const char *path)
 {
-    void *h = NULL;
     gomp_parallel_fn f = NULL;
     if (path) {
-        /* RTLD_NOLOAD: only a runtime this process has already loaded is shared, none is loaded */
-        h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD);
+        /* RTLD_NOLOAD: only a runtime this process has already loaded is shared, none is loaded.
+         * RTLD_NODELETE: from now on it is never unmapped, even when its owner dlcloses it: the
+         * team threads our regions may have started live on in it (a test that dlclosed libgomp
+         * after using it crashed in one of them under ASan). */
+        void *h = dlopen(path, RTLD_NOW | RTLD_LOCAL | RTLD_NOLOAD | RTLD_NODELETE);
         if (!h) return CQ_ERR_ARG;
         void *sym = dlsym(h, "GOMP_parallel");
-        if (!sym) {
-            dlclose(h);
-            return CQ_ERR_ARG;
-        }
+        dlclose(h); /* the reference only: the library stays (NODELETE, and its owner holds it) */
+        if (!sym) return CQ_ERR_ARG;
         memcpy(&f, &sym, sizeof f); /* object pointer to function pointer without a cast warning */
     }
     pthread_mutex_lock(&g_pool.job_lock); /* waits for a job in progress */
-    void *old = g_omp_handle;
     g_omp = f;
-    g_omp_handle = h;
     pthread_mutex_unlock(&g_pool.job_lock);
-    if (old) dlclose(old);
     return CQ_OK;
 }
 

@@ -744,7 +744,14 @@ static void test_openmp(void)
               "a fork()ed child runs on the pool");
         EXPECT_STATUS(cq_use_openmp(NULL), CQ_OK);
         CHECK(cq_using_openmp() == 0, "back on the pool");
+        /* the owner lets go of the runtime while its team threads live: cq_use_openmp made it
+         * RTLD_NODELETE, so they are not unmapped under them (this crashed under ASan before) */
         dlclose(h);
+        EXPECT_STATUS(cq_linear(CQ_MODE_DYNAMIC, x, m, k, packed, s, CQ_PER_CHANNEL, 0, n, NULL, y2), CQ_OK);
+        {
+            struct timespec ts = {0, 50 * 1000 * 1000}; /* let the idle team threads spin and sleep */
+            nanosleep(&ts, NULL);
+        }
     }
 #endif
 done:
