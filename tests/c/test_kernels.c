@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <float.h>
 #include <string.h>
 #include <time.h>
 #include "internal.h"
@@ -900,10 +901,16 @@ static void test_quantize_division(const cq_elementwise *t, const char *name)
             for (int i = 0; i < n; i++) {
                 const float k = (float)((int)(rnd() % 300) - 150) + 0.5f; /* half-integers, some past 127 */
                 float v = k * sc;                                              /* exact when sc is 2^e */
-                switch ((i + rep) % 4) {
+                switch ((i / 16 + rep) % 5) { /* whole vectors of one kind: a vector's fast path
+                                                * (no lane near a half-integer) is taken too */
                 case 0: break;
                 case 1: v = nextafterf(v, INFINITY); break;
                 case 2: v = nextafterf(v, -INFINITY); break;
+                case 3: /* far past the clamp (a static scale): v / s near and beyond +-2^31 */
+                    v = ldexpf(i % 3 ? 1.0f + (float)(rnd() % 1000) / 1000.0f : 1.0f, 24 + (int)(rnd() % 14)) * sc;
+                    if (i % 2) v = -v;
+                    if (!isfinite(v)) v = i % 2 ? -FLT_MAX : FLT_MAX;
+                    break;
                 default: v = rndf() * sc * 130.0f; break;                      /* anything in range */
                 }
                 x[i] = v;
