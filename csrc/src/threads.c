@@ -7,7 +7,9 @@
  * about as much) and then sleep on a condition variable; one job runs at a time and a caller that
  * finds the pool busy runs its units itself, so concurrent callers never wait on each other.
  * A pthread_atfork handler resets the pool in a forked child (its workers do not exist there).
- * cq_shutdown() stops and joins the workers; the next job that wants them starts them again. */
+ * cq_shutdown() stops and joins the workers; the next job that wants them starts them again.
+ * Where the process already runs an OpenMP runtime's team (torch), cq_use_openmp puts the jobs on
+ * that team instead (below): then libgomp's spin/sleep policy is the one that counts anyway. */
 #include <dlfcn.h>
 #include <pthread.h>
 #include <sched.h>
@@ -65,7 +67,7 @@ static void run_units(pool_t *p)
  * worker is the one that takes the next job. GOMP_parallel (libgomp; libiomp5 exports it too)
  * runs fn(data) on num_threads threads, the caller among them, and returns when all are done. */
 typedef void (*gomp_parallel_fn)(void (*fn)(void *), void *data, unsigned num_threads, unsigned flags);
-static gomp_parallel_fn g_omp;    /* NULL: the pool; guarded by job_lock (read, set) */
+static gomp_parallel_fn g_omp;    /* NULL: the pool; set under job_lock (jobs read it under it) */
 static void omp_body(void *v) { run_units((pool_t *)v); }
 
 static void *worker_main(void *arg)
@@ -310,18 +312,12 @@ int cq_use_openmp(const char *path)
         memcpy(&f, &sym, sizeof f); /* object pointer to function pointer without a cast warning */
     }
     pthread_mutex_lock(&g_pool.job_lock); /* waits for a job in progress */
-    g_omp = f;
+    __atomic_store_n(&g_omp, f, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&g_pool.job_lock);
     return CQ_OK;
 }
 
-int cq_using_openmp(void)
-{
-    pthread_mutex_lock(&g_pool.job_lock);
-    int on = g_omp != NULL;
-    pthread_mutex_unlock(&g_pool.job_lock);
-    return on;
-}
+int cq_using_openmp(void) { return __atomic_load_n(&g_omp, __ATOMIC_ACQUIRE) != NULL; }
 
 /* The one rule for CQUANT_NUM_THREADS (cquant's Python import warns with this same function):
  * decimal digits, optionally surrounded by blanks (space, tab, newline, CR), whose value is in
