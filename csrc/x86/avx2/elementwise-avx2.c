@@ -61,24 +61,7 @@ CQ_INLINE int absmax_core(const float *x, const float *mul, float *prod, int64_t
 
 static int absmax_avx2(const float *x, int64_t n, float *amax) { return absmax_core(x, NULL, NULL, n, amax); }
 
-/* round_half_even(v / s) for 8 lanes, bit-exact with the contract's true division but mostly
- * without it: q0 = v * (1 / s) is within |v / s| * 2^-23 (two roundings) of v / s, so for
- * |q0| <= 128 (beyond, both clamp to 127) the two round to the same integer unless q0 lies within
- * 2^-15 (> 128 * 2^-23) of a half-integer; such a vector (rare: ~1e-4 per lane on random data; a
- * NaN / Inf product too) is divided after all. Measured: see quantize_avx2. */
-CQ_INLINE __m256 qdiv(__m256 v, __m256 s, __m256 r)
-{
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
-    const __m256 q0 = _mm256_mul_ps(v, r);
-    const __m256 t = _mm256_round_ps(q0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m256 d = _mm256_and_ps(_mm256_sub_ps(q0, t), absmask); /* exact (Sterbenz), in [0, 0.5] */
-    const __m256 ok = _mm256_or_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f - 0x1p-15f), _CMP_LT_OQ),
-                                   _mm256_cmp_ps(_mm256_and_ps(q0, absmask), _mm256_set1_ps(128.0f), _CMP_GT_OQ));
-    if (_mm256_movemask_ps(ok) == 0xff) return t;
-    return _mm256_round_ps(_mm256_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-}
-
-/* 1 / scale where it is a normal float (the bound above needs it), else NaN: every lane then
+/* 1 / scale where it is a normal float (the bound below needs it), else NaN: every lane then
  * fails the test and is divided (scales below ~3e-39 or above ~8e37, e.g. a static x_scale) */
 CQ_INLINE __m256 recip_or_nan(float scale)
 {
@@ -86,18 +69,33 @@ CQ_INLINE __m256 recip_or_nan(float scale)
     return _mm256_set1_ps(r >= 1.17549435e-38f && r <= 3.402823466e38f ? r : NAN);
 }
 
-CQ_INLINE __m256i q8(const float *x, __m256 s, __m256 r, __m256 lo, __m256 hi)
+/* min(round_half_even(v / s), 127) as int32 for 8 lanes, bit-exact with the contract's true
+ * division but mostly without it: q0 = v * (1 / s) is within |v / s| * 2^-23 (two roundings) of
+ * v / s, so for |q0| <= 128 the two round to the same integer unless q0 lies within 2^-15
+ * (> 128 * 2^-23) of a half-integer; such a vector (rare: ~1e-4 per lane on random data; a NaN /
+ * Inf product too) is divided after all. For 128 < |q0| only the sign and |t| >= 128 matter (the
+ * clamp). The clamp: min 127 here (also keeps |t| >= 2^31 from converting to INT_MIN), and the
+ * -127 side after the saturating packs (max_epi8 -127: t <= -128 packs to -128). t is integral, so
+ * the convert is exact whatever MXCSR's rounding mode. Measured: see quantize_avx2. */
+CQ_INLINE __m256i q8v(__m256 v, __m256 s, __m256 r, __m256 hi)
 {
-    __m256 v = qdiv(_mm256_loadu_ps(x), s, r);
-    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-    return _mm256_cvtps_epi32(v);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256 q0 = _mm256_mul_ps(v, r);
+    __m256 t = _mm256_round_ps(q0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256 d = _mm256_and_ps(_mm256_sub_ps(q0, t), absmask); /* exact (Sterbenz), in [0, 0.5] */
+    if (_mm256_movemask_ps(_mm256_cmp_ps(d, _mm256_set1_ps(0.5f - 0x1p-15f), _CMP_LT_OQ)) != 0xff)
+        t = _mm256_round_ps(_mm256_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm256_cvtps_epi32(_mm256_min_ps(t, hi));
 }
 
-CQ_INLINE __m256i q8m(const float *x, const float *mul, __m256 s, __m256 r, __m256 lo, __m256 hi)
+CQ_INLINE __m256i q8(const float *x, __m256 s, __m256 r, __m256 hi)
 {
-    __m256 v = qdiv(_mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(mul)), s, r);
-    v = _mm256_min_ps(_mm256_max_ps(v, lo), hi);
-    return _mm256_cvtps_epi32(v);
+    return q8v(_mm256_loadu_ps(x), s, r, hi);
+}
+
+CQ_INLINE __m256i q8m(const float *x, const float *mul, __m256 s, __m256 r, __m256 hi)
+{
+    return q8v(_mm256_mul_ps(_mm256_loadu_ps(x), _mm256_loadu_ps(mul)), s, r, hi);
 }
 
 /* The code pass of x, or of the float32 products x * mul (mul NULL: a compile-time constant in
@@ -105,24 +103,25 @@ CQ_INLINE __m256i q8m(const float *x, const float *mul, __m256 s, __m256 r, __m2
 CQ_INLINE void quantize_core(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip)
 {
     const __m256i flipv = _mm256_set1_epi8((char)flip);
-    const __m256 s = _mm256_set1_ps(scale), lo = _mm256_set1_ps(-127.0f), hi = _mm256_set1_ps(127.0f);
+    const __m256 s = _mm256_set1_ps(scale), hi = _mm256_set1_ps(127.0f);
+    const __m256i lo8 = _mm256_set1_epi8(-127);
     const __m256 r = recip_or_nan(scale);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
         __m256i a, b, c, d;
         if (mul) {
-            a = q8m(x + i, mul + i, s, r, lo, hi);
-            b = q8m(x + i + 8, mul + i + 8, s, r, lo, hi);
-            c = q8m(x + i + 16, mul + i + 16, s, r, lo, hi);
-            d = q8m(x + i + 24, mul + i + 24, s, r, lo, hi);
+            a = q8m(x + i, mul + i, s, r, hi);
+            b = q8m(x + i + 8, mul + i + 8, s, r, hi);
+            c = q8m(x + i + 16, mul + i + 16, s, r, hi);
+            d = q8m(x + i + 24, mul + i + 24, s, r, hi);
         } else {
-            a = q8(x + i, s, r, lo, hi);
-            b = q8(x + i + 8, s, r, lo, hi);
-            c = q8(x + i + 16, s, r, lo, hi);
-            d = q8(x + i + 24, s, r, lo, hi);
+            a = q8(x + i, s, r, hi);
+            b = q8(x + i + 8, s, r, hi);
+            c = q8(x + i + 16, s, r, hi);
+            d = q8(x + i + 24, s, r, hi);
         }
-        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d));
+        __m256i p = _mm256_max_epi8(_mm256_packs_epi16(_mm256_packs_epi32(a, b), _mm256_packs_epi32(c, d)), lo8);
         _mm256_storeu_si256((__m256i *)(q + i), _mm256_xor_si256(_mm256_permutevar8x32_epi32(p, order), flipv));
     }
     for (; i < n; i++) {
