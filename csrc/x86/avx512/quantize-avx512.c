@@ -11,27 +11,21 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #include <math.h>
 #include <string.h>
 
-/* Any vector: lanes whose product v * r could round differently from v / s take the division. */
-static __m128i q16_slow(__m512 v, __m512 s, __m512 r, __m128i flip)
+/* A vector q16's test refused (a lane near a half-integer; rare): the true division. */
+static __m128i q16_div(__m512 v, __m512 s, __m128i flip)
 {
-    const __m512 absmask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7fffffff));
-    const __m512 q0 = _mm512_mul_ps(v, r);
-    __m512 t = _mm512_roundscale_ps(q0, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 d = _mm512_and_ps(_mm512_sub_ps(q0, t), absmask); /* exact (Sterbenz), in [0, 0.5] */
-    const __mmask16 ok = _mm512_cmp_ps_mask(d, _mm512_set1_ps(0.5f - 0x1p-15f), _CMP_LT_OQ) |
-                         _mm512_cmp_ps_mask(_mm512_and_ps(q0, absmask), _mm512_set1_ps(128.0f), _CMP_GT_OQ);
-    if (ok != 0xFFFF) t = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 t = _mm512_roundscale_ps(_mm512_div_ps(v, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     t = _mm512_min_ps(_mm512_max_ps(t, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f));
     return _mm_xor_si128(_mm512_cvtsepi32_epi8(_mm512_cvttps_epi32(t)) /* t is integral */, flip);
 }
 
-/* The common vector, in 10 zmm operations instead of q16_slow's 14: ti = round_half_even(v * r) as
+/* The common vector, in 10 zmm operations (14 before 2026-11-30): ti = round_half_even(v * r) as
  * int32 (embedded rounding, whatever MXCSR says), t its float. When every lane is 2^-15 from a
- * half-integer (d, exact by Sterbenz), ti is v / s rounded (the reasoning of q16_slow) for |q0| <=
+ * half-integer (d, exact by Sterbenz), ti is v / s rounded (the bound in the head comment) for |q0| <=
  * 128, and for 128 < |q0| < 2^31 its sign and |ti| >= 128 are right, which is all the clamp needs:
  * vpmaxsd -127 and vpmovsdb's saturation at 127 give clamp(ti, -127, 127). A NaN / Inf or |q0| >=
  * 2^31 lane (ti = INT_MIN, far from q0) fails the test; only q0 = -2^31 passes it, and clamps to
- * -127 as it should. Everything else goes to q16_slow (the row is the same either way).
+ * -127 as it should. Any other vector is divided (q16_div: the same codes, slower).
  * SIMDe (CQ_EMU) has no embedded-rounding convert: there t = vrndscaleps(q0) and ti = (int32) of t
  * clamped to <= 127 first (a finite |q0| >= 2^31 passes the test with d = 0 in that form). */
 CQ_INLINE __m128i q16(__m512 v, __m512 s, __m512 r, __m128i flip)
@@ -45,7 +39,7 @@ CQ_INLINE __m128i q16(__m512 v, __m512 s, __m512 r, __m128i flip)
     const __m512 d = _mm512_abs_ps(_mm512_sub_ps(q0, _mm512_cvtepi32_ps(ti)));
 #endif
     if (_mm512_cmp_ps_mask(d, _mm512_set1_ps(0.5f - 0x1p-15f), _CMP_LT_OQ) != 0xFFFF)
-        return q16_slow(v, s, r, flip);
+        return q16_div(v, s, flip);
 #ifdef CQ_EMU
     const __m512i ti = _mm512_cvttps_epi32(_mm512_min_ps(t, _mm512_set1_ps(127.0f)));
 #endif

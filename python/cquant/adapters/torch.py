@@ -113,9 +113,10 @@ def torch_openmp_runtime(maps: str = "/proc/self/maps") -> Optional[str]:
     one mapped; None when there is none or it cannot be told which (or no ``/proc``)."""
     try:
         with open(maps, encoding="utf-8", errors="replace") as f:
-            paths = {line.split(None, 5)[5].strip() for line in f if len(line.split(None, 5)) == 6}
+            fields = [line.split(None, 5) for line in f]
     except OSError:
         return None
+    paths = {x[5].strip() for x in fields if len(x) == 6}  # address perms offset dev inode path
     found = sorted(p for p in paths if p.startswith("/") and os.path.basename(p).startswith(_OMP_RUNTIMES)
                    and ".so" in os.path.basename(p))
     root = os.path.dirname(os.path.dirname(os.path.abspath(torch.__file__)))  # site-packages
