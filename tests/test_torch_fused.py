@@ -112,6 +112,21 @@ def test_fallbacks_keep_torch_semantics():
     torch.testing.assert_close(got, want)
 
 
+def test_fully_masked_sequence_keeps_torch_semantics():
+    """A sequence whose attention mask is all 0 (sdpa's bool mask: torch gives it a zero context,
+    an additive mask equal weights): the fused model gives what the unfused one gives, for every
+    row of the batch, on the sdpa and the eager attention."""
+    for impl in ("sdpa", "eager"):
+        m = _bert()
+        m.config._attn_implementation = impl
+        q = cquant.Quantizer.quantize_dynamic(m, mode="weight_only")
+        f = copy.deepcopy(q)
+        fuse(f)
+        ids, mask = _inputs()
+        mask[0, :] = 0
+        np.testing.assert_allclose(_run(f, ids, mask), _run(q, ids, mask), rtol=2e-4, atol=2e-4, err_msg=impl)
+
+
 def test_pickle_deepcopy_and_idempotent():
     f = cquant.Quantizer.quantize_dynamic(_bert(), mode="dynamic")
     first = fuse(f)

@@ -159,7 +159,10 @@ def _key_bias(mask: Any, b: int, t: int) -> Tuple[bool, Optional[np.ndarray]]:
     """(ok, (B, T) additive key bias or None) from a transformers attention mask: None (no
     padding), a (B, 1, T, T) / (B, 1, 1, T) bool mask (sdpa: True = attend) or float32 additive
     mask (eager: 0 or a large negative number) whose rows are all the same key mask. ok False: a
-    mask the fast path does not take (causal, per-query, other dtypes or shapes)."""
+    mask the fast path does not take (causal, per-query, other dtypes or shapes), or a bool mask
+    with a sequence whose keys are all masked: torch's sdpa gives that sequence a zero context
+    (torch >= 2.5; NaN before), where an additive mask gives every key the same weight, so such a
+    call runs the original forward, whatever its torch version does."""
     if mask is None:
         return True, None
     if (type(mask) is not torch.Tensor or mask.dtype not in (torch.bool, torch.float32)
@@ -173,6 +176,8 @@ def _key_bias(mask: Any, b: int, t: int) -> Tuple[bool, Optional[np.ndarray]]:
         if not np.isfinite(keys).all() and not (np.isfinite(keys) | (keys == -np.inf)).all():
             return False, None
         return True, np.ascontiguousarray(keys, dtype=np.float32)
+    if not keys.any(axis=-1).all():
+        return False, None
     bias = np.where(keys, np.float32(0.0), np.finfo(np.float32).min).astype(np.float32)
     return True, bias
 
