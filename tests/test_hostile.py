@@ -1060,3 +1060,125 @@ def test_torch_refused_train_and_device_move_leave_no_half_state():
     assert torch.equal(m(x), y)
     with pytest.raises(cquant.errors.ValueError, match="rebuild or reload"):
         m.to("meta")
+
+
+# ---- found by a new-user review (2026-11-30): checkpoints whose dtypes lie, tampered pickles ------
+
+def test_load_into_a_torch_model_with_a_0d_buffer(tmp_path):
+    """BatchNorm's num_batches_tracked is 0-d: cquant's own checkpoint of the model loads into a fresh
+    copy (it used to become shape (1,) on the way in and fail after the Linears were replaced)."""
+    torch = pytest.importorskip("torch")
+
+    def build():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)).eval()
+    q = cquant.Quantizer.quantize_dynamic(build())
+    cquant.save(q, tmp_path / "bn.safetensors")
+    m = cquant.load_into(build(), tmp_path / "bn.safetensors")
+    x = torch.randn(3, 8)
+    assert torch.equal(m(x), q(x))
+
+
+def test_f64_bias_beyond_float32_is_refused(tmp_path):
+    p = small_checkpoint(tmp_path)
+
+    def big(t):
+        t["fc.bias"] = np.full(8, 1e300, np.float64)
+    bad = rewrite(p, tmp_path / "big.safetensors", tensors=big)
+    with pytest.raises(CheckpointError, match="float32's range"):
+        cquant.load(bad)
+
+
+@pytest.mark.parametrize("value", [np.full(4, 1e300), np.ones(4, bool), np.full(4, 2**40, np.int64)],
+                         ids=["f64_overflow", "bool", "int64"])
+def test_plain_tensors_whose_dtype_lies_are_refused_and_the_model_kept(tmp_path, value):
+    """A LayerNorm weight stored as float64 beyond float32's range, bool or int64: copying would cast
+    it silently (Inf, 1.0, 1.1e12); refused before the model is touched, cquant.nn and torch."""
+    from cquant import nn
+
+    def build():
+        return nn.Sequential(nn.Linear(4, 4, rng=0), nn.LayerNorm(4))
+    cquant.save(cquant.Quantizer.quantize_dynamic(build()), tmp_path / "ok.safetensors")
+    bad = rewrite(tmp_path / "ok.safetensors", tmp_path / "bad.safetensors",
+                  tensors=lambda t: t.__setitem__("1.weight", value))
+    m = build()
+    with pytest.raises(CheckpointError, match=r"'1\.weight'"):
+        cquant.load_into(m, bad)
+    assert type(m[0]) is nn.Linear and (m[1].weight == 1).all()
+    torch = pytest.importorskip("torch")
+    tm = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4)).eval()
+    cquant.save(cquant.Quantizer.quantize_dynamic(copy.deepcopy(tm)), tmp_path / "t.safetensors")
+    tbad = rewrite(tmp_path / "t.safetensors", tmp_path / "tbad.safetensors",
+                   tensors=lambda t: t.__setitem__("1.weight", value))
+    with pytest.raises(CheckpointError, match=r"'1\.weight'"):
+        cquant.load_into(tm, tbad)
+    assert type(tm[0]) is torch.nn.Linear
+
+
+def test_tampered_pickles_of_quantized_layers_are_refused():
+    from cquant import nn
+    q = cquant.Quantizer.quantize_dynamic(nn.Sequential(nn.Linear(8, 16, rng=0)))
+    layer = pickle.loads(pickle.dumps(q[0]))
+    layer.__dict__["in_features"] = 3
+    with pytest.raises(errors.ValueError, match="in_features"):
+        pickle.loads(pickle.dumps(layer))
+    layer = pickle.loads(pickle.dumps(q[0]))
+    layer.__dict__["_parameters"]["bias"] = np.full(16, np.nan, np.float32)
+    with pytest.raises(errors.NonFiniteError, match="bias"):
+        pickle.loads(pickle.dumps(layer))
+    qf = QuantizedLinearForward(q[0].qweight, np.zeros(16, np.float32))
+    qf.bias = np.full(16, np.inf, np.float32)
+    with pytest.raises(errors.NonFiniteError, match="bias"):
+        pickle.loads(pickle.dumps(qf))
+    qf.bias, qf.mode = None, "sideways"
+    with pytest.raises(errors.ValueError, match="mode"):
+        pickle.loads(pickle.dumps(qf))
+    assert pickle.loads(pickle.dumps(q))[0].in_features == 8      # an honest pickle still loads
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 3), ("num_attention_heads", 17),
+                                          ("hidden_act", "relu"), ("layer_norm_eps", -1.0)])
+def test_load_refuses_a_bert_config_the_model_cannot_run(tmp_path, field, value):
+    pytest.importorskip("safetensors", reason="cquant.save needs safetensors")
+    path, _ = _bert_checkpoint(tmp_path)
+    bad = _set_model(path, tmp_path / "cfg.safetensors", lambda s: s["config"].__setitem__(field, value))
+    with pytest.raises(CheckpointError, match=field):
+        cquant.load(bad)
+
+
+def test_a_layer_listed_twice_in_the_metadata_is_refused(tmp_path):
+    p = small_checkpoint(tmp_path)
+
+    def twice(md):
+        entry = json.dumps(json.loads(md[KEY_LAYERS])["fc"])
+        md[KEY_LAYERS] = '{"fc": %s, "fc": %s}' % (entry, entry)
+    bad = rewrite(p, tmp_path / "dup.safetensors", meta=twice)
+    with pytest.raises(CheckpointError, match="duplicate key 'fc'"):
+        cquant.load(bad)
+
+
+def test_save_refuses_an_index_name_and_the_formats_own_metadata_keys(tmp_path):
+    layer = {"fc": QuantizedLinearForward(ops.quantize_weight(np.ones((2, 4), np.float32)))}
+    with pytest.raises(CheckpointError, match="index"):
+        cquant.save(layer, tmp_path / "m.safetensors.index.json")
+    for key in ("cquant.model", "cquant.tied"):
+        with pytest.raises(CheckpointError, match=key):
+            cquant.save(layer, tmp_path / "m.safetensors", metadata={key: "{}"})
+    assert not os.listdir(tmp_path)                                  # nothing written
+    cquant.save(layer, tmp_path / "m.safetensors", metadata={"mine": "1"})
+    assert cquant.load(tmp_path / "m.safetensors").metadata["mine"] == "1"
+
+
+def test_paths_bytes_nul_and_dangling_links(tmp_path):
+    layer = {"fc": QuantizedLinearForward(ops.quantize_weight(np.ones((2, 4), np.float32)))}
+    p = os.fsencode(str(tmp_path / "b.safetensors"))
+    cquant.save(layer, p)                                            # bytes paths work
+    assert "fc" in cquant.load(p).layers
+    with pytest.raises(CheckpointError, match="NUL"):
+        cquant.save(layer, str(tmp_path / "a\0b.safetensors"))
+    with pytest.raises(CheckpointError, match="NUL"):
+        cquant.load(str(tmp_path / "b.safetensors") + "\0")
+    link = tmp_path / "link.safetensors"
+    os.symlink(tmp_path / "missing" / "x.safetensors", link)
+    with pytest.raises(CheckpointError, match=r"missing does not exist \(the path is a link"):
+        cquant.save(layer, link)

@@ -316,10 +316,24 @@ CHECKPOINT_NAMES = ("model.safetensors", "model.safetensors.index.json", "cquant
 _MAX_INDEX = 64 * 2**20
 
 
+def path_str(path: Any) -> str:
+    """``path`` (str, bytes or os.PathLike) as a str, or a cquant error naming it: a NUL byte (which
+    no file name holds) or an object that is not a path."""
+    try:
+        p = os.fspath(path)
+    except TypeError:
+        raise errors.TypeError(f"a path must be a str, bytes or os.PathLike, got {type(path).__name__}") from None
+    if isinstance(p, bytes):
+        p = os.fsdecode(p)
+    if "\0" in p:
+        raise CheckpointError(f"{p!r}: a path cannot hold a NUL byte")
+    return p
+
+
 def resolve_checkpoint(path: PathLike) -> str:
     """The file to open for ``path``: ``path`` itself, or for a model folder the first of
     :data:`CHECKPOINT_NAMES` it holds. CheckpointError for a folder holding none of them."""
-    p = os.fspath(path)
+    p = path_str(path)
     if os.path.isdir(p):
         for n in CHECKPOINT_NAMES:
             c = os.path.join(p, n)
@@ -331,7 +345,7 @@ def resolve_checkpoint(path: PathLike) -> str:
 
 
 def is_index_path(path: PathLike) -> bool:
-    return os.fspath(path).endswith(INDEX_SUFFIX)
+    return path_str(path).endswith(INDEX_SUFFIX)
 
 
 def _shard_name_ok(name: str) -> bool:
@@ -549,7 +563,7 @@ class atomic_path:
     file it points to is replaced, the link stays. Errors name ``path``, never the temporary file."""
 
     def __init__(self, path: PathLike):
-        self.path = os.fspath(path)
+        self.path = path_str(path)
         self.tmp: Optional[str] = None
 
     def __enter__(self) -> str:
@@ -566,9 +580,10 @@ class atomic_path:
             raise CheckpointError(f"{self.path}: exists and is not a regular file (a FIFO, socket or "
                                   "device); refusing to replace it")
         d = os.path.dirname(target)
-        if not os.path.isdir(d):
-            raise CheckpointError(f"{self.path}: directory {os.path.dirname(os.path.abspath(self.path))} "
-                                  "does not exist")
+        if not os.path.isdir(d):  # the folder the file goes in: a link's target's, for a link
+            link = target != os.path.abspath(self.path)
+            raise CheckpointError(f"{self.path}: directory {d} does not exist"
+                                  + (f" (the path is a link to {target})" if link else ""))
         try:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
         except OSError as e:
@@ -607,6 +622,36 @@ class atomic_path:
 # --------------------------------------------------------------------------------------------------
 # How a quantized layer is stored (cquant.io, the front-ends' checkpoint state, the CLI)
 # --------------------------------------------------------------------------------------------------
+
+def plain_tensor_problem(value: Any, target: Any) -> Optional[str]:
+    """Why a checkpoint tensor that is not part of a quantized layer (a LayerNorm weight, a buffer)
+    cannot be copied into the model's tensor of numpy dtype ``target``, or None if it can: a float
+    tensor takes float values whose finite ones stay finite in its dtype (a float64 1e300 would
+    become Inf in float32); an integer tensor integers in its range; a bool tensor bools. Copying
+    casts silently (numpy ``copyto``, torch ``copy_``), so a file whose dtypes lie must be refused
+    before, not discovered as NaN outputs."""
+    v = np.asarray(value)
+    t = np.dtype(target)
+    if t.kind in "fc":
+        if v.dtype.kind not in ("fc" if t.kind == "c" else "f"):
+            return f"has dtype {v.dtype}; the model's tensor is {t}"
+        with np.errstate(over="ignore", invalid="ignore"):
+            lost = np.isfinite(v) & ~np.isfinite(v.astype(t))
+        if lost.any():
+            return f"holds {v[lost].flat[0].item()!r}, beyond the range of the model's {t}"
+    elif t.kind in "iu":
+        if v.dtype.kind not in "iu":
+            return f"has dtype {v.dtype}; the model's tensor is {t}"
+        info = np.iinfo(t)
+        if v.size and (int(v.min()) < info.min or int(v.max()) > info.max):
+            return f"holds values outside the range of the model's {t} [{info.min}, {info.max}]"
+    elif t.kind == "b":
+        if v.dtype.kind != "b":
+            return f"has dtype {v.dtype}; the model's tensor is bool"
+    elif v.dtype != t:
+        return f"has dtype {v.dtype}; the model's tensor is {t}"
+    return None
+
 
 def _layer_meta(mode: str, qw: ops.QuantizedWeight, has_bias: bool, layout: str = "out_in") -> Dict[str, Any]:
     meta = {"mode": mode, "granularity": qw.granularity, "group_size": qw.group_size,

@@ -39,7 +39,7 @@ import numpy as np
 
 from . import errors, nn, ops
 from .adapters import is_torch_module, is_torch_tensor
-from .checkpoint_file import CheckpointError, _layer_meta, _prefix, _stored_codes
+from .checkpoint_file import CheckpointError, _layer_meta, _prefix, _stored_codes, plain_tensor_problem
 from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share
 
 __all__ = ["FrontEnd", "NnFrontEnd", "DuckFrontEnd", "NN", "OBJECTS", "for_model", "CheckpointState", "ReportRow",
@@ -782,6 +782,11 @@ def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:
             raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
                 s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
                             f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
+        own = model.state_dict()
+        for k, v in ck_tensors.items():
+            why = plain_tensor_problem(v, np.asarray(own[k]).dtype) if k in own else None
+            if why:
+                raise CheckpointError(f"tensor {k!r} {why}")
         try:
             model.load_state_dict({k: v for k, v in ck_tensors.items() if k in expected}, strict=False)
         except nn.StateDictError as e:

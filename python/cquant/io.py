@@ -93,6 +93,7 @@ from .checkpoint_file import (  # noqa: F401  (the file layer, re-exported: thes
     _open_regular, _is_int, _no_duplicate_keys, _MAX_DIMS, _MAX_ARRAY_BYTES, SafetensorsReader, INDEX_SUFFIX,
     CHECKPOINT_NAMES, _MAX_INDEX, resolve_checkpoint, is_index_path, _shard_name_ok, ShardedReader,
     open_checkpoint, StreamWriter, _umask, atomic_path, _layer_meta, pack_int4, unpack_int4, _stored_codes, _prefix,
+    path_str,
 )
 from .quantization import QuantizedLinearForward
 
@@ -168,9 +169,17 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
     """Write a quantized model (cquant.nn, torch via the adapter, duck-typed) or a mapping
     ``name -> array | quantized layer`` to ``path`` as a cquant checkpoint (see the module docstring
     for the layout). The file is written to a temporary name and renamed: never left half-written."""
+    path = path_str(path)
+    if is_index_path(path):
+        raise CheckpointError(f"{path}: save writes one .safetensors file, and a name ending in {INDEX_SUFFIX!r} "
+                              "is read back as a sharded checkpoint's index; name it .safetensors")
+    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
+    reserved = sorted(k for k in meta if k.startswith("cquant."))
+    if reserved:
+        raise CheckpointError(f"{path}: metadata keys starting with 'cquant.' are the format's own "
+                              f"(got {', '.join(reserved)}); name yours otherwise")
     state = fe.for_model(obj).state_tensors(obj)
     tensors, layers, model_meta, ties = state.tensors, state.layers, state.model_meta, state.ties
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
     if ties:
         meta[KEY_TIED] = json.dumps(ties, separators=(",", ":"))
     meta[KEY_VERSION] = FORMAT_VERSION
@@ -251,7 +260,9 @@ def parse_layers(path: str, meta: Mapping[str, str]) -> Dict[str, LayerSpec]:
     cquant does not know, a group size that does not divide K, ...)."""
     raw = meta.get(KEY_LAYERS, "{}")
     try:
-        layers = json.loads(raw)
+        layers = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as e:  # a key given twice: which entry would win is not for the reader to guess
+        raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r}: {e}") from None
     except (ValueError, RecursionError):
         raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
     if not isinstance(layers, dict):
@@ -343,8 +354,12 @@ def check_layer_values(path: str, spec: LayerSpec, q: np.ndarray, scale: np.ndar
     if not np.isfinite(scale).all() or (scale < 0).any():
         raise CheckpointError(f"{path}: tensor {spec.key('weight_scale')!r} holds NaN, Inf or negative "
                               "scales; scales must be finite and >= 0")
-    if bias is not None and not np.isfinite(bias).all():
-        raise CheckpointError(f"{path}: tensor {spec.key('bias')!r} holds NaN or Inf")
+    if bias is not None:
+        with np.errstate(over="ignore", invalid="ignore"):  # an F64 bias must fit float32, its run-time dtype
+            finite = np.isfinite(np.asarray(bias, dtype=np.float32)).all()
+        if not finite:
+            raise CheckpointError(f"{path}: tensor {spec.key('bias')!r} holds NaN, Inf or values beyond "
+                                  "float32's range")
     if act_scale is not None:
         a = np.asarray(act_scale)
         if a.dtype != np.float32 or a.size != 1 or not np.isfinite(a).all() or not (a > 0).all():
@@ -364,7 +379,7 @@ def _reader_array(r: Union[SafetensorsReader, ShardedReader], name: str) -> np.n
 def read_checkpoint(path: PathLike) -> Checkpoint:
     """Read a cquant checkpoint into a :class:`Checkpoint` (no model built). Everything the file says
     is checked against what it holds first: CheckpointError naming the file and the field."""
-    p = os.fspath(path)
+    p = path_str(path)
     with open_checkpoint(p) as r:
         meta = dict(r.metadata)
         check_format_version(r.path, meta)
@@ -408,7 +423,9 @@ def _read_ties(path: str, meta: Mapping[str, str], specs: Mapping[str, "LayerSpe
         return
     where = f"{path}: metadata {KEY_TIED!r}"
     try:
-        ties = json.loads(raw)
+        ties = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     except (ValueError, RecursionError):
         raise CheckpointError(f"{where} is not valid JSON") from None
     if not isinstance(ties, dict):
@@ -484,6 +501,15 @@ def _check_bert_config(path: str, cfg: Dict[str, Any], ck: "Checkpoint") -> None
     if not isinstance(c["add_pooling_layer"], bool):
         raise CheckpointError(f"{where} field 'add_pooling_layer' is {_short(c['add_pooling_layer'])}; expected true/false")
     h = c["hidden_size"]
+    if h % c["num_attention_heads"]:
+        raise CheckpointError(f"{where} field 'num_attention_heads' is {c['num_attention_heads']}, which does not "
+                              f"divide hidden_size {h}")
+    if c["hidden_act"] not in ("gelu", "gelu_new", "gelu_pytorch_tanh"):
+        raise CheckpointError(f"{where} field 'hidden_act' is {_short(c['hidden_act'])}; BertModel runs \"gelu\", "
+                              "\"gelu_new\" or \"gelu_pytorch_tanh\"")
+    eps = c["layer_norm_eps"]
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (0 <= eps < float("inf")):
+        raise CheckpointError(f"{where} field 'layer_norm_eps' is {_short(eps)}; expected a finite number >= 0")
 
     def need(tensor: str, shape: Tuple[int, int], fields_: str) -> None:
         got = _shape_in(ck, tensor)
@@ -513,7 +539,9 @@ def _safe_path(name: str) -> bool:
 def _rebuild(ck: Checkpoint, path: str) -> Any:
     where = f"{path}: metadata {KEY_MODEL!r}"
     try:
-        spec = json.loads(ck.metadata[KEY_MODEL])
+        spec = json.loads(ck.metadata[KEY_MODEL], object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
     except (ValueError, RecursionError):
         raise CheckpointError(f"{where} is not valid JSON") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
@@ -561,7 +589,7 @@ def load(path: PathLike, build: bool = True) -> Any:
     """
     ck = read_checkpoint(path)
     if build and KEY_MODEL in ck.metadata:
-        return _rebuild(ck, os.fspath(path))
+        return _rebuild(ck, path_str(path))
     return ck
 
 
@@ -584,7 +612,7 @@ def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], stric
     if isinstance(path_or_checkpoint, Checkpoint):
         ck, where = path_or_checkpoint, ""
     else:
-        ck, where = read_checkpoint(path_or_checkpoint), os.fspath(path_or_checkpoint)
+        ck, where = read_checkpoint(path_or_checkpoint), path_str(path_or_checkpoint)
     try:
         return fe.for_model(model).install(model, ck, strict)
     except CheckpointError as e:

@@ -185,7 +185,19 @@ def _check_bias(bias: Optional[np.ndarray], out_features: int) -> Optional[np.nd
         raise errors.TypeError(f"bias must be floating-point, got dtype {b.dtype}")
     if b.shape != (out_features,):
         raise errors.ShapeError(f"bias shape {b.shape} is not (out_features,) = ({out_features},)")
-    return np.ascontiguousarray(b, dtype=np.float32)
+    out = np.ascontiguousarray(b, dtype=np.float32)
+    if not np.isfinite(out).all():  # (after the cast: a float64 1e300 is Inf in float32)
+        raise errors.NonFiniteError("bias holds NaN, Inf or values beyond float32's range")
+    return out
+
+
+def _pickled_weight(state: Any, what: str) -> ops.QuantizedWeight:
+    """The QuantizedWeight of a quantized layer's pickled state (``__setstate__``), or a ValueError:
+    a pickle is data from elsewhere, so the layer is checked as its constructor checks it."""
+    qw = state.get("qweight") if isinstance(state, dict) else None
+    if not isinstance(qw, ops.QuantizedWeight):
+        raise errors.ValueError(f"not a pickled {what}: its state must hold a QuantizedWeight 'qweight'")
+    return qw
 
 
 def _scheme(mode: str, qweight: ops.QuantizedWeight) -> str:
@@ -293,6 +305,16 @@ class QuantizedLinearForward:
         ``activation``: None or ``"gelu"``, applied to the outputs inside the kernel."""
         return _run(self, x, x_mul, x_hadamard, activation)
 
+    def __setstate__(self, state: Any) -> None:
+        """Unpickling runs the constructor's checks (mode, bias shape and finite values, static
+        scale): a tampered pickle is refused with a cquant error, not run as NaN outputs. (Unpickling
+        still runs whatever code a hostile pickle names: load pickles only from sources you trust.)"""
+        qw = _pickled_weight(state, "QuantizedLinearForward")
+        self.__dict__.update(state)
+        self.mode = _check_mode(state.get("mode"))
+        self.bias = _check_bias(state.get("bias"), qw.shape[0])
+        self.act_scale = _check_act_scale(self.mode, state.get("act_scale"))
+
     def as_module(self) -> "QuantizedLinear":
         """This layer as a :class:`cquant.nn` module (what ``load_into`` installs in a cquant.nn model)."""
         return QuantizedLinear(self.qweight, self.bias, self.mode, self.act_scale)
@@ -356,6 +378,24 @@ class QuantizedLinear(nn.Module):
         ``x_hadamard``: then rotated in blocks (see :func:`cquant.ops.linear`), in the same pass;
         ``activation`` (None or ``"gelu"``): applied to each block of outputs inside the kernel."""
         return _run(self, x, x_mul, x_hadamard, activation)
+
+    def __setstate__(self, state: Any) -> None:
+        """Unpickling checks the layer as the constructor does (its sizes are the weight's, mode,
+        bias, static scale): a tampered pickle is a cquant error, not NaN outputs or a layer that
+        reports sizes it does not have."""
+        qw = _pickled_weight(state, "QuantizedLinear")
+        self.__dict__.update(state)
+        if (self.__dict__.get("in_features"), self.__dict__.get("out_features")) != (qw.shape[1], qw.shape[0]):
+            raise errors.ValueError(f"pickled QuantizedLinear: in_features / out_features "
+                                    f"{self.__dict__.get('in_features')!r} / {self.__dict__.get('out_features')!r} "
+                                    f"do not match its weight (out, in) = {tuple(qw.shape)}")
+        self.mode = _check_mode(self.__dict__.get("mode"))
+        params = self.__dict__.get("_parameters")
+        if not isinstance(params, dict) or set(params) - {"bias"}:
+            raise errors.ValueError("pickled QuantizedLinear: its only parameter is 'bias'")
+        if params.get("bias") is not None:
+            params["bias"] = _check_bias(params["bias"], qw.shape[0])
+        self.act_scale = _check_act_scale(self.mode, self.__dict__.get("act_scale"))
 
     def as_module(self) -> "QuantizedLinear":
         """A new QuantizedLinear with this one's weight, bias, mode and activation scale."""

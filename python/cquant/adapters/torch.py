@@ -87,6 +87,7 @@ import torch
 
 from .. import errors, ops
 from ..embedding import can_share, float_tie_reason, resolve_ties
+from ..checkpoint_file import plain_tensor_problem
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
@@ -1108,6 +1109,13 @@ def _aliases(model: "torch.nn.Module") -> Dict[str, List[str]]:
     return out
 
 
+def _numpy_dtype(dt: "torch.dtype") -> np.dtype:
+    """The numpy dtype a torch tensor's values are checked against (bfloat16: float32's range)."""
+    if dt == torch.bfloat16:
+        return np.dtype(np.float32)
+    return torch.empty((), dtype=dt).numpy().dtype
+
+
 def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -> "torch.nn.Module":
     """Install a :class:`cquant.io.Checkpoint` into a torch model (``cquant.load_into``).
 
@@ -1231,6 +1239,9 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
     for k, v in ck.tensors.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"tensor {k!r}: checkpoint shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
+        why = plain_tensor_problem(v, _numpy_dtype(own[k].dtype)) if k in own else None
+        if why:
+            raise CheckpointError(f"tensor {k!r} {why}")
     if ignored:
         logger.info("load_into: ignored %d checkpoint tensor(s) that are non-persistent buffers of the "
                     "model: %s", len(ignored), ", ".join(ignored[:5]))
@@ -1265,7 +1276,7 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         live = model.state_dict(keep_vars=True)
         for k, v in ck.tensors.items():
             if k in live and k in own:
-                live[k].copy_(torch.from_numpy(np.ascontiguousarray(v)))
+                live[k].copy_(torch.from_numpy(np.array(v, order="C")))  # (ascontiguousarray makes 0-d 1-d)
     for m in model.modules():  # a copied rotation block: the wrapper's cached value follows it
         if isinstance(m, SmoothedTorchLinear):
             m.block = m._check(int(m.hadamard[0]))
