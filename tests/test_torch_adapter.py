@@ -190,6 +190,80 @@ def test_inference_only_train_and_backward_say_so():
     assert y.shape == (2, 3, 10)
 
 
+def test_grad_mode_in_place_ops_and_all_quantized_models():
+    """Found by a new-user review: (1) a ReLU(inplace=True) after a quantized layer, in grad mode with
+    something upstream requiring grad, raised torch's "is a view and is being modified inplace";
+    (2) an all-quantized model's output did not require grad, so backward() raised torch's "element
+    0 of tensors does not require grad" instead of saying why. Both as the float model does now."""
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.LayerNorm(16), torch.nn.Linear(16, 32), torch.nn.ReLU(inplace=True),
+                            torch.nn.Linear(32, 8)).eval()
+    x = torch.randn(3, 16)
+    q = cquant.Quantizer.quantize_dynamic(copy.deepcopy(m))
+    with torch.no_grad():
+        want = q(x)
+    y = q(x)                                    # grad mode: the LayerNorm's weight requires grad
+    torch.testing.assert_close(y.detach(), want, rtol=0, atol=0)
+    with pytest.raises(errors.AutogradError, match="inference only"):
+        y.sum().backward()
+    mlp = cquant.Quantizer.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(16, 8), torch.nn.ReLU(),
+                                                                torch.nn.Linear(8, 4)).eval())
+    out = mlp(x)
+    assert out.requires_grad                    # as the float model's output would
+    with pytest.raises(errors.AutogradError, match="inference only"):
+        out.sum().backward()
+    with torch.no_grad():
+        assert not mlp(x).requires_grad
+
+
+def test_fx_symbolic_trace_of_smoothed_models_and_quantized_attention():
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.LayerNorm(32), torch.nn.Linear(32, 64), torch.nn.GELU(),
+                            torch.nn.Linear(64, 8)).eval()
+    x = torch.randn(5, 32)
+    for rotate in (False, True):
+        sm = cquant.Quantizer.quantize_dynamic(copy.deepcopy(m), calibration=[torch.randn(8, 32)],
+                                               smoothing=0.5, rotate=rotate)
+        g = torch.fx.symbolic_trace(sm)
+        assert sum(n.target is torch.ops.cquant.linear for n in g.graph.nodes) == 2
+        with torch.no_grad():
+            torch.testing.assert_close(g(x), sm(x), rtol=1e-5, atol=1e-5)
+
+    class Att(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = torch.nn.MultiheadAttention(16, 2, batch_first=True)
+
+        def forward(self, t):
+            return self.a(t, t, t, need_weights=False)[0]
+    qa = cquant.Quantizer.quantize_dynamic(Att().eval())
+    with pytest.raises(errors.TypeError, match="symbolic_trace.*export"):
+        torch.fx.symbolic_trace(qa)
+
+
+def test_per_layer_schemes_log_no_warning_for_their_internal_calls(caplog):
+    """A per-layer scheme naming a layer that stays float (tied to an embedding) logs why, once, and
+    not the internal per-scheme calls' "include pattern matched no quantizable layer" / "no Linear
+    layer was quantized" (the user gave no include, and layers were quantized)."""
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = torch.nn.Embedding(10, 16)
+            self.fc = torch.nn.Linear(16, 16)
+            self.head = torch.nn.Linear(16, 10, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, ids):
+            return self.head(self.fc(self.emb(ids)))
+    qz = cquant.Quantizer(scheme={"*": "per_channel", "head": "int4 dynamic per_channel"})
+    with caplog.at_level("WARNING", logger="cquant"):
+        qz.quantize(Tied().eval())
+    text = caplog.text
+    assert "matched no quantizable layer" not in text and "no Linear layer was quantized" not in text
+    assert "head" in text and "tied" in text
+    assert [r.name for r in qz.summary if r.status == "quantized"] == ["fc"]
+
+
 def test_float_weights_are_freed():
     m = _model()
     refs = [weakref.ref(m.proj.weight), weakref.ref(m.c_fc.weight), weakref.ref(m.head.weight)]

@@ -37,6 +37,11 @@ class IsaError(builtins.RuntimeError, QuantizationError):
     """A forced instruction-set path is not available on this CPU or in this build."""
 
 
+class AutogradError(builtins.RuntimeError, QuantizationError):
+    """A quantized layer was asked to train or to take part in a backward (it is inference only;
+    raised by the PyTorch adapter, defined here so that it can be caught without importing torch)."""
+
+
 class NativeError(builtins.RuntimeError, QuantizationError):
     """Any other status reported by the C core (out of memory, internal error)."""
 

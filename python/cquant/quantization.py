@@ -1152,7 +1152,7 @@ class Quantizer:
         others: Dict[str, LayerRecord] = {}
         for scheme, names in groups.items():
             args = _AdapterArgs(scheme, tuple(_glob_escape(n) for n in names), self.exclude, None,
-                                embeddings=self.embeddings, act_scales=self.act_scales)
+                                embeddings=self.embeddings, act_scales=self.act_scales, quiet=True)
             model = adapters.quantize_torch(args, model, True)
             records += [r for r in args.summary if r.status == "quantized"]
             for r in args.summary:
@@ -1224,6 +1224,7 @@ class _AdapterArgs:
     summary: List[LayerRecord] = None  # type: ignore[assignment]
     embeddings: Tuple[str, ...] = ()   # embedding tables to quantize too (every call: ties resolve in one)
     act_scales: Optional[Dict[str, float]] = None  # static schemes: layer name -> activation scale
+    quiet: bool = False  # one of several per-scheme calls: the Quantizer reports the whole (no per-call warnings)
 
     @property
     def mode(self) -> str:

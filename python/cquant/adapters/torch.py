@@ -245,8 +245,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         pre-scale), applied inside the kernel's activation pass; ``x_hadamard``: then rotated in
         blocks of that size (:func:`cquant.ops.linear`), in the same pass."""
         if _graph_mode(x):
-            if x_mul is not None:
-                x = x * (x_mul if x.dtype == torch.float32 else x_mul.to(x.dtype))
+            if x_mul is not None:  # (an fx Proxy's dtype is a Proxy too: no branch on it)
+                x = x * (x_mul if isinstance(x, torch.fx.Proxy) or x.dtype == torch.float32 else x_mul.to(x.dtype))
             if x_hadamard:
                 x = hadamard_torch(x, x_hadamard)
             return self._forward_op(x)
@@ -273,7 +273,7 @@ class QuantizedTorchLinear(torch.nn.Module):
             self._sync_packed()
         if dtype != torch.float32:
             y = y.to(dtype)
-        if x.requires_grad and torch.is_grad_enabled():
+        if torch.is_grad_enabled():
             y = _NoBackward.apply(x, y)
         return y
 
@@ -460,6 +460,11 @@ class QuantizedMultiheadAttention(torch.nn.Module):
 
     def forward(self, query, key, value, key_padding_mask=None, need_weights: bool = True,
                 attn_mask=None, average_attn_weights: bool = True, is_causal: bool = False):
+        if isinstance(query, torch.fx.Proxy):  # (torch's own MHA is an fx leaf; this module is traced through)
+            raise errors.TypeError(
+                "torch.fx.symbolic_trace cannot trace a quantized nn.MultiheadAttention (its forward depends "
+                "on the input's rank and masks); torch.export.export, torch.jit.trace and torch.compile "
+                "capture it, or give fx a Tracer whose is_leaf_module keeps this module a leaf")
         batched = query.dim() == 3
         if batched:
             if not self.batch_first:
@@ -941,8 +946,9 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
     emb = _EmbSelection(emb_pats, granularity == "per_channel" and bits == 8) if emb_pats else None
     plans, skipped = _select(model, include, exclude, emb)
     embs = emb.plans if emb is not None else []
+    quiet = bool(getattr(quantizer, "quiet", False))  # a Quantizer's per-scheme call: it reports the whole
     for pat in include:
-        if not any(fnmatch.fnmatchcase(p.name, pat) for p in plans):
+        if not quiet and not any(fnmatch.fnmatchcase(p.name, pat) for p in plans):
             logger.warning("include pattern %r matched no quantizable layer", pat)
     _prepare(plans, granularity, group_size, bits)
     _prepare_embeddings(embs)
@@ -1033,7 +1039,7 @@ def quantize_module(model: "torch.nn.Module", mode: str = "dynamic", granularity
     after = sum(r.bytes_after for r in records)
     logger.info("quantized %d torch layer(s) (%s %s): %.2f MiB -> %.2f MiB; %d skipped", len(records),
                 mode, granularity, before / 2**20, after / 2**20, len(skipped))
-    if not records:
+    if not records and not quiet:
         logger.warning("no Linear layer was quantized")
     for r in skipped:
         level = logging.WARNING if ("Linear" in r.reason or "Conv1D" in r.reason or "Attention" in r.reason

@@ -7,7 +7,6 @@ nothing of cquant but :mod:`cquant.errors`, so :mod:`cquant.adapters.torch`,
 """
 from __future__ import annotations
 
-import builtins
 import sys
 import warnings
 from typing import Any, Iterable, List, Tuple
@@ -20,8 +19,7 @@ from .. import errors
 __all__ = ["AutogradError", "inference_only_message"]
 
 
-class AutogradError(builtins.RuntimeError, errors.QuantizationError):
-    """A quantized layer was asked to train or to take part in a backward (it is inference only)."""
+AutogradError = errors.AutogradError  # (defined in cquant.errors: catchable without torch)
 
 
 def inference_only_message(what: str = "this model") -> str:
@@ -59,16 +57,32 @@ def _graph_mode(x: Any) -> bool:
             or torch.compiler.is_compiling())
 
 
-class _NoBackward(torch.autograd.Function):
-    """Identity on the output ``y`` that joins the graph of ``x`` and refuses to backpropagate."""
-
+class _NoBackwardFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, y):  # type: ignore[override]
-        return y
+    def forward(ctx, x, box):  # type: ignore[override]
+        # y comes in a list, not as an input: an input returned as the output would be a view of
+        # itself to autograd, and an in-place op on it (ReLU(inplace=True) after the layer) refused
+        return box[0]
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         raise AutogradError(inference_only_message("a model with cquant quantized layers"))
+
+
+#: joins an output to the graph when nothing upstream requires grad (an all-quantized model): in
+#: grad mode the output then requires grad as the float model's would, and backward() says why it
+#: cannot run instead of torch's "element 0 of tensors does not require grad"
+_GRAD_ANCHOR = torch.zeros((), requires_grad=True)
+
+
+class _NoBackward:
+    """``apply(x, y)``: ``y`` (a tensor the layer made from x) joined to the autograd graph of ``x``
+    (or, when x does not require grad, of a fixed leaf), so that it requires grad in grad mode, as
+    the float layer's output would, and its ``backward()`` raises :class:`AutogradError`."""
+
+    @staticmethod
+    def apply(x: "torch.Tensor", y: "torch.Tensor") -> "torch.Tensor":
+        return _NoBackwardFn.apply(x if x.requires_grad else _GRAD_ANCHOR, [y])
 
 
 def _finite_floats(t: "torch.Tensor") -> bool:

@@ -70,9 +70,8 @@ def _out(y: np.ndarray, *inputs: "torch.Tensor") -> "torch.Tensor":
     """y as a tensor; joined to the inputs' autograd graph (refusing backward, as the quantized
     linears do) when one of them requires grad."""
     t = torch.from_numpy(y)
-    for x in inputs:
-        if x.requires_grad and torch.is_grad_enabled():
-            return _NoBackward.apply(x, t)
+    if torch.is_grad_enabled():
+        return _NoBackward.apply(next((x for x in inputs if x.requires_grad), inputs[0]), t)
     return t
 
 

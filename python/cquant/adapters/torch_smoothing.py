@@ -41,7 +41,7 @@ class SmoothedTorchLinear(torch.nn.Module):
         b = self.block
         if getattr(type(self.linear), "_cquant_x_mul", False) is True:  # quantized: inside the kernel
             return self.linear(x, x_mul=self.inv_scale, x_hadamard=b) if b else self.linear(x, x_mul=self.inv_scale)
-        s = self.inv_scale if x.dtype == torch.float32 else self.inv_scale.to(x.dtype)
+        s = self.inv_scale if isinstance(x, torch.fx.Proxy) or x.dtype == torch.float32 else self.inv_scale.to(x.dtype)
         return self.linear(hadamard_torch(x * s, b) if b else x * s)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
