@@ -77,16 +77,20 @@ def test_quantize_selects_linear_weights_and_copies_the_rest(tmp_path, capsys):
     assert np.linalg.norm(y - ref) / np.linalg.norm(ref) < 0.02
 
 
-def test_quantize_per_group_skips_indivisible_and_reports(tmp_path, capsys):
+def test_quantize_per_group_falls_back_for_indivisible_and_reports(tmp_path, capsys):
+    """A layer whose K is not a multiple of the group size is stored per_channel, as the Python API
+    does (it used to be copied as float32)."""
     src, dst = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
     write_checkpoint(src, {"a.weight": np.ones((8, 64), np.float32), "b.weight": np.ones((8, 40), np.float32)})
     rc, out, err = run(["quantize", src, "-o", dst, "--granularity", "per_group", "--group-size", "32",
                         "--mode", "weight_only"], capsys)
     assert rc == 0, err
-    assert "not a multiple of group size" in out
+    assert "of which per_channel (K not a multiple of 32)" in out
     with SafetensorsReader(dst) as r:
-        assert r.tensor("a.weight_scale").shape == (8, 2) and "b.weight" in r.infos
-        assert json.loads(r.metadata[KEY_LAYERS])["a"]["mode"] == "weight_only"
+        layers = json.loads(r.metadata[KEY_LAYERS])
+        assert r.tensor("a.weight_scale").shape == (8, 2) and "b.weight" not in r.infos
+        assert layers["a"]["mode"] == "weight_only" and layers["b"]["granularity"] == "per_channel"
+        assert r.tensor("b.weight_scale").shape == (8,)
 
 
 def test_report_float_and_quantized(tmp_path, capsys):

@@ -1182,3 +1182,86 @@ def test_paths_bytes_nul_and_dangling_links(tmp_path):
     os.symlink(tmp_path / "missing" / "x.safetensors", link)
     with pytest.raises(CheckpointError, match=r"missing does not exist \(the path is a link"):
         cquant.save(layer, link)
+
+
+# ---- the ops layer, from a new-user review (2026-11-30) -----------------------------------------
+
+@pytest.mark.parametrize("m", [1, 3, 4, 8, 33])
+def test_weight_only_rows_near_float_max_stay_finite_on_every_path(m):
+    """Finite x whose true result is in range: finite outputs on every path and M (the GEMM's float32
+    sums overflowed at M >= 4; such rows now go through the GEMV's power-of-two scaling)."""
+    qw = ops.quantize_weight(np.ones((16, 8), np.float32))
+    row = np.array([2e38, 2e38, -2e38, -2e38, 1, 1, 1, 1], np.float32)
+    x = np.tile(row, (m + 1, 1))
+    x[0] = 0.5                                                       # an ordinary row among them
+    old = ops.isa()
+    try:
+        for isa in ops.available_isas():
+            ops.set_isa(isa)
+            y = ops.linear(x, qw, mode="weight_only")
+            assert np.isfinite(y).all(), (isa, m)
+            assert np.abs(y[1:] - 4.0).max() <= 1e31, (isa, m)       # within the weight-only bound (~5e32)
+            np.testing.assert_allclose(y[0], 4.0, rtol=1e-6)
+            x2 = x.copy()
+            x2[-1, 0] = np.inf                                       # a non-finite row keeps Inf / NaN
+            assert not np.isfinite(ops.linear(x2, qw, mode="weight_only")[-1]).all()
+    finally:
+        ops.set_isa(old)
+
+
+def test_layer_norm_of_extreme_rows_on_every_path():
+    """Rows of +-1e20 (centred squares overflow float32) and +-1e-25 with eps = 0 (they underflow):
+    +-1 on every path (statistics again in double for such rows), as the scalar path gave for K < 8."""
+    old = ops.isa()
+    try:
+        for isa in ops.available_isas():
+            ops.set_isa(isa)
+            for k in (4, 16, 37, 384):
+                for v, eps in ((1e20, 1e-5), (1e-25, 0.0), (3e38, 1e-5)):
+                    x = np.where(np.arange(k) % 2 == 0, v, -v).astype(np.float32)[None, :]
+                    y = ops.layer_norm(x, eps=eps)
+                    xd = x[0].astype(np.float64)
+                    want = (xd - xd.mean()) / np.sqrt(((xd - xd.mean()) ** 2).mean() + eps)
+                    np.testing.assert_allclose(y[0], want, atol=1e-5, err_msg=f"{isa} k={k} v={v}")
+                    r = ops.add_layer_norm(x, np.zeros_like(x), eps=eps)
+                    np.testing.assert_allclose(r, y, atol=1e-6)
+    finally:
+        ops.set_isa(old)
+
+
+def test_alias_and_range_checks_of_the_c_functions():
+    from cquant._native import ffi, lib
+    x = np.arange(1, 25, dtype=np.float32).reshape(3, 8)
+    q = np.zeros((3, 8), np.int8)
+    p = ffi.cast("float *", x.ctypes.data)
+    assert lib.cq_quantize_rows(p, 3, 8, ffi.cast("int8_t *", q.ctypes.data), p + 8) == lib.CQ_ERR_ALIAS
+    assert lib.cq_quantize(p, 3, 8, lib.CQ_PER_CHANNEL, 0, ffi.cast("int8_t *", x.ctypes.data), p + 20) \
+        == lib.CQ_ERR_ALIAS
+    s = np.ones(3, np.float32)
+    out = np.zeros((3, 8), np.float32)
+    sp = ffi.cast("float *", s.ctypes.data)
+    assert lib.cq_dequantize(ffi.cast("int8_t *", q.ctypes.data), sp, 3, 8, lib.CQ_PER_CHANNEL, 0,
+                             ffi.cast("float *", s.ctypes.data)) == lib.CQ_ERR_ALIAS
+    q[1, 2] = -128
+    assert lib.cq_dequantize(ffi.cast("int8_t *", q.ctypes.data), sp, 3, 8, lib.CQ_PER_CHANNEL, 0,
+                             ffi.cast("float *", out.ctypes.data)) == lib.CQ_ERR_RANGE
+    assert not out.any()                                             # nothing written
+    with pytest.raises(errors.ValueError, match="overlaps"):
+        ops.softmax_rows(x, x[0], rows_per_bias=3)                   # the bias is a row of x
+
+
+def test_ops_argument_errors_are_cquant_errors():
+    x = np.zeros((4, 3), np.float32)
+    assert ops.softmax_rows(x.copy(), np.zeros(3, np.float32), rows_per_bias=10**30).shape == (4, 3)
+    for bad in ("2", float("nan"), float("inf")):
+        with pytest.raises(errors.QuantizationError, match="scale"):
+            ops.softmax_rows(x.copy(), scale=bad)
+    qw = ops.quantize_weight(np.ones((2, 3), np.float32))
+    with pytest.raises(errors.TypeError, match="list or tuple"):
+        ops.linear_multi(x, qw)
+    with pytest.raises(errors.TypeError, match="biases"):
+        ops.linear_multi(x, [qw], biases=5)
+    q, s = ops.quantize_rows(np.zeros((0, 3), np.float32))           # zero rows: empty results
+    assert q.shape == (0, 3) and s.shape == (0,)
+    q, s = ops.quantize_rows_u8(np.zeros((0, 3), np.float32))
+    assert q.shape == (0, 3) and q.dtype == np.uint8

@@ -139,7 +139,8 @@ int cq_using_openmp(void);
 int64_t cq_num_scales(int scheme, int64_t n, int64_t k, int64_t group_size);
 
 /* Quantize w (n, k) float32 to q (n, k) int8 and scales (cq_num_scales elements).
- * CQ_ERR_NONFINITE if w holds NaN or Inf (q and scales are then unspecified). */
+ * CQ_ERR_NONFINITE if w holds NaN or Inf (q and scales are then unspecified); CQ_ERR_ALIAS if q,
+ * scales and w overlap. */
 int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_size,
                 int8_t *q, float *scales);
 
@@ -149,13 +150,15 @@ int cq_quantize(const float *w, int64_t n, int64_t k, int scheme, int64_t group_
 int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme, int64_t group_size,
                      int8_t *q, float *scales);
 
-/* Dequantize: out (n, k) = float32(q) * scale of its slice. */
+/* Dequantize: out (n, k) = float32(q) * scale of its slice. CQ_ERR_RANGE if q holds -128,
+ * CQ_ERR_ALIAS if out overlaps q or scales (nothing written then). */
 int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, int scheme,
                   int64_t group_size, float *out);
 
 /* Quantize each row of x (m, k) by the same rule as CQ_PER_CHANNEL, for activations: a row holding
  * NaN or Inf gets scale NaN and codes 0 (so outputs computed from it are NaN), other rows are
  * unaffected. q is (m, k), scales (m). */
+/* CQ_ERR_ALIAS if q, scales and x overlap. */
 int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales);
 
 /* ---- packed weights ---------------------------------------------------------------------------
@@ -342,7 +345,8 @@ int cq_add_layer_norm_ex(const float *x, const float *residual, const float *res
  * scores (B, heads, T, T) with a (B, T) key mask: rows_per_bias = heads * T; rows_per_bias >= 1
  * when bias is given, else CQ_ERR_SHAPE). k >= 1, m >= 0. A row with a NaN, or whose values are
  * all -Inf, becomes all NaN (as torch); exp of values more than 87 below the row's maximum is 0.
- * Relative error a few float32 ulps against a double-precision softmax of the float32 sums. */
+ * Relative error a few float32 ulps against a double-precision softmax of the float32 sums.
+ * CQ_ERR_ALIAS if the bias rows overlap x. */
 int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t rows_per_bias, float scale);
 
 /* Multi-head scaled dot-product attention (BERT self-attention after its projections):

@@ -33,6 +33,19 @@ static void softmax_row_ref(float *x, int64_t k, const float *bias, float scale)
     for (int64_t j = 0; j < k; j++) x[j] *= inv;
 }
 
+void cq_ln_stats_double(const float *x, int64_t k, float *mean, double *var)
+{
+    double sum = 0.0, sq = 0.0;
+    for (int64_t i = 0; i < k; i++) sum += (double)x[i];
+    const double m = sum / (double)k;
+    for (int64_t i = 0; i < k; i++) {
+        const double d = (double)x[i] - m;
+        sq += d * d;
+    }
+    *mean = (float)m;
+    *var = sq / (double)k;
+}
+
 /* Two passes per row (mean, then the centred sum of squares: no cancellation), each with 8
  * independent partial sums so the compiler can vectorize without reassociating a single sum. */
 static void add_ln_row_ref(const float *x, const float *res, const float *rmul, int64_t k,
@@ -54,12 +67,15 @@ static void add_ln_row_ref(const float *x, const float *res, const float *rmul, 
     for (; i < k; i++) sum += x[i];
     float mean = (float)(sum / (double)k);
     float v[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    const float mean0 = mean;
     for (i = 0; i + 8 <= k; i += 8)
         for (int j = 0; j < 8; j++) { float d = x[i + j] - mean; v[j] += d * d; }
     double var = 0.0;
     for (int j = 0; j < 8; j++) var += v[j];
     for (; i < k; i++) { float d = x[i] - mean; var += (double)d * d; }
-    float inv = (float)(1.0 / sqrt(var / (double)k + (double)eps));
+    var /= (double)k;
+    if (cq_ln_unsafe(mean0, var)) cq_ln_stats_double(x, k, &mean, &var);
+    float inv = (float)(1.0 / sqrt(var + (double)eps));
     for (i = 0; i < k; i++) {
         float t = (x[i] - mean) * inv;
         if (gamma) t *= gamma[i];
@@ -249,6 +265,8 @@ int cq_softmax_rows(float *x, int64_t m, int64_t k, const float *bias, int64_t r
     if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
     if (m == 0) return CQ_OK;
     if (!x) return CQ_ERR_NULL;
+    /* the bias rows are read while x is written: they must not be part of x */
+    if (bias && cq_overlap(x, m * k * 4, bias, cq_ceil_div(m, rows_per_bias) * k * 4)) return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     sm_ctx c = {fo_for(isa), x, bias, m, k, bias ? rows_per_bias : 1, (8192 / k) + 1, scale};

@@ -238,6 +238,13 @@ void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-op
  *   attn_head:   one (batch, head) pair: q, k, v, out point at (b, t = 0, h, d = 0), rows ld / ldo
  *                apart (scratch: float_ops.c's header comment) */
 void cq_softmax_row_avx2(float *x, int64_t k, const float *bias, float scale);
+/* LayerNorm's statistics when the float32 partial sums cannot be trusted: a row whose centred
+ * squares overflow float32 (|x| ~ 1e20) or underflow it (|x| ~ 1e-25, eps = 0), or whose sum
+ * overflowed: var outside [1e-30, 1e30] or a non-finite mean. Then the mean and the variance are
+ * computed again in double (float_ops.c), the same on every path; rows in the usual range never
+ * take it (their results are unchanged). */
+static inline int cq_ln_unsafe(float mean, double var) { return !(var >= 1e-30 && var <= 1e30) || !(mean - mean == 0.0f); }
+void cq_ln_stats_double(const float *x, int64_t k, float *mean, double *var);
 void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int64_t k, const float *gamma,
                         const float *beta, float eps, float *y);
 void cq_attn_head_avx2(const float *q, const float *k, const float *v, int64_t ld, int64_t seq,

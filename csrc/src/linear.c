@@ -965,6 +965,20 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             c.mb = WO_MB; c.nmb = cq_ceil_div(m, WO_MB);
             int64_t nunits = cq_ceil_div(c.np, WO_COLS / c.nr) * c.nmb;
             run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemm_unit, REGION_WO_GEMM);
+            /* A row whose float32 sums overflowed although its x is finite (values near FLT_MAX: the
+             * tiles do not scale rows, whose true results may still be in range) is computed again
+             * by the GEMV, which scales such rows by a power of two (wo_gemv_rows). One pass over
+             * y finds them; a row of x that is not finite keeps its NaN / Inf outputs. */
+            for (int64_t r = 0; r < m; r++) {
+                float a;
+                if (c.ew->absmax(y + r * n, n, &a) || !c.ew->absmax(c.x + r * c.xlda, k, &a)) continue;
+                lin_ctx g = c;
+                void *gs = NULL;
+                g.m = 1; g.x = c.x + r * c.xlda; g.xlda = k; g.y = y + r * n;
+                if (wo_gemv_rows(&g, &gs) != CQ_OK) { free(scratch); cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
+                run_units(&g, cq_ceil_div(g.np, 4), 1, wo_gemv4_unit, REGION_GEMV4);
+                free(gs);
+            }
         }
         free(scratch);
         cq_scratch_put(xm, xm_cap);

@@ -166,6 +166,10 @@ int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme,
     int64_t ns = cq_num_scales(scheme, n, k, group_size);
     if (ns < 0) return (int)ns;
     if (!w || !q || !scales) return CQ_ERR_NULL;
+    if (!cq_bytes_ok(n, k, 4)) return CQ_ERR_OVERFLOW;
+    if (cq_overlap(q, n * k, w, n * k * 4) || cq_overlap(scales, ns * 4, w, n * k * 4) ||
+        cq_overlap(scales, ns * 4, q, n * k))
+        return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     const cq_elementwise *kern = cq_elementwise_for(isa);
@@ -199,6 +203,8 @@ static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, fl
     if (m <= 0 || k <= 0) return CQ_ERR_SHAPE;
     if (!cq_bytes_ok(m, k, 4)) return CQ_ERR_OVERFLOW;
     if (!x || !q || !scales) return CQ_ERR_NULL;
+    if (cq_overlap(q, m * k, x, m * k * 4) || cq_overlap(scales, m * 4, x, m * k * 4) || cq_overlap(scales, m * 4, q, m * k))
+        return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f, 0);
@@ -220,6 +226,10 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
     int64_t ns = cq_num_scales(scheme, n, k, group_size);
     if (ns < 0) return (int)ns;
     if (!q || !scales || !out) return CQ_ERR_NULL;
+    if (!cq_bytes_ok(n, k, 4)) return CQ_ERR_OVERFLOW;
+    if (cq_overlap(out, n * k * 4, q, n * k) || cq_overlap(out, n * k * 4, scales, ns * 4)) return CQ_ERR_ALIAS;
+    for (int64_t i = 0; i < n * k; i++) /* refused before anything is written, as every reader of codes does */
+        if (q[i] == -128) return CQ_ERR_RANGE;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
     const cq_elementwise *kern = cq_elementwise_for(isa);

@@ -205,6 +205,11 @@ class _Job:
     bias: Optional[TensorInfo] = None    # the layer's bias, written as F32 next to its codes
     detected: str = ""                   # how a transposition was found without --transposed
     absorbed: bool = False               # a bias written with its quantized layer
+    gran: str = ""                       # the layer's granularity where it differs from --granularity
+                                         # (per_channel: K not a multiple of --group-size, as the API)
+
+    def granularity(self, args: argparse.Namespace) -> str:
+        return "per_channel" if self.kind == "embedding" else self.gran or args.granularity
 
 
 def _is_embedding(name: str) -> bool:
@@ -288,12 +293,9 @@ def _plan(r: Any, args: argparse.Namespace) -> List[_Job]:
     for j in jobs:
         if j.quantize and j.kind == "linear" and args.granularity == "per_group" and args.group_size:
             k = j.info.shape[0] if j.transposed else j.info.shape[1]
-            if k % args.group_size:
-                j.quantize, j.reason = False, f"K={k} is not a multiple of group size {args.group_size}"
-                if j.bias is not None:
-                    by_name[j.bias.name].absorbed = False
-                    j.bias = None
-                j.transposed, j.detected = False, ""
+            if k % args.group_size:  # per_channel instead, as Quantizer does (README "Schemes")
+                j.gran = "per_channel"
+                j.reason = f"K={k} is not a multiple of group size {args.group_size}: per_channel instead"
     return jobs
 
 
@@ -396,7 +398,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
                 if extra in names:
                     raise CliError(f"{src}: tensor {extra!r} already exists; cannot quantize {t.name!r}")
             n, k = (t.shape[1], t.shape[0]) if j.transposed else t.shape
-            gran = "per_channel" if j.kind == "embedding" else args.granularity
+            gran = j.granularity(args)
             g = args.group_size if gran == "per_group" else None
             b4 = j.kind != "embedding" and args.bits == 4
             codes = ("U8", (n, (k + 1) // 2)) if b4 else ("I8", (n, k))  # int4: two codes a byte
@@ -488,6 +490,9 @@ def cmd_quantize(args: argparse.Namespace) -> int:
         if stats["embedding"][0]:
             rows.append(["embedding tables (int8 rows + f32 scales)", str(stats["embedding"][0]),
                          format_bytes(stats["embedding"][1]), format_bytes(stats["embedding"][2])])
+        fallback = sum(1 for j in jobs if j.quantize and j.gran)
+        if fallback:
+            rows.append([f"  of which per_channel (K not a multiple of {args.group_size})", str(fallback), "", ""])
         for why, cnt in sorted(skipped.items(), key=lambda kv: -kv[1]):
             rows.append([f"copied: {why}", str(cnt), "", ""])
         rows.append(["copied (total)", str(stats["copied"][0]), format_bytes(stats["copied"][1]),
@@ -526,7 +531,7 @@ def _write_group(r: Any, w: StreamWriter, j: _Job, ent: Sequence[Tuple[str, str,
     wf = r.float32(t.name)
     if j.transposed:
         wf = np.ascontiguousarray(wf.T)
-    gran = "per_channel" if j.kind == "embedding" else args.granularity
+    gran = j.granularity(args)
     bits = 4 if j.kind != "embedding" and args.bits == 4 else 8
     try:
         q, s = ops.quantize(wf, gran, args.group_size if gran == "per_group" else None, name=t.name, bits=bits)
@@ -560,8 +565,9 @@ def _metrics(w: np.ndarray, wq: np.ndarray) -> Tuple[float, float, float]:
     d = wq.astype(np.float64, copy=False).ravel() - w
     sig, noise = float(w @ w), float(d @ d)
     sqnr = math.inf if noise == 0 else (10 * math.log10(sig / noise) if sig > 0 else -math.inf)
-    nw, nq = math.sqrt(sig), float(np.linalg.norm(wq))
-    cos = float(w @ wq.astype(np.float64).ravel()) / (nw * nq) if nw > 0 and nq > 0 else (1.0 if nw == nq else 0.0)
+    wq64 = wq.astype(np.float64, copy=False).ravel()  # (a float32 norm overflows / underflows for |w| ~ 1e30 / 1e-24)
+    nw, nq = math.sqrt(sig), math.sqrt(float(wq64 @ wq64))
+    cos = float(w @ wq64) / (nw * nq) if nw > 0 and nq > 0 else (1.0 if nw == nq else 0.0)
     return sqnr, float(np.abs(d).max()) if d.size else 0.0, cos
 
 
@@ -626,7 +632,7 @@ def cmd_report(args: argparse.Namespace) -> int:
                 w = r.float32(t.name)
                 if j.transposed:
                     w = np.ascontiguousarray(w.T)
-                gran = "per_channel" if j.kind == "embedding" else args.granularity
+                gran = j.granularity(args)
                 try:
                     qw = ops.quantize_weight(w, gran, args.group_size if gran == "per_group" else None, name=t.name,
                                              bits=4 if j.kind != "embedding" and args.bits == 4 else 8)

@@ -91,11 +91,12 @@ class _Acc:
     def __init__(self) -> None:
         self.sig = self.noise = self.dot = self.qq = self.maxerr = 0.0
 
-    def add(self, y: np.ndarray, yq: np.ndarray) -> None:
+    def add(self, y: np.ndarray, yq: np.ndarray, what: str = "the model outputs") -> None:
+        if np.shape(y) != np.shape(yq):
+            raise errors.ShapeError(f"{what} differ in shape: float {np.shape(y)}, quantized {np.shape(yq)} "
+                                    "(are the two models the same architecture?)")
         y = np.asarray(y, np.float64).ravel()
         yq = np.asarray(yq, np.float64).ravel()
-        if y.shape != yq.shape:
-            raise errors.ShapeError(f"outputs differ in shape: {y.shape} vs {yq.shape}")
         d = yq - y
         self.sig += float(y @ y)
         self.noise += float(d @ d)
@@ -148,8 +149,16 @@ def compare(float_model: Any, quantized_model: Any, batches: Any, sensitivity: b
     fkind, qkind = fe.for_model(float_model).name, fe.for_model(quantized_model).name
     if fkind != qkind:
         raise errors.TypeError(f"models of different kinds: {fkind} and {qkind}")
+    if float_model is quantized_model:
+        raise errors.ValueError("compare: the float model and the quantized model are the same object (quantizing "
+                                "in place turns the float model into the quantized one): keep a float copy, e.g. "
+                                "quantize with inplace=False or copy.deepcopy the model first")
     funits = _units(float_model, quantized=None)
     qunits = _units(quantized_model, quantized=None)
+    already = sorted(n for n, u in funits.items() if u.quantized)
+    if already:
+        raise errors.ValueError(f"compare: the float model holds quantized layers ({', '.join(already[:5])}"
+                                f"{', ...' if len(already) > 5 else ''}); compare against the float model it came from")
     pairs = [n for n in qunits if n in funits and (qunits[n].quantized or _scheme_of(qunits[n].obj) != "float")]
     unmatched = [n for n in qunits if n not in funits and qunits[n].quantized]
     if not pairs:
@@ -189,7 +198,7 @@ def compare(float_model: Any, quantized_model: Any, batches: Any, sensitivity: b
     def local(ref: Any, x: Any, forward: Any) -> Any:
         y = forward(x)
         yq = qlayer(ref.name, x)
-        acc[ref.name].add(fe.as_numpy(y), fe.as_numpy(yq))
+        acc[ref.name].add(fe.as_numpy(y), fe.as_numpy(yq), f"the outputs of layer {ref.name!r}")
         return y
 
     with fe.intercept(refs, local):

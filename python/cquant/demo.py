@@ -195,6 +195,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--small", action="store_true", help="tiny model (for tests)")
     p.add_argument("--no-progress", action="store_true")
     a = p.parse_args(argv)
+    for name in ("batch", "seq", "repeats"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name} must be >= 1, got {getattr(a, name)}")
+    if a.group_size is not None and a.granularity != "per_group":
+        p.error("--group-size is only used with --granularity per_group")
+    if a.group_size is not None and (a.group_size <= 0 or a.group_size % 4):
+        p.error(f"--group-size must be a positive multiple of 4, got {a.group_size}")
     if a.granularity == "per_group" and a.group_size is None:
         a.group_size = 64
     run(a.batch, a.seq, a.repeats, a.seed, a.granularity, a.group_size, a.small, not a.no_progress)

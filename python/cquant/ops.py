@@ -518,13 +518,15 @@ def dequantize(qw: QuantizedWeight) -> np.ndarray:
 
 def quantize_rows(x) -> tuple[np.ndarray, np.ndarray]:
     """Per-row activation quantization of x (M, K): ``(q int8 (M, K), scale float32 (M,))``.
-    A row with NaN/Inf gets scale NaN and codes 0."""
+    A row with NaN/Inf gets scale NaN and codes 0; zero rows give empty results."""
     x = _float_array(x, "x")
-    if x.ndim != 2 or x.size == 0:
-        raise errors.ShapeError(f"x must be a non-empty 2-D array, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise errors.ShapeError(f"x must be a 2-D array with K >= 1 columns, got shape {x.shape}")
     m, k = x.shape
     q = np.empty((m, k), dtype=np.int8)
     s = np.empty(m, dtype=np.float32)
+    if m == 0:
+        return q, s
     _check(lib.cq_quantize_rows(_ptr("float[]", x), m, k, _ptr("int8_t[]", q), _ptr("float[]", s)),
            "quantize_rows")
     return q, s
@@ -534,11 +536,13 @@ def quantize_rows_u8(x) -> tuple[np.ndarray, np.ndarray]:
     """As :func:`quantize_rows`, with the codes stored as u8 ``q + 128`` (what the AVX-512 VNNI
     kernels read): ``(uint8 (M, K), scale float32 (M,))``."""
     x = _float_array(x, "x")
-    if x.ndim != 2 or x.size == 0:
-        raise errors.ShapeError(f"x must be a non-empty 2-D array, got shape {x.shape}")
+    if x.ndim != 2 or x.shape[1] == 0:
+        raise errors.ShapeError(f"x must be a 2-D array with K >= 1 columns, got shape {x.shape}")
     m, k = x.shape
     q = np.empty((m, k), dtype=np.uint8)
     s = np.empty(m, dtype=np.float32)
+    if m == 0:
+        return q, s
     _check(lib.cq_quantize_rows_u8(_ptr("float[]", x), m, k, _ptr("uint8_t[]", q), _ptr("float[]", s)),
            "quantize_rows_u8")
     return q, s
@@ -762,7 +766,13 @@ def linear_multi(x, qws, biases=None, mode: str = "dynamic", *, x_mul=None, x_sc
     value projections read the same x, so it is quantized (pre-scaled, rotated) once instead of three
     times. The weights must share K and their scheme (granularity, group size, bits); ``biases``: None
     or one entry (or None) per weight. Returns a list of float32 arrays (..., N_i)."""
+    if isinstance(qws, QuantizedWeight) or not isinstance(qws, (list, tuple)):
+        raise errors.TypeError(f"linear_multi takes a list or tuple of QuantizedWeight, got {type(qws).__name__}")
     qws = list(qws)
+    if not all(isinstance(q, QuantizedWeight) for q in qws):
+        raise errors.TypeError("linear_multi: every weight must be a QuantizedWeight")
+    if biases is not None and not isinstance(biases, (list, tuple)):
+        raise errors.TypeError(f"linear_multi: biases must be None or a list / tuple, got {type(biases).__name__}")
     if not qws or len(qws) > lib.CQ_MULTI_MAX:
         raise errors.ValueError(f"linear_multi needs 1 to {lib.CQ_MULTI_MAX} weights, got {len(qws)}")
     caches = [_weight_cache(qw) for qw in qws]
@@ -925,10 +935,14 @@ def softmax_rows(x: np.ndarray, bias=None, rows_per_bias: Optional[int] = None,
             rpb = _int_arg(rows_per_bias, "rows_per_bias")
             if rpb < 1:
                 raise errors.ShapeError(f"rows_per_bias must be >= 1, got {rows_per_bias}")
+            rpb = min(rpb, max(m, 1))  # more than M rows per bias row: all of them use the first
             if m and (m - 1) // rpb >= nb:
                 raise errors.ShapeError(f"{m} rows at {rpb} per bias row need {(m - 1) // rpb + 1} bias rows, got {nb}")
         bptr = _ptr("float[]", b)
-    _check(lib.cq_softmax_rows(_ptr("float[]", x), m, k, bptr, rpb, float(scale)), "softmax_rows")
+    sc = _float_arg(scale, "scale")
+    if not np.isfinite(np.float32(sc)):
+        raise errors.ValueError(f"scale must be a finite float32, got {scale!r}")
+    _check(lib.cq_softmax_rows(_ptr("float[]", x), m, k, bptr, rpb, sc), "softmax_rows")
     return x
 
 

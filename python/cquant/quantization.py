@@ -603,6 +603,12 @@ class Quantizer:
                  group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None,
                  *, scheme: Any = None, strict: bool = False, embeddings: Any = False):
         base = QuantScheme.from_args(mode, granularity, group_size)
+        if scheme is not None and (mode, granularity, group_size) != ("dynamic", "per_channel", None):
+            # scheme= names every layer's scheme: a mode / granularity given beside it would be dropped
+            raise errors.ValueError(
+                f"give the scheme once: scheme={scheme!r} together with mode={mode!r}, granularity="
+                f"{granularity!r}, group_size={group_size!r}; put the mode in the scheme text (e.g. "
+                "\"int8 weight_only per_group(32)\") or leave scheme= out")
         default, rules = _normalize_scheme(scheme)
         #: the scheme of every layer that no per-layer rule names (a :class:`QuantScheme`)
         self.scheme: QuantScheme = default or base
@@ -618,6 +624,7 @@ class Quantizer:
         #: or the names / globs given (see "Embedding tables" in the module docstring)
         self.embeddings: Tuple[str, ...] = _embedding_patterns(embeddings)
         self.summary: List[LayerRecord] = []
+        self._used_rules: set = set()  # scheme rule keys that chose a layer in the last quantize
         #: what :meth:`quantize_dynamic` measured and did before quantizing (None if not asked)
         self.calibration: Optional[_calibration.Calibration] = None
         self.smoothing: Optional[_smoothing.SmoothingResult] = None
@@ -669,6 +676,7 @@ class Quantizer:
         s, key = _resolve_scheme(name, layer, self.scheme, self.rules)
         if key == "" and name.endswith(".linear"):  # inside a smoothing wrapper: its name counts too
             s, key = _resolve_scheme(name[: -len(".linear")], layer, self.scheme, self.rules)
+        self._used_rules.add(key)
         if s is None:
             return None, f"kept in float by scheme rule {key!r}"
         return self._static_fit(name, *s.for_k(k, self.strict, _display(name)))
@@ -765,9 +773,14 @@ class Quantizer:
         try:
             if self._uses_static() or (budgeted and any(r.activations == "static" for r in refine)):
                 self.act_scales = self._static_scales(model, batches, smoothed)
+            refs = None
             if budgeted:
                 self._apply_budget(model, batches, float(min_cosine), min_row_cosine, refine)  # type: ignore[arg-type]
+                if self.embeddings:  # the plan measures the Linear layers: the tables' error is measured after
+                    refs = [_frontends.run(model, b) for b in batches]
             out = self._quantize(model, inplace=True)
+            if refs is not None and self.budget is not None:
+                self._measure_with_embeddings(out, batches, refs, float(min_cosine), min_row_cosine)
         except BaseException:
             # the model as it was before smoothing (quantization itself leaves it untouched when it
             # refuses: it plans every layer before installing any)
@@ -778,6 +791,24 @@ class Quantizer:
         if self.budget is not None:
             logger.info("%s", self.budget.summary())
         return out
+
+    def _measure_with_embeddings(self, model: Any, batches: List[Any], refs: List[Any], min_cosine: float,
+                                 min_row_cosine: Optional[float]) -> None:
+        """The budget's cosines measured again on the returned model, int8 embedding tables included
+        (the plan swaps Linear layers only): what ``budget`` reports is what the model does."""
+        res = self.budget
+        assert res is not None
+        st = _budget._Stats()
+        for b, yf in zip(batches, refs):
+            st.add(_frontends.run(model, b), yf)
+        met = _budget._meets(st, min_cosine, min_row_cosine)
+        res.notes.append(f"measured on the returned model with its int8 embedding tables: mean {st.mean:.5f}, "
+                         f"min {st.min:.5f} (the Linear layers alone: mean {res.mean:.5f}, min {res.min:.5f})")
+        res.mean, res.min, res.met = st.mean, st.min, met
+        if not met:
+            logger.warning("accuracy budget not met once the embedding tables are int8 (mean cosine %.5f, min "
+                           "%.5f): quantize with embeddings=False, or keep the tables that hurt in float",
+                           st.mean, st.min)
 
     def _static_scales(self, model: Any, batches: List[Any], smoothed: bool) -> Dict[str, float]:
         """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32; 1.0 for a
@@ -916,6 +947,23 @@ class Quantizer:
                 assert s is not None
                 _replace_at(s, obj, new, undo)
             return new
+        if type(obj) is nn.Linear:
+            # the model itself (or held in a tuple): no site to put a new layer in, so this object
+            # becomes the QuantizedLinear (class and state), and its repr, state_dict and checkpoint
+            # say so (a quantized forward on a plain Linear saved only its bias, silently)
+            new = QuantizedLinear(qw, bias32, plan.scheme.mode, plan.act_scale)
+            object.__setattr__(new, "training", obj.training)
+            old_state = dict(obj.__dict__)
+
+            def back(o: Any = obj, st: Dict[str, Any] = old_state) -> None:
+                o.__dict__.clear()
+                o.__dict__.update(st)
+                object.__setattr__(o, "__class__", nn.Linear)
+            obj.__dict__.clear()
+            obj.__dict__.update(new.__dict__)
+            object.__setattr__(obj, "__class__", QuantizedLinear)
+            undo.append(back)
+            return obj
         fwd = QuantizedLinearForward(qw, bias32, plan.scheme.mode, plan.act_scale)
         _set_attr(obj, "forward", fwd, undo)
         _set_attr(obj, "weight", None, undo)
@@ -933,22 +981,26 @@ class Quantizer:
 
     def quantize(self, model: Any, inplace: bool = True, *, calibration: Any = None, smoothing: Any = None,
                  min_cosine: Optional[float] = None, min_row_cosine: Optional[float] = None,
-                 refine: Sequence[Any] = _budget.DEFAULT_REFINE) -> Any:
+                 refine: Sequence[Any] = _budget.DEFAULT_REFINE, rotate: Any = False) -> Any:
         """Quantize ``model``'s Linear layers; returns the model (a deep copy if ``inplace=False``).
 
         Fills :attr:`summary`. Raises ``NonFiniteError`` / ``ValueError`` naming the layer, with the
         model unmodified, if a selected weight is not finite or cannot be quantized as asked.
-        ``calibration``, ``smoothing``, ``min_cosine``, ``min_row_cosine``, ``refine``: see
-        :meth:`quantize_dynamic` (then :attr:`calibration`, :attr:`smoothing` and :attr:`budget`
+        ``calibration``, ``smoothing``, ``min_cosine``, ``min_row_cosine``, ``refine``, ``rotate``:
+        see :meth:`quantize_dynamic` (then :attr:`calibration`, :attr:`smoothing` and :attr:`budget`
         are filled too).
         """
+        if rotate is not False and rotate is not None and smoothing is None:
+            raise errors.ValueError("rotate runs inside smoothing's pre-scale wrappers: give smoothing too, "
+                                    "quantize(model, calibration=batches, smoothing=0.5, rotate=True)")
         if calibration is None and smoothing is None and min_cosine is None and min_row_cosine is None:
             self.budget = None
             self._budget_rules = {}
             self.act_scales = None
             return self._quantize(model, inplace)
         return self.prepare_and_quantize(model, calibration=calibration, smoothing=smoothing, inplace=inplace,
-                                         min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine)
+                                         min_cosine=min_cosine, min_row_cosine=min_row_cosine, refine=refine,
+                                         rotate=rotate)
 
     def _quantize(self, model: Any, inplace: bool = True) -> Any:
         if self.act_scales is None and self._uses_static():
@@ -957,7 +1009,22 @@ class Quantizer:
                 "activation scale: pass calibration=, e.g. Quantizer.quantize_dynamic(model, mode='static', "
                 "calibration=batches) or Quantizer(mode='static').quantize(model, calibration=batches)")
         self._static_missing = []
-        return _frontends.for_model(model).quantize(self, model, inplace)
+        self._used_rules = set()
+        out = _frontends.for_model(model).quantize(self, model, inplace)
+        self._warn_unmatched()
+        return out
+
+    def _warn_unmatched(self) -> None:
+        """A scheme rule or an exclude pattern that chose no layer is most likely a typo (as an
+        include pattern that matched nothing, which is warned about where it is checked)."""
+        for key, _s in self.rules:
+            k = key.__name__ if isinstance(key, type) else key
+            if k not in self._used_rules:
+                logger.warning("scheme rule %r matched no layer", k)
+        names = [r.name for r in (self.summary or [])]
+        for pat in self.exclude:
+            if not any(_match(n, (pat,)) is not None for n in names):
+                logger.warning("exclude pattern %r matched no layer", pat)
 
     def _quantize_tree(self, model: Any, inplace: bool, front: "_frontends.FrontEnd") -> Any:
         """:meth:`FrontEnd.quantize` of the cquant.nn and duck-typed front-ends: walk, plan, install."""
@@ -991,8 +1058,15 @@ class Quantizer:
                 if e.name == "":
                     model = new
         except BaseException:
-            for step in reversed(undo):
-                step()
+            failed = 0
+            for step in reversed(undo):  # every step, even after one fails: the original error is what the user sees
+                try:
+                    step()
+                except Exception:  # noqa: BLE001
+                    failed += 1
+                    logger.exception("quantize: undoing a change after a failure failed too")
+            if failed:
+                logger.error("quantize: %d change(s) could not be undone; the model may be partly converted", failed)
             raise
         records: List[LayerRecord] = []
         for p in plans:
@@ -1130,6 +1204,7 @@ class Quantizer:
         groups: "OrderedDict[QuantScheme, List[str]]" = OrderedDict()
         notes: Dict[str, str] = {}
         kept: List[LayerRecord] = []
+        selected: List[Any] = []
         for ref in _frontends.linear_layers(model, self.include or None, self.exclude, quantized=False):
             scheme, note = self.scheme_for(ref.name, ref.obj, ref.in_features)
             if scheme is None:
@@ -1138,6 +1213,7 @@ class Quantizer:
                 kept.append(LayerRecord(_display(ref.name), tuple(w.shape), "skipped", note, nb, nb, ""))
                 continue
             groups.setdefault(scheme, []).append(ref.name)
+            selected.append(ref)
             if note:
                 notes[_display(ref.name)] = note
         fast = len(groups) <= 1 and not kept and not self.include
@@ -1148,6 +1224,16 @@ class Quantizer:
             only = next(iter(groups), self.scheme)
             return adapters.quantize_torch(_AdapterArgs(only, (), self.exclude, self, embeddings=self.embeddings,
                                                         act_scales=self.act_scales), model, True)
+        # several in-place adapter calls, each atomic alone: a weight or bias that the second would
+        # refuse must stop them before the first changes the model
+        for ref in selected:
+            for what in ("weight", "bias"):
+                t = getattr(ref.obj, what, None)
+                if t is not None:
+                    try:
+                        ops.check_finite(_frontends.as_numpy(t), f"{_display(ref.name)}.{what}")
+                    except errors.QuantizationError as e:
+                        raise _renamed(e, f"layer {_display(ref.name)!r}: {e}") from e
         records: List[LayerRecord] = []
         others: Dict[str, LayerRecord] = {}
         for scheme, names in groups.items():
@@ -1262,6 +1348,9 @@ def _set_attr(obj: Any, name: str, value: Any, undo: List[Callable[[], None]]) -
         had = name in obj._parameters or name in obj._modules or name in vars(obj)
     else:
         had = name in vars(obj)
+    # a data descriptor of the class (a property with a setter): setattr goes through it, and so must
+    # the undo (there is no instance attribute to delete)
+    had = had or hasattr(type(getattr(type(obj), name, None)), "__set__")
     old = getattr(obj, name) if had else _MISSING
     setattr(obj, name, value)
     undo.append(lambda: setattr(obj, name, old) if old is not _MISSING else delattr(obj, name))

@@ -141,8 +141,8 @@ void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int
         }
         for (; j < k; j += 8) s0 = _mm256_add_ps(s0, _mm256_maskload_ps(x + j, tail8(k - j)));
     }
-    const float mean = (float)(hsum8d(_mm256_add_ps(s0, s1)) / (double)k);
-    const __m256 mv = _mm256_set1_ps(mean);
+    float mean = (float)(hsum8d(_mm256_add_ps(s0, s1)) / (double)k);
+    __m256 mv = _mm256_set1_ps(mean);
     s0 = _mm256_setzero_ps();
     s1 = _mm256_setzero_ps();
     for (j = 0; j + 16 <= k; j += 16) {
@@ -156,7 +156,11 @@ void cq_add_ln_row_avx2(const float *x, const float *res, const float *rmul, int
         const __m256 a = _mm256_and_ps(_mm256_sub_ps(_mm256_maskload_ps(x + j, m), mv), _mm256_castsi256_ps(m));
         s0 = _mm256_fmadd_ps(a, a, s0);
     }
-    const double var = hsum8d(_mm256_add_ps(s0, s1)) / (double)k;
+    double var = hsum8d(_mm256_add_ps(s0, s1)) / (double)k;
+    if (cq_ln_unsafe(mean, var)) { /* float32 partial sums overflowed or underflowed: in double */
+        cq_ln_stats_double(x, k, &mean, &var);
+        mv = _mm256_set1_ps(mean);
+    }
     const __m256 inv = _mm256_set1_ps((float)(1.0 / sqrt(var + (double)eps)));
     const __m256 one = _mm256_set1_ps(1.0f), zero = _mm256_setzero_ps();
     for (j = 0; j < k; j += 8) {

@@ -113,8 +113,8 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
         }
         for (; j < k; j += 16) s0 = _mm512_add_ps(s0, _mm512_maskz_loadu_ps(tail16(k - j), x + j));
     }
-    const float mean = (float)(hsum2_d(s0, s1) / (double)k);
-    const __m512 mv = _mm512_set1_ps(mean);
+    float mean = (float)(hsum2_d(s0, s1) / (double)k);
+    __m512 mv = _mm512_set1_ps(mean);
     s0 = _mm512_setzero_ps();
     s1 = _mm512_setzero_ps();
     for (j = 0; j + 32 <= k; j += 32) {
@@ -128,7 +128,11 @@ void cq_add_ln_row_avx512(const float *x, const float *res, const float *rmul, i
         const __m512 a = _mm512_maskz_sub_ps(m, _mm512_maskz_loadu_ps(m, x + j), mv);
         s0 = _mm512_fmadd_ps(a, a, s0);
     }
-    const double var = hsum2_d(s0, s1) / (double)k;
+    double var = hsum2_d(s0, s1) / (double)k;
+    if (cq_ln_unsafe(mean, var)) { /* float32 partial sums overflowed or underflowed: in double */
+        cq_ln_stats_double(x, k, &mean, &var);
+        mv = _mm512_set1_ps(mean);
+    }
     const __m512 inv = _mm512_set1_ps((float)(1.0 / sqrt(var + (double)eps)));
     const __m512 one = _mm512_set1_ps(1.0f), zero = _mm512_setzero_ps();
     for (j = 0; j < k; j += 16) {

@@ -1,0 +1,185 @@
+"""The Quantizer API, cquant.nn, compare, the budget and the CLI: defects a new-user review found
+(2026-11-30), each checked here so that it stays fixed."""
+import copy
+import logging
+
+import numpy as np
+import pytest
+
+import cquant
+from cquant import cli, errors, nn
+from cquant.quantization import Quantizer
+
+
+class _M(nn.Module):
+    def __init__(self, n_out=16):
+        super().__init__()
+        r = np.random.default_rng(0)
+        self.fc1 = nn.Linear(64, 96, rng=r)
+        self.fc2 = nn.Linear(96, n_out, rng=r)
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x))
+
+
+def _x():
+    return [np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)]
+
+
+def test_a_bare_linear_becomes_a_quantized_linear_and_saves_its_weight(tmp_path):
+    x = np.ones((2, 8), np.float32)
+    lin = nn.Linear(8, 4, rng=0)
+    Quantizer.quantize_dynamic(lin)
+    y = lin(x)
+    assert type(lin).__name__ == "QuantizedLinear" and "int8 dynamic" in repr(lin)
+    assert set(lin.state_dict()) == {"bias", "weight_q", "weight_scale"}
+    cquant.save(lin, tmp_path / "l.safetensors")
+    ck = cquant.load(tmp_path / "l.safetensors")
+    np.testing.assert_array_equal(ck.layers[""](x), y)
+    other = nn.Linear(8, 4, rng=5)
+    Quantizer.quantize_dynamic(other)
+    other.load_state_dict(lin.state_dict())
+    np.testing.assert_array_equal(other(x), y)
+
+
+def test_a_failed_quantize_restores_a_property_weight():
+    r = np.random.default_rng(0)
+
+    class PropLinear:
+        def __init__(self, k, n):
+            self.in_features, self.out_features = k, n
+            self._w = r.standard_normal((n, k)).astype(np.float32)
+            self.bias = np.zeros(n, np.float32)
+
+        @property
+        def weight(self):
+            return self._w
+
+        @weight.setter
+        def weight(self, v):
+            self._w = v
+
+        def forward(self, x):
+            return x @ self._w.T + self.bias
+
+    class Locked:
+        def __init__(self, k, n):
+            object.__setattr__(self, "in_features", k)
+            object.__setattr__(self, "out_features", n)
+            object.__setattr__(self, "weight", r.standard_normal((n, k)).astype(np.float32))
+            object.__setattr__(self, "bias", None)
+
+        def __setattr__(self, name, v):
+            raise AttributeError(f"read-only ({name})")
+
+        def forward(self, x):
+            return x @ self.weight.T
+
+    class Net:
+        def __init__(self):
+            self.a, self.b = PropLinear(32, 16), Locked(16, 8)
+
+    n = Net()
+    w0 = n.a.weight
+    with pytest.raises(AttributeError, match="read-only"):        # the real error, not the undo's
+        Quantizer().quantize(n)
+    assert n.a.weight is w0 and "forward" not in vars(n.a)
+
+
+def test_per_layer_schemes_on_torch_stop_before_the_first_change():
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(), torch.nn.Linear(32, 8))
+    with torch.no_grad():
+        m[2].weight[0, 0] = float("nan")
+    with pytest.raises(errors.NonFiniteError, match="'2'"):
+        Quantizer.quantize_dynamic(m, scheme={"0": "per_tensor", "2": "per_channel"})
+    assert type(m[0]) is torch.nn.Linear
+
+
+def test_unmatched_scheme_rules_and_excludes_are_warned_about(caplog):
+    with caplog.at_level(logging.WARNING, logger="cquant"):
+        Quantizer(scheme={"*": "per_channel", "FC2": None, "head.*": "per_tensor"}).quantize(_M())
+        Quantizer(exclude=["FC2"]).quantize(_M())
+    assert "scheme rule 'FC2' matched no layer" in caplog.text
+    assert "scheme rule 'head.*' matched no layer" in caplog.text
+    assert "exclude pattern 'FC2' matched no layer" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="cquant"):
+        Quantizer(scheme={"*": "per_channel", "fc2": None}, exclude=["fc1"]).quantize(_M())
+    assert "matched no layer" not in caplog.text
+
+
+def test_scheme_beside_mode_or_granularity_is_refused():
+    for kw in (dict(mode="weight_only"), dict(granularity="per_tensor"), dict(group_size=32, granularity="per_group")):
+        with pytest.raises(errors.ValueError, match="give the scheme once"):
+            Quantizer(scheme="per_group(32)", **kw)
+    assert Quantizer(scheme="int8 weight_only per_group(32)").scheme.mode == "weight_only"
+
+
+def test_quantize_takes_rotate_like_quantize_dynamic():
+    cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
+    a = Quantizer().quantize(_M(), calibration=cal, smoothing=0.5, rotate=True)
+    b = Quantizer.quantize_dynamic(_M(), calibration=cal, smoothing=0.5, rotate=True)
+    np.testing.assert_array_equal(a(cal[0]), b(cal[0]))
+    with pytest.raises(errors.ValueError, match="smoothing"):
+        Quantizer().quantize(_M(), rotate=True)
+
+
+def test_compare_refuses_a_float_model_that_is_quantized():
+    m = _M()
+    Quantizer.quantize_dynamic(m)
+    with pytest.raises(errors.ValueError, match="same object"):
+        cquant.compare(m, m, _x())
+    with pytest.raises(errors.ValueError, match="holds quantized layers"):
+        cquant.compare(copy.deepcopy(m), m, _x())
+    with pytest.raises(errors.ShapeError, match="differ in shape"):
+        cquant.compare(_M(n_out=8), Quantizer.quantize_dynamic(_M()), _x())
+
+
+def test_budget_reports_the_returned_model_with_int8_embeddings():
+    from cquant.budget import cosine_rows
+
+    class E(nn.Module):
+        def __init__(self):
+            super().__init__()
+            r = np.random.default_rng(0)
+            self.emb = nn.Embedding(50, 64, rng=r)
+            w = r.standard_normal((50, 64)).astype(np.float32)
+            w[:, 0] = 60.0
+            self.emb.weight = w
+            self.fc = nn.Linear(64, 64, rng=r)
+            self.fc.weight[:, 0] = 0
+
+        def forward(self, ids):
+            return self.fc(self.emb(ids))
+    rng = np.random.default_rng(1)
+    cal = [rng.integers(0, 50, (4, 8)) for _ in range(2)]
+    m = E()
+    ref = copy.deepcopy(m)
+    q = Quantizer(mode="weight_only", embeddings=True)
+    qm = q.quantize(m, calibration=cal, min_cosine=0.999)
+    c = np.concatenate([cosine_rows(qm(b), ref(b)) for b in cal])
+    assert abs(q.budget.mean - c.mean()) < 1e-6 and q.budget.met == (c.mean() >= 0.999)
+    assert any("embedding tables" in n for n in q.budget.notes)
+
+
+def test_cli_per_group_falls_back_to_per_channel_as_the_api(tmp_path, capsys):
+    from cquant.checkpoint_file import StreamWriter, st_dtype
+    r = np.random.default_rng(0)
+    arrays = {"fc1.weight": r.standard_normal((32, 64)).astype(np.float32),
+              "fc2.weight": r.standard_normal((8, 96)).astype(np.float32)}
+    src = tmp_path / "f.safetensors"
+    with open(src, "wb") as f:
+        w = StreamWriter(f, [(k, st_dtype(v), v.shape) for k, v in arrays.items()], None)
+        for k, v in arrays.items():
+            w.write(k, v)
+        w.close()
+    out = tmp_path / "q.safetensors"
+    assert cli.main(["quantize", str(src), "-o", str(out), "--granularity", "per_group", "--group-size", "64"]) == 0
+    text = capsys.readouterr().out
+    assert "of which per_channel" in text
+    ck = cquant.load(out)
+    assert ck.layers["fc1"].qweight.granularity == "per_group" and ck.layers["fc2"].qweight.granularity == "per_channel"
+    assert cli.main(["report", str(src), "--granularity", "per_group", "--group-size", "64"]) == 0
+    assert "fc2" in capsys.readouterr().out
