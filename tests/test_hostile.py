@@ -1248,6 +1248,20 @@ def test_alias_and_range_checks_of_the_c_functions():
     assert not out.any()                                             # nothing written
     with pytest.raises(errors.ValueError, match="overlaps"):
         ops.softmax_rows(x, x[0], rows_per_bias=3)                   # the bias is a row of x
+    # cq_pack writes its header first: codes inside the packed buffer are refused, as unpacking into it
+    size = lib.cq_packed_size(lib.CQ_FORMAT_N16K4, 16, 64, 0)
+    buf = np.zeros(size + 2048, np.int8)
+    buf[:1024] = np.arange(1024) % 100 - 50
+    bp = ffi.cast("int8_t *", buf.ctypes.data)
+    assert lib.cq_pack(lib.CQ_FORMAT_N16K4, bp, 16, 64, 0, ffi.cast("void *", bp)) == lib.CQ_ERR_ALIAS
+    codes = np.arange(1024, dtype=np.int64).reshape(16, 64) % 100 - 50
+    qs = codes.astype(np.int8)
+    assert lib.cq_pack(lib.CQ_FORMAT_N16K4, ffi.cast("int8_t *", qs.ctypes.data), 16, 64, 0,
+                       ffi.cast("void *", bp)) == lib.CQ_OK
+    assert lib.cq_unpack(ffi.cast("void *", bp), 16, 64, bp + 80) == lib.CQ_ERR_ALIAS
+    back = np.zeros((16, 64), np.int8)
+    assert lib.cq_unpack(ffi.cast("void *", bp), 16, 64, ffi.cast("int8_t *", back.ctypes.data)) == lib.CQ_OK
+    np.testing.assert_array_equal(back, qs)
 
 
 def test_ops_argument_errors_are_cquant_errors():

@@ -204,9 +204,11 @@ int cq_best_format_bits(int64_t n, int bits);
  * columns (0: one segment, for per-tensor / per-channel scales; else as cq_num_scales requires).
  * Negative status on bad arguments. */
 int64_t cq_packed_size(int format, int64_t n, int64_t k, int64_t group_size);
-/* Pack canonical codes q (n, k). CQ_ERR_RANGE if any code is -128 (packed is then unspecified). */
+/* Pack canonical codes q (n, k). CQ_ERR_RANGE if any code is -128 (packed is then unspecified);
+ * CQ_ERR_ALIAS if packed (cq_packed_size bytes) overlaps q (nothing written). */
 int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_size, void *packed);
-/* Inverse of cq_pack; n and k must be the packed ones (CQ_ERR_FORMAT otherwise). */
+/* Inverse of cq_pack; n and k must be the packed ones (CQ_ERR_FORMAT otherwise); CQ_ERR_ALIAS if q
+ * overlaps the packed buffer. */
 int cq_unpack(const void *packed, int64_t n, int64_t k, int8_t *q);
 /* Read a packed buffer's header: its format (> 0) is returned, and n, k, group_size (0 for one
  * segment) stored where the pointers are not NULL; CQ_ERR_FORMAT if it is not a packed buffer of

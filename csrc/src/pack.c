@@ -246,6 +246,8 @@ int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_siz
     int st = geometry(format, n, k, group_size, &c.h);
     if (st != CQ_OK) return st;
     if (!q || !packed) return CQ_ERR_NULL;
+    /* the header is written before the codes are read: the buffers must be apart */
+    if (cq_overlap(packed, c.h.sums_off + c.h.sums_bytes, q, n * k)) return CQ_ERR_ALIAS;
     if (cq_format_is_i4(c.h.format) ? outside_i4(q, n * k) : has_minus128(q, n * k)) return CQ_ERR_RANGE;
     c.q = q;
     c.packed = (int8_t *)packed;
@@ -268,6 +270,7 @@ int cq_unpack(const void *packed, int64_t n, int64_t k, int8_t *q)
     int st = cq_pack_read_header(packed, &c.h);
     if (st != CQ_OK) return st;
     if (c.h.n != n || c.h.k != k) return CQ_ERR_FORMAT;
+    if (cq_overlap(q, n * k, packed, c.h.sums_off + c.h.sums_bytes)) return CQ_ERR_ALIAS;
     c.q = q;
     c.packed = (int8_t *)(uintptr_t)packed;
     c.unpack = 1;

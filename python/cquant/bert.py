@@ -313,8 +313,8 @@ class BertModel(nn.Module):
             ids = ids[None]
         if ids.ndim != 2 or ids.dtype.kind not in "iu":
             raise errors.TypeError(f"input_ids must be an integer (B, T) array, got {ids.dtype} {ids.shape}")
-        mask = np.ones(ids.shape, np.float32) if attention_mask is None else np.asarray(attention_mask).reshape(ids.shape)
-        tt = np.zeros_like(ids) if token_type_ids is None else np.asarray(token_type_ids).reshape(ids.shape)
+        mask = np.ones(ids.shape, np.float32) if attention_mask is None else _like_ids(attention_mask, ids, "attention_mask")
+        tt = np.zeros_like(ids) if token_type_ids is None else _like_ids(token_type_ids, ids, "token_type_ids")
         # additive key mask (B, T): the attention kernel applies row b to every head and query of batch b
         bias = ((1.0 - mask.astype(np.float32)) * np.finfo(np.float32).min).astype(np.float32)
         return self.encoder(self.embeddings(ids, tt), bias)
@@ -396,6 +396,10 @@ class SentenceEncoder:
     def __init__(self, model: BertModel, tokenizer: Any, max_seq_length: int = 256, normalize: bool = True):
         self.model = model
         self.tokenizer = tokenizer
+        if isinstance(max_seq_length, bool) or not isinstance(max_seq_length, (int, np.integer)) or max_seq_length < 2:
+            raise errors.ValueError(f"max_seq_length must be an int >= 2 (room for [CLS] and [SEP]), got {max_seq_length!r}")
+        #: sentences are cut to this many tokens ([CLS] and [SEP] included): the tokenizer's
+        #: truncation is set to it when it differs (a tokenizer.json brings its own)
         self.max_seq_length = int(max_seq_length)
         self.normalize = normalize
 
@@ -419,8 +423,15 @@ class SentenceEncoder:
         return cls(model, load_tokenizer(model_dir, max_len), max_len)
 
     def tokenize(self, sentences: Sequence[str]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask, token_type_ids), each (B, T) int64, padded to the longest."""
-        encs = self.tokenizer.encode_batch(list(sentences))
+        """(input_ids, attention_mask, token_type_ids), each (B, T) int64, padded to the longest;
+        each sentence cut to :attr:`max_seq_length` tokens."""
+        sentences = _sentence_list(sentences)
+        if not sentences:
+            raise errors.ValueError("tokenize needs at least one sentence")
+        tr = getattr(self.tokenizer, "truncation", None)
+        if hasattr(self.tokenizer, "enable_truncation") and (not tr or tr.get("max_length") != self.max_seq_length):
+            self.tokenizer.enable_truncation(max_length=self.max_seq_length)
+        encs = self.tokenizer.encode_batch(sentences)
         t = max(len(e.ids) for e in encs)
         ids = np.zeros((len(encs), t), np.int64)
         mask = np.zeros((len(encs), t), np.int64)
@@ -438,6 +449,8 @@ class SentenceEncoder:
         """``sentences`` as model inputs ``(input_ids, attention_mask, token_type_ids)``, batched by
         length like :meth:`encode`: what :func:`cquant.calibrate`, :func:`cquant.smoothing.smooth`
         and ``Quantizer.quantize_dynamic(calibration=...)`` take."""
+        sentences = _sentence_list(sentences)
+        _check_batch_size(batch_size)
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
         return [self.tokenize([sentences[i] for i in order[s:s + batch_size]])
                 for s in range(0, len(order), batch_size)]
@@ -445,8 +458,8 @@ class SentenceEncoder:
     def encode(self, sentences: Sequence[str], batch_size: int = 32) -> np.ndarray:
         """Sentence embeddings (N, hidden) float32, L2-normalized. Sentences are batched by length
         (less padding); the output keeps the input order."""
-        if isinstance(sentences, str):
-            sentences = [sentences]
+        sentences = _sentence_list(sentences)
+        _check_batch_size(batch_size)
         order = sorted(range(len(sentences)), key=lambda i: -len(sentences[i]))
         out = np.empty((len(sentences), self.model.config.hidden_size), np.float32)
         for s in range(0, len(order), batch_size):
@@ -454,6 +467,33 @@ class SentenceEncoder:
             ids, mask, tt = self.tokenize([sentences[i] for i in idx])
             out[idx] = mean_pool(self.model(ids, mask, tt), mask, self.normalize)
         return out
+
+
+def _sentence_list(sentences: Any) -> List[str]:
+    """A str or an iterable of str as a list (a generator too), else a cquant TypeError."""
+    if isinstance(sentences, str):
+        return [sentences]
+    try:
+        out = list(sentences)
+    except TypeError:
+        raise errors.TypeError(f"sentences must be a str or an iterable of str, got {type(sentences).__name__}") from None
+    bad = next((s for s in out if not isinstance(s, str)), None)
+    if bad is not None or any(not isinstance(s, str) for s in out):
+        raise errors.TypeError(f"sentences must be str, got {type(bad).__name__}")
+    return out
+
+
+def _check_batch_size(batch_size: Any) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise errors.ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+
+
+def _like_ids(a: Any, ids: np.ndarray, what: str) -> np.ndarray:
+    """A per-token array (attention mask, token types) of the shape of ``ids`` (1-D for one sentence)."""
+    arr = np.asarray(a)
+    if arr.shape != ids.shape and not (arr.ndim == 1 and ids.shape[0] == 1 and arr.shape[0] == ids.shape[1]):
+        raise errors.ShapeError(f"{what} has shape {arr.shape}; input_ids is {ids.shape}")
+    return arr.reshape(ids.shape)
 
 
 def load_tokenizer(model_dir: str, max_length: int = 256) -> Any:

@@ -346,6 +346,8 @@ def prepare(model: torch.nn.Module, scheme: Any = None, *, include: Any = None, 
     kept_float: List[Tuple[str, str]] = [(r.name, r.reason) for r in skipped
                                          if id(_find(model, r.name)) not in already]
     done = 0
+    # every layer's scheme first (strict=True raises here, before any layer is swapped)
+    chosen: List[Tuple[Any, Optional[QuantScheme], str]] = []
     for p in plans:
         disp = p.name or "<root>"
         if p.kind != "linear":
@@ -354,12 +356,32 @@ def prepare(model: torch.nn.Module, scheme: Any = None, *, include: Any = None, 
         part = p.parts[0]
         s, key = _resolve_scheme(p.name, p.mod, default, rules)
         if s is None:
-            kept_float.append((disp, f"kept in float by scheme rule {key!r}"))
+            chosen.append((p, None, f"kept in float by scheme rule {key!r}"))
             continue
         k = int(part.weight.shape[1] if part.layout == "out_in" else part.weight.shape[0])
         s, note = s.for_k(k, strict, disp)
+        chosen.append((p, s, note))
+    # layers that share one weight with different schemes (or float for some): convert keeps them
+    # all float (one weight is quantized once), so training must see them float too
+    by_weight: Dict[Any, List[int]] = {}
+    for i, (p, _s, _n) in enumerate(chosen):
+        sk = p.parts[0].share_key
+        if sk is not None:
+            by_weight.setdefault(sk, []).append(i)
+    for idx in by_weight.values():
+        if len({chosen[i][1] for i in idx}) > 1:
+            names = ", ".join(chosen[i][0].name or "<root>" for i in idx)
+            for i in idx:
+                chosen[i] = (chosen[i][0], None, f"its weight is shared by {names} with different schemes: kept "
+                                                 "float32 (convert stores a shared weight once, with one scheme)")
+    for p, s, note in chosen:
+        disp = p.name or "<root>"
+        if s is None:
+            kept_float.append((disp, note))
+            continue
         if note:
             logger.info("qat.prepare: %s: %s", disp, note)
+        part = p.parts[0]
         new = QATLinear(p.mod, s, part.layout, p.name, train_forward)
         for parent, cname in p.sites:
             parent._modules[cname] = new
