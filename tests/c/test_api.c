@@ -502,9 +502,9 @@ static void test_isa_error(void)
     CHECK(strstr(e, "unknown path") != NULL, "the reason says the name is no path");
     CHECK(strstr(e, "avx512vnni") != NULL && strstr(e, "scalar") != NULL, "the reason lists the paths");
     {   /* every kernel now refuses, and the text stays available */
-        float f[4] = {0};
+        float f[4] = {0}, sc[1];
         int8_t q[4];
-        EXPECT_STATUS(cq_quantize_rows(f, 1, 4, q, f), CQ_ERR_ISA);
+        EXPECT_STATUS(cq_quantize_rows(f, 1, 4, q, sc), CQ_ERR_ISA);
         CHECK(strstr(cq_isa_error(), "avx9") != NULL, "the reason stays until a selection succeeds");
     }
     /* a path that exists but cannot run here (if this machine lacks one) */
