@@ -239,3 +239,30 @@ def test_sentence_encoder_inputs():
         enc.model(ids, mask[:, :-1])
     with pytest.raises(errors.ValueError, match="max_seq_length"):
         SentenceEncoder(enc.model, enc.tokenizer, max_seq_length=1)
+
+
+def test_smoothing_twice_is_refused_clearly_and_errors_are_cquant_errors(tmp_path):
+    from cquant import smoothing
+    cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
+
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(64)
+            self.fc1 = nn.Linear(64, 96, rng=0)
+            self.fc2 = nn.Linear(96, 16, rng=1)
+
+        def forward(self, x):
+            return self.fc2(nn.gelu(self.fc1(self.norm(x))))
+    m = LN()
+    smoothing.smooth(m, cal, alpha=0.5)
+    with pytest.raises(errors.ValueError, match="smoothed already"):
+        smoothing.smooth(m, cal, alpha=0.5)
+    with pytest.raises(errors.ValueError, match="smoothed already"):
+        Quantizer.quantize_dynamic(m, calibration=cal, smoothing=0.5)
+    torch = pytest.importorskip("torch")
+    with pytest.raises(errors.TypeError, match="torch.nn.Module"):
+        cquant.fuse("model")
+    with pytest.raises(errors.CheckpointError, match="save_pretrained"):
+        cquant.from_pretrained(str(tmp_path / "missing"))
+    assert torch is not None

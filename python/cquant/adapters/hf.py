@@ -397,7 +397,8 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
     d = os.fspath(directory)
     cpath = os.path.join(d, CONFIG_NAME)
     if not os.path.exists(cpath):
-        raise FileNotFoundError(f"{cpath} not found: {d} was not written by cquant.save_pretrained")
+        raise errors.CheckpointError(f"{cpath} not found: {d} was not written by cquant.save_pretrained"
+                                     + ("" if os.path.isdir(d) else f" ({d} is not a folder)"))
     try:
         with open(cpath, encoding="utf-8") as f:
             cq = json.load(f)

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .. import ops
+from .. import errors, ops
 from ..quantization import linear_shared
 from .torch_base import _NoBackward, _graph_mode, fused_base, fused_class
 from .torch_smoothing import ResidualScaled, residual_base, residual_scaled_class
@@ -290,7 +290,7 @@ def fuse(model: "torch.nn.Module") -> List[str]:
     checked first: its original forward and the fused one must agree on a random input (else it is
     left as it is, logged with the reason, as is a block whose linears are not quantized)."""
     if not isinstance(model, torch.nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+        raise errors.TypeError(f"cquant.fuse expects a torch.nn.Module, got {type(model).__name__}")
     done: List[str] = []
     for name, mod in list(model.named_modules()):
         if isinstance(mod, _Fused):
