@@ -106,6 +106,40 @@ def test_forked_child_is_back_on_the_pool(restore_runtime):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_forked_child_is_back_on_the_pool_before_any_cquant_job(restore_runtime):
+    """The runtime's team running (an OpenMP region of its owner) but no multi-threaded cquant job yet
+    when the process forks: the child must still go back to the pool (the fork handler used to be
+    installed by the first pool job only, and such a child hung in the dead team's barrier: a torch
+    DataLoader worker after a model was loaded)."""
+    name = _system_gomp()
+    if name is None:
+        pytest.skip("no libgomp on this machine")
+    code = textwrap.dedent(f"""
+        import ctypes, os, sys
+        import numpy as np
+        from cquant import ops
+        gomp = ctypes.CDLL({name!r})
+        body = ctypes.CFUNCTYPE(None, ctypes.c_void_p)(lambda data: None)
+        gomp.GOMP_parallel(body, None, 2, 0)          # the team exists now, as torch's after an op
+        ops.use_openmp({name!r})
+        ops.set_num_threads(2)
+        rng = np.random.default_rng(0)
+        codes = rng.integers(-127, 128, (512, 512)).astype(np.int8)
+        qw = ops.QuantizedWeight.from_codes(codes, np.full(512, 0.01, np.float32), "per_channel")
+        x = rng.standard_normal((256, 512)).astype(np.float32)
+        pid = os.fork()
+        if pid == 0:
+            y = ops.linear(x, qw)                     # multi-threaded: hung before the fix
+            ops.set_num_threads(1)
+            ok = not ops.using_openmp() and np.array_equal(y, ops.linear(x, qw))
+            os._exit(0 if ok else 3)
+        _, status = os.waitpid(pid, 0)
+        sys.exit(os.waitstatus_to_exitcode(status))
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ---- the PyTorch adapter: torch's runtime shared on import -------------------------------------
 
 def _torch():

@@ -311,6 +311,10 @@ int cq_use_openmp(const char *path)
         if (!sym) return CQ_ERR_ARG;
         memcpy(&f, &sym, sizeof f); /* object pointer to function pointer without a cast warning */
     }
+    /* the handler that sends a fork()ed child back to the pool must exist before the first
+     * region: it used to be installed by the first pool job only, so a child whose parent had run
+     * no multi-threaded job yet kept this runtime's team, which does not exist there, and hung */
+    pthread_once(&g_atfork_once, install_atfork);
     pthread_mutex_lock(&g_pool.job_lock); /* waits for a job in progress */
     __atomic_store_n(&g_omp, f, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&g_pool.job_lock);
