@@ -287,3 +287,21 @@ def test_env_thread_count_in_child_process(tmp_path):
         assert res.returncode == 0, res.stderr
         assert res.stdout.strip() == str(n)
         np.testing.assert_array_equal(np.load(out), expected)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="counts threads through /proc")
+def test_lowering_the_thread_count_stops_the_extra_workers(restore_threads):
+    """Every started worker wakes for every job: after a call at a high count, lowering it must stop
+    the extra workers (the next jobs woke all of them: a small call took 1.8-9.6x as long). Counted
+    as the process's threads, not timed."""
+    if ops.using_openmp():
+        pytest.skip("the jobs run on an OpenMP runtime's team here, not on cquant's pool")
+    qw, bias = make_layer()
+    x = np.random.default_rng(3).standard_normal((400, 256)).astype(np.float32)  # 16M MACs: threaded
+    cquant.set_num_threads(24)
+    ops.linear(x, qw, bias)
+    many = len(os.listdir("/proc/self/task"))
+    cquant.set_num_threads(2)
+    ops.linear(x, qw, bias)
+    few = len(os.listdir("/proc/self/task"))
+    assert many - few >= 10, (many, few)          # (the job had fewer units than 24: ~20 workers)
