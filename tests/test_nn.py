@@ -180,6 +180,10 @@ def test_registration_and_names():
     # re-assigning a name moves it between registries
     net.body = np.zeros(3, np.float32)
     assert "body" not in dict(net.named_children()) and "body" in dict(net.named_parameters())
+    with pytest.raises(errors.TypeError, match="parameter 'body'"):  # as torch: the slot keeps its kind
+        net.body = "plain"
+    assert "body" in dict(net.named_parameters())
+    del net.body                                      # a plain attribute after deleting the parameter
     net.body = "plain"
     assert net.body == "plain" and "body" not in dict(net.named_parameters())
     del net.emb
@@ -306,3 +310,75 @@ def test_linear_matches_numpy_any_shape(k, n, m, seed):
     ref = x.astype(np.float64) @ w64.T + lin.bias
     budget = (k + 1) * EPS32 * (np.abs(x) @ np.abs(w64).T + np.abs(lin.bias))
     assert np.all(np.abs(lin(x) - ref) <= budget)
+
+
+# ---- found by a new-user review (2026-11-30) ------------------------------------------------------
+
+def test_load_state_dict_refuses_values_it_cannot_cast_before_loading_anything():
+    m = nn.Sequential(nn.Linear(3, 2, rng=0), nn.Linear(2, 2, rng=1))
+    before = {k: v.copy() for k, v in m.state_dict().items()}
+    sd = {k: v + 1 for k, v in before.items()}
+    sd["1.bias"] = np.array(["a", "b"])
+    with pytest.raises(nn.StateDictError, match=r"1\.bias.*nothing loaded"):
+        m.load_state_dict(sd)
+    for k, v in m.state_dict().items():
+        np.testing.assert_array_equal(v, before[k], err_msg=k)
+    sd["1.bias"] = np.ones(2, np.complex64)
+    with pytest.raises(nn.StateDictError, match="complex"):
+        m.load_state_dict(sd)
+    torch = pytest.importorskip("torch")
+    sd = {k: torch.from_numpy(v).to(torch.bfloat16).requires_grad_(True) for k, v in before.items()}
+    m.load_state_dict(sd)                                             # bf16 / grad tensors: read, widened
+    np.testing.assert_allclose(m.state_dict()["0.weight"], before["0.weight"], rtol=1e-2)
+
+
+def test_read_only_tied_parameters_stay_tied_through_load_state_dict():
+    w = np.frombuffer(np.arange(12, dtype=np.float32).tobytes(), np.float32).reshape(4, 3)  # read-only
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(4, 3, rng=0)
+            self.head = nn.Linear(3, 4, bias=False, rng=0)
+            self.emb.weight = w
+            self.head.weight = w
+    m = Tied()
+    m.load_state_dict({"emb.weight": np.full((4, 3), 7, np.float32)}, strict=False)   # stored once
+    assert m.emb.weight is m.head.weight and (m.head.weight == 7).all()
+
+
+def test_registration_names_and_kinds_as_torch():
+    lin = nn.Linear(3, 2, rng=0)
+    with pytest.raises(errors.TypeError, match="parameter 'bias'"):
+        lin.bias = 0.5
+    with pytest.raises(errors.TypeError, match="parameter 'weight'"):
+        lin.weight = nn.ReLU()
+    assert set(lin.state_dict()) == {"weight", "bias"}
+    m = nn.Module()
+    for bad in ("a.b", "", "forward", "training", "_parameters"):
+        with pytest.raises(errors.ValueError):
+            m.register_parameter(bad, np.zeros(1, np.float32))
+    with pytest.raises(errors.TypeError, match="str"):
+        m.register_parameter(3, np.zeros(1, np.float32))
+    with pytest.raises(errors.ValueError):
+        m.add_module("training", nn.ReLU())
+    md = nn.ModuleDict()
+    with pytest.raises(errors.TypeError, match="str"):
+        md[1] = nn.ReLU()
+
+
+def test_softmax_gelu_layernorm_edge_inputs():
+    assert nn.Softmax(-1)(np.zeros((3, 0), np.float32)).shape == (3, 0)
+    with pytest.raises(errors.ValueError, match="axis"):
+        nn.softmax(np.zeros((2, 2), np.float32), axis=5)
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(nn.GELU()(np.float32(1.5)), torch.nn.functional.gelu(torch.tensor(1.5)).item(),
+                               rtol=1e-6)
+    with pytest.raises(errors.ValueError, match="eps"):
+        nn.LayerNorm((1, 3), eps=-1)
+    with pytest.raises(errors.ValueError, match="normalized_shape"):
+        nn.LayerNorm(())
+    ln = nn.LayerNorm((2, 3))
+    x = np.array([[[1e20, -1e20, 1e20], [-1e20, 1e20, -1e20]]], np.float32)
+    want = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), (2, 3)).numpy()
+    np.testing.assert_allclose(ln(x), want, atol=1e-5)               # the C pass, not float32 numpy sums

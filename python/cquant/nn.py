@@ -19,6 +19,7 @@ Every forward computes in float32 and returns float32. Layers never call C; the 
 from __future__ import annotations
 
 import math
+import threading
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Mapping, NamedTuple, Optional, Tuple, Union
 
@@ -97,11 +98,38 @@ def gelu(x: Any, approximate: str = "none") -> np.ndarray:
     ``approximate="tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))`` (GPT-2's)."""
     x = _as_float_input(x)
     if approximate == "none":
+        if x.ndim == 0:  # a scalar, as torch and the tanh form take it
+            return ops.gelu(x.reshape(1)).reshape(())
         return ops.gelu(x)  # C kernel (SIMD, threaded): ~20x faster than the numpy erf formula
     if approximate == "tanh":
         inner = np.float32(_SQRT_2_OVER_PI) * (x + np.float32(0.044715) * x * x * x)
         return (0.5 * x * (1.0 + np.tanh(inner))).astype(np.float32, copy=False)
     raise errors.ValueError(f"approximate must be 'none' or 'tanh', got {approximate!r}")
+
+
+#: load_state_dict in progress on this thread: read-only parameters replaced (id -> (old, new))
+_LOADING = threading.local()
+
+
+def _state_value(v: Any, key: str, dtype: np.dtype) -> np.ndarray:
+    """A state_dict value as a numpy array, refused (StateDictError naming the key) unless it can be
+    cast into a parameter of ``dtype``: numbers only (bool / int / float; complex only into complex),
+    checked while planning, so that a bad entry is found before anything is loaded. torch tensors are
+    read detached (bfloat16 widened to float32)."""
+    if hasattr(v, "detach") and hasattr(v, "numpy") and not isinstance(v, np.ndarray):
+        t = v.detach().cpu()
+        if str(t.dtype) == "torch.bfloat16":
+            t = t.float()
+        v = t.numpy()
+    try:
+        a = np.asarray(v)
+    except (TypeError, ValueError) as e:
+        raise StateDictError(f"{key}: not an array ({e})", [], [], []) from None
+    ok = a.dtype.kind in "biuf" or (a.dtype.kind == "c" and np.dtype(dtype).kind == "c")
+    if not ok:
+        raise StateDictError(f"load_state_dict: {key} has dtype {a.dtype}, which cannot be loaded into a "
+                             f"{np.dtype(dtype)} parameter; nothing loaded", [], [], [])
+    return a
 
 
 def relu(x: Any) -> np.ndarray:
@@ -113,7 +141,11 @@ def softmax(x: Any, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax along ``axis`` (max subtracted first), float32. The last axis
     runs in C (:func:`cquant.ops.softmax_rows` on a copy); a row with a NaN, or all -Inf, is NaN."""
     x = _as_float_input(x)
-    if x.ndim and x.size and axis in (-1, x.ndim - 1):
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)) or not -max(x.ndim, 1) <= axis < max(x.ndim, 1):
+        raise errors.ValueError(f"softmax: axis {axis!r} is not an axis of an array of {x.ndim} dimension(s)")
+    if x.size == 0:  # nothing to normalize (torch gives the empty array too)
+        return np.array(x, dtype=np.float32)
+    if x.ndim and axis in (-1, x.ndim - 1):
         return ops.softmax_rows(np.array(x, dtype=np.float32, order="C"))
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return (e / np.sum(e, axis=axis, keepdims=True)).astype(np.float32, copy=False)
@@ -128,6 +160,11 @@ def layer_norm(x: Any, normalized_shape: Tuple[int, ...], weight: Optional[np.nd
         raise errors.ShapeError(f"layer_norm: trailing shape of x {x.shape} is not {tuple(normalized_shape)}")
     if nd == 1 and x.size:  # the common case: one C pass per row instead of five numpy passes
         return ops.layer_norm(x, weight, bias, eps)
+    if nd > 1 and x.size:  # several trailing axes: the same C pass over them flattened (same checks, numerics)
+        flat = int(np.prod(normalized_shape))
+        y = ops.layer_norm(x.reshape(-1, flat), None if weight is None else np.asarray(weight).reshape(flat),
+                           None if bias is None else np.asarray(bias).reshape(flat), eps)
+        return y.reshape(x.shape)
     axes = tuple(range(x.ndim - nd, x.ndim))
     mu = x.mean(axis=axes, keepdims=True, dtype=np.float32)
     xc = x - mu
@@ -197,8 +234,12 @@ class Module:
         if "_parameters" not in d:
             raise AttributeError(f"cannot assign {name!r} before Module.__init__() has run")
         params, mods = d["_parameters"], d["_modules"]
+        if isinstance(value, (Module, np.ndarray)) and name not in params and name not in mods:
+            self._check_name(name, "module" if isinstance(value, Module) else "parameter")
         if isinstance(value, Module):
-            params.pop(name, None)
+            if name in params:
+                raise errors.TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} of "
+                                       f"{type(self).__name__} (a numpy array or None); delattr it first")
             d.pop(name, None)
             mods[name] = value
         elif isinstance(value, np.ndarray):
@@ -207,9 +248,14 @@ class Module:
             params[name] = value
         elif value is None and (name in params or name in mods):
             (params if name in params else mods)[name] = None
+        elif name in params or name in mods:
+            # as torch: a registered slot keeps its kind (silently dropping a parameter from
+            # state_dict because 0.5 was assigned to it lost it on save and load)
+            what = "parameter" if name in params else "child module"
+            raise errors.TypeError(f"cannot assign {type(value).__name__} as {what} {name!r} of "
+                                   f"{type(self).__name__} (a {'numpy array' if name in params else 'cquant.nn.Module'} "
+                                   "or None); delattr it first to make it a plain attribute")
         else:
-            params.pop(name, None)
-            mods.pop(name, None)
             object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
@@ -235,10 +281,21 @@ class Module:
     def __dir__(self) -> List[str]:
         return sorted(set(super().__dir__()) | set(self._parameters) | set(self._modules))
 
+    def _check_name(self, name: Any, what: str) -> None:
+        """A parameter or child name: a non-empty str without '.', not one of the class's own
+        attributes (a method, ``training``) nor the registries (state_dict keys must reach it)."""
+        if not isinstance(name, str):
+            raise errors.TypeError(f"{what} name must be a str, got {type(name).__name__} {name!r}")
+        if "." in name or name == "":
+            raise errors.ValueError(f"{what} name must be non-empty and contain no '.', got {name!r}")
+        if name in ("_parameters", "_modules", "training") or hasattr(type(self), name):
+            raise errors.ValueError(f"{what} name {name!r} is already an attribute of {type(self).__name__}")
+
     def register_parameter(self, name: str, value: Optional[np.ndarray]) -> None:
         """Register ``value`` (an ndarray or None) as parameter ``name``."""
         if value is not None and not isinstance(value, np.ndarray):
             raise errors.TypeError(f"parameter {name!r} must be a numpy array or None")
+        self._check_name(name, "parameter")
         self._modules.pop(name, None)
         self.__dict__.pop(name, None)
         self._parameters[name] = value
@@ -247,8 +304,7 @@ class Module:
         """Register ``module`` as child ``name`` (names need not be identifiers, e.g. ``"0"``)."""
         if module is not None and not isinstance(module, Module):
             raise errors.TypeError(f"{name!r}: {type(module).__name__} is not a cquant.nn.Module")
-        if "." in name or name == "":
-            raise errors.ValueError(f"module name must be non-empty and contain no '.', got {name!r}")
+        self._check_name(name, "module")
         self._parameters.pop(name, None)
         self.__dict__.pop(name, None)
         self._modules[name] = module
@@ -342,7 +398,7 @@ class Module:
                 missing.append(key)
                 continue
             used.add(key)
-            v = np.asarray(state[key])
+            v = _state_value(state[key], key, p.dtype)
             if v.shape != p.shape:
                 mismatched.append((key, p.shape, v.shape))
                 continue
@@ -352,8 +408,19 @@ class Module:
         # Copy into the existing array when possible, so parameters tied between layers stay tied.
         if old.flags.writeable:
             np.copyto(old, value, casting="unsafe")
-        else:
-            self._parameters[name] = np.array(value, dtype=old.dtype)
+            return
+        # a read-only array (np.frombuffer, a memory map): one new array per old one, shared by every
+        # parameter that held it (load_state_dict re-points the ones the state_dict did not name)
+        swaps = getattr(_LOADING, "swaps", None)
+        hit = swaps.get(id(old)) if swaps is not None else None
+        if hit is not None and hit[0] is old:
+            np.copyto(hit[1], value, casting="unsafe")
+            self._parameters[name] = hit[1]
+            return
+        new = np.array(value, dtype=old.dtype)
+        if swaps is not None:
+            swaps[id(old)] = (old, new)
+        self._parameters[name] = new
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> LoadResult:
         """Copy arrays from ``state_dict`` into this model's parameters (dtype kept, values cast).
@@ -381,8 +448,19 @@ class Module:
         if problems:
             raise StateDictError(f"load_state_dict into {type(self).__name__} failed; nothing loaded. "
                                  + "; ".join(problems), missing, unexpected, mismatched)
-        for step in plan:
-            step()
+        _LOADING.swaps = {}
+        try:
+            for step in plan:
+                step()
+            swaps = _LOADING.swaps
+        finally:
+            _LOADING.swaps = None
+        if swaps:  # a read-only array replaced: every other parameter that held it follows (ties)
+            for m in self.modules():
+                for n, p in list(m._parameters.items()):
+                    hit = swaps.get(id(p)) if p is not None else None
+                    if hit is not None and hit[0] is p:
+                        m._parameters[n] = hit[1]
         return LoadResult(missing, unexpected)
 
     # -- misc -------------------------------------------------------------------------------------
@@ -489,6 +567,10 @@ class LayerNorm(Module):
         super().__init__()
         shape = (int(normalized_shape),) if isinstance(normalized_shape, (int, np.integer)) else tuple(
             int(s) for s in normalized_shape)
+        if not shape or any(d < 1 for d in shape):
+            raise errors.ValueError(f"LayerNorm: normalized_shape must be one or more sizes >= 1, got {normalized_shape!r}")
+        if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)) or not 0 <= eps < np.inf:
+            raise errors.ValueError(f"LayerNorm: eps must be a finite number >= 0, got {eps!r}")
         self.normalized_shape = shape
         self.eps = float(eps)
         self.weight = np.ones(shape, np.float32) if elementwise_affine else None
@@ -670,7 +752,7 @@ class ModuleDict(Module):
         return self._modules[key]
 
     def __setitem__(self, key: str, module: Module) -> None:
-        self.add_module(str(key), module)
+        self.add_module(key, module)  # a str key (as torch): md[1] stored "1", then md[1] missed it
 
     def __delitem__(self, key: str) -> None:
         del self._modules[key]
