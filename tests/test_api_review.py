@@ -266,3 +266,33 @@ def test_smoothing_twice_is_refused_clearly_and_errors_are_cquant_errors(tmp_pat
     with pytest.raises(errors.CheckpointError, match="save_pretrained"):
         cquant.from_pretrained(str(tmp_path / "missing"))
     assert torch is not None
+
+
+def test_include_exclude_name_a_smoothed_layer_by_its_own_name():
+    """Smoothing wraps a layer it cannot fold (``fc2`` -> ``fc2.linear`` inside a pre-scale wrapper):
+    include / exclude patterns naming ``fc2`` must select it as without smoothing."""
+    cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
+
+    class LN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(64)
+            self.fc1 = nn.Linear(64, 96, rng=0)
+            self.fc2 = nn.Linear(96, 16, rng=1)
+
+        def forward(self, x):
+            return self.fc2(nn.gelu(self.fc1(self.norm(x))))
+    for smoothing in (None, 0.5):
+        q = Quantizer(exclude=["fc2"])
+        q.quantize(LN(), calibration=cal, smoothing=smoothing)
+        assert [r.name for r in q.summary if r.status == "quantized"] == ["fc1"], smoothing
+        q = Quantizer(include=["fc2"])
+        q.quantize(LN(), calibration=cal, smoothing=smoothing)
+        assert [r.name.removesuffix(".linear") for r in q.summary if r.status == "quantized"] == ["fc2"], smoothing
+
+
+def test_budget_prints_the_bound_as_given():
+    cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
+    q = Quantizer()
+    q.quantize(_M(), calibration=cal, min_cosine=0.9999995)
+    assert "0.9999995" in q.budget.summary()

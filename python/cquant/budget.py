@@ -113,7 +113,7 @@ class BudgetResult:
         return self.bytes_chosen - self.bytes_all_quantized
 
     def summary(self) -> str:
-        bound = f"mean cosine >= {self.target:g}" + (f", min >= {self.target_min:g}" if self.target_min is not None else "")
+        bound = f"mean cosine >= {self.target:.10g}" + (f", min >= {self.target_min:.10g}" if self.target_min is not None else "")
         kept = (f"{len(self.kept_float)} layer(s) kept in float" + (f" ({', '.join(self.kept_float)})" if self.kept_float else "")
                 + (f", {len(self.refined)} moved to a finer scheme" if self.refined else ""))
         state = "met" if self.met else "NOT met"
@@ -323,8 +323,8 @@ def plan(float_model: Any, batches: Sequence[Any], quantize_copy: Callable[[Opti
     if best is None:  # impossible: everything stays float
         for n in names:
             chosen[n], chosen_bytes[n] = "float", bytes_f[n]
-        msg = (f"accuracy budget mean cosine >= {target:g}"
-               + (f", min >= {target_min:g}" if target_min is not None else "")
+        msg = (f"accuracy budget mean cosine >= {target:.10g}"
+               + (f", min >= {target_min:.10g}" if target_min is not None else "")
                + f" cannot be met with any Linear layer quantized (all quantized: mean {base.mean:.6f}, "
                f"min {base.min:.6f}; all but the least sensitive layer in float does not meet it either): "
                f"every layer is kept in float")
@@ -366,7 +366,7 @@ def reason(res: BudgetResult, name: str) -> str:
     row = next((r for r in res.layers if r.name == name), None)
     alone = (f": quantized alone it costs {row.cosine_loss:.1e} of mean cosine and {100 * row.share:.1f}% of "
              f"the output error" if row is not None else "")
-    bound = f"min_cosine={res.target:g}" + (f", min_row_cosine={res.target_min:g}" if res.target_min is not None else "")
+    bound = f"min_cosine={res.target:.10g}" + (f", min_row_cosine={res.target_min:.10g}" if res.target_min is not None else "")
     if name in res.refined:
         return f"{res.refined[name]} by the accuracy budget ({bound}){alone}"
     if res.met:

@@ -154,7 +154,9 @@ def calibrate(model: Any, batches: Any, include: Patterns = None, exclude: Patte
     front = fe.for_model(model)
     refs = front.layers(model, include, exclude)
     if not refs:
-        raise errors.ValueError(f"{type(model).__name__} has no Linear layer to calibrate")
+        sel = ", ".join(f"{k}={v!r}" for k, v in (("include", include), ("exclude", exclude)) if v)
+        raise errors.ValueError(f"{type(model).__name__} has no Linear layer to calibrate"
+                                + (f" matching {sel}" if sel else ""))
     stats = {r.name: LayerStats.empty(r.name, r.in_features, keep_rows) for r in refs}
 
     def watch(ref: Any, x: Any, forward: Any) -> Any:

@@ -228,6 +228,8 @@ def _match(path: str, patterns: Sequence[str]) -> Optional[str]:
     for pat in patterns:
         if fnmatch.fnmatchcase(path, pat):
             return pat
+    if path.endswith(".linear"):  # the layer inside a smoothing pre-scale wrapper: the wrapper's name counts
+        return _match(path[: -len(".linear")], patterns)
     return None
 
 

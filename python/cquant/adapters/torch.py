@@ -568,6 +568,8 @@ def _match(name: str, patterns: Sequence[str]) -> Optional[str]:
     for p in patterns:
         if fnmatch.fnmatchcase(name, p):
             return p
+    if name.endswith(".linear"):  # the layer inside a smoothing pre-scale wrapper: the wrapper's name counts
+        return _match(name[: -len(".linear")], patterns)
     return None
 
 
