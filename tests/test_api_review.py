@@ -296,3 +296,23 @@ def test_budget_prints_the_bound_as_given():
     q = Quantizer()
     q.quantize(_M(), calibration=cal, min_cosine=0.9999995)
     assert "0.9999995" in q.budget.summary()
+
+
+def test_save_pretrained_of_tables_shared_by_two_modules(tmp_path):
+    """T5's shared / encoder.embed_tokens: two Embedding modules holding one weight. Quantized with
+    embeddings=True the table is stored once; from_pretrained must give it to both (it raised
+    "tensor ... weight_scale is missing")."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.T5Config(vocab_size=100, d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=4)
+    m = transformers.T5EncoderModel(cfg).eval()
+    q = Quantizer(embeddings=True).quantize(m)
+    ids = torch.randint(0, 100, (2, 7))
+    with torch.no_grad():
+        want = q(input_ids=ids).last_hidden_state
+    cquant.save_pretrained(q, tmp_path / "t5")
+    back = cquant.from_pretrained(tmp_path / "t5")
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
+    assert back.encoder.embed_tokens.qweight is back.shared.qweight

@@ -100,6 +100,7 @@ def _embedding_meta(model: "torch.nn.Module") -> Dict[str, Dict[str, Any]]:
     mods = list(model.named_modules())
     name_of = {id(m): n for n, m in mods}
     out: Dict[str, Dict[str, Any]] = {}
+    first: Dict[int, str] = {}  # a table several modules share (T5's shared / embed_tokens): stored once
     for name, m in mods:
         if isinstance(m, QuantizedTorchEmbedding):
             tie = m.tied_to
@@ -107,6 +108,10 @@ def _embedding_meta(model: "torch.nn.Module") -> Dict[str, Dict[str, Any]]:
                 raise errors.ValueError(f"embedding {name!r} is tied to a quantized layer that is not in the model")
             out[name] = {"shape": [int(m.num_embeddings), int(m.embedding_dim)], "padding_idx": m.padding_idx,
                          "tied_to": None if tie is None else name_of[id(tie)]}
+            if tie is None:
+                same = first.setdefault(id(m.qweight), name)
+                if same != name:
+                    out[name]["same_as"] = same
     return out
 
 
@@ -292,13 +297,23 @@ def _set_tensor(model: "torch.nn.Module", key: str, value: "torch.Tensor") -> No
 def _embeddings_from(d: str, model: "torch.nn.Module", cq: Dict[str, Any], tensors: Dict[str, "torch.Tensor"],
                      new: Dict[str, "torch.nn.Module"]) -> None:
     """The int8 embedding tables of ``cquant_config.json`` into ``new`` (name -> module to install)."""
-    for name, em in cq.get("embeddings", {}).items():
+    tables = cq.get("embeddings", {})
+    # the tables that read another table's codes ("same_as") after that one
+    for name, em in sorted(tables.items(), key=lambda kv: isinstance(kv[1], dict) and kv[1].get("same_as") is not None):
         try:
             old = model.get_submodule(name) if name else model
         except AttributeError:
             raise errors.ValueError(f"{d}: the model built from the config has no sub-module {name!r}") from None
         w = getattr(old, "weight", None)
         dtype = w.dtype if isinstance(w, torch.Tensor) and w.dtype.is_floating_point else torch.float32
+        same = em.get("same_as")
+        if same is not None:
+            src = new.get(same)
+            if not isinstance(src, QuantizedTorchEmbedding):
+                raise errors.ValueError(f"{d}: embedding {name!r} shares the table of {same!r}, which is not an "
+                                        "int8 embedding table of this checkpoint")
+            new[name] = QuantizedTorchEmbedding(src.qweight, em.get("padding_idx"), dtype=dtype)
+            continue
         tie = em.get("tied_to")
         if tie is not None:
             target = new.get(tie)
