@@ -316,3 +316,40 @@ def test_save_pretrained_of_tables_shared_by_two_modules(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(input_ids=ids).last_hidden_state, want, rtol=0, atol=0)
     assert back.encoder.embed_tokens.qweight is back.shared.qweight
+
+
+def test_load_into_a_smoothed_checkpoint_whose_wrapped_layer_stayed_float(tmp_path):
+    """A pre-scale wrapper around a layer that stayed float (scheme None here; the budget does the
+    same): load_into wraps the fresh model's layer as from_pretrained does (it raised, and strict=False
+    left the fresh random weights)."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    def model(seed):
+        torch.manual_seed(seed)
+        return transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                              num_attention_heads=2, intermediate_size=64)).eval()
+    torch.manual_seed(1)
+    cal = [{"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
+    qm = Quantizer(scheme={"*": "per_channel", "*.self.value": None}).quantize(model(0), calibration=cal,
+                                                                                smoothing=0.5)
+    assert type(qm.encoder.layer[0].attention.self.value.linear) is torch.nn.Linear
+    with torch.no_grad():
+        y = qm(**cal[0]).last_hidden_state
+    cquant.save(qm, tmp_path / "q.safetensors")
+    fresh = cquant.load_into(model(123), tmp_path / "q.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(**cal[0]).last_hidden_state, y, rtol=0, atol=0)
+    broken = model(7)
+    ref_w = broken.encoder.layer[0].attention.self.value.weight.clone()
+    bad = cquant.load(tmp_path / "q.safetensors")
+    bad.tensors["encoder.layer.0.attention.self.value.inv_scale"] = np.zeros(32, np.float32)
+    with pytest.raises(errors.CheckpointError, match="inv_scale"):
+        cquant.load_into(broken, bad)
+    assert type(broken.encoder.layer[0].attention.self.value) is torch.nn.Linear   # nothing changed
+    assert torch.equal(broken.encoder.layer[0].attention.self.value.weight, ref_w)
+    late = cquant.load(tmp_path / "q.safetensors")                  # the wrapper is fine, a later check fails
+    late.tensors["pooler.dense.bias"] = np.zeros(5, np.float32)
+    with pytest.raises(errors.CheckpointError, match="pooler"):
+        cquant.load_into(broken, late)
+    assert type(broken.encoder.layer[0].attention.self.value) is torch.nn.Linear   # the wrapping undone

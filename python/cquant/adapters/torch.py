@@ -1125,6 +1125,48 @@ def _numpy_dtype(dt: "torch.dtype") -> np.dtype:
 
 
 def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -> "torch.nn.Module":
+    """Install a :class:`cquant.io.Checkpoint` into a torch model (``cquant.load_into``); see
+    :func:`_install_checkpoint`. A smoothed layer that stayed float (``<name>.inv_scale`` with
+    ``<name>.linear.weight``: a ``scheme`` rule or the accuracy budget kept it float inside its
+    pre-scale wrapper) gets the wrapper around the model's float layer first, as ``from_pretrained``
+    does, so that its tensors have a place to go; undone if the install fails."""
+    wrapped: List[Tuple["torch.nn.Module", str, "torch.nn.Module"]] = []
+    try:
+        if isinstance(model, torch.nn.Module):
+            _wrap_float_smoothed(model, ck, wrapped)
+        return _install_checkpoint(model, ck, strict)
+    except BaseException:
+        for parent, cname, mod in reversed(wrapped):
+            parent._modules[cname] = mod
+        raise
+
+
+def _wrap_float_smoothed(model: "torch.nn.Module", ck: Any, wrapped: List[Tuple[Any, str, Any]]) -> None:
+    """The pre-scale wrappers of :func:`install_checkpoint`, each journalled in ``wrapped``."""
+    subs = dict(model.named_modules())
+    sites, _ = _module_sites(model)
+    for key in [k for k in ck.tensors if k.endswith(".inv_scale")]:
+        base = key[: -len(".inv_scale")]
+        mod = subs.get(base)
+        if not base or _pfx(base) + "linear.weight" not in ck.tensors or mod is None \
+                or not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
+            continue  # a quantized inner layer (handled with the layers), or nothing to wrap
+        k_in = int(mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0])
+        inv = np.asarray(ck.tensors[key])
+        had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
+        if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
+            raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {inv.dtype} "
+                                  f"{inv.shape}")
+        if had.shape != (1,) or had.dtype.kind not in "iu":
+            raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
+        new = SmoothedTorchLinear(mod, inv.astype(np.float32),
+                                  ops.hadamard_block(int(had[0]), k_in, _pfx(base) + "hadamard", allow_zero=True))
+        for parent, cname in sites.get(id(mod), []):
+            parent._modules[cname] = new
+            wrapped.append((parent, cname, mod))
+
+
+def _install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -> "torch.nn.Module":
     """Install a :class:`cquant.io.Checkpoint` into a torch model (``cquant.load_into``).
 
     Each checkpoint layer replaces the ``nn.Linear`` / ``Conv1D`` (or an earlier quantized layer) of
