@@ -22,6 +22,19 @@ class _M(nn.Module):
         return self.fc2(self.fc1(x))
 
 
+class _LN(nn.Module):
+    """LayerNorm -> fc1 -> GELU -> fc2: smoothing folds into the LayerNorm for fc1 and wraps fc2."""
+
+    def __init__(self):
+        super().__init__()
+        self.norm = nn.LayerNorm(64)
+        self.fc1 = nn.Linear(64, 96, rng=0)
+        self.fc2 = nn.Linear(96, 16, rng=1)
+
+    def forward(self, x):
+        return self.fc2(nn.gelu(self.fc1(self.norm(x))))
+
+
 def _x():
     return [np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)]
 
@@ -245,16 +258,7 @@ def test_smoothing_twice_is_refused_clearly_and_errors_are_cquant_errors(tmp_pat
     from cquant import smoothing
     cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
 
-    class LN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.LayerNorm(64)
-            self.fc1 = nn.Linear(64, 96, rng=0)
-            self.fc2 = nn.Linear(96, 16, rng=1)
-
-        def forward(self, x):
-            return self.fc2(nn.gelu(self.fc1(self.norm(x))))
-    m = LN()
+    m = _LN()
     smoothing.smooth(m, cal, alpha=0.5)
     with pytest.raises(errors.ValueError, match="smoothed already"):
         smoothing.smooth(m, cal, alpha=0.5)
@@ -273,21 +277,12 @@ def test_include_exclude_name_a_smoothed_layer_by_its_own_name():
     include / exclude patterns naming ``fc2`` must select it as without smoothing."""
     cal = [np.random.default_rng(2).standard_normal((16, 64)).astype(np.float32)]
 
-    class LN(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.norm = nn.LayerNorm(64)
-            self.fc1 = nn.Linear(64, 96, rng=0)
-            self.fc2 = nn.Linear(96, 16, rng=1)
-
-        def forward(self, x):
-            return self.fc2(nn.gelu(self.fc1(self.norm(x))))
     for smoothing in (None, 0.5):
         q = Quantizer(exclude=["fc2"])
-        q.quantize(LN(), calibration=cal, smoothing=smoothing)
+        q.quantize(_LN(), calibration=cal, smoothing=smoothing)
         assert [r.name for r in q.summary if r.status == "quantized"] == ["fc1"], smoothing
         q = Quantizer(include=["fc2"])
-        q.quantize(LN(), calibration=cal, smoothing=smoothing)
+        q.quantize(_LN(), calibration=cal, smoothing=smoothing)
         assert [r.name.removesuffix(".linear") for r in q.summary if r.status == "quantized"] == ["fc2"], smoothing
 
 
