@@ -348,3 +348,31 @@ def test_load_into_a_smoothed_checkpoint_whose_wrapped_layer_stayed_float(tmp_pa
     with pytest.raises(errors.CheckpointError, match="pooler"):
         cquant.load_into(broken, late)
     assert type(broken.encoder.layer[0].attention.self.value) is torch.nn.Linear   # the wrapping undone
+
+
+def test_a_child_named_linear_is_not_matched_by_its_parents_name_and_rule_maps_keep_the_mode():
+    """Only a smoothing wrapper's layer is named by the wrapper's name: an ordinary ``blk.linear`` is
+    not selected by ``blk``. A scheme mapping without "*" keeps mode / granularity as the default."""
+    class Blk(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = nn.Linear(8, 8, rng=0)
+            self.out = nn.Linear(8, 8, rng=1)
+
+        def forward(self, x):
+            return self.out(self.linear(x))
+
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.blk = Blk()
+            self.head = nn.Linear(8, 4, rng=2)
+
+        def forward(self, x):
+            return self.head(self.blk(x))
+    q = Quantizer(exclude=["blk"])
+    q.quantize(M())
+    assert sorted(r.name for r in q.summary if r.status == "quantized") == ["blk.linear", "blk.out", "head"]
+    q = Quantizer(mode="weight_only", scheme={"head": None})
+    m = q.quantize(M())
+    assert m.blk.linear.mode == "weight_only" and type(m.head) is nn.Linear

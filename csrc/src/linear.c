@@ -84,6 +84,7 @@ typedef struct {
      * whole rows (s8_rows_unit), else as a pass after the linear */
     const struct ln_args *ln;
     int isa;
+    int nonfinite; /* weight-only GEMM: a unit wrote a non-finite output (atomic) */
 } lin_ctx;
 
 typedef struct ln_args {
@@ -772,12 +773,17 @@ static void wo_gemm_unit(void *vctx, int64_t u)
             }
         }
     }
+    int finite = 1;
     for (int64_t p = p0; p < p1; p++) {
         int64_t cols = cols_of(c, p);
         const float *cp = cbuf + (p - p0) * WO_MB * nr;
-        for (int64_t r = 0; r < rows; r++)
+        for (int64_t r = 0; r < rows; r++) {
             memcpy(c->y + (m0 + r) * c->n + p * nr, cp + r * nr, (size_t)cols * sizeof(float));
+            float a;
+            finite &= c->ew->absmax(cp + r * nr, cols, &a); /* (in cache: the rare overflow, see linear_impl) */
+        }
     }
+    if (!finite) __atomic_store_n(&c->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 /* ---- entry points ------------------------------------------------------------------------------ */
@@ -967,10 +973,11 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemm_unit, REGION_WO_GEMM);
             /* A row whose float32 sums overflowed although its x is finite (values near FLT_MAX: the
              * tiles do not scale rows, whose true results may still be in range) is computed again
-             * by the GEMV, which scales such rows by a power of two (wo_gemv_rows). One pass over
-             * y finds them; a row of x that is not finite keeps its NaN / Inf outputs. */
-            for (int64_t r = 0; r < m; r++) {
-                float a;
+             * by the GEMV, which scales such rows by a power of two (wo_gemv_rows). The units flag a
+             * non-finite output as they write it; then the rows are found; a row of x that is not
+             * finite keeps its NaN / Inf outputs. */
+            for (int64_t r = 0; __atomic_load_n(&c.nonfinite, __ATOMIC_RELAXED) && r < m; r++) {
+                float a; /* only after a unit saw a non-finite output (the units check theirs in cache) */
                 if (c.ew->absmax(y + r * n, n, &a) || !c.ew->absmax(c.x + r * c.xlda, k, &a)) continue;
                 lin_ctx g = c;
                 void *gs = NULL;

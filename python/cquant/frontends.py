@@ -228,8 +228,6 @@ def _match(path: str, patterns: Sequence[str]) -> Optional[str]:
     for pat in patterns:
         if fnmatch.fnmatchcase(path, pat):
             return pat
-    if path.endswith(".linear"):  # the layer inside a smoothing pre-scale wrapper: the wrapper's name counts
-        return _match(path[: -len(".linear")], patterns)
     return None
 
 
@@ -448,11 +446,26 @@ class FrontEnd:
 
 
 def _filter_refs(refs: List[LayerRef], inc: Tuple[str, ...], exc: Tuple[str, ...],
-                 quantized: Optional[bool]) -> List[LayerRef]:
-    """``refs`` of the kind asked (``quantized``), matched by ``inc`` (if any) and not by ``exc``."""
+                 quantized: Optional[bool], model: Any = None) -> List[LayerRef]:
+    """``refs`` of the kind asked (``quantized``), matched by ``inc`` (if any) and not by ``exc``; a
+    layer inside a smoothing pre-scale wrapper (``<name>.linear``) by the wrapper's name too."""
+    wrapped = _wrapper_names(model) if model is not None and (inc or exc) else set()
+
+    def match(name: str, pats: Tuple[str, ...]) -> Optional[str]:
+        hit = _match(name, pats)
+        if hit is None and name.endswith(".linear") and name[: -len(".linear")] in wrapped:
+            hit = _match(name[: -len(".linear")], pats)
+        return hit
     return [r for r in refs
             if (quantized is None or r.quantized == quantized)
-            and (not inc or _match(r.name, inc) is not None) and _match(r.name, exc) is None]
+            and (not inc or match(r.name, inc) is not None) and match(r.name, exc) is None]
+
+
+def _wrapper_names(model: Any) -> set:
+    """Names of the smoothing pre-scale wrappers in a cquant.nn or torch model."""
+    if not hasattr(model, "named_modules"):
+        return set()
+    return {n for n, m in model.named_modules() if getattr(type(m), "_cquant_smoothing_wrapper", False) is True}
 
 
 def _tree_layers(model: Any) -> List[LayerRef]:
@@ -561,7 +574,7 @@ class NnFrontEnd(_TreeFrontEnd):
     def layers(self, model: Any, include: Patterns = None, exclude: Patterns = None,
                quantized: Optional[bool] = None) -> List[LayerRef]:
         inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-        return _filter_refs(_tree_layers(model), inc, exc, quantized)
+        return _filter_refs(_tree_layers(model), inc, exc, quantized, model)
 
     def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
         out = []
@@ -621,7 +634,7 @@ class DuckFrontEnd(_TreeFrontEnd):
     def layers(self, model: Any, include: Patterns = None, exclude: Patterns = None,
                quantized: Optional[bool] = None) -> List[LayerRef]:
         inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-        return _filter_refs(_tree_layers(model), inc, exc, quantized)
+        return _filter_refs(_tree_layers(model), inc, exc, quantized, model)
 
     def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
         return []

@@ -603,13 +603,15 @@ class Quantizer:
                  group_size: Optional[int] = None, include: Patterns = None, exclude: Patterns = None,
                  *, scheme: Any = None, strict: bool = False, embeddings: Any = False):
         base = QuantScheme.from_args(mode, granularity, group_size)
-        if scheme is not None and (mode, granularity, group_size) != ("dynamic", "per_channel", None):
-            # scheme= names every layer's scheme: a mode / granularity given beside it would be dropped
+        default, rules = _normalize_scheme(scheme)
+        if default is not None and (mode, granularity, group_size) != ("dynamic", "per_channel", None):
+            # scheme= (one scheme, or a mapping with "*") names the default scheme: a mode /
+            # granularity given beside it would be dropped (a mapping without "*" keeps them as the
+            # default of the layers no rule names)
             raise errors.ValueError(
                 f"give the scheme once: scheme={scheme!r} together with mode={mode!r}, granularity="
                 f"{granularity!r}, group_size={group_size!r}; put the mode in the scheme text (e.g. "
                 "\"int8 weight_only per_group(32)\") or leave scheme= out")
-        default, rules = _normalize_scheme(scheme)
         #: the scheme of every layer that no per-layer rule names (a :class:`QuantScheme`)
         self.scheme: QuantScheme = default or base
         #: per-layer rules: ``((name, glob or class), QuantScheme or None), ...)``
@@ -880,7 +882,11 @@ class Quantizer:
                 continue
             if not _looks_like_layer(obj) and not (self.include and _match(path, self.include)):
                 continue
-            inc = _match(path, self.include) if self.include else None
+            # the layer inside a smoothing pre-scale wrapper is named by the wrapper's name too
+            base = path[: -len(".linear")] if path.endswith(".linear") and site is not None and \
+                getattr(type(site.container), "_cquant_smoothing_wrapper", False) is True else None
+            inc = (_match(path, self.include) or (_match(base, self.include) if base else None)) \
+                if self.include else None
             if inc is not None:
                 matched_includes.add(inc)
             ok, why = _check_layer(obj, relaxed=inc is not None)
@@ -890,7 +896,7 @@ class Quantizer:
             bb = b.nbytes if isinstance(b, np.ndarray) else 0
             shape = tuple(w.shape) if isinstance(w, np.ndarray) else None
             if ok:
-                exc = _match(path, self.exclude)
+                exc = _match(path, self.exclude) or (_match(base, self.exclude) if base else None)
                 if exc is not None:
                     ok, why = False, f"excluded by pattern {exc!r}"
                 elif self.include and inc is None:
@@ -1022,6 +1028,7 @@ class Quantizer:
             if k not in self._used_rules:
                 logger.warning("scheme rule %r matched no layer", k)
         names = [r.name for r in (self.summary or [])]
+        names += [n[: -len(".linear")] for n in names if n.endswith(".linear")]  # a smoothing wrapper's layer
         for pat in self.exclude:
             if not any(_match(n, (pat,)) is not None for n in names):
                 logger.warning("exclude pattern %r matched no layer", pat)

@@ -568,8 +568,6 @@ def _match(name: str, patterns: Sequence[str]) -> Optional[str]:
     for p in patterns:
         if fnmatch.fnmatchcase(name, p):
             return p
-    if name.endswith(".linear"):  # the layer inside a smoothing pre-scale wrapper: the wrapper's name counts
-        return _match(name[: -len(".linear")], patterns)
     return None
 
 
@@ -695,10 +693,14 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
             shape = tuple(w.shape) if isinstance(w, torch.Tensor) and w.device.type != "meta" else None
             wb = int(w.numel() * w.element_size()) if isinstance(w, torch.Tensor) else 0
         if kind is not None:
-            exc = _match(name, exclude)
+            # the layer inside a smoothing pre-scale wrapper is named by the wrapper's name too
+            wrapped = name.endswith(".linear") and \
+                getattr(type(parents.get(id(mod))), "_cquant_smoothing_wrapper", False) is True
+            exc = _match(name, exclude) or (_match(name[: -len(".linear")], exclude) if wrapped else None)
             if exc is not None:
                 kind, why = None, f"excluded by pattern {exc!r}"
-            elif include and _match(name, include) is None:
+            elif include and _match(name, include) is None and not (
+                    wrapped and _match(name[: -len(".linear")], include) is not None):
                 kind, why = None, "not matched by include"
         if kind is None:
             if why:
@@ -1117,11 +1119,14 @@ def _aliases(model: "torch.nn.Module") -> Dict[str, List[str]]:
     return out
 
 
-def _numpy_dtype(dt: "torch.dtype") -> np.dtype:
+def _numpy_dtype(dt: "torch.dtype") -> Optional[np.dtype]:
     """The numpy dtype a torch tensor's values are checked against (bfloat16: float32's range)."""
     if dt == torch.bfloat16:
         return np.dtype(np.float32)
-    return torch.empty((), dtype=dt).numpy().dtype
+    try:
+        return torch.empty((), dtype=dt).numpy().dtype
+    except TypeError:  # a dtype numpy lacks (float8 ...): the copy itself decides, as before
+        return None
 
 
 def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -> "torch.nn.Module":
@@ -1289,7 +1294,8 @@ def _install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) 
     for k, v in ck.tensors.items():
         if k in own and tuple(own[k].shape) != tuple(v.shape):
             raise CheckpointError(f"tensor {k!r}: checkpoint shape {tuple(v.shape)}, model {tuple(own[k].shape)}")
-        why = plain_tensor_problem(v, _numpy_dtype(own[k].dtype)) if k in own else None
+        nd = _numpy_dtype(own[k].dtype) if k in own else None
+        why = plain_tensor_problem(v, nd) if nd is not None else None
         if why:
             raise CheckpointError(f"tensor {k!r} {why}")
     if ignored:

@@ -86,7 +86,7 @@ class TorchFrontEnd(FrontEnd):
             sizes = _torch_linear_sizes(mod)
             if sizes is not None:
                 refs.append(LayerRef(name, mod, sizes[0], sizes[1], False))
-        return _filter_refs(refs, inc, exc, quantized)
+        return _filter_refs(refs, inc, exc, quantized, model)
 
     def norm_layers(self, model: Any) -> List[Tuple[str, Any]]:
         out = []
