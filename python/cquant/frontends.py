@@ -452,13 +452,19 @@ def _filter_refs(refs: List[LayerRef], inc: Tuple[str, ...], exc: Tuple[str, ...
     wrapped = _wrapper_names(model) if model is not None and (inc or exc) else set()
 
     def match(name: str, pats: Tuple[str, ...]) -> Optional[str]:
-        hit = _match(name, pats)
-        if hit is None and name.endswith(".linear") and name[: -len(".linear")] in wrapped:
-            hit = _match(name[: -len(".linear")], pats)
-        return hit
+        return match_layer(name, pats, name.endswith(".linear") and name[: -len(".linear")] in wrapped)
     return [r for r in refs
             if (quantized is None or r.quantized == quantized)
             and (not inc or match(r.name, inc) is not None) and match(r.name, exc) is None]
+
+
+def match_layer(name: str, patterns: Sequence[str], in_wrapper: bool) -> Optional[str]:
+    """The pattern matching layer ``name``; a layer inside a smoothing pre-scale wrapper
+    (``in_wrapper``: ``<wrapper>.linear``) is matched by the wrapper's name too."""
+    hit = _match(name, patterns)
+    if hit is None and in_wrapper:
+        hit = _match(name[: -len(".linear")], patterns)
+    return hit
 
 
 def _wrapper_names(model: Any) -> set:

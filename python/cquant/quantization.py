@@ -128,7 +128,7 @@ from . import adapters, errors, nn, ops
 from . import smoothing as _smoothing
 from .frontends import (  # noqa: F401  (the walk and the recognition rule; io.py imports _walk from here)
     ReportRow, Patterns, _as_patterns, _check_layer, _children, _descendable, _display, _get, _has_forward,
-    _looks_like_layer, _match, _never_reason, _Site, _slot_names, _walk,
+    _looks_like_layer, _match, _never_reason, match_layer, _Site, _slot_names, _walk,
 )
 from .embedding import EMBEDDING_SCHEME, QuantizedEmbedding, can_share, resolve_ties
 from .scheme import QuantScheme
@@ -883,10 +883,9 @@ class Quantizer:
             if not _looks_like_layer(obj) and not (self.include and _match(path, self.include)):
                 continue
             # the layer inside a smoothing pre-scale wrapper is named by the wrapper's name too
-            base = path[: -len(".linear")] if path.endswith(".linear") and site is not None and \
-                getattr(type(site.container), "_cquant_smoothing_wrapper", False) is True else None
-            inc = (_match(path, self.include) or (_match(base, self.include) if base else None)) \
-                if self.include else None
+            wrapped = path.endswith(".linear") and site is not None and \
+                getattr(type(site.container), "_cquant_smoothing_wrapper", False) is True
+            inc = match_layer(path, self.include, wrapped) if self.include else None
             if inc is not None:
                 matched_includes.add(inc)
             ok, why = _check_layer(obj, relaxed=inc is not None)
@@ -896,7 +895,7 @@ class Quantizer:
             bb = b.nbytes if isinstance(b, np.ndarray) else 0
             shape = tuple(w.shape) if isinstance(w, np.ndarray) else None
             if ok:
-                exc = _match(path, self.exclude) or (_match(base, self.exclude) if base else None)
+                exc = match_layer(path, self.exclude, wrapped)
                 if exc is not None:
                     ok, why = False, f"excluded by pattern {exc!r}"
                 elif self.include and inc is None:

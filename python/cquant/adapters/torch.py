@@ -88,6 +88,7 @@ import torch
 from .. import errors, ops
 from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..checkpoint_file import plain_tensor_problem
+from ..frontends import match_layer
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
@@ -696,11 +697,10 @@ def _select(model: "torch.nn.Module", include: Sequence[str], exclude: Sequence[
             # the layer inside a smoothing pre-scale wrapper is named by the wrapper's name too
             wrapped = name.endswith(".linear") and \
                 getattr(type(parents.get(id(mod))), "_cquant_smoothing_wrapper", False) is True
-            exc = _match(name, exclude) or (_match(name[: -len(".linear")], exclude) if wrapped else None)
+            exc = match_layer(name, exclude, wrapped)
             if exc is not None:
                 kind, why = None, f"excluded by pattern {exc!r}"
-            elif include and _match(name, include) is None and not (
-                    wrapped and _match(name[: -len(".linear")], include) is not None):
+            elif include and match_layer(name, include, wrapped) is None:
                 kind, why = None, "not matched by include"
         if kind is None:
             if why:
@@ -1146,6 +1146,19 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         raise
 
 
+def _wrapper_tensors(ck: Any, base: str, k_in: int) -> Tuple[np.ndarray, int]:
+    """``(inv_scale float32, hadamard block)`` of the smoothing wrapper ``base`` in a checkpoint, checked:
+    k_in finite non-zero factors and one integer block valid for k_in (CheckpointError otherwise)."""
+    key = _pfx(base) + "inv_scale"
+    inv = np.asarray(ck.tensors[key])
+    had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
+    if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
+        raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {inv.dtype} {inv.shape}")
+    if had.shape != (1,) or had.dtype.kind not in "iu":
+        raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
+    return inv.astype(np.float32), ops.hadamard_block(int(had[0]), k_in, _pfx(base) + "hadamard", allow_zero=True)
+
+
 def _wrap_float_smoothed(model: "torch.nn.Module", ck: Any, wrapped: List[Tuple[Any, str, Any]]) -> None:
     """The pre-scale wrappers of :func:`install_checkpoint`, each journalled in ``wrapped``."""
     subs = dict(model.named_modules())
@@ -1157,15 +1170,7 @@ def _wrap_float_smoothed(model: "torch.nn.Module", ck: Any, wrapped: List[Tuple[
                 or not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
             continue  # a quantized inner layer (handled with the layers), or nothing to wrap
         k_in = int(mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0])
-        inv = np.asarray(ck.tensors[key])
-        had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
-        if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
-            raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {inv.dtype} "
-                                  f"{inv.shape}")
-        if had.shape != (1,) or had.dtype.kind not in "iu":
-            raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
-        new = SmoothedTorchLinear(mod, inv.astype(np.float32),
-                                  ops.hadamard_block(int(had[0]), k_in, _pfx(base) + "hadamard", allow_zero=True))
+        new = SmoothedTorchLinear(mod, *_wrapper_tensors(ck, base, k_in))
         for parent, cname in sites.get(id(mod), []):
             parent._modules[cname] = new
             wrapped.append((parent, cname, mod))
@@ -1204,17 +1209,7 @@ def _install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) 
             base = name[: -len(".linear")]
             bmod = subs.get(base)
             if bmod is not None and (isinstance(bmod, (torch.nn.Linear, QuantizedTorchLinear)) or is_conv1d(bmod)):
-                inv = np.asarray(ck.tensors[_pfx(base) + "inv_scale"])
-                had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
-                k_in = int(qf.qweight.shape[1])
-                if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
-                    raise CheckpointError(f"tensor {_pfx(base) + 'inv_scale'!r}: expected {k_in} finite non-zero "
-                                          f"floats, got {inv.dtype} {inv.shape}")
-                if had.shape != (1,) or had.dtype.kind not in "iu":
-                    raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
-                wrap_plans[base] = (name, inv.astype(np.float32), ops.hadamard_block(int(had[0]), k_in,
-                                                                                       _pfx(base) + "hadamard",
-                                                                                       allow_zero=True))
+                wrap_plans[base] = (name,) + _wrapper_tensors(ck, base, int(qf.qweight.shape[1]))
                 mod = bmod
         if mod is None:
             raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")
