@@ -355,3 +355,151 @@ def test_residual_scale_owns_its_array_and_refuses_nan():
         st["encoder.layer.1.attention.output.residual_scale"] = bad
         with pytest.raises(ValueError, match="residual_scale"):
             copy.deepcopy(sm).load_state_dict(st)
+
+
+def _compare_rows(fm, qm, cal):
+    return {r.name: (round(r.sqnr_db, 6), round(r.output_share, 6)) for r in cquant.compare(fm, qm, cal).layers}
+
+
+def test_compare_of_a_smoothed_model_reloaded_from_a_checkpoint(tmp_path):
+    """The folds of smoothing are saved: cquant.compare on the reloaded model gives the per-layer
+    numbers of the model in memory (they were nonsense for the folded layers: the fold scales were
+    lost, so the layers got the float model's input unscaled)."""
+    fm = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    cal = [(ids, np.ones((3, 10), np.int64))]
+    qm = Quantizer.quantize_dynamic(copy.deepcopy(fm), calibration=cal, smoothing=0.5)
+    f = str(tmp_path / "q.safetensors")
+    cquant.save(qm, f)
+    back = cquant.load(f)
+    np.testing.assert_array_equal(back(*cal[0]), qm(*cal[0]))
+    assert _compare_rows(fm, back, cal) == _compare_rows(fm, qm, cal)
+    for attr in ("_cquant_input_scales", "_cquant_output_scales"):
+        mine, theirs = getattr(qm, attr), getattr(back, attr)
+        assert sorted(mine) == sorted(theirs)
+        for k in mine:
+            np.testing.assert_array_equal(mine[k], theirs[k])
+    # load_into a fresh model records them too; a checkpoint without folds clears a stale record
+    fresh = _tiny_bert(5)
+    cquant.load_into(fresh, f)
+    assert _compare_rows(fm, fresh, cal) == _compare_rows(fm, qm, cal)
+    plain = Quantizer.quantize_dynamic(copy.deepcopy(fm))
+    g = str(tmp_path / "plain.safetensors")
+    cquant.save(plain, g)
+    other = _tiny_bert(6)
+    object.__setattr__(other, INPUT_SCALES_ATTR, dict(getattr(qm, INPUT_SCALES_ATTR)))
+    cquant.load_into(other, g)
+    assert getattr(other, INPUT_SCALES_ATTR, None) is None
+    assert _compare_rows(fm, other, cal) == _compare_rows(fm, plain, cal)
+    # a smoothed file into a hand-built model: wrappers and residual factors in place, bit-exact
+    np.testing.assert_array_equal(fresh(*cal[0]), qm(*cal[0]))
+    with pytest.raises(errors.CheckpointError, match="is a Linear, the model has a Smoothed"):
+        cquant.load_into(fresh, g)  # a plain file into the smoothed model: refused, model unchanged
+    np.testing.assert_array_equal(fresh(*cal[0]), qm(*cal[0]))
+
+
+def _rewrite(src, dst, meta_change=None, tensor_change=None):
+    from safetensors.numpy import load_file, save_file
+    from cquant.checkpoint_file import open_checkpoint
+    with open_checkpoint(src) as r:
+        meta = dict(r.metadata)
+    tensors = load_file(src)
+    if meta_change:
+        meta_change(meta)
+    if tensor_change:
+        tensor_change(tensors)
+    save_file(tensors, dst, metadata=meta)
+
+
+@pytest.mark.parametrize("case", ["missing", "negative", "length", "twice", "dtype", "not_json", "bad_side"])
+def test_lying_fold_records_are_refused(tmp_path, case):
+    pytest.importorskip("safetensors")
+    import json
+    fm = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    qm = Quantizer.quantize_dynamic(copy.deepcopy(fm), calibration=[(ids, np.ones((3, 10), np.int64))], smoothing=0.5)
+    f, g = str(tmp_path / "q.safetensors"), str(tmp_path / "bad.safetensors")
+    cquant.save(qm, f)
+    layer = "encoder.layer.1.intermediate.dense"
+    key = f"cquant_fold_input.{layer}"
+
+    def meta(m):
+        lst = json.loads(m["cquant.folds"])
+        if case == "twice":
+            lst["input"].append(layer)
+        if case == "bad_side":
+            lst["sideways"] = []
+        m["cquant.folds"] = "{" if case == "not_json" else json.dumps(lst)
+
+    def tensors(t):
+        if case == "missing":
+            del t[key]
+        elif case == "negative":
+            t[key] = -t[key]
+        elif case == "length":
+            t[key] = t[key][:-1].copy()
+        elif case == "dtype":
+            t[key] = t[key].astype(np.float64)
+
+    _rewrite(f, g, meta, tensors)
+    with pytest.raises(errors.CheckpointError, match="cquant.folds"):
+        cquant.load(g)
+
+
+def test_torch_smoothed_round_trips_keep_the_folds(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("safetensors")
+
+    def model(seed):
+        torch.manual_seed(seed)
+        cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                      intermediate_size=64)
+        return transformers.BertModel(cfg).eval()
+
+    torch.manual_seed(1)
+    cal = [{"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
+    fm = model(0)
+    qm = Quantizer.quantize_dynamic(copy.deepcopy(fm), calibration=cal, smoothing=0.5)
+    want = _compare_rows(fm, qm, cal)
+    d = tmp_path / "hf"
+    cquant.save_pretrained(qm, d, max_shard_size=20000)  # several shards: each lists its own folds
+    assert len(list(d.glob("cquant-model-*.safetensors"))) > 1
+    assert _compare_rows(fm, cquant.from_pretrained(d), cal) == want
+    f = str(tmp_path / "q.safetensors")
+    cquant.save(qm, f)
+    li = model(5)
+    cquant.load_into(li, f)
+    assert _compare_rows(fm, li, cal) == want
+
+
+def test_load_into_hand_built_nn_model_with_a_float_smoothed_layer(tmp_path):
+    """A smoothed layer that stayed float (scheme None) is wrapped in the hand-built model too; a zero
+    inv_scale in the file is refused and the model is left as it was."""
+    pytest.importorskip("safetensors")
+    fm = _tiny_bert()
+    ids = np.random.default_rng(1).integers(0, 50, (3, 10))
+    cal = [(ids, np.ones((3, 10), np.int64))]
+    keep = "encoder.layer.1.output.dense"  # a pre-scale wrapper (the FFN output has no fold)
+    qm = Quantizer(scheme={"*": "per_channel", keep: None}).quantize(copy.deepcopy(fm), calibration=cal,
+                                                                      smoothing=0.5, rotate="all")
+    assert isinstance(qm.encoder.layer[1].output.dense, Smoothed)
+    assert type(qm.encoder.layer[1].output.dense.linear) is nn.Linear
+    f = str(tmp_path / "q.safetensors")
+    cquant.save(qm, f)
+    fresh = _tiny_bert(5)
+    cquant.load_into(fresh, f)
+    np.testing.assert_array_equal(fresh(*cal[0]), qm(*cal[0]))
+
+    g = str(tmp_path / "bad.safetensors")
+
+    def zero(t):
+        t[keep + ".inv_scale"] = np.zeros_like(t[keep + ".inv_scale"])
+    _rewrite(f, g, tensor_change=zero)
+    other = _tiny_bert(6)
+    before = other(*cal[0])
+    with pytest.raises(errors.CheckpointError, match="finite non-zero"):
+        cquant.load_into(other, g)
+    assert not [n for n, m in other.named_modules() if isinstance(m, Smoothed)]
+    assert all(m._parameters.get("residual_scale", None) is None for _, m in other.named_modules())
+    np.testing.assert_array_equal(other(*cal[0]), before)

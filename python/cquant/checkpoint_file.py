@@ -31,6 +31,14 @@ KEY_LAYERS = "cquant.layers"
 KEY_MODEL = "cquant.model"
 KEY_CQ_VERSION = "cquant.version"
 KEY_TIED = "cquant.tied"  # {embedding table: the Linear layer whose per_channel int8 codes it shares}
+# {"input": [layer, ...], "output": [layer, ...]}: the smoothing folds of the model (see FOLD_ATTRS)
+KEY_FOLDS = "cquant.folds"
+
+#: attributes of a smoothed model's root (set by :func:`cquant.smooth`, read by :func:`cquant.compare`):
+#: layer name -> the ``s`` its input was divided by through a fold into the layer before it
+#: ("input"), and Linear name -> the ``s`` its output was divided by (a fold into it, "output").
+#: A checkpoint keeps them as float32 tensors ``fold_key(side, layer)``, listed under KEY_FOLDS.
+FOLD_ATTRS = {"input": "_cquant_input_scales", "output": "_cquant_output_scales"}
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -687,3 +695,75 @@ def _stored_codes(qw: ops.QuantizedWeight) -> np.ndarray:
 
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
+
+
+# --------------------------------------------------------------------------------------------------
+# Smoothing folds (FOLD_ATTRS): what cquant.compare needs to compare a reloaded smoothed model
+# --------------------------------------------------------------------------------------------------
+
+def fold_key(side: str, layer: str) -> str:
+    """Tensor name of a fold vector in a checkpoint (``side``: "input" or "output")."""
+    return f"cquant_fold_{side}.{layer}"
+
+
+def fold_tensors(model: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
+    """The fold vectors a smoothed model's root records: ({tensor name: float32 vector}, the
+    KEY_FOLDS listing); ({}, {}) for a model that was not smoothed."""
+    tensors: Dict[str, np.ndarray] = {}
+    listing: Dict[str, List[str]] = {}
+    for side, attr in FOLD_ATTRS.items():
+        record = getattr(model, attr, None) or {}
+        for layer, v in record.items():
+            tensors[fold_key(side, str(layer))] = np.array(v, dtype=np.float32).reshape(-1)  # a copy: records share s
+            listing.setdefault(side, []).append(str(layer))
+    return tensors, listing
+
+
+def read_folds(where: str, raw: Optional[str], arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.ndarray]]:
+    """Parse the KEY_FOLDS listing (``raw``; None: no folds) and take its vectors out of ``arrays``:
+    {"input": {layer: vector}, "output": {...}}. Each vector must be listed once, be there, and hold
+    positive finite floats (a fold divides by it)."""
+    out: Dict[str, Dict[str, np.ndarray]] = {side: {} for side in FOLD_ATTRS}
+    if raw is None:
+        return out
+    where = f"{where}: metadata {KEY_FOLDS!r}"
+    try:
+        listing = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{where} is not valid JSON") from None
+    if not isinstance(listing, dict) or set(listing) - set(FOLD_ATTRS):
+        raise CheckpointError(f"{where} must be a JSON object with \"input\" and/or \"output\" lists of layer names")
+    for side, layers in listing.items():
+        if not isinstance(layers, list) or not all(isinstance(n, str) for n in layers):
+            raise CheckpointError(f"{where}: {side!r} must be a list of layer names, got {_short(layers)}")
+        for layer in layers:
+            key = fold_key(side, layer)
+            if layer in out[side]:
+                raise CheckpointError(f"{where}: {side} fold of layer {layer!r} listed twice")
+            if key not in arrays:
+                raise CheckpointError(f"{where}: lists the {side} fold of layer {layer!r}, but the file has "
+                                      f"no tensor {key!r}")
+            v = np.asarray(arrays.pop(key))
+            if v.dtype != np.float32 or v.ndim != 1 or not v.size:
+                raise CheckpointError(f"{where}: tensor {key!r} must be a non-empty 1-D float32 vector "
+                                      f"(got {v.dtype} {tuple(v.shape)})")
+            if not (np.isfinite(v).all() and (v > 0).all()):
+                raise CheckpointError(f"{where}: tensor {key!r} must hold positive finite scales")
+            out[side][layer] = np.array(v, dtype=np.float32)
+    return out
+
+
+def set_folds(model: Any, folds: Mapping[str, Mapping[str, np.ndarray]]) -> None:
+    """Record a checkpoint's folds on the model's root as :func:`cquant.smooth` does (a model whose
+    weights now come from a file without folds loses the record its old weights had)."""
+    for side, attr in FOLD_ATTRS.items():
+        record = dict(folds.get(side) or {})
+        try:
+            if record:
+                object.__setattr__(model, attr, record)
+            elif getattr(model, attr, None) is not None:
+                object.__delattr__(model, attr)
+        except (AttributeError, TypeError):  # a root that takes no attributes (cquant.smooth could not
+            pass                             # have recorded folds on it either)

@@ -749,13 +749,58 @@ def _embedding_table(name: str, qf: Any, rows_dim: Tuple[int, int]) -> None:
         raise CheckpointError(f"layer {name!r} has a bias; the model has an embedding there")
 
 
+#: the cquant.nn smoothing pre-scale wrapper class (cquant.smoothing.Smoothed registers itself: this
+#: module cannot import it), which load_into puts around a plain Linear the checkpoint has smoothed
+_NN_WRAPPER: List[Any] = []
+
+
+def register_nn_wrapper(cls: Any) -> Any:
+    _NN_WRAPPER[:] = [cls]
+    return cls
+
+
+def _nn_smoothing_placeholders(model: Any, ck: Any, undo: List[Callable[[], None]]) -> None:
+    """What a smoothed checkpoint holds that a freshly built cquant.nn model lacks (cquant.load's
+    BertModel builds them from its config; a model built by hand has plain layers there): a
+    pre-scale wrapper around each Linear ``<base>`` of which the file has ``<base>.inv_scale`` and
+    the inner layer (``<base>.linear``, quantized or float), and a ``residual_scale`` for each block
+    whose slot is empty. Placeholder values (ones); load_state_dict fills them. Every wrapper's
+    ``inv_scale`` in the file is checked (finite, non-zero). Journalled in ``undo``."""
+    for key in [k for k in ck.tensors if k.endswith(".inv_scale") or k.endswith(".residual_scale")]:
+        base, _, leaf = key.rpartition(".")
+        try:
+            parent, mod, last = _nn_submodule(model, base)
+        except CheckpointError:
+            continue  # strict's key check names it
+        v = np.asarray(ck.tensors[key])
+        if leaf == "residual_scale":
+            if "residual_scale" in getattr(mod, "_parameters", {}) and mod._parameters["residual_scale"] is None \
+                    and v.ndim == 1:
+                mod._parameters["residual_scale"] = np.ones(v.shape, np.float32)
+                undo.append(lambda _m=mod: _m._parameters.__setitem__("residual_scale", None))
+            continue
+        if not _is_smoothing_wrapper(mod):
+            if not (isinstance(mod, nn.Linear) or _is_qlinear(mod)) or not _NN_WRAPPER or \
+                    not (base + ".linear" in ck.layers or base + ".linear.weight" in ck.tensors):
+                continue
+            wrapper = _NN_WRAPPER[0](mod, np.ones(mod.in_features, np.float32))
+            parent._modules[last] = wrapper
+            undo.append(lambda _p=parent, _l=last, _m=mod: _p._modules.__setitem__(_l, _m))
+            mod = wrapper
+        k_in = int(np.asarray(mod.inv_scale).shape[-1])
+        if v.shape != (k_in,) or v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v != 0):
+            raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {v.dtype} {v.shape}")
+
+
 def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:
     replaced = []
     ck_tensors = dict(ck.tensors)
     layer_keys = set(ck.layer_keys())
     tied = getattr(ck, "tied", {})
     installed: Dict[str, Any] = {}
+    undo: List[Callable[[], None]] = []
     try:
+        _nn_smoothing_placeholders(model, ck, undo)
         # tied tables after the Linears whose codes they read
         for name, qf in sorted(ck.layers.items(), key=lambda kv: kv[0] in tied):
             if not name:
@@ -815,6 +860,8 @@ def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:
     except Exception:
         for parent, last, mod in reversed(replaced):
             parent._modules[last] = mod
+        for step in reversed(undo):
+            step()
         raise
     return model
 

@@ -54,6 +54,12 @@ The header's ``__metadata__`` (string -> string) holds:
   :mod:`cquant.nn` model that can rebuild itself (``from_cquant_config``), e.g. :class:`cquant.bert.BertModel`.
   ``cquant.load`` builds only classes in an explicit registry (:func:`register_loadable`), looked up
   by that string: nothing named in a file is ever imported;
+- ``cquant.folds`` (optional, a smoothed model): JSON ``{"input": [layer, ...], "output": [...]}``
+  listing the float32 tensors ``cquant_fold_input.<layer>`` / ``cquant_fold_output.<layer>``: the
+  scales smoothing divided a layer's input (output) by through a fold into the layer before it
+  (positive, finite; a quantized layer's K (N) of them). Loading records them on the model as
+  :func:`cquant.smooth` does, so that :func:`cquant.compare` on the reloaded model feeds each layer
+  as it was fed in memory;
 - anything the user passed as ``metadata=`` and, for ``cquant quantize``, the input file's metadata.
 
 To use a layer from C: read ``weight_q`` (N*K bytes) and ``weight_scale``, then ``y = x @ (q*s).T + b``
@@ -93,7 +99,7 @@ from .checkpoint_file import (  # noqa: F401  (the file layer, re-exported: thes
     _open_regular, _is_int, _no_duplicate_keys, _MAX_DIMS, _MAX_ARRAY_BYTES, SafetensorsReader, INDEX_SUFFIX,
     CHECKPOINT_NAMES, _MAX_INDEX, resolve_checkpoint, is_index_path, _shard_name_ok, ShardedReader,
     open_checkpoint, StreamWriter, _umask, atomic_path, _layer_meta, pack_int4, unpack_int4, _stored_codes, _prefix,
-    path_str,
+    path_str, KEY_FOLDS, fold_tensors, read_folds, set_folds,
 )
 from .quantization import QuantizedLinearForward
 
@@ -123,6 +129,9 @@ class Checkpoint:
     #: embedding table -> the Linear layer whose codes it shares (``cquant.tied``); such a table is in
     #: ``layers`` (the same QuantizedWeight as that layer) but has no tensors of its own
     tied: Dict[str, str] = field(default_factory=dict)
+    #: the smoothing folds of the saved model ({"input": {layer: s}, "output": {...}}, ``cquant.folds``),
+    #: recorded on the model by load / load_into for :func:`cquant.compare`
+    folds: Dict[str, Dict[str, np.ndarray]] = field(default_factory=dict)
 
     @property
     def format_version(self) -> Optional[str]:
@@ -180,6 +189,14 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
                               f"(got {', '.join(reserved)}); name yours otherwise")
     state = fe.for_model(obj).state_tensors(obj)
     tensors, layers, model_meta, ties = state.tensors, state.layers, state.model_meta, state.ties
+    folds, fold_listing = fold_tensors(obj)
+    clash = sorted(set(folds) & set(tensors))
+    if clash:
+        raise CheckpointError(f"{path}: the model has a tensor named {clash[0]!r}, the name a checkpoint gives a "
+                              "smoothing fold; rename that module")
+    if folds:
+        tensors = {**tensors, **folds}
+        meta[KEY_FOLDS] = json.dumps(fold_listing, separators=(",", ":"))
     if ties:
         meta[KEY_TIED] = json.dumps(ties, separators=(",", ":"))
     meta[KEY_VERSION] = FORMAT_VERSION
@@ -411,6 +428,13 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
         if spec.kind != "linear":
             ck.kinds[name] = spec.kind
     _read_ties(p, meta, specs, ck, arrays)
+    ck.folds = read_folds(p, meta.get(KEY_FOLDS), arrays)
+    for side, layer, v in [(sd, n, v) for sd, rec in ck.folds.items() for n, v in rec.items()]:
+        qf = ck.layers.get(layer)
+        if qf is not None and layer not in ck.tied and v.size != qf.qweight.shape[1 if side == "input" else 0]:
+            raise CheckpointError(f"{p}: metadata {KEY_FOLDS!r}: the {side} fold of layer {layer!r} has {v.size} "
+                                  f"scales; the layer has {qf.qweight.shape[1 if side == 'input' else 0]} "
+                                  f"{side} channels")
     ck.tensors = arrays
     return ck
 
@@ -614,7 +638,9 @@ def load_into(model: Any, path_or_checkpoint: Union[PathLike, Checkpoint], stric
     else:
         ck, where = read_checkpoint(path_or_checkpoint), path_str(path_or_checkpoint)
     try:
-        return fe.for_model(model).install(model, ck, strict)
+        model = fe.for_model(model).install(model, ck, strict)
+        set_folds(model, ck.folds)
+        return model
     except CheckpointError as e:
         if where and not str(e).startswith(where):
             raise CheckpointError(f"{where}: {e}") from None

@@ -60,16 +60,18 @@ import numpy as np
 from . import calibration as _cal
 from . import errors, nn, ops
 from . import frontends as fe
+from .checkpoint_file import FOLD_ATTRS
 from .frontends import Patterns
 
 __all__ = ["smooth", "Smoothed", "SmoothingResult", "SmoothedGroup", "smoothing_scales", "INPUT_SCALES_ATTR",
            "OUTPUT_SCALES_ATTR"]
 
 #: attribute of the model root: layer name -> the ``s`` its input was divided by through a fold
-#: (used by :func:`cquant.compare` to feed a smoothed layer from an unsmoothed model)
-INPUT_SCALES_ATTR = "_cquant_input_scales"
+#: (used by :func:`cquant.compare` to feed a smoothed layer from an unsmoothed model; checkpoints
+#: keep it, see cquant.checkpoint_file.FOLD_ATTRS)
+INPUT_SCALES_ATTR = FOLD_ATTRS["input"]
 #: attribute of the model root: Linear name -> the ``s`` its output was divided by (a fold into it)
-OUTPUT_SCALES_ATTR = "_cquant_output_scales"
+OUTPUT_SCALES_ATTR = FOLD_ATTRS["output"]
 
 
 class Smoothed(nn.Module):
@@ -124,6 +126,9 @@ class Smoothed(nn.Module):
                 raise errors.ValueError(f"{key} must be one integer, got {v.dtype} {v.shape}")
             _check_block(int(v[0]), self.inv_scale.shape[-1], key)
         super()._load_plan(state, prefix, plan, used, missing, mismatched)
+
+
+fe.register_nn_wrapper(Smoothed)  # cquant.load_into wraps a hand-built model's layers with it
 
 
 def check_residual_scale(scale: Any, what: str) -> np.ndarray:

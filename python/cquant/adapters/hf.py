@@ -42,7 +42,8 @@ import numpy as np
 import torch
 
 from .. import __version__, errors, ops
-from ..checkpoint_file import KEY_CQ_VERSION, KEY_LAYERS, KEY_VERSION, pack_int4, unpack_int4
+from ..checkpoint_file import (KEY_CQ_VERSION, KEY_FOLDS, KEY_LAYERS, KEY_VERSION, fold_key as _fold_key, fold_tensors,
+                               pack_int4, read_folds, set_folds, unpack_int4)
 from ..quantization import QuantizedLinearForward
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
@@ -167,6 +168,17 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
             if src != key and key in tensors and src in tensors:
                 del tensors[key]
                 tied[key] = src
+    # the smoothing folds (for cquant.compare on the reloaded model), under names no state_dict key has
+    folds, fold_listing = fold_tensors(model)
+    clash = sorted(set(folds) & (set(tensors) | set(tied)))
+    if clash:
+        raise errors.CheckpointError(f"the model has a tensor named {clash[0]!r}, the name a checkpoint gives a "
+                                     "smoothing fold; rename that module")
+    fold_side = {}
+    for side, names_ in fold_listing.items():
+        for layer in names_:
+            fold_side[_fold_key(side, layer)] = (side, layer)
+    tensors.update({k: torch.from_numpy(v) for k, v in folds.items()})
     for name, lm in layers.items():  # int4 codes: two per byte in the file
         key = _pfx(name) + "weight_q"
         if lm.get("bits") == 4 and key in tensors:
@@ -211,6 +223,12 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
         meta = {str(k): str(v) for k, v in (metadata or {}).items()}
         meta.update({"format": "pt", KEY_VERSION: FORMAT_VERSION, KEY_CQ_VERSION: __version__,
                      KEY_LAYERS: json.dumps(shard_layers, separators=(",", ":"))})
+        shard_folds: Dict[str, List[str]] = {}
+        for k in keys:
+            if k in fold_side:
+                shard_folds.setdefault(fold_side[k][0], []).append(fold_side[k][1])
+        if shard_folds:  # each file is a cquant checkpoint: it lists the folds it holds
+            meta[KEY_FOLDS] = json.dumps(shard_folds, separators=(",", ":"))
         path = os.path.join(directory, fname)
         tmp = path + ".tmp"
         save_file({k: tensors[k] for k in keys}, tmp, metadata=meta)
@@ -227,6 +245,7 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
     cq = {"format_version": FORMAT_VERSION, "cquant_version": __version__, "model_class": cls.__name__,
           "model_module": cls.__module__, "layers": layers, "attentions": attentions, "tied": tied,
           **({"embeddings": embeddings} if embeddings else {}),
+          **({"folds": fold_listing} if fold_listing else {}),
           "files": names}
     with open(os.path.join(directory, CONFIG_NAME), "w") as f:
         json.dump(cq, f, indent=2)
@@ -420,7 +439,7 @@ def from_pretrained(directory: PathLike, model_class: Any = None, config: Any = 
     except (ValueError, UnicodeDecodeError) as e:
         raise errors.CheckpointError(f"{cpath}: not valid JSON ({e})") from None
     for key, kind in (("", dict), ("layers", dict), ("tied", dict), ("embeddings", dict), ("attentions", list),
-                      ("files", list)):
+                      ("files", list), ("folds", dict)):
         v = cq if key == "" else (cq.get(key) if isinstance(cq, dict) else None)
         if (key == "" or v is not None) and not isinstance(v, kind):
             raise errors.CheckpointError(f"{cpath}: {key or 'the file'} must be a JSON "
@@ -460,6 +479,11 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
     with _parameters_on_meta():
         model = model_class(config)
     tensors = _read_tensors(d, cq)
+    # the smoothing folds: out of the tensors (they are no parameter), recorded on the model at the end
+    fold_arrays = {k: tensors.pop(k).numpy() for k in [_fold_key(side, layer) for side, ls in cq.get("folds", {}).items()
+                                                        if isinstance(ls, list) for layer in ls if isinstance(layer, str)]
+                   if k in tensors}
+    folds = read_folds(cpath, json.dumps(cq["folds"]) if "folds" in cq else None, fold_arrays)
     tied_map = cq.get("tied", {})
     layer_keys = {_pfx(n) + t for n in cq.get("layers", {}) for t in ("weight_q", "weight_scale")}
 
@@ -530,4 +554,5 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
                                 + (f" (+{len(left) - 10} more)" if len(left) > 10 else ""))
     model.eval()
     _disable_fast_paths(model)
+    set_folds(model, folds)
     return model
