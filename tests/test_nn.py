@@ -382,3 +382,31 @@ def test_softmax_gelu_layernorm_edge_inputs():
     x = np.array([[[1e20, -1e20, 1e20], [-1e20, 1e20, -1e20]]], np.float32)
     want = torch.nn.functional.layer_norm(torch.from_numpy(x).double(), (2, 3)).numpy()
     np.testing.assert_allclose(ln(x), want, atol=1e-5)               # the C pass, not float32 numpy sums
+
+
+def test_constructor_arguments_are_checked_as_torch_does():
+    with pytest.raises(errors.TypeError, match="in_features must be an integer"):
+        nn.Linear(2.7, 3)
+    with pytest.raises(errors.TypeError, match="out_features"):
+        nn.Linear(2, "3")
+    with pytest.raises(errors.ValueError, match=">= 1"):
+        nn.Linear(0, 3)
+    assert nn.Linear(np.int64(4), 3, rng=0).weight.shape == (3, 4)
+    with pytest.raises(errors.TypeError, match="padding_idx must be an integer"):
+        nn.Embedding(5, 2, padding_idx=1.5)
+    with pytest.raises(errors.ValueError, match="padding_idx must be in"):
+        nn.Embedding(5, 2, padding_idx=5)
+    e = nn.Embedding(5, 2, padding_idx=-1, rng=0)  # torch: counts from the end
+    assert e.padding_idx == 4 and not e.weight[4].any() and e.weight[0].any()
+    assert nn.Linear(2, 3).training is False  # an inference library: modules start in eval mode
+
+
+def test_a_module_cannot_contain_itself():
+    a, b = nn.Sequential(nn.ReLU()), nn.Sequential(nn.ReLU())
+    a.add_module("child", b)
+    with pytest.raises(errors.ValueError, match="cannot contain itself"):
+        b.loop = a
+    with pytest.raises(errors.ValueError, match="cannot contain itself"):
+        a.add_module("me", a)
+    assert "loop" not in b._modules and "me" not in a._modules
+    assert list(a.state_dict()) == []

@@ -226,6 +226,8 @@ class Module:
     def __init__(self) -> None:
         object.__setattr__(self, "_parameters", OrderedDict())
         object.__setattr__(self, "_modules", OrderedDict())
+        # False, where torch starts in training mode: this is an inference library (no layer behaves
+        # differently; a model starts as a loaded one would be used), and `train()` flips it
         object.__setattr__(self, "training", False)
 
     # -- attribute registration ------------------------------------------------------------------
@@ -240,6 +242,7 @@ class Module:
             if name in params:
                 raise errors.TypeError(f"cannot assign {type(value).__name__} as parameter {name!r} of "
                                        f"{type(self).__name__} (a numpy array or None); delattr it first")
+            self._check_no_cycle(name, value)
             d.pop(name, None)
             mods[name] = value
         elif isinstance(value, np.ndarray):
@@ -305,9 +308,18 @@ class Module:
         if module is not None and not isinstance(module, Module):
             raise errors.TypeError(f"{name!r}: {type(module).__name__} is not a cquant.nn.Module")
         self._check_name(name, "module")
+        if module is not None:
+            self._check_no_cycle(name, module)
         self._parameters.pop(name, None)
         self.__dict__.pop(name, None)
         self._modules[name] = module
+
+    def _check_no_cycle(self, name: str, module: "Module") -> None:
+        """A module cannot become its own descendant: state_dict, repr and the Quantizer's walk would
+        recurse without end (torch lets it happen and fails later with RecursionError)."""
+        if module is self or any(m is self for m in module.modules()):
+            raise errors.ValueError(f"cannot register {type(module).__name__} as {name!r} of {type(self).__name__}: "
+                                    "it is that module or contains it (a module cannot contain itself)")
 
     # -- traversal --------------------------------------------------------------------------------
     def named_children(self) -> Iterator[Tuple[str, "Module"]]:
@@ -504,6 +516,20 @@ class Module:
 # Layers
 # --------------------------------------------------------------------------------------------------
 
+def _integer(v: Any, what: str) -> int:
+    """An integer argument (a Python or numpy int; not a bool, a float or a string)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise errors.TypeError(f"{what} must be an integer, got {type(v).__name__} {v!r}")
+    return int(v)
+
+
+def _size(v: Any, what: str) -> int:
+    n = _integer(v, what)
+    if n < 1:
+        raise errors.ValueError(f"{what} must be >= 1, got {n}")
+    return n
+
+
 class Linear(Module):
     """``y = x @ weight.T + bias``. ``weight``: (out_features, in_features) float32; ``bias``: (out,).
 
@@ -513,10 +539,8 @@ class Linear(Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, rng: RngLike = None):
         super().__init__()
-        if int(in_features) < 1 or int(out_features) < 1:
-            raise errors.ValueError(f"Linear({in_features}, {out_features}): sizes must be >= 1")
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        self.in_features = _size(in_features, "Linear in_features")
+        self.out_features = _size(out_features, "Linear out_features")
         g = _rng(rng)
         bound = 1.0 / math.sqrt(self.in_features)
         self.weight = g.uniform(-bound, bound, (self.out_features, self.in_features)).astype(np.float32)
@@ -536,8 +560,14 @@ class Embedding(Module):
     def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: Optional[int] = None,
                  rng: RngLike = None):
         super().__init__()
-        self.num_embeddings = int(num_embeddings)
-        self.embedding_dim = int(embedding_dim)
+        self.num_embeddings = _size(num_embeddings, "Embedding num_embeddings")
+        self.embedding_dim = _size(embedding_dim, "Embedding embedding_dim")
+        if padding_idx is not None:  # as torch: an int in [-num_embeddings, num_embeddings), negatives from the end
+            p = _integer(padding_idx, "Embedding padding_idx")
+            if not -self.num_embeddings <= p < self.num_embeddings:
+                raise errors.ValueError(f"Embedding padding_idx must be in [-{self.num_embeddings}, "
+                                        f"{self.num_embeddings}), got {p}")
+            padding_idx = p % self.num_embeddings
         self.padding_idx = padding_idx
         w = _rng(rng).standard_normal((self.num_embeddings, self.embedding_dim)).astype(np.float32)
         if padding_idx is not None:
