@@ -376,3 +376,47 @@ def test_a_child_named_linear_is_not_matched_by_its_parents_name_and_rule_maps_k
     q = Quantizer(mode="weight_only", scheme={"head": None})
     m = q.quantize(M())
     assert m.blk.linear.mode == "weight_only" and type(m.head) is nn.Linear
+
+
+class _TiedPair(nn.Module):
+    def __init__(self):
+        super().__init__()
+        r = np.random.default_rng(0)
+        self.a = nn.Linear(64, 64, rng=r)
+        self.b = nn.Linear(64, 64, rng=r)
+        self.b.weight, self.b.bias = self.a.weight, self.a.bias
+
+    def forward(self, x):
+        return self.b(self.a(x))
+
+
+def test_a_shared_weight_given_two_schemes_stays_float(caplog):
+    """It was quantized once per scheme (two int8 copies beside the float one; the report counted
+    the float weight twice). Now kept float, both layers, with a warning; one scheme: quantized once,
+    and the shared bias is counted once by cquant.report."""
+    m = _TiedPair()
+    x = np.random.default_rng(1).standard_normal((3, 64)).astype(np.float32)
+    ref = m(x)
+    q = Quantizer(scheme={"*": "per_channel", "b": "per_tensor"})
+    with caplog.at_level(logging.WARNING, logger="cquant"):
+        q.quantize(m)
+    assert "share one weight but were given different schemes" in caplog.text
+    assert type(m.a) is nn.Linear and type(m.b) is nn.Linear
+    np.testing.assert_array_equal(m(x), ref)
+    kept = {r.name: r for r in q.summary}
+    assert "different schemes" in kept["a"].reason and kept["b"].bytes_before == 0
+    one = _TiedPair()
+    Quantizer.quantize_dynamic(one)
+    rows = cquant.report(one)
+    assert rows[0].bytes_before == 64 * 64 * 4 + 64 * 4 and rows[1].bytes_before == 0 == rows[1].bytes_after
+
+
+def test_a_shared_torch_weight_given_two_schemes_stays_float():
+    torch = pytest.importorskip("torch")
+    m = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.ReLU(), torch.nn.Linear(32, 32), torch.nn.Linear(32, 8))
+    m[2].weight = m[0].weight
+    q = Quantizer(scheme={"*": "per_channel", "2": "per_tensor"})
+    q.quantize(m)
+    assert type(m[0]) is torch.nn.Linear and type(m[2]) is torch.nn.Linear
+    assert type(m[3]).__name__ == "QuantizedTorchLinear"
+    assert any("different schemes" in r.reason for r in q.summary if r.name == "0")

@@ -507,7 +507,10 @@ def _tree_report(model: Any) -> List[ReportRow]:
             continue
         qw = qf.qweight
         n, k = (int(d) for d in qw.shape)
-        bias_b = int(qf.bias.nbytes) if qf.bias is not None else 0
+        # a bias shared with an earlier layer (tied weight and bias) is counted there only
+        bias_b = int(qf.bias.nbytes) if qf.bias is not None and id(qf.bias) not in owner else 0
+        if qf.bias is not None:
+            owner.setdefault(id(qf.bias), "")
         name = _display(path)
         first = owner.get(id(qw))
         if first is None:

@@ -591,6 +591,33 @@ def _probe_layouts(plans: List[_Plan]) -> Tuple[List[_Plan], List[LayerRecord]]:
     return keep, skipped
 
 
+def _shared_scheme_conflicts(plans: List[Any], weight_key: Callable[[Any], Any], scheme_key: Callable[[Any], Any],
+                             info: Callable[[Any], Tuple[str, Tuple[int, ...], int]]
+                             ) -> Tuple[List[Any], List[LayerRecord]]:
+    """Layers that share one weight but were given different schemes (per-layer rules) are kept in
+    float, all of them, with the reason recorded and a warning: a shared weight is quantized once,
+    with one scheme (quantizing it once per scheme held two int8 copies and the float one, and the
+    report counted the float weight twice). As :func:`cquant.qat.prepare` does. Returns (the plans
+    to quantize, the records of those kept float)."""
+    by_weight: Dict[Any, List[Any]] = {}
+    for p in plans:
+        by_weight.setdefault(weight_key(p), []).append(p)
+    drop: set = set()
+    records: List[LayerRecord] = []
+    for group in by_weight.values():
+        if len({scheme_key(p) for p in group}) < 2:
+            continue
+        names = ", ".join(_display(info(p)[0]) for p in group)
+        why = (f"its weight is shared by {names}, which were given different schemes: kept float32 "
+               "(a shared weight is quantized once, with one scheme; give them one)")
+        logger.warning("layers %s share one weight but were given different schemes: kept float32", names)
+        for i, p in enumerate(group):
+            drop.add(id(p))
+            name, shape, nb = info(p)
+            records.append(LayerRecord(_display(name), shape, "skipped", why, nb if i == 0 else 0, nb if i == 0 else 0, ""))
+    return [p for p in plans if id(p) not in drop], records
+
+
 class Quantizer:
     """Quantizes the Linear layers of a model (see the module docstring for the rules).
 
@@ -1043,6 +1070,10 @@ class Quantizer:
         self._check_static_missing()
         plans, probe_skips = _probe_layouts(plans)
         skipped += probe_skips
+        plans, conflicts = _shared_scheme_conflicts(
+            plans, lambda p: id(p.weight), lambda p: (p.scheme.granularity, p.scheme.group_size, p.scheme.bits),
+            lambda p: (p.name, tuple(p.weight.shape), p.weight.nbytes + (p.bias.nbytes if p.bias is not None else 0)))
+        skipped += conflicts
         for pat in unmatched:
             logger.warning("include pattern %r matched no layer", pat)
         emb_plans, emb_skips = self._select_embeddings(model, plans, front)
@@ -1075,10 +1106,14 @@ class Quantizer:
                 logger.error("quantize: %d change(s) could not be undone; the model may be partly converted", failed)
             raise
         records: List[LayerRecord] = []
+        biases_seen: set = set()
         for p in plans:
             assert p.qweight is not None
-            bb = p.bias.nbytes if p.bias is not None else 0
-            b32 = 4 * p.bias.size if p.bias is not None else 0
+            shared_bias = p.bias is not None and id(p.bias) in biases_seen  # counted under the first layer
+            if p.bias is not None:
+                biases_seen.add(id(p.bias))
+            bb = p.bias.nbytes if p.bias is not None and not shared_bias else 0
+            b32 = 4 * p.bias.size if p.bias is not None and not shared_bias else 0
             if p.shared_with is None:
                 before, after = p.weight.nbytes + bb, p.qweight.nbytes + b32
                 note = p.note
@@ -1211,6 +1246,7 @@ class Quantizer:
         notes: Dict[str, str] = {}
         kept: List[LayerRecord] = []
         selected: List[Any] = []
+        chosen: List[Tuple[Any, QuantScheme]] = []
         for ref in _frontends.linear_layers(model, self.include or None, self.exclude, quantized=False):
             scheme, note = self.scheme_for(ref.name, ref.obj, ref.in_features)
             if scheme is None:
@@ -1218,10 +1254,17 @@ class Quantizer:
                 nb = int(w.numel() * w.element_size())
                 kept.append(LayerRecord(_display(ref.name), tuple(w.shape), "skipped", note, nb, nb, ""))
                 continue
-            groups.setdefault(scheme, []).append(ref.name)
-            selected.append(ref)
+            chosen.append((ref, scheme))
             if note:
                 notes[_display(ref.name)] = note
+        # one adapter call per scheme: a weight shared by layers of two calls would be quantized twice
+        chosen, conflicts = _shared_scheme_conflicts(
+            chosen, lambda c: id(c[0].obj.weight), lambda c: c[1],
+            lambda c: (c[0].name, tuple(c[0].obj.weight.shape), int(c[0].obj.weight.numel() * c[0].obj.weight.element_size())))
+        kept += conflicts
+        for ref, scheme in chosen:
+            groups.setdefault(scheme, []).append(ref.name)
+            selected.append(ref)
         fast = len(groups) <= 1 and not kept and not self.include
         if fast and self.strict and next(iter(groups), self.scheme).activations == "static":
             self._static_missing += _attention_parts_without_scales(model, self.exclude, self.act_scales or {})
