@@ -71,3 +71,14 @@ def test_module_entry_point():
                            "--seq", "8", "--no-progress"], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "int8 dynamic" in proc.stdout and "latency ms" in proc.stdout
+
+
+def test_demo_header_says_the_scheme_that_ran():
+    """A group size that divides no K falls back to per_channel: the header said per_group(48)."""
+    buf = io.StringIO()
+    demo.run(batch=2, seq=8, repeats=1, small=True, progress=False, out=buf, granularity="per_group", group_size=48)
+    head = buf.getvalue().splitlines()[0]
+    assert "5 of 5 Linear layers quantized, per_channel; asked per_group(48)" in head
+    buf = io.StringIO()
+    demo.run(batch=2, seq=8, repeats=1, small=True, progress=False, out=buf, granularity="per_group", group_size=32)
+    assert "Linear layers quantized, per_group(32))" in buf.getvalue().splitlines()[0]

@@ -145,7 +145,16 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
         bar.update(1)
         bar.close()
 
-    scheme = granularity + (f" (group {group_size})" if group_size else "")
+    # the schemes the layers got (a layer whose K the group size does not divide falls back to
+    # per_channel: the header says what ran, not what was asked)
+    got: Dict[str, int] = {}
+    for row in report(variants[-1][1]):
+        g = row.scheme.split(" ")[-1]
+        got[g] = got.get(g, 0) + 1
+    asked = granularity + (f"({group_size})" if group_size else "")
+    scheme = ", ".join(f"{g}" if len(got) == 1 else f"{n} {g}" for g, n in got.items()) or "none"
+    if set(got) != {asked}:
+        scheme += f"; asked {asked}"
     rows = []
     base = results["float32"]
     for name, r in results.items():
@@ -157,7 +166,7 @@ def run(batch: int = 4, seq: int = 64, repeats: int = 5, seed: int = 0, granular
     header = ["model", "model bytes", "vs fp32", "Linear bytes", "vs fp32", "max rel err", "mean rel err", "min cos", "mean cos",
               "latency ms", "speedup"]
     print(f"cquant demo: {model.num_parameters():,} parameters "
-          f"({sum(1 for _ in _linear_layers(model))} Linear layers quantized, {scheme}); "
+          f"({sum(got.values())} of {sum(1 for _ in _linear_layers(model))} Linear layers quantized, {scheme}); "
           f"input {batch} x {seq} tokens; ISA {cquant.isa()}, {cquant.get_num_threads()} thread(s); "
           f"latency = median of {repeats} runs", file=out)
     print(_table(header, rows), file=out)
