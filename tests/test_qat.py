@@ -475,3 +475,20 @@ def test_digits_example_runs():
     row = res["rows"][0]
     assert res["float32"] > 85 and row["bit_identical"]
     assert row["qat"] > row["float32"] - 3 and row["ptq"] > row["float32"] - 3
+
+
+def test_prepare_again_with_another_scheme_is_refused():
+    """A second prepare kept the layers' first scheme silently; the same scheme again (e.g. to
+    prepare layers added since) still works."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    qat.prepare(m, "per_channel")
+    with pytest.raises(cquant.errors.ValueError, match=r"0 \(int8 dynamic per_channel -> int8 dynamic per_group\(32\)\)"):
+        qat.prepare(m, "per_group(32)")
+    assert [l.scheme.name for _, l in qat.qat_layers(m)] == ["per_channel", "per_channel"]
+    m.add_module("3", torch.nn.Linear(8, 4))
+    qat.prepare(m, "per_channel")
+    assert len(qat.qat_layers(m)) == 3
+    qat.prepare(m, "per_group(32)", include=["9"])  # selects no prepared layer: nothing to refuse
+    qat.to_float(m, inplace=True)
+    qat.prepare(m, "per_group(32)")
+    assert [l.scheme.name for _, l in qat.qat_layers(m)] == ["per_group(32)", "per_group(32)", "per_channel"]

@@ -49,6 +49,7 @@ same result as quantizing the trained float weights with the PyTorch adapter.
 from __future__ import annotations
 
 import copy
+import fnmatch
 import logging
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -339,6 +340,7 @@ def prepare(model: torch.nn.Module, scheme: Any = None, *, include: Any = None, 
         raise errors.ValueError("qat.prepare: static activations (calibrated scales) are not available in QAT, "
                                 "which fake-quantizes activations per row as dynamic mode does: use a dynamic or "
                                 "weight_only scheme")
+    _check_reprepare(model, default, rules, _tad._patterns(include), _tad._patterns(exclude))
     if not inplace:
         model = copy.deepcopy(model)
     already = {id(m) for _, m in qat_layers(model)}
@@ -399,6 +401,26 @@ def prepare(model: torch.nn.Module, scheme: Any = None, *, include: Any = None, 
     if done == 0 and not already:
         logger.warning("qat.prepare: no Linear layer was prepared")
     return model
+
+
+def _check_reprepare(model: torch.nn.Module, default: QuantScheme, rules: Any, inc: Tuple[str, ...],
+                     exc: Tuple[str, ...]) -> None:
+    """``prepare`` on a model that has QAT layers already: a layer this call selects must be asked
+    for the scheme it has (it used to keep its old scheme silently); another scheme is refused."""
+    clash = []
+    for name, layer in qat_layers(model):
+        if (inc and not any(fnmatch.fnmatchcase(name, p) for p in inc)) or any(fnmatch.fnmatchcase(name, p) for p in exc):
+            continue
+        s, _key = _resolve_scheme(name, layer, default, rules)
+        if s is not None:
+            s = s.for_k(layer.in_features)[0]
+        if s != layer.scheme:
+            clash.append(f"{name or '<root>'} ({layer.scheme} -> {'float' if s is None else s})")
+    if clash:
+        raise errors.ValueError(
+            f"qat.prepare: the model is prepared already and this call asks another scheme for "
+            f"{', '.join(clash[:5])}{', ...' if len(clash) > 5 else ''}: call cquant.qat.to_float(model, inplace=True) "
+            "first (it keeps the trained weights), then prepare with the new scheme")
 
 
 def _find(model: torch.nn.Module, name: str) -> Optional[torch.nn.Module]:
