@@ -53,6 +53,12 @@ def test_batch_forms_tuple_dict_and_errors():
         cquant.calibrate(net, [])
     with pytest.raises(errors.TypeError):
         cquant.calibrate(net, 3)
+    # a bare tuple of arrays: one batch of two arguments, or two batches? (ids, mask) ran the mask
+    # as a second batch of ids; refused, a list says which
+    with pytest.raises(errors.TypeError, match="ambiguous"):
+        cquant.calibrate(net, (b, b))
+    e = cquant.calibrate(net, ((b, 2.0),))                     # a tuple of tuples is not ambiguous
+    np.testing.assert_array_equal(a["fc2"].absmax, e["fc2"].absmax)
     with pytest.raises(errors.ValueError, match="no Linear"):
         cquant.calibrate(nn.Sequential(nn.ReLU()), [b])
 

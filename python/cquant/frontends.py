@@ -997,6 +997,13 @@ def batch_list(batches: Any) -> List[Any]:
         return [batches]
     if isinstance(batches, (str, bytes)) or batches is None:
         raise errors.TypeError(f"batches must be an iterable of model inputs, got {type(batches).__name__}")
+    if isinstance(batches, tuple) and batches and \
+            all(isinstance(b, np.ndarray) or is_torch_tensor(b) for b in batches):
+        # (ids, mask) reads as two batches of one argument each: the mask ran as token ids
+        raise errors.TypeError(
+            f"batches is a tuple of {len(batches)} arrays, which is ambiguous: give a list, [(a, b)] for one "
+            f"batch of {len(batches)} positional arguments (e.g. input ids and an attention mask), or [a, b] "
+            f"for {len(batches)} batches of one argument each")
     try:
         out = list(batches)
     except TypeError:
