@@ -409,6 +409,12 @@ class FrontEnd:
         cquant.nn module)."""
         return None
 
+    def wrappers_placed(self, model: Any) -> Callable[[], None]:
+        """Called by :func:`cquant.smooth` once its pre-scale wrappers are in the model (torch: the
+        fused fast paths that read a Linear's ``weight`` / ``bias`` directly are switched off);
+        returns the function that undoes what it changed."""
+        return lambda: None
+
     def unwrap(self, obj: Any) -> Any:
         """The Linear (float or quantized) that ``obj`` wraps if it is a smoothing pre-scale wrapper
         (:class:`cquant.smoothing.Smoothed`, ``SmoothedTorchLinear``: classes marked

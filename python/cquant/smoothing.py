@@ -51,6 +51,7 @@ model's output is checked at the end.
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
@@ -161,6 +162,19 @@ def rotation_block(k: int, rotate: Any) -> int:
             b //= 2
         return b if b >= 2 else 0
     return rotate if k % rotate == 0 else 0
+
+
+def _dtype_eps(w: Any) -> float:
+    """The machine epsilon of a weight's float dtype (numpy or torch; 0 if unknown)."""
+    dt = getattr(w, "dtype", None)
+    if dt is None:
+        return 0.0
+    if fe.is_torch_tensor(w):
+        return float(fe._torch().finfo(dt).eps) if dt.is_floating_point else 0.0
+    try:
+        return float(np.finfo(dt).eps)
+    except (TypeError, ValueError):
+        return 0.0
 
 
 def _hadamard64(a: np.ndarray, b: int) -> np.ndarray:
@@ -473,8 +487,21 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     # LayerNorm that produces the residual stream would change), before anything is changed
     ref_all = fe.run_all(model, blist[0])
 
+    # the verification's tolerance: ``tolerance``, or a few roundings of the model's own dtype where
+    # that is coarser (a bfloat16 weight times s rounds to bf16: a fold changes a bf16 model's output
+    # by ~2 of its eps, 7e-3, which is noise there, not a wrong fold)
+    eps = max([_dtype_eps(getattr(linears[n].obj, "weight", None)) for n in selected] or [0.0])
+    tolerance = max(float(tolerance), 4.0 * eps)
+    failed: List[str] = []
+
     def check() -> float:
-        outs = fe.run_all(model, blist[0])
+        """The largest relative change of the model's outputs on the first batch; inf when the model
+        no longer runs (its forward reads a wrapped layer's weight directly, say: ``failed`` says why)."""
+        try:
+            outs = fe.run_all(model, blist[0])
+        except Exception as e:  # noqa: BLE001 - the change is undone; the model ran before it
+            failed[:] = [f"{type(e).__name__}: {e}"]
+            return float("inf")
         if len(outs) != len(ref_all):
             return float("inf")
         return max(_rel_change(a, b) for a, b in zip(outs, ref_all))
@@ -550,7 +577,8 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                     done = True
                     break
                 j.undo()
-                notes.append(f"folding into {src} would change the model output ({change:.1e})")
+                notes.append(f"folding into {src} would change the model output ({change:.1e})" if not failed else
+                             f"the model fails with the fold into {src} ({failed.pop()})")
             if done:
                 continue
             if not prescale:
@@ -564,7 +592,10 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
             else:
                 inv = (1.0 / s).astype(np.float32)
                 if rotate:
-                    notes.append(f"not rotated: in_features {s.shape[0]} is odd")
+                    notes.append(f"not rotated: in_features {s.shape[0]} is odd" if rotate is True else
+                                 f"not rotated: the block size {rotate} does not divide in_features {s.shape[0]}")
+            j = _Journal(front)
+            journal.steps.append(j.undo)
             for m in members:
                 mod = linears[m].obj
                 w = _weight(front, mod)
@@ -573,17 +604,35 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                          / np.sqrt(block)).astype(np.float32)
                 else:
                     w = w * s[None, :]
-                journal.weight(mod, w)
+                j.weight(mod, w)
                 wrapper = front.smoothed(mod, inv, block)
                 if wrapper is None:  # the front-end has no wrapper of its own: a cquant.nn one
                     wrapper = Smoothed(mod, inv, block)
                 if front.replace(model, mod, wrapper) == 0:  # the model is the layer itself
                     raise errors.ValueError(f"cannot wrap {m!r}: it is not a registered sub-module")
-                journal.steps.append(lambda _w=wrapper, _m=mod: front.replace(model, _w, _m))
+                j.steps.append(lambda _w=wrapper, _m=mod: front.replace(model, _w, _m))
+                j.steps.append(front.wrappers_placed(model))
+            # verified as a fold is: a forward that reads a wrapped layer's weight directly (F.linear(x,
+            # self.a.weight)) runs the scaled weight without the wrapper's 1/s, or fails on its None
+            change = check()
+            if change > 10 * tolerance:
+                j.undo()
+                groups.append(SmoothedGroup(members, s, "none", note="; ".join(notes + [
+                    f"the model fails with a pre-scale wrapper here ({failed.pop()})" if failed else
+                    f"a pre-scale wrapper here changes the model output ({change:.1e}): its forward may read "
+                    "the layer's weight directly"])))
+                continue
             groups.append(SmoothedGroup(members, s, "prescale", note="; ".join([why] * bool(why) + notes),
                                         hadamard=block))
+        if rotate is not True and rotate and any(g.how == "prescale" for g in groups) and \
+                not any(g.hadamard for g in groups):
+            logging.getLogger("cquant").warning("rotate=%d rotated no layer: the block size divides no pre-scaled "
+                                                "layer's in_features (rotate=True picks a block per layer)", rotate)
         change = check()
         if change > 10 * tolerance:
+            if failed:
+                raise errors.QuantizationError(f"the smoothed float model fails to run ({failed[0]}); "
+                                               "this is a bug, please report it")
             raise errors.QuantizationError(f"smoothing changed the float model output by {change:.1e} "
                                            f"(> {10 * tolerance:.0e}); this is a bug, please report it")
         for attr, value in ((INPUT_SCALES_ATTR, record), (OUTPUT_SCALES_ATTR, record_out)):

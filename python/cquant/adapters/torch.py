@@ -897,26 +897,29 @@ def _release_file_pages(tensors: Iterable["torch.Tensor"]) -> int:
 # Transformer layers whose fused fast path reads float weights
 # --------------------------------------------------------------------------------------------------
 
-def _disable_fast_paths(model: "torch.nn.Module") -> List[str]:
+def _disable_fast_paths(model: "torch.nn.Module", undo: Optional[List[Any]] = None) -> List[str]:
     """``nn.TransformerEncoderLayer``'s fused fast path (and ``nn.TransformerEncoder``'s nested
-    tensor path) read ``linear1.weight``, ``self_attn.in_proj_weight``, ... directly. For each one
-    holding quantized modules, switch it to its regular path: the encoder's ``use_nested_tensor`` and
-    the layer's ``activation_relu_or_gelu`` (read by torch only to choose and configure the fast path)
-    are cleared. Returns the names of the modules changed."""
+    tensor path) read ``linear1.weight``, ``linear1.bias``, ``self_attn.in_proj_weight``, ... directly.
+    For each one holding quantized modules or smoothing pre-scale wrappers (whose inner weight is
+    scaled, and which have no ``weight`` / ``bias`` of their own), switch it to its regular path: the
+    encoder's ``use_nested_tensor`` and the layer's ``activation_relu_or_gelu`` (read by torch only to
+    choose and configure the fast path) are cleared. Returns the names of the modules changed;
+    ``undo``: gets a callable per change that restores it."""
     changed = []
 
     def quantized_inside(m: "torch.nn.Module") -> bool:
-        return any(isinstance(s, (QuantizedTorchLinear, QuantizedMultiheadAttention)) for s in m.modules())
+        return any(isinstance(s, (QuantizedTorchLinear, QuantizedMultiheadAttention))
+                   or getattr(type(s), "_cquant_smoothing_wrapper", False) is True for s in m.modules())
 
     for name, m in model.named_modules():
-        if isinstance(m, torch.nn.TransformerEncoderLayer) and quantized_inside(m):
-            if m.activation_relu_or_gelu:
-                m.activation_relu_or_gelu = 0
-                changed.append(name or "<root>")
-        elif isinstance(m, torch.nn.TransformerEncoder) and quantized_inside(m):
-            if getattr(m, "use_nested_tensor", False):
-                m.use_nested_tensor = False
-                changed.append(name or "<root>")
+        attr = ("activation_relu_or_gelu" if isinstance(m, torch.nn.TransformerEncoderLayer) else
+                "use_nested_tensor" if isinstance(m, torch.nn.TransformerEncoder) else None)
+        if attr is not None and getattr(m, attr, False) and quantized_inside(m):
+            old = getattr(m, attr)
+            setattr(m, attr, 0 if attr == "activation_relu_or_gelu" else False)
+            changed.append(name or "<root>")
+            if undo is not None:
+                undo.append(lambda _m=m, _a=attr, _o=old: setattr(_m, _a, _o))
     return changed
 
 
@@ -1256,10 +1259,18 @@ def _install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) 
             raise CheckpointError(f"embedding {name!r} is tied to {tied[name]!r}, which is not a Linear layer "
                                   "of the checkpoint installed in this model")
     qnames = linear_names | set(mha_plans) | {e[0] for e in emb_plans} | set(wrap_plans)
-    consumed = {_pfx(b) + t for b in wrap_plans for t in ("inv_scale", "hadamard")}
-
     # a replaced module registered under several names (a shared module): its keys under every name
     names_of = _module_names(model)
+    consumed = {_pfx(n) + t for b in wrap_plans for n in names_of.get(id(subs[b]), [b]) + [b]
+                for t in ("inv_scale", "hadamard")}
+    for b in wrap_plans:  # the other names' copies must be the same tensors
+        for n in names_of.get(id(subs[b]), []):
+            for t in ("inv_scale", "hadamard"):
+                k, k0 = _pfx(n) + t, _pfx(b) + t
+                if k != k0 and k in ck.tensors and not np.array_equal(np.asarray(ck.tensors[k]),
+                                                                      np.asarray(ck.tensors.get(k0, np.zeros(1, np.int64)))):
+                    raise CheckpointError(f"tensor {k!r} differs from {k0!r}, but the model registers one module "
+                                          f"under both names")
     planned = {id(p[1]) for p in plans} | {id(m) for m in mha_plans.values()} | {id(e[1]) for e in emb_plans}
     qnames = qnames | {n for i in planned for n in names_of.get(i, [])}
 

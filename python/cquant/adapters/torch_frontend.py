@@ -14,7 +14,7 @@ from ..checkpoint_file import BF16Bits, _prefix
 from ..embedding import can_share
 from ..frontends import (CheckpointState, FrontEnd, LayerRef, Patterns, ReportRow, _add_layer, _as_patterns,
                          _embedding_table, _filter_refs, embedding_entries, quantized_forward_of, replace_module)
-from .torch import QuantizedTorchLinear, _module_names, _param_owners, install_checkpoint
+from .torch import QuantizedTorchLinear, _disable_fast_paths, _module_names, _param_owners, install_checkpoint
 from .torch import report as _torch_report
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, residual_block, scale_residual
@@ -137,6 +137,11 @@ class TorchFrontEnd(FrontEnd):
 
     def smoothed(self, mod: Any, inv_scale: np.ndarray, hadamard: int = 0) -> Any:
         return SmoothedTorchLinear(mod, inv_scale, hadamard)
+
+    def wrappers_placed(self, model: Any) -> Any:
+        undo: List[Any] = []
+        _disable_fast_paths(model, undo)
+        return lambda: [step() for step in reversed(undo)]
 
     def residual_blocks(self, model: Any) -> List[Tuple[str, Any, int]]:
         # transformers' *Output blocks (LayerNorm(dropout(dense(h)) + input_tensor)); smoothing
