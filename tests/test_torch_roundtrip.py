@@ -699,3 +699,22 @@ def test_load_into_smoothed_module_registered_under_two_names(tmp_path):
     assert fresh.a is fresh.b
     with torch.no_grad():
         assert torch.equal(fresh(x), qm(x))
+
+
+def test_torch_save_of_a_quantized_model_holds_the_int8_bytes_once():
+    """torch.save pickles with protocol 2, where numpy arrays are latin-1 strings (1.5x the int8
+    weight); the forward's arrays now travel as tensors (raw storages). Deepcopy and plain pickles
+    still rebuild through the checks."""
+    import pickle
+    torch.manual_seed(0)
+    q = cquant.Quantizer.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.Linear(512, 64)))
+    packed = q[0].qforward.qweight.packed.nbytes + q[1].qforward.qweight.packed.nbytes
+    b = io.BytesIO()
+    torch.save(q, b)
+    assert b.tell() < 1.05 * packed + 64 * 1024
+    b.seek(0)
+    x = torch.randn(3, 512)
+    for other in (torch.load(b, weights_only=False), copy.deepcopy(q), pickle.loads(pickle.dumps(q, protocol=2)),
+                  pickle.loads(pickle.dumps(q, protocol=5))):
+        assert torch.equal(other(x), q(x))
+        assert isinstance(other[0].qforward.qweight.packed, np.ndarray)

@@ -373,6 +373,10 @@ class QuantizedTorchLinear(torch.nn.Module):
         state = super().__getstate__()
         state["_buffers"] = {}
         state.pop("_packed_src", None)
+        # the forward's arrays travel as torch tensors (sharing their memory): torch.save (pickle
+        # protocol 2, where numpy arrays become latin-1 strings and every byte >= 0x80 takes two:
+        # 1.5x the int8 weight) writes tensors as raw storages
+        state["qforward"] = _TorchArrays(state["qforward"])
         return state
 
     def __setstate__(self, state):
@@ -382,6 +386,49 @@ class QuantizedTorchLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.qforward.bias is not None}, {self.scheme}, from={self.source}")
+
+
+class _TorchArrays:
+    """Pickles an object whose state (``__getstate__``: a dict) holds numpy arrays and such objects,
+    with each array as a torch tensor sharing its memory; unpickled through the object's own
+    ``__setstate__`` (its checks) with the arrays back as numpy."""
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def __reduce__(self):
+        return _from_torch_arrays, (type(self.obj), _arrays_to_torch(self.obj.__getstate__()))
+
+
+def _arrays_to_torch(v: Any) -> Any:
+    if isinstance(v, np.ndarray) and v.dtype.kind in "biuf" and v.dtype.byteorder in "=|":
+        a = np.ascontiguousarray(v)
+        with warnings.catch_warnings():  # a read-only array: the tensor is only read, by pickling
+            warnings.simplefilter("ignore")
+            return ("ndarray", torch.from_numpy(a), a.shape)
+    if isinstance(v, dict):
+        return {k: _arrays_to_torch(x) for k, x in v.items()}
+    if hasattr(type(v), "__setstate__") and type(v).__module__.startswith("cquant.") and hasattr(v, "__getstate__") \
+            and isinstance(v.__getstate__(), dict):
+        return _TorchArrays(v)
+    return v
+
+
+def _arrays_from_torch(v: Any) -> Any:
+    if isinstance(v, tuple) and len(v) == 3 and v[0] == "ndarray" and isinstance(v[1], torch.Tensor):
+        return v[1].numpy().reshape(v[2])
+    if isinstance(v, dict):
+        return {k: _arrays_from_torch(x) for k, x in v.items()}
+    return v
+
+
+def _from_torch_arrays(cls: type, state: Any) -> Any:
+    if not (isinstance(cls, type) and cls.__module__.startswith("cquant.")):
+        raise errors.ValueError(f"not a pickled cquant object: {cls!r}")
+    obj = cls.__new__(cls)
+    obj.__setstate__(_arrays_from_torch(state))
+    return obj
 
 
 # --------------------------------------------------------------------------------------------------
