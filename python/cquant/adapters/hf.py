@@ -296,9 +296,15 @@ def _read_tensors(directory: str, cq: Dict[str, Any]) -> Dict[str, "torch.Tensor
         if not os.path.exists(path):
             raise FileNotFoundError(f"{path}: weight file listed in {CONFIG_NAME} is missing")
         try:
-            out.update(load_file(path))
+            got = load_file(path)
         except Exception as e:  # safetensors' own errors (a truncated or corrupted file)
             raise errors.CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+        # load_file's tensors live in a mapping of the whole file, which stays resident while any
+        # of them does: the tensors the model keeps are copied out of it, and the int8 codes (packed
+        # into buffers of their own, then dropped) are read from it in place. A loaded model held
+        # its file's pages as well as its own (GPT-2 2 layers, 51 MiB: RSS +108-120 MiB)
+        out.update({k: (t if k.endswith(".weight_q") or k == "weight_q" else t.clone()) for k, t in got.items()})
+        del got
     return out
 
 
