@@ -260,3 +260,23 @@ def test_load_of_a_model_that_cannot_rebuild_itself_says_use_load_into(tmp_path)
     fresh = nn.Sequential(nn.Linear(16, 32, rng=5), nn.GELU(), nn.Linear(32, 8, rng=6))
     cquant.load_into(fresh, path)
     np.testing.assert_array_equal(fresh(x), y)
+
+
+def test_load_does_not_unpack_the_int8_weights(tmp_path, monkeypatch):
+    """cquant.load's checks read the model's state_dict keys and dtypes: state_dict() unpacked every
+    int8 weight to (N, K) codes (twice), the peak of a load beside the file's mapped pages (which are
+    now handed back as each tensor is copied)."""
+    from cquant.bert import BertConfig, BertModel
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=16))
+    cquant.Quantizer.quantize_dynamic(m, embeddings=True)
+    f = str(tmp_path / "m.safetensors")
+    cquant.save(m, f)
+    calls = []
+    real = cquant.ops.QuantizedWeight.q
+    monkeypatch.setattr(cquant.ops.QuantizedWeight, "q", property(lambda self: calls.append(1) or real.fget(self)))
+    back = cquant.load(f)
+    assert calls == []
+    ids = np.arange(10)[None] % 50
+    np.testing.assert_array_equal(back(ids), m(ids))
+    assert set(back._state_dtypes()) == set(back.state_dict())

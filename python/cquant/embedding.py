@@ -289,10 +289,10 @@ class QuantizedEmbedding(TiedCodes, nn.Module):
         return lookup(qw, check_ids(ids, int(qw.shape[0])))
 
     # -- state dict ---------------------------------------------------------------------------------
-    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str) -> None:
-        super()._save_to_state_dict(dest, prefix)
+    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str, specs: bool = False) -> None:
+        super()._save_to_state_dict(dest, prefix, specs)
         if self.tied_to is None:
-            dest[prefix + "weight_q"] = self.qweight.q
+            dest[prefix + "weight_q"] = np.empty(0, np.int8) if specs else self.qweight.q
             dest[prefix + "weight_scale"] = self.qweight.scale
 
     def _load_plan(self, state: Mapping[str, Any], prefix: str, plan: List[Callable[[], None]],

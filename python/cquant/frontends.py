@@ -850,16 +850,16 @@ def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:
             parent._modules[last] = new
             installed[name] = new
             replaced.append((parent, last, mod))
-        expected = set(model.state_dict())
+        own_dtypes = model._state_dtypes()
+        expected = set(own_dtypes)
         given = set(ck_tensors) | layer_keys
         missing, unexpected = sorted(expected - given), sorted(given - expected)
         if strict and (missing or unexpected):
             raise CheckpointError("checkpoint does not fit the model: " + "; ".join(
                 s for s in (f"missing: {', '.join(missing[:10])}" if missing else "",
                             f"unexpected: {', '.join(unexpected[:10])}" if unexpected else "") if s))
-        own = model.state_dict()
         for k, v in ck_tensors.items():
-            why = plain_tensor_problem(v, np.asarray(own[k]).dtype) if k in own else None
+            why = plain_tensor_problem(v, own_dtypes[k]) if k in own_dtypes else None
             if why:
                 raise CheckpointError(f"tensor {k!r} {why}")
         try:

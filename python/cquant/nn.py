@@ -380,10 +380,23 @@ class Module:
         return int(sum(p.size for p in self.parameters()))
 
     # -- state dict -------------------------------------------------------------------------------
-    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str) -> None:
+    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str, specs: bool = False) -> None:
+        """This module's own entries of :meth:`state_dict`; ``specs``: arrays derived on the fly (a
+        quantized layer's canonical codes) may be empty arrays of their dtype (see _state_dtypes)."""
         for name, p in self._parameters.items():
             if p is not None:
                 dest[prefix + name] = p
+
+    def _state_dtypes(self) -> "OrderedDict[str, np.dtype]":
+        """The keys of :meth:`state_dict` with their dtypes, without materializing what it derives
+        (cquant.load_into's checks: state_dict() unpacked every int8 weight to (N, K) codes twice)."""
+        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
+        for mname, m in self.named_modules(remove_duplicate=False):
+            try:
+                m._save_to_state_dict(out, f"{mname}." if mname else "", specs=True)
+            except TypeError:  # a subclass's own override without ``specs``
+                m._save_to_state_dict(out, f"{mname}." if mname else "")
+        return OrderedDict((k, np.asarray(v).dtype) for k, v in out.items())
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Dotted name -> array, for every parameter of every module (references, not copies).

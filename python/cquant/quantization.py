@@ -405,9 +405,9 @@ class QuantizedLinear(nn.Module):
         """The (out, in) float32 weight the layer effectively uses (a new array)."""
         return ops.dequantize(self.qweight)
 
-    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str) -> None:
-        super()._save_to_state_dict(dest, prefix)
-        dest[prefix + "weight_q"] = self.qweight.q
+    def _save_to_state_dict(self, dest: Dict[str, np.ndarray], prefix: str, specs: bool = False) -> None:
+        super()._save_to_state_dict(dest, prefix, specs)
+        dest[prefix + "weight_q"] = np.empty(0, np.int8) if specs else self.qweight.q
         dest[prefix + "weight_scale"] = self.qweight.scale
         if self.act_scale is not None:
             dest[prefix + "act_scale"] = np.array([self.act_scale], dtype=np.float32)
