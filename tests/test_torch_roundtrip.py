@@ -168,6 +168,8 @@ def test_save_pretrained_sharded_and_from_pretrained_without_float_weights(tmp_p
 
     m = cquant.from_pretrained(tmp_path, model_class=build)
     assert devices == {"meta"}                                  # no float32 weight was materialized
+    if os.name == "posix":  # weight files get the umask's mode, as config.json does (safetensors made them 0600)
+        assert {os.stat(f).st_mode & 0o777 for f in files} == {os.stat(tmp_path / "config.json").st_mode & 0o777}
     if os.path.exists("/proc/self/maps"):  # the model keeps no tensor inside the files' mappings
         with open("/proc/self/maps") as maps:                  # (they stayed resident: 2x the RSS)
             assert not [ln for ln in maps if str(tmp_path) in ln]

@@ -43,7 +43,7 @@ import torch
 
 from .. import __version__, errors, ops
 from ..checkpoint_file import (KEY_CQ_VERSION, KEY_FOLDS, KEY_LAYERS, KEY_VERSION, fold_key as _fold_key, fold_tensors,
-                               pack_int4, read_folds, set_folds, unpack_int4)
+                               _umask, pack_int4, read_folds, set_folds, unpack_int4)
 from ..quantization import QuantizedLinearForward
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 from .torch import (QuantizedMultiheadAttention, QuantizedTorchLinear, _disable_fast_paths, _module_sites,
@@ -232,6 +232,7 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
         path = os.path.join(directory, fname)
         tmp = path + ".tmp"
         save_file({k: tensors[k] for k in keys}, tmp, metadata=meta)
+        os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates its file 0600; the others get the umask's
         os.replace(tmp, path)
         paths.append(path)
         weight_map.update({k: fname for k in keys})
