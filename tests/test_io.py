@@ -280,3 +280,35 @@ def test_load_does_not_unpack_the_int8_weights(tmp_path, monkeypatch):
     ids = np.arange(10)[None] % 50
     np.testing.assert_array_equal(back(ids), m(ids))
     assert set(back._state_dtypes()) == set(back.state_dict())
+
+
+def test_save_unpacks_one_layer_at_a_time(tmp_path, monkeypatch):
+    """cquant.save wrote from a state_dict in which every int8 weight was unpacked at once (peak:
+    twice the model); each layer's codes are now unpacked when that tensor is written."""
+    from cquant import checkpoint_file
+    from cquant.bert import BertConfig, BertModel
+    m = BertModel(BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                             intermediate_size=64, max_position_embeddings=16))
+    cquant.Quantizer.quantize_dynamic(m, embeddings=True)
+    n_codes = sum(1 for k in m.state_dict() if k.endswith("weight_q"))
+    unpacked, at_write = [0], []
+    real_write, real_q = checkpoint_file.StreamWriter.write, cquant.ops.QuantizedWeight.q
+
+    def write(self, name, data):
+        at_write.append((name, unpacked[0]))
+        return real_write(self, name, data)
+
+    def q(self):
+        unpacked[0] += 1
+        return real_q.fget(self)
+    monkeypatch.setattr(checkpoint_file.StreamWriter, "write", write)
+    monkeypatch.setattr(cquant.ops.QuantizedWeight, "q", property(q))
+    cquant.save(m, tmp_path / "m.safetensors")
+    monkeypatch.undo()
+    assert unpacked[0] == n_codes > 0
+    codes_written = [i for i, (name, _) in enumerate(at_write) if name.endswith("weight_q")]
+    # when the k-th weight_q is written, k layers have been unpacked (all n before any write, before)
+    assert [at_write[i][1] for i in codes_written] == list(range(1, n_codes + 1))
+    back = cquant.load(tmp_path / "m.safetensors")
+    ids = np.arange(10)[None] % 50
+    np.testing.assert_array_equal(back(ids), m(ids))

@@ -693,6 +693,29 @@ def _stored_codes(qw: ops.QuantizedWeight) -> np.ndarray:
     return pack_int4(qw.q) if qw.bits == 4 else qw.q
 
 
+class LazyArray:
+    """A tensor :func:`cquant.save` computes only when it writes it (dtype and shape known up front):
+    a quantized layer's canonical codes, unpacked from its packed buffer one layer at a time (the
+    whole model's codes unpacked at once made a save peak at twice the model)."""
+    __slots__ = ("fn", "dtype", "shape")
+
+    def __init__(self, fn: Any, dtype: Any, shape: Tuple[int, ...]):
+        self.fn, self.dtype, self.shape = fn, np.dtype(dtype), tuple(int(d) for d in shape)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        a = np.asarray(self.fn())
+        assert a.dtype == self.dtype and a.shape == self.shape, "LazyArray: not what it said"
+        return a if dtype is None else a.astype(dtype)
+
+
+def lazy_codes(qw: ops.QuantizedWeight) -> LazyArray:
+    """``weight_q`` as a checkpoint stores it (see :func:`_stored_codes`), computed when written."""
+    n, k = (int(d) for d in qw.shape)
+    if qw.bits == 4:
+        return LazyArray(lambda: _stored_codes(qw), np.uint8, (n, (k + 1) // 2))
+    return LazyArray(lambda: _stored_codes(qw), np.int8, (n, k))
+
+
 def _prefix(name: str) -> str:
     return f"{name}." if name else ""
 
