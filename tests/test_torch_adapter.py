@@ -455,3 +455,50 @@ def test_cquant_import_does_not_import_torch():
             "cquant.Quantizer.quantize_dynamic(m)\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ---- unusual inputs and torch features (review 2026-11-30) -------------------------------------------
+
+def _ln_linear():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.LayerNorm(64), torch.nn.Linear(64, 32)).eval()
+    return model, cquant.Quantizer.quantize_dynamic(copy.deepcopy(model))
+
+
+def test_compile_in_grad_mode_and_backward_raises():
+    """AOTAutograd traces the backward while compiling a forward whose input requires grad: the
+    backward formula raised there (BackendCompilerFailed). It is now an op that raises when run."""
+    _model, q = _ln_linear()
+    x = torch.randn(8, 64)
+    y = torch.compile(q, backend="aot_eager")(x)
+    assert torch.equal(y, q(x)) and y.requires_grad
+    with pytest.raises(errors.AutogradError):
+        y.sum().backward()
+
+
+def test_torch_func_vmap_and_grad():
+    _model, q = _ln_linear()
+    x = torch.randn(4, 8, 64)
+    with torch.no_grad():
+        assert torch.equal(torch.func.vmap(q)(x), q(x))
+        assert torch.equal(torch.func.vmap(q, in_dims=1)(x.transpose(0, 1)), q(x))
+    for transform in (torch.func.jacrev, torch.func.grad):
+        with pytest.raises(errors.AutogradError):
+            transform(lambda v: q(v).sum())(torch.randn(64))
+
+
+def test_non_tensor_sparse_nested_and_autocast_inputs():
+    model, q = _ln_linear()
+    lin_f, lin_q = model[1], q[1]
+    for bad in (np.zeros((2, 64), np.float32), [[0.0] * 64]):
+        with pytest.raises(errors.TypeError, match="expected a torch.Tensor"):
+            lin_q(bad)
+    d = torch.randn(5, 64) * (torch.rand(5, 64) < 0.2)
+    with torch.no_grad():
+        for sp in (d.to_sparse(), d.to_sparse_csr()):  # as nn.Linear: multiplied densely
+            assert torch.equal(lin_q(sp), lin_q(d))
+        nested = torch.nested.nested_tensor([torch.randn(3, 64), torch.randn(2, 64)], layout=torch.jagged)
+        with pytest.raises(errors.TypeError, match="nested tensors"):
+            lin_q(nested)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype nn.Linear returns there
+            assert lin_f(d).dtype == lin_q(d).dtype == torch.bfloat16

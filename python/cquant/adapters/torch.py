@@ -92,7 +92,8 @@ from ..frontends import match_layer
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
-from .torch_base import (AutogradError, _finite_floats, _graph_mode, _NoBackward, _refuse_device,  # noqa: F401
+from .torch_base import (AutogradError, _finite_floats, _functorch_wrapped, _graph_mode, _NoBackward,  # noqa: F401
+                         _refuse_device,
                          _refuse_train, _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
@@ -245,12 +246,26 @@ class QuantizedTorchLinear(torch.nn.Module):
         """``x_mul`` (in_features,) float32 tensor: the input is ``x * x_mul`` (a smoothing
         pre-scale), applied inside the kernel's activation pass; ``x_hadamard``: then rotated in
         blocks of that size (:func:`cquant.ops.linear`), in the same pass."""
+        if not isinstance(x, (torch.Tensor, torch.fx.Proxy)):
+            raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
+        if isinstance(x, torch.Tensor) and x.layout != torch.strided and not isinstance(x, torch.fx.Proxy):
+            if x.is_nested:
+                raise errors.TypeError("nested tensors are not supported by cquant's layers: pad the batch "
+                                       "(torch.nested.to_padded_tensor) first")
+            x = x.to_dense()  # sparse COO / CSR: as nn.Linear multiplies them, densely
         if _graph_mode(x):
             if x_mul is not None:  # (an fx Proxy's dtype is a Proxy too: no branch on it)
                 x = x * (x_mul if isinstance(x, torch.fx.Proxy) or x.dtype == torch.float32 else x_mul.to(x.dtype))
             if x_hadamard:
                 x = hadamard_torch(x, x_hadamard)
-            return self._forward_op(x)
+            if torch.compiler.is_compiling() or not _functorch_wrapped(x):  # (dynamo cannot trace the test)
+                return self._forward_op(x)
+            try:  # torch.func: vmap runs the op's vmap rule; grad / jacrev cannot differentiate it
+                return self._forward_op(x)
+            except RuntimeError as e:
+                if "functorch transforms" in str(e):
+                    raise AutogradError(inference_only_message(f"this {type(self).__name__}")) from None
+                raise
         if not isinstance(x, torch.Tensor):
             raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
         if x.device.type != "cpu":
@@ -272,8 +287,9 @@ class QuantizedTorchLinear(torch.nn.Module):
                                                x_mul.detach().numpy(), x_hadamard=x_hadamard))
         if self.qforward.qweight.packed is not self._packed_src:
             self._sync_packed()
-        if dtype != torch.float32:
-            y = y.to(dtype)
+        out = _autocast_dtype(dtype)
+        if out != torch.float32:
+            y = y.to(out)
         if torch.is_grad_enabled():
             y = _NoBackward.apply(x, y)
         return y
@@ -386,6 +402,16 @@ class QuantizedTorchLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.qforward.bias is not None}, {self.scheme}, from={self.source}")
+
+
+def _autocast_dtype(dtype: "torch.dtype") -> "torch.dtype":
+    """The output dtype: the input's, or under CPU autocast its dtype, as nn.Linear returns there."""
+    try:
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu")
+    except (AttributeError, TypeError):  # pragma: no cover - older torch
+        pass
+    return dtype
 
 
 class _TorchArrays:

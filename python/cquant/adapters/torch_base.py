@@ -51,10 +51,16 @@ def _shared_tensor(a: np.ndarray) -> "torch.Tensor":
         return torch.from_numpy(a)
 
 
+def _functorch_wrapped(x: Any) -> bool:
+    f = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    return bool(f is not None and isinstance(x, torch.Tensor) and f(x))
+
+
 def _graph_mode(x: Any) -> bool:
-    """True when the forward is being captured (trace, export, compile, fx) rather than run."""
+    """True when the forward is being captured (trace, export, compile, fx) or transformed
+    (torch.func: vmap, grad, jacrev) rather than run: the custom operator's path."""
     return (type(x) is not torch.Tensor or torch._C._get_tracing_state() is not None
-            or torch.compiler.is_compiling())
+            or torch.compiler.is_compiling() or _functorch_wrapped(x))
 
 
 class _NoBackwardFn(torch.autograd.Function):

@@ -64,12 +64,38 @@ def _linear_fake(x, packed, scale, bias, n, k, granularity, group_size, mode, x_
     return x.new_empty((*x.shape[:-1], n), dtype=torch.float32)
 
 
-def _setup_context(ctx, inputs, output):
-    pass
-
-
-def _backward(ctx, grad):
+@torch.library.custom_op("cquant::no_backward", mutates_args=())
+def no_backward(grad: torch.Tensor, shape: list[int]) -> torch.Tensor:
+    """The gradient of cquant::linear's input: raises AutogradError when it runs. An op rather than
+    a raise in the backward formula, so that torch.compile (AOTAutograd traces the backward while
+    compiling a forward whose input requires grad) compiles, and backward() is what raises."""
     raise _autograd_error("a cquant::linear layer")
 
 
+@no_backward.register_fake
+def _no_backward_fake(grad, shape):
+    return grad.new_empty(shape)
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.x_shape = list(inputs[0].shape)
+
+
+def _backward(ctx, grad):
+    return (torch.ops.cquant.no_backward(grad, ctx.x_shape),) + (None,) * 9
+
+
 linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _linear_vmap(info, in_dims, x, packed, scale, bias, n, k, granularity, group_size, mode, x_scale=0.0):
+    """torch.func.vmap: rows are independent, so the batch dimension of x goes first and stays there
+    (a batched weight, scale or bias is refused)."""
+    if any(d is not None for d in in_dims[1:4]):
+        raise errors.ValueError("cquant::linear under vmap: only the input may be batched, not the weight")
+    xb = x if in_dims[0] is None else x.movedim(in_dims[0], 0)
+    return linear(xb, packed, scale, bias, n, k, granularity, group_size, mode, x_scale), \
+        (None if in_dims[0] is None else 0)
+
+
+linear.register_vmap(_linear_vmap)
