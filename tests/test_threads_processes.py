@@ -315,3 +315,31 @@ def _count_workers():
     ops.linear(x, qw, bias)
     few = len(os.listdir("/proc/self/task"))
     assert many - few >= 10, (many, few)          # (the job had fewer units than 24: ~20 workers)
+
+
+def _torch_child(m, x, q):
+    import torch
+    with torch.no_grad():
+        q.put(m(x).numpy())
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_quantized_torch_model_passed_to_a_torch_multiprocessing_child(method):
+    """torch.multiprocessing moves a pickled tensor's storage into shared memory: the layer pickled
+    throwaway tensors of its arrays (for torch.save), whose descriptors closed before the child
+    started ("bad value(s) in fds_to_keep" / the child died). Tensors now only for protocol 2."""
+    torch = pytest.importorskip("torch")
+    import torch.multiprocessing as tmp
+    if method not in mp.get_all_start_methods():
+        pytest.skip(f"start method {method} not available")
+    torch.manual_seed(0)
+    m = cquant.Quantizer.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 32)).eval())
+    x = torch.randn(2, 64)
+    ctx = tmp.get_context(method)
+    q = ctx.SimpleQueue()
+    p = ctx.Process(target=_torch_child, args=(m, x, q))
+    p.start()
+    p.join(TIMEOUT)
+    assert p.exitcode == 0
+    with torch.no_grad():
+        np.testing.assert_array_equal(q.get(), m(x).numpy())

@@ -423,7 +423,14 @@ class _TorchArrays:
     def __init__(self, obj: Any):
         self.obj = obj
 
-    def __reduce__(self):
+    def __reduce_ex__(self, protocol: int):
+        # protocol 2 (torch.save's default) is the one that wrote numpy's bytes as latin-1 strings;
+        # from 3 on bytes are raw and the object pickles as itself. (Tensors made here for other
+        # picklers would not do: torch.multiprocessing moves a pickled tensor's storage into shared
+        # memory whose descriptor closes when this throwaway tensor is freed, before a spawned child
+        # reads it: "bad value(s) in fds_to_keep".)
+        if protocol >= 3:
+            return _from_torch_arrays, (type(self.obj), self.obj.__getstate__())
         return _from_torch_arrays, (type(self.obj), _arrays_to_torch(self.obj.__getstate__()))
 
 
