@@ -224,3 +224,47 @@ def test_quantize_streams_with_bounded_peak_rss(tmp_path):
     with SafetensorsReader(dst) as rd:
         assert len(rd.infos) == 2 * n_tensors
         assert os.path.getsize(dst) < 0.26 * os.path.getsize(src)
+
+
+def test_closed_stdout_and_stderr(tmp_path):
+    """From cron or a daemon (`>&-`): stdout was None and the final flush raised AttributeError (rc 1
+    after a complete write); with stderr closed --progress wrote to None (no output at all)."""
+    src, out = tmp_path / "in.safetensors", tmp_path / "out.safetensors"
+    write_checkpoint(src, _arrays())
+    base = [sys.executable, "-m", "cquant"]
+    for cmd, redirect in ((["info"], {"stdout": subprocess.DEVNULL}),
+                          (["quantize", str(src), "-o", str(out)], {"stdout": subprocess.DEVNULL}),
+                          (["quantize", str(src), "-o", str(out), "--progress"], {"stderr": subprocess.DEVNULL})):
+        closed = "1" if "stdout" in redirect else "2"
+        r = subprocess.run(["sh", "-c", f'exec "$@" {closed}>&-', "sh"] + base + cmd, env=ENV, timeout=120,
+                           **redirect)
+        assert r.returncode == 0, (cmd, closed)
+    assert cquant.load(str(out), build=False).layers
+
+
+@pytest.mark.skipif(not hasattr(__import__("signal"), "SIGHUP"), reason="POSIX signals")
+@pytest.mark.parametrize("signame", ["SIGTERM", "SIGHUP"])
+def test_terminated_quantize_leaves_no_temporary_file(tmp_path, signame):
+    """SIGTERM (timeout, kill, systemd) / SIGHUP stopped `cquant quantize` with its hidden
+    .OUT.safetensors.*.tmp left in the folder; they now end it as an error does (128 + signal)."""
+    import signal
+    import time
+    rng = np.random.default_rng(0)
+    src = tmp_path / "in.safetensors"
+    write_checkpoint(src, {f"l{i}.weight": rng.standard_normal((1024, 1024)).astype(np.float32) for i in range(48)})
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    p = subprocess.Popen([sys.executable, "-m", "cquant", "quantize", str(src), "-o", str(outdir / "q.safetensors"),
+                          "--no-progress"], env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    t0 = time.time()
+    while not os.listdir(outdir) and p.poll() is None and time.time() - t0 < 60:
+        time.sleep(0.002)
+    if p.poll() is not None:
+        pytest.skip("the command finished before the signal could be sent")
+    p.send_signal(getattr(signal, signame))
+    _, err = p.communicate(timeout=60)
+    if p.returncode == 0:
+        pytest.skip("the command finished before the signal arrived")
+    assert p.returncode == 128 + getattr(signal, signame), err
+    assert b"terminated" in err
+    assert os.listdir(outdir) == []

@@ -10,6 +10,7 @@ its own reader/writer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -596,13 +597,22 @@ class atomic_path:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
         except OSError as e:
             raise CheckpointError(f"{self.path}: cannot write in {d} ({e.strerror or e})") from None
-        try:  # mkstemp creates 0600: give the file the mode a plain open() would (or the replaced file's)
-            os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
-        except (OSError, AttributeError):  # pragma: no cover - e.g. a filesystem without modes
-            pass
-        os.close(fd)
-        self.tmp, self.target = tmp, target
-        return tmp
+        try:
+            try:  # mkstemp creates 0600: give the file the mode a plain open() would (or the replaced file's)
+                os.fchmod(fd, stat.S_IMODE(st.st_mode) if st is not None else 0o666 & ~_umask())
+            except (OSError, AttributeError):  # pragma: no cover - e.g. a filesystem without modes
+                pass
+            os.close(fd)
+            fd = -1
+            self.tmp, self.target = tmp, target
+            return tmp
+        except BaseException:  # a signal (the CLI's SIGTERM) before the with body: __exit__ never runs
+            if fd >= 0:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
 
     def _remove_tmp(self) -> None:
         if self.tmp is not None:

@@ -51,7 +51,9 @@ import json
 import math
 import os
 import resource
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -775,7 +777,48 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+class _Terminated(BaseException):
+    """SIGTERM / SIGHUP (``timeout``, ``kill``, systemd, a closed terminal): raised in the main thread
+    so that the output being written is removed as on any failure (the temporary file was left)."""
+
+
+def _on_signal(signum: int, _frame: Any) -> None:
+    raise _Terminated(signum)
+
+
+@contextlib.contextmanager
+def _cli_process() -> Any:
+    """What the command line needs of its process, restored after (tests call :func:`main` in
+    process): a closed stdout / stderr (cron, a daemon: ``>&-``) is /dev/null, not None; SIGTERM and
+    SIGHUP end the command as an error does (outputs cleaned up)."""
+    saved_streams = (sys.stdout, sys.stderr)
+    opened = []
+    for name in ("stdout", "stderr"):
+        if getattr(sys, name) is None:
+            f = open(os.devnull, "w")  # noqa: SIM115 - closed in finally
+            opened.append(f)
+            setattr(sys, name, f)
+    saved_handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (getattr(signal, "SIGTERM", None), getattr(signal, "SIGHUP", None)):
+            if sig is not None and signal.getsignal(sig) in (signal.SIG_DFL, None):
+                saved_handlers[sig] = signal.signal(sig, _on_signal)
+    try:
+        yield
+    finally:
+        for sig, h in saved_handlers.items():
+            signal.signal(sig, h)
+        sys.stdout, sys.stderr = saved_streams
+        for f in opened:
+            f.close()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    with _cli_process():
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     try:
@@ -815,6 +858,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("cquant: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as e:
+        signum = int(e.args[0]) if e.args else 15
+        print(f"cquant: terminated ({signal.Signals(signum).name})", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":  # pragma: no cover
