@@ -569,13 +569,14 @@ def test_static_layer_without_finite_calibration_input_falls_back_to_dynamic():
 
     def fresh():
         return nn.Sequential(nn.Linear(16, 32, rng=1), nn.GELU(), nn.Linear(32, 8, rng=2))
-    for batches, blind in (([nan_rows], ["2"]), ([x[:0]], ["0", "2"])):
-        with pytest.raises(cquant.errors.ValueError, match="no finite input"):
+    zeros = np.zeros((8, 16), np.float32)  # all-zero inputs: the scale was an arbitrary 1.0
+    for batches, blind in (([nan_rows], ["2"]), ([x[:0]], ["0", "2"]), ([zeros], ["0"])):
+        with pytest.raises(cquant.errors.ValueError, match="no finite non-zero input"):
             cquant.Quantizer(mode="static", strict=True).quantize(fresh(), calibration=batches)
         q = cquant.Quantizer(mode="static")
         m = q.quantize(fresh(), calibration=batches)
         why = {r.name: r.reason for r in q.summary}
         for name in blind:
-            assert "held no finite value" in why[name] and "dynamic activations instead" in why[name]
+            assert "held no finite non-zero value" in why[name] and "dynamic activations instead" in why[name]
         ref = fresh()(x)
         assert np.linalg.norm(m(x) - ref) / np.linalg.norm(ref) < 0.05

@@ -676,8 +676,8 @@ class Quantizer:
         if s.activations != "static" or (self.act_scales is not None and name in self.act_scales):
             return s, note
         self._static_missing.append(_display(name))
-        why = ("static: the calibration inputs of this layer held no finite value (NaN / Inf or no rows): "
-               "dynamic activations instead" if name in self._static_blind else
+        why = ("static: the calibration inputs of this layer held no finite non-zero value (all zero, NaN / "
+               "Inf or no rows): dynamic activations instead" if name in self._static_blind else
                "static: the calibration batches never reached this layer (no activation statistics): "
                "dynamic activations instead")
         return replace(s, activations="dynamic"), "; ".join(filter(None, [note, why]))
@@ -687,7 +687,7 @@ class Quantizer:
             names = self._static_missing
             raise errors.ValueError(
                 f"static activations need calibration statistics, but the calibration batches never reached "
-                f"(or gave no finite input to) {len(names)} selected layer(s): {', '.join(names[:20])}"
+                f"(or gave no finite non-zero input to) {len(names)} selected layer(s): {', '.join(names[:20])}"
                 + (f" (+{len(names) - 20} more)" if len(names) > 20 else "")
                 + " (strict=True; without it they get dynamic activations, the reason recorded)")
 
@@ -840,17 +840,19 @@ class Quantizer:
                            st.mean, st.min)
 
     def _static_scales(self, model: Any, batches: List[Any], smoothed: bool) -> Dict[str, float]:
-        """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32; 1.0 for a
-        layer whose calibration inputs were all zero, as for an all-zero weight row; at least the
-        smallest normal float32). After smoothing the model runs again: the scales are those of
+        """Layer name -> static activation scale ``max|x| / 127`` over ``batches`` (float32; at least the
+        smallest normal float32). A layer whose calibration inputs were all zero gets none (its
+        scale would be an arbitrary 1.0: a later input of size 1 kept ~1% of its precision):
+        dynamic activations, with the reason. After smoothing the model runs again: the scales are those of
         the smoothed inputs (a layer in a pre-scale wrapper sees ``x * (1/s)``, the product its kernel
         quantizes)."""
         cal = _calibration.calibrate(model, batches) if smoothed or self.calibration is None else self.calibration
         tiny = np.finfo(np.float32).tiny
         # a layer reached whose inputs held no finite value (every row NaN / Inf, or no rows) has
         # no statistics either: dynamic activations, as for a layer never reached (_static_fit)
-        self._static_blind = {name for name, st in cal.items() if not st.saw_finite}
-        return {name: float(max(st.static_scale()[0], tiny)) for name, st in cal.items() if st.saw_finite}
+        self._static_blind = {name for name, st in cal.items() if not st.saw_finite or not st.tensor_absmax > 0}
+        return {name: float(max(st.static_scale()[0], tiny)) for name, st in cal.items()
+                if name not in self._static_blind}
 
     def _clone(self, scheme: Optional[QuantScheme] = None) -> "Quantizer":
         """A Quantizer with the same selection; ``scheme``: every selected layer on that scheme
