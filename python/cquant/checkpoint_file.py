@@ -15,6 +15,7 @@ import json
 import math
 import mmap
 import os
+import signal
 import stat
 import struct
 import tempfile
@@ -563,6 +564,25 @@ def _umask() -> int:
     return m
 
 
+_HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT") if hasattr(signal, n))
+
+
+def _hold_signals() -> Any:
+    """Block SIGTERM / SIGHUP / SIGINT for this thread (POSIX; elsewhere nothing); returns what to
+    restore with :func:`_release_signals`."""
+    if not hasattr(signal, "pthread_sigmask"):
+        return None
+    try:
+        return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
+    except (OSError, ValueError):  # pragma: no cover
+        return None
+
+
+def _release_signals(held: Any) -> None:
+    if held is not None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
+
 class atomic_path:
     """Context manager: yields a temporary path next to ``path``; on success renames it over ``path``,
     on any failure (including the rename itself) removes it, so no partial or temporary file is ever
@@ -593,9 +613,13 @@ class atomic_path:
             link = target != os.path.abspath(self.path)
             raise CheckpointError(f"{self.path}: directory {d} does not exist"
                                   + (f" (the path is a link to {target})" if link else ""))
+        # a signal handler that raises (the CLI's SIGTERM / SIGHUP) between the file's creation and
+        # the with body would leave it behind (__exit__ never runs): those signals wait meanwhile
+        held = _hold_signals()
         try:
             fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(target) + ".", suffix=".tmp", dir=d)
         except OSError as e:
+            _release_signals(held)
             raise CheckpointError(f"{self.path}: cannot write in {d} ({e.strerror or e})") from None
         try:
             try:  # mkstemp creates 0600: give the file the mode a plain open() would (or the replaced file's)
@@ -605,8 +629,10 @@ class atomic_path:
             os.close(fd)
             fd = -1
             self.tmp, self.target = tmp, target
+            _release_signals(held)  # a signal that waited is handled here, inside this try
             return tmp
         except BaseException:  # a signal (the CLI's SIGTERM) before the with body: __exit__ never runs
+            _release_signals(held)
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
