@@ -19,6 +19,7 @@ import signal
 import stat
 import struct
 import tempfile
+import threading
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -568,19 +569,34 @@ _HELD_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP", "SIGINT"
 
 
 def _hold_signals() -> Any:
-    """Block SIGTERM / SIGHUP / SIGINT for this thread (POSIX; elsewhere nothing); returns what to
-    restore with :func:`_release_signals`."""
-    if not hasattr(signal, "pthread_sigmask"):
+    """On the main thread: record SIGTERM / SIGHUP / SIGINT instead of running their handlers (a
+    handler that raises, as the CLI's do, must not land between a temporary file's creation and the
+    code that removes it on failure); returns what :func:`_release_signals` needs. (Blocking them
+    with pthread_sigmask held on the calling thread only: the kernel then gave the signal to a
+    kernel-pool thread and Python ran the handler on the main thread all the same.)"""
+    if threading.current_thread() is not threading.main_thread():
         return None
-    try:
-        return signal.pthread_sigmask(signal.SIG_BLOCK, _HELD_SIGNALS)
-    except (OSError, ValueError):  # pragma: no cover
-        return None
+    got: List[int] = []
+    saved = {}
+    for sig in _HELD_SIGNALS:
+        try:
+            saved[sig] = signal.signal(sig, lambda s, _f: got.append(s))
+        except (OSError, ValueError, TypeError):  # pragma: no cover - not settable here
+            pass
+    return saved, got
 
 
 def _release_signals(held: Any) -> None:
-    if held is not None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    """Put the handlers back, then deliver what arrived meanwhile (its handler runs here, inside the
+    caller's cleanup)."""
+    if held is None:
+        return
+    saved, got = held
+    for sig, h in saved.items():
+        signal.signal(sig, h)
+    saved.clear()
+    while got:
+        signal.raise_signal(got.pop(0))
 
 
 class atomic_path:
