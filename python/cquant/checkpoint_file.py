@@ -443,10 +443,22 @@ class ShardedReader:
             desc = ", ".join(f"{os.path.basename(p)}: {v or 'not cquant'}" for p, v in versions.items())
             raise CheckpointError(f"{self.path}: the shards disagree on the cquant format version ({desc[:300]})")
         layers: Dict[str, Any] = {}
+        folds: Dict[str, List[Any]] = {}
         for r in self._readers:
             for k, v in r.metadata.items():
-                if k != KEY_LAYERS:
+                if k not in (KEY_LAYERS, KEY_FOLDS):
                     meta.setdefault(k, v)
+            if KEY_FOLDS in r.metadata:  # each shard lists the folds it holds: their union
+                try:
+                    part = json.loads(r.metadata[KEY_FOLDS], object_pairs_hook=_no_duplicate_keys)
+                except (CheckpointError, ValueError, RecursionError):
+                    raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r} is not valid JSON") from None
+                if not isinstance(part, dict):
+                    raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r} must be a JSON object")
+                for side, names in part.items():
+                    if not isinstance(names, list):
+                        raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r}: {side!r} must be a list")
+                    folds.setdefault(side, []).extend(names)
             if KEY_LAYERS in r.metadata:
                 try:
                     part = json.loads(r.metadata[KEY_LAYERS], object_pairs_hook=_no_duplicate_keys)
@@ -460,6 +472,8 @@ class ShardedReader:
                     if name in layers:
                         raise CheckpointError(f"{self.path}: layer {name!r} is listed by two shards")
                     layers[name] = spec
+        if folds:
+            meta[KEY_FOLDS] = json.dumps(folds, separators=(",", ":"))  # read_folds checks the rest
         if any(KEY_LAYERS in r.metadata for r in self._readers):
             meta[KEY_LAYERS] = json.dumps(layers, separators=(",", ":"))
         else:
