@@ -53,10 +53,13 @@ def test_batch_forms_tuple_dict_and_errors():
         cquant.calibrate(net, [])
     with pytest.raises(errors.TypeError):
         cquant.calibrate(net, 3)
-    # a bare tuple of arrays: one batch of two arguments, or two batches? (ids, mask) ran the mask
-    # as a second batch of ids; refused, a list says which
+    # a bare tuple of integer arrays: one batch of two arguments, or two batches? (ids, mask) ran the
+    # mask as a second batch of ids; refused, a list says which
+    ids = np.zeros((2, 4), np.int64)
     with pytest.raises(errors.TypeError, match="ambiguous"):
-        cquant.calibrate(net, (b, b))
+        cquant.calibrate(net, (ids, ids))
+    two = cquant.calibrate(net, (b, b))                        # floats (torch.split's chunks): batches
+    assert two.batches == 2 and cquant.calibrate(net, (b,)).batches == 1
     e = cquant.calibrate(net, ((b, 2.0),))                     # a tuple of tuples is not ambiguous
     np.testing.assert_array_equal(a["fc2"].absmax, e["fc2"].absmax)
     with pytest.raises(errors.ValueError, match="no Linear"):

@@ -410,3 +410,10 @@ def test_a_module_cannot_contain_itself():
         a.add_module("me", a)
     assert "loop" not in b._modules and "me" not in a._modules
     assert list(a.state_dict()) == []
+
+
+def test_refused_insert_leaves_the_list_as_it_was():
+    ml = nn.ModuleList([nn.ReLU(), nn.ReLU()])
+    with pytest.raises(errors.ValueError, match="cannot contain itself"):
+        ml.insert(0, ml)
+    assert len(ml) == 2 and all(isinstance(m, nn.ReLU) for m in ml)

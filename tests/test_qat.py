@@ -492,3 +492,14 @@ def test_prepare_again_with_another_scheme_is_refused():
     qat.to_float(m, inplace=True)
     qat.prepare(m, "per_group(32)")
     assert [l.scheme.name for _, l in qat.qat_layers(m)] == ["per_group(32)", "per_group(32)", "per_channel"]
+
+
+def test_prepare_again_with_a_class_keyed_scheme():
+    """The re-prepare check resolved class rules against the QAT module, not the float one: the same
+    {nn.Linear: scheme} again was refused."""
+    m = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+    sch = {torch.nn.Linear: "per_group(32)"}
+    qat.prepare(m, sch)
+    m.add_module("3", torch.nn.Linear(8, 4))
+    qat.prepare(m, sch)
+    assert len(qat.qat_layers(m)) == 3

@@ -508,3 +508,26 @@ def test_load_into_hand_built_nn_model_with_a_float_smoothed_layer(tmp_path):
     assert not [n for n, m in other.named_modules() if isinstance(m, Smoothed)]
     assert all(m._parameters.get("residual_scale", None) is None for _, m in other.named_modules())
     np.testing.assert_array_equal(other(*cal[0]), before)
+
+
+def test_from_pretrained_checks_fold_lengths(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    st = pytest.importorskip("safetensors.torch")
+    torch.manual_seed(0)
+    m = transformers.BertModel(transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1,
+                                                       num_attention_heads=2, intermediate_size=64)).eval()
+    cal = [{"input_ids": torch.randint(0, 100, (2, 7)), "attention_mask": torch.ones(2, 7, dtype=torch.long)}]
+    qm = Quantizer.quantize_dynamic(m, calibration=cal, smoothing=0.5)
+    d = tmp_path / "hf"
+    cquant.save_pretrained(qm, d)
+    f = d / "cquant-model.safetensors"
+    t = st.load_file(str(f))
+    key = next(k for k in t if k.startswith("cquant_fold_input."))
+    t[key] = t[key][:-3].clone()
+    from cquant.checkpoint_file import open_checkpoint
+    with open_checkpoint(str(f)) as r:
+        meta = dict(r.metadata)
+    st.save_file(t, str(f), metadata=meta)
+    with pytest.raises(errors.CheckpointError, match="fold of layer"):
+        cquant.from_pretrained(d)

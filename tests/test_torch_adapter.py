@@ -502,3 +502,19 @@ def test_non_tensor_sparse_nested_and_autocast_inputs():
             lin_q(nested)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype nn.Linear returns there
             assert lin_f(d).dtype == lin_q(d).dtype == torch.bfloat16
+
+
+def test_review_of_the_diff_torch_cases():
+    """vmap over something other than the layer's input (the layer ran its eager path and the
+    autograd.Function raised under the transform); copy.copy of a layer (its state held the pickling
+    wrapper); a strided nested tensor is refused like a jagged one."""
+    torch.manual_seed(0)
+    q = cquant.Quantizer.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(16, 8)))
+    w, s = torch.randn(3, 16), torch.randn(4)
+    y = torch.func.vmap(lambda v: q(w) * v)(s)
+    with torch.no_grad():
+        assert torch.equal(y, torch.stack([q(w) * v for v in s]))
+    c = copy.copy(q[0])
+    assert torch.equal(c(w), q[0](w))
+    with pytest.raises(errors.TypeError, match="nested tensors"):
+        q[0](torch.nested.nested_tensor([torch.randn(2, 16), torch.randn(3, 16)]))

@@ -6,8 +6,8 @@
 
 ``batches`` is an iterable of model inputs; each one is an array (``model(x)``), a tuple or list
 (``model(*args)``) or a dict (``model(**kwargs)``, e.g. a tokenizer's output for a transformers
-model). A bare array or dict is one batch; a bare tuple of arrays is refused as ambiguous (one
-batch of several arguments, ``[(ids, mask)]``, or several batches, ``[ids, mask]``?). For a torch model numpy arrays are turned into tensors
+model). A bare array or dict is one batch; a bare tuple of integer arrays is refused as ambiguous
+(one batch of several arguments, ``[(ids, mask)]``, or several batches, ``[ids, mask]``?). For a torch model numpy arrays are turned into tensors
 and the model runs under ``torch.inference_mode()``.
 
 The layers are watched, not modified (see :func:`cquant.frontends.intercept`: the instance's

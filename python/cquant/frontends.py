@@ -1011,9 +1011,11 @@ def batch_list(batches: Any) -> List[Any]:
         return [batches]
     if isinstance(batches, (str, bytes)) or batches is None:
         raise errors.TypeError(f"batches must be an iterable of model inputs, got {type(batches).__name__}")
-    if isinstance(batches, tuple) and batches and \
-            all(isinstance(b, np.ndarray) or is_torch_tensor(b) for b in batches):
-        # (ids, mask) reads as two batches of one argument each: the mask ran as token ids
+    if isinstance(batches, tuple) and len(batches) > 1 and \
+            all((isinstance(b, np.ndarray) and b.dtype.kind in "iub") or
+                (is_torch_tensor(b) and not b.is_floating_point() and not b.is_complex()) for b in batches):
+        # (ids, mask) reads as two batches of one argument each: the mask ran as token ids. (Float
+        # tuples, torch.split's chunks of a feature batch, are batches; (x,) reads the same either way.)
         raise errors.TypeError(
             f"batches is a tuple of {len(batches)} arrays, which is ambiguous: give a list, [(a, b)] for one "
             f"batch of {len(batches)} positional arguments (e.g. input ids and an attention mask), or [a, b] "

@@ -740,6 +740,10 @@ class ModuleList(Module):
             self.extend(modules)
 
     def _renumber(self, mods: List[Module]) -> None:
+        for i, m in enumerate(mods):  # every check first: a refused module leaves the list as it was
+            if not isinstance(m, Module):
+                raise errors.TypeError(f"{i!r}: {type(m).__name__} is not a cquant.nn.Module")
+            self._check_no_cycle(str(i), m)
         self._modules.clear()
         for i, m in enumerate(mods):
             self.add_module(str(i), m)

@@ -411,7 +411,7 @@ def _check_reprepare(model: torch.nn.Module, default: QuantScheme, rules: Any, i
     for name, layer in qat_layers(model):
         if (inc and not any(fnmatch.fnmatchcase(name, p) for p in inc)) or any(fnmatch.fnmatchcase(name, p) for p in exc):
             continue
-        s, _key = _resolve_scheme(name, layer, default, rules)
+        s, _key = _resolve_scheme(name, layer.source, default, rules)  # (class rules name the float class)
         if s is not None:
             s = s.for_k(layer.in_features)[0]
         if s != layer.scheme:

@@ -491,6 +491,13 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
                                                         if isinstance(ls, list) for layer in ls if isinstance(layer, str)]
                    if k in tensors}
     folds = read_folds(cpath, json.dumps(cq["folds"]) if "folds" in cq else None, fold_arrays)
+    for side, rec in folds.items():  # a quantized layer's fold has its K (input) or N (output) scales
+        for layer, v in rec.items():
+            lm = cq.get("layers", {}).get(layer)
+            want = None if not isinstance(lm, dict) else int(lm["shape"][1 if side == "input" else 0])
+            if want is not None and v.size != want:
+                raise errors.CheckpointError(f"{cpath}: the {side} fold of layer {layer!r} has {v.size} scales; "
+                                             f"the layer has {want} {side} channels")
     tied_map = cq.get("tied", {})
     layer_keys = {_pfx(n) + t for n in cq.get("layers", {}) for t in ("weight_q", "weight_scale")}
 

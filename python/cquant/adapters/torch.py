@@ -248,8 +248,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         blocks of that size (:func:`cquant.ops.linear`), in the same pass."""
         if not isinstance(x, (torch.Tensor, torch.fx.Proxy)):
             raise errors.TypeError(f"expected a torch.Tensor, got {type(x).__name__}")
-        if isinstance(x, torch.Tensor) and x.layout != torch.strided and not isinstance(x, torch.fx.Proxy):
-            if x.is_nested:
+        if isinstance(x, torch.Tensor) and not isinstance(x, torch.fx.Proxy) and (x.is_nested or x.layout != torch.strided):
+            if x.is_nested:  # (either layout: strided nested tensors are what TransformerEncoder makes)
                 raise errors.TypeError("nested tensors are not supported by cquant's layers: pad the batch "
                                        "(torch.nested.to_padded_tensor) first")
             x = x.to_dense()  # sparse COO / CSR: as nn.Linear multiplies them, densely
@@ -290,8 +290,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         out = _autocast_dtype(dtype)
         if out != torch.float32:
             y = y.to(out)
-        if torch.is_grad_enabled():
-            y = _NoBackward.apply(x, y)
+        if torch.is_grad_enabled() and not _functorch_active():  # (torch.func: no autograd.Function here;
+            y = _NoBackward.apply(x, y)                          # this input is not the transformed one)
         return y
 
     def _forward_op(self, x: Any) -> Any:
@@ -396,12 +396,19 @@ class QuantizedTorchLinear(torch.nn.Module):
         return state
 
     def __setstate__(self, state):
+        if isinstance(state.get("qforward"), _TorchArrays):  # copy.copy hands __getstate__'s dict over as is
+            state = {**state, "qforward": state["qforward"].obj}
         super().__setstate__(state)
         self._install(self.qforward)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.qforward.bias is not None}, {self.scheme}, from={self.source}")
+
+
+def _functorch_active() -> bool:
+    f = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(f is not None and f())
 
 
 def _autocast_dtype(dtype: "torch.dtype") -> "torch.dtype":
