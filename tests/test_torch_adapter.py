@@ -502,6 +502,7 @@ def test_non_tensor_sparse_nested_and_autocast_inputs():
             lin_q(nested)
         with torch.autocast("cpu", dtype=torch.bfloat16):  # the dtype nn.Linear returns there
             assert lin_f(d).dtype == lin_q(d).dtype == torch.bfloat16
+            assert torch.equal(torch.compile(lin_q, backend="aot_eager")(d), lin_q(d))  # the op's path too
 
 
 def test_review_of_the_diff_torch_cases():

@@ -338,7 +338,8 @@ class ReportRow:
 
 @dataclass
 class CheckpointState:
-    """What :func:`cquant.save` writes for a model: ``tensors`` (name -> array, in file order),
+    """What :func:`cquant.save` writes for a model: ``tensors`` (name -> array, or a
+    :class:`cquant.checkpoint_file.LazyArray` that ``np.asarray`` computes when written; file order),
     ``layers`` (``cquant.layers`` entries), ``model_meta`` (``cquant.model``, or None) and ``ties``
     (``cquant.tied``: embedding table -> the Linear layer whose codes it reads)."""
     tensors: Dict[str, np.ndarray]

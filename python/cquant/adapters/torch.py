@@ -309,7 +309,8 @@ class QuantizedTorchLinear(torch.nn.Module):
         y = torch.ops.cquant.linear(xf, self.packed, self.weight_scale, self.bias, int(qw.shape[0]),
                                     int(qw.shape[1]), qw.granularity, int(qw.group_size or 0), self.mode,
                                     float(self.qforward.act_scale or 0.0))
-        return y if dtype == torch.float32 else y.to(dtype)
+        out = dtype if isinstance(x, torch.fx.Proxy) else _autocast_dtype(dtype)  # as the eager path
+        return y if out == torch.float32 else y.to(out)
 
     # ---- inference only ----------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "QuantizedTorchLinear":
