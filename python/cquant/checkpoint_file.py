@@ -153,6 +153,18 @@ def _no_duplicate_keys(pairs: List[Tuple[str, Any]]) -> Dict[str, Any]:
     return out
 
 
+def metadata_json(path: str, key: str, raw: str) -> Any:
+    """A metadata value that holds JSON (``cquant.layers``, ``cquant.tied``, ``cquant.model``,
+    ``cquant.folds``), parsed: CheckpointError naming the file and the key for invalid JSON or a key
+    given twice (which entry would win is not for the reader to guess)."""
+    try:
+        return json.loads(raw, object_pairs_hook=_no_duplicate_keys)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: metadata {key!r}: {e}") from None
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{path}: metadata {key!r} is not valid JSON") from None
+
+
 _MAX_DIMS = 32          # numpy's limit before 2.0 (64 since)
 _MAX_ARRAY_BYTES = 2**62  # numpy refuses an array whose (non-zero) dimensions multiply past ~2**63 bytes
 
@@ -449,10 +461,7 @@ class ShardedReader:
                 if k not in (KEY_LAYERS, KEY_FOLDS):
                     meta.setdefault(k, v)
             if KEY_FOLDS in r.metadata:  # each shard lists the folds it holds: their union
-                try:
-                    part = json.loads(r.metadata[KEY_FOLDS], object_pairs_hook=_no_duplicate_keys)
-                except (CheckpointError, ValueError, RecursionError):
-                    raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r} is not valid JSON") from None
+                part = metadata_json(r.path, KEY_FOLDS, r.metadata[KEY_FOLDS])
                 if not isinstance(part, dict):
                     raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r} must be a JSON object")
                 for side, names in part.items():
@@ -460,12 +469,7 @@ class ShardedReader:
                         raise CheckpointError(f"{r.path}: metadata {KEY_FOLDS!r}: {side!r} must be a list")
                     folds.setdefault(side, []).extend(names)
             if KEY_LAYERS in r.metadata:
-                try:
-                    part = json.loads(r.metadata[KEY_LAYERS], object_pairs_hook=_no_duplicate_keys)
-                except CheckpointError as e:
-                    raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r}: {e}") from None
-                except (ValueError, RecursionError):
-                    raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+                part = metadata_json(r.path, KEY_LAYERS, r.metadata[KEY_LAYERS])
                 if not isinstance(part, dict):
                     raise CheckpointError(f"{r.path}: metadata {KEY_LAYERS!r} must be a JSON object")
                 for name, spec in part.items():
@@ -815,13 +819,8 @@ def read_folds(where: str, raw: Optional[str], arrays: Dict[str, np.ndarray]) ->
     out: Dict[str, Dict[str, np.ndarray]] = {side: {} for side in FOLD_ATTRS}
     if raw is None:
         return out
+    listing = metadata_json(where, KEY_FOLDS, raw)
     where = f"{where}: metadata {KEY_FOLDS!r}"
-    try:
-        listing = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{where} is not valid JSON") from None
     if not isinstance(listing, dict) or set(listing) - set(FOLD_ATTRS):
         raise CheckpointError(f"{where} must be a JSON object with \"input\" and/or \"output\" lists of layer names")
     for side, layers in listing.items():

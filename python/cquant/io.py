@@ -99,7 +99,7 @@ from .checkpoint_file import (  # noqa: F401  (the file layer, re-exported: thes
     _open_regular, _is_int, _no_duplicate_keys, _MAX_DIMS, _MAX_ARRAY_BYTES, SafetensorsReader, INDEX_SUFFIX,
     CHECKPOINT_NAMES, _MAX_INDEX, resolve_checkpoint, is_index_path, _shard_name_ok, ShardedReader,
     open_checkpoint, StreamWriter, _umask, atomic_path, _layer_meta, pack_int4, unpack_int4, _stored_codes, _prefix,
-    path_str, KEY_FOLDS, fold_tensors, read_folds, set_folds,
+    path_str, KEY_FOLDS, fold_tensors, read_folds, set_folds, metadata_json,
 )
 from .quantization import QuantizedLinearForward
 
@@ -275,13 +275,7 @@ def parse_layers(path: str, meta: Mapping[str, str]) -> Dict[str, LayerSpec]:
     """The ``cquant.layers`` metadata, every field checked: CheckpointError naming the file, the layer
     and the field for anything malformed (not only what would crash: a mode or granularity this
     cquant does not know, a group size that does not divide K, ...)."""
-    raw = meta.get(KEY_LAYERS, "{}")
-    try:
-        layers = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except CheckpointError as e:  # a key given twice: which entry would win is not for the reader to guess
-        raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r}: {e}") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r} is not valid JSON") from None
+    layers = metadata_json(path, KEY_LAYERS, meta.get(KEY_LAYERS, "{}"))
     if not isinstance(layers, dict):
         raise CheckpointError(f"{path}: metadata {KEY_LAYERS!r} must be a JSON object (layer name -> fields), "
                               f"got {type(layers).__name__}")
@@ -458,12 +452,7 @@ def _read_ties(path: str, meta: Mapping[str, str], specs: Mapping[str, "LayerSpe
     if raw is None:
         return
     where = f"{path}: metadata {KEY_TIED!r}"
-    try:
-        ties = json.loads(raw, object_pairs_hook=_no_duplicate_keys)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{where} is not valid JSON") from None
+    ties = metadata_json(path, KEY_TIED, raw)
     if not isinstance(ties, dict):
         raise CheckpointError(f"{where} must be a JSON object (embedding table -> Linear layer)")
     for table, target in ties.items():
@@ -574,12 +563,7 @@ def _safe_path(name: str) -> bool:
 
 def _rebuild(ck: Checkpoint, path: str) -> Any:
     where = f"{path}: metadata {KEY_MODEL!r}"
-    try:
-        spec = json.loads(ck.metadata[KEY_MODEL], object_pairs_hook=_no_duplicate_keys)
-    except CheckpointError as e:
-        raise CheckpointError(f"{where}: {e}") from None
-    except (ValueError, RecursionError):
-        raise CheckpointError(f"{where} is not valid JSON") from None
+    spec = metadata_json(path, KEY_MODEL, ck.metadata[KEY_MODEL])
     if not isinstance(spec, dict) or not isinstance(spec.get("class"), str):
         raise CheckpointError(f"{where} must be a JSON object with a \"class\" string")
     cfg = spec.get("config", {})
