@@ -799,9 +799,10 @@ def fold_key(side: str, layer: str) -> str:
     return f"cquant_fold_{side}.{layer}"
 
 
-def fold_tensors(model: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
+def fold_tensors(model: Any, taken: Iterable[str] = ()) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]]]:
     """The fold vectors a smoothed model's root records: ({tensor name: float32 vector}, the
-    KEY_FOLDS listing); ({}, {}) for a model that was not smoothed."""
+    KEY_FOLDS listing); ({}, {}) for a model that was not smoothed. CheckpointError if one of their
+    names is among ``taken`` (the model's own tensor names)."""
     tensors: Dict[str, np.ndarray] = {}
     listing: Dict[str, List[str]] = {}
     for side, attr in FOLD_ATTRS.items():
@@ -809,13 +810,19 @@ def fold_tensors(model: Any) -> Tuple[Dict[str, np.ndarray], Dict[str, List[str]
         for layer, v in record.items():
             tensors[fold_key(side, str(layer))] = np.array(v, dtype=np.float32).reshape(-1)  # a copy: records share s
             listing.setdefault(side, []).append(str(layer))
+    clash = sorted(set(tensors) & set(taken))
+    if clash:
+        raise CheckpointError(f"the model has a tensor named {clash[0]!r}, the name a checkpoint gives a "
+                              "smoothing fold; rename that module")
     return tensors, listing
 
 
-def read_folds(where: str, raw: Optional[str], arrays: Dict[str, np.ndarray]) -> Dict[str, Dict[str, np.ndarray]]:
+def read_folds(where: str, raw: Optional[str], arrays: Dict[str, np.ndarray],
+               shapes: Mapping[str, Sequence[int]]) -> Dict[str, Dict[str, np.ndarray]]:
     """Parse the KEY_FOLDS listing (``raw``; None: no folds) and take its vectors out of ``arrays``:
     {"input": {layer: vector}, "output": {...}}. Each vector must be listed once, be there, and hold
-    positive finite floats (a fold divides by it)."""
+    positive finite floats (a fold divides by it); a layer in ``shapes`` (name -> (N, K), the
+    quantized layers of the file) has K input scales or N output scales."""
     out: Dict[str, Dict[str, np.ndarray]] = {side: {} for side in FOLD_ATTRS}
     if raw is None:
         return out
@@ -839,6 +846,9 @@ def read_folds(where: str, raw: Optional[str], arrays: Dict[str, np.ndarray]) ->
                                       f"(got {v.dtype} {tuple(v.shape)})")
             if not (np.isfinite(v).all() and (v > 0).all()):
                 raise CheckpointError(f"{where}: tensor {key!r} must hold positive finite scales")
+            if layer in shapes and v.size != int(shapes[layer][1 if side == "input" else 0]):
+                raise CheckpointError(f"{where}: the {side} fold of layer {layer!r} has {v.size} scales; the layer "
+                                      f"has {int(shapes[layer][1 if side == 'input' else 0])} {side} channels")
             out[side][layer] = np.array(v, dtype=np.float32)
     return out
 

@@ -500,6 +500,7 @@ def _tree_report(model: Any) -> List[ReportRow]:
     """:meth:`FrontEnd.report` of a cquant.nn or duck-typed tree, in walk order."""
     rows: List[ReportRow] = []
     owner: Dict[int, str] = {}
+    biases: set = set()
     for path, obj, _site, revisit in _walk(model, stop=lambda o: _tree_qforward(o) is not None):
         if isinstance(obj, QuantizedEmbedding) and not revisit:  # int8 table (a tied one shares its codes)
             qw, name = obj.qweight, _display(path)
@@ -515,9 +516,9 @@ def _tree_report(model: Any) -> List[ReportRow]:
         qw = qf.qweight
         n, k = (int(d) for d in qw.shape)
         # a bias shared with an earlier layer (tied weight and bias) is counted there only
-        bias_b = int(qf.bias.nbytes) if qf.bias is not None and id(qf.bias) not in owner else 0
+        bias_b = int(qf.bias.nbytes) if qf.bias is not None and id(qf.bias) not in biases else 0
         if qf.bias is not None:
-            owner.setdefault(id(qf.bias), "")
+            biases.add(id(qf.bias))
         name = _display(path)
         first = owner.get(id(qw))
         if first is None:
@@ -630,16 +631,11 @@ class NnFrontEnd(_TreeFrontEnd):
         # the state_dict, with each quantized layer's codes (int4: two per byte) unpacked only when
         # cquant.save writes them (all at once, a save peaked at twice the model: +104 MiB for a
         # 106 MiB BERT-base-width int8 model)
+        tensors.update(obj._state_items(specs=True))
         for mname, m in obj.named_modules(remove_duplicate=False):
-            prefix = f"{mname}." if mname else ""
-            try:
-                m._save_to_state_dict(tensors, prefix, specs=True)
-            except TypeError:  # a subclass's own override without ``specs``
-                m._save_to_state_dict(tensors, prefix)
-            qw = getattr(m, "qweight", None) if (_is_qlinear(m) or (isinstance(m, QuantizedEmbedding)
-                                                                   and m.tied_to is None)) else None
-            if qw is not None and prefix + "weight_q" in tensors:
-                tensors[prefix + "weight_q"] = lazy_codes(qw)
+            key = (f"{mname}." if mname else "") + "weight_q"
+            if key in tensors and (_is_qlinear(m) or (isinstance(m, QuantizedEmbedding) and m.tied_to is None)):
+                tensors[key] = lazy_codes(m.qweight)
         cfg = getattr(obj, "cquant_config", None)
         if callable(cfg) and hasattr(type(obj), "from_cquant_config"):
             model_meta = {"class": f"{type(obj).__module__}:{type(obj).__qualname__}", "config": cfg()}
@@ -777,13 +773,27 @@ def register_nn_wrapper(cls: Any) -> Any:
     return cls
 
 
+def wrapper_tensors(tensors: Mapping[str, Any], base: str, k_in: int) -> Tuple[np.ndarray, int]:
+    """``(inv_scale float32, hadamard block)`` of the smoothing pre-scale wrapper ``base`` in a
+    checkpoint's tensors, checked (cquant.nn and torch ``load_into``): k_in finite non-zero factors and
+    one integer block valid for k_in (CheckpointError otherwise)."""
+    key = _prefix(base) + "inv_scale"
+    inv = np.asarray(tensors[key])
+    had = np.asarray(tensors.get(_prefix(base) + "hadamard", np.zeros(1, np.int64)))
+    if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
+        raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {inv.dtype} {inv.shape}")
+    if had.shape != (1,) or had.dtype.kind not in "iu":
+        raise CheckpointError(f"tensor {_prefix(base) + 'hadamard'!r} must be one integer")
+    return inv.astype(np.float32), ops.hadamard_block(int(had[0]), k_in, _prefix(base) + "hadamard", allow_zero=True)
+
+
 def _nn_smoothing_placeholders(model: Any, ck: Any, undo: List[Callable[[], None]]) -> None:
     """What a smoothed checkpoint holds that a freshly built cquant.nn model lacks (cquant.load's
     BertModel builds them from its config; a model built by hand has plain layers there): a
     pre-scale wrapper around each Linear ``<base>`` of which the file has ``<base>.inv_scale`` and
     the inner layer (``<base>.linear``, quantized or float), and a ``residual_scale`` for each block
     whose slot is empty. Placeholder values (ones); load_state_dict fills them. Every wrapper's
-    ``inv_scale`` in the file is checked (finite, non-zero). Journalled in ``undo``."""
+    tensors in the file are checked (:func:`wrapper_tensors`). Journalled in ``undo``."""
     for key in [k for k in ck.tensors if k.endswith(".inv_scale") or k.endswith(".residual_scale")]:
         base, _, leaf = key.rpartition(".")
         try:
@@ -805,9 +815,7 @@ def _nn_smoothing_placeholders(model: Any, ck: Any, undo: List[Callable[[], None
             parent._modules[last] = wrapper
             undo.append(lambda _p=parent, _l=last, _m=mod: _p._modules.__setitem__(_l, _m))
             mod = wrapper
-        k_in = int(np.asarray(mod.inv_scale).shape[-1])
-        if v.shape != (k_in,) or v.dtype.kind != "f" or not np.all(np.isfinite(v)) or not np.all(v != 0):
-            raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {v.dtype} {v.shape}")
+        wrapper_tensors(ck.tensors, base, int(np.asarray(mod.inv_scale).shape[-1]))
 
 
 def _load_into_nn(model: Any, ck: Any, strict: bool) -> Any:

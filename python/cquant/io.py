@@ -189,11 +189,10 @@ def save(obj: Any, path: PathLike, metadata: Optional[Mapping[str, str]] = None)
                               f"(got {', '.join(reserved)}); name yours otherwise")
     state = fe.for_model(obj).state_tensors(obj)
     tensors, layers, model_meta, ties = state.tensors, state.layers, state.model_meta, state.ties
-    folds, fold_listing = fold_tensors(obj)
-    clash = sorted(set(folds) & set(tensors))
-    if clash:
-        raise CheckpointError(f"{path}: the model has a tensor named {clash[0]!r}, the name a checkpoint gives a "
-                              "smoothing fold; rename that module")
+    try:
+        folds, fold_listing = fold_tensors(obj, tensors)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     if folds:
         tensors = {**tensors, **folds}
         meta[KEY_FOLDS] = json.dumps(fold_listing, separators=(",", ":"))
@@ -434,13 +433,7 @@ def read_checkpoint(path: PathLike) -> Checkpoint:
                 ck.kinds[name] = spec.kind
         arrays = {name: _reader_array(r, name) for name in r.infos if name not in used}
     _read_ties(p, meta, specs, ck, arrays)
-    ck.folds = read_folds(p, meta.get(KEY_FOLDS), arrays)
-    for side, layer, v in [(sd, n, v) for sd, rec in ck.folds.items() for n, v in rec.items()]:
-        qf = ck.layers.get(layer)
-        if qf is not None and layer not in ck.tied and v.size != qf.qweight.shape[1 if side == "input" else 0]:
-            raise CheckpointError(f"{p}: metadata {KEY_FOLDS!r}: the {side} fold of layer {layer!r} has {v.size} "
-                                  f"scales; the layer has {qf.qweight.shape[1 if side == 'input' else 0]} "
-                                  f"{side} channels")
+    ck.folds = read_folds(p, meta.get(KEY_FOLDS), arrays, {n: s.shape for n, s in specs.items()})
     ck.tensors = arrays
     return ck
 

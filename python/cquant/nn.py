@@ -387,16 +387,25 @@ class Module:
             if p is not None:
                 dest[prefix + name] = p
 
+    def _state_items(self, specs: bool = False) -> "OrderedDict[str, Any]":
+        """Every module's :meth:`_save_to_state_dict` entries, in model order (``specs``: derived
+        arrays as empty placeholders of their dtype)."""
+        out: "OrderedDict[str, Any]" = OrderedDict()
+        for mname, m in self.named_modules(remove_duplicate=False):
+            prefix = f"{mname}." if mname else ""
+            if not specs:
+                m._save_to_state_dict(out, prefix)
+                continue
+            try:
+                m._save_to_state_dict(out, prefix, specs=True)
+            except TypeError:  # a subclass's own override without ``specs``
+                m._save_to_state_dict(out, prefix)
+        return out
+
     def _state_dtypes(self) -> "OrderedDict[str, np.dtype]":
         """The keys of :meth:`state_dict` with their dtypes, without materializing what it derives
         (cquant.load_into's checks: state_dict() unpacked every int8 weight to (N, K) codes twice)."""
-        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        for mname, m in self.named_modules(remove_duplicate=False):
-            try:
-                m._save_to_state_dict(out, f"{mname}." if mname else "", specs=True)
-            except TypeError:  # a subclass's own override without ``specs``
-                m._save_to_state_dict(out, f"{mname}." if mname else "")
-        return OrderedDict((k, np.asarray(v).dtype) for k, v in out.items())
+        return OrderedDict((k, np.asarray(v).dtype) for k, v in self._state_items(specs=True).items())
 
     def state_dict(self) -> "OrderedDict[str, np.ndarray]":
         """Dotted name -> array, for every parameter of every module (references, not copies).
@@ -404,10 +413,7 @@ class Module:
         Tied arrays appear under each name that uses them (as in torch), so a state dict can be loaded
         into an untied copy of the architecture.
         """
-        out: "OrderedDict[str, np.ndarray]" = OrderedDict()
-        for mname, m in self.named_modules(remove_duplicate=False):
-            m._save_to_state_dict(out, f"{mname}." if mname else "")
-        return out
+        return self._state_items()
 
     def _load_plan(self, state: Mapping[str, Any], prefix: str, plan: List[Callable[[], None]],
                    used: set, missing: List[str], mismatched: list) -> None:

@@ -49,7 +49,6 @@ same result as quantizing the trained float weights with the PyTorch adapter.
 from __future__ import annotations
 
 import copy
-import fnmatch
 import logging
 import re
 from typing import Any, Dict, List, Optional, Tuple
@@ -59,6 +58,7 @@ import torch
 
 from . import errors, ops
 from .adapters import torch as _tad
+from .frontends import _match
 from .quantization import Quantizer
 from .scheme import QuantScheme, normalize as _normalize_scheme, resolve as _resolve_scheme
 
@@ -409,7 +409,7 @@ def _check_reprepare(model: torch.nn.Module, default: QuantScheme, rules: Any, i
     for the scheme it has (it used to keep its old scheme silently); another scheme is refused."""
     clash = []
     for name, layer in qat_layers(model):
-        if (inc and not any(fnmatch.fnmatchcase(name, p) for p in inc)) or any(fnmatch.fnmatchcase(name, p) for p in exc):
+        if (inc and _match(name, inc) is None) or _match(name, exc) is not None:
             continue
         s, _key = _resolve_scheme(name, layer.source, default, rules)  # (class rules name the float class)
         if s is not None:

@@ -492,19 +492,16 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
     # by ~2 of its eps, 7e-3, which is noise there, not a wrong fold)
     eps = max([_dtype_eps(getattr(linears[n].obj, "weight", None)) for n in selected] or [0.0])
     tolerance = max(float(tolerance), 4.0 * eps)
-    failed: List[str] = []
-
-    def check() -> float:
-        """The largest relative change of the model's outputs on the first batch; inf when the model
-        no longer runs (its forward reads a wrapped layer's weight directly, say: ``failed`` says why)."""
+    def check() -> Tuple[float, str]:
+        """(the largest relative change of the model's outputs on the first batch, ""), or (inf, why)
+        when the model no longer runs (its forward reads a wrapped layer's weight directly, say)."""
         try:
             outs = fe.run_all(model, blist[0])
         except Exception as e:  # noqa: BLE001 - the change is undone; the model ran before it
-            failed[:] = [f"{type(e).__name__}: {e}"]
-            return float("inf")
+            return float("inf"), f"{type(e).__name__}: {e}"
         if len(outs) != len(ref_all):
-            return float("inf")
-        return max(_rel_change(a, b) for a, b in zip(outs, ref_all))
+            return float("inf"), ""
+        return max(_rel_change(a, b) for a, b in zip(outs, ref_all)), ""
 
     # every change below goes into one journal: a failure anywhere (here, or in a later step of
     # the caller: SmoothingResult._undo) puts the model back as it was
@@ -567,7 +564,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                     j.steps.append(front.scale_residual(blk, s))
                 for m in members:
                     j.weight(linears[m].obj, _weight(front, linears[m].obj) * s[None, :])
-                change = check()
+                change, failed = check()
                 if change <= tolerance:  # kept: j stays in the journal, undone only if the whole smoothing is
                     groups.append(SmoothedGroup(members, s, how, src, note=why, residual=[n for n, _ in res_blocks]))
                     for m in members:
@@ -578,7 +575,7 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                     break
                 j.undo()
                 notes.append(f"folding into {src} would change the model output ({change:.1e})" if not failed else
-                             f"the model fails with the fold into {src} ({failed.pop()})")
+                             f"the model fails with the fold into {src} ({failed})")
             if done:
                 continue
             if not prescale:
@@ -614,11 +611,11 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                 j.steps.append(front.wrappers_placed(model))
             # verified as a fold is: a forward that reads a wrapped layer's weight directly (F.linear(x,
             # self.a.weight)) runs the scaled weight without the wrapper's 1/s, or fails on its None
-            change = check()
+            change, failed = check()
             if change > 10 * tolerance:
                 j.undo()
                 groups.append(SmoothedGroup(members, s, "none", note="; ".join(notes + [
-                    f"the model fails with a pre-scale wrapper here ({failed.pop()})" if failed else
+                    f"the model fails with a pre-scale wrapper here ({failed})" if failed else
                     f"a pre-scale wrapper here changes the model output ({change:.1e}): its forward may read "
                     "the layer's weight directly"])))
                 continue
@@ -628,10 +625,10 @@ def smooth(model: Any, batches: Any, alpha: Any = 0.5, include: Patterns = None,
                 not any(g.hadamard for g in groups):
             logging.getLogger("cquant").warning("rotate=%d rotated no layer: the block size divides no pre-scaled "
                                                 "layer's in_features (rotate=True picks a block per layer)", rotate)
-        change = check()
+        change, failed = check()
         if change > 10 * tolerance:
             if failed:
-                raise errors.QuantizationError(f"the smoothed float model fails to run ({failed[0]}); "
+                raise errors.QuantizationError(f"the smoothed float model fails to run ({failed}); "
                                                "this is a bug, please report it")
             raise errors.QuantizationError(f"smoothing changed the float model output by {change:.1e} "
                                            f"(> {10 * tolerance:.0e}); this is a bug, please report it")

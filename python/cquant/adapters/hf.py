@@ -169,11 +169,7 @@ def save_pretrained(model: "torch.nn.Module", save_directory: PathLike,
                 del tensors[key]
                 tied[key] = src
     # the smoothing folds (for cquant.compare on the reloaded model), under names no state_dict key has
-    folds, fold_listing = fold_tensors(model)
-    clash = sorted(set(folds) & (set(tensors) | set(tied)))
-    if clash:
-        raise errors.CheckpointError(f"the model has a tensor named {clash[0]!r}, the name a checkpoint gives a "
-                                     "smoothing fold; rename that module")
+    folds, fold_listing = fold_tensors(model, set(tensors) | set(tied))
     fold_side = {}
     for side, names_ in fold_listing.items():
         for layer in names_:
@@ -490,14 +486,8 @@ def _from_pretrained(d: str, cpath: str, cq: Dict[str, Any], model_class: Any, c
     fold_arrays = {k: tensors.pop(k).numpy() for k in [_fold_key(side, layer) for side, ls in cq.get("folds", {}).items()
                                                         if isinstance(ls, list) for layer in ls if isinstance(layer, str)]
                    if k in tensors}
-    folds = read_folds(cpath, json.dumps(cq["folds"]) if "folds" in cq else None, fold_arrays)
-    for side, rec in folds.items():  # a quantized layer's fold has its K (input) or N (output) scales
-        for layer, v in rec.items():
-            lm = cq.get("layers", {}).get(layer)
-            want = None if not isinstance(lm, dict) else int(lm["shape"][1 if side == "input" else 0])
-            if want is not None and v.size != want:
-                raise errors.CheckpointError(f"{cpath}: the {side} fold of layer {layer!r} has {v.size} scales; "
-                                             f"the layer has {want} {side} channels")
+    folds = read_folds(cpath, json.dumps(cq["folds"]) if "folds" in cq else None, fold_arrays,
+                       {n: lm["shape"] for n, lm in cq.get("layers", {}).items()})
     tied_map = cq.get("tied", {})
     layer_keys = {_pfx(n) + t for n in cq.get("layers", {}) for t in ("weight_q", "weight_scale")}
 

@@ -88,13 +88,13 @@ import torch
 from .. import errors, ops
 from ..embedding import can_share, float_tie_reason, resolve_ties
 from ..checkpoint_file import plain_tensor_problem
-from ..frontends import match_layer
+from ..frontends import match_layer, wrapper_tensors
 from ..errors import CheckpointError
 from ..quantization import LayerRecord, QuantizedLinearForward, ReportRow, _renamed
 from . import torch_ops  # noqa: F401  (registers torch.ops.cquant.linear)
-from .torch_base import (AutogradError, _finite_floats, _functorch_wrapped, _graph_mode, _NoBackward,  # noqa: F401
-                         _refuse_device,
-                         _refuse_train, _shared_tensor, _state_shapes_ok, hadamard_torch, inference_only_message)
+from .torch_base import (AutogradError, _finite_floats, _functorch_active, _functorch_wrapped, _graph_mode,  # noqa: F401
+                         _NoBackward, _refuse_device, _refuse_train, _shared_tensor, _state_shapes_ok,
+                         hadamard_torch, inference_only_message)
 from .torch_embedding import QuantizedTorchEmbedding, embedding_problem
 from .torch_smoothing import SmoothedTorchLinear, make_residual_scaled, residual_scales_in
 
@@ -405,11 +405,6 @@ class QuantizedTorchLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.qforward.bias is not None}, {self.scheme}, from={self.source}")
-
-
-def _functorch_active() -> bool:
-    f = getattr(torch._C, "_are_functorch_transforms_active", None)
-    return bool(f is not None and f())
 
 
 def _autocast_dtype(dtype: "torch.dtype") -> "torch.dtype":
@@ -1237,19 +1232,6 @@ def install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) -
         raise
 
 
-def _wrapper_tensors(ck: Any, base: str, k_in: int) -> Tuple[np.ndarray, int]:
-    """``(inv_scale float32, hadamard block)`` of the smoothing wrapper ``base`` in a checkpoint, checked:
-    k_in finite non-zero factors and one integer block valid for k_in (CheckpointError otherwise)."""
-    key = _pfx(base) + "inv_scale"
-    inv = np.asarray(ck.tensors[key])
-    had = np.asarray(ck.tensors.get(_pfx(base) + "hadamard", np.zeros(1, np.int64)))
-    if inv.shape != (k_in,) or inv.dtype.kind != "f" or not np.all(np.isfinite(inv)) or not np.all(inv != 0):
-        raise CheckpointError(f"tensor {key!r}: expected {k_in} finite non-zero floats, got {inv.dtype} {inv.shape}")
-    if had.shape != (1,) or had.dtype.kind not in "iu":
-        raise CheckpointError(f"tensor {_pfx(base) + 'hadamard'!r} must be one integer")
-    return inv.astype(np.float32), ops.hadamard_block(int(had[0]), k_in, _pfx(base) + "hadamard", allow_zero=True)
-
-
 def _wrap_float_smoothed(model: "torch.nn.Module", ck: Any, wrapped: List[Tuple[Any, str, Any]]) -> None:
     """The pre-scale wrappers of :func:`install_checkpoint`, each journalled in ``wrapped``."""
     subs = dict(model.named_modules())
@@ -1261,7 +1243,7 @@ def _wrap_float_smoothed(model: "torch.nn.Module", ck: Any, wrapped: List[Tuple[
                 or not (isinstance(mod, torch.nn.Linear) or is_conv1d(mod)):
             continue  # a quantized inner layer (handled with the layers), or nothing to wrap
         k_in = int(mod.weight.shape[1] if isinstance(mod, torch.nn.Linear) else mod.weight.shape[0])
-        new = SmoothedTorchLinear(mod, *_wrapper_tensors(ck, base, k_in))
+        new = SmoothedTorchLinear(mod, *wrapper_tensors(ck.tensors, base, k_in))
         for parent, cname in sites.get(id(mod), []):
             parent._modules[cname] = new
             wrapped.append((parent, cname, mod))
@@ -1300,7 +1282,7 @@ def _install_checkpoint(model: "torch.nn.Module", ck: Any, strict: bool = True) 
             base = name[: -len(".linear")]
             bmod = subs.get(base)
             if bmod is not None and (isinstance(bmod, (torch.nn.Linear, QuantizedTorchLinear)) or is_conv1d(bmod)):
-                wrap_plans[base] = (name,) + _wrapper_tensors(ck, base, int(qf.qweight.shape[1]))
+                wrap_plans[base] = (name,) + wrapper_tensors(ck.tensors, base, int(qf.qweight.shape[1]))
                 mod = bmod
         if mod is None:
             raise CheckpointError(f"the model has no sub-module {name!r} (checkpoint layer)")

@@ -56,6 +56,12 @@ def _functorch_wrapped(x: Any) -> bool:
     return bool(f is not None and isinstance(x, torch.Tensor) and f(x))
 
 
+def _functorch_active() -> bool:
+    """A torch.func transform (vmap, grad, ...) is running."""
+    f = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(f is not None and f())
+
+
 def _graph_mode(x: Any) -> bool:
     """True when the forward is being captured (trace, export, compile, fx) or transformed
     (torch.func: vmap, grad, jacrev) rather than run: the custom operator's path."""
