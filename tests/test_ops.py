@@ -476,7 +476,10 @@ def test_gil_is_released_during_kernel_calls(rng):
             n += 1
         th.join()
         held_at_most = rate * (2 * sys.getswitchinterval())
-        assert n > 10 * held_at_most and n > 0.2 * rate * call, (n, rate, call)
+        # released: the loop runs through the whole call, >= 4x what a held GIL allows (10x failed a
+        # fresh-clone CI once: under ASan beside `make test` on 2 vCPUs the loop shared its core with
+        # the worker and counted 8.3x)
+        assert n > 4 * held_at_most and n > 0.2 * rate * call, (n, rate, call)
     finally:
         done.set()
         cquant.set_num_threads(saved)
