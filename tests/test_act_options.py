@@ -49,7 +49,7 @@ def test_prescale_and_static_match_oracle(path, gran, group, bits):
                 xm = (x * mul).astype(F32)  # numpy's float32 product: what the kernel must quantize
                 # pre-scale: bit-identical to the plain call on x * mul and to the oracle
                 y = ops.linear(x, qw, bias, x_mul=mul)
-                assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits)
+                assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits, x=xm)
                 np.testing.assert_array_equal(y, ops.linear(xm, qw, bias))
                 want = oracle.linear_dynamic(xm, qo, so, gran, group, bias, fma_groups=True)
                 np.testing.assert_array_equal(y, want, err_msg=f"x_mul M={m} N={n} K={k}")
@@ -151,7 +151,7 @@ def test_rotation_matches_oracle(path, gran, group, bits):
                     xr = oracle.hadamard_rows(x, b, mm)
                     np.testing.assert_array_equal(ops.hadamard(x, b, mm), xr)
                     y = ops.linear(x, qw, bias, x_mul=mm, x_hadamard=b)
-                    assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits)
+                    assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=bits, x=xr)
                     want = oracle.linear_dynamic(xr, qo, so, gran, group, bias, fma_groups=True)
                     np.testing.assert_array_equal(y, want, err_msg=f"rotation M={m} K={k} b={b}")
                     if m > 3:

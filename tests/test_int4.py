@@ -57,7 +57,7 @@ def test_int4_linear_every_path(path, n, k, gran, group):  # noqa: F811
     _, budget24 = oracle.linear_weight_only(np.delete(x, 3, axis=0), qo, so, gran, group, bias, fixed24=True)
     for m in (1, 2, 5, 17, 40):
         y = ops.linear(x[:m], qw, bias)
-        assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=4), m
+        assert ops.last_kernel() == expected_dynamic_kernel(path, m, n, k, gran, group, bits=4, x=x), m
         np.testing.assert_array_equal(y, want[:m], err_msg=f"M={m} {ops.last_kernel()}")
         xf = np.delete(x, 3, axis=0)[:m]
         yw = ops.linear(xf, qw, bias, mode="weight_only")

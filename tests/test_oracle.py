@@ -74,10 +74,27 @@ def table_best_format(path, n):
     return fmt
 
 
+PAIRSAFE_AVX2 = "qd8_f32_qc8w_gemm_4x16c4_pairsafe_avx2"
+
+
+def pairsafe_entries(x, x_scale=None):
+    """Residual entries cq_ps_prepare makes for rows x (as the kernel quantizes them): aligned
+    pairs of codes of the same sign with |a| + |b| > 128."""
+    q = (oracle.quantize_rows_s8(x)[0] if x_scale is None else oracle.quantize_rows_static(x, x_scale)[0])
+    q = q.astype(np.int32)
+    if q.shape[1] % 2:
+        q = np.pad(q, ((0, 0), (0, 1)))
+    a, b = q[:, 0::2], q[:, 1::2]
+    return int(((a * b > 0) & (np.abs(a) + np.abs(b) > 128)).sum())
+
+
 def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size=None, gemm=False,
-                            bits=8):
+                            bits=8, x=None, x_scale=None):
     """Name cquant.last_kernel() must report after linear(mode="dynamic") (or gemm_s8s8s32).
-    An int4 weight runs the kernels of the int8 format of its panel width, over k padded to 8."""
+    An int4 weight runs the kernels of the int8 format of its panel width, over k padded to 8.
+    x (the rows the kernel quantizes, after any pre-scale or rotation; x_scale for static ones):
+    where the AVX2 config applies to per-channel / per-tensor weights in one int32 chunk, linear.c
+    runs its pair-safe tile when the rows have at most m * ceil(k/4) / 16 residual entries."""
     ng = k // group_size if granularity == "per_group" else 1
     kp4 = -(-k // 4) if bits == 8 else 2 * -(-k // 8)
     # linear.c: the group4 argument (k4 steps of one summed group; 0: one int32 sum per output)
@@ -95,7 +112,13 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
         # M = 1: the GEMV, per channel when the sum fits one int32 chunk, per group when a group does
         fits = 4 * kp4 <= CHUNK_K if ng == 1 else k // ng <= CHUNK_K
         use_gemv = not gemm and m == 1 and fits and gv is not None
-        return gv if use_gemv else gk
+        if use_gemv:
+            return gv
+        if rpath == "avx2" and not gemm and not group4:
+            assert x is not None, "the AVX2 kernel depends on the rows: pass x"
+            if pairsafe_entries(np.asarray(x)[:m], x_scale) <= m * kp4 // 16:
+                return PAIRSAFE_AVX2
+        return gk
     raise AssertionError("no config")
 
 
@@ -325,7 +348,7 @@ def test_linear_dynamic_grid(path, gran, group):
             want = {}
             for m in GRID_M:
                 y = ops.linear(x[:m], qw, bias)
-                kern = expected_dynamic_kernel(path, m, n, k, gran, group)
+                kern = expected_dynamic_kernel(path, m, n, k, gran, group, x=x)
                 assert ops.last_kernel() == kern, (m, n, k, gran, group)
                 fma = uses_fma_groups(kern)
                 if fma not in want:  # rows are independent: one oracle call for all M
@@ -438,7 +461,7 @@ def test_linear_dynamic_huge_k(path, huge_k_weights, n, k, gran, group):
     bias = np.linspace(-1, 1, n).astype(np.float32)
     for m in (1, 2):
         y = ops.linear(x[:m], qw, bias)
-        kern = expected_dynamic_kernel(path, m, n, k, gran, group)
+        kern = expected_dynamic_kernel(path, m, n, k, gran, group, x=x)
         assert ops.last_kernel() == kern
         want = oracle.linear_dynamic(x[:m], qo, so, gran, group, bias, fma_groups=uses_fma_groups(kern))
         np.testing.assert_array_equal(y, want, err_msg=f"{kern}")
@@ -457,6 +480,64 @@ def test_linear_dynamic_huge_k_extreme_codes(path):
     want = oracle.linear_dynamic(x, q, s, "per_channel", fma_groups=uses_fma_groups(ops.last_kernel()))
     np.testing.assert_array_equal(y, want)
     assert y[0, 0] == np.float32(np.float32(127 * 127 * k) * np.float32(1 / 127))
+
+
+# ================================ the AVX2 pair-safe tile ===========================================
+def _pairsafe_rows(kind, m, k, rng):
+    """Rows whose codes equal the values (absmax 127: scale 1), of a given residual-entry density."""
+    if kind == "gaussian":
+        return rng.standard_normal((m, k)).astype(np.float32)
+    q = np.zeros((m, k), np.float32)
+    if kind == "all127":  # every pair of the same sign and 254 > 128: all pairs are entries
+        q[:] = 127
+        q[1::2] = -127
+    elif kind == "alternating":  # +-127 pairs of opposite signs: never an entry, the widest sums
+        q[:, 0::2], q[:, 1::2] = 127, -127
+        q[1::2] *= -1
+    else:  # "limit" / "limit+1": m * ceil(k/4) / 16 entries (pairs (100, 100)), or one more
+        q[:, 0] = 127  # the row scale: codes = values
+        want = m * (-(-k // 4)) // 16 + (kind == "limit+1")
+        for e in range(want):
+            r, p = e % m, 1 + e // m
+            q[r, 2 * p], q[r, 2 * p + 1] = 100, 100
+    return q
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "all127", "alternating", "limit", "limit+1"])
+@pytest.mark.parametrize("wkind", ["gaussian", "extreme"])
+def test_pairsafe_tile_exact_and_chosen(path, kind, wkind):
+    """The AVX2 config runs its pair-safe tile (u8 x s8 without saturation: residual entries for
+    the pairs that could saturate) when the rows have at most m * ceil(k/4) / 16 entries, else the
+    sign tile; either is bit-identical to the oracle, with weight codes at +-127 too (the largest
+    pair sums), at every k block of the driver (K = 2100: blocks of 1024 k and a tail), through
+    linear and linear_multi."""
+    rng = np.random.default_rng(len(kind) * 7 + len(wkind))
+    m, n, k = 12, 40, 2100
+    x = _pairsafe_rows(kind, m, k, rng)
+    if wkind == "gaussian":
+        w = rng.standard_normal((n, k)).astype(np.float32)
+    else:
+        w = rng.choice(np.array([-1.0, 1.0], np.float32), size=(n, k))
+        w[::3] = 1.0
+    qo, so = oracle.quantize(w)
+    qw = ops.QuantizedWeight.from_codes(qo, so, "per_channel")
+    bias = rng.standard_normal(n).astype(np.float32)
+    want = oracle.linear_dynamic(x, qo, so, "per_channel", None, bias, fma_groups=True)
+    kern = expected_dynamic_kernel(path, m, n, k, x=x)
+    if path == "avx2":
+        entries = pairsafe_entries(x)
+        limit = m * (-(-k // 4)) // 16
+        assert (kern == PAIRSAFE_AVX2) == (entries <= limit)
+        assert kind not in ("limit", "limit+1") or entries == limit + (kind == "limit+1")
+    y = ops.linear(x, qw, bias)
+    assert ops.last_kernel() == kern
+    np.testing.assert_array_equal(y, want, err_msg=kern)
+    for mm in (1, 2, 5):  # fewer rows: the same rows' results (M = 1: the GEMV)
+        np.testing.assert_array_equal(ops.linear(x[:mm], qw, bias), want[:mm], err_msg=ops.last_kernel())
+    ys = ops.linear_multi(x, [qw, qw, qw], [bias, None, bias])
+    for i, yi in enumerate(ys):
+        np.testing.assert_array_equal(yi, want if i != 1 else
+                                      oracle.linear_dynamic(x, qo, so, "per_channel", None, None, fma_groups=True))
 
 
 # ================================ finite in, finite out (issue 12 item 11) ========================

@@ -100,7 +100,32 @@ typedef struct {
      * driver points it at the next panel while this one is in L2: linear.c, NEXT_PANEL); NULL: none */
     const int8_t *pf;
     int64_t pf_step;
+    /* pair-safe kernels only (cq_ukernel.pairsafe; NULL / unused for the others): the activation
+     * rows as cq_ps_prepare left them, seen from the call's first row and k step.
+     * The call covers one k block of cq_ps_prepare's kc4 steps (the last one may be shorter),
+     * k in [ps_k0, ps_k0 + 4 * nk4):
+     *   ps_sum[r * ps_ld + 1] - ps_sum[r * ps_ld]: the sum of row r's codes over the block
+     *   ps_cnt[r * ps_ld], ps_cnt[r * ps_ld + 1]: row r's residual entries before / after it
+     *   ps_row[r] + those: row r's entries of the block in ps_ent (pairs {k, v}, k absolute) */
+    const int32_t *ps_sum, *ps_cnt;
+    int64_t ps_ld;
+    const int64_t *ps_row;
+    const int32_t *ps_ent;
+    int64_t ps_k0;
 } cq_qd8_out;
+
+/* Pair-safe activations (the AVX2 u8 x s8 kernels that do not saturate; x86/avx2/
+ * qd8-f32-qc8w-gemm-4x16c4-avx2.c explains): in m rows of s8 codes (lda bytes, kp4 = lda / 4
+ * steps), every aligned pair (k, k + 1) of the same sign with |x_k| + |x_k+1| > 128 keeps its larger
+ * code and moves the smaller one towards 0 until the pair sums to 128 in magnitude; what was taken off is a
+ * residual entry {k, v} (v = x_k - x'_k, in [-126, 126]), so x = x' + the entries, exactly.
+ * Fills, per row and k block b of kc4 steps (nb = ceil(kp4 / kc4) blocks, ld = nb + 1 values per
+ * row), bsum[r * ld + b] = the sum of x' over steps < min(b * kc4, kp4) and bcnt[r * ld + b] = the
+ * row's entries before that step; rowptr (m + 1) and ent (2 int32 per entry, sorted by k within
+ * a row). Counts first: if there are more than max_ent entries, returns -1 and leaves qa as it
+ * was; else the number of entries. */
+int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
+                      int64_t *rowptr, int32_t *ent);
 typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
                                const int8_t *b, const cq_qd8_out *o);
 /* One activation row against 4 consecutive panels read as concurrent streams (M = 1):
@@ -150,6 +175,8 @@ typedef struct {
                         [64 c, 64 c + 64) are the 1 KiB at + 1024 c (16 rows x 64 bytes) */
     void (*release)(void); /* NULL, or: the kernel keeps per-thread state (AMX tile configuration)
                               across calls; the driver calls this when a unit of work is done */
+    int pairsafe;    /* int8 GEMM that reads pair-safe activations (cq_ps_prepare) and the
+                        cq_qd8_out ps_* fields; its sums are exact for the original codes */
 } cq_ukernel;
 int cq_ukernel_count(void);
 const cq_ukernel *cq_ukernel_at(int i);
@@ -169,6 +196,9 @@ typedef struct {
     int mb;          /* activation rows per unit of work */
     int whole_k;     /* per-channel: each tile sweeps all of k in one call where the unit has enough
                         rows or the weight is small (linear.c, WHOLE_K_*), else k blocks of kc4 */
+    const cq_ukernel *gemm_ps; /* or NULL: a pair-safe GEMM (cq_ukernel.pairsafe) that linear.c runs
+                                  instead of gemm for per-channel / per-tensor weights in one int32
+                                  chunk when the activations have few residual entries */
 } cq_qd8_config;
 typedef struct {
     int isa, format;

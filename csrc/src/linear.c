@@ -85,6 +85,13 @@ typedef struct {
     const struct ln_args *ln;
     int isa;
     int nonfinite; /* weight-only GEMM: a unit wrote a non-finite output (atomic) */
+    /* dynamic: the GEMM kernel that runs (NULL: qcfg->gemm), and for a pair-safe one the prepared
+     * activations' prefix sums (m x (kp4 + 1)), row pointers and residual entries (cq_ps_prepare) */
+    const cq_ukernel *gemm;
+    const int32_t *ps_sum, *ps_cnt;
+    const int64_t *ps_row;
+    const int32_t *ps_ent;
+    int64_t ps_kc4; /* its k blocks (the tile calls' kc4) */
 } lin_ctx;
 
 typedef struct ln_args {
@@ -239,7 +246,7 @@ static int64_t a_off(const cq_ukernel *uk, int64_t t)
 static void s8_unit_run(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
-    const cq_ukernel *uk = c->qcfg->gemm;
+    const cq_ukernel *uk = c->gemm ? c->gemm : c->qcfg->gemm;
     const cq_qd8_gemm_fn gemm = (cq_qd8_gemm_fn)uk->fn;
     const int nr = c->nr;
     /* the row blocks of a panel are consecutive units: the panel stays in cache between them */
@@ -263,8 +270,8 @@ static void s8_unit_run(void *vctx, int64_t u)
     if (c->c32 || (c->ng == 1 && c->kp4 <= CQ_CHUNK4)) {
         /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32; modulo 2^32 the
          * u8 sums minus the compensation are exact whenever the true sum fits) */
-        int64_t kc4 = c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
-        if (c->qcfg->whole_k && !c->c32 && !c->i4 &&
+        int64_t kc4 = uk->pairsafe ? c->ps_kc4 : c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
+        if (c->qcfg->whole_k && !c->c32 && !c->i4 && !uk->pairsafe &&
             (rows >= WHOLE_K_ROWS || (double)c->np * (double)step * (double)c->kp4 <= (double)WHOLE_K_BYTES))
             kc4 = c->kp4; /* (<= CQ_CHUNK4 here) */
         int8_t *iscr = scratch, *big = NULL;
@@ -330,6 +337,14 @@ static void s8_unit_run(void *vctx, int64_t u)
                     o.mode = CQ_OUT_I32;
                 }
                 o.pf = pf; o.pf_step = pf_step;
+                if (uk->pairsafe) { /* the block's sums and entries (cq_ps_prepare) */
+                    o.ps_ld = cq_ceil_div(c->kp4, kc4) + 1;
+                    o.ps_sum = c->ps_sum + (m0 + r) * o.ps_ld + t0 / kc4;
+                    o.ps_cnt = c->ps_cnt + (m0 + r) * o.ps_ld + t0 / kc4;
+                    o.ps_row = c->ps_row + m0 + r;
+                    o.ps_ent = c->ps_ent;
+                    o.ps_k0 = 4 * t0;
+                }
                 gemm(mr, nr, nt, a0 + r * lda + a_off(uk, t0), lda, bk, &o);
                 if (pf) pf += nt * pf_step;
             }
@@ -854,6 +869,9 @@ typedef struct {
     int8_t *qa;        /* dynamic: codes (mpad x lda) followed by the m row scales; owned */
     int u8, tiled, gemv;
     int64_t lda, mpad;
+    int ps;            /* the block holds room for the pair-safe arrays (after the row scales) */
+    int64_t ps_kc4;    /* their k blocks */
+    int64_t ps_n;      /* their state: entries (>= 0, qa prepared), -1: too many (qa as quantized) */
     size_t qa_cap;     /* capacity of qa (cq_scratch_get) */
     float *xm;         /* weight-only: x * x_mul (rotated), or NULL; owned (cq_scratch_get) */
     size_t xm_cap;
@@ -1005,17 +1023,34 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     /* rows the kernel reads: whole blocks of pad_rows (zero codes past m) */
     int64_t mpad = c.qcfg->pad_rows && !gemv ? cq_ceil_div(m, c.qcfg->pad_rows) * c.qcfg->pad_rows : m;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
+    /* the pair-safe tile (per-channel / per-tensor in one int32 chunk): its arrays follow the row
+     * scales in the same scratch block; at most PS_MAX_ENT residual entries, else the config's
+     * tile runs (a residual entry costs a few instructions per 16 columns, against 64 k x 16
+     * columns of the tile's work per entry at the limit) */
+    const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m;
+    const int64_t ps_max = m * c.kp4 / 16;
+    /* the tile calls' k blocks (s8_unit_run's kc4 for this config, int4 blocks at most i4_block) */
+    int64_t ps_kc4 = c.qcfg->kc4 ? c.qcfg->kc4 : KC_BYTES / (4 * (int64_t)c.nr);
+    if (c.i4 && ps_kc4 > i4_block(&c)) ps_kc4 = i4_block(&c);
+    const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
+    const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
+                  off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
+    const int64_t qa_bytes = want_ps ? off_ent + ps_max * 8 : mpad * lda + m * 4;
+    if (want_ps && !cq_bytes_ok(m, 3 * c.kp4 + 16, 4)) return CQ_ERR_OVERFLOW;
     if (check_only) return CQ_OK;
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
     int8_t *qa;
     float *sx;
     size_t qa_cap = 0;
-    if (ac && ac->qa && ac->u8 == c.u8 && ac->tiled == tiled && ac->gemv == gemv && ac->lda == lda && ac->mpad == mpad) {
+    int64_t ps_n = -1;
+    if (ac && ac->qa && ac->u8 == c.u8 && ac->tiled == tiled && ac->gemv == gemv && ac->lda == lda && ac->mpad == mpad &&
+        ac->ps == want_ps && (!want_ps || ac->ps_kc4 == ps_kc4)) {
         qa = ac->qa; /* the previous weight's activation pass, in the layout this kernel reads */
         sx = (float *)(void *)(qa + mpad * lda);
+        ps_n = ac->ps_n;
     } else {
         /* the calling thread's kept scratch (cq_scratch_get): no fresh pages to fault in per call */
-        qa = (int8_t *)cq_scratch_get((size_t)(mpad * lda) + (size_t)m * sizeof(float), &qa_cap);
+        qa = (int8_t *)cq_scratch_get((size_t)qa_bytes, &qa_cap);
         if (!qa) return CQ_ERR_NOMEM;
         sx = (float *)(void *)(qa + mpad * lda); /* mpad*lda is a multiple of 4: aligned */
         /* padding rows: zero codes (in the tiled layout they share the last block with rows < m,
@@ -1027,11 +1062,22 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             cq_scratch_put(qa, qa_cap);
             return CQ_ERR_NOMEM;
         }
+        if (want_ps)
+            ps_n = cq_ps_prepare(qa, m, lda, ps_kc4, ps_max, (int32_t *)(void *)(qa + off_ps), (int32_t *)(void *)(qa + off_cnt),
+                                 (int64_t *)(void *)(qa + off_row), (int32_t *)(void *)(qa + off_ent));
         if (ac) { /* kept for the next weight (the caller hands the last one back) */
             cq_scratch_put(ac->qa, ac->qa_cap);
             ac->qa = qa; ac->qa_cap = qa_cap; ac->u8 = c.u8; ac->tiled = tiled; ac->gemv = gemv; ac->lda = lda;
-            ac->mpad = mpad;
+            ac->mpad = mpad; ac->ps = want_ps; ac->ps_n = ps_n; ac->ps_kc4 = ps_kc4;
         }
+    }
+    if (want_ps && ps_n >= 0) {
+        uk = c.gemm = c.qcfg->gemm_ps;
+        c.ps_sum = (const int32_t *)(const void *)(qa + off_ps);
+        c.ps_cnt = (const int32_t *)(const void *)(qa + off_cnt);
+        c.ps_row = (const int64_t *)(const void *)(qa + off_row);
+        c.ps_ent = (const int32_t *)(const void *)(qa + off_ent);
+        c.ps_kc4 = ps_kc4;
     }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     /* int4: a unit expands its panel's blocks once for all its rows, so units take as many rows

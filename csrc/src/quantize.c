@@ -40,7 +40,7 @@ static void quant_row_tiled(const quant_ctx *c, int64_t r, const float *src, con
 {
     int8_t tmp[1024];
     int8_t *blk = c->q + (r / 16) * 16 * c->ldq + (r % 16) * 64;
-    for (int64_t i0 = 0; i0 < c->ldq; i0 += 1024) {
+    for (int64_t i0 = 0; i0 < c->ldq; i0 += 64) {
         int64_t len = finite && c->k > i0 ? (c->k - i0 < 1024 ? c->k - i0 : 1024) : 0;
         if (len && mul) c->kern->quantize_mul(src + i0, mul + i0, len, s, tmp, c->flip);
         else if (len) c->kern->quantize(src + i0, len, s, tmp, c->flip);
@@ -241,3 +241,78 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
     return CQ_OK;
 }
 
+
+/* Pair-safe activations (internal.h). vpmaddubsw's pair sum (w_a + 128) a + (w_b + 128) b, with
+ * weight codes in [-127, 127] (u8 operands 1..255), cannot saturate when a and b have opposite
+ * signs (at most 255 * 127 - 1 in magnitude) or when |a| + |b| <= 128 (at most 255 * 128 =
+ * 32640). So only pairs of the same sign with |a| + |b| > 128 are changed. */
+/* 1 if some pair of x[0..n) (n even) must change; branch-free over a chunk so GCC vectorizes it */
+static int ps_chunk_bad(const int8_t *x, int64_t n)
+{
+    int bad = 0;
+    for (int64_t i = 0; i < n; i += 2) {
+        int a = x[i], c = x[i + 1];
+        int aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
+        bad |= (aa + ac > 128) & ((a ^ c) >= 0);
+    }
+    return bad;
+}
+static int32_t ps_chunk_sum(const int8_t *x, int64_t n)
+{
+    int32_t s = 0;
+    for (int64_t i = 0; i < n; i++) s += x[i];
+    return s;
+}
+
+int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
+                      int64_t *rowptr, int32_t *ent)
+{
+    /* one pass: chunks of 64 codes with no pair to change (most of them) are only summed; past
+     * max_ent entries the codes changed so far are put back (x = x' + v) and -1 returned */
+    const int64_t kp4 = lda / 4, nb = (kp4 + kc4 - 1) / kc4;
+    int64_t e = 0;
+    for (int64_t r = 0; r < m; r++) {
+        int8_t *x = qa + r * lda;
+        int32_t *bs = bsum + r * (nb + 1), *bc = bcnt + r * (nb + 1);
+        rowptr[r] = e;
+        int32_t s = 0;
+        for (int64_t b = 0; b < nb; b++) {
+            bs[b] = s;
+            bc[b] = (int32_t)(e - rowptr[r]);
+            const int64_t i1 = 4 * ((b + 1) * kc4 < kp4 ? (b + 1) * kc4 : kp4);
+            for (int64_t i0 = 4 * b * kc4; i0 < i1; i0 += 64) {
+                const int64_t n = i1 - i0 < 64 ? i1 - i0 : 64;
+                if (!ps_chunk_bad(x + i0, n)) {
+                    s += ps_chunk_sum(x + i0, n);
+                    continue;
+                }
+                for (int64_t i = i0; i < i0 + n; i += 2) {
+                    int a = x[i], c = x[i + 1];
+                    int aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
+                    if (aa + ac > 128 && (a ^ c) >= 0) { /* same signs (0 never exceeds) */
+                        if (e == max_ent) { /* too many: restore every row so far */
+                            rowptr[r + 1] = e;
+                            for (int64_t q = 0; q <= r; q++)
+                                for (int64_t f = rowptr[q]; f < rowptr[q + 1]; f++)
+                                    qa[q * lda + ent[2 * f]] = (int8_t)(qa[q * lda + ent[2 * f]] + ent[2 * f + 1]);
+                            return -1;
+                        }
+                        /* keep the larger code; the smaller one keeps its sign with magnitude
+                         * 128 - larger (1..63, since the larger is > 64) */
+                        const int64_t j = aa >= ac ? i + 1 : i;
+                        const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep;
+                        x[j] = (int8_t)nv;
+                        ent[2 * e] = (int32_t)j;
+                        ent[2 * e + 1] = v - nv;
+                        e++;
+                    }
+                    s += x[i] + x[i + 1];
+                }
+            }
+        }
+        bs[nb] = s;
+        bc[nb] = (int32_t)(e - rowptr[r]);
+    }
+    rowptr[m] = e;
+    return e;
+}

@@ -7,6 +7,7 @@
 
 #if defined(CQ_X86) && CQ_CAN_TARGET_AVX2
 void cq_qd8_f32_qc8w_gemm_4x16c4_avx2(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
 void cq_f32_qc8w_dequant_16c4_avx2(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x16_avx2(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
@@ -41,7 +42,7 @@ void cq_amx_release(void);
 enum {
     REF_QD8_GEMM, REF_QD8_GEMM_U8, REF_QD8_GEMV4, REF_F32_DEQUANT, REF_F32_GEMM, REF_F32_GEMV4, REF_F32_I4_GEMV4, REF_X24_I4_GEMV4,
 #ifdef HAVE_AVX2
-    AVX2_QD8_GEMM, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, AVX2_F32_I4_GEMV4,
+    AVX2_QD8_GEMM, AVX2_QD8_GEMM_PS, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, AVX2_F32_I4_GEMV4,
 #endif
 #ifdef HAVE_AVX512
     VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4, VNNI_X24_I4_GEMV4,
@@ -57,39 +58,40 @@ enum {
 
 static const cq_ukernel UKERNELS[] = {
     /* scalar references: any nr (a multiple of 16) */
-    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, (void *)cq_ref_qd8_gemm, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, (void *)cq_ref_qd8_gemm_u8, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0, NULL},
-    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0, NULL},
-    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0, NULL},
-    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL},
-    {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0, NULL},
-    {"x24_qc4w_gemv4_1x4Nc8_ref", CQ_UK_X24_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_x24_i4_gemv4, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4xNc4_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 0, (void *)cq_ref_qd8_gemm, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemm_4xNc4_u8_ref", CQ_UK_QD8_GEMM, CQ_ISA_SCALAR, 4, 0, 1, (void *)cq_ref_qd8_gemm_u8, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL, 0},
+    {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0, NULL, 0},
+    {"x24_qc4w_gemv4_1x4Nc8_ref", CQ_UK_X24_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_x24_i4_gemv4, 0, 0, 0, NULL, 0},
 #ifdef HAVE_AVX2
-    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL},
-    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0, NULL},
-    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0, NULL},
-    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL},
-    {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4x16c4_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avx2, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemm_4x16c4_pairsafe_avx2", CQ_UK_QD8_GEMM, CQ_ISA_AVX2, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2, 0, 0, 0, NULL, 1},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL, 0},
+    {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0, NULL, 0},
 #endif
 #ifdef HAVE_AVX512
-    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0, 0, NULL},
-    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0, NULL},
-    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL},
-    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL},
-    {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0, NULL},
-    {"x24_qc4w_gemv4_1x256c8_avx512vnni", CQ_UK_X24_I4_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 0, (void *)cq_x24_qc4w_gemv4_1x256c8_avx512vnni, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL, 0},
+    {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0, NULL, 0},
+    {"x24_qc4w_gemv4_1x256c8_avx512vnni", CQ_UK_X24_I4_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 0, (void *)cq_x24_qc4w_gemv4_1x256c8_avx512vnni, 0, 0, 0, NULL, 0},
 #endif
 #ifdef HAVE_AVXVNNI
-    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0, NULL},
-    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0, 0, NULL},
+    {"qd8_f32_qc8w_gemm_4x16c4_avxvnni", CQ_UK_QD8_GEMM, CQ_ISA_AVXVNNI, 4, 16, 0, (void *)cq_qd8_f32_qc8w_gemm_4x16c4_avxvnni, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemv4_1x64c4_avxvnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVXVNNI, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avxvnni, 0, 0, 0, NULL, 0},
 #endif
 #ifdef HAVE_AMX
     {"qd8_f32_qc8w_gemm_32x64c4_amx", CQ_UK_QD8_GEMM, CQ_ISA_AMX, 32, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_32x64c4_amx, 16, 32, 1,
-     cq_amx_release},
+     cq_amx_release, 0},
 #endif
 };
 
@@ -121,7 +123,7 @@ static int allowed(int active, int isa)
 
 /* ---- configs, best first --------------------------------------------------------------------- */
 /* {path, format, gemm, gemv4, min_m, k4_multiple, no_groups, pad_rows, kc4 (0: KC_BYTES of the
- * panel), mb (0: S8_MB), whole_k} */
+ * panel), mb (0: S8_MB), whole_k, gemm_ps (or NULL)} */
 static const cq_qd8_config QD8_CFG[] = {
 #ifdef HAVE_AMX
     /* AMX: k a multiple of 64, per-channel, from 16 rows (M = 8: the VNNI tile was faster,
@@ -132,22 +134,23 @@ static const cq_qd8_config QD8_CFG[] = {
      * Per-group scales too, for groups of 32 k (tiles of 32 k) or a multiple of 64 k: (4096, 4096)
      * M=256, one thread, int8 group 128: 23.4 -> 12.8 ms, group 32: 39.5 -> 31.5 ms, int4 group 32:
      * 45.9 -> 28.1 ms against the VNNI 6x64 tile (2026-11-30, other work running on the machine). */
-    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 2, 32, 1024, 64, 0},
+    {CQ_ISA_AMX, CQ_FORMAT_N64K4, UK(AMX_QD8_GEMM), NULL, 16, 16, 2, 32, 1024, 64, 0, NULL},
 #endif
 #ifdef HAVE_AVX512
     /* whole k per tile call where it pays (linear.c, WHOLE_K_ROWS): (4096, 4096) M = 256 -8 to -10%;
      * the other paths' tiles measured no gain (avx512 / avxvnni / avx2 forced here: +-2%, +0-5%, +1-4%) */
-    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 1},
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 1, NULL},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AVXVNNI
-    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_QD8_GEMM), UK(AVX2_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
+    /* the pair-safe tile where the activations allow it (linear.c, want_ps) */
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_QD8_GEMM), UK(AVX2_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, UK(AVX2_QD8_GEMM_PS)},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},
 };
 /* {path, format, dequant, gemm, gemv4, kc, int4 gemv4, int4 gemv4 in integers (or NULL)} */
 static const cq_f32_config F32_CFG[] = {

@@ -296,8 +296,69 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
         o.pf = pfbuf;
         o.pf_step = pf_steps[rnd() % 3];
     }
-    ((cq_qd8_gemm_fn)uk->fn)(mr, nr, c->nk4, a, c->lda, c->b, &o);
+    /* pair-safe kernels read the rows as cq_ps_prepare leaves them: prepared here as one of three
+     * k blocks of a row (the driver's k blocks start inside a row) */
+    const int8_t *arun = a;
+    int64_t ldrun = c->lda;
+    int8_t *aps = NULL;
+    int32_t *psum = NULL, *pent = NULL, *pcnt = NULL;
+    int64_t *prow = NULL;
+    if (uk->pairsafe) {
+        /* k blocks of the call's nk4 steps; the call is block 0, 1 or 2 of a row of 3 blocks */
+        const int64_t kc4 = c->nk4, blk = (int64_t)(rnd() % 3), kp4 = 3 * kc4, lda2 = 4 * kp4, ld = 4;
+        aps = (int8_t *)xmalloc((size_t)(mr * lda2));
+        psum = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * ld));
+        pcnt = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * ld));
+        prow = (int64_t *)xmalloc(sizeof(int64_t) * (size_t)(mr + 1));
+        pent = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * lda2 + 2));
+        for (int r = 0; r < mr; r++) {
+            for (int64_t i = 0; i < lda2; i++) aps[r * lda2 + i] = rnd() % 2 ? rnd_code() : rnd_pm127();
+            memcpy(aps + r * lda2 + 4 * blk * kc4, a + r * c->lda, (size_t)(4 * c->nk4));
+        }
+        int8_t *orig = (int8_t *)xmalloc((size_t)(mr * lda2));
+        memcpy(orig, aps, (size_t)(mr * lda2));
+        int64_t ne = cq_ps_prepare(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
+        /* every pair of x' safe, the block sums of x' and entry counts, and x' + the entries = x */
+        int good = ne >= 0 && prow[0] == 0 && prow[mr] == ne;
+        for (int r = 0; r < mr && good; r++) {
+            const int8_t *xr = aps + r * lda2;
+            int32_t run = 0;
+            int64_t e = prow[r];
+            for (int64_t i = 0; i < lda2 && good; i += 2) {
+                int x0 = xr[i], x1 = xr[i + 1];
+                good = (x0 < 0 ? -x0 : x0) + (x1 < 0 ? -x1 : x1) <= 128 || (x0 < 0) != (x1 < 0);
+            }
+            for (int64_t b = 0; b <= 3 && good; b++) {
+                while (e < prow[r + 1] && pent[2 * e] < 4 * b * kc4) e++;
+                good = psum[r * ld + b] == run && pcnt[r * ld + b] == e - prow[r];
+                for (int64_t i = 4 * b * kc4; b < 3 && i < 4 * (b + 1) * kc4; i++) run += xr[i];
+            }
+            for (int64_t f = prow[r]; f < prow[r + 1] && good; f++) {
+                good = pent[2 * f] >= 0 && pent[2 * f] < lda2 && (f == prow[r] || pent[2 * f] > pent[2 * f - 2]);
+                if (good) aps[r * lda2 + pent[2 * f]] = (int8_t)(aps[r * lda2 + pent[2 * f]] + pent[2 * f + 1]);
+            }
+        }
+        good = good && memcmp(aps, orig, (size_t)(mr * lda2)) == 0;
+        CHECK(good, "%s: cq_ps_prepare (mr=%d, %lld steps): x' + residuals != x, a pair not safe or bad block sums",
+              uk->name, mr, (long long)kp4);
+        /* one entry fewer allowed than needed: -1, and the codes as they were */
+        memcpy(aps, orig, (size_t)(mr * lda2));
+        if (ne > 0) {
+            int64_t st = cq_ps_prepare(aps, mr, lda2, kc4, ne - 1, psum, pcnt, prow, pent);
+            CHECK(st == -1 && memcmp(aps, orig, (size_t)(mr * lda2)) == 0,
+                  "%s: cq_ps_prepare with max_ent %lld < %lld entries: returned %lld or changed the codes",
+                  uk->name, (long long)(ne - 1), (long long)ne, (long long)st);
+        }
+        cq_ps_prepare(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
+        free(orig);
+        o.ps_sum = psum + blk; o.ps_cnt = pcnt + blk; o.ps_ld = ld; o.ps_row = prow; o.ps_ent = pent;
+        o.ps_k0 = 4 * blk * kc4;
+        arun = aps + 4 * blk * kc4;
+        ldrun = lda2;
+    }
+    ((cq_qd8_gemm_fn)uk->fn)(mr, nr, c->nk4, arun, ldrun, c->b, &o);
     free(pfbuf);
+    free(aps); free(psum); free(pcnt); free(prow); free(pent);
 
     /* integer part of every output: s' (or, in I32 mode, the stored sum) */
     for (int r = 0; r < mr && ok; r++)
