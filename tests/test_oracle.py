@@ -88,13 +88,21 @@ def pairsafe_entries(x, x_scale=None):
     return int(((a * b > 0) & (np.abs(a) + np.abs(b) > 128)).sum())
 
 
+def _threads_for(m, n, k):
+    """threads.c cq_threads_for for the int8 driver's units (N16K4 panels of 16, 48 rows each)."""
+    if m * n * k < 1e6:
+        return 1
+    return max(1, min(ops.get_num_threads(), -(-n // 16) * -(-m // 48)))
+
+
 def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size=None, gemm=False,
                             bits=8, x=None, x_scale=None):
     """Name cquant.last_kernel() must report after linear(mode="dynamic") (or gemm_s8s8s32).
     An int4 weight runs the kernels of the int8 format of its panel width, over k padded to 8.
     x (the rows the kernel quantizes, after any pre-scale or rotation; x_scale for static ones):
     where the AVX2 config applies to per-channel / per-tensor weights in one int32 chunk, linear.c
-    runs its pair-safe tile when the rows have at most m * ceil(k/4) / 16 residual entries."""
+    runs its pair-safe tile when n >= 192 per thread the call uses and the rows have at most
+    m * ceil(k/4) / 16 residual entries."""
     ng = k // group_size if granularity == "per_group" else 1
     kp4 = -(-k // 4) if bits == 8 else 2 * -(-k // 8)
     # linear.c: the group4 argument (k4 steps of one summed group; 0: one int32 sum per output)
@@ -114,7 +122,7 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
         use_gemv = not gemm and m == 1 and fits and gv is not None
         if use_gemv:
             return gv
-        if rpath == "avx2" and not gemm and not group4:
+        if rpath == "avx2" and not gemm and not group4 and n >= 192 * _threads_for(m, n, k):
             assert x is not None, "the AVX2 kernel depends on the rows: pass x"
             if pairsafe_entries(np.asarray(x)[:m], x_scale) <= m * kp4 // 16:
                 return PAIRSAFE_AVX2
@@ -510,9 +518,9 @@ def test_pairsafe_tile_exact_and_chosen(path, kind, wkind):
     the pairs that could saturate) when the rows have at most m * ceil(k/4) / 16 entries, else the
     sign tile; either is bit-identical to the oracle, with weight codes at +-127 too (the largest
     pair sums), at every k block of the driver (K = 2100: blocks of 1024 k and a tail), through
-    linear and linear_multi."""
+    linear and linear_multi; N = 400 (the tile runs from N = 192 per thread)."""
     rng = np.random.default_rng(len(kind) * 7 + len(wkind))
-    m, n, k = 12, 40, 2100
+    m, n, k = 12, 400, 2100
     x = _pairsafe_rows(kind, m, k, rng)
     if wkind == "gaussian":
         w = rng.standard_normal((n, k)).astype(np.float32)
@@ -527,7 +535,7 @@ def test_pairsafe_tile_exact_and_chosen(path, kind, wkind):
     if path == "avx2":
         entries = pairsafe_entries(x)
         limit = m * (-(-k // 4)) // 16
-        assert (kern == PAIRSAFE_AVX2) == (entries <= limit)
+        assert (kern == PAIRSAFE_AVX2) == (entries <= limit and n >= 192 * _threads_for(m, n, k))
         assert kind not in ("limit", "limit+1") or entries == limit + (kind == "limit+1")
     y = ops.linear(x, qw, bias)
     assert ops.last_kernel() == kern

@@ -1024,10 +1024,16 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     int64_t mpad = c.qcfg->pad_rows && !gemv ? cq_ceil_div(m, c.qcfg->pad_rows) * c.qcfg->pad_rows : m;
     if (!cq_bytes_ok(mpad, lda, 1)) return CQ_ERR_OVERFLOW;
     /* the pair-safe tile (per-channel / per-tensor in one int32 chunk): its arrays follow the row
-     * scales in the same scratch block; at most PS_MAX_ENT residual entries, else the config's
-     * tile runs (a residual entry costs a few instructions per 16 columns, against 64 k x 16
-     * columns of the tile's work per entry at the limit) */
-    const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m;
+     * scales in the same scratch block; at most ps_max residual entries, else the config's tile
+     * runs (a residual entry costs a few instructions per 16 columns, against 64 k x 16 columns of
+     * the tile's work per entry at the limit). Only for N >= 192 per thread: cq_ps_prepare is one
+     * pass over the m x k codes on the calling thread, the tile saves in proportion to m x n x k
+     * spread over the threads (Zen 3, review of 2026-12-01: (256, 4096) N = 64 took 1.25x / 1.61x
+     * the sign tile's time on 1 / 2 threads, (1024, 384) N = 384 0.94x / 1.01x, N = 4096 0.82x /
+     * 0.86x). */
+    const int ps_threads = cq_threads_for(work, c.np * cq_ceil_div(m, c.qcfg->mb ? c.qcfg->mb : S8_MB));
+    const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m &&
+                        n >= 192 * (int64_t)(ps_threads > 1 ? ps_threads : 1);
     const int64_t ps_max = m * c.kp4 / 16;
     /* the tile calls' k blocks (s8_unit_run's kc4 for this config, int4 blocks at most i4_block) */
     int64_t ps_kc4 = c.qcfg->kc4 ? c.qcfg->kc4 : KC_BYTES / (4 * (int64_t)c.nr);

@@ -40,7 +40,7 @@ static void quant_row_tiled(const quant_ctx *c, int64_t r, const float *src, con
 {
     int8_t tmp[1024];
     int8_t *blk = c->q + (r / 16) * 16 * c->ldq + (r % 16) * 64;
-    for (int64_t i0 = 0; i0 < c->ldq; i0 += 64) {
+    for (int64_t i0 = 0; i0 < c->ldq; i0 += 1024) {
         int64_t len = finite && c->k > i0 ? (c->k - i0 < 1024 ? c->k - i0 : 1024) : 0;
         if (len && mul) c->kern->quantize_mul(src + i0, mul + i0, len, s, tmp, c->flip);
         else if (len) c->kern->quantize(src + i0, len, s, tmp, c->flip);

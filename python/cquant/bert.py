@@ -373,14 +373,14 @@ def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray, normalize: bool = 
     normalized, as all-MiniLM-L6-v2's ``Normalize`` module does). hidden (B, T, H) -> (B, H)."""
     m = np.asarray(attention_mask, dtype=np.float32)
     hidden = np.asarray(hidden, dtype=np.float32)
-    # The masked sum token by token (element-wise adds in a fixed order, no (B, T, H) temporary):
-    # the same bits for a sentence whatever its batch, thread count or array alignment. A batched
-    # matmul (OpenBLAS) or numpy's SIMD reductions may round differently for another batch or
-    # alignment: on a Zen 3, Ray actors' embeddings differed from the single process's in one row
-    # by 3e-8.
+    # The masked sum over tokens in a fixed order (a reduction over a non-contiguous axis adds
+    # whole (B, H) slices one after another, chunks of 64 tokens bound the temporary): the same
+    # bits for a sentence whatever its batch, thread count or array alignment. A batched matmul
+    # (OpenBLAS) rounds differently for another batch: on a Zen 3, Ray actors' embeddings differed
+    # from the single process's in one row by 3e-8.
     s = np.zeros((hidden.shape[0], hidden.shape[2]), np.float32)
-    for t in range(hidden.shape[1]):
-        s += hidden[:, t] * m[:, t, None]
+    for t0 in range(0, hidden.shape[1], 64):
+        s += np.add.reduce(hidden[:, t0:t0 + 64] * m[:, t0:t0 + 64, None], axis=1)
     s /= np.maximum(m.sum(axis=1, keepdims=True), np.float32(1e-9))
     if normalize:  # the norm in float64: its float32 value does not depend on the summation order
         n = np.sqrt(np.square(s, dtype=np.float64).sum(axis=1, keepdims=True)).astype(np.float32)
