@@ -86,7 +86,8 @@ typedef struct {
     int isa;
     int nonfinite; /* weight-only GEMM: a unit wrote a non-finite output (atomic) */
     /* dynamic: the GEMM kernel that runs (NULL: qcfg->gemm), and for a pair-safe one the prepared
-     * activations' prefix sums (m x (kp4 + 1)), row pointers and residual entries (cq_ps_prepare) */
+     * activations' block sums and entry counts (m x (ceil(kp4 / ps_kc4) + 1) each), row pointers
+     * and residual entries (cq_ps_prepare) */
     const cq_ukernel *gemm;
     const int32_t *ps_sum, *ps_cnt;
     const int64_t *ps_row;
@@ -1034,6 +1035,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     const int ps_threads = cq_threads_for(work, c.np * cq_ceil_div(m, c.qcfg->mb ? c.qcfg->mb : S8_MB));
     const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m &&
                         n >= 192 * (int64_t)(ps_threads > 1 ? ps_threads : 1);
+    if (want_ps && !cq_bytes_ok(m, 4 * c.kp4 + 32, 4)) return CQ_ERR_OVERFLOW; /* bounds qa_bytes below */
     const int64_t ps_max = m * c.kp4 / 16;
     /* the tile calls' k blocks (s8_unit_run's kc4 for this config, int4 blocks at most i4_block) */
     int64_t ps_kc4 = c.qcfg->kc4 ? c.qcfg->kc4 : KC_BYTES / (4 * (int64_t)c.nr);
@@ -1042,7 +1044,6 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
     const int64_t qa_bytes = want_ps ? off_ent + ps_max * 8 : mpad * lda + m * 4;
-    if (want_ps && !cq_bytes_ok(m, 3 * c.kp4 + 16, 4)) return CQ_ERR_OVERFLOW;
     if (check_only) return CQ_OK;
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
     int8_t *qa;
