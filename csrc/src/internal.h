@@ -122,8 +122,8 @@ typedef struct {
  * Fills, per row and k block b of kc4 steps (nb = ceil(kp4 / kc4) blocks, ld = nb + 1 values per
  * row), bsum[r * ld + b] = the sum of x' over steps < min(b * kc4, kp4) and bcnt[r * ld + b] = the
  * row's entries before that step; rowptr (m + 1) and ent (2 int32 per entry, sorted by k within
- * a row). Counts first: if there are more than max_ent entries, returns -1 and leaves qa as it
- * was; else the number of entries. */
+ * a row). If the rows need more than max_ent entries, returns -1 with qa as it was (the codes
+ * changed so far are put back); else the number of entries. */
 int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
                       int64_t *rowptr, int32_t *ent);
 typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
