@@ -75,6 +75,8 @@ def table_best_format(path, n):
 
 
 PAIRSAFE_AVX2 = "qd8_f32_qc8w_gemm_4x16c4_pairsafe_avx2"
+# the configs with a pair-safe tile (registry.c gemm_ps): row path -> (tile, panel width)
+PAIRSAFE = {"avx2": (PAIRSAFE_AVX2, 16), "avx512": ("qd8_f32_qc8w_gemm_4x64c4_pairsafe_avx512bw", 64)}
 
 
 def pairsafe_entries(x, x_scale=None):
@@ -88,11 +90,11 @@ def pairsafe_entries(x, x_scale=None):
     return int(((a * b > 0) & (np.abs(a) + np.abs(b) > 128)).sum())
 
 
-def _threads_for(m, n, k):
-    """threads.c cq_threads_for for the int8 driver's units (N16K4 panels of 16, 48 rows each)."""
+def _threads_for(m, n, k, nr=16):
+    """threads.c cq_threads_for for the int8 driver's units (panels of nr, 48 rows each)."""
     if m * n * k < 1e6:
         return 1
-    return max(1, min(ops.get_num_threads(), -(-n // 16) * -(-m // 48)))
+    return max(1, min(ops.get_num_threads(), -(-n // nr) * -(-m // 48)))
 
 
 def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size=None, gemm=False,
@@ -122,10 +124,10 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
         use_gemv = not gemm and m == 1 and fits and gv is not None
         if use_gemv:
             return gv
-        if rpath == "avx2" and not gemm and not group4 and n >= 192 * _threads_for(m, n, k):
-            assert x is not None, "the AVX2 kernel depends on the rows: pass x"
+        if rpath in PAIRSAFE and not gemm and not group4 and n >= 192 * _threads_for(m, n, k, PAIRSAFE[rpath][1]):
+            assert x is not None, "this config's kernel depends on the rows: pass x"
             if pairsafe_entries(np.asarray(x)[:m], x_scale) <= m * kp4 // 16:
-                return PAIRSAFE_AVX2
+                return PAIRSAFE[rpath][0]
         return gk
     raise AssertionError("no config")
 

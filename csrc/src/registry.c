@@ -19,6 +19,7 @@ void cq_f32_qc4w_gemv4_1x64c8_avx2(int, int64_t, const float *, const int8_t *co
 void cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 void cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
 void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
+void cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 void cq_f32_qc8w_dequant_64c4_avx512f(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
 void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
@@ -45,7 +46,7 @@ enum {
     AVX2_QD8_GEMM, AVX2_QD8_GEMM_PS, AVX2_QD8_GEMV4, AVX2_F32_DEQUANT, AVX2_F32_GEMM, AVX2_F32_GEMV4, AVX2_F32_I4_GEMV4,
 #endif
 #ifdef HAVE_AVX512
-    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4, VNNI_X24_I4_GEMV4,
+    VNNI_QD8_GEMM, VNNI_QD8_GEMV4, BW_QD8_GEMM, BW_QD8_GEMM_PS, F512_F32_DEQUANT, F512_F32_GEMM, F512_F32_GEMV4, F512_F32_I4_GEMV4, VNNI_X24_I4_GEMV4,
 #endif
 #ifdef HAVE_AVXVNNI
     AVXVNNI_QD8_GEMM, AVXVNNI_QD8_GEMV4,
@@ -79,6 +80,7 @@ static const cq_ukernel UKERNELS[] = {
     {"qd8_f32_qc8w_gemm_6x64c4_avx512vnni", CQ_UK_QD8_GEMM, CQ_ISA_AVX512VNNI, 6, 64, 1, (void *)cq_qd8_f32_qc8w_gemm_6x64c4_avx512vnni, 0, 0, 0, NULL, 0},
     {"qd8_f32_qc8w_gemv4_1x256c4_avx512vnni", CQ_UK_QD8_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 1, (void *)cq_qd8_f32_qc8w_gemv4_1x256c4_avx512vnni, 0, 0, 0, NULL, 0},
     {"qd8_f32_qc8w_gemm_4x64c4_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, 0, 0, 0, NULL, 0},
+    {"qd8_f32_qc8w_gemm_4x64c4_pairsafe_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw, 0, 0, 0, NULL, 1},
     {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0, NULL, 0},
     {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL, 0},
     {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL, 0},
@@ -140,7 +142,8 @@ static const cq_qd8_config QD8_CFG[] = {
     /* whole k per tile call where it pays (linear.c, WHOLE_K_ROWS): (4096, 4096) M = 256 -8 to -10%;
      * the other paths' tiles measured no gain (avx512 / avxvnni / avx2 forced here: +-2%, +0-5%, +1-4%) */
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(VNNI_QD8_GEMM), UK(VNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 1, NULL},
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0, 0, NULL},
+    /* Skylake-SP: the pair-safe tile where the activations allow it (linear.c, want_ps) */
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(BW_QD8_GEMM), NULL, 0, 0, 0, 0, 0, 0, 0, UK(BW_QD8_GEMM_PS)},
 #endif
 #ifdef HAVE_AVXVNNI
     {CQ_ISA_AVXVNNI, CQ_FORMAT_N16K4, UK(AVXVNNI_QD8_GEMM), UK(AVXVNNI_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},

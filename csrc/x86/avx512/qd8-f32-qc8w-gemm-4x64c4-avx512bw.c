@@ -40,6 +40,76 @@ TILE(gemm_3x64, DECL(0) DECL(1) DECL(2), STEPR(0) STEPR(1) STEPR(2), OUT(0) OUT(
 TILE(gemm_4x64, DECL(0) DECL(1) DECL(2) DECL(3), STEPR(0) STEPR(1) STEPR(2) STEPR(3),
      OUT(0) OUT(1) OUT(2) OUT(3))
 
+/* The pair-safe 4x64 tile (the AVX2 pair-safe tile on zmm: x86/avx2/qd8-f32-qc8w-gemm-4x16c4-avx2.c
+ * explains): u8 w + 128 (an XOR per step, shared by the rows) times the s8 activations left by
+ * cq_ps_prepare, whose pairs cannot saturate vpmaddubsw; 3 instructions per 64 MACs against the
+ * sign tile's 4 (its masked negate). Then 128 * sum x' over the k block is subtracted and v * w[k]
+ * added for each residual entry of the block. llvm-mca skylake-avx512 / cascadelake: see README
+ * (predictions: no AVX-512 CPU measured it yet). */
+static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, const int8_t *b, __m512i *c)
+{
+    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;
+    const __m512i comp = _mm512_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
+    __m512i a0 = _mm512_sub_epi32(c[0], comp), a1 = _mm512_sub_epi32(c[1], comp);
+    __m512i a2 = _mm512_sub_epi32(c[2], comp), a3 = _mm512_sub_epi32(c[3], comp);
+    const int32_t *ent = o->ps_ent;
+    const int64_t k0 = o->ps_k0, e1 = o->ps_row[r] + n[1];
+    for (int64_t e = o->ps_row[r] + n[0]; e < e1; e++) {
+        const int64_t k = ent[2 * e];
+        const int8_t *st = b + ((k - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        const __m128i sh = _mm_cvtsi32_si128(24 - 8 * (int)(k & 3));
+        /* the codes sign-extended to int32; vpmaddwd by (v, 0) multiplies their low 16 bits by v */
+        const __m512i v = _mm512_set1_epi32(ent[2 * e + 1] & 0xffff);
+#define PS_W(q) _mm512_srai_epi32(_mm512_sll_epi32(_mm512_loadu_si512((const void *)(st + 64 * (q))), sh), 24)
+        a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(PS_W(0), v));
+        a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(PS_W(1), v));
+        a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(PS_W(2), v));
+        a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(PS_W(3), v));
+#undef PS_W
+    }
+    c[0] = a0; c[1] = a1; c[2] = a2; c[3] = a3;
+}
+#define PS_MAC(r, v) c##r##v = _mm512_add_epi32(c##r##v, _mm512_madd_epi16(_mm512_maddubs_epi16(u##v, xb), ones));
+#define PS_STEPR(r) { const __m512i xb = _mm512_set1_epi32(cq_load4(a + (r) * lda + 4 * t)); \
+    PS_MAC(r, 0) PS_MAC(r, 1) PS_MAC(r, 2) PS_MAC(r, 3) }
+/* (copies: taking the accumulators' addresses could keep them on the stack through the loop) */
+#define PS_OUT(r)                                                                                 \
+    {                                                                                             \
+        __m512i f[4] = {c##r##0, c##r##1, c##r##2, c##r##3};                                      \
+        ps_fix_row64(o, r, b, f);                                                                 \
+        cq_qd8_out_vec64(o, r, 0, f[0], o->acc_in); cq_qd8_out_vec64(o, r, 1, f[1], o->acc_in);   \
+        cq_qd8_out_vec64(o, r, 2, f[2], o->acc_in); cq_qd8_out_vec64(o, r, 3, f[3], o->acc_in);   \
+    }
+#define PS_LOADB(v) const __m512i u##v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + t * STEP + 64 * (v))), flip);
+#define PS_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
+    static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
+    {                                                                                             \
+        const __m512i ones = _mm512_set1_epi16(1), flip = _mm512_set1_epi8((char)0x80);           \
+        DECLS                                                                                     \
+        for (int64_t t = 0; t < nk4; t++) {                                                       \
+            PS_LOADB(0) PS_LOADB(1) PS_LOADB(2) PS_LOADB(3)                                       \
+            STEPS                                                                                 \
+        }                                                                                         \
+        OUTS                                                                                      \
+    }
+PS_TILE(ps_1x64, DECL(0), PS_STEPR(0), PS_OUT(0))
+PS_TILE(ps_2x64, DECL(0) DECL(1), PS_STEPR(0) PS_STEPR(1), PS_OUT(0) PS_OUT(1))
+PS_TILE(ps_3x64, DECL(0) DECL(1) DECL(2), PS_STEPR(0) PS_STEPR(1) PS_STEPR(2), PS_OUT(0) PS_OUT(1) PS_OUT(2))
+PS_TILE(ps_4x64, DECL(0) DECL(1) DECL(2) DECL(3), PS_STEPR(0) PS_STEPR(1) PS_STEPR(2) PS_STEPR(3),
+        PS_OUT(0) PS_OUT(1) PS_OUT(2) PS_OUT(3))
+
+void cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
+                                             const int8_t *b, const cq_qd8_out *o)
+{
+    (void)nr; (void)nk4;
+    switch (mr) {
+    case 1: ps_1x64(nk4, a, lda, b, o); break;
+    case 2: ps_2x64(nk4, a, lda, b, o); break;
+    case 3: ps_3x64(nk4, a, lda, b, o); break;
+    default: ps_4x64(nk4, a, lda, b, o); break;
+    }
+}
+
 void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
                                           const int8_t *b, const cq_qd8_out *o)
 {
