@@ -92,7 +92,7 @@ typedef struct {
     const int32_t *ps_sum, *ps_cnt;
     const int64_t *ps_row;
     const int32_t *ps_ent;
-    int64_t ps_kc4; /* its k blocks (the tile calls' kc4) */
+    int64_t ps_kc4, ps_ld; /* its k blocks (the tile calls' kc4) and the sums' values per row */
 } lin_ctx;
 
 typedef struct ln_args {
@@ -244,6 +244,9 @@ static int64_t a_off(const cq_ukernel *uk, int64_t t)
     return uk->a_tiled ? 1024 * (t / 16) + 4 * (t % 16) : 4 * t;
 }
 
+/* k4 steps per tile call of the int8 driver: the config's, else KC_BYTES of the panel */
+static int64_t s8_kc4(const lin_ctx *c) { return c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / (4 * (int64_t)c->nr); }
+
 static void s8_unit_run(void *vctx, int64_t u)
 {
     lin_ctx *c = (lin_ctx *)vctx;
@@ -271,7 +274,7 @@ static void s8_unit_run(void *vctx, int64_t u)
     if (c->c32 || (c->ng == 1 && c->kp4 <= CQ_CHUNK4)) {
         /* one exact int32 sum per output (gemm_s8s8s32 has k <= CQ_MAX_K_S32; modulo 2^32 the
          * u8 sums minus the compensation are exact whenever the true sum fits) */
-        int64_t kc4 = uk->pairsafe ? c->ps_kc4 : c->qcfg->kc4 ? c->qcfg->kc4 : KC_BYTES / step;
+        int64_t kc4 = uk->pairsafe ? c->ps_kc4 : s8_kc4(c);
         if (c->qcfg->whole_k && !c->c32 && !c->i4 && !uk->pairsafe &&
             (rows >= WHOLE_K_ROWS || (double)c->np * (double)step * (double)c->kp4 <= (double)WHOLE_K_BYTES))
             kc4 = c->kp4; /* (<= CQ_CHUNK4 here) */
@@ -339,7 +342,7 @@ static void s8_unit_run(void *vctx, int64_t u)
                 }
                 o.pf = pf; o.pf_step = pf_step;
                 if (uk->pairsafe) { /* the block's sums and entries (cq_ps_prepare) */
-                    o.ps_ld = cq_ceil_div(c->kp4, kc4) + 1;
+                    o.ps_ld = c->ps_ld;
                     o.ps_sum = c->ps_sum + (m0 + r) * o.ps_ld + t0 / kc4;
                     o.ps_cnt = c->ps_cnt + (m0 + r) * o.ps_ld + t0 / kc4;
                     o.ps_row = c->ps_row + m0 + r;
@@ -1038,8 +1041,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     if (want_ps && !cq_bytes_ok(m, 4 * c.kp4 + 32, 4)) return CQ_ERR_OVERFLOW; /* bounds qa_bytes below */
     const int64_t ps_max = m * c.kp4 / 16;
     /* the tile calls' k blocks (s8_unit_run's kc4 for this config, int4 blocks at most i4_block) */
-    int64_t ps_kc4 = c.qcfg->kc4 ? c.qcfg->kc4 : KC_BYTES / (4 * (int64_t)c.nr);
-    if (c.i4 && ps_kc4 > i4_block(&c)) ps_kc4 = i4_block(&c);
+    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : s8_kc4(&c);
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
@@ -1085,6 +1087,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         c.ps_row = (const int64_t *)(const void *)(qa + off_row);
         c.ps_ent = (const int32_t *)(const void *)(qa + off_ent);
         c.ps_kc4 = ps_kc4;
+        c.ps_ld = ps_ld;
     }
     c.qa = qa; c.sx = sx; c.mb = c.qcfg->mb ? c.qcfg->mb : S8_MB;
     /* int4: a unit expands its panel's blocks once for all its rows, so units take as many rows

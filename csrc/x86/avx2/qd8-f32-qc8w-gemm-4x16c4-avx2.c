@@ -29,38 +29,45 @@ CQ_TARGET_BEGIN("avx2,fma")
         c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(ab1, _mm256_sign_epi8(xb, b1)), ones)); \
     }
 #define S8_OUT(r) cq_qd8_out_row16(o, r, c##r##0, c##r##1);
-#define S8_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
+/* per step, the weight vectors the rows share: b0, b1 and |b0|, |b1| */
+#define S8_PREP                                                                                   \
+    const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * STEP));                       \
+    const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * STEP + 32));                  \
+    const __m256i ab0 = _mm256_abs_epi8(b0);                                                      \
+    const __m256i ab1 = _mm256_abs_epi8(b1);
+/* (PREP, STEP and OUT are macro arguments: no comma outside parentheses in them) */
+/* A tile of the family: PREP (the step's shared weight vectors), then STEP(r) per row. */
+#define TILE(NAME, PREP, DECLS, STEPS, OUTS)                                                      \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         const __m256i ones = _mm256_set1_epi16(1);                                                \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
-            const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * STEP));               \
-            const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * STEP + 32));          \
-            const __m256i ab0 = _mm256_abs_epi8(b0), ab1 = _mm256_abs_epi8(b1);                   \
+            PREP                                                                                  \
             _mm_prefetch((const char *)(b + t * STEP + CQ_PF_DIST), _MM_HINT_T0);                 \
             STEPS                                                                                 \
         }                                                                                         \
         OUTS                                                                                      \
     }
-S8_TILE(gemm_1x16, S8_DECL(0), S8_STEP(0), S8_OUT(0))
-S8_TILE(gemm_2x16, S8_DECL(0) S8_DECL(1), S8_STEP(0) S8_STEP(1), S8_OUT(0) S8_OUT(1))
-S8_TILE(gemm_3x16, S8_DECL(0) S8_DECL(1) S8_DECL(2), S8_STEP(0) S8_STEP(1) S8_STEP(2),
-        S8_OUT(0) S8_OUT(1) S8_OUT(2))
-S8_TILE(gemm_4x16, S8_DECL(0) S8_DECL(1) S8_DECL(2) S8_DECL(3),
-        S8_STEP(0) S8_STEP(1) S8_STEP(2) S8_STEP(3), S8_OUT(0) S8_OUT(1) S8_OUT(2) S8_OUT(3))
-
-void cq_qd8_f32_qc8w_gemm_4x16c4_avx2(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
-                                      const int8_t *b, const cq_qd8_out *o)
-{
-    (void)nr;
-    switch (mr) {
-    case 1: gemm_1x16(nk4, a, lda, b, o); break;
-    case 2: gemm_2x16(nk4, a, lda, b, o); break;
-    case 3: gemm_3x16(nk4, a, lda, b, o); break;
-    default: gemm_4x16(nk4, a, lda, b, o); break;
+/* The 1- to 4-row tiles of a family and the micro-kernel that picks one by mr. */
+#define TILES(FN, P, PREP, STEP_, OUT_)                                                           \
+    TILE(P##_1x16, PREP, S8_DECL(0), STEP_(0), OUT_(0))                                           \
+    TILE(P##_2x16, PREP, S8_DECL(0) S8_DECL(1), STEP_(0) STEP_(1), OUT_(0) OUT_(1))               \
+    TILE(P##_3x16, PREP, S8_DECL(0) S8_DECL(1) S8_DECL(2), STEP_(0) STEP_(1) STEP_(2),            \
+         OUT_(0) OUT_(1) OUT_(2))                                                                 \
+    TILE(P##_4x16, PREP, S8_DECL(0) S8_DECL(1) S8_DECL(2) S8_DECL(3),                             \
+         STEP_(0) STEP_(1) STEP_(2) STEP_(3), OUT_(0) OUT_(1) OUT_(2) OUT_(3))                    \
+    void FN(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
+    {                                                                                             \
+        (void)nr;                                                                                 \
+        switch (mr) {                                                                             \
+        case 1: P##_1x16(nk4, a, lda, b, o); break;                                               \
+        case 2: P##_2x16(nk4, a, lda, b, o); break;                                               \
+        case 3: P##_3x16(nk4, a, lda, b, o); break;                                               \
+        default: P##_4x16(nk4, a, lda, b, o); break;                                              \
+        }                                                                                         \
     }
-}
+TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
 
 /* The pair-safe 4x16 tile: the u8 x s8 recipe that does not saturate, 3 instructions per 32 MACs
  * (vpmaddubsw, vpmaddwd, vpaddd) against the tile above's 4 (it adds a vpsignb per row). The u8
@@ -75,15 +82,13 @@ void cq_qd8_f32_qc8w_gemm_4x16c4_avx2(int mr, int nr, int64_t nk4, const int8_t 
  * want_ps). Zen 3, weights in L1, 4x16: 62
  * GMAC/s against 49.5 for the sign tile (median of 15, interleaved; a saturating u8 x s8 loop, as
  * fbgemm's, 65); register-only loops: 87 against 67 GMAC/s. */
-static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, int64_t nk4, const int8_t *b,
-                                                 __m256i *c0, __m256i *c1)
+/* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. */
+static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, const int8_t *b, __m256i *c0, __m256i *c1)
 {
-    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;
+    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld, *ent = o->ps_ent;
     const __m256i comp = _mm256_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
     __m256i a0 = _mm256_sub_epi32(*c0, comp), a1 = _mm256_sub_epi32(*c1, comp);
-    const int32_t *ent = o->ps_ent;
     const int64_t k0 = o->ps_k0, e1 = o->ps_row[r] + n[1];
-    (void)nk4;
     for (int64_t e = o->ps_row[r] + n[0]; e < e1; e++) {
         const int64_t k = ent[2 * e];
         const int8_t *st = b + ((k - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
@@ -98,57 +103,34 @@ static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, int
     *c0 = a0;
     *c1 = a1;
 }
+/* per step, the weight vectors the rows share: w + 128 as u8 */
+#define PS_PREP                                                                                   \
+    const __m256i flip = _mm256_set1_epi8((char)0x80);                                            \
+    const __m256i u0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + t * STEP)), flip); \
+    const __m256i u1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + t * STEP + 32)), flip);
 #define PS_STEP(r)                                                                                \
     {                                                                                             \
         const __m256i xb = _mm256_set1_epi32(cq_load4(a + (r) * lda + 4 * t));                       \
         c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, xb), ones));  \
         c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xb), ones));  \
     }
-/* (copies: taking the accumulators' addresses kept them on the stack through the loop, GCC 12) */
+/* A block without residual entries only subtracts 128 * sum x' (inline: most blocks); the others
+ * call ps_fix_row on copies of the accumulators (taking the accumulators' addresses, or computing
+ * the copies before the branch, kept them on the stack through the k loop, GCC 12). */
 #define PS_OUT(r)                                                                                 \
     {                                                                                             \
         __m256i f0 = c##r##0, f1 = c##r##1;                                                       \
         const int32_t *sr = o->ps_sum + (r) * o->ps_ld, *nr_ = o->ps_cnt + (r) * o->ps_ld;        \
-        if (nr_[0] == nr_[1]) { /* no residual entries in this block: only the 128 * sum x' */    \
+        if (nr_[0] == nr_[1]) {                                                                   \
             const __m256i cm = _mm256_set1_epi32((int32_t)((uint32_t)(sr[1] - sr[0]) * 128u));    \
             f0 = _mm256_sub_epi32(f0, cm);                                                        \
             f1 = _mm256_sub_epi32(f1, cm);                                                        \
         } else {                                                                                  \
-            ps_fix_row(o, r, nk4, b, &f0, &f1);                                                   \
+            ps_fix_row(o, r, b, &f0, &f1);                                                        \
         }                                                                                         \
         cq_qd8_out_row16(o, r, f0, f1);                                                           \
     }
-#define PS_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
-    static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
-    {                                                                                             \
-        const __m256i ones = _mm256_set1_epi16(1), flip = _mm256_set1_epi8((char)0x80);           \
-        DECLS                                                                                     \
-        for (int64_t t = 0; t < nk4; t++) {                                                       \
-            const __m256i u0 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + t * STEP)), flip); \
-            const __m256i u1 = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(b + t * STEP + 32)), flip); \
-            _mm_prefetch((const char *)(b + t * STEP + CQ_PF_DIST), _MM_HINT_T0);                 \
-            STEPS                                                                                 \
-        }                                                                                         \
-        OUTS                                                                                      \
-    }
-PS_TILE(ps_1x16, S8_DECL(0), PS_STEP(0), PS_OUT(0))
-PS_TILE(ps_2x16, S8_DECL(0) S8_DECL(1), PS_STEP(0) PS_STEP(1), PS_OUT(0) PS_OUT(1))
-PS_TILE(ps_3x16, S8_DECL(0) S8_DECL(1) S8_DECL(2), PS_STEP(0) PS_STEP(1) PS_STEP(2),
-        PS_OUT(0) PS_OUT(1) PS_OUT(2))
-PS_TILE(ps_4x16, S8_DECL(0) S8_DECL(1) S8_DECL(2) S8_DECL(3),
-        PS_STEP(0) PS_STEP(1) PS_STEP(2) PS_STEP(3), PS_OUT(0) PS_OUT(1) PS_OUT(2) PS_OUT(3))
-
-void cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
-                                         const int8_t *b, const cq_qd8_out *o)
-{
-    (void)nr;
-    switch (mr) {
-    case 1: ps_1x16(nk4, a, lda, b, o); break;
-    case 2: ps_2x16(nk4, a, lda, b, o); break;
-    case 3: ps_3x16(nk4, a, lda, b, o); break;
-    default: ps_4x16(nk4, a, lda, b, o); break;
-    }
-}
+TILES(cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2, ps, PS_PREP, PS_STEP, PS_OUT)
 
 /* One row of activations against 4 panels at once (M = 1): 4 concurrent sequential streams of the
  * weight, which one core reads faster than a single stream (Zen 3: ~14 GB/s against ~11, 20-30%

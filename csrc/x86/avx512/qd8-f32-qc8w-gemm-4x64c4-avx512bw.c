@@ -21,24 +21,41 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #define OUT(r)                                                                                    \
     cq_qd8_out_vec64(o, r, 0, c##r##0, o->acc_in); cq_qd8_out_vec64(o, r, 1, c##r##1, o->acc_in);   \
     cq_qd8_out_vec64(o, r, 2, c##r##2, o->acc_in); cq_qd8_out_vec64(o, r, 3, c##r##3, o->acc_in);
+/* per step, the weight vectors the rows share: b, |b| and b's sign mask per 64 columns (macro
+ * arguments below: no comma outside parentheses) */
 #define LOADB(v) const __m512i b##v = _mm512_loadu_si512((const void *)(b + t * STEP + 64 * (v))); \
     const __m512i ab##v = _mm512_abs_epi8(b##v); const __mmask64 n##v = _mm512_movepi8_mask(b##v);
-#define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
+#define S8_PREP const __m512i zero = _mm512_setzero_si512(); LOADB(0) LOADB(1) LOADB(2) LOADB(3)
+/* A tile of a family: PREP (the step's shared weight vectors), then STEP(r) per row. */
+#define TILE(NAME, PREP, DECLS, STEPS, OUTS)                                                      \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
-        const __m512i ones = _mm512_set1_epi16(1), zero = _mm512_setzero_si512();                 \
+        const __m512i ones = _mm512_set1_epi16(1);                                                \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
-            LOADB(0) LOADB(1) LOADB(2) LOADB(3)                                                   \
+            PREP                                                                                  \
             STEPS                                                                                 \
         }                                                                                         \
         OUTS                                                                                      \
     }
-TILE(gemm_1x64, DECL(0), STEPR(0), OUT(0))
-TILE(gemm_2x64, DECL(0) DECL(1), STEPR(0) STEPR(1), OUT(0) OUT(1))
-TILE(gemm_3x64, DECL(0) DECL(1) DECL(2), STEPR(0) STEPR(1) STEPR(2), OUT(0) OUT(1) OUT(2))
-TILE(gemm_4x64, DECL(0) DECL(1) DECL(2) DECL(3), STEPR(0) STEPR(1) STEPR(2) STEPR(3),
-     OUT(0) OUT(1) OUT(2) OUT(3))
+/* The 1- to 4-row tiles of a family and the micro-kernel that picks one by mr. */
+#define TILES(FN, P, PREP, STEP_, OUT_)                                                           \
+    TILE(P##_1x64, PREP, DECL(0), STEP_(0), OUT_(0))                                              \
+    TILE(P##_2x64, PREP, DECL(0) DECL(1), STEP_(0) STEP_(1), OUT_(0) OUT_(1))                     \
+    TILE(P##_3x64, PREP, DECL(0) DECL(1) DECL(2), STEP_(0) STEP_(1) STEP_(2), OUT_(0) OUT_(1) OUT_(2)) \
+    TILE(P##_4x64, PREP, DECL(0) DECL(1) DECL(2) DECL(3), STEP_(0) STEP_(1) STEP_(2) STEP_(3),    \
+         OUT_(0) OUT_(1) OUT_(2) OUT_(3))                                                         \
+    void FN(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
+    {                                                                                             \
+        (void)nr;                                                                                 \
+        switch (mr) {                                                                             \
+        case 1: P##_1x64(nk4, a, lda, b, o); break;                                               \
+        case 2: P##_2x64(nk4, a, lda, b, o); break;                                               \
+        case 3: P##_3x64(nk4, a, lda, b, o); break;                                               \
+        default: P##_4x64(nk4, a, lda, b, o); break;                                              \
+        }                                                                                         \
+    }
+TILES(cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, gemm, S8_PREP, STEPR, OUT)
 
 /* The pair-safe 4x64 tile (the AVX2 pair-safe tile on zmm: x86/avx2/qd8-f32-qc8w-gemm-4x16c4-avx2.c
  * explains): u8 w + 128 (an XOR per step, shared by the rows) times the s8 activations left by
@@ -81,45 +98,7 @@ static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, c
         cq_qd8_out_vec64(o, r, 2, f[2], o->acc_in); cq_qd8_out_vec64(o, r, 3, f[3], o->acc_in);   \
     }
 #define PS_LOADB(v) const __m512i u##v = _mm512_xor_si512(_mm512_loadu_si512((const void *)(b + t * STEP + 64 * (v))), flip);
-#define PS_TILE(NAME, DECLS, STEPS, OUTS)                                                         \
-    static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
-    {                                                                                             \
-        const __m512i ones = _mm512_set1_epi16(1), flip = _mm512_set1_epi8((char)0x80);           \
-        DECLS                                                                                     \
-        for (int64_t t = 0; t < nk4; t++) {                                                       \
-            PS_LOADB(0) PS_LOADB(1) PS_LOADB(2) PS_LOADB(3)                                       \
-            STEPS                                                                                 \
-        }                                                                                         \
-        OUTS                                                                                      \
-    }
-PS_TILE(ps_1x64, DECL(0), PS_STEPR(0), PS_OUT(0))
-PS_TILE(ps_2x64, DECL(0) DECL(1), PS_STEPR(0) PS_STEPR(1), PS_OUT(0) PS_OUT(1))
-PS_TILE(ps_3x64, DECL(0) DECL(1) DECL(2), PS_STEPR(0) PS_STEPR(1) PS_STEPR(2), PS_OUT(0) PS_OUT(1) PS_OUT(2))
-PS_TILE(ps_4x64, DECL(0) DECL(1) DECL(2) DECL(3), PS_STEPR(0) PS_STEPR(1) PS_STEPR(2) PS_STEPR(3),
-        PS_OUT(0) PS_OUT(1) PS_OUT(2) PS_OUT(3))
-
-void cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
-                                             const int8_t *b, const cq_qd8_out *o)
-{
-    (void)nr; (void)nk4;
-    switch (mr) {
-    case 1: ps_1x64(nk4, a, lda, b, o); break;
-    case 2: ps_2x64(nk4, a, lda, b, o); break;
-    case 3: ps_3x64(nk4, a, lda, b, o); break;
-    default: ps_4x64(nk4, a, lda, b, o); break;
-    }
-}
-
-void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
-                                          const int8_t *b, const cq_qd8_out *o)
-{
-    (void)nr;
-    switch (mr) {
-    case 1: gemm_1x64(nk4, a, lda, b, o); break;
-    case 2: gemm_2x64(nk4, a, lda, b, o); break;
-    case 3: gemm_3x64(nk4, a, lda, b, o); break;
-    default: gemm_4x64(nk4, a, lda, b, o); break;
-    }
-}
+#define PS_PREP const __m512i flip = _mm512_set1_epi8((char)0x80); PS_LOADB(0) PS_LOADB(1) PS_LOADB(2) PS_LOADB(3)
+TILES(cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw, ps, PS_PREP, PS_STEPR, PS_OUT)
 CQ_TARGET_END
 #endif
