@@ -79,22 +79,22 @@ PAIRSAFE_AVX2 = "qd8_f32_qc8w_gemm_4x16c4_pairsafe_avx2"
 PAIRSAFE = {"avx2": (PAIRSAFE_AVX2, 16), "avx512": ("qd8_f32_qc8w_gemm_4x64c4_pairsafe_avx512bw", 64)}
 
 
-def pairsafe_entries(x, x_scale=None):
-    """Residual entries cq_ps_prepare makes for rows x (as the kernel quantizes them): aligned
-    pairs of codes of the same sign with |a| + |b| > 128."""
+def pairsafe_entries(x, x_scale=None, per_row=False):
+    """Residual entries the pair-safe preparation makes for rows x (as the kernel quantizes them):
+    aligned pairs of codes of the same sign with |a| + |b| > 128; in all, or per row."""
     q = (oracle.quantize_rows_s8(x)[0] if x_scale is None else oracle.quantize_rows_static(x, x_scale)[0])
     q = q.astype(np.int32)
     if q.shape[1] % 2:
         q = np.pad(q, ((0, 0), (0, 1)))
     a, b = q[:, 0::2], q[:, 1::2]
-    return int(((a * b > 0) & (np.abs(a) + np.abs(b) > 128)).sum())
+    e = ((a * b > 0) & (np.abs(a) + np.abs(b) > 128)).sum(axis=1)
+    return e if per_row else int(e.sum())
 
 
-def _threads_for(m, n, k, nr=16):
-    """threads.c cq_threads_for for the int8 driver's units (panels of nr, 48 rows each)."""
-    if m * n * k < 1e6:
-        return 1
-    return max(1, min(ops.get_num_threads(), -(-n // nr) * -(-m // 48)))
+def pairsafe_fits(x, m, kp4, x_scale=None):
+    """linear.c's limits on the entries: m * kp4 / 16 in all, kp4 / 4 + 1 in a row."""
+    e = pairsafe_entries(np.asarray(x)[:m], x_scale, per_row=True)
+    return int(e.sum()) <= m * kp4 // 16 and int(e.max()) <= kp4 // 4 + 1
 
 
 def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size=None, gemm=False,
@@ -103,8 +103,8 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
     An int4 weight runs the kernels of the int8 format of its panel width, over k padded to 8.
     x (the rows the kernel quantizes, after any pre-scale or rotation; x_scale for static ones):
     where the AVX2 config applies to per-channel / per-tensor weights in one int32 chunk, linear.c
-    runs its pair-safe tile when n >= 192 per thread the call uses and the rows have at most
-    m * ceil(k/4) / 16 residual entries."""
+    runs its pair-safe tile when n >= 64 and the rows have at most
+    m * ceil(k/4) / 16 residual entries, none more than ceil(k/4) / 4 + 1."""
     ng = k // group_size if granularity == "per_group" else 1
     kp4 = -(-k // 4) if bits == 8 else 2 * -(-k // 8)
     # linear.c: the group4 argument (k4 steps of one summed group; 0: one int32 sum per output)
@@ -124,9 +124,9 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
         use_gemv = not gemm and m == 1 and fits and gv is not None
         if use_gemv:
             return gv
-        if rpath in PAIRSAFE and not gemm and not group4 and n >= 192 * _threads_for(m, n, k, PAIRSAFE[rpath][1]):
+        if rpath in PAIRSAFE and not gemm and not group4 and n >= 64:
             assert x is not None, "this config's kernel depends on the rows: pass x"
-            if pairsafe_entries(np.asarray(x)[:m], x_scale) <= m * kp4 // 16:
+            if pairsafe_fits(x, m, kp4, x_scale):
                 return PAIRSAFE[rpath][0]
         return gk
     raise AssertionError("no config")
@@ -504,26 +504,32 @@ def _pairsafe_rows(kind, m, k, rng):
     elif kind == "alternating":  # +-127 pairs of opposite signs: never an entry, the widest sums
         q[:, 0::2], q[:, 1::2] = 127, -127
         q[1::2] *= -1
-    else:  # "limit" / "limit+1": m * ceil(k/4) / 16 entries (pairs (100, 100)), or one more
+    elif kind.startswith("limit"):  # "limit" / "limit+1": m * ceil(k/4) / 16 entries (pairs (100, 100)), or one more
         q[:, 0] = 127  # the row scale: codes = values
         want = m * (-(-k // 4)) // 16 + (kind == "limit+1")
         for e in range(want):
             r, p = e % m, 1 + e // m
             q[r, 2 * p], q[r, 2 * p + 1] = 100, 100
+    else:  # "rowcap" / "rowcap+1": ceil(k/4) / 4 + 1 entries in row 0 (a row's slots), or one more
+        q[:, 0] = 127
+        for p in range(1, (-(-k // 4)) // 4 + 2 + (kind == "rowcap+1")):
+            q[0, 2 * p], q[0, 2 * p + 1] = -100, -100
     return q
 
 
-@pytest.mark.parametrize("kind", ["gaussian", "all127", "alternating", "limit", "limit+1"])
+@pytest.mark.parametrize("kind", ["gaussian", "all127", "alternating", "limit", "limit+1", "rowcap", "rowcap+1",
+                                  "gaussian-long"])
 @pytest.mark.parametrize("wkind", ["gaussian", "extreme"])
 def test_pairsafe_tile_exact_and_chosen(path, kind, wkind):
     """The AVX2 config runs its pair-safe tile (u8 x s8 without saturation: residual entries for
-    the pairs that could saturate) when the rows have at most m * ceil(k/4) / 16 entries, else the
-    sign tile; either is bit-identical to the oracle, with weight codes at +-127 too (the largest
-    pair sums), at every k block of the driver (K = 2100: blocks of 1024 k and a tail), through
-    linear and linear_multi; N = 400 (the tile runs from N = 192 per thread)."""
+    the pairs that could saturate) when the rows have at most m * ceil(k/4) / 16 entries and no
+    row more than ceil(k/4) / 4 + 1, else the sign tile; either is bit-identical to the oracle,
+    with weight codes at +-127 too (the largest pair sums), through linear and linear_multi;
+    N = 400 (the tile runs from N = 64). K = 2100 is one k block of the driver;
+    "gaussian-long" (K = 16500) is blocks of 1024 k and a tail."""
     rng = np.random.default_rng(len(kind) * 7 + len(wkind))
-    m, n, k = 12, 400, 2100
-    x = _pairsafe_rows(kind, m, k, rng)
+    m, n, k = (24 if kind.startswith("rowcap") else 12), 400, (16500 if kind.endswith("long") else 2100)
+    x = _pairsafe_rows(kind.replace("-long", ""), m, k, rng)
     if wkind == "gaussian":
         w = rng.standard_normal((n, k)).astype(np.float32)
     else:
@@ -535,10 +541,15 @@ def test_pairsafe_tile_exact_and_chosen(path, kind, wkind):
     want = oracle.linear_dynamic(x, qo, so, "per_channel", None, bias, fma_groups=True)
     kern = expected_dynamic_kernel(path, m, n, k, x=x)
     if path == "avx2":
-        entries = pairsafe_entries(x)
-        limit = m * (-(-k // 4)) // 16
-        assert (kern == PAIRSAFE_AVX2) == (entries <= limit and n >= 192 * _threads_for(m, n, k))
-        assert kind not in ("limit", "limit+1") or entries == limit + (kind == "limit+1")
+        entries = pairsafe_entries(x, per_row=True)
+        kp4 = -(-k // 4)
+        limit = m * kp4 // 16
+        fits = entries.sum() <= limit and entries.max() <= kp4 // 4 + 1
+        assert (kern == PAIRSAFE_AVX2) == (fits and n >= 64)
+        assert kind not in ("limit", "limit+1") or entries.sum() == limit + (kind == "limit+1")
+        assert kind not in ("rowcap", "rowcap+1") or (entries.max() == kp4 // 4 + 1 + (kind == "rowcap+1")
+                                                       and entries.sum() <= limit)
+        assert not kind.startswith("gaussian") or kern == PAIRSAFE_AVX2
     y = ops.linear(x, qw, bias)
     assert ops.last_kernel() == kern
     np.testing.assert_array_equal(y, want, err_msg=kern)

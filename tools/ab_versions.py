@@ -16,6 +16,10 @@ first, then the other build imported first (as ``cquant``, from its own folder, 
 as the copy), and prints both ratios and their geometric mean, in which that bias cancels.
 ``--one-order`` keeps only the first. ``CQUANT_ISA`` applies to both builds. What was measured with
 it is in README, "Measured performance".
+
+``--inputs a.npz,b.npz`` times dynamic calls on captured inputs instead of the bench's shapes (e.g.
+a model layer's activations): each file holds ``x`` (M, K), ``w`` (N, K) float32 (quantized per
+channel by each build), and optionally ``b``, ``x_mul`` and ``x_hadamard``.
 """
 from __future__ import annotations
 
@@ -81,6 +85,7 @@ def main(argv=None) -> int:
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,... (the bench's)")
     p.add_argument("--ms", default=",".join(map(str, MS)), help="M values (the bench's)")
     p.add_argument("--one-order", action="store_true", help="only this checkout imported first")
+    p.add_argument("--inputs", default="", help="a.npz,b.npz: captured (x, w[, b, x_mul, x_hadamard]) instead")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if not a.child:
@@ -88,6 +93,8 @@ def main(argv=None) -> int:
         this_pkg = os.path.dirname(os.path.abspath(cquant.__file__))
         other_pkg = os.path.abspath(a.other)
         common = ["--threads", str(a.threads), "--seconds", str(a.seconds), "--shapes", a.shapes, "--ms", a.ms]
+        if a.inputs:
+            common += ["--inputs", ",".join(os.path.abspath(f) for f in a.inputs.split(","))]
         first = _child([other_pkg] + common, os.path.dirname(this_pkg))
         second = {} if a.one_order else _child([this_pkg] + common, os.path.dirname(other_pkg))
         print(f"threads {a.threads}; ratio = other / this time, median of paired calls (> 1: this checkout faster)")
@@ -108,6 +115,24 @@ def main(argv=None) -> int:
         return m.ops.isa() if hasattr(m.ops, "isa") else "?"
     print(f"ISA: other {isa(other)}, this {isa(cquant)}; threads {a.threads}")
     rng = np.random.default_rng(0)
+    for f in filter(None, a.inputs.split(",")):
+        d = np.load(f)
+        x, w = d["x"], d["w"]
+        kw = dict(mode="dynamic", x_mul=d["x_mul"] if "x_mul" in d else None,
+                  x_hadamard=int(d["x_hadamard"]) if "x_hadamard" in d else 0)
+        b = d["b"] if "b" in d else None
+        qo, qn = other.ops.quantize_weight(w), cquant.ops.quantize_weight(w)
+        def fo():
+            return other.ops.linear(x, qo, b, **kw)
+
+        def fn():
+            return cquant.ops.linear(x, qn, b, **kw)
+        if not np.array_equal(fo(), fn()):
+            raise SystemExit(f"{f}: dynamic outputs differ between the builds")
+        to, tn, r = _time_pair(fo, fn, a.seconds)
+        print(f"CELL\t{os.path.basename(f)} M={x.shape[0]}\t{to}\t{tn}\t{r}", flush=True)
+    if a.inputs:
+        return 0
     for k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)

@@ -221,6 +221,26 @@ void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, flo
         for (int c = 0; c < cols; c++) dst[c * ldd + r] = src[r * lds + c];
 }
 
+/* The pair-safe preparation of a block (cq_elementwise.ps_block), pair by pair. */
+static int64_t ps_block_ref(int8_t *x, int64_t n, int64_t base, int64_t room, int32_t *ent, int32_t *sum)
+{
+    int64_t e = 0;
+    int32_t s = 0;
+    for (int64_t i = 0; i < n; i += 2) {
+        const int p = x[i] + x[i + 1];
+        if (p > 128 || p < -128) {
+            if (e == room) {
+                cq_ps_restore(x, base, ent, e);
+                return -1;
+            }
+            cq_ps_fix_pair(x, i, base, ent + 2 * e++);
+        }
+        s += x[i] + x[i + 1];
+    }
+    *sum = s;
+    return e;
+}
+
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,
                                            facc_fold_ref, absmax_mul_ref, hadamard_absmax_ref, quantize_mul_ref,
-                                           cq_transpose_ref};
+                                           cq_transpose_ref, ps_block_ref};

@@ -126,6 +126,40 @@ typedef struct {
  * changed so far are put back); else the number of entries. */
 int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
                       int64_t *rowptr, int32_t *ent);
+/* One pair to change (x[i], x[i + 1]: same signs, |a| + |c| > 128): the larger code is kept, the
+ * smaller one keeps its sign with magnitude 128 - larger (1..63, since the larger is > 64), and
+ * the residual entry {base + j, v - v'} goes to ent[0..1]. */
+static inline void cq_ps_fix_pair(int8_t *x, int64_t i, int64_t base, int32_t *ent)
+{
+    const int a = x[i], c = x[i + 1], aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
+    const int64_t j = aa >= ac ? i + 1 : i;
+    const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep;
+    x[j] = (int8_t)nv;
+    ent[0] = (int32_t)(base + j);
+    ent[1] = v - nv;
+}
+/* x (whose x[0] is k = base) as it was before the n entries ent */
+static inline void cq_ps_restore(int8_t *x, int64_t base, const int32_t *ent, int64_t n)
+{
+    for (int64_t f = 0; f < n; f++) x[ent[2 * f] - base] = (int8_t)(x[ent[2 * f] - base] + ent[2 * f + 1]);
+}
+/* The same for one row x (4 * kp4 codes) with its nb + 1 block sums bs and counts bc (relative to
+ * the row's first entry, ent): at most cap entries, else -1 with the row as it was and bc[nb] = 0.
+ * kern->ps_block finds the blocks to change (cq_ps_prepare uses the reference's). */
+struct cq_elementwise;
+int64_t cq_ps_prepare_row(const struct cq_elementwise *kern, int8_t *x, int64_t kp4, int64_t kc4, int64_t cap,
+                          int32_t *bs, int32_t *bc, int32_t *ent);
+/* The activation pass's pair-safe preparation (cq_quantize_rows_into with ps non-NULL): each row
+ * prepared right after its codes are written (in cache, on the pass's threads), its entries at
+ * ent + 2 * r * cap (row[r] = r * cap), sums and counts at sum / cnt + r * ld. Out: total, the
+ * rows' entries, and over = 1 if a row needed more than cap (that row left as it was). */
+typedef struct {
+    int64_t kc4, cap, ld;
+    int32_t *sum, *cnt, *ent;
+    int64_t *row;
+    int64_t total;
+    int over;
+} cq_ps_rows;
 typedef void (*cq_qd8_gemm_fn)(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda,
                                const int8_t *b, const cq_qd8_out *o);
 /* One activation row against 4 consecutive panels read as concurrent streams (M = 1):
@@ -215,7 +249,7 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format);
 int cq_best_format_for(int active_isa);
 
 /* Element-wise kernels, one table per path (best of what the path allows). */
-typedef struct {
+typedef struct cq_elementwise {
     int isa;
     /* max |x[i]| over n floats into *amax; returns 1 if every x[i] is finite, 0 otherwise */
     int (*absmax)(const float *x, int64_t n, float *amax);
@@ -246,6 +280,12 @@ typedef struct {
     /* dst[c * ldd + r] = src[r * lds + c] for r < rows, c < cols (1 <= cols <= 16): a copy, exact on
      * every path (the per-group GEMVs' scale gather) */
     void (*transpose)(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
+    /* The pair-safe preparation of n codes x[0..n) (n a multiple of 4; x[0] is k = base of its
+     * row): every aligned pair (x[2i], x[2i + 1]) that sums to more than 128 in magnitude (same
+     * signs and |a| + |b| > 128) is changed by cq_ps_fix_pair, its entries written to ent in k
+     * order; *sum = the sum of the codes after. Returns the entries, or -1 with x as it was if
+     * more than room were needed. */
+    int64_t (*ps_block)(int8_t *x, int64_t n, int64_t base, int64_t room, int32_t *ent, int32_t *sum);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
 void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
@@ -318,7 +358,7 @@ void cq_set_last_kernel(const char *name);
  * The activation quantizer of cq_linear (quantize.c). CQ_OK, or CQ_ERR_NOMEM (a k > 2048 buffer). */
 int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
                           int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed,
-                          int64_t had);
+                          int64_t had, cq_ps_rows *ps);
 
 /* GELU of one float, the reference (ref/); SIMD kernels use it for tails. */
 float cq_gelu1(float x);

@@ -21,6 +21,12 @@
 #define WO_GEMM_MIN_M 4
 #define WO_MB 96
 #define WO_COLS 128 /* output columns per weight-only unit */
+#ifndef PS_MIN_N
+#define PS_MIN_N 64 /* the pair-safe tile from this N (linear_impl, want_ps) */
+#endif
+#ifndef PS_KC4_MAX
+#define PS_KC4_MAX 4096 /* the pair-safe tile's rows in one k block up to K = 4 * this (want_ps) */
+#endif
 #ifndef KC_BYTES
 #define KC_BYTES 16384 /* bytes of a panel per k block in the int8 driver */
 #endif
@@ -1030,22 +1036,26 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     /* the pair-safe tile (per-channel / per-tensor in one int32 chunk): its arrays follow the row
      * scales in the same scratch block; at most ps_max residual entries, else the config's tile
      * runs (a residual entry costs a few instructions per 16 columns, against 64 k x 16 columns of
-     * the tile's work per entry at the limit). Only for N >= 192 per thread: cq_ps_prepare is one
-     * pass over the m x k codes on the calling thread, the tile saves in proportion to m x n x k
-     * spread over the threads (Zen 3, review of 2026-12-01: (256, 4096) N = 64 took 1.25x / 1.61x
-     * the sign tile's time on 1 / 2 threads, (1024, 384) N = 384 0.94x / 1.01x, N = 4096 0.82x /
-     * 0.86x). */
-    const int ps_threads = cq_threads_for(work, c.np * cq_ceil_div(m, c.qcfg->mb ? c.qcfg->mb : S8_MB));
+     * the tile's work per entry at the limit). The rows are prepared in the activation pass (on its
+     * threads, each row while in L1), so it pays from N = 64 (Zen 3, interleaved A/B against the
+     * sign tile, 2026-12-01, geometric mean of both import orders, 1 / 2 threads: (K, N) (4096, 64)
+     * M = 64 1.05 / 1.03, (4096, 128) M = 256 1.06 / 1.07, (1024, 128) M = 64 1.04 / -, 2 threads
+     * (768, 64) M = 64 / 256 1.00 / 0.97, (768, 32) 0.95 / 0.90, (768, 16) 0.91 / 0.86). */
     const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m &&
-                        n >= 192 * (int64_t)(ps_threads > 1 ? ps_threads : 1);
+                        n >= PS_MIN_N;
     if (want_ps && !cq_bytes_ok(m, 4 * c.kp4 + 32, 4)) return CQ_ERR_OVERFLOW; /* bounds qa_bytes below */
-    const int64_t ps_max = m * c.kp4 / 16;
-    /* the tile calls' k blocks (s8_unit_run's kc4 for this config, int4 blocks at most i4_block) */
-    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : s8_kc4(&c);
+    /* at most 1 entry per 64 k over the rows, and per row 1 per 16 k (the row's slots) */
+    const int64_t ps_max = m * c.kp4 / 16, ps_cap = c.kp4 / 4 + 1;
+    /* the tile calls' k blocks: int4 blocks at most i4_block; int8 rows up to PS_KC4_MAX steps in
+     * one block, the panel's block then in L2 rather than L1 (one call with each row's entries
+     * rather than one per block; Zen 3, A/B, both import orders, 1 thread: MiniLM's FFN output
+     * (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096, 4096) M = 64 / 256 1.07 / 1.07,
+     * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03, each against blocks of 1024 k), else s8_kc4's */
+    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : !c.i4 && c.kp4 <= PS_KC4_MAX ? c.kp4 : s8_kc4(&c);
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
-    const int64_t qa_bytes = want_ps ? off_ent + ps_max * 8 : mpad * lda + m * 4;
+    const int64_t qa_bytes = want_ps ? off_ent + m * ps_cap * 8 : mpad * lda + m * 4;
     if (check_only) return CQ_OK;
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
     int8_t *qa;
@@ -1066,14 +1076,25 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
          * which the quantizer then writes over) */
         int64_t pad0 = tiled ? m / 16 * 16 : m;
         if (mpad > m) memset(qa + pad0 * lda, c.u8 ? 0x80 : 0, (size_t)((mpad - pad0) * lda));
+        /* pair-safe: each row prepared in the activation pass, right after its codes */
+        cq_ps_rows ps = {ps_kc4, ps_cap, ps_ld, (int32_t *)(void *)(qa + off_ps), (int32_t *)(void *)(qa + off_cnt),
+                         (int32_t *)(void *)(qa + off_ent), (int64_t *)(void *)(qa + off_row), 0, 0};
         if (cq_quantize_rows_into(c.ew, x, m, k, lda, c.u8 ? 0x80 : 0, tiled, qa, sx, x_mul,
-                                  x_scale, x_hadamard) != CQ_OK) {
+                                  x_scale, x_hadamard, want_ps ? &ps : NULL) != CQ_OK) {
             cq_scratch_put(qa, qa_cap);
             return CQ_ERR_NOMEM;
         }
-        if (want_ps)
-            ps_n = cq_ps_prepare(qa, m, lda, ps_kc4, ps_max, (int32_t *)(void *)(qa + off_ps), (int32_t *)(void *)(qa + off_cnt),
-                                 (int64_t *)(void *)(qa + off_row), (int32_t *)(void *)(qa + off_ent));
+        if (want_ps) {
+            ps_n = ps.total;
+            if (ps.over || ps.total > ps_max) { /* too many: the config's tile, on the codes as they were */
+                for (int64_t r = 0; r < m; r++)
+                    for (int64_t f = 0; f < ps.cnt[r * ps_ld + ps_ld - 1]; f++) {
+                        const int32_t *en = ps.ent + 2 * (r * ps_cap + f);
+                        qa[r * lda + en[0]] = (int8_t)(qa[r * lda + en[0]] + en[1]);
+                    }
+                ps_n = -1;
+            }
+        }
         if (ac) { /* kept for the next weight (the caller hands the last one back) */
             cq_scratch_put(ac->qa, ac->qa_cap);
             ac->qa = qa; ac->qa_cap = qa_cap; ac->u8 = c.u8; ac->tiled = tiled; ac->gemv = gemv; ac->lda = lda;

@@ -22,6 +22,7 @@ typedef struct {
     const float *mul;  /* activations: x[r][i] * mul[i] (rounded to float32) is what is quantized */
     float fixed;       /* activations: > 0: this scale for every row (static), codes clamped */
     int64_t had;       /* activations: > 0: the row (times mul) rotated in Hadamard blocks of had */
+    cq_ps_rows *ps;    /* activations: each row's pair-safe preparation right after its codes */
 } quant_ctx;
 
 static float scale_of_q(float amax, float qmax)
@@ -82,6 +83,14 @@ static void quant_act_row(const quant_ctx *c, int64_t r, float *buf)
         c->kern->quantize(src, c->k, s, dst, c->flip);
     else
         memset(dst, c->flip, (size_t)c->k);
+    if (c->ps) { /* the row's codes are in L1: prepared here, on this pass's threads */
+        cq_ps_rows *p = c->ps;
+        p->row[r] = r * p->cap;
+        int64_t e = cq_ps_prepare_row(c->kern, dst, c->ldq / 4, p->kc4, p->cap, p->sum + r * p->ld,
+                                      p->cnt + r * p->ld, p->ent + 2 * r * p->cap);
+        if (e < 0) __atomic_store_n(&p->over, 1, __ATOMIC_RELAXED);
+        else if (e) __atomic_fetch_add(&p->total, e, __ATOMIC_RELAXED);
+    }
 }
 
 static void quant_unit(void *vctx, int64_t u)
@@ -184,16 +193,17 @@ int cq_quantize_bits(int bits, const float *w, int64_t n, int64_t k, int scheme,
     }
     quant_ctx c = {kern, w, n, k, scheme == CQ_PER_GROUP ? group_size : k,
                    scheme == CQ_PER_GROUP ? k / group_size : 1, q, scales, 0, 0, 0, 0, k, 0, qmax,
-                   NULL, 0.0f, 0};
+                   NULL, 0.0f, 0, NULL};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NONFINITE : CQ_OK;
 }
 
 int cq_quantize_rows_into(const cq_elementwise *kern, const float *x, int64_t m, int64_t k, int64_t ldq,
                           int flip, int tiled, int8_t *q, float *scales, const float *mul, float fixed,
-                          int64_t had)
+                          int64_t had, cq_ps_rows *ps)
 {
-    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f, mul, fixed, had};
+    if (ps) { ps->total = 0; ps->over = 0; }
+    quant_ctx c = {kern, x, m, k, k, 1, q, scales, 1, flip, 0, 0, ldq, tiled, 127.0f, mul, fixed, had, ps};
     quantize_rows_parallel(&c);
     return c.bad ? CQ_ERR_NOMEM : CQ_OK;
 }
@@ -207,7 +217,7 @@ static int quantize_rows_api(const float *x, int64_t m, int64_t k, int8_t *q, fl
         return CQ_ERR_ALIAS;
     int isa = cq_active_isa();
     if (isa < 0) return CQ_ERR_ISA;
-    return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f, 0);
+    return cq_quantize_rows_into(cq_elementwise_for(isa), x, m, k, k, flip, 0, q, scales, NULL, 0.0f, 0, NULL);
 }
 
 int cq_quantize_rows(const float *x, int64_t m, int64_t k, int8_t *q, float *scales)
@@ -246,72 +256,47 @@ int cq_dequantize(const int8_t *q, const float *scales, int64_t n, int64_t k, in
  * weight codes in [-127, 127] (u8 operands 1..255), cannot saturate when a and b have opposite
  * signs (at most 255 * 127 - 1 in magnitude) or when |a| + |b| <= 128 (at most 255 * 128 =
  * 32640). So only pairs of the same sign with |a| + |b| > 128 are changed. */
-/* 1 if some pair of x[0..n) (n even) must change; branch-free over a chunk so GCC vectorizes it */
-static int ps_chunk_bad(const int8_t *x, int64_t n)
+int64_t cq_ps_prepare_row(const cq_elementwise *kern, int8_t *x, int64_t kp4, int64_t kc4, int64_t cap,
+                          int32_t *bs, int32_t *bc, int32_t *ent)
 {
-    int bad = 0;
-    for (int64_t i = 0; i < n; i += 2) {
-        int a = x[i], c = x[i + 1];
-        int aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
-        bad |= (aa + ac > 128) & ((a ^ c) >= 0);
-    }
-    return bad;
-}
-static int32_t ps_chunk_sum(const int8_t *x, int64_t n)
-{
+    const int64_t nb = (kp4 + kc4 - 1) / kc4;
+    int64_t e = 0;
     int32_t s = 0;
-    for (int64_t i = 0; i < n; i++) s += x[i];
-    return s;
+    for (int64_t b = 0; b < nb; b++) {
+        bs[b] = s;
+        bc[b] = (int32_t)e;
+        const int64_t i0 = 4 * b * kc4, i1 = 4 * ((b + 1) * kc4 < kp4 ? (b + 1) * kc4 : kp4);
+        int32_t bsum;
+        const int64_t n = kern->ps_block(x + i0, i1 - i0, i0, cap - e, ent + 2 * e, &bsum);
+        if (n < 0) { /* too many: the row as it was */
+            cq_ps_restore(x, 0, ent, e);
+            bc[nb] = 0;
+            return -1;
+        }
+        e += n;
+        s += bsum;
+    }
+    bs[nb] = s;
+    bc[nb] = (int32_t)e;
+    return e;
 }
 
 int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
                       int64_t *rowptr, int32_t *ent)
 {
-    /* one pass: chunks of 64 codes with no pair to change (most of them) are only summed; past
-     * max_ent entries the codes changed so far are put back (x = x' + v) and -1 returned */
     const int64_t kp4 = lda / 4, nb = (kp4 + kc4 - 1) / kc4;
     int64_t e = 0;
     for (int64_t r = 0; r < m; r++) {
-        int8_t *x = qa + r * lda;
-        int32_t *bs = bsum + r * (nb + 1), *bc = bcnt + r * (nb + 1);
         rowptr[r] = e;
-        int32_t s = 0;
-        for (int64_t b = 0; b < nb; b++) {
-            bs[b] = s;
-            bc[b] = (int32_t)(e - rowptr[r]);
-            const int64_t i1 = 4 * ((b + 1) * kc4 < kp4 ? (b + 1) * kc4 : kp4);
-            for (int64_t i0 = 4 * b * kc4; i0 < i1; i0 += 64) {
-                const int64_t n = i1 - i0 < 64 ? i1 - i0 : 64;
-                if (!ps_chunk_bad(x + i0, n)) {
-                    s += ps_chunk_sum(x + i0, n);
-                    continue;
-                }
-                for (int64_t i = i0; i < i0 + n; i += 2) {
-                    int a = x[i], c = x[i + 1];
-                    int aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
-                    if (aa + ac > 128 && (a ^ c) >= 0) { /* same signs (0 never exceeds) */
-                        if (e == max_ent) { /* too many: restore every row so far */
-                            rowptr[r + 1] = e;
-                            for (int64_t q = 0; q <= r; q++)
-                                for (int64_t f = rowptr[q]; f < rowptr[q + 1]; f++)
-                                    qa[q * lda + ent[2 * f]] = (int8_t)(qa[q * lda + ent[2 * f]] + ent[2 * f + 1]);
-                            return -1;
-                        }
-                        /* keep the larger code; the smaller one keeps its sign with magnitude
-                         * 128 - larger (1..63, since the larger is > 64) */
-                        const int64_t j = aa >= ac ? i + 1 : i;
-                        const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep;
-                        x[j] = (int8_t)nv;
-                        ent[2 * e] = (int32_t)j;
-                        ent[2 * e + 1] = v - nv;
-                        e++;
-                    }
-                    s += x[i] + x[i + 1];
-                }
-            }
+        int64_t n = cq_ps_prepare_row(&cq_elementwise_ref, qa + r * lda, kp4, kc4, max_ent - e, bsum + r * (nb + 1),
+                                      bcnt + r * (nb + 1), ent + 2 * e);
+        if (n < 0) { /* too many: restore the rows before (this one is) */
+            for (int64_t q = 0; q < r; q++)
+                for (int64_t f = rowptr[q]; f < rowptr[q + 1]; f++)
+                    qa[q * lda + ent[2 * f]] = (int8_t)(qa[q * lda + ent[2 * f]] + ent[2 * f + 1]);
+            return -1;
         }
-        bs[nb] = s;
-        bc[nb] = (int32_t)(e - rowptr[r]);
+        e += n;
     }
     rowptr[m] = e;
     return e;

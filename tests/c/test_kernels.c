@@ -1068,6 +1068,52 @@ static void test_hadamard_table(const cq_elementwise *t, const char *name)
         }
 }
 
+/* The pair-safe preparation of a block (ps_block) against the reference and the rule itself: codes
+ * of four densities of pairs to change, every length (multiples of 4), a base k, room for all the
+ * entries, and room for one fewer (-1, the codes as they were). */
+static void test_ps_block_table(const cq_elementwise *t, const char *name)
+{
+    const cq_elementwise *ref = &cq_elementwise_ref;
+    for (int si = 0; si < NSIZES; si++)
+        for (int dens = 0; dens < 4; dens++) {
+            const int64_t n = 4 * (int64_t)SIZES[si], base = 4 * (int64_t)(rnd() % 100);
+            int8_t *x0 = (int8_t *)xmalloc((size_t)n), *x1 = (int8_t *)xmalloc((size_t)n), *x2 = (int8_t *)xmalloc((size_t)n);
+            int32_t *e1 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(n + 2)), *e2 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(n + 2));
+            for (int64_t i = 0; i < n; i++) /* none / a few / half / every pair to change */
+                x0[i] = dens == 0 ? (int8_t)(rnd_code() / 2) : dens == 3 ? (int8_t)(i & 2 ? -(65 + (int)(rnd() % 63)) : 65 + (int)(rnd() % 63))
+                        : (rnd() % (dens == 1 ? 50 : 2)) ? rnd_code() : rnd_pm127();
+            memcpy(x1, x0, (size_t)n);
+            memcpy(x2, x0, (size_t)n);
+            int32_t s1 = 0, s2 = -1;
+            int64_t n1 = ref->ps_block(x1, n, base, n / 2, e1, &s1), n2 = t->ps_block(x2, n, base, n / 2, e2, &s2);
+            CHECK(n1 == n2 && s1 == s2 && memcmp(x1, x2, (size_t)n) == 0 && memcmp(e1, e2, sizeof(int32_t) * (size_t)(2 * n1)) == 0,
+                  "%s ps_block n=%lld density %d: %lld / %lld entries, sums %d / %d", name, (long long)n, dens,
+                  (long long)n1, (long long)n2, s1, s2);
+            /* the rule: every pair safe after, x' + entries = x, sum of x', entries in k order */
+            int good = n2 >= 0 && (dens != 0 || n2 == 0) && (dens != 3 || n2 == n / 2);
+            int32_t sum = 0;
+            for (int64_t i = 0; i < n && good; i += 2) {
+                const int p = x2[i] + x2[i + 1];
+                good = p <= 128 && p >= -128;
+                sum += p;
+            }
+            good = good && sum == s2;
+            for (int64_t f = 0; f < n2 && good; f++) {
+                good = e2[2 * f] >= base && e2[2 * f] < base + n && (f == 0 || e2[2 * f] > e2[2 * f - 2]) &&
+                       e2[2 * f + 1] != 0 && e2[2 * f + 1] >= -126 && e2[2 * f + 1] <= 126;
+                if (good) x2[e2[2 * f] - base] = (int8_t)(x2[e2[2 * f] - base] + e2[2 * f + 1]);
+            }
+            CHECK(good && memcmp(x2, x0, (size_t)n) == 0, "%s ps_block n=%lld density %d: the rule", name, (long long)n, dens);
+            if (n1 > 0) {
+                memcpy(x2, x0, (size_t)n);
+                int64_t st = t->ps_block(x2, n, base, n1 - 1, e2, &s2);
+                CHECK(st == -1 && memcmp(x2, x0, (size_t)n) == 0, "%s ps_block n=%lld room %lld < %lld: %lld or codes changed",
+                      name, (long long)n, (long long)(n1 - 1), (long long)n1, (long long)st);
+            }
+            free(x0); free(x1); free(x2); free(e1); free(e2);
+        }
+}
+
 static void test_elementwise(const cq_elementwise *t, const char *name)
 {
     const cq_elementwise *ref = &cq_elementwise_ref;
@@ -1132,6 +1178,7 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
     test_hadamard_table(t, name);
     test_quantize_division(t, name);
     test_transpose_table(t, name);
+    test_ps_block_table(t, name);
     printf("%-4s element-wise %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
 }
 

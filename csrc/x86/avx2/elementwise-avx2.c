@@ -325,22 +325,65 @@ int cq_hadamard_absmax_avx2(const float *x, const float *mul, int64_t n, int64_t
     return 1;
 }
 
+/* The pair-safe preparation of a block (cq_elementwise.ps_block): vpmaddubsw with u8 ones gives
+ * the pair sums a + b as int16 (|a + b| <= 254: exact), compared with 128 in magnitude; vpmaddwd
+ * with ones sums them into int32. 4 instructions per 32 codes; the (few) vectors with a pair to
+ * change are fixed pair by pair and summed again. */
+static int64_t ps_block_avx2(int8_t *x, int64_t n, int64_t base, int64_t room, int32_t *ent, int32_t *sum)
+{
+    const __m256i one8 = _mm256_set1_epi8(1), one16 = _mm256_set1_epi16(1), lim = _mm256_set1_epi16(128);
+    __m256i acc = _mm256_setzero_si256();
+    int64_t i = 0, e = 0;
+    for (; i + 32 <= n; i += 32) {
+        __m256i p = _mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)(x + i)));
+        uint32_t bad = (uint32_t)_mm256_movemask_epi8(_mm256_cmpgt_epi16(_mm256_abs_epi16(p), lim));
+        if (bad) {
+            for (; bad; bad &= bad - 1, bad &= bad - 1) { /* 2 mask bits per pair */
+                if (e == room) {
+                    cq_ps_restore(x, base, ent, e);
+                    return -1;
+                }
+                cq_ps_fix_pair(x, i + (__builtin_ctz(bad) & ~1), base, ent + 2 * e++);
+            }
+            p = _mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)(x + i)));
+        }
+        acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, one16));
+    }
+    __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
+    h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
+    int32_t s = _mm_cvtsi128_si32(h);
+    for (; i < n; i += 2) {
+        const int p = x[i] + x[i + 1];
+        if (p > 128 || p < -128) {
+            if (e == room) {
+                cq_ps_restore(x, base, ent, e);
+                return -1;
+            }
+            cq_ps_fix_pair(x, i, base, ent + 2 * e++);
+        }
+        s += x[i] + x[i + 1];
+    }
+    *sum = s;
+    return e;
+}
+
 CQ_TARGET_END
 
 const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
                                             facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2,
-                                            quantize_mul_avx2, cq_transpose_ref};
+                                            quantize_mul_avx2, cq_transpose_ref, ps_block_avx2};
 #if CQ_CAN_TARGET_AVX512
 /* the AVX-512 paths: the same table with the zmm row maximum, GELU, rotation, code pass and
  * transpose (x86/avx512/float-ops-avx512.c, hadamard-avx512.c, quantize-avx512.c,
  * transpose-avx512.c); AVX2 transposes with the reference loop */
 const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, cq_absmax_avx512, cq_quantize_avx512, cq_gelu_avx512, dequant_avx2,
                                               facc_fold_avx2, cq_absmax_mul_avx512, cq_hadamard_absmax_avx512,
-                                              cq_quantize_mul_avx512, cq_transpose_avx512};
+                                              cq_quantize_mul_avx512, cq_transpose_avx512, ps_block_avx2};
 #else
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif
 #elif defined(CQ_X86)
-const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0};
-const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
+const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0};
 #endif

@@ -90,15 +90,15 @@ static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, con
     __m256i a0 = _mm256_sub_epi32(*c0, comp), a1 = _mm256_sub_epi32(*c1, comp);
     const int64_t k0 = o->ps_k0, e1 = o->ps_row[r] + n[1];
     for (int64_t e = o->ps_row[r] + n[0]; e < e1; e++) {
-        const int64_t k = ent[2 * e];
-        const int8_t *st = b + ((k - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        const __m128i sh = _mm_cvtsi32_si128(24 - 8 * (int)(k & 3));
-        /* the codes sign-extended to int32; vpmaddwd by (v, 0) multiplies their low 16 bits by v */
-        const __m256i v = _mm256_set1_epi32(ent[2 * e + 1] & 0xffff);
-        const __m256i w0 = _mm256_srai_epi32(_mm256_sll_epi32(_mm256_loadu_si256((const __m256i *)st), sh), 24);
-        const __m256i w1 = _mm256_srai_epi32(_mm256_sll_epi32(_mm256_loadu_si256((const __m256i *)(st + 32)), sh), 24);
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(w0, v));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(w1, v));
+        const int64_t k = ent[2 * e] - k0;
+        const int32_t v = ent[2 * e + 1];
+        const int8_t *st = b + (k >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        /* |v| in byte k % 4 of every int32 (u8, the others 0): vpmaddubsw gives |v| * w[k] in one
+         * int16 of each int32 (at most 126 * 127: exact), vpmaddwd by (+-1, +-1) the signed sum */
+        const __m256i sel = _mm256_set1_epi32((int32_t)((uint32_t)(v < 0 ? -v : v) << (8 * (k & 3))));
+        const __m256i sg = _mm256_set1_epi32(v < 0 ? -1 : 0x00010001);
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
     }
     *c0 = a0;
     *c1 = a1;
