@@ -233,7 +233,7 @@ static int64_t ps_block_ref(int8_t *x, int64_t n, int64_t base, int64_t room, in
                 cq_ps_restore(x, base, ent, e);
                 return -1;
             }
-            cq_ps_fix_pair(x, i, base, ent + 2 * e++);
+            cq_ps_fix_pair(x, i, base, ent + CQ_PS_ENT * e++);
         }
         s += x[i] + x[i + 1];
     }

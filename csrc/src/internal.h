@@ -106,7 +106,7 @@ typedef struct {
      * k in [ps_k0, ps_k0 + 4 * nk4):
      *   ps_sum[r * ps_ld + 1] - ps_sum[r * ps_ld]: the sum of row r's codes over the block
      *   ps_cnt[r * ps_ld], ps_cnt[r * ps_ld + 1]: row r's residual entries before / after it
-     *   ps_row[r] + those: row r's entries of the block in ps_ent (pairs {k, v}, k absolute) */
+     *   ps_row[r] + those: row r's entries of the block in ps_ent (CQ_PS_ENT int32 each, k absolute) */
     const int32_t *ps_sum, *ps_cnt;
     int64_t ps_ld;
     const int64_t *ps_row;
@@ -121,27 +121,33 @@ typedef struct {
  * residual entry {k, v} (v = x_k - x'_k, in [-126, 126]), so x = x' + the entries, exactly.
  * Fills, per row and k block b of kc4 steps (nb = ceil(kp4 / kc4) blocks, ld = nb + 1 values per
  * row), bsum[r * ld + b] = the sum of x' over steps < min(b * kc4, kp4) and bcnt[r * ld + b] = the
- * row's entries before that step; rowptr (m + 1) and ent (2 int32 per entry, sorted by k within
+ * row's entries before that step; rowptr (m + 1) and ent (CQ_PS_ENT int32 per entry, sorted by k within
  * a row). If the rows need more than max_ent entries, returns -1 with qa as it was (the codes
  * changed so far are put back); else the number of entries. */
 int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
                       int64_t *rowptr, int32_t *ent);
+/* A residual entry is CQ_PS_ENT int32 {k, v, sel, sg}: x_k = x'_k + v (v in [-126, 126], never 0),
+ * and for the kernels sel = |v| << 8 (k % 4) (vpmaddubsw by sel picks |v| * code k of each int32
+ * of 4 codes) and sg = the int16 pair (-1, -1) or (1, 1) by v's sign (vpmaddwd's multiplier). */
+#define CQ_PS_ENT 4
 /* One pair to change (x[i], x[i + 1]: same signs, |a| + |c| > 128): the larger code is kept, the
  * smaller one keeps its sign with magnitude 128 - larger (1..63, since the larger is > 64), and
- * the residual entry {base + j, v - v'} goes to ent[0..1]. */
+ * the residual entry {base + j, v - v', ...} goes to ent[0..CQ_PS_ENT). */
 static inline void cq_ps_fix_pair(int8_t *x, int64_t i, int64_t base, int32_t *ent)
 {
     const int a = x[i], c = x[i + 1], aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
     const int64_t j = aa >= ac ? i + 1 : i;
-    const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep;
+    const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep, d = v - nv;
     x[j] = (int8_t)nv;
     ent[0] = (int32_t)(base + j);
-    ent[1] = v - nv;
+    ent[1] = d;
+    ent[2] = (int32_t)((uint32_t)(d < 0 ? -d : d) << (8 * ((base + j) & 3)));
+    ent[3] = d < 0 ? -1 : 0x00010001;
 }
 /* x (whose x[0] is k = base) as it was before the n entries ent */
 static inline void cq_ps_restore(int8_t *x, int64_t base, const int32_t *ent, int64_t n)
 {
-    for (int64_t f = 0; f < n; f++) x[ent[2 * f] - base] = (int8_t)(x[ent[2 * f] - base] + ent[2 * f + 1]);
+    for (const int32_t *e = ent; e < ent + CQ_PS_ENT * n; e += CQ_PS_ENT) x[e[0] - base] = (int8_t)(x[e[0] - base] + e[1]);
 }
 /* The same for one row x (4 * kp4 codes) with its nb + 1 block sums bs and counts bc (relative to
  * the row's first entry, ent): at most cap entries, else -1 with the row as it was and bc[nb] = 0.

@@ -1055,7 +1055,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
-    const int64_t qa_bytes = want_ps ? off_ent + m * ps_cap * 8 : mpad * lda + m * 4;
+    const int64_t qa_bytes = want_ps ? off_ent + m * ps_cap * 4 * CQ_PS_ENT : mpad * lda + m * 4;
     if (check_only) return CQ_OK;
     int tiled = uk->a_tiled && !gemv; /* written straight into the kernel's 16 x 64-byte tiles */
     int8_t *qa;
@@ -1088,10 +1088,7 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             ps_n = ps.total;
             if (ps.over || ps.total > ps_max) { /* too many: the config's tile, on the codes as they were */
                 for (int64_t r = 0; r < m; r++)
-                    for (int64_t f = 0; f < ps.cnt[r * ps_ld + ps_ld - 1]; f++) {
-                        const int32_t *en = ps.ent + 2 * (r * ps_cap + f);
-                        qa[r * lda + en[0]] = (int8_t)(qa[r * lda + en[0]] + en[1]);
-                    }
+                    cq_ps_restore(qa + r * lda, 0, ps.ent + CQ_PS_ENT * r * ps_cap, ps.cnt[r * ps_ld + ps_ld - 1]);
                 ps_n = -1;
             }
         }

@@ -87,7 +87,7 @@ static void quant_act_row(const quant_ctx *c, int64_t r, float *buf)
         cq_ps_rows *p = c->ps;
         p->row[r] = r * p->cap;
         int64_t e = cq_ps_prepare_row(c->kern, dst, c->ldq / 4, p->kc4, p->cap, p->sum + r * p->ld,
-                                      p->cnt + r * p->ld, p->ent + 2 * r * p->cap);
+                                      p->cnt + r * p->ld, p->ent + CQ_PS_ENT * r * p->cap);
         if (e < 0) __atomic_store_n(&p->over, 1, __ATOMIC_RELAXED);
         else if (e) __atomic_fetch_add(&p->total, e, __ATOMIC_RELAXED);
     }
@@ -267,7 +267,7 @@ int64_t cq_ps_prepare_row(const cq_elementwise *kern, int8_t *x, int64_t kp4, in
         bc[b] = (int32_t)e;
         const int64_t i0 = 4 * b * kc4, i1 = 4 * ((b + 1) * kc4 < kp4 ? (b + 1) * kc4 : kp4);
         int32_t bsum;
-        const int64_t n = kern->ps_block(x + i0, i1 - i0, i0, cap - e, ent + 2 * e, &bsum);
+        const int64_t n = kern->ps_block(x + i0, i1 - i0, i0, cap - e, ent + CQ_PS_ENT * e, &bsum);
         if (n < 0) { /* too many: the row as it was */
             cq_ps_restore(x, 0, ent, e);
             bc[nb] = 0;
@@ -289,11 +289,10 @@ int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t m
     for (int64_t r = 0; r < m; r++) {
         rowptr[r] = e;
         int64_t n = cq_ps_prepare_row(&cq_elementwise_ref, qa + r * lda, kp4, kc4, max_ent - e, bsum + r * (nb + 1),
-                                      bcnt + r * (nb + 1), ent + 2 * e);
+                                      bcnt + r * (nb + 1), ent + CQ_PS_ENT * e);
         if (n < 0) { /* too many: restore the rows before (this one is) */
             for (int64_t q = 0; q < r; q++)
-                for (int64_t f = rowptr[q]; f < rowptr[q + 1]; f++)
-                    qa[q * lda + ent[2 * f]] = (int8_t)(qa[q * lda + ent[2 * f]] + ent[2 * f + 1]);
+                cq_ps_restore(qa + q * lda, 0, ent + CQ_PS_ENT * rowptr[q], rowptr[q + 1] - rowptr[q]);
             return -1;
         }
         e += n;

@@ -310,7 +310,7 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
         psum = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * ld));
         pcnt = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * ld));
         prow = (int64_t *)xmalloc(sizeof(int64_t) * (size_t)(mr + 1));
-        pent = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(mr * lda2 + 2));
+        pent = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(CQ_PS_ENT * (mr * lda2 / 2 + 1)));
         for (int r = 0; r < mr; r++) {
             for (int64_t i = 0; i < lda2; i++) aps[r * lda2 + i] = rnd() % 2 ? rnd_code() : rnd_pm127();
             memcpy(aps + r * lda2 + 4 * blk * kc4, a + r * c->lda, (size_t)(4 * c->nk4));
@@ -329,13 +329,17 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
                 good = (x0 < 0 ? -x0 : x0) + (x1 < 0 ? -x1 : x1) <= 128 || (x0 < 0) != (x1 < 0);
             }
             for (int64_t b = 0; b <= 3 && good; b++) {
-                while (e < prow[r + 1] && pent[2 * e] < 4 * b * kc4) e++;
+                while (e < prow[r + 1] && pent[CQ_PS_ENT * e] < 4 * b * kc4) e++;
                 good = psum[r * ld + b] == run && pcnt[r * ld + b] == e - prow[r];
                 for (int64_t i = 4 * b * kc4; b < 3 && i < 4 * (b + 1) * kc4; i++) run += xr[i];
             }
             for (int64_t f = prow[r]; f < prow[r + 1] && good; f++) {
-                good = pent[2 * f] >= 0 && pent[2 * f] < lda2 && (f == prow[r] || pent[2 * f] > pent[2 * f - 2]);
-                if (good) aps[r * lda2 + pent[2 * f]] = (int8_t)(aps[r * lda2 + pent[2 * f]] + pent[2 * f + 1]);
+                const int32_t *en = pent + CQ_PS_ENT * f;
+                /* {k, v, sel = |v| << 8 (k % 4), sg = (+-1, +-1) by v's sign} */
+                good = en[0] >= 0 && en[0] < lda2 && (f == prow[r] || en[0] > en[-CQ_PS_ENT]) && en[1] != 0 &&
+                       (uint32_t)en[2] == (uint32_t)(en[1] < 0 ? -en[1] : en[1]) << (8 * (en[0] & 3)) &&
+                       en[3] == (en[1] < 0 ? -1 : 0x00010001);
+                if (good) aps[r * lda2 + en[0]] = (int8_t)(aps[r * lda2 + en[0]] + en[1]);
             }
         }
         good = good && memcmp(aps, orig, (size_t)(mr * lda2)) == 0;
@@ -1078,7 +1082,8 @@ static void test_ps_block_table(const cq_elementwise *t, const char *name)
         for (int dens = 0; dens < 4; dens++) {
             const int64_t n = 4 * (int64_t)SIZES[si], base = 4 * (int64_t)(rnd() % 100);
             int8_t *x0 = (int8_t *)xmalloc((size_t)n), *x1 = (int8_t *)xmalloc((size_t)n), *x2 = (int8_t *)xmalloc((size_t)n);
-            int32_t *e1 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(n + 2)), *e2 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(n + 2));
+            int32_t *e1 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(CQ_PS_ENT * (n / 2 + 1)));
+            int32_t *e2 = (int32_t *)xmalloc(sizeof(int32_t) * (size_t)(CQ_PS_ENT * (n / 2 + 1)));
             for (int64_t i = 0; i < n; i++) /* none / a few / half / every pair to change */
                 x0[i] = dens == 0 ? (int8_t)(rnd_code() / 2) : dens == 3 ? (int8_t)(i & 2 ? -(65 + (int)(rnd() % 63)) : 65 + (int)(rnd() % 63))
                         : (rnd() % (dens == 1 ? 50 : 2)) ? rnd_code() : rnd_pm127();
@@ -1086,7 +1091,7 @@ static void test_ps_block_table(const cq_elementwise *t, const char *name)
             memcpy(x2, x0, (size_t)n);
             int32_t s1 = 0, s2 = -1;
             int64_t n1 = ref->ps_block(x1, n, base, n / 2, e1, &s1), n2 = t->ps_block(x2, n, base, n / 2, e2, &s2);
-            CHECK(n1 == n2 && s1 == s2 && memcmp(x1, x2, (size_t)n) == 0 && memcmp(e1, e2, sizeof(int32_t) * (size_t)(2 * n1)) == 0,
+            CHECK(n1 == n2 && s1 == s2 && memcmp(x1, x2, (size_t)n) == 0 && memcmp(e1, e2, sizeof(int32_t) * (size_t)(CQ_PS_ENT * n1)) == 0,
                   "%s ps_block n=%lld density %d: %lld / %lld entries, sums %d / %d", name, (long long)n, dens,
                   (long long)n1, (long long)n2, s1, s2);
             /* the rule: every pair safe after, x' + entries = x, sum of x', entries in k order */
@@ -1099,9 +1104,12 @@ static void test_ps_block_table(const cq_elementwise *t, const char *name)
             }
             good = good && sum == s2;
             for (int64_t f = 0; f < n2 && good; f++) {
-                good = e2[2 * f] >= base && e2[2 * f] < base + n && (f == 0 || e2[2 * f] > e2[2 * f - 2]) &&
-                       e2[2 * f + 1] != 0 && e2[2 * f + 1] >= -126 && e2[2 * f + 1] <= 126;
-                if (good) x2[e2[2 * f] - base] = (int8_t)(x2[e2[2 * f] - base] + e2[2 * f + 1]);
+                const int32_t *en = e2 + CQ_PS_ENT * f;
+                good = en[0] >= base && en[0] < base + n && (f == 0 || en[0] > en[-CQ_PS_ENT]) &&
+                       en[1] != 0 && en[1] >= -126 && en[1] <= 126 &&
+                       (uint32_t)en[2] == (uint32_t)(en[1] < 0 ? -en[1] : en[1]) << (8 * (en[0] & 3)) &&
+                       en[3] == (en[1] < 0 ? -1 : 0x00010001);
+                if (good) x2[en[0] - base] = (int8_t)(x2[en[0] - base] + en[1]);
             }
             CHECK(good && memcmp(x2, x0, (size_t)n) == 0, "%s ps_block n=%lld density %d: the rule", name, (long long)n, dens);
             if (n1 > 0) {

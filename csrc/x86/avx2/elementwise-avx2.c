@@ -343,7 +343,7 @@ static int64_t ps_block_avx2(int8_t *x, int64_t n, int64_t base, int64_t room, i
                     cq_ps_restore(x, base, ent, e);
                     return -1;
                 }
-                cq_ps_fix_pair(x, i + (__builtin_ctz(bad) & ~1), base, ent + 2 * e++);
+                cq_ps_fix_pair(x, i + (__builtin_ctz(bad) & ~1), base, ent + CQ_PS_ENT * e++);
             }
             p = _mm256_maddubs_epi16(one8, _mm256_loadu_si256((const __m256i *)(x + i)));
         }
@@ -360,7 +360,7 @@ static int64_t ps_block_avx2(int8_t *x, int64_t n, int64_t base, int64_t room, i
                 cq_ps_restore(x, base, ent, e);
                 return -1;
             }
-            cq_ps_fix_pair(x, i, base, ent + 2 * e++);
+            cq_ps_fix_pair(x, i, base, ent + CQ_PS_ENT * e++);
         }
         s += x[i] + x[i + 1];
     }

@@ -82,21 +82,20 @@ TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
  * want_ps). Zen 3, weights in L1, 4x16: 62
  * GMAC/s against 49.5 for the sign tile (median of 15, interleaved; a saturating u8 x s8 loop, as
  * fbgemm's, 65); register-only loops: 87 against 67 GMAC/s. */
-/* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. */
+/* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. An
+ * entry's sel (|v| in byte k % 4 of every int32, the other bytes 0: internal.h, CQ_PS_ENT) makes
+ * vpmaddubsw give |v| * w[k] in one int16 of each int32 (at most 126 * 127: exact), and vpmaddwd
+ * by its sg pairs (+-1, +-1) the signed int32: 8 vector instructions per entry and 16 columns. */
 static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, const int8_t *b, __m256i *c0, __m256i *c1)
 {
-    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld, *ent = o->ps_ent;
+    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;
     const __m256i comp = _mm256_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
     __m256i a0 = _mm256_sub_epi32(*c0, comp), a1 = _mm256_sub_epi32(*c1, comp);
-    const int64_t k0 = o->ps_k0, e1 = o->ps_row[r] + n[1];
-    for (int64_t e = o->ps_row[r] + n[0]; e < e1; e++) {
-        const int64_t k = ent[2 * e] - k0;
-        const int32_t v = ent[2 * e + 1];
-        const int8_t *st = b + (k >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        /* |v| in byte k % 4 of every int32 (u8, the others 0): vpmaddubsw gives |v| * w[k] in one
-         * int16 of each int32 (at most 126 * 127: exact), vpmaddwd by (+-1, +-1) the signed sum */
-        const __m256i sel = _mm256_set1_epi32((int32_t)((uint32_t)(v < 0 ? -v : v) << (8 * (k & 3))));
-        const __m256i sg = _mm256_set1_epi32(v < 0 ? -1 : 0x00010001);
+    const int64_t k0 = o->ps_k0;
+    const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
+    for (; en < en1; en += CQ_PS_ENT) {
+        const int8_t *st = b + ((en[0] - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        const __m256i sel = _mm256_set1_epi32(en[2]), sg = _mm256_set1_epi32(en[3]);
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
         a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
     }
@@ -115,8 +114,9 @@ static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, con
         c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xb), ones));  \
     }
 /* A block without residual entries only subtracts 128 * sum x' (inline: most blocks); the others
- * call ps_fix_row on copies of the accumulators (taking the accumulators' addresses, or computing
- * the copies before the branch, kept them on the stack through the k loop, GCC 12). */
+ * call ps_fix_row on copies of the accumulators (taking the accumulators' addresses, computing
+ * the copies before the branch, or the entries' loop inline, kept them on the stack through the
+ * k loop, GCC 12). */
 #define PS_OUT(r)                                                                                 \
     {                                                                                             \
         __m256i f0 = c##r##0, f1 = c##r##1;                                                       \

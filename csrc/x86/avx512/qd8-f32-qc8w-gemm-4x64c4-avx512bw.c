@@ -69,19 +69,18 @@ static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, c
     const __m512i comp = _mm512_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
     __m512i a0 = _mm512_sub_epi32(c[0], comp), a1 = _mm512_sub_epi32(c[1], comp);
     __m512i a2 = _mm512_sub_epi32(c[2], comp), a3 = _mm512_sub_epi32(c[3], comp);
-    const int32_t *ent = o->ps_ent;
-    const int64_t k0 = o->ps_k0, e1 = o->ps_row[r] + n[1];
-    for (int64_t e = o->ps_row[r] + n[0]; e < e1; e++) {
-        const int64_t k = ent[2 * e];
-        const int8_t *st = b + ((k - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        const __m128i sh = _mm_cvtsi32_si128(24 - 8 * (int)(k & 3));
-        /* the codes sign-extended to int32; vpmaddwd by (v, 0) multiplies their low 16 bits by v */
-        const __m512i v = _mm512_set1_epi32(ent[2 * e + 1] & 0xffff);
-#define PS_W(q) _mm512_srai_epi32(_mm512_sll_epi32(_mm512_loadu_si512((const void *)(st + 64 * (q))), sh), 24)
-        a0 = _mm512_add_epi32(a0, _mm512_madd_epi16(PS_W(0), v));
-        a1 = _mm512_add_epi32(a1, _mm512_madd_epi16(PS_W(1), v));
-        a2 = _mm512_add_epi32(a2, _mm512_madd_epi16(PS_W(2), v));
-        a3 = _mm512_add_epi32(a3, _mm512_madd_epi16(PS_W(3), v));
+    const int64_t k0 = o->ps_k0;
+    const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
+    for (; en < en1; en += CQ_PS_ENT) {
+        const int8_t *st = b + ((en[0] - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        /* vpmaddubsw by sel (|v| in byte k % 4) gives |v| * w[k] per int32, vpmaddwd by sg its sign
+         * (the AVX2 tile's ps_fix_row explains) */
+        const __m512i sel = _mm512_set1_epi32(en[2]), sg = _mm512_set1_epi32(en[3]);
+#define PS_W(q) _mm512_madd_epi16(_mm512_maddubs_epi16(sel, _mm512_loadu_si512((const void *)(st + 64 * (q)))), sg)
+        a0 = _mm512_add_epi32(a0, PS_W(0));
+        a1 = _mm512_add_epi32(a1, PS_W(1));
+        a2 = _mm512_add_epi32(a2, PS_W(2));
+        a3 = _mm512_add_epi32(a3, PS_W(3));
 #undef PS_W
     }
     c[0] = a0; c[1] = a1; c[2] = a2; c[3] = a3;
