@@ -19,7 +19,9 @@
 #include "internal.h"
 
 #define WO_GEMM_MIN_M 4
-#define WO_MB 96
+#ifndef WO_MB
+#define WO_MB 96 /* rows per weight-only unit (Zen 3, 2026-12-01: 256, one dequantization at M = 256, measured 0.98-1.01x) */
+#endif
 #define WO_COLS 128 /* output columns per weight-only unit */
 #ifndef PS_MIN_N
 #define PS_MIN_N 64 /* the pair-safe tile from this N (linear_impl, want_ps) */
