@@ -157,7 +157,7 @@ int64_t cq_ps_prepare_row(const struct cq_elementwise *kern, int8_t *x, int64_t 
                           int32_t *bs, int32_t *bc, int32_t *ent);
 /* The activation pass's pair-safe preparation (cq_quantize_rows_into with ps non-NULL): each row
  * prepared right after its codes are written (in cache, on the pass's threads), its entries at
- * ent + 2 * r * cap (row[r] = r * cap), sums and counts at sum / cnt + r * ld. Out: total, the
+ * ent + CQ_PS_ENT * r * cap (row[r] = r * cap), sums and counts at sum / cnt + r * ld. Out: total, the
  * rows' entries, and over = 1 if a row needed more than cap (that row left as it was). */
 typedef struct {
     int64_t kc4, cap, ld;

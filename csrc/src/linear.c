@@ -1040,7 +1040,8 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
      * runs (a residual entry costs a few instructions per 16 columns, against 64 k x 16 columns of
      * the tile's work per entry at the limit). The rows are prepared in the activation pass (on its
      * threads, each row while in L1), so it pays from N = 64 (Zen 3, interleaved A/B against the
-     * sign tile, 2026-12-01, geometric mean of both import orders, 1 / 2 threads: (K, N) (4096, 64)
+     * sign tile, 2026-12-01, geometric mean of both import orders (which differed by up to 10% on
+     * this VM: small effects are not resolved), 1 / 2 threads: (K, N) (4096, 64)
      * M = 64 1.05 / 1.03, (4096, 128) M = 256 1.06 / 1.07, (1024, 128) M = 64 1.04 / -, 2 threads
      * (768, 64) M = 64 / 256 1.00 / 0.97, (768, 32) 0.95 / 0.90, (768, 16) 0.91 / 0.86). */
     const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m &&
@@ -1052,7 +1053,8 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
      * one block, the panel's block then in L2 rather than L1 (one call with each row's entries
      * rather than one per block; Zen 3, A/B, both import orders, 1 thread: MiniLM's FFN output
      * (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096, 4096) M = 64 / 256 1.07 / 1.07,
-     * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03, each against blocks of 1024 k), else s8_kc4's */
+     * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03 (there the two import orders disagreed: 0.96 /
+     * 1.08), each against blocks of 1024 k), else s8_kc4's */
     const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : !c.i4 && c.kp4 <= PS_KC4_MAX ? c.kp4 : s8_kc4(&c);
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
