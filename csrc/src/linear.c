@@ -26,8 +26,8 @@
 #ifndef PS_MIN_N
 #define PS_MIN_N 64 /* the pair-safe tile from this N (linear_impl, want_ps) */
 #endif
-#ifndef PS_KC4_MAX
-#define PS_KC4_MAX 4096 /* the pair-safe tile's rows in one k block up to K = 4 * this (want_ps) */
+#ifndef PS_BLOCK_BYTES
+#define PS_BLOCK_BYTES 262144 /* the pair-safe tile's rows in one k block while the panel's slice is at most this (want_ps) */
 #endif
 #ifndef KC_BYTES
 #define KC_BYTES 16384 /* bytes of a panel per k block in the int8 driver */
@@ -95,7 +95,7 @@ typedef struct {
     int nonfinite; /* weight-only GEMM: a unit wrote a non-finite output (atomic) */
     /* dynamic: the GEMM kernel that runs (NULL: qcfg->gemm), and for a pair-safe one the prepared
      * activations' block sums and entry counts (m x (ceil(kp4 / ps_kc4) + 1) each), row pointers
-     * and residual entries (cq_ps_prepare) */
+     * and residual entries (the activation pass's cq_ps_prepare_row) */
     const cq_ukernel *gemm;
     const int32_t *ps_sum, *ps_cnt;
     const int64_t *ps_row;
@@ -349,7 +349,7 @@ static void s8_unit_run(void *vctx, int64_t u)
                     o.mode = CQ_OUT_I32;
                 }
                 o.pf = pf; o.pf_step = pf_step;
-                if (uk->pairsafe) { /* the block's sums and entries (cq_ps_prepare) */
+                if (uk->pairsafe) { /* the block's sums and entries (cq_ps_prepare_row) */
                     o.ps_ld = c->ps_ld;
                     o.ps_sum = c->ps_sum + (m0 + r) * o.ps_ld + t0 / kc4;
                     o.ps_cnt = c->ps_cnt + (m0 + r) * o.ps_ld + t0 / kc4;
@@ -1049,13 +1049,14 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
     if (want_ps && !cq_bytes_ok(m, 4 * c.kp4 + 32, 4)) return CQ_ERR_OVERFLOW; /* bounds qa_bytes below */
     /* at most 1 entry per 64 k over the rows, and per row 1 per 16 k (the row's slots) */
     const int64_t ps_max = m * c.kp4 / 16, ps_cap = c.kp4 / 4 + 1;
-    /* the tile calls' k blocks: int4 blocks at most i4_block; int8 rows up to PS_KC4_MAX steps in
-     * one block, the panel's block then in L2 rather than L1 (one call with each row's entries
+    /* the tile calls' k blocks: int4 blocks at most i4_block; int8 rows in one block while that
+     * panel slice is at most PS_BLOCK_BYTES (K <= 16384 at nr 16, 4096 at nr 64: in L2 rather than
+     * L1; the nr-64 figure is not measured, no AVX-512 here) (one call with each row's entries
      * rather than one per block; Zen 3, A/B, both import orders, 1 thread: MiniLM's FFN output
      * (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096, 4096) M = 64 / 256 1.07 / 1.07,
      * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03 (there the two import orders disagreed: 0.96 /
      * 1.08), each against blocks of 1024 k), else s8_kc4's */
-    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : !c.i4 && c.kp4 <= PS_KC4_MAX ? c.kp4 : s8_kc4(&c);
+    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : !c.i4 && c.kp4 * 4 * c.nr <= PS_BLOCK_BYTES ? c.kp4 : s8_kc4(&c);
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;

@@ -72,14 +72,15 @@ TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
 /* The pair-safe 4x16 tile: the u8 x s8 recipe that does not saturate, 3 instructions per 32 MACs
  * (vpmaddubsw, vpmaddwd, vpaddd) against the tile above's 4 (it adds a vpsignb per row). The u8
  * operand is the weight, w + 128 (an XOR per step, shared by the rows); the s8 operand is x' from
- * cq_ps_prepare, whose aligned pairs have opposite signs (a pair sum is then at most 255 * 127 - 1
+ * the pair-safe preparation (quantize.c, cq_ps_prepare_row, in the activation pass), whose aligned
+ * pairs have opposite signs (a pair sum is then at most 255 * 127 - 1
  * in magnitude) or |x'_a| + |x'_b| <= 128 (at most 255 * 128 = 32640 < 32767). Then
  *   sum (w + 128) x' = sum w x' + 128 sum x'     (the second term from the block sums ps_sum)
  *   sum w x = sum w x' + sum over residual entries {k, v} of v * w[k]   (x = x' + v at k)
  * both exact in int32 (modulo 2^32, as the other kernels). A residual entry costs a few vector
  * instructions per 16 columns; Gaussian rows quantized per row have ~1 per 270 k (the driver
- * takes this tile only below 1 per 64 k and from N = 192 per thread, else the sign tile: linear.c,
- * want_ps). Zen 3, weights in L1, 4x16: 62
+ * takes this tile at most 1 per 64 k over the rows and 1 per 16 k in a row, from N = 64, else the
+ * sign tile: linear.c, want_ps). Zen 3, weights in L1, 4x16: 62
  * GMAC/s against 49.5 for the sign tile (median of 15, interleaved; a saturating u8 x s8 loop, as
  * fbgemm's, 65); register-only loops: 87 against 67 GMAC/s. */
 /* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. An

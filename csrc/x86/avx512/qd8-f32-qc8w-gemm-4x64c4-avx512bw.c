@@ -59,7 +59,7 @@ TILES(cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, gemm, S8_PREP, STEPR, OUT)
 
 /* The pair-safe 4x64 tile (the AVX2 pair-safe tile on zmm: x86/avx2/qd8-f32-qc8w-gemm-4x16c4-avx2.c
  * explains): u8 w + 128 (an XOR per step, shared by the rows) times the s8 activations left by
- * cq_ps_prepare, whose pairs cannot saturate vpmaddubsw; 3 instructions per 64 MACs against the
+ * the pair-safe preparation (quantize.c, cq_ps_prepare_row), whose pairs cannot saturate vpmaddubsw; 3 instructions per 64 MACs against the
  * sign tile's 4 (its masked negate). Then 128 * sum x' over the k block is subtracted and v * w[k]
  * added for each residual entry of the block. llvm-mca skylake-avx512 / cascadelake: see README
  * (predictions: no AVX-512 CPU measured it yet). */
