@@ -126,28 +126,33 @@ typedef struct {
  * changed so far are put back); else the number of entries. */
 int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
                       int64_t *rowptr, int32_t *ent);
-/* A residual entry is CQ_PS_ENT int32 {k, v, sel, sg}: x_k = x'_k + v (v in [-126, 126], never 0),
- * and for the kernels sel = |v| << 8 (k % 4) (vpmaddubsw by sel picks |v| * code k of each int32
- * of 4 codes) and sg = the int16 pair (-1, -1) or (1, 1) by v's sign (vpmaddwd's multiplier). */
-#define CQ_PS_ENT 4
+/* A residual entry is CQ_PS_ENT int32 {kv, sel} for x_k = x'_k + v (v in [-126, 126], never 0):
+ * kv = k, or ~k (negative) when v < 0; sel = |v| << 8 (k % 4) (vpmaddubsw by sel picks |v| * code k
+ * of each int32 of 4 codes; the kernels take v's sign from kv's). cq_ps_ent_k / _v read them. */
+#define CQ_PS_ENT 2
+static inline int64_t cq_ps_ent_k(const int32_t *e) { return e[0] < 0 ? ~e[0] : e[0]; }
+static inline int cq_ps_ent_v(const int32_t *e)
+{
+    const int a = (int)(((uint32_t)e[1] >> (8 * (cq_ps_ent_k(e) & 3))) & 0xff);
+    return e[0] < 0 ? -a : a;
+}
 /* One pair to change (x[i], x[i + 1]: same signs, |a| + |c| > 128): the larger code is kept, the
  * smaller one keeps its sign with magnitude 128 - larger (1..63, since the larger is > 64), and
- * the residual entry {base + j, v - v', ...} goes to ent[0..CQ_PS_ENT). */
+ * the residual entry for k = base + j, v - v' goes to ent[0..CQ_PS_ENT). */
 static inline void cq_ps_fix_pair(int8_t *x, int64_t i, int64_t base, int32_t *ent)
 {
     const int a = x[i], c = x[i + 1], aa = a < 0 ? -a : a, ac = c < 0 ? -c : c;
     const int64_t j = aa >= ac ? i + 1 : i;
     const int v = x[j], keep = 128 - (aa >= ac ? aa : ac), nv = v < 0 ? -keep : keep, d = v - nv;
     x[j] = (int8_t)nv;
-    ent[0] = (int32_t)(base + j);
-    ent[1] = d;
-    ent[2] = (int32_t)((uint32_t)(d < 0 ? -d : d) << (8 * ((base + j) & 3)));
-    ent[3] = d < 0 ? -1 : 0x00010001;
+    ent[0] = d < 0 ? ~(int32_t)(base + j) : (int32_t)(base + j);
+    ent[1] = (int32_t)((uint32_t)(d < 0 ? -d : d) << (8 * ((base + j) & 3)));
 }
 /* x (whose x[0] is k = base) as it was before the n entries ent */
 static inline void cq_ps_restore(int8_t *x, int64_t base, const int32_t *ent, int64_t n)
 {
-    for (const int32_t *e = ent; e < ent + CQ_PS_ENT * n; e += CQ_PS_ENT) x[e[0] - base] = (int8_t)(x[e[0] - base] + e[1]);
+    for (const int32_t *e = ent; e < ent + CQ_PS_ENT * n; e += CQ_PS_ENT)
+        x[cq_ps_ent_k(e) - base] = (int8_t)(x[cq_ps_ent_k(e) - base] + cq_ps_ent_v(e));
 }
 /* The same for one row x (4 * kp4 codes) with its nb + 1 block sums bs and counts bc (relative to
  * the row's first entry, ent): at most cap entries, else -1 with the row as it was and bc[nb] = 0.

@@ -329,17 +329,18 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
                 good = (x0 < 0 ? -x0 : x0) + (x1 < 0 ? -x1 : x1) <= 128 || (x0 < 0) != (x1 < 0);
             }
             for (int64_t b = 0; b <= 3 && good; b++) {
-                while (e < prow[r + 1] && pent[CQ_PS_ENT * e] < 4 * b * kc4) e++;
+                while (e < prow[r + 1] && cq_ps_ent_k(pent + CQ_PS_ENT * e) < 4 * b * kc4) e++;
                 good = psum[r * ld + b] == run && pcnt[r * ld + b] == e - prow[r];
                 for (int64_t i = 4 * b * kc4; b < 3 && i < 4 * (b + 1) * kc4; i++) run += xr[i];
             }
             for (int64_t f = prow[r]; f < prow[r + 1] && good; f++) {
                 const int32_t *en = pent + CQ_PS_ENT * f;
-                /* {k, v, sel = |v| << 8 (k % 4), sg = (+-1, +-1) by v's sign} */
-                good = en[0] >= 0 && en[0] < lda2 && (f == prow[r] || en[0] > en[-CQ_PS_ENT]) && en[1] != 0 &&
-                       (uint32_t)en[2] == (uint32_t)(en[1] < 0 ? -en[1] : en[1]) << (8 * (en[0] & 3)) &&
-                       en[3] == (en[1] < 0 ? -1 : 0x00010001);
-                if (good) aps[r * lda2 + en[0]] = (int8_t)(aps[r * lda2 + en[0]] + en[1]);
+                const int64_t k = cq_ps_ent_k(en);
+                const int v = cq_ps_ent_v(en);
+                /* {kv = k or ~k by v's sign, sel = |v| << 8 (k % 4)}: one byte of sel set */
+                good = k >= 0 && k < lda2 && (f == prow[r] || k > cq_ps_ent_k(en - CQ_PS_ENT)) && v != 0 &&
+                       (uint32_t)en[1] == (uint32_t)(v < 0 ? -v : v) << (8 * (k & 3)) && (en[0] < 0) == (v < 0);
+                if (good) aps[r * lda2 + k] = (int8_t)(aps[r * lda2 + k] + v);
             }
         }
         good = good && memcmp(aps, orig, (size_t)(mr * lda2)) == 0;
@@ -1105,11 +1106,11 @@ static void test_ps_block_table(const cq_elementwise *t, const char *name)
             good = good && sum == s2;
             for (int64_t f = 0; f < n2 && good; f++) {
                 const int32_t *en = e2 + CQ_PS_ENT * f;
-                good = en[0] >= base && en[0] < base + n && (f == 0 || en[0] > en[-CQ_PS_ENT]) &&
-                       en[1] != 0 && en[1] >= -126 && en[1] <= 126 &&
-                       (uint32_t)en[2] == (uint32_t)(en[1] < 0 ? -en[1] : en[1]) << (8 * (en[0] & 3)) &&
-                       en[3] == (en[1] < 0 ? -1 : 0x00010001);
-                if (good) x2[en[0] - base] = (int8_t)(x2[en[0] - base] + en[1]);
+                const int64_t k = cq_ps_ent_k(en);
+                const int v = cq_ps_ent_v(en);
+                good = k >= base && k < base + n && (f == 0 || k > cq_ps_ent_k(en - CQ_PS_ENT)) && v != 0 && v >= -126 &&
+                       v <= 126 && (uint32_t)en[1] == (uint32_t)(v < 0 ? -v : v) << (8 * (k & 3)) && (en[0] < 0) == (v < 0);
+                if (good) x2[k - base] = (int8_t)(x2[k - base] + v);
             }
             CHECK(good && memcmp(x2, x0, (size_t)n) == 0, "%s ps_block n=%lld density %d: the rule", name, (long long)n, dens);
             if (n1 > 0) {

@@ -86,7 +86,11 @@ TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
 /* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. An
  * entry's sel (|v| in byte k % 4 of every int32, the other bytes 0: internal.h, CQ_PS_ENT) makes
  * vpmaddubsw give |v| * w[k] in one int16 of each int32 (at most 126 * 127: exact), and vpmaddwd
- * by its sg pairs (+-1, +-1) the signed int32: 8 vector instructions per entry and 16 columns. */
+ * by the int16 pairs (+-1, +-1) of v's sign the signed int32: 8 vector instructions per entry and
+ * 16 columns (the sign pairs loaded from ps_sgn by the sign of the entry's kv). */
+static const int32_t ps_sgn[16] __attribute__((aligned(32))) = {
+    0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001,
+    -1, -1, -1, -1, -1, -1, -1, -1};
 static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, const int8_t *b, __m256i *c0, __m256i *c1)
 {
     const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;
@@ -95,8 +99,10 @@ static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, con
     const int64_t k0 = o->ps_k0;
     const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
     for (; en < en1; en += CQ_PS_ENT) {
-        const int8_t *st = b + ((en[0] - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        const __m256i sel = _mm256_set1_epi32(en[2]), sg = _mm256_set1_epi32(en[3]);
+        const int32_t kv = en[0];
+        const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        const __m256i sel = _mm256_set1_epi32(en[1]);
+        const __m256i sg = _mm256_load_si256((const __m256i *)(ps_sgn + 8 * ((uint32_t)kv >> 31)));
         a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
         a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
     }

@@ -72,10 +72,11 @@ static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, c
     const int64_t k0 = o->ps_k0;
     const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
     for (; en < en1; en += CQ_PS_ENT) {
-        const int8_t *st = b + ((en[0] - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        /* vpmaddubsw by sel (|v| in byte k % 4) gives |v| * w[k] per int32, vpmaddwd by sg its sign
-         * (the AVX2 tile's ps_fix_row explains) */
-        const __m512i sel = _mm512_set1_epi32(en[2]), sg = _mm512_set1_epi32(en[3]);
+        const int32_t kv = en[0];
+        const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        /* vpmaddubsw by sel (|v| in byte k % 4) gives |v| * w[k] per int32, vpmaddwd by the int16
+         * pairs of v's sign the signed sum (the AVX2 tile's ps_fix_row explains) */
+        const __m512i sel = _mm512_set1_epi32(en[1]), sg = _mm512_set1_epi32(kv < 0 ? -1 : 0x00010001);
 #define PS_W(q) _mm512_madd_epi16(_mm512_maddubs_epi16(sel, _mm512_loadu_si512((const void *)(st + 64 * (q)))), sg)
         a0 = _mm512_add_epi32(a0, PS_W(0));
         a1 = _mm512_add_epi32(a1, PS_W(1));
