@@ -224,21 +224,8 @@ void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, flo
 /* The pair-safe preparation of a block (cq_elementwise.ps_block), pair by pair. */
 static int64_t ps_block_ref(int8_t *x, int64_t n, int64_t base, int64_t room, int32_t *ent, int32_t *sum)
 {
-    int64_t e = 0;
-    int32_t s = 0;
-    for (int64_t i = 0; i < n; i += 2) {
-        const int p = x[i] + x[i + 1];
-        if (p > 128 || p < -128) {
-            if (e == room) {
-                cq_ps_restore(x, base, ent, e);
-                return -1;
-            }
-            cq_ps_fix_pair(x, i, base, ent + CQ_PS_ENT * e++);
-        }
-        s += x[i] + x[i + 1];
-    }
-    *sum = s;
-    return e;
+    *sum = 0;
+    return cq_ps_block_pairs(x, 0, n, base, room, ent, 0, sum);
 }
 
 const cq_elementwise cq_elementwise_ref = {CQ_ISA_SCALAR, absmax_ref, quantize_ref, gelu_ref, dequant_ref,

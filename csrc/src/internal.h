@@ -154,6 +154,27 @@ static inline void cq_ps_restore(int8_t *x, int64_t base, const int32_t *ent, in
     for (const int32_t *e = ent; e < ent + CQ_PS_ENT * n; e += CQ_PS_ENT)
         x[cq_ps_ent_k(e) - base] = (int8_t)(x[cq_ps_ent_k(e) - base] + cq_ps_ent_v(e));
 }
+/* cq_elementwise.ps_block pair by pair over x[i0..n), after e entries and with the sum so far in
+ * *sum: the reference's whole loop and the SIMD kernels' tails. Returns the entries, or -1 with
+ * the block (ent[0] its first entry) as it was. */
+static inline int64_t cq_ps_block_pairs(int8_t *x, int64_t i0, int64_t n, int64_t base, int64_t room, int32_t *ent,
+                                        int64_t e, int32_t *sum)
+{
+    int32_t s = *sum;
+    for (int64_t i = i0; i < n; i += 2) {
+        const int p = x[i] + x[i + 1];
+        if (p > 128 || p < -128) {
+            if (e == room) {
+                cq_ps_restore(x, base, ent, e);
+                return -1;
+            }
+            cq_ps_fix_pair(x, i, base, ent + CQ_PS_ENT * e++);
+        }
+        s += x[i] + x[i + 1];
+    }
+    *sum = s;
+    return e;
+}
 /* The same for one row x (4 * kp4 codes) with its nb + 1 block sums bs and counts bc (relative to
  * the row's first entry, ent): at most cap entries, else -1 with the row as it was and bc[nb] = 0.
  * kern->ps_block finds the blocks to change (cq_ps_prepare uses the reference's). */

@@ -352,20 +352,8 @@ static int64_t ps_block_avx2(int8_t *x, int64_t n, int64_t base, int64_t room, i
     __m128i h = _mm_add_epi32(_mm256_castsi256_si128(acc), _mm256_extracti128_si256(acc, 1));
     h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0x4E));
     h = _mm_add_epi32(h, _mm_shuffle_epi32(h, 0xB1));
-    int32_t s = _mm_cvtsi128_si32(h);
-    for (; i < n; i += 2) {
-        const int p = x[i] + x[i + 1];
-        if (p > 128 || p < -128) {
-            if (e == room) {
-                cq_ps_restore(x, base, ent, e);
-                return -1;
-            }
-            cq_ps_fix_pair(x, i, base, ent + CQ_PS_ENT * e++);
-        }
-        s += x[i] + x[i + 1];
-    }
-    *sum = s;
-    return e;
+    *sum = _mm_cvtsi128_si32(h);
+    return cq_ps_block_pairs(x, i, n, base, room, ent, e, sum); /* the tail (n % 32) */
 }
 
 CQ_TARGET_END
