@@ -23,7 +23,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 VPY    := $(VENV)/bin/python
 CC     ?= cc
-CFLAGS_LIB := -O3 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasing -Icsrc/include -Icsrc/src
+# hot loops on 64-byte boundaries where the compiler takes the flag (cbridge/build_native.py says why)
+ALIGN_FLAGS := $(shell echo 'int cq_probe;' | $(CC) -falign-loops=64 -Werror -x c -c -o /dev/null - 2>/dev/null && echo -falign-loops=64)
+CFLAGS_LIB := -O3 -std=c99 -D_GNU_SOURCE -fPIC -Wall -Wextra -fno-strict-aliasing $(ALIGN_FLAGS) -Icsrc/include -Icsrc/src
 # csrc/sources.txt lists the C sources (the cffi build reads the same manifest)
 CSRCS  := $(addprefix csrc/,$(shell grep -v '^\#' csrc/sources.txt))
 CHDRS  := $(wildcard csrc/src/*.h csrc/include/*.h csrc/x86/*.h)

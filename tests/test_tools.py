@@ -38,4 +38,22 @@ def test_ab_versions_against_itself():
     assert r.returncode == 0, r.stdout + r.stderr
     lines = [ln for ln in r.stdout.splitlines() if " both " in ln]
     assert len(lines) == 4, r.stdout
-    assert all(float(ln.split()[-1]) > 0 for ln in lines)
+    assert all(float(ln.split(" both ")[1].split()[0]) > 0 for ln in lines)
+
+
+def test_ab_versions_inputs(tmp_path):
+    """ab_versions.py --inputs: dynamic calls on captured inputs (x, w and the optional x_mul /
+    x_hadamard / b), one cell per file, the outputs checked equal between the builds."""
+    import numpy as np
+    import cquant
+    pkg = os.path.dirname(os.path.abspath(cquant.__file__))
+    rng = np.random.default_rng(0)
+    f1, f2 = str(tmp_path / "plain.npz"), str(tmp_path / "rot.npz")
+    x, w = rng.standard_normal((6, 64)).astype(np.float32), rng.standard_normal((20, 64)).astype(np.float32)
+    np.savez(f1, x=x, w=w)
+    np.savez(f2, x=x, w=w, b=np.ones(20, np.float32), x_mul=np.full(64, 0.5, np.float32), x_hadamard=np.int64(16))
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "ab_versions.py"), pkg, "--seconds", "0",
+                        "--inputs", f"{f1},{f2}"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if " both " in ln]
+    assert [ln.split()[0] for ln in lines] == ["plain.npz", "rot.npz"], r.stdout

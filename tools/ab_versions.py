@@ -102,12 +102,21 @@ def main(argv=None) -> int:
         first = _child([other_pkg] + common, os.path.dirname(this_pkg))
         second = {} if a.one_order else _child([this_pkg] + common, os.path.dirname(other_pkg))
         print(f"threads {a.threads}; ratio = other / this time, median of paired calls (> 1: this checkout faster)")
+        split = 0
         for key, (t_o, t_t, r1) in first.items():
             line = f"{key:34s} other {t_o * 1e3:8.3f} ms  this {t_t * 1e3:8.3f} ms  this first {r1:.3f}"
             if key in second:
                 r2 = 1.0 / second[key][2]  # there "this" was the other build
                 line += f"  other first {r2:.3f}  both {float(np.sqrt(r1 * r2)):.3f}"
+                if abs(np.log(r1 / r2)) > np.log(1.03):
+                    line += "  (orders disagree)"
+                    split += 1
             print(line, flush=True)
+        if split:
+            # seen on a Zen 3 VM (2026-12-01): one order 1.25, the other 1.00, for the same two builds
+            print(f"{split} cell(s): the two import orders differ by more than 3%; their geometric mean "
+                  "cancels a bias common to both, but small effects there are not resolved: repeat, or "
+                  "measure in one process (e.g. examples/minilm.py --interleave)")
         return 0
     shapes = [tuple(int(v) for v in s.split("x")) for s in a.shapes.split(",")]
     ms = [int(v) for v in a.ms.split(",")]
