@@ -49,14 +49,18 @@ CQ_TARGET_BEGIN("avx2,fma")
         }                                                                                         \
         OUTS                                                                                      \
     }
-/* The 1- to 4-row tiles of a family and the micro-kernel that picks one by mr. */
-#define TILES(FN, P, PREP, STEP_, OUT_)                                                           \
-    TILE(P##_1x16, PREP, S8_DECL(0), STEP_(0), OUT_(0))                                           \
-    TILE(P##_2x16, PREP, S8_DECL(0) S8_DECL(1), STEP_(0) STEP_(1), OUT_(0) OUT_(1))               \
-    TILE(P##_3x16, PREP, S8_DECL(0) S8_DECL(1) S8_DECL(2), STEP_(0) STEP_(1) STEP_(2),            \
-         OUT_(0) OUT_(1) OUT_(2))                                                                 \
-    TILE(P##_4x16, PREP, S8_DECL(0) S8_DECL(1) S8_DECL(2) S8_DECL(3),                             \
-         STEP_(0) STEP_(1) STEP_(2) STEP_(3), OUT_(0) OUT_(1) OUT_(2) OUT_(3))                    \
+/* The 1- to 4-row tiles of a family and the micro-kernel that picks one by mr. OUTS_(n, R) is a
+ * tile's epilogue, R(M) expanding M(r) for each of its n rows (the sign family: its OUT per row;
+ * the pair-safe one decides once per tile). */
+#define ROWS1(M) M(0)
+#define ROWS2(M) M(0) M(1)
+#define ROWS3(M) M(0) M(1) M(2)
+#define ROWS4(M) M(0) M(1) M(2) M(3)
+#define TILES(FN, P, PREP, STEP_, OUTS_)                                                          \
+    TILE(P##_1x16, PREP, ROWS1(S8_DECL), ROWS1(STEP_), OUTS_(1, ROWS1))                           \
+    TILE(P##_2x16, PREP, ROWS2(S8_DECL), ROWS2(STEP_), OUTS_(2, ROWS2))                           \
+    TILE(P##_3x16, PREP, ROWS3(S8_DECL), ROWS3(STEP_), OUTS_(3, ROWS3))                           \
+    TILE(P##_4x16, PREP, ROWS4(S8_DECL), ROWS4(STEP_), OUTS_(4, ROWS4))                           \
     void FN(int mr, int nr, int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         (void)nr;                                                                                 \
@@ -67,7 +71,8 @@ CQ_TARGET_BEGIN("avx2,fma")
         default: P##_4x16(nk4, a, lda, b, o); break;                                              \
         }                                                                                         \
     }
-TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
+#define S8_OUTS(n, R) R(S8_OUT)
+TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUTS)
 
 /* The pair-safe 4x16 tile: the u8 x s8 recipe that does not saturate, 3 instructions per 32 MACs
  * (vpmaddubsw, vpmaddwd, vpaddd) against the tile above's 4 (it adds a vpsignb per row). The u8
@@ -91,23 +96,28 @@ TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUT)
 static const int32_t ps_sgn[16] __attribute__((aligned(32))) = {
     0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001, 0x00010001,
     -1, -1, -1, -1, -1, -1, -1, -1};
-static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, const int8_t *b, __m256i *c0, __m256i *c1)
+static __attribute__((noinline)) void ps_out_tile(const cq_qd8_out *o, int n, const int8_t *b, __m256i c00, __m256i c01,
+                                                  __m256i c10, __m256i c11, __m256i c20, __m256i c21, __m256i c30,
+                                                  __m256i c31)
 {
-    const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;
-    const __m256i comp = _mm256_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
-    __m256i a0 = _mm256_sub_epi32(*c0, comp), a1 = _mm256_sub_epi32(*c1, comp);
+    const __m256i f[8] = {c00, c01, c10, c11, c20, c21, c30, c31};
     const int64_t k0 = o->ps_k0;
-    const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
-    for (; en < en1; en += CQ_PS_ENT) {
-        const int32_t kv = en[0];
-        const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
-        const __m256i sel = _mm256_set1_epi32(en[1]);
-        const __m256i sg = _mm256_load_si256((const __m256i *)(ps_sgn + 8 * ((uint32_t)kv >> 31)));
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
+    for (int r = 0; r < n; r++) {
+        const int32_t *s = o->ps_sum + r * o->ps_ld, *c = o->ps_cnt + r * o->ps_ld;
+        const __m256i comp = _mm256_set1_epi32((int32_t)((uint32_t)(s[1] - s[0]) * 128u));
+        __m256i a0 = _mm256_sub_epi32(f[2 * r], comp), a1 = _mm256_sub_epi32(f[2 * r + 1], comp);
+        const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + c[0]);
+        const int32_t *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + c[1]);
+        for (; en < en1; en += CQ_PS_ENT) {
+            const int32_t kv = en[0];
+            const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+            const __m256i sel = _mm256_set1_epi32(en[1]);
+            const __m256i sg = _mm256_load_si256((const __m256i *)(ps_sgn + 8 * ((uint32_t)kv >> 31)));
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
+        }
+        cq_qd8_out_row16(o, r, a0, a1);
     }
-    *c0 = a0;
-    *c1 = a1;
 }
 /* per step, the weight vectors the rows share: w + 128 as u8 */
 #define PS_PREP                                                                                   \
@@ -120,24 +130,38 @@ static __attribute__((noinline)) void ps_fix_row(const cq_qd8_out *o, int r, con
         c##r##0 = _mm256_add_epi32(c##r##0, _mm256_madd_epi16(_mm256_maddubs_epi16(u0, xb), ones));  \
         c##r##1 = _mm256_add_epi32(c##r##1, _mm256_madd_epi16(_mm256_maddubs_epi16(u1, xb), ones));  \
     }
-/* A block without residual entries only subtracts 128 * sum x' (inline: most blocks); the others
- * call ps_fix_row on copies of the accumulators (taking the accumulators' addresses, computing
- * the copies before the branch, or the entries' loop inline, kept them on the stack through the
- * k loop, GCC 12). */
-#define PS_OUT(r)                                                                                 \
+/* A tile whose rows have no residual entry in this block only subtracts 128 * sum x' (inline);
+ * else ps_out_tile finishes the whole tile: one call per tile, the accumulators passed in ymm
+ * registers (missing rows as zeros), rather than a call per row with entries, across which the
+ * other rows' accumulators had to be saved (every call clobbers the ymm registers). PS_KEEP, an
+ * empty asm taking the accumulators in registers after the k loop: without it GCC 12 kept memory
+ * copies of some through the loop. */
+#define PS_NOENT(r) && o->ps_cnt[(r) * o->ps_ld] == o->ps_cnt[(r) * o->ps_ld + 1]
+#define PS_FAST(r)                                                                                \
     {                                                                                             \
-        __m256i f0 = c##r##0, f1 = c##r##1;                                                       \
-        const int32_t *sr = o->ps_sum + (r) * o->ps_ld, *nr_ = o->ps_cnt + (r) * o->ps_ld;        \
-        if (nr_[0] == nr_[1]) {                                                                   \
-            const __m256i cm = _mm256_set1_epi32((int32_t)((uint32_t)(sr[1] - sr[0]) * 128u));    \
-            f0 = _mm256_sub_epi32(f0, cm);                                                        \
-            f1 = _mm256_sub_epi32(f1, cm);                                                        \
-        } else {                                                                                  \
-            ps_fix_row(o, r, b, &f0, &f1);                                                        \
-        }                                                                                         \
-        cq_qd8_out_row16(o, r, f0, f1);                                                           \
+        const int32_t *sr = o->ps_sum + (r) * o->ps_ld;                                           \
+        const __m256i cm = _mm256_set1_epi32((int32_t)((uint32_t)(sr[1] - sr[0]) * 128u));        \
+        cq_qd8_out_row16(o, r, _mm256_sub_epi32(c##r##0, cm), _mm256_sub_epi32(c##r##1, cm));     \
     }
-TILES(cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2, ps, PS_PREP, PS_STEP, PS_OUT)
+#if defined(CQ_EMU) /* SIMDe's vectors are not register operands */
+#define PS_KEEP(r)
+#else
+#define PS_KEEP(r) __asm__ volatile("" : "+x"(c##r##0), "+x"(c##r##1));
+#endif
+#define PS_ARGS1 c00, c01, z, z, z, z, z, z
+#define PS_ARGS2 c00, c01, c10, c11, z, z, z, z
+#define PS_ARGS3 c00, c01, c10, c11, c20, c21, z, z
+#define PS_ARGS4 c00, c01, c10, c11, c20, c21, c30, c31
+#define PS_OUTS(n, R)                                                                             \
+    R(PS_KEEP)                                                                                    \
+    if (1 R(PS_NOENT)) {                                                                          \
+        R(PS_FAST)                                                                                \
+    } else {                                                                                      \
+        const __m256i z = _mm256_setzero_si256();                                                 \
+        (void)z;                                                                                  \
+        ps_out_tile(o, n, b, PS_ARGS##n);                                                         \
+    }
+TILES(cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2, ps, PS_PREP, PS_STEP, PS_OUTS)
 
 /* One row of activations against 4 panels at once (M = 1): 4 concurrent sequential streams of the
  * weight, which one core reads faster than a single stream (Zen 3: ~14 GB/s against ~11, 20-30%
