@@ -88,8 +88,9 @@ TILES(cq_qd8_f32_qc8w_gemm_4x16c4_avx2, gemm, S8_PREP, S8_STEP, S8_OUTS)
  * sign tile: linear.c, want_ps). Zen 3, weights in L1, 4x16: 62
  * GMAC/s against 49.5 for the sign tile (median of 15, interleaved; a saturating u8 x s8 loop, as
  * fbgemm's, 65); register-only loops: 87 against 67 GMAC/s. */
-/* Row r's block: minus 128 * sum x', plus v * (code k of each column) per residual entry. An
- * entry's sel (|v| in byte k % 4 of every int32, the other bytes 0: internal.h, CQ_PS_ENT) makes
+/* The epilogue of a tile some of whose n rows have residual entries in this block: each row r's
+ * accumulators (c<r>0, c<r>1) minus 128 * sum x', plus v * (code k of each column) per entry, then
+ * its output. An entry's sel (|v| in byte k % 4 of every int32, the other bytes 0: internal.h, CQ_PS_ENT) makes
  * vpmaddubsw give |v| * w[k] in one int16 of each int32 (at most 126 * 127: exact), and vpmaddwd
  * by the int16 pairs (+-1, +-1) of v's sign the signed int32: 8 vector instructions per entry and
  * 16 columns (the sign pairs loaded from ps_sgn by the sign of the entry's kv). */
