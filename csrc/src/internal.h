@@ -101,8 +101,8 @@ typedef struct {
     const int8_t *pf;
     int64_t pf_step;
     /* pair-safe kernels only (cq_ukernel.pairsafe; NULL / unused for the others): the activation
-     * rows as cq_ps_prepare left them, seen from the call's first row and k step.
-     * The call covers one k block of cq_ps_prepare's kc4 steps (the last one may be shorter),
+     * rows as cq_ps_prepare_row left them, seen from the call's first row and k step.
+     * The call covers one k block of the preparation's kc4 steps (the last one may be shorter),
      * k in [ps_k0, ps_k0 + 4 * nk4):
      *   ps_sum[r * ps_ld + 1] - ps_sum[r * ps_ld]: the sum of row r's codes over the block
      *   ps_cnt[r * ps_ld], ps_cnt[r * ps_ld + 1]: row r's residual entries before / after it
@@ -115,17 +115,10 @@ typedef struct {
 } cq_qd8_out;
 
 /* Pair-safe activations (the AVX2 u8 x s8 kernels that do not saturate; x86/avx2/
- * qd8-f32-qc8w-gemm-4x16c4-avx2.c explains): in m rows of s8 codes (lda bytes, kp4 = lda / 4
- * steps), every aligned pair (k, k + 1) of the same sign with |x_k| + |x_k+1| > 128 keeps its larger
- * code and moves the smaller one towards 0 until the pair sums to 128 in magnitude; what was taken off is a
- * residual entry {k, v} (v = x_k - x'_k, in [-126, 126]), so x = x' + the entries, exactly.
- * Fills, per row and k block b of kc4 steps (nb = ceil(kp4 / kc4) blocks, ld = nb + 1 values per
- * row), bsum[r * ld + b] = the sum of x' over steps < min(b * kc4, kp4) and bcnt[r * ld + b] = the
- * row's entries before that step; rowptr (m + 1) and ent (CQ_PS_ENT int32 per entry, sorted by k within
- * a row). If the rows need more than max_ent entries, returns -1 with qa as it was (the codes
- * changed so far are put back); else the number of entries. */
-int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
-                      int64_t *rowptr, int32_t *ent);
+ * qd8-f32-qc8w-gemm-4x16c4-avx2.c explains): in a row of s8 codes, every aligned pair (k, k + 1) of
+ * the same sign with |x_k| + |x_k+1| > 128 keeps its larger code and moves the smaller one towards
+ * 0 until the pair sums to 128 in magnitude; what was taken off is a residual entry, so
+ * x = x' + the entries, exactly. */
 /* A residual entry is CQ_PS_ENT int32 {kv, sel} for x_k = x'_k + v (v in [-126, 126], never 0):
  * kv = k, or ~k (negative) when v < 0; sel = |v| << 8 (k % 4) (vpmaddubsw by sel picks |v| * code k
  * of each int32 of 4 codes; the kernels take v's sign from kv's). cq_ps_ent_k / _v read them. */
@@ -175,12 +168,6 @@ static inline int64_t cq_ps_block_pairs(int8_t *x, int64_t i0, int64_t n, int64_
     *sum = s;
     return e;
 }
-/* The same for one row x (4 * kp4 codes) with its nb + 1 block sums bs and counts bc (relative to
- * the row's first entry, ent): at most cap entries, else -1 with the row as it was and bc[nb] = 0.
- * kern->ps_block finds the blocks to change (cq_ps_prepare uses the reference's). */
-struct cq_elementwise;
-int64_t cq_ps_prepare_row(const struct cq_elementwise *kern, int8_t *x, int64_t kp4, int64_t kc4, int64_t cap,
-                          int32_t *bs, int32_t *bc, int32_t *ent);
 /* The activation pass's pair-safe preparation (cq_quantize_rows_into with ps non-NULL): each row
  * prepared right after its codes are written (in cache, on the pass's threads), its entries at
  * ent + CQ_PS_ENT * r * cap (row[r] = r * cap), sums and counts at sum / cnt + r * ld. Out: total, the
@@ -241,7 +228,7 @@ typedef struct {
                         [64 c, 64 c + 64) are the 1 KiB at + 1024 c (16 rows x 64 bytes) */
     void (*release)(void); /* NULL, or: the kernel keeps per-thread state (AMX tile configuration)
                               across calls; the driver calls this when a unit of work is done */
-    int pairsafe;    /* int8 GEMM that reads pair-safe activations (cq_ps_prepare) and the
+    int pairsafe;    /* int8 GEMM that reads pair-safe activations (cq_ps_prepare_row) and the
                         cq_qd8_out ps_* fields; its sums are exact for the original codes */
 } cq_ukernel;
 int cq_ukernel_count(void);
@@ -281,7 +268,7 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format);
 int cq_best_format_for(int active_isa);
 
 /* Element-wise kernels, one table per path (best of what the path allows). */
-typedef struct cq_elementwise {
+typedef struct {
     int isa;
     /* max |x[i]| over n floats into *amax; returns 1 if every x[i] is finite, 0 otherwise */
     int (*absmax)(const float *x, int64_t n, float *amax);
@@ -320,6 +307,12 @@ typedef struct cq_elementwise {
     int64_t (*ps_block)(int8_t *x, int64_t n, int64_t base, int64_t room, int32_t *ent, int32_t *sum);
 } cq_elementwise;
 extern const cq_elementwise cq_elementwise_ref;
+/* The pair-safe preparation of one row x (4 * kp4 codes, k blocks of kc4 steps, nb = ceil(kp4 /
+ * kc4)): bs[b] = the sum of x' over the steps before block b (b <= nb), bc[b] = the entries before
+ * it (relative to the row's first, ent; in k order); at most cap entries, else -1 with the row as
+ * it was and bc[nb] = 0. kern->ps_block does the blocks. */
+int64_t cq_ps_prepare_row(const cq_elementwise *kern, int8_t *x, int64_t kp4, int64_t kc4, int64_t cap,
+                          int32_t *bs, int32_t *bc, int32_t *ent);
 void cq_transpose_ref(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 #ifdef CQ_X86
 extern const cq_elementwise cq_elementwise_avx2; /* .absmax NULL when the compiler cannot target it */

@@ -1056,7 +1056,9 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
      * (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096, 4096) M = 64 / 256 1.07 / 1.07,
      * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03 (there the two import orders disagreed: 0.96 /
      * 1.08), each against blocks of 1024 k), else s8_kc4's */
-    const int64_t ps_kc4 = c.i4 && s8_kc4(&c) > i4_block(&c) ? i4_block(&c) : !c.i4 && c.kp4 * 4 * c.nr <= PS_BLOCK_BYTES ? c.kp4 : s8_kc4(&c);
+    int64_t ps_kc4 = s8_kc4(&c);
+    if (c.i4 && ps_kc4 > i4_block(&c)) ps_kc4 = i4_block(&c);
+    else if (!c.i4 && c.kp4 * 4 * c.nr <= PS_BLOCK_BYTES) ps_kc4 = c.kp4;
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;

@@ -280,23 +280,3 @@ int64_t cq_ps_prepare_row(const cq_elementwise *kern, int8_t *x, int64_t kp4, in
     bc[nb] = (int32_t)e;
     return e;
 }
-
-int64_t cq_ps_prepare(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum, int32_t *bcnt,
-                      int64_t *rowptr, int32_t *ent)
-{
-    const int64_t kp4 = lda / 4, nb = (kp4 + kc4 - 1) / kc4;
-    int64_t e = 0;
-    for (int64_t r = 0; r < m; r++) {
-        rowptr[r] = e;
-        int64_t n = cq_ps_prepare_row(&cq_elementwise_ref, qa + r * lda, kp4, kc4, max_ent - e, bsum + r * (nb + 1),
-                                      bcnt + r * (nb + 1), ent + CQ_PS_ENT * e);
-        if (n < 0) { /* too many: restore the rows before (this one is) */
-            for (int64_t q = 0; q < r; q++)
-                cq_ps_restore(qa + q * lda, 0, ent + CQ_PS_ENT * rowptr[q], rowptr[q + 1] - rowptr[q]);
-            return -1;
-        }
-        e += n;
-    }
-    rowptr[m] = e;
-    return e;
-}

@@ -242,6 +242,30 @@ static uint32_t qcase_raw(const qcase *c, int r, int j)
 
 enum { COMP_NULL, COMP_STD, COMP_ALT };
 typedef struct { int mode, acc_in, nc, bias, comp; } qmode;
+/* The pair-safe rows of a tile call, as the kernels read them: m rows of lda codes prepared with
+ * cq_ps_prepare_row (the reference's block scan), their entries packed one row after the other
+ * (rowptr, m + 1) and sums / counts nb + 1 per row; at most max_ent entries in all, else -1 with
+ * every row as it was. */
+static int64_t ps_prepare_rows(int8_t *qa, int64_t m, int64_t lda, int64_t kc4, int64_t max_ent, int32_t *bsum,
+                               int32_t *bcnt, int64_t *rowptr, int32_t *ent)
+{
+    const int64_t kp4 = lda / 4, nb = (kp4 + kc4 - 1) / kc4;
+    int64_t e = 0;
+    for (int64_t r = 0; r < m; r++) {
+        rowptr[r] = e;
+        int64_t n = cq_ps_prepare_row(&cq_elementwise_ref, qa + r * lda, kp4, kc4, max_ent - e, bsum + r * (nb + 1),
+                                      bcnt + r * (nb + 1), ent + CQ_PS_ENT * e);
+        if (n < 0) { /* too many: the rows before back too (this one is) */
+            for (int64_t q = 0; q < r; q++)
+                cq_ps_restore(qa + q * lda, 0, ent + CQ_PS_ENT * rowptr[q], rowptr[q + 1] - rowptr[q]);
+            return -1;
+        }
+        e += n;
+    }
+    rowptr[m] = e;
+    return e;
+}
+
 static const char *mode_name(int mode)
 {
     return mode == CQ_OUT_I32 ? "I32" : mode == CQ_OUT_F32 ? "F32" : mode == CQ_OUT_FACC ? "FACC" : "?";
@@ -296,7 +320,7 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
         o.pf = pfbuf;
         o.pf_step = pf_steps[rnd() % 3];
     }
-    /* pair-safe kernels read the rows as cq_ps_prepare leaves them: prepared here as one of three
+    /* pair-safe kernels read the rows as the preparation leaves them: prepared here as one of three
      * k blocks of a row (the driver's k blocks start inside a row) */
     const int8_t *arun = a;
     int64_t ldrun = c->lda;
@@ -317,7 +341,7 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
         }
         int8_t *orig = (int8_t *)xmalloc((size_t)(mr * lda2));
         memcpy(orig, aps, (size_t)(mr * lda2));
-        int64_t ne = cq_ps_prepare(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
+        int64_t ne = ps_prepare_rows(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
         /* every pair of x' safe, the block sums of x' and entry counts, and x' + the entries = x */
         int good = ne >= 0 && prow[0] == 0 && prow[mr] == ne;
         for (int r = 0; r < mr && good; r++) {
@@ -344,17 +368,17 @@ static int qd8_run(const cq_ukernel *uk, const qcase *c, const int8_t *a, int mr
             }
         }
         good = good && memcmp(aps, orig, (size_t)(mr * lda2)) == 0;
-        CHECK(good, "%s: cq_ps_prepare (mr=%d, %lld steps): x' + residuals != x, a pair not safe or bad block sums",
+        CHECK(good, "%s: pair-safe preparation (mr=%d, %lld steps): x' + residuals != x, a pair not safe or bad block sums",
               uk->name, mr, (long long)kp4);
         /* one entry fewer allowed than needed: -1, and the codes as they were */
         memcpy(aps, orig, (size_t)(mr * lda2));
         if (ne > 0) {
-            int64_t st = cq_ps_prepare(aps, mr, lda2, kc4, ne - 1, psum, pcnt, prow, pent);
+            int64_t st = ps_prepare_rows(aps, mr, lda2, kc4, ne - 1, psum, pcnt, prow, pent);
             CHECK(st == -1 && memcmp(aps, orig, (size_t)(mr * lda2)) == 0,
-                  "%s: cq_ps_prepare with max_ent %lld < %lld entries: returned %lld or changed the codes",
+                  "%s: pair-safe preparation with max_ent %lld < %lld entries: returned %lld or changed the codes",
                   uk->name, (long long)(ne - 1), (long long)ne, (long long)st);
         }
-        cq_ps_prepare(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
+        ps_prepare_rows(aps, mr, lda2, kc4, mr * lda2 / 2, psum, pcnt, prow, pent);
         free(orig);
         o.ps_sum = psum + blk; o.ps_cnt = pcnt + blk; o.ps_ld = ld; o.ps_row = prow; o.ps_ent = pent;
         o.ps_k0 = 4 * blk * kc4;

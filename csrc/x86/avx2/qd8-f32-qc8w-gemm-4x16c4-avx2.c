@@ -110,10 +110,9 @@ static __attribute__((noinline)) void ps_out_tile(const cq_qd8_out *o, int n, co
         const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + c[0]);
         const int32_t *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + c[1]);
         for (; en < en1; en += CQ_PS_ENT) {
-            const int32_t kv = en[0];
-            const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+            const int8_t *st = b + ((cq_ps_ent_k(en) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
             const __m256i sel = _mm256_set1_epi32(en[1]);
-            const __m256i sg = _mm256_load_si256((const __m256i *)(ps_sgn + 8 * ((uint32_t)kv >> 31)));
+            const __m256i sg = _mm256_load_si256((const __m256i *)(ps_sgn + 8 * ((uint32_t)en[0] >> 31)));
             a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)st)), sg));
             a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_maddubs_epi16(sel, _mm256_loadu_si256((const __m256i *)(st + 32))), sg));
         }

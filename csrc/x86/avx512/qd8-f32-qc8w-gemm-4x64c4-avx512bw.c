@@ -59,8 +59,8 @@ TILES(cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, gemm, S8_PREP, STEPR, OUT)
 
 /* The pair-safe 4x64 tile (the AVX2 pair-safe tile on zmm: x86/avx2/qd8-f32-qc8w-gemm-4x16c4-avx2.c
  * explains): u8 w + 128 (an XOR per step, shared by the rows) times the s8 activations left by
- * the pair-safe preparation (quantize.c, cq_ps_prepare_row), whose pairs cannot saturate vpmaddubsw; 3 instructions per 64 MACs against the
- * sign tile's 4 (its masked negate). Then 128 * sum x' over the k block is subtracted and v * w[k]
+ * the pair-safe preparation (quantize.c, cq_ps_prepare_row), whose pairs cannot saturate
+ * vpmaddubsw; 3 instructions per 64 MACs against the sign tile's 4 (its masked negate). Then 128 * sum x' over the k block is subtracted and v * w[k]
  * added for each residual entry of the block. llvm-mca skylake-avx512 / cascadelake: see README
  * (predictions: no AVX-512 CPU measured it yet). */
 static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, const int8_t *b, __m512i *c)
@@ -72,11 +72,10 @@ static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, c
     const int64_t k0 = o->ps_k0;
     const int32_t *en = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[0]), *en1 = o->ps_ent + CQ_PS_ENT * (o->ps_row[r] + n[1]);
     for (; en < en1; en += CQ_PS_ENT) {
-        const int32_t kv = en[0];
-        const int8_t *st = b + (((kv ^ (kv >> 31)) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
+        const int8_t *st = b + ((cq_ps_ent_k(en) - k0) >> 2) * STEP; /* code k of column j: byte k % 4 of int32 j */
         /* vpmaddubsw by sel (|v| in byte k % 4) gives |v| * w[k] per int32, vpmaddwd by the int16
-         * pairs of v's sign the signed sum (the AVX2 tile's ps_fix_row explains) */
-        const __m512i sel = _mm512_set1_epi32(en[1]), sg = _mm512_set1_epi32(kv < 0 ? -1 : 0x00010001);
+         * pairs of v's sign the signed sum (the AVX2 tile's ps_out_tile explains) */
+        const __m512i sel = _mm512_set1_epi32(en[1]), sg = _mm512_set1_epi32(en[0] < 0 ? -1 : 0x00010001);
 #define PS_W(q) _mm512_madd_epi16(_mm512_maddubs_epi16(sel, _mm512_loadu_si512((const void *)(st + 64 * (q)))), sg)
         a0 = _mm512_add_epi32(a0, PS_W(0));
         a1 = _mm512_add_epi32(a1, PS_W(1));
