@@ -1276,10 +1276,11 @@ static const char *expected_kernel(int path, int fmt, int mode, int64_t m, int64
 static const char *expected_kernel_alt(int path, int fmt, int mode, int64_t m, int64_t k, int scheme, int64_t group)
 {
     int64_t kp4 = cq_ceil_div(k, 4);
-    if (mode != CQ_MODE_DYNAMIC || scheme == CQ_PER_GROUP || kp4 > CQ_CHUNK4 || m == 1) return NULL;
+    if (mode != CQ_MODE_DYNAMIC || scheme == CQ_PER_GROUP || kp4 > CQ_CHUNK4) return NULL;
     const cq_qd8_config *q = cq_qd8_config_for(path, fmt, 0, m, kp4);
     (void)group;
-    return q && q->gemm_ps ? q->gemm_ps->name : NULL;
+    /* M = 1 runs the GEMV where the config has one (AVX-512BW's has none: its tiles take M = 1) */
+    return q && q->gemm_ps && !(m == 1 && q->gemv4) ? q->gemm_ps->name : NULL;
 }
 
 /* cq_last_kernel() after a call on `path` with a weight in `fmt`: a registry kernel the path
