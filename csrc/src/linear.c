@@ -26,8 +26,8 @@
 #ifndef PS_MIN_N
 #define PS_MIN_N 64 /* the pair-safe tile from this N (linear_impl, want_ps) */
 #endif
-#ifndef PS_BLOCK_BYTES
-#define PS_BLOCK_BYTES 262144 /* the pair-safe tile's rows in one k block while the panel's slice is at most this (want_ps) */
+#ifndef PS_BLOCK_K
+#define PS_BLOCK_K 16384 /* the pair-safe tile's rows in one k block up to this K (want_ps) */
 #endif
 #ifndef KC_BYTES
 #define KC_BYTES 16384 /* bytes of a panel per k block in the int8 driver */
@@ -1043,22 +1043,29 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
      * sign tile, 2026-12-01, geometric mean of both import orders (which differed by up to 10% on
      * this VM: small effects are not resolved), 1 / 2 threads: (K, N) (4096, 64)
      * M = 64 1.05 / 1.03, (4096, 128) M = 256 1.06 / 1.07, (1024, 128) M = 64 1.04 / -, 2 threads
-     * (768, 64) M = 64 / 256 1.00 / 0.97, (768, 32) 0.95 / 0.90, (768, 16) 0.91 / 0.86). */
+     * (768, 64) M = 64 / 256 1.00 / 0.97, (768, 32) 0.95 / 0.90, (768, 16) 0.91 / 0.86). On
+     * AVX-512BW (nr 64: N = 64 is one panel) natively on a Sapphire Rapids-class Xeon, 2026-12-01,
+     * CQUANT_ISA=avx512, 1 thread, against the sign tile: (768, 64) M = 8 / 64 / 256 1.17 / 1.18 /
+     * 1.20, (4096, 64) 1.32 / 1.28 / 1.24, (768, 128) 1.31, (1536, 128) 1.33-1.38; the bench
+     * shapes 1.15-1.54 at M >= 8. */
     const int want_ps = !gemv && c.qcfg->gemm_ps && c.ng == 1 && c.kp4 <= CQ_CHUNK4 && !uk->a_tiled && mpad == m &&
                         n >= PS_MIN_N;
     if (want_ps && !cq_bytes_ok(m, 4 * c.kp4 + 32, 4)) return CQ_ERR_OVERFLOW; /* bounds qa_bytes below */
     /* at most 1 entry per 64 k over the rows, and per row 1 per 16 k (the row's slots) */
     const int64_t ps_max = m * c.kp4 / 16, ps_cap = c.kp4 / 4 + 1;
-    /* the tile calls' k blocks: int4 blocks at most i4_block; int8 rows in one block while that
-     * panel slice is at most PS_BLOCK_BYTES (K <= 16384 at nr 16, 4096 at nr 64: in L2 rather than
-     * L1; the nr-64 figure is not measured, no AVX-512 here) (one call with each row's entries
-     * rather than one per block; Zen 3, A/B, both import orders, 1 thread: MiniLM's FFN output
-     * (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096, 4096) M = 64 / 256 1.07 / 1.07,
-     * (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03 (there the two import orders disagreed: 0.96 /
-     * 1.08), each against blocks of 1024 k), else s8_kc4's */
+    /* the tile calls' k blocks: int4 blocks at most i4_block; int8 rows in one block up to K =
+     * PS_BLOCK_K (the panel's slice in L2 rather than L1; one call with each row's entries rather
+     * than one per block). Zen 3 (nr 16), A/B, both import orders, 1 thread, against blocks of
+     * 1024 k: MiniLM's FFN output (K = 1536, N = 384, M = 800) 1.05 plain / 1.07 rotated, (4096,
+     * 4096) M = 64 / 256 1.07 / 1.07, (16384, 1024) / (8192, 2048) M = 64 1.02 / 1.03 (orders
+     * disagreeing: 0.96 / 1.08). AVX-512BW (nr 64) on the Sapphire Rapids-class Xeon, 2026-12-01,
+     * CQUANT_ISA=avx512, 1 thread, one block up to K = 16384 against up to 4096 (a 256 KiB slice):
+     * (8192, 2048) M = 64 / 256 1.07 / 1.11, (16384, 1024) 1.06 / 1.10, (8192, 4096) 1.09 / 1.11;
+     * a 128 KiB slice (K <= 2048) lost 1.04-1.07 at (4096, 4096) / (4096, 11008); one block at
+     * K = 32768 against 4: 1.03 / 0.99, not resolved, so the bound stays at 16384. Else s8_kc4's */
     int64_t ps_kc4 = s8_kc4(&c);
     if (c.i4 && ps_kc4 > i4_block(&c)) ps_kc4 = i4_block(&c);
-    else if (!c.i4 && c.kp4 * 4 * c.nr <= PS_BLOCK_BYTES) ps_kc4 = c.kp4;
+    else if (!c.i4 && c.kp4 * 4 <= PS_BLOCK_K) ps_kc4 = c.kp4;
     const int64_t ps_ld = cq_ceil_div(c.kp4, ps_kc4) + 1;
     const int64_t off_ps = (mpad * lda + m * 4 + 7) / 8 * 8, off_cnt = off_ps + (m * ps_ld * 4 + 7) / 8 * 8,
                   off_row = off_cnt + (m * ps_ld * 4 + 7) / 8 * 8, off_ent = off_row + (m + 1) * 8;
