@@ -314,8 +314,11 @@ static void s8_unit_run(void *vctx, int64_t u)
         int64_t pf_step = 0;
         const int64_t T = c->threads > 1 ? c->threads : 1, pbytes = c->kp4 * step;
         const int64_t steps = cq_ceil_div(rows, MR) * c->kp4;
-        if (!c->i4 && !c->ln && (double)c->np * (double)pbytes > (double)WHOLE_K_BYTES) { /* not for weights in L2,
-                                                                                    nor in s8_rows_unit's order */
+        if (!c->i4 && !c->ln && (double)c->np * (double)pbytes > (double)WHOLE_K_BYTES &&
+            (kc4 >= c->kp4 || rows < WHOLE_K_ROWS)) { /* not for weights in L2, nor in s8_rows_unit's
+                                                       * order, nor where many rows' tiles reuse each
+                                                       * k block (AVX-VNNI 4x16, (4096, 11008) M = 256:
+                                                       * 0.96 with it) */
             if (c->nmb >= T) {
                 /* this thread runs about nmb / T units of panel p: each prefetches its share of p + 1 */
                 const int64_t nsh = cq_ceil_div(c->nmb, T), sh = cq_ceil_div(pbytes, nsh), i = (mbi / T) % nsh;

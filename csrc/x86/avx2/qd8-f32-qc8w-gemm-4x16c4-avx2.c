@@ -36,13 +36,19 @@ CQ_TARGET_BEGIN("avx2,fma")
     const __m256i ab0 = _mm256_abs_epi8(b0);                                                      \
     const __m256i ab1 = _mm256_abs_epi8(b1);
 /* (PREP, STEP and OUT are macro arguments: no comma outside parentheses in them) */
-/* A tile of the family: PREP (the step's shared weight vectors), then STEP(r) per row. */
+/* A tile of the family: PREP (the step's shared weight vectors), then STEP(r) per row. The
+ * panel's next line CQ_PF_DIST ahead into L1, and a line per step of the panel this thread reads
+ * next into L2 (cq_qd8_out.pf, as the VNNI and AVX-512BW tiles; none given: the step's own line,
+ * an L1 hit). */
 #define TILE(NAME, PREP, DECLS, STEPS, OUTS)                                                      \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         const __m256i ones = _mm256_set1_epi16(1);                                                \
+        const char *pf = o->pf ? (const char *)o->pf : (const char *)b;                          \
+        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
+            _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
             PREP                                                                                  \
             _mm_prefetch((const char *)(b + t * STEP + CQ_PF_DIST), _MM_HINT_T0);                 \
             STEPS                                                                                 \

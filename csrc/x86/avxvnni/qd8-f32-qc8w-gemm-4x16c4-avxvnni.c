@@ -26,8 +26,11 @@ CQ_TARGET_BEGIN("avx2,fma,avxvnni")
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
+        const char *pf = o->pf ? (const char *)o->pf : (const char *)b; /* next panel, into L2 */  \
+        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
+            _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
             const __m256i b0 = _mm256_loadu_si256((const __m256i *)(b + t * STEP));               \
             const __m256i b1 = _mm256_loadu_si256((const __m256i *)(b + t * STEP + 32));          \
             const __m256i ab0 = _mm256_abs_epi8(b0), ab1 = _mm256_abs_epi8(b1);                   \
