@@ -1255,6 +1255,8 @@ static int ends_with(const char *s, const char *tail)
     return a >= b && strcmp(s + a - b, tail) == 0;
 }
 
+static int ps_runs; /* calls that ran a config's pair-safe tile (check_kernel_ran) */
+
 /* The kernel cq_linear runs for a weight in `fmt` and this shape on `path`: the config the registry
  * chooses, and the driver's GEMV rules (dynamic: M = 1, one scale group, one int32 chunk;
  * weight-only: M < 4). */
@@ -1299,6 +1301,7 @@ static void check_kernel_ran(int path, int fmt, int mode, int64_t m, int64_t k, 
     const char *want = expected_kernel(path, fmt, mode, m, k, scheme, group);
     const char *alt = expected_kernel_alt(path, fmt, mode, m, k, scheme, group);
     CHECK(strcmp(got, want) == 0 || (alt && strcmp(got, alt) == 0), "%s: ran %s, the config says %s", what, got, want);
+    if (alt && strcmp(got, alt) == 0) ps_runs++;
     if (mode == CQ_MODE_DYNAMIC)
         CHECK(uk->op == CQ_UK_QD8_GEMM || uk->op == CQ_UK_QD8_GEMV4, "%s: %s is no int8 kernel", what, got);
     else
@@ -1359,7 +1362,11 @@ typedef struct {
     int64_t group;
     int bias, nanrow;
 } shape;
-enum { GEN_RANDOM, GEN_LARGE };
+/* GEN_GAUSS: Gaussian activations (codes mostly small: few pairs that can saturate), so that the
+ * dynamic calls run the pair-safe tile where the path has one (uniform codes send every row to the
+ * sign tile) */
+enum { GEN_RANDOM, GEN_LARGE, GEN_GAUSS };
+static float rnd_gauss(void) { return (float)(sqrt(-2.0 * log(1.0 - rnd01())) * cos(6.283185307179586 * rnd01())); }
 
 /* One shape on the active path: quantize, dequantize, both formats packed / unpacked / read, and
  * cq_linear in both modes against a plain-C reference (int64 sums for the dynamic mode); gemm. */
@@ -1370,7 +1377,8 @@ static void run_shape(int path, const shape *s, int gen)
     const int scheme = s->scheme;
     char what[200];
     snprintf(what, sizeof what, "path %s m=%lld n=%lld k=%lld scheme %d group %lld%s", cq_isa_name(path),
-             (long long)m, (long long)n, (long long)k, scheme, (long long)group, gen == GEN_LARGE ? " (large sums)" : "");
+             (long long)m, (long long)n, (long long)k, scheme, (long long)group,
+             gen == GEN_LARGE ? " (large sums)" : gen == GEN_GAUSS ? " (Gaussian x)" : "");
     float *w = (float *)xmalloc(sizeof(float) * (size_t)(n * k)), *x = (float *)xmalloc(sizeof(float) * (size_t)(m * k));
     float *bias = s->bias ? (float *)xmalloc(sizeof(float) * (size_t)n) : NULL;
     for (int64_t j = 0; j < n; j++)
@@ -1379,7 +1387,8 @@ static void run_shape(int path, const shape *s, int gen)
             if (gen == GEN_LARGE) v = j % 3 == 0 ? 1.0f - 0.02f * (float)rnd01() : j % 3 == 1 ? -1.0f + 0.02f * (float)rnd01() : rndf();
             w[j * k + i] = v;
         }
-    for (int64_t i = 0; i < m * k; i++) x[i] = gen == GEN_LARGE ? 1.0f - 0.02f * (float)rnd01() : rndf() * 3.0f;
+    for (int64_t i = 0; i < m * k; i++)
+        x[i] = gen == GEN_LARGE ? 1.0f - 0.02f * (float)rnd01() : gen == GEN_GAUSS ? rnd_gauss() : rndf() * 3.0f;
     if (s->nanrow && m >= 2) x[1 * k + k / 2] = NAN;
     if (bias) for (int64_t j = 0; j < n; j++) bias[j] = rndf();
 
@@ -1546,6 +1555,15 @@ static const shape SHAPES[] = {
     {64, 33, 257, CQ_PER_CHANNEL, 0, 1, 0},
     {64, 130, 320, CQ_PER_CHANNEL, 0, 1, 0}, /* AMX-sized: m >= 8, k a multiple of 64 */
     {100, 20, 40, CQ_PER_TENSOR, 0, 0, 0},   /* two row blocks of the weight-only driver */
+};
+
+/* Shapes where the pair-safe tile runs on Gaussian activations (GEN_GAUSS): N >= 64 (PS_MIN_N),
+ * per channel / per tensor; several row tiles, ragged k, M = 1 (no GEMV on AVX-512BW). */
+static const shape PS_SHAPES[] = {
+    {1, 64, 300, CQ_PER_CHANNEL, 0, 1, 0},
+    {6, 70, 130, CQ_PER_TENSOR, 0, 0, 0},
+    {9, 130, 1501, CQ_PER_CHANNEL, 0, 1, 0},
+    {64, 128, 768, CQ_PER_CHANNEL, 0, 0, 1}, /* a NaN row: its codes zero, the rest exact */
 };
 
 /* k past one int32 chunk (CQ_CHUNK4 steps): sums beyond int32, accumulated in int64 chunks. */
@@ -1813,6 +1831,17 @@ static void test_path(int path)
           cq_isa_name(path), cq_best_format(4096));
     CHECK(cq_best_format(16) == CQ_FORMAT_N16K4, "path %s: best format for n = 16: %d", cq_isa_name(path), cq_best_format(16));
     for (unsigned i = 0; i < sizeof SHAPES / sizeof SHAPES[0]; i++) run_shape(path, &SHAPES[i], GEN_RANDOM);
+    { /* the pair-safe tile end to end: per-channel / per-tensor, N >= 64, Gaussian rows; where the
+       * path's configs have one it must have run (and matched the int64 reference above) */
+        int ps0 = ps_runs, want_ps = 0;
+        for (unsigned i = 0; i < sizeof PS_SHAPES / sizeof PS_SHAPES[0]; i++) {
+            const shape *sp = &PS_SHAPES[i];
+            int fmt = cq_best_format(sp->n);
+            want_ps |= expected_kernel_alt(path, fmt, CQ_MODE_DYNAMIC, sp->m, sp->k, sp->scheme, 0) != NULL;
+            run_shape(path, sp, GEN_GAUSS);
+        }
+        CHECK(!want_ps || ps_runs > ps0, "path %s: the pair-safe tile never ran on Gaussian rows", cq_isa_name(path));
+    }
     if (!EMU) {
         for (unsigned i = 0; i < sizeof BIG_SHAPES / sizeof BIG_SHAPES[0]; i++) run_shape(path, &BIG_SHAPES[i], GEN_LARGE);
         test_gemm_max_k(path);
