@@ -1564,6 +1564,7 @@ static const shape PS_SHAPES[] = {
     {6, 70, 130, CQ_PER_TENSOR, 0, 0, 0},
     {9, 130, 1501, CQ_PER_CHANNEL, 0, 1, 0},
     {64, 128, 768, CQ_PER_CHANNEL, 0, 0, 1}, /* a NaN row: its codes zero, the rest exact */
+    {6, 64, 16500, CQ_PER_CHANNEL, 0, 1, 0}, /* K > PS_BLOCK_K: several k blocks, each with its sums and entries */
 };
 
 /* k past one int32 chunk (CQ_CHUNK4 steps): sums beyond int32, accumulated in int64 chunks. */
