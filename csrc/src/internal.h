@@ -113,6 +113,14 @@ typedef struct {
     const int32_t *ps_ent;
     int64_t ps_k0;
 } cq_qd8_out;
+/* The L2 prefetch stream of a tile's k loop (prefetch ptr + t * *step at step t): the driver's next
+ * panel (o->pf), or, none given, the tile's own panel b at its step (an L1 hit), so the loop has no
+ * branch. */
+static inline const char *cq_qd8_pf_stream(const cq_qd8_out *o, const int8_t *b, int64_t step, int64_t *pf_step)
+{
+    *pf_step = o->pf ? o->pf_step : step;
+    return (const char *)(o->pf ? o->pf : b);
+}
 
 /* Pair-safe activations (the AVX2 u8 x s8 kernels that do not saturate; x86/avx2/
  * qd8-f32-qc8w-gemm-4x16c4-avx2.c explains): in a row of s8 codes, every aligned pair (k, k + 1) of

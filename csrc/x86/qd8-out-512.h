@@ -6,6 +6,14 @@
 #define CQ_QD8_OUT_512_H
 #include <string.h>
 
+/* One k step of a 64-column panel (256 bytes, 4 lines) CQ_PF_DIST ahead into L1: at small M the
+ * panel streams from memory once (at large M it is in L1/L2 and the 4 prefetches cost little). */
+#define CQ_PF_STEP64(p)                                                                           \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST, _MM_HINT_T0);                                    \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 64, _MM_HINT_T0);                               \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 128, _MM_HINT_T0);                              \
+    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 192, _MM_HINT_T0);
+
 /* 4 consecutive int8 codes as one int32 (for a broadcast). */
 CQ_INLINE int32_t cq_load4(const int8_t *p)
 {

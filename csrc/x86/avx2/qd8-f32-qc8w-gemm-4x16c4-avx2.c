@@ -36,16 +36,15 @@ CQ_TARGET_BEGIN("avx2,fma")
     const __m256i ab0 = _mm256_abs_epi8(b0);                                                      \
     const __m256i ab1 = _mm256_abs_epi8(b1);
 /* (PREP, STEP and OUT are macro arguments: no comma outside parentheses in them) */
-/* A tile of the family: PREP (the step's shared weight vectors), then STEP(r) per row. The
- * panel's next line CQ_PF_DIST ahead into L1, and a line per step of the panel this thread reads
- * next into L2 (cq_qd8_out.pf, as the VNNI and AVX-512BW tiles; none given: the step's own line,
- * an L1 hit). */
+/* A tile of the family: PREP (the step's shared weight vectors), then STEP(r) per row; per step
+ * the panel's next line CQ_PF_DIST ahead into L1 and a line of the driver's next panel into L2
+ * (cq_qd8_pf_stream). */
 #define TILE(NAME, PREP, DECLS, STEPS, OUTS)                                                      \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         const __m256i ones = _mm256_set1_epi16(1);                                                \
-        const char *pf = o->pf ? (const char *)o->pf : (const char *)b;                          \
-        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
+        int64_t pf_step;                                                                          \
+        const char *pf = cq_qd8_pf_stream(o, b, STEP, &pf_step);                                  \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
             _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \

@@ -26,25 +26,21 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq")
 #define LOADB(v) const __m512i b##v = _mm512_loadu_si512((const void *)(b + t * STEP + 64 * (v))); \
     const __m512i ab##v = _mm512_abs_epi8(b##v); const __mmask64 n##v = _mm512_movepi8_mask(b##v);
 #define S8_PREP const __m512i zero = _mm512_setzero_si512(); LOADB(0) LOADB(1) LOADB(2) LOADB(3)
-/* A tile of a family: PREP (the step's shared weight vectors), then STEP(r) per row. As the VNNI
- * 6x64 tile does: the panel's next lines CQ_PF_DIST ahead into L1 (at small M it streams from
- * memory once), and a line per step of the panel this thread reads next into L2 (cq_qd8_out.pf;
- * none given: the step's own first line, an L1 hit, so the loop has no branch). Measured natively
- * (Sapphire Rapids-class Xeon, CQUANT_ISA=avx512): see README "AVX-512BW". */
+/* A tile of a family: PREP (the step's shared weight vectors), then STEP(r) per row; per step, as
+ * the VNNI 6x64 tile does, the panel's lines CQ_PF_DIST ahead into L1 and a line of the driver's
+ * next panel into L2 (measured natively on a Sapphire Rapids-class Xeon, CQUANT_ISA=avx512: README,
+ * "AVX-512 without VNNI"). */
 #define TILE(NAME, PREP, DECLS, STEPS, OUTS)                                                      \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         const __m512i ones = _mm512_set1_epi16(1);                                                \
-        const char *pf = o->pf ? (const char *)o->pf : (const char *)b;                          \
-        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
+        int64_t pf_step;                                                                          \
+        const char *pf = cq_qd8_pf_stream(o, b, STEP, &pf_step);                                  \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
             _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
             PREP                                                                                  \
-            _mm_prefetch((const char *)(b + t * STEP) + CQ_PF_DIST, _MM_HINT_T0);                 \
-            _mm_prefetch((const char *)(b + t * STEP) + CQ_PF_DIST + 64, _MM_HINT_T0);            \
-            _mm_prefetch((const char *)(b + t * STEP) + CQ_PF_DIST + 128, _MM_HINT_T0);           \
-            _mm_prefetch((const char *)(b + t * STEP) + CQ_PF_DIST + 192, _MM_HINT_T0);           \
+            CQ_PF_STEP64(b + t * STEP)                                                            \
             STEPS                                                                                 \
         }                                                                                         \
         OUTS                                                                                      \
@@ -72,8 +68,8 @@ TILES(cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw, gemm, S8_PREP, STEPR, OUT)
  * explains): u8 w + 128 (an XOR per step, shared by the rows) times the s8 activations left by
  * the pair-safe preparation (quantize.c, cq_ps_prepare_row), whose pairs cannot saturate
  * vpmaddubsw; 3 instructions per 64 MACs against the sign tile's 4 (its masked negate). Then 128 * sum x' over the k block is subtracted and v * w[k]
- * added for each residual entry of the block. llvm-mca skylake-avx512 / cascadelake: see README
- * (predictions: no AVX-512 CPU measured it yet). */
+ * added for each residual entry of the block. llvm-mca skylake-avx512 / cascadelake and the
+ * measurements (CQUANT_ISA=avx512 on a Sapphire Rapids-class Xeon): see README. */
 static __attribute__((noinline)) void ps_fix_row64(const cq_qd8_out *o, int r, const int8_t *b, __m512i *c)
 {
     const int32_t *s = o->ps_sum + r * o->ps_ld, *n = o->ps_cnt + r * o->ps_ld;

@@ -35,28 +35,21 @@ CQ_TARGET_BEGIN("avx2,fma,avx512f,avx512bw,avx512vl,avx512dq,avx512vnni")
 #define OUT(r)                                                                                    \
     cq_qd8_out_vec64(o, r, 0, c##r##0, o->acc_in); cq_qd8_out_vec64(o, r, 1, c##r##1, o->acc_in);   \
     cq_qd8_out_vec64(o, r, 2, c##r##2, o->acc_in); cq_qd8_out_vec64(o, r, 3, c##r##3, o->acc_in);
-/* At small M the panel streams from memory once: its next lines are fetched CQ_PF_DIST ahead (at
- * large M the k block is in L1/L2 and the 4 prefetches per 24 vpdpbusd cost little). */
-#define PF(p)                                                                                     \
-    _mm_prefetch((const char *)(p) + CQ_PF_DIST, _MM_HINT_T0);                                    \
-    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 64, _MM_HINT_T0);                               \
-    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 128, _MM_HINT_T0);                              \
-    _mm_prefetch((const char *)(p) + CQ_PF_DIST + 192, _MM_HINT_T0);
-/* The driver's L2 prefetch of the next panel (cq_qd8_out.pf): one line per k step at most; none
- * given: the step's own first line again (an L1 hit), so the loop has no branch. */
+/* Per k step: the panel's lines CQ_PF_DIST ahead into L1 (CQ_PF_STEP64) and a line of the
+ * driver's next panel into L2 (cq_qd8_pf_stream). */
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
         DECLS                                                                                     \
-        const char *pf = o->pf ? (const char *)o->pf : (const char *)b;                          \
-        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
+        int64_t pf_step;                                                                          \
+        const char *pf = cq_qd8_pf_stream(o, b, STEP, &pf_step);                                  \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
             _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
             const __m512i b0 = _mm512_loadu_si512((const void *)(b + t * STEP));                  \
             const __m512i b1 = _mm512_loadu_si512((const void *)(b + t * STEP + 64));             \
             const __m512i b2 = _mm512_loadu_si512((const void *)(b + t * STEP + 128));            \
             const __m512i b3 = _mm512_loadu_si512((const void *)(b + t * STEP + 192));            \
-            PF(b + t * STEP)                                                                      \
+            CQ_PF_STEP64(b + t * STEP)                                                            \
             STEPS                                                                                 \
         }                                                                                         \
         OUTS                                                                                      \

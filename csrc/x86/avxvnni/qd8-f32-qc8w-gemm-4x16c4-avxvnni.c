@@ -26,8 +26,8 @@ CQ_TARGET_BEGIN("avx2,fma,avxvnni")
 #define TILE(NAME, DECLS, STEPS, OUTS)                                                            \
     static void NAME(int64_t nk4, const int8_t *a, int64_t lda, const int8_t *b, const cq_qd8_out *o) \
     {                                                                                             \
-        const char *pf = o->pf ? (const char *)o->pf : (const char *)b; /* next panel, into L2 */  \
-        const int64_t pf_step = o->pf ? o->pf_step : STEP;                                        \
+        int64_t pf_step; /* the driver's next panel, into L2 */                                   \
+        const char *pf = cq_qd8_pf_stream(o, b, STEP, &pf_step);                                  \
         DECLS                                                                                     \
         for (int64_t t = 0; t < nk4; t++) {                                                       \
             _mm_prefetch(pf + t * pf_step, _MM_HINT_T1);                                          \
