@@ -48,15 +48,14 @@ QD8_ROWS = [
     ("scalar", "n16k4", *REF_QD8, 0, 0, False),
     ("scalar", "n64k4", *REF_QD8, 0, 0, False),
 ]
-# weight-only: (path, format, gemm kernel (M >= 4), gemv4 kernel (M < 4))
+# weight-only int8: (path, format, gemm kernel (M >= gemv_m), gemv4 kernel (M < gemv_m), gemv_m)
 F32_ROWS = [
-    ("avx512", "n64k4", "f32_qc8w_gemm_6x64_avx512f", "f32_qc8w_gemv4_1x256c4_avx512f"),
-    ("avx2", "n16k4", "f32_qc8w_gemm_6x16_avx2", "f32_qc8w_gemv4_1x64c4_avx2"),
-    ("scalar", "n16k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_1x4Nc4_ref"),
-    ("scalar", "n64k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_1x4Nc4_ref"),
+    ("avx512", "n64k4", "f32_qc8w_gemm_6x64_avx512f", "f32_qc8w_gemv4_6x256c4_avx512f", 9),
+    ("avx2", "n16k4", "f32_qc8w_gemm_6x16_avx2", "f32_qc8w_gemv4_6x64c4_avx2", 9),
+    ("scalar", "n16k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_6x4Nc4_ref", 9),
+    ("scalar", "n64k4", "f32_qc8w_gemm_6xN_ref", "f32_qc8w_gemv4_6x4Nc4_ref", 9),
 ]
 CHUNK_K = oracle.CHUNK_K  # CQ_CHUNK4 * 4: longer sums (or groups) take the chunked int64 path
-WO_GEMM_MIN_M = 4         # linear.c
 
 
 def _allowed(path, row_path):
@@ -135,7 +134,7 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
 def expected_wo_kernel(path, m, n):
     fmt = table_best_format(path, n)
     row = next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == fmt)
-    return row[3] if m < WO_GEMM_MIN_M else row[2]
+    return row[3] if m < row[4] else row[2]
 
 
 def uses_fma_groups(kernel):
@@ -383,11 +382,46 @@ def test_linear_weight_only(path, gran, group):
             qw = ops.quantize_weight(w, gran, group)
             qo, so = oracle.quantize(w, gran, group)
             yo, budget = oracle.linear_weight_only(x, qo, so, gran, group, bias)  # rows independent
-            for m in [1, 2, 3, 4, 5, 11]:
+            for m in [1, 2, 3, 4, 5, 6, 7, 8, 9, 11]:
                 y = ops.linear(x[:m], qw, bias, mode="weight_only")
                 assert ops.last_kernel() == expected_wo_kernel(path, m, n), (m, n, k)
                 err = np.abs(y.astype(np.float64) - yo[:m])
                 assert (err <= budget[:m]).all(), (m, n, k, float((err / budget[:m]).max()))
+
+
+@pytest.mark.parametrize("gran,group", [("per_channel", None), ("per_group", 64)])
+def test_weight_only_gemv_rows_independent(path, gran, group):
+    """The weight-only GEMV takes up to gemv_m - 1 rows in calls of several rows (each weight vector
+    converted once for all of them): every row's outputs are bit for bit those of the row alone, the
+    scalar reference's, for every M it covers and ragged N / K."""
+    rng = np.random.default_rng(5)
+    for n, k in [(64, 256), (130, 100), (300, 1024), (16, 64), (768, 2048)]:
+        if group is not None and k % group:
+            continue
+        w = rng.standard_normal((n, k)).astype(np.float32)
+        x = rng.standard_normal((8, k)).astype(np.float32)
+        x[3] *= 1e3
+        qw = ops.quantize_weight(w, gran, group)
+        b = rng.standard_normal(n).astype(np.float32)
+        alone = np.stack([ops.linear(x[r:r + 1], qw, b, mode="weight_only")[0] for r in range(8)])
+        gemv_m = next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == qw.format)[4]
+        threads = ops.get_num_threads()
+        try:
+            for t in (1, 2):  # 2 threads: few groups of 4 panels also split the rows in two blocks
+                ops.set_num_threads(t)
+                for m in range(2, gemv_m):
+                    y = ops.linear(x[:m], qw, b, mode="weight_only")
+                    assert ops.last_kernel() == expected_wo_kernel(path, m, n)
+                    assert np.array_equal(y.view(np.uint32), alone[:m].view(np.uint32)), (n, k, m, t)
+        finally:
+            ops.set_num_threads(threads)
+        prev = ops.isa()
+        try:
+            ops.set_isa("scalar")
+            ref = np.stack([ops.linear(x[r:r + 1], qw, b, mode="weight_only")[0] for r in range(8)])
+        finally:
+            ops.set_isa(prev)
+        assert np.array_equal(alone.view(np.uint32), ref.view(np.uint32)), (n, k)
 
 
 # ================================ threads, formats, huge K ========================================

@@ -95,18 +95,19 @@ void cq_ref_f32_gemm(int mr, int nr, int64_t kc, const float *a, int64_t lda, co
         }
 }
 
-void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
-                          const float *ws, float *y)
+void cq_ref_f32_gemv4(int mr, int nr, int64_t nk4, const float *x, int64_t ldx,
+                      const int8_t *const *panels, const float *ws, float *y, int64_t ldy)
 {
-    for (int p = 0; p < 4; p++)
-        for (int j = 0; j < nr; j++) {
-            float s = 0.0f;
-            for (int64_t t = 0; t < nk4; t++) {
-                const int8_t *bp = panels[p] + (t * nr + j) * 4;
-                for (int i = 0; i < 4; i++) s += x[4 * t + i] * (float)bp[i];
+    for (int r = 0; r < mr; r++)
+        for (int p = 0; p < 4; p++)
+            for (int j = 0; j < nr; j++) {
+                float s = 0.0f;
+                for (int64_t t = 0; t < nk4; t++) {
+                    const int8_t *bp = panels[p] + (t * nr + j) * 4;
+                    for (int i = 0; i < 4; i++) s = fmaf(x[r * ldx + 4 * t + i], (float)bp[i], s);
+                }
+                y[r * ldy + p * nr + j] = fmaf(s, ws[p * nr + j], y[r * ldy + p * nr + j]); /* as the SIMD GEMVs */
             }
-            y[p * nr + j] += ws[p * nr + j] * s;
-        }
 }
 
 void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *const *panels, int64_t step,

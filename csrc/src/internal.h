@@ -199,10 +199,12 @@ typedef void (*cq_f32_dequant_fn)(int nr, int64_t nk4, const int8_t *b, const fl
 /* Float tile: c[r*ldc + j] += sum_{kk < kc} a[r*lda + kk] * bb[kk*nr + j], r < mr, j < nr. */
 typedef void (*cq_f32_gemm_fn)(int mr, int nr, int64_t kc, const float *a, int64_t lda,
                                const float *bb, float *c, int64_t ldc);
-/* Weight-only GEMV over 4 panels: y[p*nr + j] += ws[p*nr + j] * sum_{t<nk4,i<4} x[4t+i] *
- * panels[p][(t*nr + j)*4 + i] (x has 4*nk4 readable floats). */
-typedef void (*cq_f32_gemv4_fn)(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
-                                const float *ws, float *y);
+/* Weight-only GEMV over 4 panels for mr rows of x (1 <= mr <= the kernel's cq_ukernel.mr):
+ * y[r*ldy + p*nr + j] += ws[p*nr + j] * sum_{t<nk4,i<4} x[r*ldx + 4t+i] * panels[p][(t*nr + j)*4 + i]
+ * (each row has 4*nk4 readable floats). Each row's sum is a float32 FMA chain over k in order,
+ * the same for every mr, so a row's outputs do not depend on the rows beside it. */
+typedef void (*cq_f32_gemv4_fn)(int mr, int nr, int64_t nk4, const float *x, int64_t ldx,
+                                const int8_t *const *panels, const float *ws, float *y, int64_t ldy);
 
 /* Weight-only GEMV over 4 slices of int4 panels (nr columns each; step k of 8 at panels[p] + t *
  * step bytes, column j's 8 codes in the int32 at + 4j, as cquant.h's int4 formats):
@@ -225,7 +227,8 @@ typedef struct {
     const char *name;
     int op;      /* CQ_UK_* */
     int isa;     /* the path it needs (enum cq_isa) */
-    int mr, nr;  /* tile: rows of activations (1 for GEMVs), output columns (0: any multiple of 16) */
+    int mr, nr;  /* tile: rows of activations (GEMVs: rows per call, 1 but for the weight-only
+                    ones), output columns (0: any multiple of 16) */
     int act_u8;  /* int8 kernels: reads u8 activations (x + 128) and needs the compensation */
     void *fn;
     int k4_multiple; /* nk4 must be a multiple of this (0: any) */
@@ -268,7 +271,10 @@ typedef struct {
     const cq_ukernel *gemv4_i4;      /* int4 weights, M < 4, codes expanded in registers */
     const cq_ukernel *gemv4_i4_x24;  /* or NULL: the same in integers, x as 24-bit fixed point, where
                                         the rows allow it (linear.c) */
+    int gemv_m;                      /* int8 weights: gemv4 runs for M below this (2 ..
+                                        CQ_WO_GEMV_MAX_M), the dequantized block and gemm from it */
 } cq_f32_config;
+#define CQ_WO_GEMV_MAX_M 16
 /* group4: 0 for one int32 sum per output (per-channel, k within one chunk), else the k4 steps of one
  * summed group (per-group: its group; chunked per-channel: kp4) */
 const cq_qd8_config *cq_qd8_config_for(int active_isa, int format, int64_t group4, int64_t m, int64_t kp4);
@@ -406,8 +412,8 @@ void cq_ref_qd8_gemv4(int nr, int64_t nk4, const int8_t *a, const int8_t *const 
 void cq_ref_f32_dequant(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out);
 void cq_ref_f32_gemm(int mr, int nr, int64_t kc, const float *a, int64_t lda, const float *bb,
                      float *c, int64_t ldc);
-void cq_ref_f32_gemv4(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
-                      const float *ws, float *y);
+void cq_ref_f32_gemv4(int mr, int nr, int64_t nk4, const float *x, int64_t ldx,
+                      const int8_t *const *panels, const float *ws, float *y, int64_t ldy);
 void cq_ref_f32_i4_gemv4(int nr, int64_t nk8, const float *x, const int8_t *const *panels, int64_t step,
                          const float *ws, float *y);
 void cq_ref_x24_i4_gemv4(int nr, int64_t nk8, const int8_t *xd, int64_t xds, const int32_t *comp, float xs,

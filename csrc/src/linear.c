@@ -18,9 +18,10 @@
 #include <string.h>
 #include "internal.h"
 
-#define WO_GEMM_MIN_M 4 /* weight-only: the per-row GEMV below this M (its arrays are sized for it); at
-                          * M = 4 the GEMV per row measured 1.7x slower than dequantize + tile ((768,
-                          * 768), Sapphire Rapids-class Xeon, 2026-12-01) */
+#define WO_GEMM_MIN_M 4 /* weight-only int4: the per-row GEMVs below this M; at M = 4 the int8 GEMV
+                          * per row measured 1.7x slower than dequantize + tile ((768, 768), Sapphire
+                          * Rapids-class Xeon, 2026-12-01). int8 weights: the config's gemv_m */
+#define WO_GEMV_MAX_M CQ_WO_GEMV_MAX_M
 #ifndef WO_MB
 #define WO_MB 96 /* rows per weight-only unit (Zen 3, 2026-12-01: 256, one dequantization at M = 256, measured 0.98-1.01x) */
 #endif
@@ -72,7 +73,9 @@ typedef struct {
     const cq_qd8_config *qcfg;
     const cq_f32_config *fcfg;
     const cq_elementwise *ew; /* the path's element-wise kernels */
-    float xup[4];         /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
+    int64_t gv_rs;        /* weight-only GEMV: row blocks per group of 4 panels (unit u: group
+                             u / gv_rs, rows of block u % gv_rs; 0 taken as 1) */
+    float xup[WO_GEMV_MAX_M]; /* weight-only GEMV: 2^e per row where x was scaled by 2^-e (else 1) */
     int i4;               /* int4 weight: blocks of its panels are expanded to int8 before use */
     const int8_t *codes4; /* int4 codes; panels of h4.nr rows, read as panels of nr (<= h4.nr) */
     cq_i4_row_fn i4row;   /* the expansion step of the path */
@@ -112,14 +115,29 @@ typedef struct ln_args {
 
 enum { REGION_PANEL_ROWS, REGION_GEMV4, REGION_WO_GEMM };
 
+/* The rows [*r0, *r1) of weight-only GEMV unit u (c->gv_rs blocks of rows per 4 panels). */
+static void gv_rows(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1)
+{
+    const int64_t rs = c->gv_rs > 1 ? c->gv_rs : 1, h = cq_ceil_div(c->m, rs), b = u % rs;
+    *r0 = b * h;
+    *r1 = (b + 1) * h < c->m ? (b + 1) * h : c->m;
+}
+
 /* The output block unit u of the running job wrote: rows [*r0, *r1), columns [*c0, *c1). */
 static void unit_region(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1, int64_t *c0, int64_t *c1)
 {
     int64_t p0, p1, mbi;
     if (c->region == REGION_PANEL_ROWS) { /* s8_unit: a panel's block of mb rows */
         p0 = u / c->nmb; p1 = p0 + 1; mbi = u % c->nmb;
-    } else if (c->region == REGION_GEMV4) { /* GEMVs: 4 panels, every row */
-        p0 = 4 * u; p1 = p0 + 4; mbi = -1;
+    } else if (c->region == REGION_GEMV4) { /* GEMVs: 4 panels, every row (or a block of them) */
+        int64_t rs = c->gv_rs > 1 ? c->gv_rs : 1;
+        p0 = 4 * (u / rs); p1 = p0 + 4; mbi = -1;
+        if (rs > 1) {
+            gv_rows(c, u, r0, r1);
+            *c0 = p0 * c->nr;
+            *c1 = p1 * c->nr < c->n ? p1 * c->nr : c->n;
+            return;
+        }
     } else { /* wo_gemm_unit: WO_COLS / nr panels, a block of mb rows */
         int64_t ppu = WO_COLS / c->nr, npg = cq_ceil_div(c->np, ppu);
         p0 = (u % npg) * ppu; p1 = p0 + ppu; mbi = u / npg;
@@ -611,9 +629,12 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     lin_ctx *c = (lin_ctx *)vctx;
     const int nr = c->nr;
     const cq_f32_gemv4_fn gemv = (cq_f32_gemv4_fn)c->fcfg->gemv4->fn;
-    int64_t p0 = 4 * u;
+    int64_t p0 = 4 * (c->gv_rs > 1 ? u / c->gv_rs : u), ra, rb;
+    gv_rows(c, u, &ra, &rb); /* this unit's rows; y[r - ra] is row r's */
+    const int64_t m = rb - ra;
+    const float *xa = c->x + ra * c->xlda;
     const int8_t *panels[4];
-    float bb[MAXNR], y[WO_GEMM_MIN_M - 1][4 * MAXNR];
+    float bb[MAXNR], y[WO_GEMV_MAX_M - 1][4 * MAXNR];
     float wsb[GB][4 * MAXNR]; /* the scales of GB groups, gathered once for all rows (gather_scales) */
     /* int4: every config's int4 GEMV expands the codes in registers, reading slices of the int4
      * panels directly (16-column slices of 64-row panels on AVX2) */
@@ -621,14 +642,26 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     const int64_t step4 = 4 * (int64_t)c->h4.nr, kp8 = c->kp4 / 2;
     int64_t last = c->np - 1, pp[4];
     for (int i = 0; i < 4; i++) pp[i] = p0 + i <= last ? p0 + i : last; /* past the last: repeat it */
-    for (int64_t r = 0; r < c->m; r++) memset(y[r], 0, sizeof y[r]); /* the rows this call has (m < 4) */
+    for (int64_t r = 0; r < m; r++) memset(y[r], 0, sizeof y[r]); /* the rows this unit has */
     const cq_x24_i4_gemv4_fn gemv_x24 = c->xd ? (cq_x24_i4_gemv4_fn)c->fcfg->gemv4_i4_x24->fn : NULL;
+    /* int8: all rows at once, in calls of up to the kernel's mr rows, as even as mr allows */
+    const int mr = (int)cq_ceil_div(m, cq_ceil_div(m, c->fcfg->gemv4->mr));
     for (int64_t g0 = 0; g0 < c->ng; g0 += GB) {
         const int64_t gn = c->ng - g0 < GB ? c->ng - g0 : GB;
         gather_scales(c, pp, g0, gn, wsb);
-        for (int64_t r = 0; r < c->m; r++)
+        if (!gemv_x24 && !c->i4) {
             for (int64_t gi = g0; gi < g0 + gn; gi++) {
                 const int64_t t0 = gi * c->group4;
+                for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
+                for (int64_t r0 = 0; r0 < m; r0 += mr)
+                    gemv((int)(m - r0 < mr ? m - r0 : mr), nr, c->group4, xa + r0 * c->xlda + 4 * t0,
+                         c->xlda, panels, wsb[gi - g0], y[r0], 4 * MAXNR);
+            }
+            continue;
+        }
+        for (int64_t i = 0; i < m; i++) /* int4: row by row (row r = ra + i) */
+            for (int64_t gi = g0; gi < g0 + gn; gi++) {
+                const int64_t t0 = gi * c->group4, r = ra + i;
                 const float *ws = wsb[gi - g0];
                 const float *xr = c->x + r * c->xlda;
                 if (gemv_x24) { /* segments: the group, or the chunks of a per-channel row */
@@ -637,24 +670,21 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
                         const int64_t t8 = sg * c->seg8, n8 = kp8 - t8 < c->seg8 ? kp8 - t8 : c->seg8;
                         i4_slices(c, pp, t8, panels);
                         gemv_x24(nr, n8, c->xd + 3 * r * c->xds + 8 * t8, c->xds, c->xcomp + 3 * (r * c->nsegx + sg),
-                                 c->xs[r], panels, step4, ws, y[r]);
+                                 c->xs[r], panels, step4, ws, y[i]);
                     }
-                } else if (c->i4) {
-                    i4_slices(c, pp, t0 / 2, panels);
-                    gemv_i4(nr, c->group4 / 2, xr + 4 * t0, panels, step4, ws, y[r]);
                 } else {
-                    for (int i = 0; i < 4; i++) panels[i] = panel_at(c, pp[i], t0);
-                    gemv(nr, c->group4, xr + 4 * t0, panels, ws, y[r]);
+                    i4_slices(c, pp, t0 / 2, panels);
+                    gemv_i4(nr, c->group4 / 2, xr + 4 * t0, panels, step4, ws, y[i]);
                 }
             }
     }
-    for (int64_t r = 0; r < c->m; r++)
-        for (int i = 0; i < 4 && p0 + i <= last; i++) {
-            int64_t p = p0 + i, cols = cols_of(c, p);
+    for (int64_t i = 0; i < m; i++)
+        for (int q = 0; q < 4 && p0 + q <= last; q++) {
+            int64_t p = p0 + q, cols = cols_of(c, p);
             panel_bias(c, p, bb);
-            float *yr = c->y + r * c->n + p * nr;
-            const float up = c->xup[r];
-            for (int64_t j = 0; j < cols; j++) yr[j] = y[r][i * nr + j] * up + bb[j];
+            float *yr = c->y + (ra + i) * c->n + p * nr;
+            const float up = c->xup[ra + i];
+            for (int64_t j = 0; j < cols; j++) yr[j] = y[i][q * nr + j] * up + bb[j];
         }
 }
 
@@ -683,7 +713,7 @@ static int x24_prepare(lin_ctx *c)
     if (!uk || (uk->nr && uk->nr != c->nr)) return 0;
     if ((double)c->n * (double)(4 * c->kp4) / 2.0 > (double)X24_MAX_BYTES) return 0;
     const int64_t kp8 = c->kp4 / 2, k = c->k;
-    int ex[WO_GEMM_MIN_M] = {0};
+    int ex[WO_GEMV_MAX_M] = {0};
     for (int64_t r = 0; r < c->m; r++) {
         float amax = 0.0f;
         if (!c->ew->absmax(c->x + r * c->xlda, k, &amax)) return 0;
@@ -736,7 +766,7 @@ static int wo_gemv_rows(lin_ctx *c, void **scratch)
 {
     const int64_t m = c->m, k = c->k;
     const float *x = c->x;
-    int need_copy = 4 * c->kp4 != k, ex[WO_GEMM_MIN_M] = {0};
+    int need_copy = 4 * c->kp4 != k, ex[WO_GEMV_MAX_M] = {0};
     for (int64_t r = 0; r < m; r++) {
         float amax = 0.0f;
         c->xup[r] = 1.0f;
@@ -995,11 +1025,20 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
             }
         }
         c.x = x; c.xlda = k;
-        if (m < WO_GEMM_MIN_M) {
+        if (m < (c.i4 ? WO_GEMM_MIN_M : c.fcfg->gemv_m)) {
             if (c.i4 && x24_prepare(&c)) scratch = (void *)c.xd; /* int4 in integers: x as fixed-point digits */
             else if (wo_gemv_rows(&c, &scratch) != CQ_OK) { cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
             cq_set_last_kernel((c.xd ? c.fcfg->gemv4_i4_x24 : c.i4 ? c.fcfg->gemv4_i4 : c.fcfg->gemv4)->name);
             int64_t nunits = cq_ceil_div(c.np, 4);
+            /* several rows and few groups of 4 panels for the threads: the rows in 2 blocks (each
+             * group's weight is then read twice, from cache at this size). (768, 768) M = 6 / 8,
+             * 2 threads: 3 units of 4 panels measured 0.87 / 0.84x the tile's time (one thread did
+             * two of them) */
+            const int64_t T = cq_threads_for(work, nunits);
+            if (!c.i4 && m >= 4 && T > 1 && nunits < 4 * T) {
+                c.gv_rs = 2;
+                nunits *= 2;
+            }
             run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemv4_unit, REGION_GEMV4);
         } else {
             cq_set_last_kernel(c.fcfg->gemm->name);

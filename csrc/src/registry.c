@@ -11,7 +11,7 @@ void cq_qd8_f32_qc8w_gemm_4x16c4_ps_avx2(int, int, int64_t, const int8_t *, int6
 void cq_qd8_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const int8_t *, const int8_t *const *, int64_t, int32_t *);
 void cq_f32_qc8w_dequant_16c4_avx2(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x16_avx2(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
-void cq_f32_qc8w_gemv4_1x64c4_avx2(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+void cq_f32_qc8w_gemv4_6x64c4_avx2(int, int, int64_t, const float *, int64_t, const int8_t *const *, const float *, float *, int64_t);
 void cq_f32_qc4w_gemv4_1x64c8_avx2(int, int64_t, const float *, const int8_t *const *, int64_t, const float *, float *);
 #define HAVE_AVX2 1
 #endif
@@ -22,7 +22,7 @@ void cq_qd8_f32_qc8w_gemm_4x64c4_avx512bw(int, int, int64_t, const int8_t *, int
 void cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw(int, int, int64_t, const int8_t *, int64_t, const int8_t *, const cq_qd8_out *);
 void cq_f32_qc8w_dequant_64c4_avx512f(int, int64_t, const int8_t *, const float *, float *);
 void cq_f32_qc8w_gemm_6x64_avx512f(int, int, int64_t, const float *, int64_t, const float *, float *, int64_t);
-void cq_f32_qc8w_gemv4_1x256c4_avx512f(int, int64_t, const float *, const int8_t *const *, const float *, float *);
+void cq_f32_qc8w_gemv4_6x256c4_avx512f(int, int, int64_t, const float *, int64_t, const int8_t *const *, const float *, float *, int64_t);
 void cq_f32_qc4w_gemv4_1x256c8_avx512f(int, int64_t, const float *, const int8_t *const *, int64_t, const float *, float *);
 void cq_x24_qc4w_gemv4_1x256c8_avx512vnni(int, int64_t, const int8_t *, int64_t, const int32_t *, float,
                                           const int8_t *const *, int64_t, const float *, float *);
@@ -64,7 +64,7 @@ static const cq_ukernel UKERNELS[] = {
     {"qd8_f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_QD8_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_qd8_gemv4, 0, 0, 0, NULL, 0},
     {"f32_qc8w_dequant_Nc4_ref", CQ_UK_F32_DEQUANT, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_dequant, 0, 0, 0, NULL, 0},
     {"f32_qc8w_gemm_6xN_ref", CQ_UK_F32_GEMM, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemm, 0, 0, 0, NULL, 0},
-    {"f32_qc8w_gemv4_1x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_6x4Nc4_ref", CQ_UK_F32_GEMV4, CQ_ISA_SCALAR, 6, 0, 0, (void *)cq_ref_f32_gemv4, 0, 0, 0, NULL, 0},
     {"f32_qc4w_gemv4_1x4Nc8_ref", CQ_UK_F32_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_f32_i4_gemv4, 0, 0, 0, NULL, 0},
     {"x24_qc4w_gemv4_1x4Nc8_ref", CQ_UK_X24_I4_GEMV4, CQ_ISA_SCALAR, 1, 0, 0, (void *)cq_ref_x24_i4_gemv4, 0, 0, 0, NULL, 0},
 #ifdef HAVE_AVX2
@@ -73,7 +73,7 @@ static const cq_ukernel UKERNELS[] = {
     {"qd8_f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_QD8_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_qd8_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL, 0},
     {"f32_qc8w_dequant_16c4_avx2", CQ_UK_F32_DEQUANT, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_dequant_16c4_avx2, 0, 0, 0, NULL, 0},
     {"f32_qc8w_gemm_6x16_avx2", CQ_UK_F32_GEMM, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemm_6x16_avx2, 0, 0, 0, NULL, 0},
-    {"f32_qc8w_gemv4_1x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc8w_gemv4_1x64c4_avx2, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_6x64c4_avx2", CQ_UK_F32_GEMV4, CQ_ISA_AVX2, 6, 16, 0, (void *)cq_f32_qc8w_gemv4_6x64c4_avx2, 0, 0, 0, NULL, 0},
     {"f32_qc4w_gemv4_1x64c8_avx2", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX2, 1, 16, 0, (void *)cq_f32_qc4w_gemv4_1x64c8_avx2, 0, 0, 0, NULL, 0},
 #endif
 #ifdef HAVE_AVX512
@@ -83,7 +83,7 @@ static const cq_ukernel UKERNELS[] = {
     {"qd8_f32_qc8w_gemm_4x64c4_pairsafe_avx512bw", CQ_UK_QD8_GEMM, CQ_ISA_AVX512, 4, 64, 0, (void *)cq_qd8_f32_qc8w_gemm_4x64c4_ps_avx512bw, 0, 0, 0, NULL, 1},
     {"f32_qc8w_dequant_64c4_avx512f", CQ_UK_F32_DEQUANT, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_dequant_64c4_avx512f, 0, 0, 0, NULL, 0},
     {"f32_qc8w_gemm_6x64_avx512f", CQ_UK_F32_GEMM, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemm_6x64_avx512f, 0, 0, 0, NULL, 0},
-    {"f32_qc8w_gemv4_1x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc8w_gemv4_1x256c4_avx512f, 0, 0, 0, NULL, 0},
+    {"f32_qc8w_gemv4_6x256c4_avx512f", CQ_UK_F32_GEMV4, CQ_ISA_AVX512, 6, 64, 0, (void *)cq_f32_qc8w_gemv4_6x256c4_avx512f, 0, 0, 0, NULL, 0},
     {"f32_qc4w_gemv4_1x256c8_avx512f", CQ_UK_F32_I4_GEMV4, CQ_ISA_AVX512, 1, 64, 0, (void *)cq_f32_qc4w_gemv4_1x256c8_avx512f, 0, 0, 0, NULL, 0},
     {"x24_qc4w_gemv4_1x256c8_avx512vnni", CQ_UK_X24_I4_GEMV4, CQ_ISA_AVX512VNNI, 1, 64, 0, (void *)cq_x24_qc4w_gemv4_1x256c8_avx512vnni, 0, 0, 0, NULL, 0},
 #endif
@@ -155,20 +155,29 @@ static const cq_qd8_config QD8_CFG[] = {
     {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},
     {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_QD8_GEMM), UK(REF_QD8_GEMV4), 0, 0, 0, 0, 0, 0, 0, NULL},
 };
-/* {path, format, dequant, gemm, gemv4, kc, int4 gemv4, int4 gemv4 in integers (or NULL)} */
+/* {path, format, dequant, gemm, gemv4, kc, int4 gemv4, int4 gemv4 in integers (or NULL), gemv_m} */
+#ifndef WO_GEMV_M_AVX512
+#define WO_GEMV_M_AVX512 9
+#endif
+#ifndef WO_GEMV_M_AVX2
+#define WO_GEMV_M_AVX2 9
+#endif
+typedef char cq_gemv_m_fits[WO_GEMV_M_AVX512 <= CQ_WO_GEMV_MAX_M && WO_GEMV_M_AVX2 <= CQ_WO_GEMV_MAX_M ? 1 : -1];
 static const cq_f32_config F32_CFG[] = {
 #ifdef HAVE_AVX512
     /* AVX-512 VNNI: the int4 GEMV in integers, x as 24-bit fixed point, for weights up to 4 MiB of
      * codes (linear.c, x24_prepare, has the measurements) */
     {CQ_ISA_AVX512VNNI, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128,
-     UK(F512_F32_I4_GEMV4), UK(VNNI_X24_I4_GEMV4)},
-    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128, UK(F512_F32_I4_GEMV4), NULL},
+     UK(F512_F32_I4_GEMV4), UK(VNNI_X24_I4_GEMV4), WO_GEMV_M_AVX512},
+    {CQ_ISA_AVX512, CQ_FORMAT_N64K4, UK(F512_F32_DEQUANT), UK(F512_F32_GEMM), UK(F512_F32_GEMV4), 128, UK(F512_F32_I4_GEMV4), NULL,
+     WO_GEMV_M_AVX512},
 #endif
 #ifdef HAVE_AVX2
-    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4), NULL},
+    {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4), NULL,
+     WO_GEMV_M_AVX2},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4), NULL},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4), NULL},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4), NULL, 9},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4), NULL, 9},
 };
 #define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 

@@ -716,6 +716,9 @@ static void test_f32_gemm(const cq_ukernel *uk)
         }
 }
 
+/* Weight-only GEMV: every mr up to the kernel's, rows of x ldx apart (not 4 nk4), outputs ldy
+ * apart with sentinels between the rows, a repeated panel, k tails. Each output within the float
+ * bound of the double sum, and bit for bit the scalar reference's (the same FMA chain per row). */
 static void test_f32_gemv4(const cq_ukernel *uk)
 {
     int nrs[2] = {uk->nr, 0}, nnr = 1;
@@ -723,44 +726,54 @@ static void test_f32_gemv4(const cq_ukernel *uk)
     int64_t nk4s[16];
     int nn = nk4_list(1, nk4s);
     for (int ni = 0; ni < nnr; ni++)
-        for (int ki = 0; ki < nn; ki++) {
-            const int nr = nrs[ni];
-            const int64_t nk4 = nk4s[ki], psz = nk4 * nr * 4;
-            float *x = (float *)xmalloc(sizeof(float) * (size_t)(4 * nk4));
-            float *ws = (float *)xmalloc(sizeof(float) * (size_t)(4 * nr));
-            int8_t *pb = (int8_t *)xmalloc((size_t)(4 * psz));
-            for (int64_t i = 0; i < 4 * nk4; i++) x[i] = rndf() * 2.0f;
-            for (int i = 0; i < 4 * nr; i++) ws[i] = rnd_pos(0.5f, 2.0f) * 0.01f;
-            for (int64_t i = 0; i < 4 * psz; i++) pb[i] = rnd_code();
-            for (int variant = 0; variant < 2; variant++) {
-                const int8_t *panels[4] = {pb, pb + psz, pb + 2 * psz, pb + (variant ? 2 : 3) * psz};
-                float *y = (float *)gb_new((size_t)(4 * nr), SENT_F32);
-                float y0[4 * 64];
-                for (int i = 0; i < 4 * nr; i++) y0[i] = y[i] = rndf() * 10.0f;
-                ((cq_f32_gemv4_fn)uk->fn)(nr, nk4, x, panels, ws, y);
-                int ok = 1;
-                char msg[160] = "";
-                for (int p = 0; p < 4 && ok; p++)
-                    for (int j = 0; j < nr && ok; j++) {
-                        double s = 0, mag = 0;
-                        for (int64_t t = 0; t < nk4; t++)
-                            for (int i = 0; i < 4; i++) {
-                                double v = (double)x[4 * t + i] * panels[p][(t * nr + j) * 4 + i];
-                                s += v; mag += fabs(v);
+        for (int ki = 0; ki < nn; ki++)
+            for (int mr = 1; mr <= uk->mr; mr++) {
+                const int nr = nrs[ni];
+                const int64_t nk4 = nk4s[ki], psz = nk4 * nr * 4, ldx = 4 * nk4 + 3, ldy = 4 * nr + 16;
+                float *x = (float *)xmalloc(sizeof(float) * (size_t)(mr * ldx));
+                float *ws = (float *)xmalloc(sizeof(float) * (size_t)(4 * nr));
+                int8_t *pb = (int8_t *)xmalloc((size_t)(4 * psz));
+                for (int64_t i = 0; i < mr * ldx; i++) x[i] = rndf() * 2.0f;
+                for (int i = 0; i < 4 * nr; i++) ws[i] = rnd_pos(0.5f, 2.0f) * 0.01f;
+                for (int64_t i = 0; i < 4 * psz; i++) pb[i] = rnd_code();
+                for (int variant = 0; variant < 2; variant++) {
+                    const int8_t *panels[4] = {pb, pb + psz, pb + 2 * psz, pb + (variant ? 2 : 3) * psz};
+                    float *y = (float *)gb_new((size_t)(mr * ldy), SENT_F32);
+                    float *y0 = (float *)xmalloc(sizeof(float) * (size_t)(mr * ldy));
+                    float *yr = (float *)xmalloc(sizeof(float) * (size_t)(mr * ldy));
+                    for (int r = 0; r < mr; r++)
+                        for (int i = 0; i < 4 * nr; i++) y0[r * ldy + i] = y[r * ldy + i] = rndf() * 10.0f;
+                    memcpy(yr, y0, sizeof(float) * (size_t)(mr * ldy));
+                    ((cq_f32_gemv4_fn)uk->fn)(mr, nr, nk4, x, ldx, panels, ws, y, ldy);
+                    cq_ref_f32_gemv4(mr, nr, nk4, x, ldx, panels, ws, yr, ldy);
+                    int ok = 1;
+                    char msg[160] = "";
+                    for (int r = 0; r < mr && ok; r++) {
+                        for (int p = 0; p < 4 && ok; p++)
+                            for (int j = 0; j < nr && ok; j++) {
+                                double s = 0, mag = 0;
+                                for (int64_t t = 0; t < nk4; t++)
+                                    for (int i = 0; i < 4; i++) {
+                                        double v = (double)x[r * ldx + 4 * t + i] * panels[p][(t * nr + j) * 4 + i];
+                                        s += v; mag += fabs(v);
+                                    }
+                                const int64_t o = r * ldy + p * nr + j;
+                                double w = ws[p * nr + j], e = y0[o] + w * s;
+                                double tol = 2.0 * (double)(4 * nk4 + 3) * 5.9604645e-08 * (fabs(y0[o]) + w * mag) + 1e-30;
+                                if (!(fabs((double)y[o] - e) <= tol))
+                                    snprintf(msg, sizeof msg, "y[%d][%d][%d] = %.9g, want %.9g", r, p, j, y[o], e), ok = 0;
+                                else if (fbits(y[o]) != fbits(yr[o]))
+                                    snprintf(msg, sizeof msg, "y[%d][%d][%d] = %.9g, the reference %.9g", r, p, j, y[o], yr[o]), ok = 0;
                             }
-                        double w = ws[p * nr + j], e = y0[p * nr + j] + w * s;
-                        double tol = 2.0 * (double)(4 * nk4 + 3) * 5.9604645e-08 * (fabs(y0[p * nr + j]) + w * mag) + 1e-30;
-                        if (!(fabs((double)y[p * nr + j] - e) <= tol)) {
-                            snprintf(msg, sizeof msg, "y[%d][%d] = %.9g, want %.9g", p, j, y[p * nr + j], e);
-                            ok = 0;
-                        }
+                        for (int64_t j = 4 * nr; j < ldy && ok && r < mr - 1; j++)
+                            if (fbits(y[r * ldy + j]) != SENT_F32) snprintf(msg, sizeof msg, "y[%d][%lld] written", r, (long long)j), ok = 0;
                     }
-                if (ok && !gb_guards_ok(y, (size_t)(4 * nr), SENT_F32)) { snprintf(msg, sizeof msg, "wrote outside y"); ok = 0; }
-                CHECK(ok, "%s: nr=%d nk4=%lld%s: %s", uk->name, nr, (long long)nk4, variant ? " (panel 3 = panel 2)" : "", msg);
-                gb_free(y);
+                    if (ok && !gb_guards_ok(y, (size_t)(mr * ldy), SENT_F32)) { snprintf(msg, sizeof msg, "wrote outside y"); ok = 0; }
+                    CHECK(ok, "%s: mr=%d nr=%d nk4=%lld%s: %s", uk->name, mr, nr, (long long)nk4, variant ? " (panel 3 = panel 2)" : "", msg);
+                    gb_free(y); free(y0); free(yr);
+                }
+                free(x); free(ws); free(pb);
             }
-            free(x); free(ws); free(pb);
-        }
 }
 
 /* int4 weight-only GEMV: random bytes (every nibble value, -8 included, is exercised), panels that
@@ -1259,13 +1272,13 @@ static int ps_runs; /* calls that ran a config's pair-safe tile (check_kernel_ra
 
 /* The kernel cq_linear runs for a weight in `fmt` and this shape on `path`: the config the registry
  * chooses, and the driver's GEMV rules (dynamic: M = 1, one scale group, one int32 chunk;
- * weight-only: M < 4). */
+ * weight-only int8: M below the config's gemv_m). */
 static const char *expected_kernel(int path, int fmt, int mode, int64_t m, int64_t k, int scheme, int64_t group)
 {
     int64_t kp4 = cq_ceil_div(k, 4), ng = scheme == CQ_PER_GROUP ? k / group : 1;
     if (mode == CQ_MODE_WEIGHT_ONLY) {
         const cq_f32_config *f = cq_f32_config_for(path, fmt);
-        return !f ? "(no config)" : m < 4 ? f->gemv4->name : f->gemm->name;
+        return !f ? "(no config)" : m < f->gemv_m ? f->gemv4->name : f->gemm->name;
     }
     const cq_qd8_config *q = cq_qd8_config_for(path, fmt, ng > 1 ? group / 4 : kp4 > CQ_CHUNK4 ? kp4 : 0, m, kp4);
     if (!q) return "(no config)";

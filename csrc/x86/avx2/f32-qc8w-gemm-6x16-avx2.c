@@ -1,6 +1,6 @@
 /* f32-qc8w-gemm-6x16-avx2.c - weight-only (float32 activations x int8 weights) micro-kernels for
  * AVX2 + FMA, format N16K4: a panel block dequantized to float32 (dequant_16c4), a 6x16 float tile
- * (12 ymm accumulators) over it, and a 1x64 GEMV that converts codes in registers. */
+ * (12 ymm accumulators) over it, and GEMVs of 1 to 6 rows that convert codes in registers. */
 #include "target.h"
 #if CQ_CAN_TARGET_AVX2
 CQ_TARGET_BEGIN("avx2,fma")
@@ -9,10 +9,13 @@ CQ_TARGET_BEGIN("avx2,fma")
 #define NR 16
 #define STEP (NR * 4)
 
-/* Weight-only GEMV over 4 panels at once (4 concurrent weight streams, as s8_gemv4). Each int32
- * lane of a 32-byte load holds one column's 4 codes of the step; code i is brought to a float by
- * a shift pair, so each column keeps one accumulator lane and k is summed in order: 2 accumulators
- * per panel, 8 in all, and the 4 broadcasts of x are shared by the panels. */
+/* Weight-only GEMVs (M below the config's gemv_m). One row: 4 panels at once (4 concurrent weight
+ * streams, as s8_gemv4). Each int32 lane of a 32-byte load holds one column's 4 codes of the step;
+ * code i is brought to a float by a shift pair, so each column keeps one accumulator lane and k is
+ * summed in order: 2 accumulators per panel, 8 in all, and the 4 broadcasts of x are shared by the
+ * panels. 2 rows: panels in pairs; 3-6 rows: one panel at a time, its 2 converted vectors shared
+ * by the rows (16 ymm registers: 2 R P accumulators + 2 P codes + a broadcast). Every row's sums
+ * are the same FMA chain over k whatever mr is. */
 #define F4_STEP(p)                                                                                \
     {                                                                                             \
         const int8_t *bp = panels[p] + t * STEP;                                         \
@@ -24,10 +27,8 @@ CQ_TARGET_BEGIN("avx2,fma")
 #define F4_K(p, I, XV)                                                                            \
     f##p##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), XV, f##p##0); \
     f##p##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), XV, f##p##1);
-void cq_f32_qc8w_gemv4_1x64c4_avx2(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
-                                   const float *ws, float *y)
+static void gemv_1x64(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws, float *y)
 {
-    (void)nr;
     __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00, f30 = f00, f31 = f00;
     for (int64_t t = 0; t < nk4; t++) {
         const __m256 x0 = _mm256_broadcast_ss(x + 4 * t), x1 = _mm256_broadcast_ss(x + 4 * t + 1);
@@ -39,6 +40,74 @@ void cq_f32_qc8w_gemv4_1x64c4_avx2(int nr, int64_t nk4, const float *x, const in
     _mm256_storeu_ps(y + 16 * (p) + 8, _mm256_fmadd_ps(f##p##1, _mm256_loadu_ps(ws + 16 * (p) + 8), _mm256_loadu_ps(y + 16 * (p) + 8)));
     F4_OUT(0) F4_OUT(1) F4_OUT(2) F4_OUT(3)
 #undef F4_OUT
+}
+
+CQ_INLINE __m256 code8_f(const int8_t *p, const int i)
+{
+    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * i), 24));
+}
+
+/* R rows x P panels, R and P constants where it is inlined (the arrays stay in registers) */
+CQ_INLINE void gemv_rows(const int R, const int P, int64_t nk4, const float *x, int64_t ldx,
+                         const int8_t *const *pp, const float *ws, float *y, int64_t ldy)
+{
+    __m256 acc[6][2][2];
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
+    for (int64_t t = 0; t < nk4; t++) {
+        for (int p = 0; p < P; p++) _mm_prefetch((const char *)(pp[p] + t * STEP + CQ_PF_DIST), _MM_HINT_T0);
+        for (int i = 0; i < 4; i++) {
+            __m256 c[2][2];
+            for (int p = 0; p < P; p++) {
+                c[p][0] = code8_f(pp[p] + t * STEP, i);
+                c[p][1] = code8_f(pp[p] + t * STEP + 32, i);
+            }
+            for (int r = 0; r < R; r++) {
+                const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 4 * t + i);
+                for (int p = 0; p < P; p++) {
+                    acc[r][p][0] = _mm256_fmadd_ps(c[p][0], xb, acc[r][p][0]);
+                    acc[r][p][1] = _mm256_fmadd_ps(c[p][1], xb, acc[r][p][1]);
+                }
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++)
+            for (int h = 0; h < 2; h++) {
+                float *yp = y + r * ldy + NR * p + 8 * h;
+                _mm256_storeu_ps(yp, _mm256_fmadd_ps(acc[r][p][h], _mm256_loadu_ps(ws + NR * p + 8 * h), _mm256_loadu_ps(yp)));
+            }
+}
+#define GEMV_ROWS(R, P)                                                                           \
+    static void gemv_##R##x##P(int64_t nk4, const float *x, int64_t ldx, const int8_t *const *pp,  \
+                               const float *ws, float *y, int64_t ldy)                            \
+    {                                                                                             \
+        gemv_rows(R, P, nk4, x, ldx, pp, ws, y, ldy);                                             \
+    }
+GEMV_ROWS(2, 2)
+GEMV_ROWS(3, 1)
+GEMV_ROWS(4, 1)
+GEMV_ROWS(5, 1)
+GEMV_ROWS(6, 1)
+
+void cq_f32_qc8w_gemv4_6x64c4_avx2(int mr, int nr, int64_t nk4, const float *x, int64_t ldx,
+                                   const int8_t *const *panels, const float *ws, float *y, int64_t ldy)
+{
+    (void)nr;
+    if (mr <= 1) { gemv_1x64(nk4, x, panels, ws, y); return; }
+    for (int p = 0; p < 4; p += mr == 2 ? 2 : 1) {
+        const int8_t *const *pp = panels + p;
+        const float *wp = ws + NR * p;
+        float *yp = y + NR * p;
+        switch (mr) {
+        case 2: gemv_2x2(nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 3: gemv_3x1(nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 4: gemv_4x1(nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 5: gemv_5x1(nk4, x, ldx, pp, wp, yp, ldy); break;
+        default: gemv_6x1(nk4, x, ldx, pp, wp, yp, ldy); break;
+        }
+    }
 }
 
 void cq_f32_qc8w_dequant_16c4_avx2(int nr, int64_t nk4, const int8_t *b, const float *ws, float *out)

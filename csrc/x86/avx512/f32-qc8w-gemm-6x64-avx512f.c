@@ -1,7 +1,7 @@
 /* f32-qc8w-gemm-6x64-avx512f.c - weight-only (float32 activations x int8 weights) micro-kernels for
  * AVX-512F, format N64K4: a panel block dequantized to float32 (dequant_64c4, one pass, L1-sized),
  * a 6x64 float tile over it (24 zmm accumulators, 4 weight vectors per k, the activation broadcast
- * embedded in the FMA: {1to16}), and a 1x256 GEMV that converts codes in registers.
+ * embedded in the FMA: {1to16}), and GEMVs of 1 to 6 rows that convert codes in registers.
  * Each int32 lane of a 64-byte load holds one column's 4 codes of a step; code i becomes an int32
  * by a shift pair (vpslld 24-8i, vpsrad 24), then a float. */
 #include "target.h"
@@ -88,8 +88,11 @@ void cq_f32_qc8w_gemm_6x64_avx512f(int mr, int nr, int64_t kc, const float *a, i
     }
 }
 
-/* M = 1..3, one row at a time against 4 panels (4 concurrent streams): 16 accumulators, codes
- * converted in registers, the 4 broadcasts of x shared by the panels. */
+/* Weight-only GEMVs (M below the config's gemv_m): codes converted in registers (3 instructions per
+ * 16 weights, the bound of a 1-row GEMV on ports 0 and 5), so several rows share each conversion.
+ * One row: 4 panels (4 concurrent weight streams, 16 accumulators, the 4 broadcasts of x shared);
+ * more rows: gemv_rows below. Per 64 weights: 11 conversion instructions + 4 FMAs a row. Every
+ * row's sums are the same FMA chain over k whatever mr is. */
 #define G_DECL(p) __m512 f##p##0 = _mm512_setzero_ps(), f##p##1 = f##p##0, f##p##2 = f##p##0, f##p##3 = f##p##0;
 #define G_K(p, V, I, XV) f##p##V = _mm512_fmadd_ps(code_f(v##V, I), XV, f##p##V);
 #define G_VEC(p, V) { const __m512i v##V = _mm512_loadu_si512((const void *)(bp + 64 * (V))); \
@@ -104,10 +107,8 @@ void cq_f32_qc8w_gemm_6x64_avx512f(int mr, int nr, int64_t kc, const float *a, i
 #define G_OUT1(p, V) _mm512_storeu_ps(y + NR * (p) + 16 * (V), _mm512_fmadd_ps(f##p##V, \
     _mm512_loadu_ps(ws + NR * (p) + 16 * (V)), _mm512_loadu_ps(y + NR * (p) + 16 * (V))));
 #define G_OUT(p) G_OUT1(p, 0) G_OUT1(p, 1) G_OUT1(p, 2) G_OUT1(p, 3)
-void cq_f32_qc8w_gemv4_1x256c4_avx512f(int nr, int64_t nk4, const float *x, const int8_t *const *panels,
-                                       const float *ws, float *y)
+static void gemv_1x256(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws, float *y)
 {
-    (void)nr;
     G_DECL(0) G_DECL(1) G_DECL(2) G_DECL(3)
     for (int64_t t = 0; t < nk4; t++) {
         const __m512 x0 = _mm512_set1_ps(x[4 * t]), x1 = _mm512_set1_ps(x[4 * t + 1]);
@@ -115,6 +116,73 @@ void cq_f32_qc8w_gemv4_1x256c4_avx512f(int nr, int64_t nk4, const float *x, cons
         G_STEP(0) G_STEP(1) G_STEP(2) G_STEP(3)
     }
     G_OUT(0) G_OUT(1) G_OUT(2) G_OUT(3)
+}
+
+/* R rows x P panels x V of each panel's 4 vectors from vector v0 (R P V <= 16 accumulators: with
+ * 24, GCC 12 spilled some of them in the k loop); R, P, V constants where it is inlined, so the
+ * arrays stay in registers. Per k step and code i: R broadcasts, then per weight vector one
+ * conversion (its load folded into the shift) and R FMAs. */
+CQ_INLINE void gemv_rows(const int R, const int P, const int V, int v0, int64_t nk4, const float *x, int64_t ldx,
+                         const int8_t *const *pp, const float *ws, float *y, int64_t ldy)
+{
+    __m512 acc[6][2][4];
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++)
+            for (int v = 0; v < V; v++) acc[r][p][v] = _mm512_setzero_ps();
+    for (int64_t t = 0; t < nk4; t++) {
+        for (int p = 0; p < P; p++) {
+            _mm_prefetch((const char *)(pp[p] + t * STEP + 64 * v0 + CQ_PF_DIST), _MM_HINT_T0);
+            if (V > 2) _mm_prefetch((const char *)(pp[p] + t * STEP + CQ_PF_DIST + 128), _MM_HINT_T0);
+        }
+        for (int i = 0; i < 4; i++) {
+            __m512 xb[6];
+            for (int r = 0; r < R; r++) xb[r] = _mm512_set1_ps(x[r * ldx + 4 * t + i]);
+            for (int p = 0; p < P; p++)
+                for (int v = 0; v < V; v++) {
+                    const __m512 c = code_f(_mm512_loadu_si512((const void *)(pp[p] + t * STEP + 64 * (v0 + v))), i);
+                    for (int r = 0; r < R; r++) acc[r][p][v] = _mm512_fmadd_ps(c, xb[r], acc[r][p][v]);
+                }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int p = 0; p < P; p++)
+            for (int v = 0; v < V; v++) {
+                float *yp = y + r * ldy + NR * p + 16 * (v0 + v);
+                const __m512 w = _mm512_loadu_ps(ws + NR * p + 16 * (v0 + v));
+                _mm512_storeu_ps(yp, _mm512_fmadd_ps(acc[r][p][v], w, _mm512_loadu_ps(yp)));
+            }
+}
+#define GEMV_ROWS(R, P, V)                                                                        \
+    static void gemv_##R##x##P##x##V(int v0, int64_t nk4, const float *x, int64_t ldx,             \
+                                     const int8_t *const *pp, const float *ws, float *y, int64_t ldy) \
+    {                                                                                             \
+        gemv_rows(R, P, V, v0, nk4, x, ldx, pp, ws, y, ldy);                                      \
+    }
+GEMV_ROWS(2, 2, 4)
+GEMV_ROWS(3, 1, 4)
+GEMV_ROWS(4, 1, 4)
+GEMV_ROWS(5, 1, 2)
+GEMV_ROWS(6, 1, 2)
+
+/* 2 rows: panels in pairs (2 weight streams); 3-4 rows: a panel at a time; 5-6 rows: half a panel
+ * at a time (the other half in a second pass over k). */
+void cq_f32_qc8w_gemv4_6x256c4_avx512f(int mr, int nr, int64_t nk4, const float *x, int64_t ldx,
+                                       const int8_t *const *panels, const float *ws, float *y, int64_t ldy)
+{
+    (void)nr;
+    if (mr <= 1) { gemv_1x256(nk4, x, panels, ws, y); return; }
+    for (int p = 0; p < 4; p += mr == 2 ? 2 : 1) {
+        const int8_t *const *pp = panels + p;
+        const float *wp = ws + NR * p;
+        float *yp = y + NR * p;
+        switch (mr) {
+        case 2: gemv_2x2x4(0, nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 3: gemv_3x1x4(0, nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 4: gemv_4x1x4(0, nk4, x, ldx, pp, wp, yp, ldy); break;
+        case 5: gemv_5x1x2(0, nk4, x, ldx, pp, wp, yp, ldy); gemv_5x1x2(2, nk4, x, ldx, pp, wp, yp, ldy); break;
+        default: gemv_6x1x2(0, nk4, x, ldx, pp, wp, yp, ldy); gemv_6x1x2(2, nk4, x, ldx, pp, wp, yp, ldy); break;
+        }
+    }
 }
 CQ_TARGET_END
 #endif
