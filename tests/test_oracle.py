@@ -618,6 +618,26 @@ def test_weight_only_huge_x_finite_any_m(path, n):
         assert (np.abs(y - yo[:m]) <= budget[:m]).all(), m
 
 
+def test_weight_only_overflow_rerun_with_fused_gelu(path):
+    """A row whose tile sums overflow (x finite, the true output near -FLT_MAX) is computed again by
+    the GEMV; with a fused GELU the tile's -Inf became 0 before the check and the row kept the
+    tile's values (found by review, 2026-12-01): the fused call must equal gelu(linear) bit for bit."""
+    rng = np.random.default_rng(1)
+    k, n = 1024, 64
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[1:] *= 0.1
+    qw = ops.quantize_weight(w, "per_group", 128)
+    r = rng.standard_normal(k)
+    t = ops.dequantize(qw).astype(np.float64) @ r
+    x = np.zeros((12, k), np.float32)
+    x[0] = (r * (-3.45e38 / t[0])).astype(np.float32)
+    x[5] = rng.standard_normal(k).astype(np.float32)
+    y = ops.linear(x, qw, mode="weight_only")
+    assert ops.last_kernel() == expected_wo_kernel(path, 12, n)
+    yg = ops.linear(x, qw, mode="weight_only", activation="gelu")
+    assert np.array_equal(yg.view(np.uint32), ops.gelu(y).view(np.uint32))
+
+
 @pytest.mark.parametrize("n", EDGE_N)
 def test_weight_only_per_group_huge_x(path, n):
     k = 256

@@ -9,10 +9,12 @@
  *   thread count (results are bit-identical for 1..N threads);
  * - dynamic / gemm_s8s8s32: k is swept in blocks of KC_BYTES of the panel (L1-resident) by every
  *   mr-row tile of the row block before moving on; int32 sums are exact per chunk of <= 131072 k;
- * - weight-only, M >= 4: a block of kc rows of k of a panel is dequantized once (L1) and reused by
+ * - weight-only, M >= the config's gemv_m (int4: M >= 4): a block of kc rows of k of a panel is
+ *   dequantized once (L1) and reused by
  *   the float tiles over up to WO_MB rows of x, whose k block stays in L2 across the panels of a
  *   unit (WO_COLS columns);
- * - M = 1 (dynamic) and M < 4 (weight-only): GEMVs over 4 panels read as concurrent streams. */
+ * - M = 1 (dynamic) and M below the config's gemv_m (weight-only; int4: M < 4): GEMVs over 4 panels
+ *   read as concurrent streams. */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,6 +100,8 @@ typedef struct {
     const struct ln_args *ln;
     int isa;
     int nonfinite; /* weight-only GEMM: a unit wrote a non-finite output (atomic) */
+    unsigned char *rowbad; /* weight-only GEMM: per row, 1 where a unit wrote a non-finite output
+                              before any post-op (GELU maps -Inf to 0, which hid the row) */
     /* dynamic: the GEMM kernel that runs (NULL: qcfg->gemm), and for a pair-safe one the prepared
      * activations' block sums and entry counts (m x (ceil(kp4 / ps_kc4) + 1) each), row pointers
      * and residual entries (the activation pass's cq_ps_prepare_row) */
@@ -612,7 +616,8 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
 }
 
 /* ---- weight-only ------------------------------------------------------------------------------ */
-/* GEMV (M < 4): a unit is 4 consecutive panels read as concurrent streams. */
+/* Weight-only GEMV (M < gemv_m; int4: M < 4): a unit is 4 consecutive panels read as concurrent
+ * streams, and every row (or a block of them, c->gv_rs). */
 /* int4: the 4 panels' slices of nr columns at step t8 of 8 k (16-column slices of 64-row panels on
  * AVX2) */
 static void i4_slices(const lin_ctx *c, const int64_t *pp, int64_t t8, const int8_t **panels)
@@ -835,17 +840,18 @@ static void wo_gemm_unit(void *vctx, int64_t u)
             }
         }
     }
-    int finite = 1;
     for (int64_t p = p0; p < p1; p++) {
         int64_t cols = cols_of(c, p);
         const float *cp = cbuf + (p - p0) * WO_MB * nr;
         for (int64_t r = 0; r < rows; r++) {
             memcpy(c->y + (m0 + r) * c->n + p * nr, cp + r * nr, (size_t)cols * sizeof(float));
             float a;
-            finite &= c->ew->absmax(cp + r * nr, cols, &a); /* (in cache: the rare overflow, see linear_impl) */
+            if (!c->ew->absmax(cp + r * nr, cols, &a)) { /* (in cache: the rare overflow, see linear_impl) */
+                __atomic_store_n(&c->rowbad[m0 + r], 1, __ATOMIC_RELAXED);
+                __atomic_store_n(&c->nonfinite, 1, __ATOMIC_RELAXED);
+            }
         }
     }
-    if (!finite) __atomic_store_n(&c->nonfinite, 1, __ATOMIC_RELAXED);
 }
 
 /* ---- entry points ------------------------------------------------------------------------------ */
@@ -1043,23 +1049,29 @@ static int linear_impl(int mode, const float *x, int64_t m, int64_t k, const voi
         } else {
             cq_set_last_kernel(c.fcfg->gemm->name);
             c.mb = WO_MB; c.nmb = cq_ceil_div(m, WO_MB);
+            c.rowbad = (unsigned char *)calloc((size_t)m, 1);
+            if (!c.rowbad) { free(scratch); cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
             int64_t nunits = cq_ceil_div(c.np, WO_COLS / c.nr) * c.nmb;
             run_units(&c, nunits, cq_threads_for(work, nunits), wo_gemm_unit, REGION_WO_GEMM);
             /* A row whose float32 sums overflowed although its x is finite (values near FLT_MAX: the
              * tiles do not scale rows, whose true results may still be in range) is computed again
-             * by the GEMV, which scales such rows by a power of two (wo_gemv_rows). The units flag a
-             * non-finite output as they write it; then the rows are found; a row of x that is not
-             * finite keeps its NaN / Inf outputs. */
+             * by the GEMV, which scales such rows by a power of two (wo_gemv_rows). The units flag
+             * the rows with a non-finite output as they write them (before a fused post-op, whose
+             * GELU would map -Inf to 0); a row of x that is not finite keeps its NaN / Inf outputs. */
             for (int64_t r = 0; __atomic_load_n(&c.nonfinite, __ATOMIC_RELAXED) && r < m; r++) {
                 float a; /* only after a unit saw a non-finite output (the units check theirs in cache) */
-                if (c.ew->absmax(y + r * n, n, &a) || !c.ew->absmax(c.x + r * c.xlda, k, &a)) continue;
+                if (!c.rowbad[r] || !c.ew->absmax(c.x + r * c.xlda, k, &a)) continue;
                 lin_ctx g = c;
                 void *gs = NULL;
                 g.m = 1; g.x = c.x + r * c.xlda; g.xlda = k; g.y = y + r * n;
-                if (wo_gemv_rows(&g, &gs) != CQ_OK) { free(scratch); cq_scratch_put(xm, xm_cap); return CQ_ERR_NOMEM; }
+                if (wo_gemv_rows(&g, &gs) != CQ_OK) {
+                    free(c.rowbad); free(scratch); cq_scratch_put(xm, xm_cap);
+                    return CQ_ERR_NOMEM;
+                }
                 run_units(&g, cq_ceil_div(g.np, 4), 1, wo_gemv4_unit, REGION_GEMV4);
                 free(gs);
             }
+            free(c.rowbad);
         }
         free(scratch);
         cq_scratch_put(xm, xm_cap);

@@ -162,7 +162,9 @@ static const cq_qd8_config QD8_CFG[] = {
 #ifndef WO_GEMV_M_AVX2
 #define WO_GEMV_M_AVX2 9
 #endif
-typedef char cq_gemv_m_fits[WO_GEMV_M_AVX512 <= CQ_WO_GEMV_MAX_M && WO_GEMV_M_AVX2 <= CQ_WO_GEMV_MAX_M ? 1 : -1];
+#define WO_GEMV_M_REF 9 /* the scalar path: the same rows as the SIMD paths, so results match */
+typedef char cq_gemv_m_fits[WO_GEMV_M_AVX512 <= CQ_WO_GEMV_MAX_M && WO_GEMV_M_AVX2 <= CQ_WO_GEMV_MAX_M &&
+                            WO_GEMV_M_REF <= CQ_WO_GEMV_MAX_M ? 1 : -1];
 static const cq_f32_config F32_CFG[] = {
 #ifdef HAVE_AVX512
     /* AVX-512 VNNI: the int4 GEMV in integers, x as 24-bit fixed point, for weights up to 4 MiB of
@@ -176,8 +178,8 @@ static const cq_f32_config F32_CFG[] = {
     {CQ_ISA_AVX2, CQ_FORMAT_N16K4, UK(AVX2_F32_DEQUANT), UK(AVX2_F32_GEMM), UK(AVX2_F32_GEMV4), 256, UK(AVX2_F32_I4_GEMV4), NULL,
      WO_GEMV_M_AVX2},
 #endif
-    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4), NULL, 9},
-    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4), NULL, 9},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N16K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 256, UK(REF_F32_I4_GEMV4), NULL, WO_GEMV_M_REF},
+    {CQ_ISA_SCALAR, CQ_FORMAT_N64K4, UK(REF_F32_DEQUANT), UK(REF_F32_GEMM), UK(REF_F32_GEMV4), 64, UK(REF_F32_I4_GEMV4), NULL, WO_GEMV_M_REF},
 };
 #define NROWS(a) ((int)(sizeof(a) / sizeof((a)[0])))
 

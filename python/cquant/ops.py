@@ -200,7 +200,9 @@ def _float_array(a, name: str) -> np.ndarray:
     if not np.issubdtype(arr.dtype, np.floating):
         raise errors.TypeError(
             f"{name} must be a floating-point array (float32, float64 or float16), got dtype {arr.dtype}")
-    with np.errstate(over="ignore"):  # float64 beyond float32 becomes Inf: refused later as non-finite
+    # float64 beyond float32 becomes Inf: weights refuse it (quantize: "beyond the float32 range"),
+    # activations take it as a non-finite row (NaN / Inf outputs for that row only, as for Inf in x)
+    with np.errstate(over="ignore"):
         return np.require(arr, np.float32, _CA)
 
 
