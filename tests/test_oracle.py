@@ -131,9 +131,13 @@ def expected_dynamic_kernel(path, m, n, k, granularity="per_channel", group_size
     raise AssertionError("no config")
 
 
+def wo_row(path, fmt):
+    """The weight-only config row (F32_ROWS) that a path runs for a weight in this format."""
+    return next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == fmt)
+
+
 def expected_wo_kernel(path, m, n):
-    fmt = table_best_format(path, n)
-    row = next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == fmt)
+    row = wo_row(path, table_best_format(path, n))
     return row[3] if m < row[4] else row[2]
 
 
@@ -404,7 +408,7 @@ def test_weight_only_gemv_rows_independent(path, gran, group):
         qw = ops.quantize_weight(w, gran, group)
         b = rng.standard_normal(n).astype(np.float32)
         alone = np.stack([ops.linear(x[r:r + 1], qw, b, mode="weight_only")[0] for r in range(8)])
-        gemv_m = next(r for r in F32_ROWS if _allowed(path, r[0]) and r[1] == qw.format)[4]
+        gemv_m = wo_row(path, qw.format)[4]
         threads = ops.get_num_threads()
         try:
             for t in (1, 2):  # 2 threads: few groups of 4 panels also split the rows in two blocks

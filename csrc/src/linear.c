@@ -119,35 +119,33 @@ typedef struct ln_args {
 
 enum { REGION_PANEL_ROWS, REGION_GEMV4, REGION_WO_GEMM };
 
-/* The rows [*r0, *r1) of weight-only GEMV unit u (c->gv_rs blocks of rows per 4 panels). */
-static void gv_rows(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1)
+/* Weight-only GEMV unit u: its first panel (returned) and rows [*r0, *r1) (c->gv_rs blocks of rows
+ * per group of 4 panels; 0 as 1). */
+static int64_t gv_unit(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1)
 {
     const int64_t rs = c->gv_rs > 1 ? c->gv_rs : 1, h = cq_ceil_div(c->m, rs), b = u % rs;
     *r0 = b * h;
     *r1 = (b + 1) * h < c->m ? (b + 1) * h : c->m;
+    return 4 * (u / rs);
 }
 
 /* The output block unit u of the running job wrote: rows [*r0, *r1), columns [*c0, *c1). */
 static void unit_region(const lin_ctx *c, int64_t u, int64_t *r0, int64_t *r1, int64_t *c0, int64_t *c1)
 {
-    int64_t p0, p1, mbi;
-    if (c->region == REGION_PANEL_ROWS) { /* s8_unit: a panel's block of mb rows */
-        p0 = u / c->nmb; p1 = p0 + 1; mbi = u % c->nmb;
-    } else if (c->region == REGION_GEMV4) { /* GEMVs: 4 panels, every row (or a block of them) */
-        int64_t rs = c->gv_rs > 1 ? c->gv_rs : 1;
-        p0 = 4 * (u / rs); p1 = p0 + 4; mbi = -1;
-        if (rs > 1) {
-            gv_rows(c, u, r0, r1);
-            *c0 = p0 * c->nr;
-            *c1 = p1 * c->nr < c->n ? p1 * c->nr : c->n;
-            return;
+    int64_t p0, p1;
+    if (c->region == REGION_GEMV4) { /* GEMVs: 4 panels, every row (or a block of them) */
+        p0 = gv_unit(c, u, r0, r1); p1 = p0 + 4;
+    } else {
+        int64_t mbi;
+        if (c->region == REGION_PANEL_ROWS) { /* s8_unit: a panel's block of mb rows */
+            p0 = u / c->nmb; p1 = p0 + 1; mbi = u % c->nmb;
+        } else { /* wo_gemm_unit: WO_COLS / nr panels, a block of mb rows */
+            int64_t ppu = WO_COLS / c->nr, npg = cq_ceil_div(c->np, ppu);
+            p0 = (u % npg) * ppu; p1 = p0 + ppu; mbi = u / npg;
         }
-    } else { /* wo_gemm_unit: WO_COLS / nr panels, a block of mb rows */
-        int64_t ppu = WO_COLS / c->nr, npg = cq_ceil_div(c->np, ppu);
-        p0 = (u % npg) * ppu; p1 = p0 + ppu; mbi = u / npg;
+        *r0 = mbi * c->mb;
+        *r1 = *r0 + c->mb < c->m ? *r0 + c->mb : c->m;
     }
-    *r0 = mbi < 0 ? 0 : mbi * c->mb;
-    *r1 = mbi < 0 ? c->m : (*r0 + c->mb < c->m ? *r0 + c->mb : c->m);
     *c0 = p0 * c->nr;
     *c1 = p1 * c->nr < c->n ? p1 * c->nr : c->n;
 }
@@ -634,8 +632,7 @@ static void wo_gemv4_unit(void *vctx, int64_t u)
     lin_ctx *c = (lin_ctx *)vctx;
     const int nr = c->nr;
     const cq_f32_gemv4_fn gemv = (cq_f32_gemv4_fn)c->fcfg->gemv4->fn;
-    int64_t p0 = 4 * (c->gv_rs > 1 ? u / c->gv_rs : u), ra, rb;
-    gv_rows(c, u, &ra, &rb); /* this unit's rows; y[r - ra] is row r's */
+    int64_t ra, rb, p0 = gv_unit(c, u, &ra, &rb); /* this unit's rows; y[r - ra] is row r's */
     const int64_t m = rb - ra;
     const float *xa = c->x + ra * c->xlda;
     const int8_t *panels[4];

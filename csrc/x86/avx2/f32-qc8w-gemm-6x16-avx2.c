@@ -9,6 +9,13 @@ CQ_TARGET_BEGIN("avx2,fma")
 #define NR 16
 #define STEP (NR * 4)
 
+/* Code i (0..3) of every int32 lane (one column's 4 codes of a k step) as a float: a shift pair
+ * and a convert. */
+CQ_INLINE __m256 code8(__m256i v, const int i)
+{
+    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * i), 24));
+}
+
 /* Weight-only GEMVs (M below the config's gemv_m). One row: 4 panels at once (4 concurrent weight
  * streams, as s8_gemv4). Each int32 lane of a 32-byte load holds one column's 4 codes of the step;
  * code i is brought to a float by a shift pair, so each column keeps one accumulator lane and k is
@@ -25,8 +32,8 @@ CQ_TARGET_BEGIN("avx2,fma")
         F4_K(p, 0, x0) F4_K(p, 1, x1) F4_K(p, 2, x2) F4_K(p, 3, x3)                                \
     }
 #define F4_K(p, I, XV)                                                                            \
-    f##p##0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), XV, f##p##0); \
-    f##p##1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), XV, f##p##1);
+    f##p##0 = _mm256_fmadd_ps(code8(v0, I), XV, f##p##0);                                         \
+    f##p##1 = _mm256_fmadd_ps(code8(v1, I), XV, f##p##1);
 static void gemv_1x64(int64_t nk4, const float *x, const int8_t *const *panels, const float *ws, float *y)
 {
     __m256 f00 = _mm256_setzero_ps(), f01 = f00, f10 = f00, f11 = f00, f20 = f00, f21 = f00, f30 = f00, f31 = f00;
@@ -42,12 +49,6 @@ static void gemv_1x64(int64_t nk4, const float *x, const int8_t *const *panels, 
 #undef F4_OUT
 }
 
-CQ_INLINE __m256 code8_f(const int8_t *p, const int i)
-{
-    const __m256i v = _mm256_loadu_si256((const __m256i *)p);
-    return _mm256_cvtepi32_ps(_mm256_srai_epi32(_mm256_slli_epi32(v, 24 - 8 * i), 24));
-}
-
 /* R rows x P panels, R and P constants where it is inlined (the arrays stay in registers) */
 CQ_INLINE void gemv_rows(const int R, const int P, int64_t nk4, const float *x, int64_t ldx,
                          const int8_t *const *pp, const float *ws, float *y, int64_t ldy)
@@ -60,8 +61,8 @@ CQ_INLINE void gemv_rows(const int R, const int P, int64_t nk4, const float *x, 
         for (int i = 0; i < 4; i++) {
             __m256 c[2][2];
             for (int p = 0; p < P; p++) {
-                c[p][0] = code8_f(pp[p] + t * STEP, i);
-                c[p][1] = code8_f(pp[p] + t * STEP + 32, i);
+                c[p][0] = code8(_mm256_loadu_si256((const __m256i *)(pp[p] + t * STEP)), i);
+                c[p][1] = code8(_mm256_loadu_si256((const __m256i *)(pp[p] + t * STEP + 32)), i);
             }
             for (int r = 0; r < R; r++) {
                 const __m256 xb = _mm256_broadcast_ss(x + r * ldx + 4 * t + i);
@@ -120,10 +121,8 @@ void cq_f32_qc8w_dequant_16c4_avx2(int nr, int64_t nk4, const int8_t *b, const f
         float *o = out + 4 * t * NR;
         /* each int32 lane of v0 holds the 4 codes (k = 4t..4t+3) of one column: byte i is k 4t+i */
 #define CQ_DQ_ROW(I)                                                                              \
-        _mm256_storeu_ps(o + (I) * NR, _mm256_mul_ps(_mm256_cvtepi32_ps(                        \
-            _mm256_srai_epi32(_mm256_slli_epi32(v0, 24 - 8 * (I)), 24)), w0));                     \
-        _mm256_storeu_ps(o + (I) * NR + 8, _mm256_mul_ps(_mm256_cvtepi32_ps(                    \
-            _mm256_srai_epi32(_mm256_slli_epi32(v1, 24 - 8 * (I)), 24)), w1));
+        _mm256_storeu_ps(o + (I) * NR, _mm256_mul_ps(code8(v0, I), w0));                          \
+        _mm256_storeu_ps(o + (I) * NR + 8, _mm256_mul_ps(code8(v1, I), w1));
         CQ_DQ_ROW(0)
         CQ_DQ_ROW(1)
         CQ_DQ_ROW(2)
