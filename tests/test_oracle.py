@@ -428,6 +428,58 @@ def test_weight_only_gemv_rows_independent(path, gran, group):
         assert np.array_equal(alone.view(np.uint32), ref.view(np.uint32)), (n, k)
 
 
+@pytest.mark.parametrize("n", [130, 256])  # both packed formats (N16K4 runs the AVX2 GEMV)
+def test_weight_only_gemv_extreme_magnitudes_bit_exact(path, n):
+    """The SIMD GEMVs sum x * (code * 2^24) (the conversion that leaves code i in a lane's top byte)
+    and scale back by 2^-24: bit for bit the scalar reference's sums of x * code wherever results are
+    subnormal (x down to 1e-45, cancellation down to the subnormal range) or large (127 k max|x| just
+    under and just over the 2^100 bound of wo_gemv_rows' rescaling), every row count of the GEMV."""
+    rng = np.random.default_rng(17)
+    k = 192
+    w = rng.standard_normal((n, k)).astype(np.float32)
+    w[5] = 0.0
+    w[7, ::2] = 1.0
+    w[7, 1::2] = -1.0  # with x's equal pairs: sums that cancel to subnormals and zero
+    qw = ops.quantize_weight(w)
+    b = rng.standard_normal(n).astype(np.float32)
+    x = np.zeros((8, k), np.float32)
+    x[0] = rng.standard_normal(k) * np.float32(1e-39)  # subnormal x
+    x[1, ::2] = np.float32(1.5e-45)
+    x[1, 1::2] = np.float32(1.4e-45)
+    x[2] = np.repeat(rng.standard_normal(k // 2), 2) * np.float32(3e-38)
+    x[2, 7] = np.float32(1e-44)
+    bound = 2.0 ** 100 / (127.0 * k)
+    x[3] = rng.standard_normal(k) * np.float32(bound / 4)
+    x[3, 0] = np.float32(bound * 0.999)  # just under the bound: no rescaling, sums near 2^100
+    x[4] = rng.standard_normal(k) * np.float32(bound / 4)
+    x[4, 0] = np.float32(bound * 1.001)  # just over: rescaled
+    x[5] = rng.standard_normal(k) * np.float32(1e20)
+    x[5, ::3] = np.float32(1e-30)
+    x[6] = rng.standard_normal(k).astype(np.float32) * np.float32(2.0 ** -126)
+    x[7] = rng.standard_normal(k).astype(np.float32)
+    assert np.isfinite(x).all()
+    prev = ops.isa()
+    try:
+        ops.set_isa("scalar")
+        ref = np.stack([ops.linear(x[r:r + 1], qw, b, mode="weight_only")[0] for r in range(8)])
+    finally:
+        ops.set_isa(prev)
+    assert np.isfinite(ref).all()
+    gemv_m = wo_row(path, qw.format)[4]
+    for m in range(1, gemv_m):
+        y = ops.linear(x[:m], qw, b, mode="weight_only")
+        assert ops.last_kernel() == expected_wo_kernel(path, m, n)
+        assert np.array_equal(y.view(np.uint32), ref[:m].view(np.uint32)), m
+    for r in range(8):
+        y = ops.linear(x[r:r + 1], qw, None, mode="weight_only")  # no bias: the tiny sums themselves
+        ops.set_isa("scalar")
+        try:
+            yr = ops.linear(x[r:r + 1], qw, None, mode="weight_only")
+        finally:
+            ops.set_isa(prev)
+        assert np.array_equal(y.view(np.uint32), yr.view(np.uint32)), r
+
+
 # ================================ threads, formats, huge K ========================================
 def test_threads_bit_identical(path):
     rng = np.random.default_rng(11)
