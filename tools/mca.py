@@ -28,7 +28,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_CPUS = ["icelake-server", "cascadelake", "skylake-avx512", "sapphirerapids", "znver3"]
+DEFAULT_CPUS = ["icelake-server", "cascadelake", "skylake-avx512", "sapphirerapids", "znver3", "znver4"]
+# (znver4 needs LLVM >= 16; an older llvm-mca skips it with a message)
 CFLAGS = ["-O3", "-std=c99", "-D_GNU_SOURCE", "-fno-strict-aliasing", "-Icsrc/include", "-Icsrc",
           "-Icsrc/src", "-masm=att"]
 TRIPLE = "x86_64-unknown-linux-gnu"
@@ -41,15 +42,18 @@ PEAK_BLOCK = 24          # instructions in the synthetic block that measures one
 # Architectures Optimization Reference Manual (Skylake-SP/Cascade Lake/Ice Lake-SP/Sapphire Rapids:
 # 512-bit multiplies on ports 0 and 5, 256-bit on ports 0 and 1; no VNNI before Cascade Lake) and the
 # uops.info measurements; AMD Software Optimization Guide for family 19h (Zen 3: two 256-bit
-# FMA/multiply pipes, no AVX-512, no VNNI).
+# FMA/multiply pipes, no AVX-512, no VNNI). Zen 4: 512-bit operations on the two 256-bit pipes, so
+# one zmm vpdpbusd / FMA per cycle, measured (fourteenth session, EPYC family 25 model 17: 236
+# GMAC/s vpdpbusd zmm and 59 GMAC/s FMA zmm per core at ~3.7 GHz); LLVM 19's znver4 model issues
+# vpdpbusd zmm at one per two cycles.
 _XEON = ("skylake-avx512", "cascadelake", "icelake-server", "sapphirerapids")
 DOC_PEAK = {
-    ("i8dot", 512): dict({c: 2 for c in _XEON}, **{"skylake-avx512": None, "znver3": None}),
-    ("i8dot", 256): dict({c: 2 for c in _XEON}, **{"skylake-avx512": None, "znver3": None}),
-    ("i8madd", 512): dict({c: 2 for c in _XEON}, znver3=None),
-    ("i8madd", 256): dict({c: 2 for c in _XEON}, znver3=2),
-    ("fma", 512): dict({c: 2 for c in _XEON}, znver3=None),
-    ("fma", 256): dict({c: 2 for c in _XEON}, znver3=2),
+    ("i8dot", 512): dict({c: 2 for c in _XEON}, **{"skylake-avx512": None, "znver3": None, "znver4": 1}),
+    ("i8dot", 256): dict({c: 2 for c in _XEON}, **{"skylake-avx512": None, "znver3": None, "znver4": 2}),
+    ("i8madd", 512): dict({c: 2 for c in _XEON}, znver3=None, znver4=1),
+    ("i8madd", 256): dict({c: 2 for c in _XEON}, znver3=2, znver4=2),
+    ("fma", 512): dict({c: 2 for c in _XEON}, znver3=None, znver4=1),
+    ("fma", 256): dict({c: 2 for c in _XEON}, znver3=2, znver4=2),
 }
 DOC_PEAK[("i16madd", 512)] = DOC_PEAK[("i8madd", 512)]
 DOC_PEAK[("i16madd", 256)] = DOC_PEAK[("i8madd", 256)]
@@ -473,9 +477,19 @@ def gas_extensions(asm):
     return set(re.findall(r"[a-z0-9_.]+", m.group(1).replace("(possibly \"no\"-prefixed)", "")))
 
 
+# CPUs newer than some compilers (GCC 12 has no -march=znver4): the same ISA as flags of an older one
+GCC_MARCH_FALLBACK = {
+    "znver4": ["-march=znver3", "-mavx512f", "-mavx512bw", "-mavx512dq", "-mavx512vl", "-mavx512cd",
+               "-mavx512vnni", "-mavx512bf16", "-mavx512vbmi", "-mavx512vbmi2", "-mavx512ifma",
+               "-mavx512bitalg", "-mavx512vpopcntdq", "-mgfni", "-mvaes", "-mvpclmulqdq"],
+}
+
+
 def cpu_gas_march(cc, cpu, exts):
     """gas -march string for the ISA extensions gcc enables with -march=CPU, or None."""
     rc, out, err = run([cc, f"-march={cpu}", "-dM", "-E", "-x", "c", os.devnull])
+    if rc != 0 and cpu in GCC_MARCH_FALLBACK:
+        rc, out, err = run([cc] + GCC_MARCH_FALLBACK[cpu] + ["-dM", "-E", "-x", "c", os.devnull])
     if rc != 0:
         return None
     feats = []
