@@ -17,6 +17,7 @@ as the copy), and prints both ratios and their geometric mean, in which that bia
 ``--one-order`` keeps only the first. ``CQUANT_ISA`` applies to both builds. What was measured with
 it is in README, "Measured performance".
 
+``--bits 4`` and ``--group G`` quantize the bench shapes' weights to int4 and / or per group of G.
 ``--inputs a.npz,b.npz`` times dynamic calls on captured inputs instead of the bench's shapes (e.g.
 a model layer's activations): each file holds ``x`` (M, K), ``w`` (N, K) float32 (quantized per
 channel by each build), and optionally ``b``, ``x_mul`` and ``x_hadamard``.
@@ -88,13 +89,16 @@ def main(argv=None) -> int:
     p.add_argument("--no-check", action="store_true",
                    help="time builds whose dynamic outputs differ (an experiment that drops work)")
     p.add_argument("--inputs", default="", help="a.npz,b.npz: captured (x, w[, b, x_mul, x_hadamard]) instead")
+    p.add_argument("--bits", type=int, default=8, help="weight bits of the bench shapes (8 or 4)")
+    p.add_argument("--group", type=int, default=0, help="per-group weights of this group size (0: per channel)")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if not a.child:
         import cquant
         this_pkg = os.path.dirname(os.path.abspath(cquant.__file__))
         other_pkg = os.path.abspath(a.other)
-        common = ["--threads", str(a.threads), "--seconds", str(a.seconds), "--shapes", a.shapes, "--ms", a.ms]
+        common = ["--threads", str(a.threads), "--seconds", str(a.seconds), "--shapes", a.shapes, "--ms", a.ms,
+                  "--bits", str(a.bits), "--group", str(a.group)]
         if a.no_check:
             common += ["--no-check"]
         if a.inputs:
@@ -149,7 +153,8 @@ def main(argv=None) -> int:
     for k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
-        qo, qn = other.ops.quantize_weight(w), cquant.ops.quantize_weight(w)
+        wq = dict(granularity="per_group" if a.group else "per_channel", group_size=a.group or None, bits=a.bits)
+        qo, qn = other.ops.quantize_weight(w, **wq), cquant.ops.quantize_weight(w, **wq)
         for m in ms:
             x = rng.standard_normal((m, k)).astype(np.float32)
             for mode in ("dynamic", "weight_only"):

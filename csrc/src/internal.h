@@ -69,15 +69,19 @@ int cq_format_nr(int format); /* nr of a format, or 0 for an unknown one */
 int cq_format_is_i4(int format);
 /* int4 panels: steps [t4, t4 + nt4) (even) of output panel p_out (out_nr rows, <= h->nr) in the
  * int8 layout (see pack.c). For int4 formats h->kp4 is 2 * ceil(k / 8). */
-typedef void (*cq_i4_row_fn)(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* one step */
-void cq_i4_row_ref(const uint8_t *src, int nb, int8_t *lo, int8_t *hi);
+/* The expansion step, n steps of 8 k at once: step j's nb packed bytes at src + j * stride become its
+ * nb low codes at out + 2 j nb and its nb high codes right after them. (One call per step of 8 k,
+ * 64 bytes at nr 16, was half the time of an AVX2 per-group M = 1 int4 GEMV: the calls, not the
+ * work.) */
+typedef void (*cq_i4_rows_fn)(const uint8_t *src, int64_t stride, int nb, int64_t n, int8_t *out);
+void cq_i4_rows_ref(const uint8_t *src, int64_t stride, int nb, int64_t n, int8_t *out);
 #ifdef CQ_X86
-void cq_i4_row_avx2(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* nb % 32 == 0 */
-void cq_i4_row_avx512bw(const uint8_t *src, int nb, int8_t *lo, int8_t *hi); /* nb % 64 == 0 */
+void cq_i4_rows_avx2(const uint8_t *src, int64_t stride, int nb, int64_t n, int8_t *out); /* nb % 32 == 0 */
+void cq_i4_rows_avx512bw(const uint8_t *src, int64_t stride, int nb, int64_t n, int8_t *out); /* nb % 64 == 0 */
 #endif
-cq_i4_row_fn cq_i4_row_for(int isa); /* the best the path allows (registry.c) */
+cq_i4_rows_fn cq_i4_rows_for(int isa); /* the best the path allows (registry.c) */
 void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,
-                  int64_t nt4, int8_t *out, cq_i4_row_fn row);
+                  int64_t nt4, int8_t *out, cq_i4_rows_fn rows);
 
 /* ---- micro-kernel interfaces ------------------------------------------------------------------ */
 /* Integer GEMM micro-kernel: mr rows (1..its mr) of quantized activations against one packed
@@ -338,6 +342,7 @@ int cq_absmax_avx512(const float *x, int64_t n, float *amax);
 int cq_absmax_mul_avx512(const float *x, const float *mul, int64_t n, float *prod, float *amax);
 void cq_quantize_mul_avx512(const float *x, const float *mul, int64_t n, float scale, int8_t *q, int flip);
 void cq_transpose_avx512(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
+void cq_transpose_avx2(const float *src, int64_t lds, int64_t rows, int cols, float *dst, int64_t ldd);
 void cq_gelu_avx512(const float *x, int64_t n, float *y); /* x86/avx512/float-ops-avx512.c */
 /* The float-ops row kernels (x86/avx2/float-ops-avx2.c, x86/avx512/float-ops-avx512.c; the
  * references and drivers in float_ops.c):

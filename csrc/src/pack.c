@@ -219,25 +219,22 @@ static int outside_i4(const int8_t *q, int64_t len)
 /* Expand steps [t4, t4 + nt4) (both even) of int4 panel rows into the int8 layout of panels of
  * out_nr rows (out_nr <= the int4 panel width): out[((t - t4) * out_nr + j) * 4 + i] = q[out_nr *
  * p_out + j][4t + i]. A byte-wise mask and shift per stored byte; vectorized by the compiler. */
-void cq_i4_row_ref(const uint8_t *src, int nb, int8_t *lo, int8_t *hi)
+void cq_i4_rows_ref(const uint8_t *src, int64_t stride, int nb, int64_t n, int8_t *out)
 {
-    for (int i = 0; i < nb; i++) {
-        lo[i] = (int8_t)(((src[i] & 15) ^ 8) - 8);
-        hi[i] = (int8_t)(((src[i] >> 4) ^ 8) - 8);
-    }
+    for (int64_t j = 0; j < n; j++, src += stride, out += 2 * (int64_t)nb)
+        for (int i = 0; i < nb; i++) {
+            out[i] = (int8_t)(((src[i] & 15) ^ 8) - 8);
+            out[nb + i] = (int8_t)(((src[i] >> 4) ^ 8) - 8);
+        }
 }
 
 void cq_i4_expand(const cq_pack_header *h, const int8_t *codes, int out_nr, int64_t p_out, int64_t t4,
-                  int64_t nt4, int8_t *out, cq_i4_row_fn row)
+                  int64_t nt4, int8_t *out, cq_i4_rows_fn rows)
 {
     const int nr = h->nr;
     const int64_t col = p_out * out_nr, pin = col / nr, c0 = col % nr, kp8 = h->kp4 / 2;
-    const int nb = 4 * out_nr;
-    for (int64_t t = t4 / 2; t < (t4 + nt4) / 2; t++) {
-        const uint8_t *src = (const uint8_t *)codes + ((pin * kp8 + t) * nr + c0) * 4;
-        int8_t *lo = out + (2 * t - t4) * nb;
-        row(src, nb, lo, lo + nb);
-    }
+    if (nt4 < 2) return;
+    rows((const uint8_t *)codes + ((pin * kp8 + t4 / 2) * nr + c0) * 4, 4 * (int64_t)nr, 4 * out_nr, nt4 / 2, out);
 }
 
 int cq_pack(int format, const int8_t *q, int64_t n, int64_t k, int64_t group_size, void *packed)

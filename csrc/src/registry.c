@@ -211,16 +211,16 @@ const cq_f32_config *cq_f32_config_for(int active_isa, int format)
 }
 
 /* The int4 expansion step (exact on every path: the SIMD ones only where the path allows them). */
-cq_i4_row_fn cq_i4_row_for(int active_isa)
+cq_i4_rows_fn cq_i4_rows_for(int active_isa)
 {
 #ifdef HAVE_AVX512
-    if (allowed(active_isa, CQ_ISA_AVX512)) return cq_i4_row_avx512bw;
+    if (allowed(active_isa, CQ_ISA_AVX512)) return cq_i4_rows_avx512bw;
 #endif
 #ifdef HAVE_AVX2
-    if (allowed(active_isa, CQ_ISA_AVX2)) return cq_i4_row_avx2;
+    if (allowed(active_isa, CQ_ISA_AVX2)) return cq_i4_rows_avx2;
 #endif
     (void)active_isa;
-    return cq_i4_row_ref;
+    return cq_i4_rows_ref;
 }
 
 /* The format of the best dynamic config the path allows (whatever the shape). */

@@ -1052,7 +1052,7 @@ static float a2_dummy;
  * strides wider than the data; everything of dst outside the rows x cols block keeps its sentinel. */
 static void test_transpose_table(const cq_elementwise *t, const char *name)
 {
-    const int64_t rowss[] = {1, 2, 15, 16, 17, 33, 64, 67};
+    const int64_t rowss[] = {1, 2, 7, 8, 9, 15, 16, 17, 33, 64, 67};
     for (int ri = 0; ri < (int)(sizeof rowss / sizeof rowss[0]); ri++)
         for (int cols = 1; cols <= 16; cols++) {
             const int64_t rows = rowss[ri], lds = cols + 3, ldd = rows + 5;
@@ -1237,9 +1237,43 @@ static void test_elementwise(const cq_elementwise *t, const char *name)
     printf("%-4s element-wise %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
 }
 
+/* int4 expansion (cq_i4_rows_for's, pack.c): n steps of nb packed bytes, src steps stride apart, to
+ * their low and high codes side by side; every nibble value, against the formula (not the reference
+ * kernel), with the bytes around the output untouched. */
+static void test_i4_rows(cq_i4_rows_fn fn, const char *name)
+{
+    const int f0 = failures, c0 = checks;
+    const int nbs[] = {64, 256};
+    const int64_t ns[] = {1, 2, 3, 8, 33};
+    for (int bi = 0; bi < 2; bi++)
+        for (int ni = 0; ni < 5; ni++)
+            for (int si = 0; si < 3; si++) {
+                const int nb = nbs[bi];
+                const int64_t n = ns[ni], stride = si == 0 ? nb : si == 1 ? nb + 64 : 4 * (int64_t)nb;
+                uint8_t *src = (uint8_t *)xmalloc((size_t)(n * stride));
+                for (int64_t i = 0; i < n * stride; i++) src[i] = (uint8_t)rnd();
+                int8_t *out = (int8_t *)gb_new((size_t)(2 * n * nb / 4), SENT_I32);
+                fn(src, stride, nb, n, out);
+                int ok = gb_guards_ok(out, (size_t)(2 * n * nb / 4), SENT_I32);
+                for (int64_t j = 0; j < n && ok; j++)
+                    for (int i = 0; i < nb && ok; i++) {
+                        const int b = src[j * stride + i], lo = (b & 15) >= 8 ? (b & 15) - 16 : (b & 15),
+                                  hi = (b >> 4) >= 8 ? (b >> 4) - 16 : (b >> 4);
+                        ok = out[2 * j * nb + i] == lo && out[2 * j * nb + nb + i] == hi;
+                    }
+                CHECK(ok, "%s i4 rows nb=%d n=%lld stride=%lld", name, nb, (long long)n, (long long)stride);
+                gb_free(out);
+                free(src);
+            }
+    printf("%-4s i4 expansion %-12s %5d checks\n", failures == f0 ? "ok" : "FAIL", name, checks - c0);
+}
+
 static void test_elementwise_tables(void)
 {
     test_elementwise(&cq_elementwise_ref, "ref");
+    test_i4_rows(cq_i4_rows_ref, "ref");
+    if (isa_runs(CQ_ISA_AVX2)) test_i4_rows(cq_i4_rows_for(CQ_ISA_AVX2), "avx2 path");
+    if (isa_runs(CQ_ISA_AVX512)) test_i4_rows(cq_i4_rows_for(CQ_ISA_AVX512), "avx512 path");
 #ifdef CQ_X86
     if (!cq_elementwise_avx2.absmax) printf("skip avx2: element-wise kernels not compiled\n");
     else if (!isa_runs(CQ_ISA_AVX2)) printf("skip avx2: element-wise kernels (this CPU lacks it)\n");

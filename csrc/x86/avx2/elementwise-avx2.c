@@ -360,11 +360,11 @@ CQ_TARGET_END
 
 const cq_elementwise cq_elementwise_avx2 = {CQ_ISA_AVX2, absmax_avx2, quantize_avx2, gelu_avx2, dequant_avx2,
                                             facc_fold_avx2, absmax_mul_avx2, cq_hadamard_absmax_avx2,
-                                            quantize_mul_avx2, cq_transpose_ref, ps_block_avx2};
+                                            quantize_mul_avx2, cq_transpose_avx2, ps_block_avx2};
 #if CQ_CAN_TARGET_AVX512
 /* the AVX-512 paths: the same table with the zmm row maximum, GELU, rotation, code pass and
  * transpose (x86/avx512/float-ops-avx512.c, hadamard-avx512.c, quantize-avx512.c,
- * transpose-avx512.c); AVX2 transposes with the reference loop */
+ * transpose-avx512.c) */
 const cq_elementwise cq_elementwise_avx512 = {CQ_ISA_AVX512, cq_absmax_avx512, cq_quantize_avx512, cq_gelu_avx512, dequant_avx2,
                                               facc_fold_avx2, cq_absmax_mul_avx512, cq_hadamard_absmax_avx512,
                                               cq_quantize_mul_avx512, cq_transpose_avx512, ps_block_avx2};
