@@ -16,9 +16,11 @@ SHAPES = [  # (n, k, granularity, group)
     (65, 1000, "per_tensor", None), (130, 4104, "per_channel", None), (100, 200, "per_group", 40),
     (48, 256, "per_group", 32), (130, 1024, "per_group", 64), (64, 512, "per_group", 128),
     (33, 512, "per_group", 256), (16, 3, "per_channel", None),
-    # 33 groups: the M = 1 per-group GEMV expands blocks of whole groups (12 per block on AVX2, 3 on
-    # AVX-512), the last block partial
-    (70, 1320, "per_group", 40),
+    # 33 groups: the M = 1 per-group GEMV expands blocks of whole groups, the last block partial: 12
+    # groups a block in 16-wide panels (n = 70 packs N16 on every path), 3 in 64-wide ones (n = 256
+    # packs N64 on the AVX-512 paths); groups longer than a block (256 k in 64-wide panels) take the
+    # per-group expansion
+    (70, 1320, "per_group", 40), (256, 1320, "per_group", 40), (128, 1024, "per_group", 256),
 ]
 
 

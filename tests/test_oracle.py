@@ -444,13 +444,13 @@ def test_weight_only_gemv_extreme_magnitudes_bit_exact(path, n):
     b = rng.standard_normal(n).astype(np.float32)
     x = np.zeros((8, k), np.float32)
     x[0] = rng.standard_normal(k) * np.float32(1e-39)  # subnormal x
-    x[1, ::2] = np.float32(1.5e-45)
-    x[1, 1::2] = np.float32(1.4e-45)
+    x[1, ::2] = np.float32(2.8e-45)  # 2 * 2^-149
+    x[1, 1::2] = np.float32(1.4e-45)  # 2^-149
     x[2] = np.repeat(rng.standard_normal(k // 2), 2) * np.float32(3e-38)
     x[2, 7] = np.float32(1e-44)
     bound = 2.0 ** 100 / (127.0 * k)
     x[3] = rng.standard_normal(k) * np.float32(bound / 4)
-    x[3, 0] = np.float32(bound * 0.999)  # just under the bound: no rescaling, sums near 2^100
+    x[3, 0] = np.float32(bound * 0.999)  # 127 k max|x| just under the bound: no rescaling
     x[4] = rng.standard_normal(k) * np.float32(bound / 4)
     x[4, 0] = np.float32(bound * 1.001)  # just over: rescaled
     x[5] = rng.standard_normal(k) * np.float32(1e20)

@@ -153,7 +153,10 @@ def main(argv=None) -> int:
     for k, n in shapes:
         w = rng.standard_normal((n, k)).astype(np.float32)
         b = rng.standard_normal(n).astype(np.float32)
-        wq = dict(granularity="per_group" if a.group else "per_channel", group_size=a.group or None, bits=a.bits)
+        # only what differs from the defaults (builds from before int4 take no bits argument)
+        wq = dict(granularity="per_group", group_size=a.group) if a.group else {}
+        if a.bits != 8:
+            wq["bits"] = a.bits
         qo, qn = other.ops.quantize_weight(w, **wq), cquant.ops.quantize_weight(w, **wq)
         for m in ms:
             x = rng.standard_normal((m, k)).astype(np.float32)

@@ -496,8 +496,9 @@ static void s8_rows_unit(void *vctx, int64_t mbi)
  * Same integer sums and the same epilogue as s8_unit. */
 /* acc[i*nr + j] = raw int32 sums (modulo 2^32) of steps [t0, t0 + nt) of panels pp[0..3] against the
  * quantized activation row: one GEMV call over the packed panels, or for int4 blocks of the 4 panels
- * expanded side by side (2 * I4_SCRATCH bytes) with their sums added. */
-static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int64_t nt, int32_t *acc)
+ * expanded side by side in the caller's scratch (2 * I4_SCRATCH bytes, 64-byte aligned) with their
+ * sums added. */
+static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int64_t nt, int32_t *acc, int8_t *scratch)
 {
     const int nr = c->nr;
     const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
@@ -507,7 +508,6 @@ static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int6
         gemv(nr, nt, c->qa + 4 * t0, panels, c->kp4 * 4 * (int64_t)nr, acc);
         return;
     }
-    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
     int32_t part[4 * MAXNR] __attribute__((aligned(64)));
     const int64_t blk = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr); /* steps per panel per block */
     memset(acc, 0, sizeof(int32_t) * 4 * (size_t)nr);
@@ -525,10 +525,11 @@ static void s8_gemv4_unit(void *vctx, int64_t u)
     const int nr = c->nr;
     int64_t p0 = 4 * u, pp[4];
     int32_t acc[4 * MAXNR] __attribute__((aligned(64)));
+    int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64))); /* int4: the expanded blocks */
     float ws[MAXNR], bb[MAXNR];
     int32_t comp[MAXNR];
     for (int i = 0; i < 4; i++) pp[i] = p0 + i < c->np ? p0 + i : c->np - 1; /* past the last: repeat it */
-    qd8_gemv4_sums(c, pp, 0, c->kp4, acc);
+    qd8_gemv4_sums(c, pp, 0, c->kp4, acc, scratch);
     float sx = c->sx[0];
     for (int i = 0; i < 4 && p0 + i < c->np; i++) {
         int64_t p = p0 + i, cols = cols_of(c, p);
@@ -617,7 +618,7 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
                 for (int i = 0; i < 4; i++) panels[i] = scratch + i * pstride + (g - eg0) * c->group4 * 4 * (int64_t)nr;
                 gemv(nr, c->group4, c->qa + 4 * g * c->group4, panels, pstride, acc);
             } else {
-                qd8_gemv4_sums(c, pp, g * c->group4, c->group4, acc);
+                qd8_gemv4_sums(c, pp, g * c->group4, c->group4, acc, scratch);
             }
             for (int i = 0; i < 4; i++) {
                 if (c->u8) panel_comp(c, pp[i], g, comp);

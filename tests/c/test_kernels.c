@@ -1048,14 +1048,15 @@ static void test_quantize_division(const cq_elementwise *t, const char *name)
 }
 
 static float a2_dummy;
-/* transpose: an exact copy, every row count (whole blocks of 16 and tails) and column count 1..16,
- * strides wider than the data; everything of dst outside the rows x cols block keeps its sentinel. */
+/* transpose: an exact copy, every row count (whole blocks of 8 and 16, and tails) and column count
+ * 1..16, src strides tight and wider than the data; everything of dst outside the rows x cols block keeps its sentinel. */
 static void test_transpose_table(const cq_elementwise *t, const char *name)
 {
     const int64_t rowss[] = {1, 2, 7, 8, 9, 15, 16, 17, 33, 64, 67};
-    for (int ri = 0; ri < (int)(sizeof rowss / sizeof rowss[0]); ri++)
+    for (int ri = 0; ri < 2 * (int)(sizeof rowss / sizeof rowss[0]); ri++)
         for (int cols = 1; cols <= 16; cols++) {
-            const int64_t rows = rowss[ri], lds = cols + 3, ldd = rows + 5;
+            /* src rows tight (lds = cols: a load past a row's columns reads the next row) or apart */
+            const int64_t rows = rowss[ri / 2], lds = cols + (ri % 2 ? 3 : 0), ldd = rows + 5;
             float *src = (float *)xmalloc(sizeof(float) * (size_t)(rows * lds));
             float *dst = (float *)gb_new((size_t)(cols * ldd), SENT_F32);
             for (int64_t i = 0; i < rows * lds; i++) src[i] = rndf() * 100.0f;

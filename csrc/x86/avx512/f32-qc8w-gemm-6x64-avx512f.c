@@ -25,7 +25,10 @@ CQ_INLINE __m512 code_f(__m512i v, const int i)
  * is a multiple of 2^-149 (x a float, the code an integer), so where it is subnormal it is exact in
  * both scalings, and elsewhere rounding commutes with the power of two; the driver keeps
  * 127 k max|x| <= 2^100 (wo_gemv_rows), so the scaled sums stay below 2^124. The epilogue
- * multiplies them by 2^-24 (exact: a multiple of 2^-125 below 2^124) before the scale. */
+ * multiplies them by 2^-24 (exact: a multiple of 2^-125 below 2^124) before the scale. This assumes
+ * IEEE gradual underflow, as the library runs: a caller that sets flush-to-zero (MXCSR FTZ, e.g.
+ * torch.set_flush_denormal(True)) flushes the reference's subnormal partial sums but not the scaled
+ * ones, so the paths may then differ where partial sums fall below 2^-126. */
 CQ_INLINE __m512i code_sh(const int i)
 {
     /* per lane j of a 128-bit block: bytes [zero, zero, zero, byte 4j + i] */
