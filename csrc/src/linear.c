@@ -498,6 +498,9 @@ static void s8_rows_unit(void *vctx, int64_t mbi)
  * quantized activation row: one GEMV call over the packed panels, or for int4 blocks of the 4 panels
  * expanded side by side in the caller's scratch (2 * I4_SCRATCH bytes, 64-byte aligned) with their
  * sums added. */
+/* steps per panel of an int4 block of the 4 GEMV panels expanded side by side in 2 * I4_SCRATCH bytes */
+static int64_t gemv4_i4_block(const lin_ctx *c) { return 2 * I4_SCRATCH / (4 * 4 * (int64_t)c->nr); }
+
 static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int64_t nt, int32_t *acc, int8_t *scratch)
 {
     const int nr = c->nr;
@@ -509,7 +512,7 @@ static void qd8_gemv4_sums(const lin_ctx *c, const int64_t *pp, int64_t t0, int6
         return;
     }
     int32_t part[4 * MAXNR] __attribute__((aligned(64)));
-    const int64_t blk = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr); /* steps per panel per block */
+    const int64_t blk = gemv4_i4_block(c);
     memset(acc, 0, sizeof(int32_t) * 4 * (size_t)nr);
     for (int64_t t = t0; t < t0 + nt; t += blk) {
         int64_t n4 = t0 + nt - t < blk ? t0 + nt - t : blk;
@@ -598,7 +601,7 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
      * lays them out), each group's GEMV reading its slice: one expansion per panel per block instead
      * of one per group (group 32 on AVX2: 16 groups a block) */
     int8_t scratch[2 * I4_SCRATCH] __attribute__((aligned(64)));
-    const int64_t blk4 = 2 * I4_SCRATCH / (4 * 4 * (int64_t)nr), pstride = blk4 * 4 * (int64_t)nr;
+    const int64_t blk4 = gemv4_i4_block(c), pstride = blk4 * 4 * (int64_t)nr;
     const int64_t gpb = c->i4 && c->group4 <= blk4 ? blk4 / c->group4 : 0;
     const cq_qd8_gemv4_fn gemv = (cq_qd8_gemv4_fn)c->qcfg->gemv4->fn;
     int64_t eg0 = 0, eg1 = 0; /* the groups expanded in scratch */
@@ -611,8 +614,9 @@ static void s8_gemv4_group_unit(void *vctx, int64_t u)
                 if (g >= eg1) {
                     eg0 = g;
                     eg1 = g + gpb < c->ng ? g + gpb : c->ng;
-                    const int64_t t = eg0 * c->group4, n4 = (eg1 - eg0) * c->group4 < c->kp4 - t ? (eg1 - eg0) * c->group4 : c->kp4 - t;
-                    for (int i = 0; i < 4; i++) (void)panel_blk(c, pp[i], t, n4, scratch + i * pstride);
+                    /* (int4 groups are whole multiples of 8 k dividing k: kp4 = ng * group4) */
+                    for (int i = 0; i < 4; i++)
+                        (void)panel_blk(c, pp[i], eg0 * c->group4, (eg1 - eg0) * c->group4, scratch + i * pstride);
                 }
                 const int8_t *panels[4];
                 for (int i = 0; i < 4; i++) panels[i] = scratch + i * pstride + (g - eg0) * c->group4 * 4 * (int64_t)nr;

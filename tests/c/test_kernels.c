@@ -1049,7 +1049,8 @@ static void test_quantize_division(const cq_elementwise *t, const char *name)
 
 static float a2_dummy;
 /* transpose: an exact copy, every row count (whole blocks of 8 and 16, and tails) and column count
- * 1..16, src strides tight and wider than the data; everything of dst outside the rows x cols block keeps its sentinel. */
+ * 1..16, src strides tight and wider than the data; everything of dst outside the rows x cols block
+ * keeps its sentinel. */
 static void test_transpose_table(const cq_elementwise *t, const char *name)
 {
     const int64_t rowss[] = {1, 2, 7, 8, 9, 15, 16, 17, 33, 64, 67};

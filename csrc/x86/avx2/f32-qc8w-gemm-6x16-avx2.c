@@ -75,6 +75,7 @@ static void gemv_1x64(int64_t nk4, const float *x, const int8_t *const *panels, 
 CQ_INLINE void gemv_rows(const int R, const int P, int64_t nk4, const float *x, int64_t ldx,
                          const int8_t *const *pp, const float *ws, float *y, int64_t ldy)
 {
+    const __m256 down = _mm256_set1_ps(0x1p-24f);
     __m256 acc[6][2][2];
     for (int r = 0; r < R; r++)
         for (int p = 0; p < P; p++) acc[r][p][0] = acc[r][p][1] = _mm256_setzero_ps();
@@ -101,15 +102,15 @@ CQ_INLINE void gemv_rows(const int R, const int P, int64_t nk4, const float *x, 
         for (int p = 0; p < P; p++)
             for (int h = 0; h < 2; h++) {
                 float *yp = y + r * ldy + NR * p + 8 * h;
-                _mm256_storeu_ps(yp, _mm256_fmadd_ps(_mm256_mul_ps(acc[r][p][h], _mm256_set1_ps(0x1p-24f)),
-                                                     _mm256_loadu_ps(ws + NR * p + 8 * h), _mm256_loadu_ps(yp)));
+                _mm256_storeu_ps(yp, _mm256_fmadd_ps(_mm256_mul_ps(acc[r][p][h], down), _mm256_loadu_ps(ws + NR * p + 8 * h),
+                                                     _mm256_loadu_ps(yp)));
             }
 }
 #define GEMV_ROWS(R, P)                                                                           \
     static void gemv_##R##x##P(int64_t nk4, const float *x, int64_t ldx, const int8_t *const *pp,  \
                                const float *ws, float *y, int64_t ldy)                            \
     {                                                                                             \
-        gemv_rows(R, P, nk4, x, ldx, pp, ws, y, ldy);                                        \
+        gemv_rows(R, P, nk4, x, ldx, pp, ws, y, ldy);                                             \
     }
 GEMV_ROWS(2, 2)
 GEMV_ROWS(3, 1)

@@ -194,7 +194,7 @@ CQ_INLINE void gemv_rows(const int R, const int P, const int V, int v0, int64_t 
     static void gemv_##R##x##P##x##V(int v0, int64_t nk4, const float *x, int64_t ldx,             \
                                      const int8_t *const *pp, const float *ws, float *y, int64_t ldy) \
     {                                                                                             \
-        gemv_rows(R, P, V, v0, nk4, x, ldx, pp, ws, y, ldy);                                 \
+        gemv_rows(R, P, V, v0, nk4, x, ldx, pp, ws, y, ldy);                                      \
     }
 GEMV_ROWS(2, 2, 4)
 GEMV_ROWS(3, 1, 4)
